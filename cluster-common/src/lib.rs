@@ -1,0 +1,78 @@
+//! What the kernel side (cluster-ebpf) and the user side (cluster-userspace) must agree on:
+//! map names and sizes, the layout of every map value, and the strategy ids.
+//!
+//! Both sides compile this crate, so a change here changes both at once. Every value type is
+//! `#[repr(C)]` with explicit padding so its layout is the same for bpfel and x86_64.
+#![no_std]
+
+/// Slots per listen group: the most workers (plus replacements starting during a reload) that one
+/// reuseport group can hold. Bounds the program's fallback loop, so keep it modest.
+pub const MAX_SLOTS: u32 = 128;
+
+/// REUSEPORT_SOCKARRAY: slot -> the worker's listening socket.
+pub const MAP_SOCKETS: &str = "CLB_SOCKETS";
+/// ARRAY of two [`ActiveSet`]s: the primary fills the one not in use, then flips
+/// [`CONFIG_ACTIVE_BUFFER`], so the program never reads a half-written set.
+pub const MAP_ACTIVE: &str = "CLB_ACTIVE";
+/// ARRAY of u32 settings, indexed by the `CONFIG_*` constants.
+pub const MAP_CONFIG: &str = "CLB_CONFIG";
+/// ARRAY with one u64: the round-robin position, advanced with an atomic fetch-add.
+pub const MAP_RR_COUNTER: &str = "CLB_RR";
+/// PERCPU_ARRAY of [`SlotStats`], indexed by slot; index [`NO_SLOT_STATS`] counts connections
+/// that arrived while the active set was empty.
+pub const MAP_STATS: &str = "CLB_STATS";
+/// Name of the program inside the object.
+pub const PROGRAM_NAME: &str = "select_worker";
+
+/// Entries in [`MAP_STATS`].
+pub const STATS_ENTRIES: u32 = MAX_SLOTS + 1;
+/// The [`MAP_STATS`] entry for fallbacks that had no slot to blame.
+pub const NO_SLOT_STATS: u32 = MAX_SLOTS;
+
+/// Index in [`MAP_CONFIG`]: the strategy, one of the `STRATEGY_*` ids.
+pub const CONFIG_STRATEGY: u32 = 0;
+/// Index in [`MAP_CONFIG`]: which of the two [`MAP_ACTIVE`] buffers is current (0 or 1).
+pub const CONFIG_ACTIVE_BUFFER: u32 = 1;
+/// Entries in [`MAP_CONFIG`].
+pub const CONFIG_ENTRIES: u32 = 2;
+
+/// Exact round robin over the active slots (one shared counter for all CPUs).
+pub const STRATEGY_ROUND_ROBIN: u32 = 0;
+/// The kernel's flow hash of the 4-tuple, modulo the active slots ("shared" strategy).
+pub const STRATEGY_HASH: u32 = 1;
+
+/// The slots that may receive new connections, densely packed: `slots[..count]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ActiveSet {
+    pub count: u32,
+    pub slots: [u32; MAX_SLOTS as usize],
+}
+
+impl ActiveSet {
+    pub const EMPTY: ActiveSet = ActiveSet {
+        count: 0,
+        slots: [0; MAX_SLOTS as usize],
+    };
+}
+
+/// Per-CPU, per-slot counters kept by the program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotStats {
+    /// New connections (or migrated requests) this slot's socket was given.
+    pub selected: u64,
+    /// Times this slot was chosen but its socket was gone, or (for [`NO_SLOT_STATS`]) times no
+    /// slot could take the connection and the kernel's own hash decided.
+    pub fallback: u64,
+    /// Requests moved to this slot from a closing listener (included in `selected`).
+    pub migrated: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: both types are repr(C), made only of integers, with no padding and no invalid
+    // bit patterns, which is what aya::Pod requires.
+    unsafe impl aya::Pod for super::ActiveSet {}
+    unsafe impl aya::Pod for super::SlotStats {}
+}

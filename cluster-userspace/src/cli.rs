@@ -1,0 +1,199 @@
+//! Command-line interface. Parsing only; `main.rs` dispatches and `supervisor` does the work.
+
+use std::{collections::HashSet, time::Duration};
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+use cluster_common::MAX_SLOTS;
+
+use crate::{kernel::Strategy, listen_addr::ListenAddr, supervisor::Config};
+
+/// Most workers per cluster: half the slots, so every worker can have a replacement starting
+/// beside it during a rolling reload.
+pub const MAX_WORKERS: u32 = MAX_SLOTS / 2;
+/// Most --listen addresses (each worker gets one socket per address).
+pub const MAX_LISTEN: usize = 32;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cluster-lb",
+    version,
+    about = "Run N workers of any server on one port, balanced in the kernel by eBPF",
+    after_help = "Example: sudo cluster-lb run -w 4 --listen 0.0.0.0:80 -- ./server"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start the workers and supervise them in the foreground until TERM or INT.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Number of workers [default: number of CPUs]
+    #[arg(short = 'w', long, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=MAX_WORKERS as i64))]
+    pub workers: Option<u32>,
+
+    /// Address every worker listens on: PORT, HOST:PORT or [IPV6]:PORT (repeatable; the
+    /// sockets are fds 3, 4, ... in this order)
+    #[arg(short = 'l', long = "listen", value_name = "ADDR", required = true)]
+    pub listen: Vec<ListenAddr>,
+
+    /// How new connections are spread: round-robin (exact, eBPF), hash (flow hash, eBPF) or
+    /// kernel (plain SO_REUSEPORT, no program)
+    #[arg(
+        short = 's',
+        long,
+        value_name = "STRATEGY",
+        default_value = "round-robin"
+    )]
+    pub strategy: Strategy,
+
+    /// Fail (exit 1) instead of falling back to --strategy kernel when eBPF is unavailable
+    #[arg(long)]
+    pub require_ebpf: bool,
+
+    /// Seconds a worker has to exit after SIGTERM before it is killed
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub grace: u64,
+
+    /// The worker program and its arguments
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+impl RunArgs {
+    /// Checks what clap cannot see one argument at a time, and fills in defaults.
+    pub fn into_config(self) -> Result<Config> {
+        let mut seen = HashSet::new();
+        for addr in &self.listen {
+            if !seen.insert(*addr) {
+                bail!("--listen {addr} is given twice; each address needs one --listen");
+            }
+        }
+        if self.listen.len() > MAX_LISTEN {
+            bail!(
+                "{} --listen addresses, the most is {MAX_LISTEN}",
+                self.listen.len()
+            );
+        }
+        let workers = match self.workers {
+            Some(n) => n,
+            None => std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1)
+                .min(MAX_WORKERS),
+        };
+        Ok(Config {
+            workers,
+            listen: self.listen,
+            strategy: self.strategy,
+            require_ebpf: self.require_ebpf,
+            grace: Duration::from_secs(self.grace),
+            command: self.command,
+        })
+    }
+}
+
+/// Turns a clap error into the one line we print: clap's own message without the usage block.
+pub fn one_line_error(error: &clap::Error) -> String {
+    let rendered = error.render().to_string();
+    let message: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|line| !line.starts_with("Usage:") && !line.starts_with("For more information"))
+        .filter(|line| !line.is_empty() && !line.starts_with("tip:"))
+        .collect();
+    let text = message.join(" ");
+    text.strip_prefix("error: ").unwrap_or(&text).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let cli = Cli::try_parse_from(args).map_err(|e| one_line_error(&e))?;
+        let Command::Run(run) = cli.command;
+        run.into_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn full_command_line() {
+        let config = parse(&[
+            "cluster-lb",
+            "run",
+            "-w",
+            "4",
+            "-l",
+            "127.0.0.1:8080",
+            "--listen",
+            "[::1]:8443",
+            "-s",
+            "hash",
+            "--require-ebpf",
+            "--",
+            "node",
+            "server.js",
+            "--port",
+            "1",
+        ])
+        .unwrap();
+        assert_eq!(config.workers, 4);
+        assert_eq!(config.listen.len(), 2);
+        assert_eq!(config.strategy, Strategy::Hash);
+        assert!(config.require_ebpf);
+        assert_eq!(config.command, ["node", "server.js", "--port", "1"]);
+    }
+
+    #[test]
+    fn workers_default_to_the_cpu_count() {
+        let config = parse(&["cluster-lb", "run", "-l", "80", "--", "x"]).unwrap();
+        let cpus = std::thread::available_parallelism().unwrap().get() as u32;
+        assert_eq!(config.workers, cpus.min(MAX_WORKERS));
+        assert_eq!(config.strategy, Strategy::RoundRobin);
+    }
+
+    #[test]
+    fn errors_are_single_lines_that_name_the_problem() {
+        let cases: [(&[&str], &str); 6] = [
+            (
+                &["cluster-lb", "run", "-l", "1.2.3:80", "--", "x"],
+                "not an IP address",
+            ),
+            (
+                &["cluster-lb", "run", "-l", "80", "-w", "0", "--", "x"],
+                "0 is not in 1..=64",
+            ),
+            (
+                &["cluster-lb", "run", "-l", "80", "-s", "fast", "--", "x"],
+                "unknown strategy",
+            ),
+            (&["cluster-lb", "run", "--", "x"], "--listen <ADDR>"),
+            (&["cluster-lb", "run", "-l", "80"], "<CMD>"),
+            (
+                &[
+                    "cluster-lb",
+                    "run",
+                    "-l",
+                    "80",
+                    "-l",
+                    "0.0.0.0:80",
+                    "--",
+                    "x",
+                ],
+                "given twice",
+            ),
+        ];
+        for (args, expected) in cases {
+            let error = parse(args).unwrap_err();
+            assert!(error.contains(expected), "{args:?}: {error}");
+            assert!(!error.contains('\n'), "{args:?}: {error}");
+        }
+    }
+}

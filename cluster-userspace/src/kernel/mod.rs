@@ -1,0 +1,310 @@
+//! The kernel side: one loaded instance of the sk_reuseport program per listen address, and the
+//! maps through which the primary tells it which worker sockets may receive connections.
+
+mod unavailable;
+
+use std::{
+    fmt,
+    os::fd::{AsFd, AsRawFd},
+    str::FromStr,
+};
+
+use anyhow::{anyhow, Context, Result};
+use aya::{
+    maps::{Array, MapData, PerCpuArray, PerCpuValues, ReusePortSockArray},
+    programs::SkReuseport,
+    Ebpf, EbpfLoader,
+};
+use cluster_common::{
+    ActiveSet, SlotStats, CONFIG_ACTIVE_BUFFER, CONFIG_STRATEGY, MAP_ACTIVE, MAP_CONFIG,
+    MAP_SOCKETS, MAP_STATS, MAX_SLOTS, NO_SLOT_STATS, PROGRAM_NAME, STRATEGY_HASH,
+    STRATEGY_ROUND_ROBIN,
+};
+
+pub use unavailable::Unavailable;
+
+/// The program, built by `cargo xtask build-ebpf` and committed, so a stable `cargo build` needs
+/// neither nightly nor bpf-linker.
+static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!("../../bpf/cluster-lb-ebpf.o");
+
+/// How new connections are spread over the workers of one listen group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Strategy {
+    /// Exact rotation over the active workers, by our program.
+    #[default]
+    RoundRobin,
+    /// Flow hash of the 4-tuple over the active workers, by our program.
+    Hash,
+    /// Plain SO_REUSEPORT: no program; the kernel hashes over every socket of the group.
+    Kernel,
+}
+
+impl Strategy {
+    pub const NAMES: [&'static str; 3] = ["round-robin", "hash", "kernel"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::RoundRobin => "round-robin",
+            Strategy::Hash => "hash",
+            Strategy::Kernel => "kernel",
+        }
+    }
+
+    /// The id the program reads, or `None` for the strategy that runs no program.
+    fn program_id(self) -> Option<u32> {
+        match self {
+            Strategy::RoundRobin => Some(STRATEGY_ROUND_ROBIN),
+            Strategy::Hash => Some(STRATEGY_HASH),
+            Strategy::Kernel => None,
+        }
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Strategy {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "round-robin" | "rr" => Ok(Strategy::RoundRobin),
+            "hash" | "shared" => Ok(Strategy::Hash),
+            "kernel" | "none" => Ok(Strategy::Kernel),
+            _ => Err(format!(
+                "unknown strategy '{text}'; use one of {}",
+                Strategy::NAMES.join(", ")
+            )),
+        }
+    }
+}
+
+/// One loaded program instance and its maps, for one SO_REUSEPORT group.
+pub struct Balancer {
+    // Keeps the program loaded; its maps were taken out below.
+    ebpf: Ebpf,
+    sockets: ReusePortSockArray<MapData>,
+    active: Array<MapData, ActiveSet>,
+    config: Array<MapData, u32>,
+    stats: PerCpuArray<MapData, SlotStats>,
+    /// Which of the two active-set buffers the program reads now.
+    active_buffer: u32,
+    cpus: usize,
+}
+
+impl Balancer {
+    /// Loads and verifies a fresh instance. It selects nothing until it is attached to a socket
+    /// of the group and given slots.
+    pub fn load(strategy: Strategy) -> Result<Balancer, Unavailable> {
+        let program_id = strategy
+            .program_id()
+            .ok_or_else(|| Unavailable::other(anyhow!("strategy 'kernel' runs no program")))?;
+        raise_memlock_limit();
+        let mut ebpf = EbpfLoader::new().load(PROGRAM_OBJECT).map_err(|e| {
+            Unavailable::classify(anyhow::Error::new(e).context("loading the eBPF object"))
+        })?;
+        let program: &mut SkReuseport = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or_else(|| {
+                Unavailable::other(anyhow!("program {PROGRAM_NAME} missing from the object"))
+            })?
+            .try_into()
+            .map_err(|e| Unavailable::other(anyhow::Error::new(e)))?;
+        program.load().map_err(|e| {
+            Unavailable::classify(
+                anyhow::Error::new(e).context("verifying the sk_reuseport program"),
+            )
+        })?;
+
+        let build = || -> Result<Balancer> {
+            let sockets = take_map(&mut ebpf, MAP_SOCKETS)?;
+            let active = take_map(&mut ebpf, MAP_ACTIVE)?;
+            let config = take_map(&mut ebpf, MAP_CONFIG)?;
+            let stats = take_map(&mut ebpf, MAP_STATS)?;
+            let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+            let mut balancer = Balancer {
+                ebpf,
+                sockets,
+                active,
+                config,
+                stats,
+                active_buffer: 0,
+                cpus,
+            };
+            balancer.set_config(CONFIG_STRATEGY, program_id)?;
+            Ok(balancer)
+        };
+        build().map_err(Unavailable::other)
+    }
+
+    /// Makes the program the selector of the group `socket` belongs to. The socket must already
+    /// be bound with SO_REUSEPORT and listening. Attaching again (to any member) is harmless, and
+    /// needed after every member closed: the kernel then forgets the group and its program.
+    pub fn attach(&mut self, socket: &impl AsFd) -> Result<()> {
+        let program: &mut SkReuseport = self
+            .ebpf
+            .program_mut(PROGRAM_NAME)
+            .context("program missing")?
+            .try_into()?;
+        program
+            .attach(socket)
+            .context("attaching the sk_reuseport program to the listen group")
+    }
+
+    /// Puts a worker's listening socket in `slot` and zeroes the slot's counters, which from now
+    /// on count for this worker.
+    pub fn set_slot(&mut self, slot: u32, socket: &impl AsRawFd) -> Result<()> {
+        self.sockets
+            .set(slot, socket, 0)
+            .with_context(|| format!("putting the worker socket in slot {slot}"))?;
+        let zeros = PerCpuValues::try_from(vec![SlotStats::default(); self.cpus])
+            .context("sizing per-CPU counters")?;
+        self.stats
+            .set(slot, zeros, 0)
+            .with_context(|| format!("zeroing the counters of slot {slot}"))
+    }
+
+    /// Empties a slot. The kernel does this by itself when the socket closes; this is for
+    /// sockets the primary gives up on before a worker ever owned them.
+    pub fn clear_slot(&mut self, slot: u32) -> Result<()> {
+        match self.sockets.clear_index(&slot) {
+            Ok(()) => Ok(()),
+            // Already empty: the socket closed first.
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e).with_context(|| format!("clearing slot {slot}")),
+        }
+    }
+
+    /// Publishes the slots that may receive new connections. The new list goes into the buffer
+    /// the program is not reading, then one u32 write flips the program over to it, so the
+    /// program never sees a count that does not match its list.
+    pub fn set_active(&mut self, slots: &[u32]) -> Result<()> {
+        let mut set = ActiveSet::EMPTY;
+        anyhow::ensure!(
+            slots.len() <= MAX_SLOTS as usize,
+            "{} active slots, the most is {MAX_SLOTS}",
+            slots.len()
+        );
+        set.slots[..slots.len()].copy_from_slice(slots);
+        set.count = slots.len() as u32;
+        let next = self.active_buffer ^ 1;
+        self.active
+            .set(next, set, 0)
+            .context("writing the active set")?;
+        self.set_config(CONFIG_ACTIVE_BUFFER, next)?;
+        self.active_buffer = next;
+        Ok(())
+    }
+
+    /// Switches between the program's strategies at run time.
+    pub fn set_strategy(&mut self, strategy: Strategy) -> Result<()> {
+        let id = strategy
+            .program_id()
+            .context("strategy 'kernel' means detaching the program, not switching it")?;
+        self.set_config(CONFIG_STRATEGY, id)
+    }
+
+    /// The counters of one slot, summed over CPUs.
+    pub fn slot_stats(&self, slot: u32) -> Result<SlotStats> {
+        let per_cpu = self
+            .stats
+            .get(&slot, 0)
+            .with_context(|| format!("reading the counters of slot {slot}"))?;
+        Ok(per_cpu
+            .iter()
+            .fold(SlotStats::default(), |sum, cpu| SlotStats {
+                selected: sum.selected + cpu.selected,
+                fallback: sum.fallback + cpu.fallback,
+                migrated: sum.migrated + cpu.migrated,
+            }))
+    }
+
+    /// Connections that found no slot at all (empty active set, or every active slot dead) and
+    /// were left to the kernel's own hash.
+    pub fn unassigned_fallbacks(&self) -> Result<u64> {
+        Ok(self.slot_stats(NO_SLOT_STATS)?.fallback)
+    }
+
+    /// The program's log channel (aya-log), for the caller to drain.
+    pub fn take_logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        aya_log::EbpfLogger::init(&mut self.ebpf).context("opening the eBPF log channel")
+    }
+
+    fn set_config(&mut self, index: u32, value: u32) -> Result<()> {
+        self.config
+            .set(index, value, 0)
+            .with_context(|| format!("writing config entry {index}"))
+    }
+}
+
+fn take_map<M>(ebpf: &mut Ebpf, name: &str) -> Result<M>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("map {name} missing from the eBPF object"))?;
+    M::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK, whose default (8 MiB or less) is easily
+/// exhausted. Later kernels use memory cgroups; there the limit is left alone, since workers
+/// inherit it.
+fn raise_memlock_limit() {
+    if kernel_release().is_some_and(|version| version >= (5, 11)) {
+        return;
+    }
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid pointer. Failure is not an error here: map creation
+    // then fails with its own, clearer message.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+}
+
+/// (major, minor) of the running kernel.
+pub fn kernel_release() -> Option<(u32, u32)> {
+    let uname = nix::sys::utsname::uname().ok()?;
+    parse_release(uname.release().to_str()?)
+}
+
+fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strategy_names_round_trip() {
+        for name in Strategy::NAMES {
+            assert_eq!(name.parse::<Strategy>().map(Strategy::name), Ok(name));
+        }
+        assert_eq!("shared".parse(), Ok(Strategy::Hash));
+        assert!("fastest"
+            .parse::<Strategy>()
+            .unwrap_err()
+            .contains("round-robin, hash, kernel"));
+    }
+
+    #[test]
+    fn kernel_release_parses_distribution_suffixes() {
+        assert_eq!(parse_release("6.18.44-fc-v657"), Some((6, 18)));
+        assert_eq!(parse_release("6.1.0-28-amd64"), Some((6, 1)));
+        assert_eq!(parse_release("5.10"), Some((5, 10)));
+        assert_eq!(parse_release("garbage"), None);
+    }
+}

@@ -1,0 +1,14 @@
+//! cluster-lb: N copies of any server program share one port; an eBPF sk_reuseport program in
+//! the kernel picks the worker for each new connection. See DESIGN.md for the architecture.
+//!
+//! The binary is a thin `main.rs` over these modules; the integration tests and embedders use
+//! them directly.
+
+pub mod cli;
+pub mod kernel;
+pub mod listen_addr;
+pub mod logging;
+pub mod slots;
+pub mod sockets;
+pub mod spawn;
+pub mod supervisor;

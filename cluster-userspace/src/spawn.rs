@@ -1,0 +1,361 @@
+//! Starting one worker process with its listening sockets, by socket activation: the sockets
+//! become fds 3.. and `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES` describe them, as systemd
+//! does, so Node, gunicorn, uvicorn, Go and Rust's listenfd all serve from them unchanged.
+//!
+//! `LISTEN_PID` must be the worker's own pid (libsystemd ignores the fds otherwise), which is
+//! known only after fork. `std::process::Command` builds the environment before forking, so
+//! this module forks and execs itself: everything is prepared in the parent, and the child
+//! only makes async-signal-safe system calls before `execve`.
+
+use std::{
+    env,
+    ffi::{CString, OsStr, OsString},
+    fs,
+    io::Read,
+    os::{
+        fd::{AsRawFd, OwnedFd, RawFd},
+        unix::{ffi::OsStrExt, fs::PermissionsExt},
+    },
+    path::{Path, PathBuf},
+    ptr,
+};
+
+use anyhow::{bail, Context, Result};
+use nix::{sys::wait::waitpid, unistd::Pid};
+
+/// Variables that describe the sockets of *this* process; a worker must only see its own.
+const INHERITED_VARIABLES_TO_DROP: &[&str] = &[
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "CLUSTER_LB_WORKER_ID",
+    "CLUSTER_LB_WORKERS",
+];
+
+/// The first fd a socket-activated program looks at (SD_LISTEN_FDS_START).
+const LISTEN_FDS_START: RawFd = 3;
+
+/// The worker program, resolved once, and the environment every worker starts from.
+#[derive(Debug)]
+pub struct WorkerCommand {
+    path: CString,
+    argv: Vec<CString>,
+    base_env: Vec<CString>,
+}
+
+/// What differs from one worker to the next.
+pub struct WorkerSpec<'a> {
+    /// Listening sockets, in `--listen` order; they become fds 3, 4, ...
+    pub sockets: &'a [OwnedFd],
+    /// One name per socket for `LISTEN_FDNAMES` (no ':' allowed).
+    pub socket_names: &'a [String],
+    /// Extra variables (`CLUSTER_LB_WORKER_ID`, ...).
+    pub env: &'a [(String, String)],
+}
+
+impl WorkerCommand {
+    /// Resolves `command[0]` on PATH now, so a typo is one clear error at start-up rather than
+    /// a crash loop of workers.
+    pub fn new(command: &[String]) -> Result<WorkerCommand> {
+        let (program, _) = command
+            .split_first()
+            .context("no worker command given; put it after --, e.g. -- node server.js")?;
+        let path = resolve(program)?;
+        let argv = command
+            .iter()
+            .map(|arg| CString::new(arg.as_bytes()))
+            .collect::<Result<Vec<_>, _>>()
+            .context("the worker command contains a NUL byte")?;
+        let base_env = env::vars_os()
+            .filter(|(key, _)| {
+                !INHERITED_VARIABLES_TO_DROP
+                    .iter()
+                    .any(|drop| key == OsStr::new(drop))
+            })
+            .filter_map(|(key, value)| env_entry(&key, &value))
+            .collect();
+        Ok(WorkerCommand {
+            path: CString::new(path.as_os_str().as_bytes()).context("NUL byte in command path")?,
+            argv,
+            base_env,
+        })
+    }
+
+    pub fn program(&self) -> String {
+        self.path.to_string_lossy().into_owned()
+    }
+
+    /// Forks and execs one worker. Returns once the worker runs the program (or failed to).
+    pub fn spawn(&self, spec: &WorkerSpec<'_>) -> Result<Pid> {
+        let mut envp_strings: Vec<CString> = self.base_env.clone();
+        for (key, value) in spec.env {
+            envp_strings.push(CString::new(format!("{key}={value}")).context("NUL in env")?);
+        }
+        envp_strings.push(CString::new(format!("LISTEN_FDS={}", spec.sockets.len()))?);
+        envp_strings.push(CString::new(format!(
+            "LISTEN_FDNAMES={}",
+            spec.socket_names.join(":")
+        ))?);
+        // Filled in by the child with its own pid; room for any pid_t.
+        let mut listen_pid = *b"LISTEN_PID=\0\0\0\0\0\0\0\0\0\0\0\0";
+        let mut envp: Vec<*const libc::c_char> = envp_strings.iter().map(|s| s.as_ptr()).collect();
+        envp.push(listen_pid.as_ptr().cast());
+        envp.push(ptr::null());
+        let mut argv: Vec<*const libc::c_char> = self.argv.iter().map(|s| s.as_ptr()).collect();
+        argv.push(ptr::null());
+
+        let source_fds: Vec<RawFd> = spec.sockets.iter().map(|s| s.as_raw_fd()).collect();
+        let dev_null = fs::File::open("/dev/null").context("opening /dev/null")?;
+        let (exec_error_reader, exec_error_writer) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")?;
+        let parent = std::process::id() as libc::pid_t;
+
+        // SAFETY: fork in a process that forks only from its one thread (the primary runs a
+        // current-thread runtime). The child calls only async-signal-safe functions on memory
+        // prepared above, then execs or exits.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(std::io::Error::last_os_error()).context("fork failed");
+        }
+        if pid == 0 {
+            unsafe {
+                child_after_fork(ChildSetup {
+                    path: self.path.as_ptr(),
+                    argv: argv.as_ptr(),
+                    envp: envp.as_ptr(),
+                    listen_pid: listen_pid.as_mut_ptr().add(b"LISTEN_PID=".len()),
+                    source_fds: &source_fds,
+                    stdin: dev_null.as_raw_fd(),
+                    exec_error: exec_error_writer.as_raw_fd(),
+                    parent,
+                })
+            }
+        }
+        drop(exec_error_writer);
+        let pid = Pid::from_raw(pid);
+
+        // EOF means the exec succeeded (the pipe was close-on-exec); 4 bytes are its errno.
+        let mut errno = [0u8; 4];
+        let mut reader = fs::File::from(exec_error_reader);
+        match reader.read(&mut errno) {
+            Ok(0) => Ok(pid),
+            Ok(_) => {
+                let _ = waitpid(pid, None);
+                let error = std::io::Error::from_raw_os_error(i32::from_ne_bytes(errno));
+                bail!("cannot run {}: {error}", self.program())
+            }
+            Err(e) => Err(e).context("reading the worker's exec status"),
+        }
+    }
+}
+
+struct ChildSetup<'a> {
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    listen_pid: *mut u8,
+    source_fds: &'a [RawFd],
+    stdin: RawFd,
+    exec_error: RawFd,
+    parent: libc::pid_t,
+}
+
+/// Runs in the forked child: async-signal-safe calls only, no allocation, never returns.
+unsafe fn child_after_fork(setup: ChildSetup<'_>) -> ! {
+    let fail = |exec_error: RawFd| -> ! {
+        let errno = *libc::__errno_location();
+        libc::write(exec_error, errno.to_ne_bytes().as_ptr().cast(), 4);
+        libc::_exit(127)
+    };
+
+    write_decimal(setup.listen_pid, libc::getpid() as u64);
+
+    // Own process group: a terminal's Ctrl-C reaches only the primary, which then stops the
+    // workers in order instead of every process receiving SIGINT at once.
+    libc::setpgid(0, 0);
+    // Undo what the primary changed: Rust ignores SIGPIPE, and no signal may stay blocked.
+    libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    let mut empty: libc::sigset_t = std::mem::zeroed();
+    libc::sigemptyset(&mut empty);
+    libc::sigprocmask(libc::SIG_SETMASK, &empty, ptr::null_mut());
+    // If the primary dies without stopping us, stop too rather than serve unsupervised.
+    libc::prctl(
+        libc::PR_SET_PDEATHSIG,
+        libc::SIGTERM as libc::c_ulong,
+        0,
+        0,
+        0,
+    );
+    if libc::getppid() != setup.parent {
+        libc::_exit(0);
+    }
+
+    if libc::dup2(setup.stdin, 0) < 0 {
+        fail(setup.exec_error);
+    }
+    // Move the sockets to 3, 4, ...: first above that range, so no target is still a source.
+    let count = setup.source_fds.len() as RawFd;
+    let mut lifted = [0 as RawFd; 64];
+    for (i, &fd) in setup.source_fds.iter().enumerate().take(lifted.len()) {
+        lifted[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, LISTEN_FDS_START + count);
+        if lifted[i] < 0 {
+            fail(setup.exec_error);
+        }
+    }
+    for i in 0..(count as usize).min(lifted.len()) {
+        // dup2 leaves close-on-exec off on the new fd, so the program inherits it.
+        if libc::dup2(lifted[i], LISTEN_FDS_START + i as RawFd) < 0 {
+            fail(setup.exec_error);
+        }
+    }
+
+    libc::execve(setup.path, setup.argv, setup.envp);
+    fail(setup.exec_error)
+}
+
+/// Writes `value` in decimal at `out` followed by a NUL; `out` has room for 20 digits + NUL.
+unsafe fn write_decimal(out: *mut u8, mut value: u64) {
+    let mut digits = [0u8; 20];
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (value % 10) as u8;
+        len += 1;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        *out.add(i) = digits[len - 1 - i];
+    }
+    *out.add(len) = 0;
+}
+
+fn env_entry(key: &OsStr, value: &OsStr) -> Option<CString> {
+    let mut entry = OsString::from(key);
+    entry.push("=");
+    entry.push(value);
+    CString::new(entry.as_bytes()).ok()
+}
+
+/// `program` as given if it has a '/', else the first executable of that name on PATH.
+fn resolve(program: &str) -> Result<PathBuf> {
+    if program.is_empty() {
+        bail!("the worker command is empty");
+    }
+    if program.contains('/') {
+        let path = PathBuf::from(program);
+        return match is_executable(&path) {
+            Ok(true) => Ok(path),
+            Ok(false) => bail!("cannot run {program}: it is not an executable file (chmod +x?)"),
+            Err(e) => bail!("cannot run {program}: {e}"),
+        };
+    }
+    let search = env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    env::split_paths(&search)
+        .map(|dir| dir.join(program))
+        .find(|candidate| is_executable(candidate).unwrap_or(false))
+        .with_context(|| format!("cannot run {program}: command not found in PATH"))
+}
+
+fn is_executable(path: &Path) -> std::io::Result<bool> {
+    let meta = fs::metadata(path)?;
+    Ok(meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_pids_are_written_with_a_terminator() {
+        for (value, text) in [
+            (0u64, "0"),
+            (7, "7"),
+            (4194304, "4194304"),
+            (u64::MAX, "18446744073709551615"),
+        ] {
+            let mut buffer = [0xffu8; 21];
+            unsafe { write_decimal(buffer.as_mut_ptr(), value) };
+            assert_eq!(&buffer[..text.len()], text.as_bytes());
+            assert_eq!(buffer[text.len()], 0);
+        }
+    }
+
+    #[test]
+    fn commands_are_resolved_on_path_or_refused_clearly() {
+        assert!(resolve("sh").is_ok());
+        let missing = resolve("no-such-command-cluster-lb")
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("command not found"), "{missing}");
+        let plain_file = tempfile_path("not-executable");
+        fs::write(&plain_file, b"data").unwrap();
+        fs::set_permissions(&plain_file, fs::Permissions::from_mode(0o644)).unwrap();
+        let not_exec = resolve(plain_file.to_str().unwrap())
+            .unwrap_err()
+            .to_string();
+        let _ = fs::remove_file(&plain_file);
+        assert!(not_exec.contains("not an executable"), "{not_exec}");
+        let absent = resolve("./does/not/exist").unwrap_err().to_string();
+        assert!(absent.contains("No such file"), "{absent}");
+    }
+
+    #[test]
+    fn a_worker_sees_its_own_pid_and_its_socket_at_fd_3() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let out = tempfile_path("spawn-env");
+        let script = format!(
+            "echo \"$LISTEN_PID $$ $LISTEN_FDS $LISTEN_FDNAMES $CLUSTER_LB_WORKER_ID\" > {out}; \
+             readlink /proc/self/fd/3 >> {out}",
+            out = out.display()
+        );
+        let command = WorkerCommand::new(&["sh".into(), "-c".into(), script]).unwrap();
+        let sockets = [OwnedFd::from(listener)];
+        let names = ["web".to_string()];
+        let env = [("CLUSTER_LB_WORKER_ID".to_string(), "3".to_string())];
+        let pid = command
+            .spawn(&WorkerSpec {
+                sockets: &sockets,
+                socket_names: &names,
+                env: &env,
+            })
+            .unwrap();
+        waitpid(pid, None).unwrap();
+        let text = fs::read_to_string(&out).unwrap();
+        let _ = fs::remove_file(&out);
+        let mut lines = text.lines();
+        let fields: Vec<&str> = lines.next().unwrap().split(' ').collect();
+        assert_eq!(fields[0], fields[1], "LISTEN_PID is the worker's own pid");
+        assert_eq!(fields[0], pid.to_string());
+        assert_eq!(&fields[2..], &["1", "web", "3"]);
+        assert!(
+            lines.next().unwrap().starts_with("socket:"),
+            "fd 3 is the socket"
+        );
+    }
+
+    #[test]
+    fn exec_failures_are_reported_not_hidden() {
+        let dir = std::env::temp_dir().join(format!("clb-noexec-{}", std::process::id()));
+        fs::write(&dir, b"\x7fELFgarbage").unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let command = WorkerCommand::new(&[dir.display().to_string()]).unwrap();
+        let error = command
+            .spawn(&WorkerSpec {
+                sockets: &[],
+                socket_names: &[],
+                env: &[],
+            })
+            .unwrap_err()
+            .to_string();
+        let _ = fs::remove_file(&dir);
+        assert!(error.contains("cannot run"), "{error}");
+        assert!(error.contains("Exec format error"), "{error}");
+    }
+
+    fn tempfile_path(tag: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("clb-{tag}-{}", std::process::id()))
+    }
+}
