@@ -203,9 +203,9 @@ unsafe fn child_after_fork(setup: ChildSetup<'_>) -> ! {
             fail(setup.exec_error);
         }
     }
-    for i in 0..(count as usize).min(lifted.len()) {
+    for (i, &fd) in lifted.iter().enumerate().take(count as usize) {
         // dup2 leaves close-on-exec off on the new fd, so the program inherits it.
-        if libc::dup2(lifted[i], LISTEN_FDS_START + i as RawFd) < 0 {
+        if libc::dup2(fd, LISTEN_FDS_START + i as RawFd) < 0 {
             fail(setup.exec_error);
         }
     }

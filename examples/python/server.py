@@ -47,7 +47,9 @@ def main():
         server.socket = sock
     # Graceful stop: stop accepting, let the request in progress finish, exit.
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
-    print(f"python worker {WORKER_ID} pid {os.getpid()} serving", flush=True)
+    # One write for the whole line, so lines of workers sharing a terminal do not interleave.
+    sys.stdout.write(f"python worker {WORKER_ID} pid {os.getpid()} serving\n")
+    sys.stdout.flush()
     server.serve_forever()
     server.server_close()
     return 0

@@ -1,0 +1,120 @@
+//! How connections are spread: exact round robin, flow hash, with real example servers.
+
+use std::net::SocketAddr;
+
+use cluster_lb_tests::{
+    distribution, example, logged_counters, root_test, workspace_binary, Cluster,
+};
+
+const ADDR: &str = "127.0.0.1:8080";
+
+fn addr() -> SocketAddr {
+    ADDR.parse().expect("test address")
+}
+
+/// 400 sequential connections to 4 workers under round robin: exactly 100 each, and the
+/// program's own counters (logged at stop, read through the kernel layer) say the same.
+fn exact_round_robin(server: &[&str]) {
+    let mut args = vec![
+        "run",
+        "-w",
+        "4",
+        "--listen",
+        ADDR,
+        "--strategy",
+        "round-robin",
+        "--",
+    ];
+    args.extend_from_slice(server);
+    let cluster = Cluster::start(&args);
+    cluster.wait_serving(4);
+
+    let seen = distribution(addr(), 400);
+    let expected: Vec<(u32, usize)> = (0..4).map(|id| (id, 100)).collect();
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), expected);
+
+    let (status, log) = cluster.stop();
+    assert!(status.success(), "cluster-lb exit: {status}");
+    let counters = logged_counters(&log);
+    assert_eq!(counters.len(), 4, "one counter line per worker: {log:#?}");
+    for (id, (selected, fallback, migrated)) in counters {
+        assert_eq!(selected, 100, "kernel counted {selected} for worker {id}");
+        assert_eq!((fallback, migrated), (0, 0), "worker {id}");
+    }
+}
+
+#[test]
+fn round_robin_gives_node_workers_exactly_equal_shares() {
+    root_test("round_robin_node", || {
+        exact_round_robin(&["node", &example("node/server.js")])
+    });
+}
+
+#[test]
+fn round_robin_gives_python_workers_exactly_equal_shares() {
+    root_test("round_robin_python", || {
+        exact_round_robin(&["python3", &example("python/server.py")])
+    });
+}
+
+#[test]
+fn round_robin_gives_rust_workers_exactly_equal_shares() {
+    root_test("round_robin_rust", || {
+        let server = workspace_binary("example-rust-server")
+            .display()
+            .to_string();
+        exact_round_robin(&[&server])
+    });
+}
+
+#[test]
+fn hash_spreads_connections_over_every_worker() {
+    root_test("hash_spread", || {
+        let cluster = Cluster::start(&[
+            "run",
+            "-w",
+            "4",
+            "--listen",
+            ADDR,
+            "--strategy",
+            "hash",
+            "--",
+            "python3",
+            &example("python/server.py"),
+        ]);
+        cluster.wait_serving(4);
+        let seen = distribution(addr(), 400);
+        assert_eq!(seen.len(), 4, "every worker got connections: {seen:?}");
+        for (id, count) in &seen {
+            assert!(
+                *count >= 60,
+                "worker {id} got {count} of 400 (< 15%): {seen:?}"
+            );
+        }
+        let (status, log) = cluster.stop();
+        assert!(status.success());
+        let counted: u64 = logged_counters(&log).values().map(|c| c.0).sum();
+        assert_eq!(counted, 400, "the kernel placed every connection");
+    });
+}
+
+#[test]
+fn ipv6_listen_addresses_serve() {
+    root_test("ipv6_listen", || {
+        let cluster = Cluster::start(&[
+            "run",
+            "-w",
+            "2",
+            "--listen",
+            "[::1]:8080",
+            "--",
+            "node",
+            &example("node/server.js"),
+        ]);
+        cluster.wait_serving(2);
+        let seen = distribution("[::1]:8080".parse().expect("v6 address"), 10);
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![(0, 5), (1, 5)]);
+        let (status, _) = cluster.stop();
+        assert!(status.success());
+    });
+}

@@ -1,0 +1,122 @@
+//! Bad input gets one clear line and a non-zero exit, never a panic or a backtrace.
+
+use std::{net::TcpListener, process::Command};
+
+use cluster_lb_tests::{root_test, workspace_binary};
+
+/// Runs cluster-lb to completion; returns (exit code, stderr lines).
+fn run(args: &[&str]) -> (Option<i32>, Vec<String>) {
+    let output = Command::new(workspace_binary("cluster-lb"))
+        .args(args)
+        .output()
+        .expect("running cluster-lb");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    (
+        output.status.code(),
+        stderr.lines().map(str::to_string).collect(),
+    )
+}
+
+fn assert_one_line_error(args: &[&str], expected: &str) {
+    let (code, lines) = run(args);
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "{args:?} exited {code:?}"
+    );
+    assert_eq!(lines.len(), 1, "{args:?} printed {lines:#?}");
+    assert!(lines[0].starts_with("cluster-lb: error: "), "{}", lines[0]);
+    assert!(lines[0].contains(expected), "{args:?}: {}", lines[0]);
+    assert!(!lines[0].contains("panicked"), "{}", lines[0]);
+}
+
+#[test]
+fn bad_listen_values_are_named_in_one_line() {
+    for (value, expected) in [
+        ("127.0.0.1:99999", "out of range"),
+        ("127.0.0.1:0", "port 0"),
+        ("example.com:80", "'example.com' is not an IP address"),
+        ("::1:80", "needs brackets"),
+        ("[::1]", "missing ':PORT'"),
+        ("1.2.3.4", "missing port"),
+        ("", "empty address"),
+    ] {
+        assert_one_line_error(
+            &["run", "-w", "1", "--listen", value, "--", "true"],
+            expected,
+        );
+    }
+}
+
+#[test]
+fn other_bad_arguments_are_named_in_one_line() {
+    assert_one_line_error(
+        &["run", "--listen", "80", "-w", "0", "--", "true"],
+        "0 is not in 1..=64",
+    );
+    assert_one_line_error(
+        &["run", "--listen", "80", "-s", "random", "--", "true"],
+        "unknown strategy",
+    );
+    assert_one_line_error(&["run", "--listen", "80"], "<CMD>");
+    assert_one_line_error(&["run", "--", "true"], "--listen <ADDR>");
+    assert_one_line_error(&["frobnicate"], "frobnicate");
+}
+
+#[test]
+fn a_port_in_use_is_one_clear_error() {
+    root_test("port_in_use", || {
+        let _holder = TcpListener::bind("127.0.0.1:8080").expect("taking the port first");
+        assert_one_line_error(
+            &["run", "-w", "2", "--listen", "127.0.0.1:8080", "--", "true"],
+            "cannot listen on 127.0.0.1:8080: address already in use",
+        );
+    });
+}
+
+#[test]
+fn a_missing_command_is_one_clear_error() {
+    root_test("missing_command", || {
+        assert_one_line_error(
+            &[
+                "run",
+                "-w",
+                "2",
+                "--listen",
+                "127.0.0.1:8080",
+                "--",
+                "no-such-server-xyz",
+            ],
+            "cannot run no-such-server-xyz: command not found in PATH",
+        );
+        assert_one_line_error(
+            &[
+                "run",
+                "-w",
+                "2",
+                "--listen",
+                "127.0.0.1:8080",
+                "--",
+                "./no/such/server",
+            ],
+            "cannot run ./no/such/server",
+        );
+    });
+}
+
+#[test]
+fn an_address_no_interface_has_is_one_clear_error() {
+    root_test("address_not_available", || {
+        assert_one_line_error(
+            &["run", "-w", "1", "--listen", "192.0.2.1:8080", "--", "true"],
+            "no local interface has that IP",
+        );
+    });
+}
+
+#[test]
+fn help_exits_zero() {
+    let (code, _) = run(&["--help"]);
+    assert_eq!(code, Some(0));
+    let (code, _) = run(&["run", "--help"]);
+    assert_eq!(code, Some(0));
+}

@@ -1,0 +1,116 @@
+//! When things go wrong: a worker killed, no eBPF privileges.
+
+use std::{collections::BTreeSet, net::SocketAddr, os::unix::process::CommandExt, time::Duration};
+
+use cluster_lb_tests::{
+    distribution, example, get, root_test, Cluster, CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON,
+    CAP_SYS_ADMIN,
+};
+
+const ADDR: &str = "127.0.0.1:8080";
+
+fn addr() -> SocketAddr {
+    ADDR.parse().expect("test address")
+}
+
+#[test]
+fn after_sigkill_of_a_worker_the_next_200_connections_all_succeed() {
+    root_test("sigkill_worker", || {
+        let cluster = Cluster::start(&[
+            "run",
+            "-w",
+            "4",
+            "--listen",
+            ADDR,
+            "--",
+            "node",
+            &example("node/server.js"),
+        ]);
+        cluster.wait_serving(4);
+        let victim = get(addr()).expect("first request");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(victim.pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("killing a worker");
+
+        // At once, before the primary has even noticed: the program must skip the dead slot.
+        let mut pids = BTreeSet::new();
+        for i in 0..200 {
+            let answer =
+                get(addr()).unwrap_or_else(|e| panic!("connection {i} after the kill: {e:#}"));
+            assert_ne!(answer.pid, victim.pid, "the killed worker answered");
+            pids.insert(answer.pid);
+        }
+        assert!(
+            pids.len() >= 3,
+            "the surviving workers shared the load: {pids:?}"
+        );
+
+        cluster.wait_for_log("was killed by SIGKILL", Duration::from_secs(5));
+        cluster.wait_for_log(
+            &format!("worker {} started", victim.worker),
+            Duration::from_secs(5),
+        );
+        let (status, _) = cluster.stop();
+        assert!(status.success());
+    });
+}
+
+/// Starts cluster-lb as root but without the capabilities eBPF needs (bounding set dropped in
+/// the child before exec, so the process and its workers can never have them).
+fn start_without_bpf_capabilities(extra: &[&str]) -> Cluster {
+    let server = example("python/server.py");
+    let mut args = vec!["run", "-w", "2", "--listen", ADDR];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--", "python3", &server]);
+    Cluster::start_with(&args, |command| {
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec here.
+        unsafe {
+            command.pre_exec(|| {
+                for cap in [CAP_BPF, CAP_SYS_ADMIN, CAP_PERFMON, CAP_NET_ADMIN] {
+                    if libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    })
+}
+
+#[test]
+fn without_cap_bpf_it_says_so_in_one_line_and_still_serves() {
+    root_test("fallback_without_cap_bpf", || {
+        let cluster = start_without_bpf_capabilities(&[]);
+        let line = cluster.wait_for_log("eBPF balancing unavailable", Duration::from_secs(10));
+        assert!(line.contains("falling back to --strategy kernel"), "{line}");
+        assert!(line.contains("needs root, or CAP_BPF"), "{line}");
+        cluster.wait_serving(2);
+        let seen = distribution(addr(), 40);
+        assert_eq!(seen.values().sum::<usize>(), 40);
+        let (status, log) = cluster.stop();
+        assert!(status.success());
+        let mentions = log.iter().filter(|l| l.contains("eBPF")).count();
+        assert_eq!(mentions, 1, "exactly one line about eBPF: {log:#?}");
+    });
+}
+
+#[test]
+fn with_require_ebpf_and_no_cap_bpf_it_exits_1_with_a_clear_message() {
+    root_test("require_ebpf_without_cap_bpf", || {
+        let mut cluster = start_without_bpf_capabilities(&["--require-ebpf"]);
+        let status = cluster.wait(Duration::from_secs(10));
+        assert_eq!(status.code(), Some(1));
+        let log = cluster.log();
+        assert_eq!(log.len(), 1, "one line: {log:#?}");
+        assert!(
+            log[0].starts_with(
+                "cluster-lb: error: eBPF balancing is unavailable and --require-ebpf was given"
+            ),
+            "{}",
+            log[0]
+        );
+        assert!(log[0].contains("needs root, or CAP_BPF"), "{}", log[0]);
+    });
+}

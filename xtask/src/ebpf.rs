@@ -1,0 +1,51 @@
+//! Building the sk_reuseport program and keeping the committed object fresh.
+
+use std::{fs, path::PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{root, run, setup};
+
+/// Where cluster-userspace embeds the object from (committed).
+const COMMITTED_OBJECT: &str = "cluster-userspace/bpf/cluster-lb-ebpf.o";
+const TARGET: &str = "bpfel-unknown-none";
+
+/// Builds cluster-ebpf. With `check`, fails when the committed object differs from the build;
+/// otherwise writes the build there.
+pub fn build(check: bool) -> Result<()> {
+    setup::ensure_rust_src()?;
+    setup::ensure_bpf_linker()?;
+    let crate_dir = root().join("cluster-ebpf");
+    let mut cargo = setup::nightly("cargo");
+    cargo
+        .current_dir(&crate_dir)
+        .args([
+            "build",
+            "--release",
+            "--target",
+            TARGET,
+            "-Z",
+            "build-std=core",
+        ])
+        // v3: the BPF_ATOMIC fetch-add the round-robin counter needs (kernel 5.12+).
+        .env("CARGO_ENCODED_RUSTFLAGS", "-Ctarget-cpu=v3");
+    run(&mut cargo)?;
+
+    let built: PathBuf = crate_dir
+        .join("target")
+        .join(TARGET)
+        .join("release/cluster-lb-ebpf");
+    let fresh = fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
+    let committed_path = root().join(COMMITTED_OBJECT);
+    let committed = fs::read(&committed_path).unwrap_or_default();
+    if fresh == committed {
+        eprintln!("xtask: {COMMITTED_OBJECT} is up to date");
+        return Ok(());
+    }
+    if check {
+        bail!("{COMMITTED_OBJECT} is stale: the eBPF source builds to a different object; run `cargo xtask build-ebpf` and commit the result");
+    }
+    fs::write(&committed_path, &fresh).with_context(|| format!("writing {COMMITTED_OBJECT}"))?;
+    eprintln!("xtask: wrote {COMMITTED_OBJECT} ({} bytes)", fresh.len());
+    Ok(())
+}
