@@ -44,16 +44,25 @@ pub fn root_test(name: &str, body: impl FnOnce() + Send + 'static) {
         eprintln!("SKIPPED {name}: needs root (network namespaces and eBPF)");
         return;
     }
+    if let Err(panic) = in_network_namespace(name, body) {
+        panic::resume_unwind(panic);
+    }
+}
+
+/// Runs `body` on a new thread inside a new network namespace (loopback up) and returns its
+/// result; a panic in `body` comes back as `Err`.
+pub fn in_network_namespace<T: Send + 'static>(
+    name: &str,
+    body: impl FnOnce() -> T + Send + 'static,
+) -> thread::Result<T> {
     let handle = thread::Builder::new()
         .name(name.to_string())
         .spawn(move || {
             enter_new_network_namespace().expect("entering a new network namespace");
             body()
         })
-        .expect("spawning the test thread");
-    if let Err(panic) = handle.join() {
-        panic::resume_unwind(panic);
-    }
+        .expect("spawning a thread");
+    handle.join()
 }
 
 /// unshare(CLONE_NEWNET) affects only the calling thread (and what it starts afterwards).

@@ -5,7 +5,10 @@
 //!   cargo xtask test [ARGS]            everything the test suite needs, then the whole suite
 //!   cargo xtask demo [--lang L] [--port P] [--workers N]
 //!                                      cluster-lb serving a bundled example server
+//!   cargo xtask distribution [--connections N]
+//!                                      per-worker shares for each strategy, as a table
 
+mod distribution;
 mod ebpf;
 mod setup;
 
@@ -23,8 +26,9 @@ fn main() -> ExitCode {
         Some("build-ebpf") => ebpf::build(args[1..].iter().any(|a| a == "--check")),
         Some("test") => test(&args[1..]),
         Some("demo") => demo(&args[1..]),
+        Some("distribution") => distribution::measure(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask build-ebpf [--check] | test [CARGO TEST ARGS] | demo [--lang node|python|rust] [--port P] [--workers N]");
+            eprintln!("usage: cargo xtask build-ebpf [--check] | test [CARGO TEST ARGS] | demo [--lang node|python|rust] [--port P] [--workers N] | distribution [--connections N]");
             return ExitCode::from(2);
         }
     };
@@ -77,7 +81,47 @@ fn test(extra: &[String]) -> Result<()> {
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     let mut command = cargo();
     command.args(["test", "--workspace"]).args(extra);
-    run(&mut command)
+    run_tests_with_summary(&mut command)
+}
+
+/// Runs cargo test, passing its output through, and ends with one line that totals every test
+/// binary's "test result" line: cargo's own last line is often a binary with no tests.
+fn run_tests_with_summary(command: &mut Command) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {command:?}"))?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            println!("{line}");
+            if let Some(counts) = line.strip_prefix("test result: ") {
+                for part in counts.split(';') {
+                    let mut words = part.split_whitespace().rev();
+                    let (Some(kind), Some(number)) = (words.next(), words.next()) else {
+                        continue;
+                    };
+                    let number: u64 = number.parse().unwrap_or(0);
+                    match kind {
+                        "passed" => passed += number,
+                        "failed" => failed += number,
+                        "ignored" => ignored += number,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!("\nxtask: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed with {status}");
+    }
+    if passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok(())
 }
 
 fn demo(args: &[String]) -> Result<()> {

@@ -1,0 +1,86 @@
+//! `cargo xtask distribution`: how each strategy spreads sequential connections over 2, 4 and
+//! 16 workers, as a table. A measurement to read, not a test: it asserts nothing.
+
+use std::{collections::BTreeMap, net::SocketAddr};
+
+use anyhow::{anyhow, Result};
+use cluster_lb_tests::{distribution, in_network_namespace, workspace_binary, Cluster};
+
+use crate::{cargo, run};
+
+const ADDR: &str = "127.0.0.1:8080";
+
+pub fn measure(args: &[String]) -> Result<()> {
+    let connections: usize = match args.iter().position(|a| a == "--connections") {
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| anyhow!("--connections needs a number"))?,
+        None => 1000,
+    };
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    let server = workspace_binary("example-rust-server")
+        .display()
+        .to_string();
+
+    println!("| strategy | workers | connections per worker (by worker id) | min | max | max/min | Jain's index |");
+    println!("| --- | ---: | --- | ---: | ---: | ---: | ---: |");
+    for strategy in ["round-robin", "hash", "kernel"] {
+        for workers in [2u32, 4, 16] {
+            let server = server.clone();
+            let seen = in_network_namespace(&format!("{strategy}-{workers}"), move || {
+                let n = workers.to_string();
+                let cluster = Cluster::start(&[
+                    "run",
+                    "-w",
+                    &n,
+                    "--listen",
+                    ADDR,
+                    "--strategy",
+                    strategy,
+                    "--",
+                    &server,
+                ]);
+                cluster.wait_serving(workers as usize);
+                let addr: SocketAddr = ADDR.parse().expect("address");
+                let seen = distribution(addr, connections);
+                let _ = cluster.stop();
+                seen
+            })
+            .map_err(|_| {
+                anyhow!("measuring {strategy} with {workers} workers failed (see above)")
+            })?;
+            println!("{}", row(strategy, workers, &seen));
+        }
+    }
+    Ok(())
+}
+
+fn row(strategy: &str, workers: u32, seen: &BTreeMap<u32, usize>) -> String {
+    let counts: Vec<usize> = (0..workers)
+        .map(|id| seen.get(&id).copied().unwrap_or(0))
+        .collect();
+    let min = counts.iter().copied().min().unwrap_or(0);
+    let max = counts.iter().copied().max().unwrap_or(0);
+    let ratio = if min == 0 {
+        "inf".to_string()
+    } else {
+        format!("{:.2}", max as f64 / min as f64)
+    };
+    let list: Vec<String> = counts.iter().map(usize::to_string).collect();
+    format!(
+        "| {strategy} | {workers} | {} | {min} | {max} | {ratio} | {:.4} |",
+        list.join(" "),
+        jain(&counts)
+    )
+}
+
+/// Jain's fairness index: 1 when all equal, 1/n when one worker takes everything.
+fn jain(counts: &[usize]) -> f64 {
+    let sum: f64 = counts.iter().map(|&c| c as f64).sum();
+    let squares: f64 = counts.iter().map(|&c| (c as f64).powi(2)).sum();
+    if squares == 0.0 {
+        return 0.0;
+    }
+    sum * sum / (counts.len() as f64 * squares)
+}
