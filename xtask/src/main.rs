@@ -14,6 +14,7 @@ mod setup;
 
 use std::{
     env,
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Command, ExitCode},
 };
@@ -166,9 +167,10 @@ fn demo(args: &[String]) -> Result<()> {
     run(cargo().args(["build", "--release", "-p", "cluster-lb"]))?;
     let listen = format!("127.0.0.1:{port}");
     eprintln!("xtask: serving {lang} example on http://{listen}/ with {workers} workers; try `curl http://{listen}/`, stop with Ctrl-C");
-    let mut command = Command::new(root.join("target/release/cluster-lb"));
-    command
+    // exec, so Ctrl-C reaches cluster-lb alone and the shell waits for its graceful stop.
+    let error = Command::new(root.join("target/release/cluster-lb"))
         .args(["run", "--workers", &workers, "--listen", &listen, "--"])
-        .args(&server);
-    run(&mut command)
+        .args(&server)
+        .exec();
+    Err(error).context("starting cluster-lb")
 }
