@@ -5,6 +5,7 @@
 //! them directly.
 
 pub mod cli;
+pub mod ipc;
 pub mod kernel;
 pub mod listen_addr;
 pub mod logging;

@@ -1,0 +1,205 @@
+//! The IPC wire protocol between the primary and a worker (docs/PROTOCOL.md is its spec).
+//!
+//! One message per SOCK_SEQPACKET datagram, UTF-8 JSON, at most [`MAX_MESSAGE`] bytes, with
+//! `"v": 1` and a `"type"`. Decoding never panics: anything else is a [`DecodeError`] that names
+//! what was wrong, and the primary disconnects a worker that sends one.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The protocol version this side speaks.
+pub const VERSION: u32 = 1;
+/// The largest datagram either side sends or accepts.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
+/// What a worker sends to the primary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
+pub enum WorkerMessage {
+    /// First message: the worker runs and speaks the protocol.
+    Online { v: u32 },
+    /// Asks for a listening socket for `address`; the reply carries the same `index`.
+    #[serde(rename_all = "camelCase")]
+    QueryServer {
+        v: u32,
+        index: u32,
+        address: String,
+        protocol: String,
+    },
+    /// The worker now accepts on `address`: it is ready for connections.
+    Listening { v: u32, address: String },
+    /// A user message for the primary.
+    Message { v: u32, data: Value },
+    /// The worker closes its channel on purpose and will exit; take it out of rotation.
+    Disconnect { v: u32 },
+}
+
+/// What the primary sends to a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
+pub enum PrimaryMessage {
+    /// Answer to `queryServer`. With `ok: true` the datagram carries one fd (SCM_RIGHTS): the
+    /// listening socket; with `ok: false`, `error` says why and no fd comes.
+    #[serde(rename_all = "camelCase")]
+    QueryServerReply {
+        v: u32,
+        index: u32,
+        address: String,
+        ok: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// A user message for the worker.
+    Message { v: u32, data: Value },
+    /// Stop accepting, finish in-flight work, exit.
+    Disconnect { v: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    TooLarge(usize),
+    NotUtf8,
+    NotJson(String),
+    WrongVersion(u64),
+    Invalid(String),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::TooLarge(n) => write!(f, "message of {n} bytes exceeds {MAX_MESSAGE}"),
+            DecodeError::NotUtf8 => write!(f, "message is not UTF-8"),
+            DecodeError::NotJson(e) => write!(f, "message is not JSON: {e}"),
+            DecodeError::WrongVersion(v) => {
+                write!(
+                    f,
+                    "protocol version {v} is not supported (this primary speaks {VERSION})"
+                )
+            }
+            DecodeError::Invalid(e) => write!(f, "invalid message: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// Decodes one datagram of either direction.
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    if bytes.len() > MAX_MESSAGE {
+        return Err(DecodeError::TooLarge(bytes.len()));
+    }
+    let text = std::str::from_utf8(bytes).map_err(|_| DecodeError::NotUtf8)?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+    // Check the version first, so a future version gets the right complaint.
+    match value.get("v").and_then(Value::as_u64) {
+        Some(v) if v == u64::from(VERSION) => {}
+        Some(v) => return Err(DecodeError::WrongVersion(v)),
+        None => return Err(DecodeError::Invalid("missing \"v\"".into())),
+    }
+    serde_json::from_value(value).map_err(|e| DecodeError::Invalid(e.to_string()))
+}
+
+/// Encodes a message; `None` when it would exceed [`MAX_MESSAGE`] (a user message too large).
+pub fn encode<T: Serialize>(message: &T) -> Option<Vec<u8>> {
+    let bytes = serde_json::to_vec(message).ok()?;
+    (bytes.len() <= MAX_MESSAGE).then_some(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    #[test]
+    fn messages_have_the_documented_shape() {
+        let query = WorkerMessage::QueryServer {
+            v: 1,
+            index: 0,
+            address: "127.0.0.1:8080".into(),
+            protocol: "tcp".into(),
+        };
+        let text = String::from_utf8(encode(&query).unwrap()).unwrap();
+        assert_eq!(
+            text,
+            r#"{"type":"queryServer","v":1,"index":0,"address":"127.0.0.1:8080","protocol":"tcp"}"#
+        );
+        assert_eq!(decode::<WorkerMessage>(text.as_bytes()), Ok(query));
+        assert_eq!(
+            decode::<WorkerMessage>(br#"{"v":1,"type":"online"}"#),
+            Ok(WorkerMessage::Online { v: 1 })
+        );
+        let reply = PrimaryMessage::QueryServerReply {
+            v: 1,
+            index: 2,
+            address: "[::1]:80".into(),
+            ok: false,
+            error: Some("no".into()),
+        };
+        assert_eq!(
+            decode::<PrimaryMessage>(&encode(&reply).unwrap()),
+            Ok(reply)
+        );
+    }
+
+    #[test]
+    fn bad_datagrams_are_named() {
+        assert_eq!(
+            decode::<WorkerMessage>(b"\xff\xfe"),
+            Err(DecodeError::NotUtf8)
+        );
+        assert!(matches!(
+            decode::<WorkerMessage>(b"{"),
+            Err(DecodeError::NotJson(_))
+        ));
+        assert_eq!(
+            decode::<WorkerMessage>(br#"{"v":2,"type":"online"}"#),
+            Err(DecodeError::WrongVersion(2))
+        );
+        assert!(matches!(
+            decode::<WorkerMessage>(br#"{"type":"online"}"#),
+            Err(DecodeError::Invalid(_))
+        ));
+        assert!(matches!(
+            decode::<WorkerMessage>(br#"{"v":1,"type":"reboot"}"#),
+            Err(DecodeError::Invalid(_))
+        ));
+        assert!(matches!(
+            decode::<WorkerMessage>(br#"{"v":1,"type":"listening"}"#),
+            Err(DecodeError::Invalid(_))
+        ));
+        let huge = vec![b' '; MAX_MESSAGE + 1];
+        assert_eq!(
+            decode::<WorkerMessage>(&huge),
+            Err(DecodeError::TooLarge(MAX_MESSAGE + 1))
+        );
+        let too_big = WorkerMessage::Message {
+            v: 1,
+            data: json!("x".repeat(MAX_MESSAGE)),
+        };
+        assert_eq!(encode(&too_big), None);
+    }
+
+    proptest! {
+        // Seeds of past failures live in proptest-regressions/ beside this file (committed).
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode::<WorkerMessage>(&bytes);
+            let _ = decode::<PrimaryMessage>(&bytes);
+        }
+
+        #[test]
+        fn decoding_json_like_text_never_panics(text in r#"\{("[a-z]{0,8}":(-?[0-9]{1,20}|"[ -~]{0,12}"|\[\]|\{\}|null|true),?){0,5}\}"#) {
+            let _ = decode::<WorkerMessage>(text.as_bytes());
+        }
+
+        #[test]
+        fn user_messages_round_trip(s in "[ -~]{0,64}", n in any::<i64>()) {
+            let message = WorkerMessage::Message { v: 1, data: json!({"s": s, "n": n}) };
+            prop_assert_eq!(decode::<WorkerMessage>(&encode(&message).unwrap()), Ok(message));
+        }
+    }
+}
