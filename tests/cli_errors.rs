@@ -58,7 +58,6 @@ fn other_bad_arguments_are_named_in_one_line() {
         "unknown strategy",
     );
     assert_one_line_error(&["run", "--listen", "80"], "<CMD>");
-    assert_one_line_error(&["run", "--", "true"], "--listen <ADDR>");
     assert_one_line_error(&["frobnicate"], "frobnicate");
 }
 

@@ -6,7 +6,9 @@ use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use cluster_common::MAX_SLOTS;
 
-use crate::{kernel::Strategy, listen_addr::ListenAddr, supervisor::Config};
+use crate::{
+    kernel::Strategy, listen_addr::ListenAddr, logging::Format, privileges, supervisor::Config,
+};
 
 /// Most workers per cluster: half the slots, so every worker can have a replacement starting
 /// beside it during a rolling reload.
@@ -40,8 +42,9 @@ pub struct RunArgs {
     pub workers: Option<u32>,
 
     /// Address every worker listens on: PORT, HOST:PORT or [IPV6]:PORT (repeatable; the
-    /// sockets are fds 3, 4, ... in this order)
-    #[arg(short = 'l', long = "listen", value_name = "ADDR", required = true)]
+    /// sockets are fds 3, 4, ... in this order). Without any, workers ask for addresses over
+    /// IPC (the cluster_lb::worker library)
+    #[arg(short = 'l', long = "listen", value_name = "ADDR")]
     pub listen: Vec<ListenAddr>,
 
     /// How new connections are spread: round-robin (exact, eBPF), hash (flow hash, eBPF) or
@@ -62,9 +65,36 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub grace: u64,
 
+    /// Seconds after start when a worker that signals nothing counts as ready (one that says
+    /// READY=1 on NOTIFY_SOCKET, or `listening` over IPC, is ready as soon as it does)
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0,
+          value_parser = parse_seconds)]
+    pub ready_delay: f64,
+
+    /// Run the workers as this user (name or uid); the primary keeps root to bind and balance
+    #[arg(short = 'u', long, value_name = "USER")]
+    pub user: Option<String>,
+
+    /// Run the workers with this group (name or gid) [default: the user's primary group]
+    #[arg(short = 'g', long, value_name = "GROUP")]
+    pub group: Option<String>,
+
+    /// Log lines as text or as JSON objects, one per line
+    #[arg(long, value_name = "FORMAT", default_value = "text")]
+    pub log_format: Format,
+
     /// The worker program and its arguments
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if (0.0..=3600.0).contains(&seconds) => Ok(seconds),
+        _ => Err(format!(
+            "'{text}' is not a number of seconds between 0 and 3600"
+        )),
+    }
 }
 
 impl RunArgs {
@@ -89,12 +119,15 @@ impl RunArgs {
                 .unwrap_or(1)
                 .min(MAX_WORKERS),
         };
+        let credentials = privileges::resolve(self.user.as_deref(), self.group.as_deref())?;
         Ok(Config {
             workers,
             listen: self.listen,
             strategy: self.strategy,
             require_ebpf: self.require_ebpf,
             grace: Duration::from_secs(self.grace),
+            ready_delay: Duration::from_secs_f64(self.ready_delay),
+            credentials,
             command: self.command,
         })
     }
@@ -174,7 +207,19 @@ mod tests {
                 &["cluster-lb", "run", "-l", "80", "-s", "fast", "--", "x"],
                 "unknown strategy",
             ),
-            (&["cluster-lb", "run", "--", "x"], "--listen <ADDR>"),
+            (
+                &[
+                    "cluster-lb",
+                    "run",
+                    "-l",
+                    "80",
+                    "--ready-delay",
+                    "soon",
+                    "--",
+                    "x",
+                ],
+                "number of seconds",
+            ),
             (&["cluster-lb", "run", "-l", "80"], "<CMD>"),
             (
                 &[

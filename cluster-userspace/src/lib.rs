@@ -9,6 +9,7 @@ pub mod ipc;
 pub mod kernel;
 pub mod listen_addr;
 pub mod logging;
+pub mod privileges;
 pub mod slots;
 pub mod sockets;
 pub mod spawn;

@@ -24,9 +24,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    logging::init();
     let result = match cli.command {
-        Command::Run(args) => args.into_config().and_then(supervisor::run),
+        Command::Run(args) => {
+            logging::init(args.log_format);
+            args.into_config().and_then(supervisor::run)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,7 +13,7 @@ use std::{
     fs,
     io::Read,
     os::{
-        fd::{AsRawFd, OwnedFd, RawFd},
+        fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd},
         unix::{ffi::OsStrExt, fs::PermissionsExt},
     },
     path::{Path, PathBuf},
@@ -31,6 +31,7 @@ const INHERITED_VARIABLES_TO_DROP: &[&str] = &[
     "NOTIFY_SOCKET",
     "CLUSTER_LB_WORKER_ID",
     "CLUSTER_LB_WORKERS",
+    "CLUSTER_LB_IPC_FD",
 ];
 
 /// The first fd a socket-activated program looks at (SD_LISTEN_FDS_START).
@@ -52,6 +53,23 @@ pub struct WorkerSpec<'a> {
     pub socket_names: &'a [String],
     /// Extra variables (`CLUSTER_LB_WORKER_ID`, ...).
     pub env: &'a [(String, String)],
+    /// The worker's end of its IPC channel; it goes right after the sockets, and
+    /// `CLUSTER_LB_IPC_FD` names it.
+    pub ipc: Option<BorrowedFd<'a>>,
+    /// Where the worker's stdout and stderr go (pipes the primary reads), or inherited.
+    pub stdout: Option<BorrowedFd<'a>>,
+    pub stderr: Option<BorrowedFd<'a>>,
+    /// Who the worker runs as, or the primary's own user.
+    pub credentials: Option<&'a Credentials>,
+}
+
+/// A user to switch to before exec, resolved in the parent (the child may not look anything
+/// up: that allocates and reads files).
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub uid: libc::uid_t,
+    pub gid: libc::gid_t,
+    pub groups: Vec<libc::gid_t>,
 }
 
 impl WorkerCommand {
@@ -93,6 +111,10 @@ impl WorkerCommand {
             envp_strings.push(CString::new(format!("{key}={value}")).context("NUL in env")?);
         }
         envp_strings.push(CString::new(format!("LISTEN_FDS={}", spec.sockets.len()))?);
+        if spec.ipc.is_some() {
+            let ipc_fd = LISTEN_FDS_START + spec.sockets.len() as RawFd;
+            envp_strings.push(CString::new(format!("CLUSTER_LB_IPC_FD={ipc_fd}"))?);
+        }
         envp_strings.push(CString::new(format!(
             "LISTEN_FDNAMES={}",
             spec.socket_names.join(":")
@@ -105,7 +127,8 @@ impl WorkerCommand {
         let mut argv: Vec<*const libc::c_char> = self.argv.iter().map(|s| s.as_ptr()).collect();
         argv.push(ptr::null());
 
-        let source_fds: Vec<RawFd> = spec.sockets.iter().map(|s| s.as_raw_fd()).collect();
+        let mut source_fds: Vec<RawFd> = spec.sockets.iter().map(|s| s.as_raw_fd()).collect();
+        source_fds.extend(spec.ipc.map(|fd| fd.as_raw_fd()));
         let dev_null = fs::File::open("/dev/null").context("opening /dev/null")?;
         let (exec_error_reader, exec_error_writer) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")?;
@@ -127,6 +150,9 @@ impl WorkerCommand {
                     listen_pid: listen_pid.as_mut_ptr().add(b"LISTEN_PID=".len()),
                     source_fds: &source_fds,
                     stdin: dev_null.as_raw_fd(),
+                    stdout: spec.stdout.map(|fd| fd.as_raw_fd()),
+                    stderr: spec.stderr.map(|fd| fd.as_raw_fd()),
+                    credentials: spec.credentials,
                     exec_error: exec_error_writer.as_raw_fd(),
                     parent,
                 })
@@ -143,7 +169,7 @@ impl WorkerCommand {
             Ok(_) => {
                 let _ = waitpid(pid, None);
                 let error = std::io::Error::from_raw_os_error(i32::from_ne_bytes(errno));
-                bail!("cannot run {}: {error}", self.program())
+                bail!("cannot start {}: {error}", self.program())
             }
             Err(e) => Err(e).context("reading the worker's exec status"),
         }
@@ -157,6 +183,9 @@ struct ChildSetup<'a> {
     listen_pid: *mut u8,
     source_fds: &'a [RawFd],
     stdin: RawFd,
+    stdout: Option<RawFd>,
+    stderr: Option<RawFd>,
+    credentials: Option<&'a Credentials>,
     exec_error: RawFd,
     parent: libc::pid_t,
 }
@@ -193,6 +222,24 @@ unsafe fn child_after_fork(setup: ChildSetup<'_>) -> ! {
 
     if libc::dup2(setup.stdin, 0) < 0 {
         fail(setup.exec_error);
+    }
+    for (target, source) in [(1, setup.stdout), (2, setup.stderr)] {
+        if let Some(source) = source {
+            if libc::dup2(source, target) < 0 {
+                fail(setup.exec_error);
+            }
+        }
+    }
+    // Supplementary groups, then the gid, then the uid: each step needs the privilege the next
+    // one gives up. no_new_privs so a set-uid binary cannot take the privileges back.
+    if let Some(user) = setup.credentials {
+        if libc::setgroups(user.groups.len(), user.groups.as_ptr()) != 0
+            || libc::setgid(user.gid) != 0
+            || libc::setuid(user.uid) != 0
+            || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+        {
+            fail(setup.exec_error);
+        }
     }
     // Move the sockets to 3, 4, ...: first above that range, so no target is still a source.
     let count = setup.source_fds.len() as RawFd;
@@ -320,6 +367,10 @@ mod tests {
                 sockets: &sockets,
                 socket_names: &names,
                 env: &env,
+                ipc: None,
+                stdout: None,
+                stderr: None,
+                credentials: None,
             })
             .unwrap();
         waitpid(pid, None).unwrap();
@@ -347,11 +398,15 @@ mod tests {
                 sockets: &[],
                 socket_names: &[],
                 env: &[],
+                ipc: None,
+                stdout: None,
+                stderr: None,
+                credentials: None,
             })
             .unwrap_err()
             .to_string();
         let _ = fs::remove_file(&dir);
-        assert!(error.contains("cannot run"), "{error}");
+        assert!(error.contains("cannot start"), "{error}");
         assert!(error.contains("Exec format error"), "{error}");
     }
 

@@ -37,6 +37,17 @@ def activated_socket():
     return socket.socket(fileno=LISTEN_FDS_START)
 
 
+def notify_ready():
+    """Tell cluster-lb (or systemd) we accept connections: READY=1 on NOTIFY_SOCKET."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract socket namespace
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.sendto(b"READY=1", address)
+
+
 def main():
     sock = activated_socket()
     if sock is None:
@@ -50,6 +61,7 @@ def main():
     # One write for the whole line, so lines of workers sharing a terminal do not interleave.
     sys.stdout.write(f"python worker {WORKER_ID} pid {os.getpid()} serving\n")
     sys.stdout.flush()
+    notify_ready()
     server.serve_forever()
     server.server_close()
     return 0

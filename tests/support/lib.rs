@@ -171,18 +171,21 @@ impl Cluster {
         }
     }
 
-    /// Waits until `count` workers announced they serve (each example prints "serving").
+    /// Waits until `count` workers announced they serve (each example prints "serving") and
+    /// the primary counted as many ready (in the active set).
     pub fn wait_serving(&self, count: usize) {
+        self.wait_count(" serving", count);
+        self.wait_count(") ready (", count);
+    }
+
+    /// Waits until `needle` occurs `count` times in the log.
+    pub fn wait_count(&self, needle: &str, count: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        let serving = |log: Vec<String>| {
-            log.iter()
-                .map(|l| l.matches(" serving").count())
-                .sum::<usize>()
-        };
-        while serving(self.log()) < count {
+        let seen = |log: Vec<String>| log.iter().map(|l| l.matches(needle).count()).sum::<usize>();
+        while seen(self.log()) < count {
             assert!(
                 Instant::now() < deadline,
-                "fewer than {count} workers serving after 20s; log:\n{}",
+                "fewer than {count} log lines with {needle:?} after 20s; log:\n{}",
                 self.log().join("\n")
             );
             thread::sleep(Duration::from_millis(20));

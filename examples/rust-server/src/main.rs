@@ -49,12 +49,33 @@ async fn listener() -> std::io::Result<TcpListener> {
     }
 }
 
+/// Tells cluster-lb (or systemd) that we accept connections: READY=1 on NOTIFY_SOCKET.
+fn notify_ready() {
+    use std::os::{
+        linux::net::SocketAddrExt,
+        unix::net::{SocketAddr, UnixDatagram},
+    };
+    let Ok(path) = env::var("NOTIFY_SOCKET") else {
+        return;
+    };
+    let address = match path.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent =
+        address.and_then(|address| UnixDatagram::unbound()?.send_to_addr(b"READY=1", &address));
+    if let Err(e) = sent {
+        eprintln!("example-rust-server: READY=1 not sent: {e}");
+    }
+}
+
 async fn serve() -> std::io::Result<()> {
     let listener = listener().await?;
     let worker = env::var("CLUSTER_LB_WORKER_ID").unwrap_or_else(|_| "-".into());
     let body = Bytes::from(format!("worker {worker} pid {}\n", std::process::id()));
     let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())?;
     println!("rust worker {worker} pid {} serving", std::process::id());
+    notify_ready();
     let mut connections = tokio::task::JoinSet::new();
     loop {
         tokio::select! {

@@ -1,0 +1,99 @@
+//! `NOTIFY_SOCKET` for the workers: a datagram socket where programs that speak systemd's
+//! notify protocol say `READY=1`. The kernel stamps each datagram with the sender's pid
+//! (SO_PASSCRED), so a worker cannot speak for another.
+
+use std::{
+    io::IoSliceMut,
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        linux::net::SocketAddrExt,
+        unix::net::{SocketAddr, UnixDatagram},
+    },
+};
+
+use anyhow::{Context, Result};
+use nix::sys::socket::{recvmsg, setsockopt, sockopt::PassCred, ControlMessageOwned, MsgFlags};
+use tokio::{io::unix::AsyncFd, sync::mpsc::UnboundedSender};
+
+/// Opens the socket and forwards `(sender pid, datagram text)` to `sink`. Returns the value for
+/// the workers' NOTIFY_SOCKET: an abstract address, so a worker running as another user needs
+/// no file permission to reach it.
+pub fn open(sink: UnboundedSender<(i32, String)>) -> Result<String> {
+    let name = format!("cluster-lb/{}/notify", std::process::id());
+    let address = SocketAddr::from_abstract_name(name.as_bytes()).context("notify address")?;
+    let socket = UnixDatagram::bind_addr(&address).context("binding the notify socket")?;
+    socket.set_nonblocking(true).context("notify socket")?;
+    setsockopt(&socket, PassCred, &true).context("SO_PASSCRED on the notify socket")?;
+    let fd = OwnedFd::from(socket);
+    // SAFETY: the AsyncFd owns the descriptor for as long as it is registered.
+    let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+        .context("watching the notify socket")?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable().await else {
+                break;
+            };
+            match guard.try_io(|inner| receive(inner.get_ref().as_raw_fd())) {
+                Ok(Ok(Some(message))) => {
+                    if sink.send(message).is_err() {
+                        break;
+                    }
+                }
+                Ok(Ok(None)) | Err(_) => {}
+                Ok(Err(e)) => log::debug!("notify socket: {e}"),
+            }
+        }
+    });
+    Ok(format!("@{name}"))
+}
+
+fn receive(fd: i32) -> std::io::Result<Option<(i32, String)>> {
+    let mut buffer = [0u8; 4096];
+    let mut control = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
+    let mut iov = [IoSliceMut::new(&mut buffer)];
+    let message = recvmsg::<()>(fd, &mut iov, Some(&mut control), MsgFlags::empty())?;
+    let mut sender = None;
+    for cmsg in message.cmsgs()? {
+        if let ControlMessageOwned::ScmCredentials(credentials) = cmsg {
+            sender = Some(credentials.pid());
+        }
+    }
+    let length = message.bytes;
+    let text = String::from_utf8_lossy(&buffer[..length]).into_owned();
+    Ok(sender.map(|pid| (pid, text)))
+}
+
+/// The process group of `pid` (field 5 of /proc/PID/stat), to accept READY=1 from a worker's
+/// helper processes (e.g. a shell wrapper's child) as well as from the worker itself.
+pub fn process_group(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses; the fields after the last ')' do not.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// Whether a notify datagram says READY=1 (one assignment per line).
+pub fn says_ready(text: &str) -> bool {
+    text.lines().any(|line| line.trim() == "READY=1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_lines_are_recognised() {
+        assert!(says_ready("READY=1"));
+        assert!(says_ready("STATUS=warming up\nREADY=1\n"));
+        assert!(!says_ready("READY=0"));
+        assert!(!says_ready("STATUS=READY=1"));
+    }
+
+    #[test]
+    fn own_process_group_is_read_from_proc() {
+        let own = std::process::id() as i32;
+        assert_eq!(process_group(own), Some(nix::unistd::getpgrp().as_raw()));
+        assert_eq!(process_group(-5), None);
+    }
+}
