@@ -14,3 +14,4 @@ pub mod slots;
 pub mod sockets;
 pub mod spawn;
 pub mod supervisor;
+pub mod worker;

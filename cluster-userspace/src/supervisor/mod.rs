@@ -64,6 +64,27 @@ pub struct Config {
     pub command: Vec<String>,
 }
 
+impl Config {
+    /// For a program that is its own primary (the Node `cluster` idiom): `workers` copies of
+    /// this very program, with these arguments, asking for their addresses over IPC, with the
+    /// CLI's defaults otherwise. Adjust the fields before use.
+    pub fn reexec_current(workers: u32) -> Result<Config> {
+        let exe = std::env::current_exe().context("finding this program's path")?;
+        let mut command = vec![exe.display().to_string()];
+        command.extend(std::env::args().skip(1));
+        Ok(Config {
+            workers,
+            listen: Vec::new(),
+            strategy: Strategy::RoundRobin,
+            require_ebpf: false,
+            grace: Duration::from_secs(30),
+            ready_delay: Duration::from_secs(1),
+            credentials: None,
+            command,
+        })
+    }
+}
+
 /// First restart delay after a crash; doubles per consecutive crash up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);

@@ -1,35 +1,18 @@
 //! A tokio + hyper HTTP server that serves from the socket cluster-lb hands it (socket
-//! activation: fd 3), or listens on PORT (default 8080) when started on its own.
+//! activation: fd 3), or listens on PORT (default 8080) when started on its own. It says
+//! READY=1 on NOTIFY_SOCKET once it accepts, and stops gracefully on SIGTERM.
 //!
-//!   sudo cluster-lb run -w 4 --listen 127.0.0.1:8080 -- target/release/example-rust-server
+//!   sudo cluster-lb run -w 4 --listen 127.0.0.1:8080 -- target/debug/example-rust-server
 
-use std::{convert::Infallible, env, os::fd::FromRawFd, process::ExitCode};
+use std::{env, os::fd::FromRawFd, process::ExitCode};
 
-use http_body_util::Full;
-use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response};
-use hyper_util::rt::TokioIo;
+use example_rust_server::{run, serve_http};
 use tokio::{net::TcpListener, signal::unix::SignalKind};
 
 const LISTEN_FDS_START: i32 = 3;
 
 fn main() -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("example-rust-server: cannot start tokio: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(serve()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("example-rust-server: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    run("example-rust-server", serve())
 }
 
 /// The socket from socket activation when it is meant for this process, else a fresh bind.
@@ -72,37 +55,12 @@ fn notify_ready() {
 async fn serve() -> std::io::Result<()> {
     let listener = listener().await?;
     let worker = env::var("CLUSTER_LB_WORKER_ID").unwrap_or_else(|_| "-".into());
-    let body = Bytes::from(format!("worker {worker} pid {}\n", std::process::id()));
     let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())?;
     println!("rust worker {worker} pid {} serving", std::process::id());
     notify_ready();
-    let mut connections = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(connection) => connection,
-                    // Out of fds, or the peer gave up before accept: keep serving.
-                    Err(e) => { eprintln!("accept: {e}"); continue; }
-                };
-                let body = body.clone();
-                connections.spawn(async move {
-                    let service = service_fn(move |_request: Request<hyper::body::Incoming>| {
-                        let body = body.clone();
-                        async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
-                    });
-                    // A client that resets mid-request is its own problem, not the server's.
-                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
-                });
-            }
-            // Reap finished connections so the set does not grow without bound.
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            _ = terminate.recv() => break,
-        }
-    }
-    // Graceful stop: accept nothing more (the listener closes here, and the kernel moves its
-    // queued connections to other workers), then let the connections in progress finish.
-    drop(listener);
-    while connections.join_next().await.is_some() {}
+    serve_http(listener, async move {
+        terminate.recv().await;
+    })
+    .await;
     Ok(())
 }

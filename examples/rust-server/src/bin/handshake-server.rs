@@ -1,0 +1,43 @@
+//! A Rust worker that uses the cluster_lb::worker library, like a Node worker uses `cluster`:
+//! `listen` gets its socket from the primary (IPC queryServer, or socket activation), and the
+//! primary counts it ready only once it says `listening`. It answers user messages and stops
+//! gracefully when the primary says `disconnect`. Outside cluster-lb it simply binds.
+//!
+//!   sudo cluster-lb run -w 4 -- target/debug/handshake-server 127.0.0.1:8080
+
+use std::process::ExitCode;
+
+use cluster_lb::worker::{self, Incoming};
+use example_rust_server::{run, serve_http};
+use serde_json::json;
+
+fn main() -> ExitCode {
+    let address = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:8080".into());
+    run("handshake-server", serve(address))
+}
+
+async fn serve(address: String) -> std::io::Result<()> {
+    let listener = worker::listen(&address).await?;
+    let id = worker::id().map_or("-".to_string(), |id| id.to_string());
+    println!("handshake worker {id} pid {} serving", std::process::id());
+    serve_http(listener, until_disconnected()).await;
+    Ok(())
+}
+
+/// Answers user messages with an echo until the primary says `disconnect` (or goes away).
+async fn until_disconnected() {
+    if worker::is_primary() {
+        // Run on its own: serve until killed.
+        return std::future::pending().await;
+    }
+    while let Some(incoming) = worker::recv().await {
+        match incoming {
+            Incoming::Disconnect => return,
+            Incoming::Message(data) => {
+                let _ = worker::send(json!({ "echo": data, "worker": worker::id() })).await;
+            }
+        }
+    }
+}
