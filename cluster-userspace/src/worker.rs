@@ -68,6 +68,13 @@ pub fn id() -> Option<u32> {
     env::var("CLUSTER_LB_WORKER_ID").ok()?.parse().ok()
 }
 
+/// Opens the IPC channel and says `online`; returns whether this is a worker with a channel.
+/// Any other call does this on first use. Call it first thing when the program warms up before
+/// it listens: the primary then waits for `listening` instead of applying `--ready-delay`.
+pub fn connect() -> bool {
+    channel().is_some()
+}
+
 /// A listening socket for `address` (`PORT`, `HOST:PORT` or `[V6]:PORT`); see the module docs.
 pub async fn listen(address: &str) -> io::Result<TcpListener> {
     let addr: ListenAddr = address

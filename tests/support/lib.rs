@@ -115,13 +115,18 @@ impl Cluster {
     /// Like `start`, with a chance to change the command (environment, capabilities).
     pub fn start_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Cluster {
         let mut command = Command::new(workspace_binary("cluster-lb"));
+        command.args(args);
+        adjust(&mut command);
+        Cluster::start_command(command)
+    }
+
+    /// Starts any primary (cluster-lb, or a program that embeds one) and collects its output.
+    pub fn start_command(mut command: Command) -> Cluster {
         command
-            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        adjust(&mut command);
-        let mut child = command.spawn().expect("starting cluster-lb");
+        let mut child = command.spawn().expect("starting the primary");
         let log = Arc::new(Mutex::new(Vec::new()));
         for stream in [
             child

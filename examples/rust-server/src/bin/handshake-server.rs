@@ -19,6 +19,16 @@ fn main() -> ExitCode {
 }
 
 async fn serve(address: String) -> std::io::Result<()> {
+    // Say `online` at once, so the primary knows to wait for `listening`.
+    worker::connect();
+    // WARMUP_MS: pretend to warm caches before listening, to show that the primary sends no
+    // connection here until `listening`.
+    if let Some(ms) = std::env::var("WARMUP_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
     let listener = worker::listen(&address).await?;
     let id = worker::id().map_or("-".to_string(), |id| id.to_string());
     println!("handshake worker {id} pid {} serving", std::process::id());
