@@ -32,6 +32,48 @@ pub struct Cli {
 pub enum Command {
     /// Start the workers and supervise them in the foreground until TERM or INT.
     Run(RunArgs),
+    /// Show the workers of a running cluster: id, pid, state, uptime, restarts, connections
+    /// the kernel gave each, memory.
+    Status {
+        #[command(flatten)]
+        control: ControlArg,
+        /// Print the status as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rolling reload: replace every worker, one at a time, with no dropped connection.
+    Reload {
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Run N workers.
+    Scale {
+        #[arg(value_name = "N", value_parser = clap::value_parser!(u32).range(1..=MAX_WORKERS as i64))]
+        workers: u32,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Stop the cluster gracefully.
+    Stop {
+        #[command(flatten)]
+        control: ControlArg,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ControlArg {
+    /// The running primary's control socket [default: /run/cluster-lb.sock as root, else
+    /// $XDG_RUNTIME_DIR/cluster-lb.sock]
+    #[arg(long = "control", value_name = "PATH")]
+    pub path: Option<std::path::PathBuf>,
+}
+
+impl ControlArg {
+    pub fn path(&self) -> std::path::PathBuf {
+        self.path
+            .clone()
+            .unwrap_or_else(crate::control::default_path)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -71,6 +113,11 @@ pub struct RunArgs {
           value_parser = parse_seconds)]
     pub ready_delay: f64,
 
+    /// Seconds a reload waits for a replacement to become ready before it gives up on it and
+    /// keeps the old worker
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0, value_parser = parse_seconds)]
+    pub ready_timeout: f64,
+
     /// Run the workers as this user (name or uid); the primary keeps root to bind and balance
     #[arg(short = 'u', long, value_name = "USER")]
     pub user: Option<String>,
@@ -78,6 +125,15 @@ pub struct RunArgs {
     /// Run the workers with this group (name or gid) [default: the user's primary group]
     #[arg(short = 'g', long, value_name = "GROUP")]
     pub group: Option<String>,
+
+    /// Control socket for status, reload, scale and stop (mode 0600) [default: /run/cluster-lb.sock
+    /// as root, else $XDG_RUNTIME_DIR/cluster-lb.sock]
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<std::path::PathBuf>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<ListenAddr>,
 
     /// Log lines as text or as JSON objects, one per line
     #[arg(long, value_name = "FORMAT", default_value = "text")]
@@ -127,7 +183,13 @@ impl RunArgs {
             require_ebpf: self.require_ebpf,
             grace: Duration::from_secs(self.grace),
             ready_delay: Duration::from_secs_f64(self.ready_delay),
+            ready_timeout: Duration::from_secs_f64(self.ready_timeout),
             credentials,
+            control: Some(match self.control {
+                Some(path) => (path, true),
+                None => (crate::control::default_path(), false),
+            }),
+            metrics: self.metrics.map(|addr| addr.socket_addr()),
             command: self.command,
         })
     }
@@ -152,7 +214,9 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Config, String> {
         let cli = Cli::try_parse_from(args).map_err(|e| one_line_error(&e))?;
-        let Command::Run(run) = cli.command;
+        let Command::Run(run) = cli.command else {
+            return Err("not a run command".into());
+        };
         run.into_config().map_err(|e| e.to_string())
     }
 

@@ -5,10 +5,13 @@
 //! them directly.
 
 pub mod cli;
+pub mod client;
+pub mod control;
 pub mod ipc;
 pub mod kernel;
 pub mod listen_addr;
 pub mod logging;
+pub mod metrics;
 pub mod privileges;
 pub mod slots;
 pub mod sockets;

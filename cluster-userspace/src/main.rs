@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use cluster_lb::{
     cli::{one_line_error, Cli, Command},
-    logging, supervisor,
+    client, logging, supervisor,
 };
 
 fn main() -> ExitCode {
@@ -29,6 +29,10 @@ fn main() -> ExitCode {
             logging::init(args.log_format);
             args.into_config().and_then(supervisor::run)
         }
+        Command::Status { control, json } => client::status(&control.path(), json),
+        Command::Reload { control } => client::reload(&control.path()),
+        Command::Scale { workers, control } => client::scale(&control.path(), workers),
+        Command::Stop { control } => client::stop(&control.path()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

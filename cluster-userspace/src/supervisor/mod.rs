@@ -9,6 +9,9 @@ mod events;
 mod groups;
 mod notify;
 mod output;
+mod reload;
+mod status;
+mod systemd;
 
 use std::{
     collections::BTreeMap,
@@ -36,6 +39,8 @@ use tokio::{
 
 pub use events::{Event, ExitStatus};
 use groups::Groups;
+pub use reload::{ReloadReply, READY_TIMEOUT};
+pub use status::{ClusterStatus, WorkerStatus};
 
 use crate::{
     ipc::{
@@ -60,7 +65,13 @@ pub struct Config {
     /// Readiness for programs that signal nothing: active this long after start. Programs that
     /// say `online` on IPC are ready at `listening`; programs may always say READY=1 sooner.
     pub ready_delay: Duration,
+    /// How long a reload waits for a replacement to be ready before it gives up on it.
+    pub ready_timeout: Duration,
     pub credentials: Option<Credentials>,
+    /// The control socket, and whether its path was asked for (`--control`) or is the default.
+    pub control: Option<(std::path::PathBuf, bool)>,
+    /// Where to serve Prometheus metrics.
+    pub metrics: Option<std::net::SocketAddr>,
     pub command: Vec<String>,
 }
 
@@ -79,7 +90,10 @@ impl Config {
             require_ebpf: false,
             grace: Duration::from_secs(30),
             ready_delay: Duration::from_secs(1),
+            ready_timeout: READY_TIMEOUT,
             credentials: None,
+            control: None,
+            metrics: None,
             command,
         })
     }
@@ -104,6 +118,14 @@ pub enum Control {
     Kill { pid: i32, signal: Signal },
     /// Stop every worker (gracefully, or at once) and end `run`.
     Stop { fast: bool },
+    /// Rolling reload; the reply comes when it completed or was aborted.
+    Reload { reply: Option<ReloadReply> },
+    /// Run this many workers.
+    Scale { workers: u32 },
+    /// A snapshot of the cluster.
+    Status {
+        reply: tokio::sync::oneshot::Sender<ClusterStatus>,
+    },
 }
 
 /// A cloneable remote control for a running [`Supervisor`].
@@ -125,6 +147,26 @@ impl Handle {
     pub fn stop(&self) {
         let _ = self.control.send(Control::Stop { fast: false });
     }
+    /// Rolling reload; resolves when it completed (Ok) or was aborted (Err).
+    pub async fn reload(&self) -> Result<String, String> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let _ = self.control.send(Control::Reload { reply: Some(reply) });
+        answer
+            .await
+            .unwrap_or_else(|_| Err("the primary is gone".into()))
+    }
+    pub fn scale(&self, workers: u32) {
+        let _ = self.control.send(Control::Scale { workers });
+    }
+    pub async fn status(&self) -> Option<ClusterStatus> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let _ = self.control.send(Control::Status { reply });
+        answer.await.ok()
+    }
+    /// Sends any request (the control socket uses this).
+    pub fn request(&self, control: Control) {
+        let _ = self.control.send(control);
+    }
 }
 
 /// What a worker's IPC reader reports.
@@ -143,6 +185,8 @@ struct Worker {
     ready: bool,
     /// Out of the active set and asked to stop; its exit is expected.
     draining: bool,
+    /// Not to be restarted when it exits (replaced by a reload, or scaled away).
+    retiring: bool,
     ipc: Option<Arc<Endpoint>>,
     /// Addresses it has sockets for (socket-activated or from queryServer).
     addresses: Vec<ListenAddr>,
@@ -165,6 +209,16 @@ pub struct Supervisor {
     workers: BTreeMap<Pid, Worker>,
     /// Consecutive early crashes per worker id.
     crashes: BTreeMap<u32, u32>,
+    /// Restarts so far per worker id (for status and metrics).
+    restart_counts: BTreeMap<u32, u32>,
+    /// Workers wanted: ids 0 .. desired-1.
+    desired: u32,
+    reloads: u64,
+    reload: Option<reload::Reload>,
+    ready_timeout: Duration,
+    notifier: systemd::Notifier,
+    /// READY=1 was sent to our own NOTIFY_SOCKET after the first workers became ready.
+    announced_ready: bool,
     /// Worker ids waiting to be started, by when.
     restarts: Vec<(Instant, u32)>,
     stopping: Option<Stopping>,
@@ -206,6 +260,13 @@ impl Supervisor {
         let (ipc_tx, ipc_rx) = unbounded_channel();
         let (control_tx, control_rx) = unbounded_channel();
         Ok(Supervisor {
+            desired: config.workers,
+            ready_timeout: config.ready_timeout,
+            restart_counts: BTreeMap::new(),
+            reloads: 0,
+            reload: None,
+            notifier: systemd::Notifier::from_environment(),
+            announced_ready: false,
             config,
             command,
             groups,
@@ -240,6 +301,14 @@ impl Supervisor {
 
     /// Starts the workers and supervises them until stopped. Returns once all have exited.
     pub async fn run(mut self) -> Result<()> {
+        // Both before any worker starts, so a bad path or address is an error, not a surprise.
+        let _control = match self.config.control.clone() {
+            Some((path, explicit)) => crate::control::serve(&path, explicit, self.handle())?,
+            None => None,
+        };
+        if let Some(addr) = self.config.metrics {
+            crate::metrics::serve(addr, self.handle()).await?;
+        }
         let addresses: Vec<String> = self
             .groups
             .addresses()
@@ -257,7 +326,7 @@ impl Supervisor {
             },
             self.groups.strategy_in_effect()
         );
-        for id in 0..self.config.workers {
+        for id in 0..self.desired {
             if let Err(error) = self.start_worker(id) {
                 self.begin_stop(true);
                 self.finish().await;
@@ -278,6 +347,9 @@ impl Supervisor {
                 _ = self.signals.terminate.recv() => self.begin_stop(false),
                 _ = self.signals.interrupt.recv() => self.begin_stop(false),
                 _ = self.signals.quit.recv() => self.begin_stop(true),
+                _ = self.signals.hangup.recv() => self.begin_reload(None),
+                _ = self.signals.more.recv() => self.scale(self.desired + 1),
+                _ = self.signals.fewer.recv() => self.scale(self.desired.saturating_sub(1)),
                 Some((pid, event)) = self.ipc_rx.recv() => self.on_ipc(pid, event),
                 Some((sender, text)) = self.notify_rx.recv() => self.on_notify(sender, &text),
                 Some(control) = self.control_rx.recv() => self.on_control(control),
@@ -293,7 +365,7 @@ impl Supervisor {
 
     /// Starts worker `id`: sockets for the --listen addresses in a free slot, an IPC channel,
     /// output pipes, then the process. It joins the active set once ready.
-    fn start_worker(&mut self, id: u32) -> Result<()> {
+    fn start_worker(&mut self, id: u32) -> Result<Pid> {
         let slot = self
             .slots
             .allocate()
@@ -319,6 +391,7 @@ impl Supervisor {
                 online: false,
                 ready: false,
                 draining: false,
+                retiring: false,
                 ipc,
                 addresses: self.config.listen.clone(),
                 ready_deadline: Some(Instant::now() + self.config.ready_delay),
@@ -329,7 +402,7 @@ impl Supervisor {
             pid: pid.as_raw(),
             slot,
         });
-        Ok(())
+        Ok(pid)
     }
 
     fn spawn_in_slot(&mut self, id: u32, slot: u32) -> Result<(Pid, Option<Endpoint>)> {
@@ -340,10 +413,7 @@ impl Supervisor {
         let (stderr_read, stderr_write) = output_pipe()?;
         let env = [
             ("CLUSTER_LB_WORKER_ID".to_string(), id.to_string()),
-            (
-                "CLUSTER_LB_WORKERS".to_string(),
-                self.config.workers.to_string(),
-            ),
+            ("CLUSTER_LB_WORKERS".to_string(), self.desired.to_string()),
             ("NOTIFY_SOCKET".to_string(), self.notify_socket.clone()),
         ];
         let pid = self.command.spawn(&WorkerSpec {
@@ -394,6 +464,12 @@ impl Supervisor {
             pid: pid.as_raw(),
             reason: reason.to_string(),
         });
+        self.reload_on_ready(pid);
+        let ready = self.workers.values().filter(|w| w.ready).count();
+        if !self.announced_ready && ready >= self.desired as usize {
+            self.announced_ready = true;
+            self.notifier.ready();
+        }
     }
 
     /// Takes a worker out of the active set first, then asks it to stop: `disconnect` over IPC
@@ -605,6 +681,11 @@ impl Supervisor {
                 }
             }
             Control::Stop { fast } => self.begin_stop(fast),
+            Control::Reload { reply } => self.begin_reload(reply),
+            Control::Scale { workers } => self.scale(workers),
+            Control::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
         }
     }
 
@@ -616,7 +697,11 @@ impl Supervisor {
             .as_ref()
             .filter(|s| !s.killed)
             .map(|s| s.deadline.into_std());
-        restarts.chain(readiness).chain(stop).min()
+        restarts
+            .chain(readiness)
+            .chain(stop)
+            .chain(self.reload_deadline())
+            .min()
     }
 
     fn on_timers(&mut self) {
@@ -630,6 +715,7 @@ impl Supervisor {
         for pid in due {
             self.make_ready(pid, "after --ready-delay");
         }
+        self.check_reload_timeout(now);
 
         let (due, waiting): (Vec<_>, Vec<_>) =
             self.restarts.drain(..).partition(|(at, _)| *at <= now);
@@ -689,9 +775,12 @@ impl Supervisor {
             status,
             uptime,
         });
-        if self.stopping.is_some() {
+        let handled_by_reload = self.reload_on_exit(pid);
+        let wanted = worker.id < self.desired && !worker.retiring && !handled_by_reload;
+        if self.stopping.is_some() || !wanted {
             return;
         }
+        *self.restart_counts.entry(worker.id).or_insert(0) += 1;
         let delay = if worker.draining && status == ExitStatus::Code(0) {
             // Asked to go, and went cleanly: replace at once, no penalty.
             self.crashes.remove(&worker.id);
@@ -731,6 +820,8 @@ impl Supervisor {
             return;
         }
         self.log_counters();
+        self.notifier.stopping();
+        self.finish_reload(Err("reload aborted: the cluster is stopping".into()));
         self.restarts.clear();
         self.stopping = Some(Stopping {
             deadline: tokio::time::Instant::now() + self.config.grace,
@@ -752,6 +843,55 @@ impl Supervisor {
         let pids: Vec<Pid> = self.workers.keys().copied().collect();
         for pid in pids {
             self.drain(pid, "cluster stopping");
+        }
+    }
+
+    fn status(&self) -> ClusterStatus {
+        let workers = self
+            .workers
+            .iter()
+            .map(|(pid, worker)| {
+                let mut stats = cluster_common::SlotStats::default();
+                for balancer in self.groups.iter().filter_map(|g| g.balancer.as_ref()) {
+                    if let Ok(slot) = balancer.slot_stats(worker.slot) {
+                        stats.selected += slot.selected;
+                        stats.fallback += slot.fallback;
+                        stats.migrated += slot.migrated;
+                    }
+                }
+                let state = if worker.draining {
+                    "draining"
+                } else if worker.ready {
+                    "ready"
+                } else {
+                    "starting"
+                };
+                WorkerStatus {
+                    id: worker.id,
+                    pid: pid.as_raw(),
+                    state: state.into(),
+                    uptime_s: worker.started.elapsed().as_secs_f64(),
+                    restarts: self.restart_counts.get(&worker.id).copied().unwrap_or(0),
+                    selected: stats.selected,
+                    fallback: stats.fallback,
+                    migrated: stats.migrated,
+                    rss_bytes: status::rss_bytes(pid.as_raw()),
+                }
+            })
+            .collect();
+        ClusterStatus {
+            primary_pid: std::process::id(),
+            strategy: self.groups.strategy_in_effect().to_string(),
+            listen: self
+                .groups
+                .addresses()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            desired: self.desired,
+            reloads: self.reloads,
+            reloading: self.reload.is_some(),
+            workers,
         }
     }
 
@@ -799,6 +939,11 @@ struct Signals {
     terminate: SignalStream,
     interrupt: SignalStream,
     quit: SignalStream,
+    /// HUP: rolling reload.
+    hangup: SignalStream,
+    /// TTIN / TTOU: one worker more / fewer.
+    more: SignalStream,
+    fewer: SignalStream,
 }
 
 impl Signals {
@@ -809,6 +954,9 @@ impl Signals {
             terminate: listen(SignalKind::terminate())?,
             interrupt: listen(SignalKind::interrupt())?,
             quit: listen(SignalKind::quit())?,
+            hangup: listen(SignalKind::hangup())?,
+            more: listen(SignalKind::from_raw(libc::SIGTTIN))?,
+            fewer: listen(SignalKind::from_raw(libc::SIGTTOU))?,
         })
     }
 }
