@@ -70,8 +70,20 @@ pub fn serve(path: &Path, explicit: bool, handle: Handle) -> Result<Option<Contr
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
     }
-    let listener = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("cannot create the control socket {}", path.display()))?;
+    let listener = match tokio::net::UnixListener::bind(path) {
+        Ok(listener) => listener,
+        Err(e) if !explicit => {
+            log::warn!(
+                "no control socket: cannot create {}: {e} (pass --control PATH)",
+                path.display()
+            );
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot create the control socket {}", path.display()))
+        }
+    };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod 0600 {}", path.display()))?;
     tokio::spawn(async move {
