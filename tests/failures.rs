@@ -3,9 +3,10 @@
 use std::{collections::BTreeSet, net::SocketAddr, os::unix::process::CommandExt, time::Duration};
 
 use cluster_lb_tests::{
-    distribution, example, get, root_test, Cluster, CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON,
+    distribution, example, get, root_test, signal, Cluster, CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON,
     CAP_SYS_ADMIN,
 };
+use nix::sys::signal::Signal;
 
 const ADDR: &str = "127.0.0.1:8080";
 
@@ -28,11 +29,7 @@ fn after_sigkill_of_a_worker_the_next_200_connections_all_succeed() {
         ]);
         cluster.wait_serving(4);
         let victim = get(addr()).expect("first request");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(victim.pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .expect("killing a worker");
+        signal(victim.pid, Signal::SIGKILL);
 
         // At once, before the primary has even noticed: the program must skip the dead slot.
         let mut pids = BTreeSet::new();

@@ -12,7 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cluster_lb_tests::{distribution, example, get, root_test, workspace_binary, Cluster};
+use cluster_lb_tests::{distribution, example, get, root_test, signal, workspace_binary, Cluster};
+use nix::sys::signal::Signal;
 use serde_json::Value;
 
 const ADDR: &str = "127.0.0.1:8080";
@@ -148,11 +149,7 @@ fn sigkill_of_a_worker_loses_no_connection_in_2000() {
             thread::sleep(Duration::from_millis(5));
         }
         let victim = get(addr()).expect("a request");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(victim.pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .expect("kill");
+        signal(victim.pid, Signal::SIGKILL);
         let failures = client.join().expect("client thread");
         assert!(
             failures.is_empty(),
@@ -224,11 +221,7 @@ fn a_worker_that_ignores_term_is_killed_after_grace() {
         ]);
         cluster.wait_serving(1);
         let stop_sent = Instant::now();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(cluster.pid() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("TERM");
+        signal(cluster.pid(), Signal::SIGTERM);
         let status = cluster.wait(Duration::from_secs(10));
         let took = stop_sent.elapsed();
         assert!(status.success(), "{status}");
@@ -255,11 +248,7 @@ fn quit_stops_at_once() {
             &example("python/server.py"),
         ]);
         cluster.wait_serving(2);
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(cluster.pid() as i32),
-            nix::sys::signal::Signal::SIGQUIT,
-        )
-        .expect("QUIT");
+        signal(cluster.pid(), Signal::SIGQUIT);
         let status = cluster.wait(Duration::from_secs(5));
         assert!(status.success());
         cluster.wait_count("was killed by SIGKILL", 2);

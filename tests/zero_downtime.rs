@@ -18,7 +18,8 @@ use cluster_lb::{
     control::{request, Request},
     supervisor::ClusterStatus,
 };
-use cluster_lb_tests::{get, root_test, workspace_binary, Cluster};
+use cluster_lb_tests::{get, root_test, signal, workspace_binary, Cluster};
+use nix::sys::signal::Signal;
 
 const ADDR: &str = "127.0.0.1:8080";
 const METRICS: &str = "127.0.0.1:9100";
@@ -208,19 +209,11 @@ fn connections_queued_on_a_stopped_worker_migrate_when_it_dies() {
     root_test("drain_migration", || {
         let (cluster, control) = start("migration", 4);
         let victim = get(addr()).expect("a request").pid;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(victim as i32),
-            nix::sys::signal::Signal::SIGSTOP,
-        )
-        .expect("SIGSTOP");
+        signal(victim, Signal::SIGSTOP);
         let clients: Vec<_> = (0..50).map(|_| thread::spawn(|| get(addr()))).collect();
         // Let the kernel queue about a quarter of them on the stopped worker.
         thread::sleep(Duration::from_millis(500));
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(victim as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .expect("SIGKILL");
+        signal(victim, Signal::SIGKILL);
         let mut served_by = BTreeMap::new();
         for client in clients {
             let answer = client
@@ -251,11 +244,7 @@ fn a_worker_killed_under_load_loses_at_most_what_it_had_accepted() {
         let load = Load::start();
         thread::sleep(Duration::from_secs(2));
         let victim = get(addr()).expect("a request").pid;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(victim as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .expect("SIGKILL");
+        signal(victim, Signal::SIGKILL);
         thread::sleep(Duration::from_secs(2));
         let (answered, failures) = load.finish();
         let sent: u64 = answered.values().sum::<u64>() + failures.len() as u64;
@@ -306,11 +295,7 @@ fn systemd_hears_ready_reloading_and_stopping() {
             String::from_utf8_lossy(&buffer[..n]).into_owned()
         };
         assert_eq!(next(), "READY=1");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(cluster.pid() as i32),
-            nix::sys::signal::Signal::SIGHUP,
-        )
-        .expect("HUP");
+        signal(cluster.pid(), Signal::SIGHUP);
         let reloading = next();
         assert!(
             reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),

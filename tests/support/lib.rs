@@ -199,10 +199,7 @@ impl Cluster {
 
     /// SIGTERM, then waits for the exit (bounded).
     pub fn stop(mut self) -> (ExitStatus, Vec<String>) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+        signal(self.child.id(), nix::sys::signal::Signal::SIGTERM);
         let status = self.wait(Duration::from_secs(40));
         // Let the reader threads take the last lines.
         thread::sleep(Duration::from_millis(100));
@@ -234,6 +231,12 @@ impl Drop for Cluster {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Sends `signal` to process `pid` (a worker, or the primary); panics if it is gone.
+pub fn signal(pid: u32, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)
+        .unwrap_or_else(|e| panic!("{signal} to pid {pid}: {e}"));
 }
 
 /// What an example server answered: "worker ID pid PID".
