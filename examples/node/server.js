@@ -5,7 +5,9 @@
 'use strict';
 const http = require('node:http');
 
-const workerId = process.env.CLUSTER_LB_WORKER_ID ?? '-';
+// Our id; under Node's cluster module or PM2 (used by the benchmark) their own numbering.
+const cluster = require('node:cluster');
+const workerId = process.env.CLUSTER_LB_WORKER_ID ?? process.env.NODE_APP_INSTANCE ?? cluster.worker?.id ?? '-';
 const activated = process.env.LISTEN_PID === String(process.pid) && Number(process.env.LISTEN_FDS) >= 1;
 
 const server = http.createServer((req, res) => {

@@ -71,16 +71,6 @@ fn row(strategy: &str, workers: u32, seen: &BTreeMap<u32, usize>) -> String {
     format!(
         "| {strategy} | {workers} | {} | {min} | {max} | {ratio} | {:.4} |",
         list.join(" "),
-        jain(&counts)
+        crate::bench::measure::jain(&counts)
     )
-}
-
-/// Jain's fairness index: 1 when all equal, 1/n when one worker takes everything.
-fn jain(counts: &[usize]) -> f64 {
-    let sum: f64 = counts.iter().map(|&c| c as f64).sum();
-    let squares: f64 = counts.iter().map(|&c| (c as f64).powi(2)).sum();
-    if squares == 0.0 {
-        return 0.0;
-    }
-    sum * sum / (counts.len() as f64 * squares)
 }

@@ -5,9 +5,12 @@
 //!   cargo xtask test [ARGS]            everything the test suite needs, then the whole suite
 //!   cargo xtask demo [--lang L] [--port P] [--workers N]
 //!                                      cluster-lb serving a bundled example server
+//!   cargo xtask bench [--rounds N] [--seconds S] [--workers 2,8]
+//!                                      cluster-lb against Node cluster, PM2, plain SO_REUSEPORT
 //!   cargo xtask distribution [--connections N]
 //!                                      per-worker shares for each strategy, as a table
 
+mod bench;
 mod distribution;
 mod ebpf;
 mod setup;
@@ -28,8 +31,9 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("demo") => demo(&args[1..]),
         Some("distribution") => distribution::measure(&args[1..]),
+        Some("bench") => bench::bench(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask build-ebpf [--check] | test [CARGO TEST ARGS] | demo [--lang node|python|rust] [--port P] [--workers N] | distribution [--connections N]");
+            eprintln!("usage: cargo xtask build-ebpf [--check] | test [CARGO TEST ARGS] | demo [--lang node|python|rust] [--port P] [--workers N] | distribution [--connections N] | bench [--rounds N] [--seconds S] [--workers 2,8]");
             return ExitCode::from(2);
         }
     };

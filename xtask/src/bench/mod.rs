@@ -1,0 +1,168 @@
+//! `cargo xtask bench`: cluster-lb side by side with what users would run instead, on this
+//! machine. Prints a table and writes bench/results/<date>.md with an SVG chart. It measures;
+//! it asserts nothing.
+
+mod contenders;
+pub mod measure;
+mod report;
+
+use std::{fs, process::Command, time::Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use cluster_lb_tests::in_network_namespace;
+
+use crate::{cargo, root, run, setup};
+use contenders::{Contender, Paths, ALL};
+use measure::Sample;
+
+struct Options {
+    rounds: u32,
+    seconds: u32,
+    workers: Vec<u32>,
+}
+
+fn options(args: &[String]) -> Result<Options> {
+    let mut options = Options {
+        rounds: 3,
+        seconds: 3,
+        workers: vec![2, 8],
+    };
+    let mut rest = args.iter();
+    while let Some(flag) = rest.next() {
+        let value = rest
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--rounds" => options.rounds = value.parse().context("--rounds N")?,
+            "--seconds" => options.seconds = value.parse().context("--seconds N")?,
+            "--workers" => {
+                options.workers = value
+                    .split(',')
+                    .map(|n| n.trim().parse().context("--workers 2,8"))
+                    .collect::<Result<_>>()?
+            }
+            _ => bail!("unknown bench option {flag}; use --rounds, --seconds or --workers"),
+        }
+    }
+    Ok(options)
+}
+
+pub fn bench(args: &[String]) -> Result<()> {
+    let options = options(args)?;
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the benchmark needs root (network namespaces, eBPF)");
+    }
+    setup::ensure_packages(&[("wrk", "wrk"), ("node", "nodejs"), ("npm", "npm")])?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "cluster-lb",
+        "-p",
+        "example-rust-server",
+    ]))?;
+    let target = root().join("target");
+    let scratch = target.join("bench-scratch");
+    fs::create_dir_all(&scratch).context("creating target/bench-scratch")?;
+    let paths = Paths {
+        cluster_lb: target.join("release/cluster-lb"),
+        rust_worker: target.join("release/example-rust-server"),
+        pm2_runtime: install_pm2(&target.join("bench-cache"))?,
+        scratch,
+    };
+    let _stats = BpfStats::enable();
+
+    let started = Instant::now();
+    let mut samples: Vec<(Contender, u32, Sample)> = Vec::new();
+    // Rounds outermost, contenders innermost: drift over the run (thermal, other load)
+    // spreads over every contender instead of favouring whoever ran first.
+    for round in 1..=options.rounds {
+        for &workers in &options.workers {
+            for contender in ALL {
+                eprintln!(
+                    "xtask bench: round {round}/{}, {workers} workers, {}",
+                    options.rounds,
+                    contender.name()
+                );
+                let seconds = options.seconds;
+                let pm2 = paths.pm2_runtime.clone();
+                let (cluster_lb, rust_worker, scratch) = (
+                    paths.cluster_lb.clone(),
+                    paths.rust_worker.clone(),
+                    paths.scratch.clone(),
+                );
+                let sample = in_network_namespace("bench", move || {
+                    let paths = Paths {
+                        cluster_lb,
+                        rust_worker,
+                        pm2_runtime: pm2,
+                        scratch,
+                    };
+                    measure::measure(contender, workers, seconds, &paths)
+                        .map_err(|e| format!("{e:#}"))
+                })
+                .map_err(|_| anyhow!("{} panicked", contender.name()))?;
+                match sample {
+                    Ok(sample) => samples.push((contender, workers, sample)),
+                    Err(error) => eprintln!(
+                        "xtask bench: {} with {workers} workers failed: {error}",
+                        contender.name()
+                    ),
+                }
+            }
+        }
+    }
+    let report = report::Report::new(
+        &samples,
+        &options.workers,
+        options.rounds,
+        options.seconds,
+        started.elapsed(),
+    );
+    println!("{}", report.table());
+    let written = report.write(&root().join("bench/results"))?;
+    eprintln!("xtask bench: wrote {}", written.display());
+    Ok(())
+}
+
+/// PM2 from the npm registry, into a cache under target/ (not installed globally).
+fn install_pm2(cache: &std::path::Path) -> Result<std::path::PathBuf> {
+    let runtime = cache.join("node_modules/.bin/pm2-runtime");
+    if runtime.is_file() {
+        return Ok(runtime);
+    }
+    fs::create_dir_all(cache).context("creating the npm cache folder")?;
+    run(Command::new("npm")
+        .args(["install", "--no-audit", "--no-fund", "--prefix"])
+        .arg(cache)
+        .arg("pm2@5"))?;
+    Ok(runtime)
+}
+
+/// kernel.bpf_stats_enabled=1 for the run (the program's run time is only counted then),
+/// restored afterwards.
+struct BpfStats {
+    previous: Option<String>,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> BpfStats {
+        let previous = fs::read_to_string(BPF_STATS).ok();
+        if fs::write(BPF_STATS, "1").is_err() {
+            eprintln!(
+                "xtask bench: cannot enable {BPF_STATS}; the eBPF run time column stays empty"
+            );
+        }
+        BpfStats { previous }
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Some(previous) = &self.previous {
+            let _ = fs::write(BPF_STATS, previous.trim());
+        }
+    }
+}
