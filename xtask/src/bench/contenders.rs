@@ -45,6 +45,10 @@ impl Contender {
         }
     }
 
+    pub fn is_cluster_lb(self) -> bool {
+        matches!(self, Contender::ClusterLb(_) | Contender::ClusterLbRust)
+    }
+
     /// Whether the contender has a primary whose CPU time means something.
     pub fn has_primary(self) -> bool {
         self != Contender::SharedSocket
@@ -66,6 +70,8 @@ pub struct Paths {
 }
 
 pub const PORT: u16 = 8080;
+/// The cluster-lb contenders' control socket, in the scratch folder.
+pub const CONTROL_SOCKET: &str = "bench.sock";
 
 pub fn start(contender: Contender, workers: u32, paths: &Paths) -> Result<Running> {
     let node_server = root().join("examples/node/server.js");
@@ -81,7 +87,7 @@ pub fn start(contender: Contender, workers: u32, paths: &Paths) -> Result<Runnin
         Contender::ClusterLb(strategy) => {
             let mut c = Command::new(&paths.cluster_lb);
             c.args(["run", "-w", &n, "-l", &listen, "-s", strategy, "--control"])
-                .arg(paths.scratch.join("bench.sock"))
+                .arg(paths.scratch.join(CONTROL_SOCKET))
                 .arg("--")
                 .arg("node")
                 .arg(&node_server);
@@ -90,7 +96,7 @@ pub fn start(contender: Contender, workers: u32, paths: &Paths) -> Result<Runnin
         Contender::ClusterLbRust => {
             let mut c = Command::new(&paths.cluster_lb);
             c.args(["run", "-w", &n, "-l", &listen, "--control"])
-                .arg(paths.scratch.join("bench.sock"))
+                .arg(paths.scratch.join(CONTROL_SOCKET))
                 .arg("--")
                 .arg(&paths.rust_worker);
             c

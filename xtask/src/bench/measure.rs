@@ -5,11 +5,16 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
+    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
+use cluster_lb::{
+    control::{request, Request},
+    supervisor::ClusterStatus,
+};
 use cluster_lb_tests::get;
 
 use super::contenders::{self, Contender, Paths, PORT};
@@ -35,7 +40,8 @@ pub const SHARE_CONNECTIONS: usize = 1000;
 pub fn measure(contender: Contender, workers: u32, seconds: u32, paths: &Paths) -> Result<Sample> {
     let running = contenders::start(contender, workers, paths)?;
     let primary = running.primary.id();
-    let result = measure_running(contender, workers, seconds, primary);
+    let control = paths.scratch.join(contenders::CONTROL_SOCKET);
+    let result = measure_running(contender, workers, seconds, primary, &control);
     running.stop();
     result
 }
@@ -45,9 +51,14 @@ fn measure_running(
     workers: u32,
     seconds: u32,
     primary: u32,
+    control: &Path,
 ) -> Result<Sample> {
     let addr: SocketAddr = ([127, 0, 0, 1], PORT).into();
     wait_for_all_workers(addr, workers)?;
+    if contender.is_cluster_lb() {
+        // Answering is not enough: until a worker is ready the program does not choose it.
+        wait_until_ready(control, workers)?;
+    }
 
     let mut by_pid: BTreeMap<u32, usize> = BTreeMap::new();
     for _ in 0..SHARE_CONNECTIONS {
@@ -84,7 +95,7 @@ fn measure_running(
             max as f64 / min as f64
         },
         jain: jain(&shares),
-        primary_cpu_s: contender.has_primary().then(|| cpu_after - cpu_before),
+        primary_cpu_s: contender.has_primary().then_some(cpu_after - cpu_before),
         bpf_ns_per_run,
     })
 }
@@ -109,6 +120,22 @@ fn wait_for_all_workers(addr: SocketAddr, workers: u32) -> Result<()> {
     // Let late starters finish their start-up work before the load.
     std::thread::sleep(Duration::from_millis(500));
     Ok(())
+}
+
+fn wait_until_ready(control: &Path, workers: u32) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = request(control, &Request::Status, Duration::from_secs(5))?;
+        let status: ClusterStatus = serde_json::from_value(answer["status"].clone())?;
+        let ready = status.workers.iter().filter(|w| w.state == "ready").count();
+        if ready == workers as usize {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("only {ready} of {workers} workers ready within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Jain's fairness index: 1 when all equal, 1/n when one worker takes everything.
