@@ -6,11 +6,15 @@
 //! embed a primary (see [`Supervisor`]) share this code.
 
 mod events;
+mod exits;
 mod groups;
+mod handle;
+mod ipc;
 mod notify;
 mod output;
 mod reload;
 mod status;
+mod stop;
 mod systemd;
 
 use std::{
@@ -22,14 +26,9 @@ use std::{
 
 use anyhow::{Context, Result};
 use nix::{
-    errno::Errno,
-    sys::{
-        signal::{kill, killpg, Signal},
-        wait::{waitpid, WaitPidFlag, WaitStatus},
-    },
+    sys::signal::{kill, Signal},
     unistd::Pid,
 };
-use serde_json::Value;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, Signal as SignalStream, SignalKind},
@@ -38,14 +37,17 @@ use tokio::{
 };
 
 pub use events::{Event, ExitStatus};
+use exits::backoff;
 use groups::Groups;
+pub use handle::{Control, Handle};
+use ipc::{read_ipc, IpcEvent};
 pub use reload::{ReloadReply, READY_TIMEOUT};
 pub use status::{ClusterStatus, WorkerStatus};
 
 use crate::{
     ipc::{
         channel::{self, Endpoint},
-        protocol::{self, PrimaryMessage, WorkerMessage, VERSION},
+        protocol::{self, PrimaryMessage, VERSION},
     },
     kernel::{Balancer, Strategy},
     listen_addr::ListenAddr,
@@ -97,83 +99,6 @@ impl Config {
             command,
         })
     }
-}
-
-/// First restart delay after a crash; doubles per consecutive crash up to [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// A worker that ran this long before exiting starts its backoff afresh.
-const STABLE_UPTIME: Duration = Duration::from_secs(10);
-/// Consecutive early crashes that make a crash loop worth an error line (then every as many).
-const CRASH_LOOP: u32 = 5;
-
-/// Requests to a running primary (from an embedder, later from the control socket).
-#[derive(Debug)]
-pub enum Control {
-    /// A user message to the worker with this pid.
-    Send { pid: i32, data: Value },
-    /// Take the worker out of rotation, ask it to finish and exit, then start a fresh one.
-    Disconnect { pid: i32 },
-    /// Send a signal to the worker.
-    Kill { pid: i32, signal: Signal },
-    /// Stop every worker (gracefully, or at once) and end `run`.
-    Stop { fast: bool },
-    /// Rolling reload; the reply comes when it completed or was aborted.
-    Reload { reply: Option<ReloadReply> },
-    /// Run this many workers.
-    Scale { workers: u32 },
-    /// A snapshot of the cluster.
-    Status {
-        reply: tokio::sync::oneshot::Sender<ClusterStatus>,
-    },
-}
-
-/// A cloneable remote control for a running [`Supervisor`].
-#[derive(Clone, Debug)]
-pub struct Handle {
-    control: UnboundedSender<Control>,
-}
-
-impl Handle {
-    pub fn send(&self, pid: i32, data: Value) {
-        let _ = self.control.send(Control::Send { pid, data });
-    }
-    pub fn disconnect(&self, pid: i32) {
-        let _ = self.control.send(Control::Disconnect { pid });
-    }
-    pub fn kill(&self, pid: i32, signal: Signal) {
-        let _ = self.control.send(Control::Kill { pid, signal });
-    }
-    pub fn stop(&self) {
-        let _ = self.control.send(Control::Stop { fast: false });
-    }
-    /// Rolling reload; resolves when it completed (Ok) or was aborted (Err).
-    pub async fn reload(&self) -> Result<String, String> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let _ = self.control.send(Control::Reload { reply: Some(reply) });
-        answer
-            .await
-            .unwrap_or_else(|_| Err("the primary is gone".into()))
-    }
-    pub fn scale(&self, workers: u32) {
-        let _ = self.control.send(Control::Scale { workers });
-    }
-    pub async fn status(&self) -> Option<ClusterStatus> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let _ = self.control.send(Control::Status { reply });
-        answer.await.ok()
-    }
-    /// Sends any request (the control socket uses this).
-    pub fn request(&self, control: Control) {
-        let _ = self.control.send(control);
-    }
-}
-
-/// What a worker's IPC reader reports.
-enum IpcEvent {
-    Message(WorkerMessage),
-    Violation(String),
-    Closed,
 }
 
 struct Worker {
@@ -501,140 +426,6 @@ impl Supervisor {
         });
     }
 
-    fn on_ipc(&mut self, pid: Pid, event: IpcEvent) {
-        let Some(worker) = self.workers.get_mut(&pid) else {
-            return;
-        };
-        let id = worker.id;
-        let message = match event {
-            IpcEvent::Message(message) => message,
-            IpcEvent::Closed => {
-                worker.ipc = None;
-                return;
-            }
-            IpcEvent::Violation(problem) => return self.reject(pid, &problem),
-        };
-        if !worker.online && !matches!(message, WorkerMessage::Online { .. }) {
-            return self.reject(pid, "a message before `online`");
-        }
-        match message {
-            WorkerMessage::Online { .. } => {
-                if worker.online {
-                    return self.reject(pid, "`online` sent twice");
-                }
-                worker.online = true;
-                // Readiness now comes from `listening`, not from the delay.
-                worker.ready_deadline = None;
-                self.emit(Event::Online {
-                    id,
-                    pid: pid.as_raw(),
-                });
-            }
-            WorkerMessage::QueryServer {
-                index,
-                address,
-                protocol,
-                ..
-            } => self.answer_query(pid, index, &address, &protocol),
-            WorkerMessage::Listening { address, .. } => {
-                let known = address
-                    .parse::<ListenAddr>()
-                    .is_ok_and(|a| worker.addresses.contains(&a));
-                if !known {
-                    return self.reject(
-                        pid,
-                        &format!("`listening` on {address}, which it has no socket for"),
-                    );
-                }
-                self.emit(Event::Listening {
-                    id,
-                    pid: pid.as_raw(),
-                    address,
-                });
-                self.make_ready(pid, "listening");
-            }
-            WorkerMessage::Message { data, .. } => self.emit(Event::Message {
-                id,
-                pid: pid.as_raw(),
-                data,
-            }),
-            WorkerMessage::Disconnect { .. } => self.drain(pid, "the worker disconnected"),
-        }
-    }
-
-    /// A worker broke the protocol: log it, close its channel, drain it. Others keep serving.
-    fn reject(&mut self, pid: Pid, problem: &str) {
-        let Some(worker) = self.workers.get_mut(&pid) else {
-            return;
-        };
-        log::error!(
-            "worker {} (pid {pid}) broke the IPC protocol: {problem}; disconnecting it",
-            worker.id
-        );
-        worker.ipc = None;
-        worker.online = false;
-        self.drain(pid, "protocol violation");
-    }
-
-    fn answer_query(&mut self, pid: Pid, index: u32, address: &str, protocol: &str) {
-        let Some(worker) = self.workers.get(&pid) else {
-            return;
-        };
-        let slot = worker.slot;
-        let outcome = match address.parse::<ListenAddr>() {
-            Err(e) => Err(format!("bad address {address}: {e}")),
-            Ok(_) if protocol != "tcp" => Err(format!("protocol {protocol} is not supported; use tcp")),
-            Ok(addr) if worker.addresses.contains(&addr) => Err(format!(
-                "this worker already has a socket for {addr} (socket-activated ones are in LISTEN_FDS)"
-            )),
-            Ok(addr) if !self.groups.allows_query(addr) => Err(format!(
-                "{addr} is not one of the --listen addresses this cluster was started with"
-            )),
-            Ok(addr) => self
-                .groups
-                .open_for_query(addr, slot)
-                .map(|socket| (addr, socket))
-                .map_err(|e| format!("{e:#}")),
-        };
-        let Some(endpoint) = self.workers.get(&pid).and_then(|w| w.ipc.clone()) else {
-            return;
-        };
-        let (reply, socket): (PrimaryMessage, Option<OwnedFd>) = match outcome {
-            Ok((addr, socket)) => {
-                if let Some(worker) = self.workers.get_mut(&pid) {
-                    if !worker.addresses.contains(&addr) {
-                        worker.addresses.push(addr);
-                    }
-                }
-                let reply = PrimaryMessage::QueryServerReply {
-                    v: VERSION,
-                    index,
-                    address: addr.to_string(),
-                    ok: true,
-                    error: None,
-                };
-                (reply, Some(socket))
-            }
-            Err(error) => {
-                log::warn!("worker (pid {pid}) asked for {address}: {error}");
-                let reply = PrimaryMessage::QueryServerReply {
-                    v: VERSION,
-                    index,
-                    address: address.to_string(),
-                    ok: false,
-                    error: Some(error),
-                };
-                (reply, None)
-            }
-        };
-        let sent = protocol::encode(&reply)
-            .map(|bytes| endpoint.try_send(&bytes, socket.as_ref().map(|s| s.as_fd())));
-        if !matches!(sent, Some(Ok(()))) {
-            log::warn!("worker (pid {pid}): could not send the queryServer reply");
-        }
-        // `socket` drops here: the worker holds the only copy.
-    }
-
     fn on_notify(&mut self, sender: i32, text: &str) {
         if !notify::says_ready(text) {
             return;
@@ -742,196 +533,6 @@ impl Supervisor {
             }
         }
     }
-
-    /// Collects every exited child (workers, and orphans re-parented to us).
-    fn reap(&mut self) {
-        loop {
-            let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
-                Ok(status) => status,
-                Err(Errno::EINTR) => continue,
-                Err(e) => {
-                    log::error!("waitpid: {e}");
-                    break;
-                }
-            };
-            let (pid, exit) = match status {
-                WaitStatus::Exited(pid, code) => (pid, ExitStatus::Code(code)),
-                WaitStatus::Signaled(pid, signal, _) => (pid, ExitStatus::Signal(signal)),
-                _ => continue,
-            };
-            if let Some(worker) = self.workers.remove(&pid) {
-                self.after_exit(worker, pid, exit);
-            }
-        }
-    }
-
-    fn after_exit(&mut self, worker: Worker, pid: Pid, status: ExitStatus) {
-        self.forget_slot(worker.slot);
-        let uptime = worker.started.elapsed();
-        self.emit(Event::Exit {
-            id: worker.id,
-            pid: pid.as_raw(),
-            status,
-            uptime,
-        });
-        let handled_by_reload = self.reload_on_exit(pid);
-        let wanted = worker.id < self.desired && !worker.retiring && !handled_by_reload;
-        if self.stopping.is_some() || !wanted {
-            return;
-        }
-        *self.restart_counts.entry(worker.id).or_insert(0) += 1;
-        let delay = if worker.draining && status == ExitStatus::Code(0) {
-            // Asked to go, and went cleanly: replace at once, no penalty.
-            self.crashes.remove(&worker.id);
-            Duration::ZERO
-        } else {
-            let crashes = self.crashes.entry(worker.id).or_insert(0);
-            if uptime >= STABLE_UPTIME {
-                *crashes = 0;
-            }
-            *crashes += 1;
-            let crashes = *crashes;
-            if crashes >= CRASH_LOOP && crashes.is_multiple_of(CRASH_LOOP) {
-                self.emit(Event::CrashLoop {
-                    id: worker.id,
-                    crashes,
-                    status,
-                });
-            }
-            backoff(crashes)
-        };
-        self.emit(Event::Restart {
-            id: worker.id,
-            delay,
-        });
-        self.restarts.push((Instant::now() + delay, worker.id));
-    }
-
-    /// Graceful: drain every worker and kill what is left after the grace period. Fast (QUIT,
-    /// or a second TERM/INT): kill at once.
-    fn begin_stop(&mut self, fast: bool) {
-        if let Some(stopping) = &mut self.stopping {
-            if !stopping.killed {
-                stopping.killed = true;
-                log::warn!("stopping now: killing {} workers", self.workers.len());
-                self.kill_all();
-            }
-            return;
-        }
-        self.log_counters();
-        self.notifier.stopping();
-        self.finish_reload(Err("reload aborted: the cluster is stopping".into()));
-        self.restarts.clear();
-        self.stopping = Some(Stopping {
-            deadline: tokio::time::Instant::now() + self.config.grace,
-            killed: fast,
-        });
-        if self.workers.is_empty() {
-            return;
-        }
-        if fast {
-            log::info!("stopping {} workers now (SIGKILL)", self.workers.len());
-            self.kill_all();
-            return;
-        }
-        log::info!(
-            "stopping {} workers (grace {}s)",
-            self.workers.len(),
-            self.config.grace.as_secs()
-        );
-        let pids: Vec<Pid> = self.workers.keys().copied().collect();
-        for pid in pids {
-            self.drain(pid, "cluster stopping");
-        }
-    }
-
-    fn status(&self) -> ClusterStatus {
-        let workers = self
-            .workers
-            .iter()
-            .map(|(pid, worker)| {
-                let mut stats = cluster_common::SlotStats::default();
-                for balancer in self.groups.iter().filter_map(|g| g.balancer.as_ref()) {
-                    if let Ok(slot) = balancer.slot_stats(worker.slot) {
-                        stats.selected += slot.selected;
-                        stats.fallback += slot.fallback;
-                        stats.migrated += slot.migrated;
-                    }
-                }
-                let state = if worker.draining {
-                    "draining"
-                } else if worker.ready {
-                    "ready"
-                } else {
-                    "starting"
-                };
-                WorkerStatus {
-                    id: worker.id,
-                    pid: pid.as_raw(),
-                    state: state.into(),
-                    uptime_s: worker.started.elapsed().as_secs_f64(),
-                    restarts: self.restart_counts.get(&worker.id).copied().unwrap_or(0),
-                    selected: stats.selected,
-                    fallback: stats.fallback,
-                    migrated: stats.migrated,
-                    rss_bytes: status::rss_bytes(pid.as_raw()),
-                }
-            })
-            .collect();
-        ClusterStatus {
-            primary_pid: std::process::id(),
-            strategy: self.groups.strategy_in_effect().to_string(),
-            listen: self
-                .groups
-                .addresses()
-                .iter()
-                .map(ToString::to_string)
-                .collect(),
-            desired: self.desired,
-            reloads: self.reloads,
-            reloading: self.reload.is_some(),
-            workers,
-        }
-    }
-
-    /// Logs what the kernel program counted for each running worker.
-    fn log_counters(&self) {
-        for group in self.groups.iter() {
-            let Some(balancer) = &group.balancer else {
-                continue;
-            };
-            for (pid, worker) in &self.workers {
-                match balancer.slot_stats(worker.slot) {
-                    Ok(stats) => log::info!(
-                        "{} worker {} (pid {pid}): selected={} fallback={} migrated={}",
-                        group.addr,
-                        worker.id,
-                        stats.selected,
-                        stats.fallback,
-                        stats.migrated
-                    ),
-                    Err(e) => log::warn!("{}: {e:#}", group.addr),
-                }
-            }
-            if let Ok(unassigned) = balancer.unassigned_fallbacks() {
-                if unassigned > 0 {
-                    log::info!(
-                        "{}: {unassigned} connections found no live worker slot",
-                        group.addr
-                    );
-                }
-            }
-        }
-    }
-
-    /// SIGKILL to each worker's process group, so helpers a worker started die with it.
-    fn kill_all(&self) {
-        for pid in self.workers.keys() {
-            let _ = killpg(*pid, Signal::SIGKILL);
-            let _ = kill(*pid, Signal::SIGKILL);
-        }
-    }
 }
 
 struct Signals {
@@ -959,31 +560,6 @@ impl Signals {
             fewer: listen(SignalKind::from_raw(libc::SIGTTOU))?,
         })
     }
-}
-
-/// Reads a worker's datagrams and hands them, decoded, to the supervisor loop.
-fn read_ipc(pid: Pid, endpoint: Arc<Endpoint>, sink: UnboundedSender<(Pid, IpcEvent)>) {
-    tokio::spawn(async move {
-        loop {
-            let event = match endpoint.recv().await {
-                Ok(None) | Err(_) => IpcEvent::Closed,
-                Ok(Some(datagram)) if datagram.truncated => {
-                    IpcEvent::Violation(format!("a message over {} bytes", protocol::MAX_MESSAGE))
-                }
-                Ok(Some(datagram)) if !datagram.fds.is_empty() => {
-                    IpcEvent::Violation("a message carrying file descriptors".into())
-                }
-                Ok(Some(datagram)) => match protocol::decode::<WorkerMessage>(&datagram.bytes) {
-                    Ok(message) => IpcEvent::Message(message),
-                    Err(e) => IpcEvent::Violation(e.to_string()),
-                },
-            };
-            let last = !matches!(event, IpcEvent::Message(_));
-            if sink.send((pid, event)).is_err() || last {
-                break;
-            }
-        }
-    });
 }
 
 /// A pipe for a worker's output: (our read end, the worker's write end), both close-on-exec.
@@ -1019,26 +595,5 @@ async fn sleep_until_or_forever(deadline: Option<Instant>) {
     match deadline {
         Some(at) => sleep_until(at.into()).await,
         None => std::future::pending().await,
-    }
-}
-
-/// 100 ms, 200 ms, 400 ms, ... up to 30 s.
-fn backoff(consecutive_crashes: u32) -> Duration {
-    let doublings = consecutive_crashes.saturating_sub(1).min(16);
-    FIRST_BACKOFF
-        .saturating_mul(1 << doublings)
-        .min(MAX_BACKOFF)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_and_is_capped() {
-        assert_eq!(backoff(1), Duration::from_millis(100));
-        assert_eq!(backoff(2), Duration::from_millis(200));
-        assert_eq!(backoff(4), Duration::from_millis(800));
-        assert_eq!(backoff(50), MAX_BACKOFF);
     }
 }

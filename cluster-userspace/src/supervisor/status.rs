@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::Supervisor;
+
 /// One running worker process.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct WorkerStatus {
@@ -42,4 +44,55 @@ pub fn rss_bytes(pid: i32) -> u64 {
         .ok()
         .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<u64>().ok())
         .map_or(0, |pages| pages * page)
+}
+
+impl Supervisor {
+    pub(super) fn status(&self) -> ClusterStatus {
+        let workers = self
+            .workers
+            .iter()
+            .map(|(pid, worker)| {
+                let mut stats = cluster_common::SlotStats::default();
+                for balancer in self.groups.iter().filter_map(|g| g.balancer.as_ref()) {
+                    if let Ok(slot) = balancer.slot_stats(worker.slot) {
+                        stats.selected += slot.selected;
+                        stats.fallback += slot.fallback;
+                        stats.migrated += slot.migrated;
+                    }
+                }
+                let state = if worker.draining {
+                    "draining"
+                } else if worker.ready {
+                    "ready"
+                } else {
+                    "starting"
+                };
+                WorkerStatus {
+                    id: worker.id,
+                    pid: pid.as_raw(),
+                    state: state.into(),
+                    uptime_s: worker.started.elapsed().as_secs_f64(),
+                    restarts: self.restart_counts.get(&worker.id).copied().unwrap_or(0),
+                    selected: stats.selected,
+                    fallback: stats.fallback,
+                    migrated: stats.migrated,
+                    rss_bytes: rss_bytes(pid.as_raw()),
+                }
+            })
+            .collect();
+        ClusterStatus {
+            primary_pid: std::process::id(),
+            strategy: self.groups.strategy_in_effect().to_string(),
+            listen: self
+                .groups
+                .addresses()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            desired: self.desired,
+            reloads: self.reloads,
+            reloading: self.reload.is_some(),
+            workers,
+        }
+    }
 }

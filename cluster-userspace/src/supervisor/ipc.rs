@@ -1,0 +1,187 @@
+//! The primary's side of the IPC conversation with each worker: reading its datagrams,
+//! checking their order, answering queryServer with a socket.
+
+use std::{
+    os::fd::{AsFd, OwnedFd},
+    sync::Arc,
+};
+
+use nix::unistd::Pid;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::{Event, Supervisor};
+use crate::{
+    ipc::{
+        channel::Endpoint,
+        protocol::{self, PrimaryMessage, WorkerMessage, VERSION},
+    },
+    listen_addr::ListenAddr,
+};
+
+/// What a worker's IPC reader reports.
+pub(super) enum IpcEvent {
+    Message(WorkerMessage),
+    Violation(String),
+    Closed,
+}
+
+impl Supervisor {
+    pub(super) fn on_ipc(&mut self, pid: Pid, event: IpcEvent) {
+        let Some(worker) = self.workers.get_mut(&pid) else {
+            return;
+        };
+        let id = worker.id;
+        let message = match event {
+            IpcEvent::Message(message) => message,
+            IpcEvent::Closed => {
+                worker.ipc = None;
+                return;
+            }
+            IpcEvent::Violation(problem) => return self.reject(pid, &problem),
+        };
+        if !worker.online && !matches!(message, WorkerMessage::Online { .. }) {
+            return self.reject(pid, "a message before `online`");
+        }
+        match message {
+            WorkerMessage::Online { .. } => {
+                if worker.online {
+                    return self.reject(pid, "`online` sent twice");
+                }
+                worker.online = true;
+                // Readiness now comes from `listening`, not from the delay.
+                worker.ready_deadline = None;
+                self.emit(Event::Online {
+                    id,
+                    pid: pid.as_raw(),
+                });
+            }
+            WorkerMessage::QueryServer {
+                index,
+                address,
+                protocol,
+                ..
+            } => self.answer_query(pid, index, &address, &protocol),
+            WorkerMessage::Listening { address, .. } => {
+                let known = address
+                    .parse::<ListenAddr>()
+                    .is_ok_and(|a| worker.addresses.contains(&a));
+                if !known {
+                    return self.reject(
+                        pid,
+                        &format!("`listening` on {address}, which it has no socket for"),
+                    );
+                }
+                self.emit(Event::Listening {
+                    id,
+                    pid: pid.as_raw(),
+                    address,
+                });
+                self.make_ready(pid, "listening");
+            }
+            WorkerMessage::Message { data, .. } => self.emit(Event::Message {
+                id,
+                pid: pid.as_raw(),
+                data,
+            }),
+            WorkerMessage::Disconnect { .. } => self.drain(pid, "the worker disconnected"),
+        }
+    }
+
+    /// A worker broke the protocol: log it, close its channel, drain it. Others keep serving.
+    fn reject(&mut self, pid: Pid, problem: &str) {
+        let Some(worker) = self.workers.get_mut(&pid) else {
+            return;
+        };
+        log::error!(
+            "worker {} (pid {pid}) broke the IPC protocol: {problem}; disconnecting it",
+            worker.id
+        );
+        worker.ipc = None;
+        worker.online = false;
+        self.drain(pid, "protocol violation");
+    }
+
+    fn answer_query(&mut self, pid: Pid, index: u32, address: &str, protocol: &str) {
+        let Some(worker) = self.workers.get(&pid) else {
+            return;
+        };
+        let slot = worker.slot;
+        let outcome = match address.parse::<ListenAddr>() {
+            Err(e) => Err(format!("bad address {address}: {e}")),
+            Ok(_) if protocol != "tcp" => Err(format!("protocol {protocol} is not supported; use tcp")),
+            Ok(addr) if worker.addresses.contains(&addr) => Err(format!(
+                "this worker already has a socket for {addr} (socket-activated ones are in LISTEN_FDS)"
+            )),
+            Ok(addr) if !self.groups.allows_query(addr) => Err(format!(
+                "{addr} is not one of the --listen addresses this cluster was started with"
+            )),
+            Ok(addr) => self
+                .groups
+                .open_for_query(addr, slot)
+                .map(|socket| (addr, socket))
+                .map_err(|e| format!("{e:#}")),
+        };
+        let Some(endpoint) = self.workers.get(&pid).and_then(|w| w.ipc.clone()) else {
+            return;
+        };
+        let (reply, socket): (PrimaryMessage, Option<OwnedFd>) = match outcome {
+            Ok((addr, socket)) => {
+                if let Some(worker) = self.workers.get_mut(&pid) {
+                    if !worker.addresses.contains(&addr) {
+                        worker.addresses.push(addr);
+                    }
+                }
+                let reply = PrimaryMessage::QueryServerReply {
+                    v: VERSION,
+                    index,
+                    address: addr.to_string(),
+                    ok: true,
+                    error: None,
+                };
+                (reply, Some(socket))
+            }
+            Err(error) => {
+                log::warn!("worker (pid {pid}) asked for {address}: {error}");
+                let reply = PrimaryMessage::QueryServerReply {
+                    v: VERSION,
+                    index,
+                    address: address.to_string(),
+                    ok: false,
+                    error: Some(error),
+                };
+                (reply, None)
+            }
+        };
+        let sent = protocol::encode(&reply)
+            .map(|bytes| endpoint.try_send(&bytes, socket.as_ref().map(|s| s.as_fd())));
+        if !matches!(sent, Some(Ok(()))) {
+            log::warn!("worker (pid {pid}): could not send the queryServer reply");
+        }
+        // `socket` drops here: the worker holds the only copy.
+    }
+}
+
+/// Reads a worker's datagrams and hands them, decoded, to the supervisor loop.
+pub(super) fn read_ipc(pid: Pid, endpoint: Arc<Endpoint>, sink: UnboundedSender<(Pid, IpcEvent)>) {
+    tokio::spawn(async move {
+        loop {
+            let event = match endpoint.recv().await {
+                Ok(None) | Err(_) => IpcEvent::Closed,
+                Ok(Some(datagram)) if datagram.truncated => {
+                    IpcEvent::Violation(format!("a message over {} bytes", protocol::MAX_MESSAGE))
+                }
+                Ok(Some(datagram)) if !datagram.fds.is_empty() => {
+                    IpcEvent::Violation("a message carrying file descriptors".into())
+                }
+                Ok(Some(datagram)) => match protocol::decode::<WorkerMessage>(&datagram.bytes) {
+                    Ok(message) => IpcEvent::Message(message),
+                    Err(e) => IpcEvent::Violation(e.to_string()),
+                },
+            };
+            let last = !matches!(event, IpcEvent::Message(_));
+            if sink.send((pid, event)).is_err() || last {
+                break;
+            }
+        }
+    });
+}
