@@ -44,7 +44,7 @@ fn a_handshake_worker_is_ready_only_after_listening_and_events_come_in_order() {
                 "-w",
                 "2",
                 "--ready-delay",
-                "0.1",
+                "1",
                 "--log-format",
                 "json",
                 "--",
@@ -52,12 +52,13 @@ fn a_handshake_worker_is_ready_only_after_listening_and_events_come_in_order() {
                 ADDR,
             ],
             |command| {
-                command.env("WARMUP_MS", "700");
+                command.env("WARMUP_MS", "2500");
             },
         );
-        // The delay has long passed, but a worker that said `online` waits for `listening`.
+        // A worker that said `online` waits for `listening`, even once --ready-delay is past
+        // (1.2 s after `online`, which came after the fork).
         cluster.wait_count("\"event\":\"online\"", 2);
-        thread::sleep(Duration::from_millis(300));
+        thread::sleep(Duration::from_millis(1200));
         assert_eq!(
             cluster
                 .log()

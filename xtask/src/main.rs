@@ -7,6 +7,8 @@
 //!                                      cluster-lb serving a bundled example server
 //!   cargo xtask bench [--rounds N] [--seconds S] [--workers 2,8]
 //!                                      cluster-lb against Node cluster, PM2, plain SO_REUSEPORT
+//!   cargo xtask vm-test [--kernel 6.1|6.12|all]
+//!                                      the integration tests on Debian's 6.1 and 6.12 under qemu
 //!   cargo xtask distribution [--connections N]
 //!                                      per-worker shares for each strategy, as a table
 
@@ -14,6 +16,7 @@ mod bench;
 mod distribution;
 mod ebpf;
 mod setup;
+mod vm;
 
 use std::{
     env,
@@ -32,8 +35,9 @@ fn main() -> ExitCode {
         Some("demo") => demo(&args[1..]),
         Some("distribution") => distribution::measure(&args[1..]),
         Some("bench") => bench::bench(&args[1..]),
+        Some("vm-test") => vm::vm_test(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask build-ebpf [--check] | test [CARGO TEST ARGS] | demo [--lang node|python|rust] [--port P] [--workers N] | distribution [--connections N] | bench [--rounds N] [--seconds S] [--workers 2,8]");
+            eprintln!("usage: cargo xtask build-ebpf [--check] | test [CARGO TEST ARGS] | demo [--lang node|python|rust] [--port P] [--workers N] | distribution [--connections N] | bench [--rounds N] [--seconds S] [--workers 2,8] | vm-test [--kernel 6.1|6.12|all]");
             return ExitCode::from(2);
         }
     };

@@ -102,6 +102,15 @@ impl Balancer {
         let program_id = strategy
             .program_id()
             .ok_or_else(|| Unavailable::other(anyhow!("strategy 'kernel' runs no program")))?;
+        if let Some((major, minor)) = kernel_release() {
+            let missing = missing_features((major, minor));
+            if !missing.is_empty() {
+                return Err(Unavailable::other(anyhow!(
+                    "kernel {major}.{minor} has {}",
+                    missing.join(", ")
+                )));
+            }
+        }
         raise_memlock_limit();
         let mut ebpf = EbpfLoader::new().load(PROGRAM_OBJECT).map_err(|e| {
             Unavailable::classify(anyhow::Error::new(e).context("loading the eBPF object"))
@@ -271,6 +280,28 @@ fn raise_memlock_limit() {
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
 }
 
+/// What the program needs that a kernel of this version lacks, each as "no X before V", so
+/// cluster-lb can say so in one line instead of failing in the verifier.
+pub fn missing_features(release: (u32, u32)) -> Vec<&'static str> {
+    const NEEDS: [((u32, u32), &str); 4] = [
+        ((4, 19), "no sk_reuseport programs before 4.19"),
+        ((5, 8), "no BPF ring buffer (program log) before 5.8"),
+        (
+            (5, 12),
+            "no BPF atomic fetch-add (exact round robin) before 5.12",
+        ),
+        (
+            (5, 14),
+            "no request migration (SELECT_OR_MIGRATE) before 5.14",
+        ),
+    ];
+    NEEDS
+        .iter()
+        .filter(|(since, _)| release < *since)
+        .map(|(_, what)| *what)
+        .collect()
+}
+
 /// (major, minor) of the running kernel.
 pub fn kernel_release() -> Option<(u32, u32)> {
     let uname = nix::sys::utsname::uname().ok()?;
@@ -298,6 +329,20 @@ mod tests {
             .parse::<Strategy>()
             .unwrap_err()
             .contains("round-robin, hash, kernel"));
+    }
+
+    #[test]
+    fn old_kernels_are_told_what_they_lack() {
+        assert!(missing_features((6, 1)).is_empty());
+        assert!(missing_features((5, 14)).is_empty());
+        assert_eq!(
+            missing_features((5, 10)),
+            [
+                "no BPF atomic fetch-add (exact round robin) before 5.12",
+                "no request migration (SELECT_OR_MIGRATE) before 5.14"
+            ]
+        );
+        assert_eq!(missing_features((4, 9)).len(), 4);
     }
 
     #[test]

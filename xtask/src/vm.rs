@@ -1,0 +1,477 @@
+//! `cargo xtask vm-test [--kernel 6.1|6.12|all]`: the integration tests on other kernels.
+//!
+//! For each kernel: Debian's kernel package (apt-get download, cached under target/vm/), an
+//! initramfs of busybox plus the test binaries and the programs they start (at the same
+//! absolute paths as on the host, with their shared libraries), booted under
+//! `qemu-system-x86_64 -accel tcg` (KVM hangs on these machines). The VM runs the chosen tests
+//! and powers off; we read the serial console. Node and Python are not in the image, so tests
+//! that start them run on the host only; the list below says which run in the VM, by name.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    io::Write,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{cargo, root, run, setup};
+
+/// Test binary and the exact test names that run inside the VMs.
+const VM_TESTS: &[(&str, &[&str])] = &[
+    ("kernel_layer", &[]), // all of them
+    ("cli_errors", &[]),
+    (
+        "balance",
+        &["round_robin_gives_rust_workers_exactly_equal_shares"],
+    ),
+    ("zero_downtime", &[]),
+    (
+        "supervision",
+        &[
+            "a_handshake_worker_is_ready_only_after_listening_and_events_come_in_order",
+            "a_program_that_exits_at_once_is_restarted_with_growing_delays",
+            "a_program_can_be_its_own_primary",
+        ],
+    ),
+];
+
+/// Programs the tests start, besides the test binaries themselves.
+const PROGRAMS: &[&str] = &[
+    "cluster-lb",
+    "example-rust-server",
+    "handshake-server",
+    "embedded-cluster",
+];
+
+/// Busybox applets the tests and /init use.
+const APPLETS: &[&str] = &[
+    "sh", "ip", "mount", "poweroff", "cat", "echo", "true", "sleep", "mkdir",
+];
+
+const VM_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+
+struct Kernel {
+    series: &'static str,
+    /// Needs bookworm-backports.
+    backports: bool,
+}
+
+const KERNELS: &[Kernel] = &[
+    Kernel {
+        series: "6.1",
+        backports: false,
+    },
+    Kernel {
+        series: "6.12",
+        backports: true,
+    },
+];
+
+pub fn vm_test(args: &[String]) -> Result<()> {
+    let wanted = match args {
+        [] => "all".to_string(),
+        [flag, value] if flag == "--kernel" => value.clone(),
+        _ => bail!("usage: cargo xtask vm-test [--kernel 6.1|6.12|all]"),
+    };
+    let kernels: Vec<&Kernel> = KERNELS
+        .iter()
+        .filter(|k| wanted == "all" || k.series == wanted)
+        .collect();
+    if kernels.is_empty() {
+        bail!("unknown kernel {wanted}; use 6.1, 6.12 or all");
+    }
+    setup::ensure_packages(&[
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("cpio", "cpio"),
+        ("busybox", "busybox-static"),
+    ])?;
+    let busybox = PathBuf::from("/bin/busybox");
+    let vm_dir = root().join("target/vm");
+    let initrd = build_initramfs(&vm_dir, &busybox)?;
+
+    let mut failed = Vec::new();
+    let mut summary = Vec::new();
+    let (mut total_passed, mut total_failed) = (0, 0);
+    for kernel in kernels {
+        let vmlinuz = fetch_kernel(&vm_dir, kernel)?;
+        let started = Instant::now();
+        let log = vm_dir.join(format!("{}.log", kernel.series));
+        let outcome = boot(&vmlinuz, &initrd, &log)?;
+        let took = started.elapsed().as_secs_f64();
+        let line = format!(
+            "kernel {} ({}): {} passed, {} failed in {took:.0} s",
+            kernel.series, outcome.release, outcome.passed, outcome.failed
+        );
+        eprintln!("xtask vm-test: {line}");
+        for name in &outcome.failures {
+            eprintln!("xtask vm-test:   failed on {}: {name}", kernel.series);
+        }
+        if outcome.failed > 0 || !outcome.finished || outcome.passed == 0 {
+            failed.push(format!("{} (log: {})", kernel.series, log.display()));
+        }
+        summary.push(line);
+        total_passed += outcome.passed;
+        total_failed += outcome.failed;
+    }
+    println!("\nVM test results:");
+    for line in &summary {
+        println!("  {line}");
+    }
+    if !failed.is_empty() {
+        bail!("VM tests failed on {}", failed.join(", "));
+    }
+    println!("vm-test: {total_passed} passed, {total_failed} failed");
+    Ok(())
+}
+
+/// The kernel's vmlinuz, downloading and unpacking its Debian package on first use.
+fn fetch_kernel(vm_dir: &Path, kernel: &Kernel) -> Result<PathBuf> {
+    let dir = vm_dir.join(format!("kernel-{}", kernel.series));
+    if let Some(vmlinuz) = find_vmlinuz(&dir) {
+        return Ok(vmlinuz);
+    }
+    if kernel.backports {
+        enable_backports()?;
+    }
+    let package = newest_package(kernel.series)?;
+    eprintln!("xtask vm-test: downloading {package}");
+    let download = vm_dir.join("download");
+    fs::create_dir_all(&download)?;
+    let _ = fs::remove_dir_all(&dir);
+    run(Command::new("apt-get")
+        .args(["download", "-q", &package])
+        .current_dir(&download))?;
+    let deb = fs::read_dir(&download)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_")))
+        })
+        .with_context(|| format!("{package}: no .deb after apt-get download"))?;
+    run(Command::new("dpkg").arg("-x").arg(&deb).arg(&dir))?;
+    let _ = fs::remove_file(&deb);
+    find_vmlinuz(&dir).with_context(|| format!("no boot/vmlinuz-* in {package}"))
+}
+
+fn find_vmlinuz(dir: &Path) -> Option<PathBuf> {
+    fs::read_dir(dir.join("boot"))
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+}
+
+const BACKPORTS: &str = "/etc/apt/sources.list.d/cluster-lb-backports.sources";
+
+/// Debian 12's 6.12 kernels live in bookworm-backports.
+fn enable_backports() -> Result<()> {
+    if !Path::new(BACKPORTS).exists() {
+        fs::write(
+            BACKPORTS,
+            "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\n",
+        )
+        .with_context(|| format!("writing {BACKPORTS}"))?;
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+    }
+    Ok(())
+}
+
+/// The newest generic amd64 image of a kernel series, e.g. linux-image-6.1.0-56-amd64.
+fn newest_package(series: &str) -> Result<String> {
+    let output = Command::new("apt-cache")
+        .args([
+            "search",
+            "--names-only",
+            &format!("^linux-image-{}[.-]", regex_escape(series)),
+        ])
+        .output()
+        .context("apt-cache search")?;
+    let names: BTreeSet<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.ends_with("-amd64") && !n.contains("cloud") && !n.contains("-rt-"))
+        .filter(|n| {
+            n.strip_prefix("linux-image-")
+                .is_some_and(|v| v.starts_with(&format!("{series}.")))
+        })
+        .map(str::to_string)
+        .collect();
+    let mut sort = Command::new("sort")
+        .arg("-V")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("sort -V")?;
+    if let Some(mut stdin) = sort.stdin.take() {
+        stdin.write_all(
+            names
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+                .as_bytes(),
+        )?;
+    }
+    let sorted = sort.wait_with_output()?;
+    String::from_utf8_lossy(&sorted.stdout)
+        .lines()
+        .last()
+        .map(str::to_string)
+        .with_context(|| {
+            format!("no linux-image-{series}.*-amd64 package in the apt lists (apt-get update?)")
+        })
+}
+
+fn regex_escape(text: &str) -> String {
+    text.replace('.', "\\.")
+}
+
+/// Builds the binaries and packs them, their libraries, busybox and /init into target/vm/.
+fn build_initramfs(vm_dir: &Path, busybox: &Path) -> Result<PathBuf> {
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    let tests = test_executables()?;
+    let staging = vm_dir.join("root");
+    let _ = fs::remove_dir_all(&staging);
+    for dir in ["bin", "proc", "sys", "dev", "tmp", "run", "etc"] {
+        fs::create_dir_all(staging.join(dir))?;
+    }
+    fs::copy(busybox, staging.join("bin/busybox")).context("copying busybox")?;
+    for applet in APPLETS {
+        std::os::unix::fs::symlink("busybox", staging.join("bin").join(applet))?;
+    }
+    let mut files: Vec<PathBuf> = PROGRAMS
+        .iter()
+        .map(|p| root().join("target/debug").join(p))
+        .collect();
+    files.extend(tests.iter().map(|(_, path)| path.clone()));
+    let mut libraries = BTreeSet::new();
+    for file in &files {
+        libraries.extend(shared_libraries(file)?);
+    }
+    for file in files.iter().chain(libraries.iter()) {
+        copy_to(&staging, file)?;
+    }
+    // The tests find their binaries relative to CARGO_MANIFEST_DIR, which must exist.
+    fs::create_dir_all(
+        staging.join(
+            root()
+                .join("tests")
+                .strip_prefix("/")
+                .unwrap_or(Path::new("tests")),
+        ),
+    )?;
+    let init = staging.join("init");
+    fs::write(&init, init_script(&tests))?;
+    fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+
+    let initrd = vm_dir.join("initrd.gz");
+    let script = format!(
+        "cd '{}' && find . | cpio -o -H newc --quiet | gzip -1 > '{}'",
+        staging.display(),
+        initrd.display()
+    );
+    run(Command::new("sh").arg("-c").arg(script))?;
+    Ok(initrd)
+}
+
+/// (test binary name, executable) for the binaries in VM_TESTS.
+fn test_executables() -> Result<Vec<(String, PathBuf)>> {
+    let output = cargo()
+        .args([
+            "test",
+            "-p",
+            "cluster-lb-tests",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("building the test binaries")?;
+    if !output.status.success() {
+        bail!("cargo test --no-run failed");
+    }
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let name = message["target"]["name"].as_str().unwrap_or("");
+        let is_test = message["target"]["kind"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|k| k == "test"));
+        if let (true, Some(exe)) = (is_test, message["executable"].as_str()) {
+            if VM_TESTS.iter().any(|(binary, _)| *binary == name) {
+                found.push((name.to_string(), PathBuf::from(exe)));
+            }
+        }
+    }
+    if found.len() != VM_TESTS.len() {
+        bail!("found {} of {} test binaries", found.len(), VM_TESTS.len());
+    }
+    Ok(found)
+}
+
+fn init_script(tests: &[(String, PathBuf)]) -> String {
+    let mut script = String::from(
+        "#!/bin/sh\n\
+         mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev; mount -t tmpfs tmp /tmp\n\
+         export PATH=/bin CI=true HOME=/tmp RUST_BACKTRACE=0\n\
+         ip link set lo up\n\
+         echo \"VM-KERNEL $(cat /proc/sys/kernel/osrelease)\"\n",
+    );
+    for (name, exe) in tests {
+        let filters = VM_TESTS
+            .iter()
+            .find(|(b, _)| b == name)
+            .map(|(_, f)| *f)
+            .unwrap_or(&[]);
+        let selection = if filters.is_empty() {
+            String::new()
+        } else {
+            format!(" --exact {}", filters.join(" "))
+        };
+        script.push_str(&format!(
+            "echo \"VM-BINARY {name}\"\n{} --test-threads=1{selection} 2>&1\n",
+            exe.display()
+        ));
+    }
+    script.push_str("echo VM-FINISHED\npoweroff -f\n");
+    script
+}
+
+/// The absolute paths of the shared libraries `binary` loads (ldd).
+fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
+    let output = Command::new("ldd")
+        .arg(binary)
+        .output()
+        .context("running ldd")?;
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .filter(|word| word.starts_with('/'))
+        .map(PathBuf::from)
+        .collect())
+}
+
+/// Copies `file` into `staging` at the same absolute path (following symlinks).
+fn copy_to(staging: &Path, file: &Path) -> Result<()> {
+    let relative = file.strip_prefix("/").unwrap_or(file);
+    let target = staging.join(relative);
+    if let Some(parent) = target.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    fs::copy(file, &target).with_context(|| format!("copying {}", file.display()))?;
+    Ok(())
+}
+
+struct Outcome {
+    release: String,
+    passed: u64,
+    failed: u64,
+    failures: Vec<String>,
+    finished: bool,
+}
+
+/// Boots the kernel with the initramfs, saves the console to `log`, and reads the results.
+fn boot(vmlinuz: &Path, initrd: &Path, log: &Path) -> Result<Outcome> {
+    let console = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "2048",
+            "-smp",
+            "2",
+            "-nographic",
+            "-no-reboot",
+            "-kernel",
+        ])
+        .arg(vmlinuz)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .stdin(Stdio::null())
+        .stdout(console)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting qemu-system-x86_64")?;
+    let deadline = Instant::now() + VM_TIMEOUT;
+    loop {
+        if qemu.try_wait()?.is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = qemu.kill();
+            let _ = qemu.wait();
+            eprintln!(
+                "xtask vm-test: the VM did not finish within {} min",
+                VM_TIMEOUT.as_secs() / 60
+            );
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let text = fs::read_to_string(log).unwrap_or_default();
+    Ok(parse_console(&text))
+}
+
+fn parse_console(text: &str) -> Outcome {
+    let mut outcome = Outcome {
+        release: String::from("?"),
+        passed: 0,
+        failed: 0,
+        failures: Vec::new(),
+        finished: false,
+    };
+    for line in text.lines().map(|l| l.trim_end_matches('\r')) {
+        if let Some(release) = line.split("VM-KERNEL ").nth(1) {
+            outcome.release = release.trim().to_string();
+        }
+        if line.contains("VM-FINISHED") {
+            outcome.finished = true;
+        }
+        if let Some(counts) = line.strip_prefix("test result: ") {
+            for part in counts.split(';') {
+                let words: Vec<&str> = part.split_whitespace().collect();
+                if let [.., number, kind] = words.as_slice() {
+                    let number: u64 = number.parse().unwrap_or(0);
+                    match *kind {
+                        "passed" => outcome.passed += number,
+                        "failed" => outcome.failed += number,
+                        _ => {}
+                    }
+                }
+            }
+        }
+        if let Some(name) = line
+            .strip_prefix("test ")
+            .and_then(|l| l.strip_suffix(" ... FAILED"))
+        {
+            outcome.failures.push(name.to_string());
+        }
+    }
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_results_are_summed() {
+        let console = "VM-KERNEL 6.1.0-56-amd64\r\ntest a ... ok\ntest b ... FAILED\ntest result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 3 filtered out; finished in 1s\ntest result: ok. 4 passed; 0 failed; 0 ignored\nVM-FINISHED\n";
+        let outcome = parse_console(console);
+        assert_eq!(outcome.release, "6.1.0-56-amd64");
+        assert_eq!((outcome.passed, outcome.failed), (5, 1));
+        assert_eq!(outcome.failures, ["b"]);
+        assert!(outcome.finished);
+    }
+}
