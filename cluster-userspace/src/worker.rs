@@ -141,7 +141,11 @@ fn take_activated(want: SocketAddr) -> Option<std::net::TcpListener> {
         if taken.contains(&fd) {
             continue;
         }
-        let bound = nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd).ok()?;
+        // An fd that is not a socket (or not ours to read) is simply not the one we want.
+        let Ok(bound) = nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd)
+        else {
+            continue;
+        };
         let bound = bound
             .as_sockaddr_in()
             .map(|a| SocketAddr::from(std::net::SocketAddrV4::from(*a)))
