@@ -181,8 +181,44 @@ mod tests {
         assert_eq!(encode(&too_big), None);
     }
 
+    /// The committed seed corpus (cluster-userspace/fuzz-seeds/ipc): hand-made hostile and valid
+    /// datagrams, kept as regression inputs for the decoder. Each must decode or be refused
+    /// with a reason; the valid ones must round-trip.
+    #[test]
+    fn the_seed_corpus_decodes_or_is_refused() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz-seeds/ipc");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let valid = [
+                "online.json",
+                "query-server.json",
+                "listening-v6.json",
+                "message-nested.json",
+            ];
+            match decode::<WorkerMessage>(&bytes) {
+                Ok(message) => {
+                    assert!(valid.contains(&name.as_str()), "{name} should be refused");
+                    assert_eq!(
+                        decode::<WorkerMessage>(&encode(&message).unwrap()),
+                        Ok(message)
+                    );
+                }
+                Err(error) => {
+                    assert!(!valid.contains(&name.as_str()), "{name}: {error}");
+                    assert!(!error.to_string().is_empty());
+                }
+            }
+            seen += 1;
+        }
+        assert!(seen >= 10, "the corpus is in {}", dir.display());
+    }
+
     proptest! {
-        // Seeds of past failures live in proptest-regressions/ beside this file (committed).
+        // A failing case is saved to cluster-userspace/proptest-regressions/ipc/protocol.txt;
+        // commit it, so it is replayed first from then on.
         #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
         #[test]
