@@ -16,6 +16,7 @@ mod bench;
 mod distribution;
 mod ebpf;
 mod setup;
+mod test_counts;
 mod vm;
 
 use std::{
@@ -101,28 +102,19 @@ fn run_tests_with_summary(command: &mut Command) -> Result<()> {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot start {command:?}"))?;
-    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let mut counts = test_counts::TestCounts::default();
     if let Some(stdout) = child.stdout.take() {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             println!("{line}");
-            if let Some(counts) = line.strip_prefix("test result: ") {
-                for part in counts.split(';') {
-                    let mut words = part.split_whitespace().rev();
-                    let (Some(kind), Some(number)) = (words.next(), words.next()) else {
-                        continue;
-                    };
-                    let number: u64 = number.parse().unwrap_or(0);
-                    match kind {
-                        "passed" => passed += number,
-                        "failed" => failed += number,
-                        "ignored" => ignored += number,
-                        _ => {}
-                    }
-                }
-            }
+            counts.add_line(&line);
         }
     }
     let status = child.wait().context("waiting for cargo test")?;
+    let test_counts::TestCounts {
+        passed,
+        failed,
+        ignored,
+    } = counts;
     println!("\nxtask: {passed} passed, {failed} failed, {ignored} skipped");
     if !status.success() {
         bail!("cargo test failed with {status}");

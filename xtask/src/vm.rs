@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{cargo, root, run, setup};
+use crate::{cargo, root, run, setup, test_counts::TestCounts};
 
 /// Test binary and the exact test names that run inside the VMs.
 const VM_TESTS: &[(&str, &[&str])] = &[
@@ -104,18 +104,18 @@ pub fn vm_test(args: &[String]) -> Result<()> {
         let took = started.elapsed().as_secs_f64();
         let line = format!(
             "kernel {} ({}): {} passed, {} failed in {took:.0} s",
-            kernel.series, outcome.release, outcome.passed, outcome.failed
+            kernel.series, outcome.release, outcome.counts.passed, outcome.counts.failed
         );
         eprintln!("xtask vm-test: {line}");
         for name in &outcome.failures {
             eprintln!("xtask vm-test:   failed on {}: {name}", kernel.series);
         }
-        if outcome.failed > 0 || !outcome.finished || outcome.passed == 0 {
+        if outcome.counts.failed > 0 || !outcome.finished || outcome.counts.passed == 0 {
             failed.push(format!("{} (log: {})", kernel.series, log.display()));
         }
         summary.push(line);
-        total_passed += outcome.passed;
-        total_failed += outcome.failed;
+        total_passed += outcome.counts.passed;
+        total_failed += outcome.counts.failed;
     }
     println!("\nVM test results:");
     for line in &summary {
@@ -375,8 +375,7 @@ fn copy_to(staging: &Path, file: &Path) -> Result<()> {
 
 struct Outcome {
     release: String,
-    passed: u64,
-    failed: u64,
+    counts: TestCounts,
     failures: Vec<String>,
     finished: bool,
 }
@@ -428,8 +427,7 @@ fn boot(vmlinuz: &Path, initrd: &Path, log: &Path) -> Result<Outcome> {
 fn parse_console(text: &str) -> Outcome {
     let mut outcome = Outcome {
         release: String::from("?"),
-        passed: 0,
-        failed: 0,
+        counts: TestCounts::default(),
         failures: Vec::new(),
         finished: false,
     };
@@ -440,19 +438,7 @@ fn parse_console(text: &str) -> Outcome {
         if line.contains("VM-FINISHED") {
             outcome.finished = true;
         }
-        if let Some(counts) = line.strip_prefix("test result: ") {
-            for part in counts.split(';') {
-                let words: Vec<&str> = part.split_whitespace().collect();
-                if let [.., number, kind] = words.as_slice() {
-                    let number: u64 = number.parse().unwrap_or(0);
-                    match *kind {
-                        "passed" => outcome.passed += number,
-                        "failed" => outcome.failed += number,
-                        _ => {}
-                    }
-                }
-            }
-        }
+        outcome.counts.add_line(line);
         if let Some(name) = line
             .strip_prefix("test ")
             .and_then(|l| l.strip_suffix(" ... FAILED"))
@@ -472,7 +458,7 @@ mod tests {
         let console = "VM-KERNEL 6.1.0-56-amd64\r\ntest a ... ok\ntest b ... FAILED\ntest result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 3 filtered out; finished in 1s\ntest result: ok. 4 passed; 0 failed; 0 ignored\nVM-FINISHED\n";
         let outcome = parse_console(console);
         assert_eq!(outcome.release, "6.1.0-56-amd64");
-        assert_eq!((outcome.passed, outcome.failed), (5, 1));
+        assert_eq!((outcome.counts.passed, outcome.counts.failed), (5, 1));
         assert_eq!(outcome.failures, ["b"]);
         assert!(outcome.finished);
     }
