@@ -101,17 +101,7 @@ fn hash_spreads_connections_over_every_worker() {
 #[test]
 fn ipv6_listen_addresses_serve() {
     root_test("ipv6_listen", || {
-        let cluster = Cluster::start(&[
-            "run",
-            "-w",
-            "2",
-            "--listen",
-            "[::1]:8080",
-            "--",
-            "node",
-            &example("node/server.js"),
-        ]);
-        cluster.wait_serving(2);
+        let cluster = Cluster::serving(2, "[::1]:8080", &["node", &example("node/server.js")]);
         let seen = distribution("[::1]:8080".parse().expect("v6 address"), 10);
         assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![(0, 5), (1, 5)]);
         let (status, _) = cluster.stop();

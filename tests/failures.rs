@@ -17,17 +17,7 @@ fn addr() -> SocketAddr {
 #[test]
 fn after_sigkill_of_a_worker_the_next_200_connections_all_succeed() {
     root_test("sigkill_worker", || {
-        let cluster = Cluster::start(&[
-            "run",
-            "-w",
-            "4",
-            "--listen",
-            ADDR,
-            "--",
-            "node",
-            &example("node/server.js"),
-        ]);
-        cluster.wait_serving(4);
+        let cluster = Cluster::serving(4, ADDR, &["node", &example("node/server.js")]);
         let victim = get(addr()).expect("first request");
         signal(victim.pid, Signal::SIGKILL);
 

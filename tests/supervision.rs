@@ -121,17 +121,7 @@ fn programs_that_say_ready_1_are_ready_by_notify_socket() {
 #[test]
 fn sigkill_of_a_worker_loses_no_connection_in_2000() {
     root_test("sigkill_under_load", || {
-        let cluster = Cluster::start(&[
-            "run",
-            "-w",
-            "4",
-            "--listen",
-            ADDR,
-            "--",
-            "python3",
-            &example("python/server.py"),
-        ]);
-        cluster.wait_serving(4);
+        let cluster = Cluster::serving(4, ADDR, &["python3", &example("python/server.py")]);
         let done = Arc::new(AtomicUsize::new(0));
         let client = {
             let done = Arc::clone(&done);
@@ -238,17 +228,7 @@ fn a_worker_that_ignores_term_is_killed_after_grace() {
 #[test]
 fn quit_stops_at_once() {
     root_test("quit_fast", || {
-        let mut cluster = Cluster::start(&[
-            "run",
-            "-w",
-            "2",
-            "--listen",
-            ADDR,
-            "--",
-            "python3",
-            &example("python/server.py"),
-        ]);
-        cluster.wait_serving(2);
+        let mut cluster = Cluster::serving(2, ADDR, &["python3", &example("python/server.py")]);
         signal(cluster.pid(), Signal::SIGQUIT);
         let status = cluster.wait(Duration::from_secs(5));
         assert!(status.success());
@@ -413,10 +393,7 @@ fn orphans_of_workers_are_reaped_not_left_as_zombies() {
         // The shell leaves a short-lived grandchild behind and becomes the server: the
         // grandchild is re-parented to the primary (a subreaper, as PID 1 in a container).
         let script = format!("(sleep 1 &); exec python3 {}", example("python/server.py"));
-        let cluster = Cluster::start(&[
-            "run", "-w", "1", "--listen", ADDR, "--", "sh", "-c", &script,
-        ]);
-        cluster.wait_serving(1);
+        let cluster = Cluster::serving(1, ADDR, &["sh", "-c", &script]);
         let primary = cluster.pid();
         let children = || {
             std::fs::read_to_string(format!("/proc/{primary}/task/{primary}/children"))

@@ -112,6 +112,17 @@ impl Cluster {
         Cluster::start_with(args, |_| {})
     }
 
+    /// `cluster-lb run -w WORKERS --listen LISTEN -- SERVER...`, returned once every worker
+    /// serves and is ready.
+    pub fn serving(workers: usize, listen: &str, server: &[&str]) -> Cluster {
+        let n = workers.to_string();
+        let mut args = vec!["run", "-w", &n, "--listen", listen, "--"];
+        args.extend_from_slice(server);
+        let cluster = Cluster::start(&args);
+        cluster.wait_serving(workers);
+        cluster
+    }
+
     /// Like `start`, with a chance to change the command (environment, capabilities).
     pub fn start_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Cluster {
         let mut command = Command::new(workspace_binary("cluster-lb"));
