@@ -2,9 +2,7 @@
 
 use std::net::SocketAddr;
 
-use cluster_lb_tests::{
-    distribution, example, logged_counters, root_test, workspace_binary, Cluster,
-};
+use cluster_lb_tests::{distribution, example, root_test, workspace_binary, Cluster};
 
 const ADDR: &str = "127.0.0.1:8080";
 
@@ -13,7 +11,7 @@ fn addr() -> SocketAddr {
 }
 
 /// 400 sequential connections to 4 workers under round robin: exactly 100 each, and the
-/// program's own counters (logged at stop, read through the kernel layer) say the same.
+/// program's own counters (in `status`) say the same.
 fn exact_round_robin(server: &[&str]) {
     let mut args = vec![
         "run",
@@ -27,20 +25,28 @@ fn exact_round_robin(server: &[&str]) {
     ];
     args.extend_from_slice(server);
     let cluster = Cluster::start(&args);
-    cluster.wait_serving(4);
+    cluster.wait_until_ready(4);
 
     let seen = distribution(addr(), 400);
     let expected: Vec<(u32, usize)> = (0..4).map(|id| (id, 100)).collect();
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), expected);
 
-    let (status, log) = cluster.stop();
-    assert!(status.success(), "cluster-lb exit: {status}");
-    let counters = logged_counters(&log);
-    assert_eq!(counters.len(), 4, "one counter line per worker: {log:#?}");
-    for (id, (selected, fallback, migrated)) in counters {
-        assert_eq!(selected, 100, "kernel counted {selected} for worker {id}");
-        assert_eq!((fallback, migrated), (0, 0), "worker {id}");
+    let status = cluster.status();
+    assert_eq!(status.strategy, "round-robin");
+    for worker in &status.workers {
+        assert_eq!(
+            (worker.selected, worker.fallback, worker.migrated),
+            (100, 0, 0),
+            "kernel counters of worker {}",
+            worker.id
+        );
     }
+    let stopped = cluster.stop();
+    assert!(
+        stopped.status.success(),
+        "cluster-lb exit: {}",
+        stopped.status
+    );
 }
 
 #[test]
@@ -82,7 +88,7 @@ fn hash_spreads_connections_over_every_worker() {
             "python3",
             &example("python/server.py"),
         ]);
-        cluster.wait_serving(4);
+        cluster.wait_until_ready(4);
         let seen = distribution(addr(), 400);
         assert_eq!(seen.len(), 4, "every worker got connections: {seen:?}");
         for (id, count) in &seen {
@@ -91,10 +97,9 @@ fn hash_spreads_connections_over_every_worker() {
                 "worker {id} got {count} of 400 (< 15%): {seen:?}"
             );
         }
-        let (status, log) = cluster.stop();
-        assert!(status.success());
-        let counted: u64 = logged_counters(&log).values().map(|c| c.0).sum();
+        let counted: u64 = cluster.status().workers.iter().map(|w| w.selected).sum();
         assert_eq!(counted, 400, "the kernel placed every connection");
+        assert!(cluster.stop().status.success());
     });
 }
 
@@ -104,7 +109,6 @@ fn ipv6_listen_addresses_serve() {
         let cluster = Cluster::serving(2, "[::1]:8080", &["node", &example("node/server.js")]);
         let seen = distribution("[::1]:8080".parse().expect("v6 address"), 10);
         assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![(0, 5), (1, 5)]);
-        let (status, _) = cluster.stop();
-        assert!(status.success());
+        assert!(cluster.stop().status.success());
     });
 }

@@ -5,7 +5,7 @@ use std::{
     collections::BTreeMap,
     net::{SocketAddr, TcpStream},
     os::unix::net::UnixDatagram,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -15,8 +15,8 @@ use std::{
 };
 
 use cluster_lb::{
-    control::{request, Request},
-    supervisor::ClusterStatus,
+    control::{request, Reply, Request},
+    supervisor::WorkerState,
 };
 use cluster_lb_tests::{get, root_test, signal, workspace_binary, Cluster};
 use nix::sys::signal::Signal;
@@ -29,15 +29,15 @@ fn addr() -> SocketAddr {
     ADDR.parse().expect("test address")
 }
 
-fn control_path(test: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("clb-{test}-{}.sock", std::process::id()))
+fn rust_server() -> String {
+    workspace_binary("example-rust-server")
+        .display()
+        .to_string()
 }
 
-fn start(test: &str, workers: u32) -> (Cluster, PathBuf) {
-    let control = control_path(test);
-    let server = workspace_binary("example-rust-server")
-        .display()
-        .to_string();
+/// `workers` Rust example servers with metrics, returned once all are ready.
+fn start(workers: u32) -> Cluster {
+    let server = rust_server();
     let n = workers.to_string();
     let cluster = Cluster::start(&[
         "run",
@@ -45,20 +45,18 @@ fn start(test: &str, workers: u32) -> (Cluster, PathBuf) {
         &n,
         "--listen",
         ADDR,
-        "--control",
-        control.to_str().expect("path"),
         "--metrics",
         METRICS,
         "--",
         &server,
     ]);
-    cluster.wait_serving(workers as usize);
-    (cluster, control)
+    cluster.wait_until_ready(workers as usize);
+    cluster
 }
 
-fn status(control: &Path) -> ClusterStatus {
-    let answer = request(control, &Request::Status, Duration::from_secs(5)).expect("status");
-    serde_json::from_value(answer["status"].clone()).expect("status format")
+fn control_request(control: &Path, request_: Request) -> Reply {
+    request(control, &request_, Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{request_:?}: {e}"))
 }
 
 /// What the clients saw: answers per worker pid, and the failures.
@@ -122,30 +120,22 @@ fn metrics_text() -> String {
 #[test]
 fn three_reloads_and_scaling_under_load_fail_no_request() {
     root_test("reload_under_load", || {
-        let (cluster, control) = start("reload-load", 4);
+        let cluster = start(4);
+        let control = cluster.control().to_path_buf();
         let started = Instant::now();
         let load = Load::start();
         thread::sleep(Duration::from_secs(1));
-        for round in 1..=3 {
-            let answer = request(&control, &Request::Reload, Duration::from_secs(120))
-                .unwrap_or_else(|e| panic!("reload {round}: {e:#}"));
-            assert_eq!(answer["message"], "reload complete: 4 workers replaced");
+        for _ in 1..=3 {
+            let reply = control_request(&control, Request::Reload);
+            assert_eq!(reply, Reply::Reloaded { replaced: 4 });
             thread::sleep(Duration::from_millis(1500));
         }
-        request(
-            &control,
-            &Request::Scale { workers: 6 },
-            Duration::from_secs(5),
-        )
-        .expect("scale up");
-        cluster.wait_count(") ready (", 4 + 12 + 2);
+        let reply = control_request(&control, Request::Scale { workers: 6 });
+        assert_eq!(reply, Reply::Scaling { from: 4, to: 6 });
+        cluster.wait_until_ready(6);
         thread::sleep(Duration::from_millis(1500));
-        request(
-            &control,
-            &Request::Scale { workers: 3 },
-            Duration::from_secs(5),
-        )
-        .expect("scale down");
+        control_request(&control, Request::Scale { workers: 3 });
+        cluster.wait_until_ready(3);
         thread::sleep(Duration::from_millis(1500));
         while started.elapsed() < Duration::from_secs(12) {
             thread::sleep(Duration::from_millis(100));
@@ -164,7 +154,7 @@ fn three_reloads_and_scaling_under_load_fail_no_request() {
             &failures[..failures.len().min(10)]
         );
 
-        let final_set = status(&control);
+        let final_set = cluster.status();
         assert_eq!(final_set.reloads, 3);
         assert_eq!(final_set.workers.len(), 3, "{final_set:?}");
         let metrics = metrics_text();
@@ -176,7 +166,7 @@ fn three_reloads_and_scaling_under_load_fail_no_request() {
                 worker.id,
                 worker.pid
             );
-            assert_eq!(worker.state, "ready");
+            assert_eq!(worker.state, WorkerState::Ready);
             assert_eq!(
                 worker.selected, seen,
                 "kernel and clients disagree on pid {}",
@@ -199,15 +189,14 @@ fn three_reloads_and_scaling_under_load_fail_no_request() {
             metrics.contains("cluster_lb_workers{state=\"ready\"} 3\n"),
             "{metrics}"
         );
-        let (status, _) = cluster.stop();
-        assert!(status.success());
+        assert!(cluster.stop().status.success());
     });
 }
 
 #[test]
 fn connections_queued_on_a_stopped_worker_migrate_when_it_dies() {
     root_test("drain_migration", || {
-        let (cluster, control) = start("migration", 4);
+        let cluster = start(4);
         let victim = get(addr()).expect("a request").pid;
         signal(victim, Signal::SIGSTOP);
         let clients: Vec<_> = (0..50).map(|_| thread::spawn(|| get(addr()))).collect();
@@ -223,8 +212,8 @@ fn connections_queued_on_a_stopped_worker_migrate_when_it_dies() {
             assert_ne!(answer.pid, victim);
             *served_by.entry(answer.pid).or_insert(0) += 1;
         }
-        cluster.wait_count(") ready (", 5);
-        let migrated: u64 = status(&control).workers.iter().map(|w| w.migrated).sum();
+        cluster.wait_until_ready(4);
+        let migrated: u64 = cluster.status().workers.iter().map(|w| w.migrated).sum();
         eprintln!(
             "50 connections, {migrated} migrated off the killed worker, served by {served_by:?}"
         );
@@ -232,15 +221,14 @@ fn connections_queued_on_a_stopped_worker_migrate_when_it_dies() {
             migrated >= 5,
             "the kernel moved the stopped worker's queue: {migrated}"
         );
-        let (status, _) = cluster.stop();
-        assert!(status.success());
+        assert!(cluster.stop().status.success());
     });
 }
 
 #[test]
 fn a_worker_killed_under_load_loses_at_most_what_it_had_accepted() {
     root_test("kill_under_load", || {
-        let (cluster, control) = start("kill-load", 4);
+        let cluster = start(4);
         let load = Load::start();
         thread::sleep(Duration::from_secs(2));
         let victim = get(addr()).expect("a request").pid;
@@ -248,14 +236,13 @@ fn a_worker_killed_under_load_loses_at_most_what_it_had_accepted() {
         thread::sleep(Duration::from_secs(2));
         let (answered, failures) = load.finish();
         let sent: u64 = answered.values().sum::<u64>() + failures.len() as u64;
-        let migrated: u64 = status(&control).workers.iter().map(|w| w.migrated).sum();
+        let migrated: u64 = cluster.status().workers.iter().map(|w| w.migrated).sum();
         eprintln!(
             "kill under load: {sent} requests, {} failed (each client has one in flight, so at most {CLIENTS}), {migrated} queued connections migrated",
             failures.len()
         );
         assert!(failures.len() <= CLIENTS, "{failures:?}");
-        let (status, _) = cluster.stop();
-        assert!(status.success());
+        assert!(cluster.stop().status.success());
     });
 }
 
@@ -269,22 +256,9 @@ fn systemd_hears_ready_reloading_and_stopping() {
         systemd
             .set_read_timeout(Some(Duration::from_secs(20)))
             .expect("timeout");
-        let server = workspace_binary("example-rust-server")
-            .display()
-            .to_string();
-        let control = control_path("notify");
+        let server = rust_server();
         let cluster = Cluster::start_with(
-            &[
-                "run",
-                "-w",
-                "2",
-                "--listen",
-                ADDR,
-                "--control",
-                control.to_str().expect("path"),
-                "--",
-                &server,
-            ],
+            &["run", "-w", "2", "--listen", ADDR, "--", &server],
             |command| {
                 command.env("NOTIFY_SOCKET", &path);
             },
@@ -308,10 +282,133 @@ fn systemd_hears_ready_reloading_and_stopping() {
             .expect("usec");
         assert!(usec > 0);
         assert_eq!(next(), "READY=1");
-        cluster.wait_for_log("reload complete", Duration::from_secs(10));
-        let (status, _) = cluster.stop();
-        assert!(status.success());
+        let reloaded = cluster.wait_for_event("reload-finished", Duration::from_secs(10), |_| true);
+        assert_eq!(reloaded["ok"], true);
+        assert!(cluster.stop().status.success());
         assert_eq!(next(), "STOPPING=1");
         let _ = std::fs::remove_file(&path);
+    });
+}
+
+/// A small deterministic generator, seeded from the clock and printed, so a failing run can be
+/// replayed by setting CHAOS_SEED.
+struct Chaos(u64);
+
+impl Chaos {
+    fn new() -> Chaos {
+        let seed = std::env::var("CHAOS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
+        eprintln!("chaos seed {seed} (CHAOS_SEED={seed} replays it)");
+        Chaos(seed | 1)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+    }
+}
+
+/// 20 s of random SIGKILLs, reloads and scales under a sequential client: no more failed
+/// connections than kills (a killed worker loses at most the one connection it had accepted;
+/// its queue migrates), and 10 s after the chaos every wanted worker is ready.
+#[test]
+fn twenty_seconds_of_kills_reloads_and_scales_end_with_every_wanted_worker_ready() {
+    root_test("chaos", || {
+        let cluster = start(4);
+        let control = cluster.control().to_path_buf();
+        let stop = Arc::new(AtomicBool::new(false));
+        let client = {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let (mut answered, mut failures) = (0u64, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    match get(addr()) {
+                        Ok(_) => answered += 1,
+                        Err(e) => failures.push(format!("{e:#}")),
+                    }
+                }
+                (answered, failures)
+            })
+        };
+        let mut chaos = Chaos::new();
+        let (mut kills, mut reloads, mut scales) = (0u64, 0u64, 0u64);
+        let until = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < until {
+            thread::sleep(Duration::from_millis(200 + chaos.below(600)));
+            match chaos.below(3) {
+                0 => {
+                    let serving: Vec<i32> = cluster
+                        .status()
+                        .workers
+                        .iter()
+                        .filter(|w| w.state == WorkerState::Ready)
+                        .map(|w| w.pid)
+                        .collect();
+                    if let Some(&pid) =
+                        serving.get(chaos.below(serving.len().max(1) as u64) as usize)
+                    {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            Signal::SIGKILL,
+                        );
+                        kills += 1;
+                    }
+                }
+                1 => {
+                    // A reload answers when it is done; the chaos does not wait for it.
+                    let control = control.clone();
+                    thread::spawn(move || {
+                        request(&control, &Request::Reload, Duration::from_secs(120))
+                    });
+                    reloads += 1;
+                }
+                _ => {
+                    let workers = 2 + chaos.below(5) as u32;
+                    let _ = request(
+                        &control,
+                        &Request::Scale { workers },
+                        Duration::from_secs(5),
+                    );
+                    scales += 1;
+                }
+            }
+        }
+        let wanted = cluster.status().desired as usize;
+        let settled = Instant::now();
+        let status = cluster.wait_until(
+            &format!("{wanted} workers ready"),
+            Duration::from_secs(10),
+            |status| {
+                !status.reloading
+                    && status.workers.len() == wanted
+                    && status.workers.iter().all(|w| w.state == WorkerState::Ready)
+            },
+        );
+        let took = settled.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        let (answered, failures) = client.join().expect("client");
+        eprintln!(
+            "chaos: {kills} kills, {reloads} reloads, {scales} scales in 20 s; {answered} requests answered, {} failed; {wanted} wanted workers ready {:.1} s after the chaos",
+            failures.len(),
+            took.as_secs_f64()
+        );
+        assert!(
+            failures.len() as u64 <= kills,
+            "{} failures for {kills} kills: {failures:?}",
+            failures.len()
+        );
+        let mut ids: Vec<u32> = status.workers.iter().map(|w| w.id).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, (0..wanted as u32).collect::<Vec<_>>());
+        assert!(cluster.stop().status.success());
     });
 }

@@ -9,6 +9,10 @@
 /// reuseport group can hold. Bounds the program's fallback loop, so keep it modest.
 pub const MAX_SLOTS: u32 = 128;
 
+/// Most workers per cluster: half the slots, so every worker can have a replacement starting
+/// beside it during a rolling reload.
+pub const MAX_WORKERS: u32 = MAX_SLOTS / 2;
+
 /// REUSEPORT_SOCKARRAY: slot -> the worker's listening socket.
 pub const MAP_SOCKETS: &str = "CLB_SOCKETS";
 /// ARRAY of two [`ActiveSet`]s: the primary fills the one not in use, then flips

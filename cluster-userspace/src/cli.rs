@@ -2,19 +2,35 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
-use cluster_common::MAX_SLOTS;
+use cluster_common::MAX_WORKERS;
 
 use crate::{
-    kernel::Strategy, listen_addr::ListenAddr, logging::Format, privileges, supervisor::Config,
+    kernel::Strategy,
+    listen_addr::ListenAddr,
+    logging::Format,
+    privileges::{self, UserError},
+    run::RunOptions,
+    supervisor::{lifecycle::Timing, Config, SignalPolicy},
 };
 
-/// Most workers per cluster: half the slots, so every worker can have a replacement starting
-/// beside it during a rolling reload.
-pub const MAX_WORKERS: u32 = MAX_SLOTS / 2;
 /// Most --listen addresses (each worker gets one socket per address).
 pub const MAX_LISTEN: usize = 32;
+
+/// What the command line asks for that cannot work, found after parsing.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--listen {0} is given twice; each address needs one --listen")]
+    DuplicateListen(ListenAddr),
+    #[error("{0} --listen addresses, the most is {MAX_LISTEN}")]
+    TooManyListen(usize),
+    #[error(
+        "--ready-timeout must be more than 0 seconds: a new worker needs some time to get ready"
+    )]
+    ReadyTimeoutZero,
+    #[error(transparent)]
+    User(#[from] UserError),
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -155,17 +171,24 @@ fn parse_seconds(text: &str) -> Result<f64, String> {
 
 impl RunArgs {
     /// Checks what clap cannot see one argument at a time, and fills in defaults.
-    pub fn into_config(self) -> Result<Config> {
+    pub fn into_options(self) -> Result<RunOptions, ConfigError> {
         let mut seen = HashSet::new();
         for addr in &self.listen {
             if !seen.insert(*addr) {
-                bail!("--listen {addr} is given twice; each address needs one --listen");
+                return Err(ConfigError::DuplicateListen(*addr));
             }
         }
         if self.listen.len() > MAX_LISTEN {
-            bail!(
-                "{} --listen addresses, the most is {MAX_LISTEN}",
-                self.listen.len()
+            return Err(ConfigError::TooManyListen(self.listen.len()));
+        }
+        if self.ready_timeout <= 0.0 {
+            return Err(ConfigError::ReadyTimeoutZero);
+        }
+        if self.ready_timeout <= self.ready_delay {
+            log::warn!(
+                "--ready-timeout {}s is not longer than --ready-delay {}s: only workers that signal readiness (READY=1, listening) can be ready in time",
+                self.ready_timeout,
+                self.ready_delay
             );
         }
         let workers = match self.workers {
@@ -176,21 +199,30 @@ impl RunArgs {
                 .min(MAX_WORKERS),
         };
         let credentials = privileges::resolve(self.user.as_deref(), self.group.as_deref())?;
-        Ok(Config {
+        let supervisor = Config {
             workers,
             listen: self.listen,
             strategy: self.strategy,
             require_ebpf: self.require_ebpf,
-            grace: Duration::from_secs(self.grace),
-            ready_delay: Duration::from_secs_f64(self.ready_delay),
-            ready_timeout: Duration::from_secs_f64(self.ready_timeout),
+            timing: Timing {
+                grace: Duration::from_secs(self.grace),
+                ready_delay: Duration::from_secs_f64(self.ready_delay),
+                ready_timeout: Duration::from_secs_f64(self.ready_timeout),
+            },
             credentials,
+            command: self.command,
+            // The command-line primary owns its process: signals are its interface, and it
+            // may be PID 1 in a container, where orphans must be reaped.
+            signals: SignalPolicy::Handle,
+            subreaper: true,
+        };
+        Ok(RunOptions {
+            supervisor,
             control: Some(match self.control {
                 Some(path) => (path, true),
                 None => (crate::control::default_path(), false),
             }),
             metrics: self.metrics.map(|addr| addr.socket_addr()),
-            command: self.command,
         })
     }
 }
@@ -217,7 +249,9 @@ mod tests {
         let Command::Run(run) = cli.command else {
             return Err("not a run command".into());
         };
-        run.into_config().map_err(|e| e.to_string())
+        run.into_options()
+            .map(|options| options.supervisor)
+            .map_err(|e| e.to_string())
     }
 
     #[test]

@@ -3,10 +3,8 @@
 
 use std::{path::Path, time::Duration};
 
-use anyhow::{Context, Result};
-
 use crate::{
-    control::{request, Request},
+    control::{request, ControlError, Reply, Request},
     supervisor::ClusterStatus,
 };
 
@@ -14,33 +12,50 @@ use crate::{
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(600);
 const QUICK_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub fn status(path: &Path, json: bool) -> Result<()> {
-    let answer = request(path, &Request::Status, QUICK_TIMEOUT)?;
+pub fn status(path: &Path, json: bool) -> Result<(), ControlError> {
+    let status = fetch_status(path)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&answer["status"])?);
-        return Ok(());
+        let text = serde_json::to_string_pretty(&status).map_err(|e| ControlError::BadAnswer {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        println!("{text}");
+    } else {
+        print!("{}", table(&status));
     }
-    let status: ClusterStatus =
-        serde_json::from_value(answer["status"].clone()).context("unexpected status format")?;
-    print!("{}", table(&status));
     Ok(())
 }
 
-pub fn reload(path: &Path) -> Result<()> {
+/// The status of the primary at `path`.
+pub fn fetch_status(path: &Path) -> Result<ClusterStatus, ControlError> {
+    match request(path, &Request::Status, QUICK_TIMEOUT)? {
+        Reply::Status { status } => Ok(status),
+        other => Err(unexpected(path, &other)),
+    }
+}
+
+pub fn reload(path: &Path) -> Result<(), ControlError> {
     say(request(path, &Request::Reload, RELOAD_TIMEOUT)?)
 }
 
-pub fn scale(path: &Path, workers: u32) -> Result<()> {
+pub fn scale(path: &Path, workers: u32) -> Result<(), ControlError> {
     say(request(path, &Request::Scale { workers }, QUICK_TIMEOUT)?)
 }
 
-pub fn stop(path: &Path) -> Result<()> {
+pub fn stop(path: &Path) -> Result<(), ControlError> {
     say(request(path, &Request::Stop, QUICK_TIMEOUT)?)
 }
 
-fn say(answer: serde_json::Value) -> Result<()> {
-    println!("{}", answer["message"].as_str().unwrap_or("ok"));
+fn say(reply: Reply) -> Result<(), ControlError> {
+    println!("{reply}");
     Ok(())
+}
+
+fn unexpected(path: &Path, reply: &Reply) -> ControlError {
+    ControlError::BadAnswer {
+        path: path.to_path_buf(),
+        detail: format!("unexpected reply {reply:?}"),
+    }
 }
 
 /// The human form of `status`.

@@ -1,5 +1,6 @@
 //! The control socket: a Unix stream socket (mode 0600) where `cluster-lb status | reload |
-//! scale N | stop` reach a running primary. One JSON request line in, one JSON answer line out.
+//! scale N | stop` reach a running primary. One JSON [`Request`] line in, one JSON [`Reply`]
+//! line out; both sides use these types, so they cannot drift apart.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -8,12 +9,10 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
-use crate::supervisor::{Control, Handle};
+use crate::supervisor::{ClusterStatus, Handle};
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 4096;
@@ -25,6 +24,69 @@ pub enum Request {
     Reload,
     Scale { workers: u32 },
     Stop,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Reply {
+    Status {
+        status: ClusterStatus,
+    },
+    /// The rolling reload completed.
+    Reloaded {
+        replaced: u32,
+    },
+    Scaling {
+        from: u32,
+        to: u32,
+    },
+    Stopping,
+    /// The request was not carried out; `error` says why in one line.
+    Refused {
+        error: String,
+    },
+}
+
+impl std::fmt::Display for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reply::Status { status } => write!(f, "{} workers", status.workers.len()),
+            Reply::Reloaded { replaced } => {
+                write!(f, "reload complete: {replaced} workers replaced")
+            }
+            Reply::Scaling { from, to } => write!(f, "scaling from {from} to {to} workers"),
+            Reply::Stopping => f.write_str("stopping"),
+            Reply::Refused { error } => f.write_str(error),
+        }
+    }
+}
+
+/// Why a control request got no useful answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot reach a cluster-lb primary at {path} ({source}); is it running? is --control right?")]
+    Unreachable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the primary at {path} did not answer within {secs}s", secs = .timeout.as_secs())]
+    Timeout { path: PathBuf, timeout: Duration },
+    #[error("talking to the primary at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the primary at {path} gave an answer this cluster-lb does not understand: {detail}")]
+    BadAnswer { path: PathBuf, detail: String },
+    #[error("{0}")]
+    Refused(String),
+    #[error("cannot create the control socket {path}: {source}")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("control socket {0} is in use by another cluster-lb; pass another --control PATH")]
+    InUse(PathBuf),
 }
 
 /// Where the control socket lives unless `--control` says otherwise.
@@ -52,11 +114,19 @@ impl Drop for ControlSocket {
 /// Listens on `path`. A socket file nobody answers on is stale and replaced. When another
 /// primary answers there: an error if the path was asked for, else a warning and no control
 /// socket (so a second cluster on the host still runs; give it --control to manage it).
-pub fn serve(path: &Path, explicit: bool, handle: Handle) -> Result<Option<ControlSocket>> {
+pub fn serve(
+    path: &Path,
+    explicit: bool,
+    handle: Handle,
+) -> Result<Option<ControlSocket>, ControlError> {
+    let create = |source| ControlError::Create {
+        path: path.to_path_buf(),
+        source,
+    };
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
             if explicit {
-                bail!("control socket {} is in use by another cluster-lb; pass another --control PATH", path.display());
+                return Err(ControlError::InUse(path.to_path_buf()));
             }
             log::warn!(
                 "control socket {} is in use by another cluster-lb; this one has none (pass --control PATH to manage it)",
@@ -64,11 +134,10 @@ pub fn serve(path: &Path, explicit: bool, handle: Handle) -> Result<Option<Contr
             );
             return Ok(None);
         }
-        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+        std::fs::remove_file(path).map_err(create)?;
     }
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent).map_err(create)?;
     }
     let listener = match tokio::net::UnixListener::bind(path) {
         Ok(listener) => listener,
@@ -79,19 +148,15 @@ pub fn serve(path: &Path, explicit: bool, handle: Handle) -> Result<Option<Contr
             );
             return Ok(None);
         }
-        Err(e) => {
-            return Err(e)
-                .with_context(|| format!("cannot create the control socket {}", path.display()))
-        }
+        Err(e) => return Err(create(e)),
     };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(create)?;
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let handle = handle.clone();
             tokio::spawn(async move {
                 if let Err(e) = answer(stream, handle).await {
-                    log::debug!("control connection: {e:#}");
+                    log::debug!("control connection: {e}");
                 }
             });
         }
@@ -101,68 +166,85 @@ pub fn serve(path: &Path, explicit: bool, handle: Handle) -> Result<Option<Contr
     }))
 }
 
-async fn answer(stream: tokio::net::UnixStream, handle: Handle) -> Result<()> {
+async fn answer(stream: tokio::net::UnixStream, handle: Handle) -> std::io::Result<()> {
     let (reader, mut writer) = stream.into_split();
     let mut line = String::new();
     tokio::io::BufReader::new(reader.take(MAX_REQUEST))
         .read_line(&mut line)
         .await?;
     let reply = match serde_json::from_str::<Request>(line.trim()) {
-        Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+        Err(e) => Reply::Refused {
+            error: format!("bad request: {e}"),
+        },
         Ok(request) => execute(request, &handle).await,
     };
-    writer.write_all(format!("{reply}\n").as_bytes()).await?;
-    Ok(())
+    let mut text = serde_json::to_string(&reply).map_err(std::io::Error::other)?;
+    text.push('\n');
+    writer.write_all(text.as_bytes()).await
 }
 
-async fn execute(request: Request, handle: &Handle) -> Value {
+async fn execute(request: Request, handle: &Handle) -> Reply {
+    let refused = |error: &dyn std::fmt::Display| Reply::Refused {
+        error: error.to_string(),
+    };
     match request {
         Request::Status => match handle.status().await {
-            Some(status) => json!({"ok": true, "status": status}),
-            None => json!({"ok": false, "error": "the primary is stopping"}),
+            Some(status) => Reply::Status { status },
+            None => refused(&"the primary is stopping"),
         },
         Request::Reload => match handle.reload().await {
-            Ok(message) => json!({"ok": true, "message": message}),
-            Err(error) => json!({"ok": false, "error": error}),
+            Ok(replaced) => Reply::Reloaded { replaced },
+            Err(error) => refused(&error),
         },
         Request::Scale { workers } => {
-            if workers == 0 || workers > crate::cli::MAX_WORKERS {
-                return json!({"ok": false, "error": format!("workers must be 1..={}", crate::cli::MAX_WORKERS)});
+            let most = cluster_common::MAX_WORKERS;
+            if workers == 0 || workers > most {
+                return refused(&format!("workers must be 1..={most}"));
             }
-            handle.scale(workers);
-            json!({"ok": true, "message": format!("scaling to {workers} workers")})
+            match handle.scale(workers).await {
+                Ok(from) => Reply::Scaling { from, to: workers },
+                Err(error) => refused(&error),
+            }
         }
         Request::Stop => {
-            handle.request(Control::Stop { fast: false });
-            json!({"ok": true, "message": "stopping"})
+            handle.stop();
+            Reply::Stopping
         }
     }
 }
 
-/// Client side: sends `request` to the primary at `path` and returns its answer.
-pub fn request(path: &Path, request: &Request, timeout: Duration) -> Result<Value> {
-    let mut stream = UnixStream::connect(path).with_context(|| {
-        format!(
-            "cannot reach a cluster-lb primary at {} (is it running? is --control right?)",
-            path.display()
-        )
+/// Client side: sends `request` to the primary at `path` and returns its answer; a refusal is
+/// an error.
+pub fn request(path: &Path, request: &Request, timeout: Duration) -> Result<Reply, ControlError> {
+    let io = |source: std::io::Error| match source.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ControlError::Timeout {
+            path: path.to_path_buf(),
+            timeout,
+        },
+        _ => ControlError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+    };
+    let mut stream = UnixStream::connect(path).map_err(|source| ControlError::Unreachable {
+        path: path.to_path_buf(),
+        source,
     })?;
-    stream.set_read_timeout(Some(timeout))?;
-    let line = serde_json::to_string(request)?;
-    stream.write_all(format!("{line}\n").as_bytes())?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    let mut line = serde_json::to_string(request).map_err(|e| io(std::io::Error::other(e)))?;
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(io)?;
     let mut answer = String::new();
-    BufReader::new(stream)
-        .read_line(&mut answer)
-        .context("reading the primary's answer")?;
-    let value: Value =
-        serde_json::from_str(answer.trim()).context("the primary's answer is not JSON")?;
-    if value["ok"] != json!(true) {
-        bail!(
-            "{}",
-            value["error"].as_str().unwrap_or("the primary refused")
-        );
+    BufReader::new(stream).read_line(&mut answer).map_err(io)?;
+    let reply: Reply =
+        serde_json::from_str(answer.trim()).map_err(|e| ControlError::BadAnswer {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+    match reply {
+        Reply::Refused { error } => Err(ControlError::Refused(error)),
+        reply => Ok(reply),
     }
-    Ok(value)
 }
 
 #[cfg(test)]
@@ -170,7 +252,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn requests_have_the_documented_shape() {
+    fn requests_and_replies_have_the_documented_shape() {
         assert_eq!(
             serde_json::to_string(&Request::Status).unwrap(),
             r#"{"cmd":"status"}"#
@@ -180,5 +262,11 @@ mod tests {
             Request::Scale { workers: 3 }
         );
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"format-disk"}"#).is_err());
+        assert_eq!(
+            serde_json::to_string(&Reply::Scaling { from: 2, to: 3 }).unwrap(),
+            r#"{"reply":"scaling","from":2,"to":3}"#
+        );
+        let refused: Reply = serde_json::from_str(r#"{"reply":"refused","error":"no"}"#).unwrap();
+        assert_eq!(refused.to_string(), "no");
     }
 }

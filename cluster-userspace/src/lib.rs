@@ -1,5 +1,5 @@
 //! cluster-lb: N copies of any server program share one port; an eBPF sk_reuseport program in
-//! the kernel picks the worker for each new connection. See DESIGN.md for the architecture.
+//! the kernel picks the worker for each new connection. See docs/ARCHITECTURE.md for the architecture.
 //!
 //! The binary is a thin `main.rs` over these modules; the integration tests and embedders use
 //! them directly.
@@ -13,6 +13,7 @@ pub mod listen_addr;
 pub mod logging;
 pub mod metrics;
 pub mod privileges;
+pub mod run;
 pub mod slots;
 pub mod sockets;
 pub mod spawn;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use cluster_lb::{
     cli::{one_line_error, Cli, Command},
-    client, logging, supervisor,
+    client, logging, run,
 };
 
 fn main() -> ExitCode {
@@ -24,21 +24,28 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = match cli.command {
+    let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Run(args) => {
             logging::init(args.log_format);
-            args.into_config().and_then(supervisor::run)
+            match args.into_options() {
+                Ok(options) => run::run(options).map_err(Into::into),
+                Err(error) => Err(error.into()),
+            }
         }
-        Command::Status { control, json } => client::status(&control.path(), json),
-        Command::Reload { control } => client::reload(&control.path()),
-        Command::Scale { workers, control } => client::scale(&control.path(), workers),
-        Command::Stop { control } => client::stop(&control.path()),
+        Command::Status { control, json } => {
+            client::status(&control.path(), json).map_err(Into::into)
+        }
+        Command::Reload { control } => client::reload(&control.path()).map_err(Into::into),
+        Command::Scale { workers, control } => {
+            client::scale(&control.path(), workers).map_err(Into::into)
+        }
+        Command::Stop { control } => client::stop(&control.path()).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            // `{:#}` puts the whole chain of causes on one line.
-            eprintln!("cluster-lb: error: {error:#}");
+            // Every error's Display is one line that names the problem and what to do.
+            eprintln!("cluster-lb: error: {error}");
             ExitCode::FAILURE
         }
     }

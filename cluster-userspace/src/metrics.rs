@@ -4,19 +4,26 @@
 
 use std::{fmt::Write as _, net::SocketAddr, time::Duration};
 
-use anyhow::{Context, Result};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
 
-use crate::supervisor::{ClusterStatus, Handle, WorkerStatus};
+use crate::supervisor::{ClusterStatus, Handle, WorkerState, WorkerStatus};
+
+/// The metrics address could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve metrics on {addr}: {source}")]
+pub struct MetricsError {
+    addr: SocketAddr,
+    source: std::io::Error,
+}
 
 /// Binds now (so a bad address fails at start-up) and serves in the background.
-pub async fn serve(addr: SocketAddr, handle: Handle) -> Result<()> {
+pub async fn serve(addr: SocketAddr, handle: Handle) -> Result<(), MetricsError> {
     let listener = TcpListener::bind(addr)
         .await
-        .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        .map_err(|source| MetricsError { addr, source })?;
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let handle = handle.clone();
@@ -115,7 +122,7 @@ pub fn render(cluster: &ClusterStatus) -> String {
         "Resident memory of each worker process.",
         per_worker(|w| w.rss_bytes),
     );
-    let states = ["starting", "ready", "draining"].map(|state| {
+    let states = WorkerState::ALL.map(|state| {
         let count = cluster.workers.iter().filter(|w| w.state == state).count() as u64;
         (format!("state=\"{state}\""), count)
     });
@@ -170,10 +177,10 @@ mod tests {
 
     #[test]
     fn exposition_has_one_sample_per_worker_and_state() {
-        let worker = |id, pid, state: &str| WorkerStatus {
+        let worker = |id, pid, state| WorkerStatus {
             id,
             pid,
-            state: state.into(),
+            state,
             uptime_s: 1.0,
             restarts: 2,
             selected: 100 + id as u64,
@@ -188,7 +195,10 @@ mod tests {
             desired: 2,
             reloads: 5,
             reloading: false,
-            workers: vec![worker(0, 10, "ready"), worker(1, 11, "draining")],
+            workers: vec![
+                worker(0, 10, WorkerState::Ready),
+                worker(1, 11, WorkerState::Draining),
+            ],
         };
         let text = render(&cluster);
         assert!(

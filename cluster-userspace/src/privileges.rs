@@ -3,17 +3,34 @@
 
 use std::ffi::CString;
 
-use anyhow::{bail, Context, Result};
 use nix::unistd::{getgrouplist, Gid, Group, User};
 
 use crate::spawn::Credentials;
 
+/// Why `--user` / `--group` cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    #[error("--group needs --user")]
+    GroupWithoutUser,
+    #[error("--user {0}: no such user on this system")]
+    NoSuchUser(String),
+    #[error("--group {0}: no such group on this system")]
+    NoSuchGroup(String),
+    #[error("looking up {what}: {source}")]
+    Lookup {
+        what: String,
+        source: nix::errno::Errno,
+    },
+    #[error("user name {0:?} contains a NUL byte")]
+    NulByte(String),
+}
+
 /// Looks up `user` (name or uid) and `group` (name or gid; default: the user's primary group).
 /// The supplementary groups are the user's, as `initgroups` would set them.
-pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Option<Credentials>> {
+pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Option<Credentials>, UserError> {
     let Some(user) = user else {
         if group.is_some() {
-            bail!("--group needs --user");
+            return Err(UserError::GroupWithoutUser);
         }
         return Ok(None);
     };
@@ -22,9 +39,13 @@ pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Option<Credent
         Some(group) => lookup_group(group)?,
         None => account.gid,
     };
-    let name = CString::new(account.name.as_bytes()).context("user name contains NUL")?;
+    let name = CString::new(account.name.as_bytes())
+        .map_err(|_| UserError::NulByte(account.name.clone()))?;
     let mut groups: Vec<libc::gid_t> = getgrouplist(&name, gid)
-        .with_context(|| format!("reading the groups of user {}", account.name))?
+        .map_err(|source| UserError::Lookup {
+            what: format!("the groups of user {}", account.name),
+            source,
+        })?
         .into_iter()
         .map(Gid::as_raw)
         .collect();
@@ -37,23 +58,29 @@ pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Option<Credent
     }))
 }
 
-fn lookup_user(user: &str) -> Result<User> {
+fn lookup_user(user: &str) -> Result<User, UserError> {
     let found = match user.parse::<u32>() {
         Ok(uid) => User::from_uid(uid.into()),
         Err(_) => User::from_name(user),
     };
     found
-        .with_context(|| format!("looking up user {user}"))?
-        .with_context(|| format!("--user {user}: no such user on this system"))
+        .map_err(|source| UserError::Lookup {
+            what: format!("user {user}"),
+            source,
+        })?
+        .ok_or_else(|| UserError::NoSuchUser(user.into()))
 }
 
-fn lookup_group(group: &str) -> Result<Gid> {
+fn lookup_group(group: &str) -> Result<Gid, UserError> {
     if let Ok(gid) = group.parse::<u32>() {
         return Ok(Gid::from_raw(gid));
     }
     Ok(Group::from_name(group)
-        .with_context(|| format!("looking up group {group}"))?
-        .with_context(|| format!("--group {group}: no such group on this system"))?
+        .map_err(|source| UserError::Lookup {
+            what: format!("group {group}"),
+            source,
+        })?
+        .ok_or_else(|| UserError::NoSuchGroup(group.into()))?
         .gid)
 }
 

@@ -20,8 +20,41 @@ use std::{
     ptr,
 };
 
-use anyhow::{bail, Context, Result};
 use nix::{sys::wait::waitpid, unistd::Pid};
+
+/// Why a worker command cannot be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("no worker command given; put it after --, e.g. -- node server.js")]
+    NoCommand,
+    #[error("the worker command is empty")]
+    EmptyCommand,
+    #[error("the worker command or its environment contains a NUL byte")]
+    NulByte,
+    #[error("cannot run {0}: command not found in PATH")]
+    NotFound(String),
+    #[error("cannot run {0}: it is not an executable file (chmod +x?)")]
+    NotExecutable(String),
+    #[error("cannot run {program}: {source}")]
+    Inaccessible {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Os {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot start {program}: {source}")]
+    Exec {
+        program: String,
+        source: std::io::Error,
+    },
+}
+
+fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> SpawnError {
+    move |source| SpawnError::Os { what, source }
+}
 
 /// Variables that describe the sockets of *this* process; a worker must only see its own.
 const INHERITED_VARIABLES_TO_DROP: &[&str] = &[
@@ -75,16 +108,14 @@ pub struct Credentials {
 impl WorkerCommand {
     /// Resolves `command[0]` on PATH now, so a typo is one clear error at start-up rather than
     /// a crash loop of workers.
-    pub fn new(command: &[String]) -> Result<WorkerCommand> {
-        let (program, _) = command
-            .split_first()
-            .context("no worker command given; put it after --, e.g. -- node server.js")?;
+    pub fn new(command: &[String]) -> Result<WorkerCommand, SpawnError> {
+        let (program, _) = command.split_first().ok_or(SpawnError::NoCommand)?;
         let path = resolve(program)?;
         let argv = command
             .iter()
             .map(|arg| CString::new(arg.as_bytes()))
             .collect::<Result<Vec<_>, _>>()
-            .context("the worker command contains a NUL byte")?;
+            .map_err(|_| SpawnError::NulByte)?;
         let base_env = env::vars_os()
             .filter(|(key, _)| {
                 !INHERITED_VARIABLES_TO_DROP
@@ -94,7 +125,7 @@ impl WorkerCommand {
             .filter_map(|(key, value)| env_entry(&key, &value))
             .collect();
         Ok(WorkerCommand {
-            path: CString::new(path.as_os_str().as_bytes()).context("NUL byte in command path")?,
+            path: CString::new(path.as_os_str().as_bytes()).map_err(|_| SpawnError::NulByte)?,
             argv,
             base_env,
         })
@@ -105,20 +136,22 @@ impl WorkerCommand {
     }
 
     /// Forks and execs one worker. Returns once the worker runs the program (or failed to).
-    pub fn spawn(&self, spec: &WorkerSpec<'_>) -> Result<Pid> {
+    pub fn spawn(&self, spec: &WorkerSpec<'_>) -> Result<Pid, SpawnError> {
         let mut envp_strings: Vec<CString> = self.base_env.clone();
+        let mut set = |entry: String| {
+            CString::new(entry)
+                .map(|entry| envp_strings.push(entry))
+                .map_err(|_| SpawnError::NulByte)
+        };
         for (key, value) in spec.env {
-            envp_strings.push(CString::new(format!("{key}={value}")).context("NUL in env")?);
+            set(format!("{key}={value}"))?;
         }
-        envp_strings.push(CString::new(format!("LISTEN_FDS={}", spec.sockets.len()))?);
+        set(format!("LISTEN_FDS={}", spec.sockets.len()))?;
         if spec.ipc.is_some() {
             let ipc_fd = LISTEN_FDS_START + spec.sockets.len() as RawFd;
-            envp_strings.push(CString::new(format!("CLUSTER_LB_IPC_FD={ipc_fd}"))?);
+            set(format!("CLUSTER_LB_IPC_FD={ipc_fd}"))?;
         }
-        envp_strings.push(CString::new(format!(
-            "LISTEN_FDNAMES={}",
-            spec.socket_names.join(":")
-        ))?);
+        set(format!("LISTEN_FDNAMES={}", spec.socket_names.join(":")))?;
         // Filled in by the child with its own pid; room for any pid_t.
         let mut listen_pid = *b"LISTEN_PID=\0\0\0\0\0\0\0\0\0\0\0\0";
         let mut envp: Vec<*const libc::c_char> = envp_strings.iter().map(|s| s.as_ptr()).collect();
@@ -129,9 +162,10 @@ impl WorkerCommand {
 
         let mut source_fds: Vec<RawFd> = spec.sockets.iter().map(|s| s.as_raw_fd()).collect();
         source_fds.extend(spec.ipc.map(|fd| fd.as_raw_fd()));
-        let dev_null = fs::File::open("/dev/null").context("opening /dev/null")?;
+        let dev_null = fs::File::open("/dev/null").map_err(os("opening /dev/null"))?;
         let (exec_error_reader, exec_error_writer) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")?;
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| os("creating a pipe")(e.into()))?;
         let parent = std::process::id() as libc::pid_t;
 
         // SAFETY: fork in a process that forks only from its one thread (the primary runs a
@@ -139,7 +173,7 @@ impl WorkerCommand {
         // prepared above, then execs or exits.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
-            return Err(std::io::Error::last_os_error()).context("fork failed");
+            return Err(os("fork failed")(std::io::Error::last_os_error()));
         }
         if pid == 0 {
             unsafe {
@@ -168,10 +202,12 @@ impl WorkerCommand {
             Ok(0) => Ok(pid),
             Ok(_) => {
                 let _ = waitpid(pid, None);
-                let error = std::io::Error::from_raw_os_error(i32::from_ne_bytes(errno));
-                bail!("cannot start {}: {error}", self.program())
+                Err(SpawnError::Exec {
+                    program: self.program(),
+                    source: std::io::Error::from_raw_os_error(i32::from_ne_bytes(errno)),
+                })
             }
-            Err(e) => Err(e).context("reading the worker's exec status"),
+            Err(e) => Err(os("reading the worker's exec status")(e)),
         }
     }
 }
@@ -287,23 +323,26 @@ fn env_entry(key: &OsStr, value: &OsStr) -> Option<CString> {
 }
 
 /// `program` as given if it has a '/', else the first executable of that name on PATH.
-fn resolve(program: &str) -> Result<PathBuf> {
+fn resolve(program: &str) -> Result<PathBuf, SpawnError> {
     if program.is_empty() {
-        bail!("the worker command is empty");
+        return Err(SpawnError::EmptyCommand);
     }
     if program.contains('/') {
         let path = PathBuf::from(program);
         return match is_executable(&path) {
             Ok(true) => Ok(path),
-            Ok(false) => bail!("cannot run {program}: it is not an executable file (chmod +x?)"),
-            Err(e) => bail!("cannot run {program}: {e}"),
+            Ok(false) => Err(SpawnError::NotExecutable(program.into())),
+            Err(source) => Err(SpawnError::Inaccessible {
+                program: program.into(),
+                source,
+            }),
         };
     }
     let search = env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
     env::split_paths(&search)
         .map(|dir| dir.join(program))
         .find(|candidate| is_executable(candidate).unwrap_or(false))
-        .with_context(|| format!("cannot run {program}: command not found in PATH"))
+        .ok_or_else(|| SpawnError::NotFound(program.into()))
 }
 
 fn is_executable(path: &Path) -> std::io::Result<bool> {

@@ -12,12 +12,17 @@ use std::{
     panic,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
+use cluster_lb::supervisor::{ClusterStatus, WorkerState};
+use serde_json::Value;
 
 /// Linux capability numbers (linux/capability.h), for dropping them from a child.
 pub const CAP_NET_ADMIN: u32 = 12;
@@ -101,10 +106,42 @@ pub fn example(relative: &str) -> String {
         .to_string()
 }
 
-/// A running `cluster-lb run ...`, with its stderr collected line by line.
+/// A running primary (`cluster-lb run ...`, or a program that embeds one), with everything it
+/// prints collected line by line. `cluster-lb run` is started with `--log-format json` and a
+/// control socket of its own, so tests read its state (`status`) and its events, not the
+/// wording of its log.
 pub struct Cluster {
     child: Child,
-    log: Arc<Mutex<Vec<String>>>,
+    lines: Arc<Mutex<Vec<String>>>,
+    control: Option<PathBuf>,
+}
+
+/// What a stopped cluster left: its exit status and everything it printed.
+pub struct Stopped {
+    pub status: ExitStatus,
+    pub lines: Vec<String>,
+}
+
+impl Stopped {
+    pub fn events(&self) -> Vec<Value> {
+        events_in(&self.lines)
+    }
+}
+
+/// The primary's events among JSON log lines (objects with an "event" field).
+pub fn events_in(lines: &[String]) -> Vec<Value> {
+    lines
+        .iter()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|value| value.get("event").is_some())
+        .collect()
+}
+
+/// A fresh path for a test's control socket.
+pub fn control_path() -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("clb-test-{}-{n}.sock", std::process::id()))
 }
 
 impl Cluster {
@@ -112,23 +149,44 @@ impl Cluster {
         Cluster::start_with(args, |_| {})
     }
 
-    /// `cluster-lb run -w WORKERS --listen LISTEN -- SERVER...`, returned once every worker
-    /// serves and is ready.
+    /// `cluster-lb run -w WORKERS --listen LISTEN -- SERVER...`, returned once exactly that many
+    /// workers are ready.
     pub fn serving(workers: usize, listen: &str, server: &[&str]) -> Cluster {
         let n = workers.to_string();
         let mut args = vec!["run", "-w", &n, "--listen", listen, "--"];
         args.extend_from_slice(server);
         let cluster = Cluster::start(&args);
-        cluster.wait_serving(workers);
+        cluster.wait_until_ready(workers);
         cluster
     }
 
     /// Like `start`, with a chance to change the command (environment, capabilities).
     pub fn start_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Cluster {
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let mut control = None;
+        if args.first().map(String::as_str) == Some("run") {
+            let options_end = args.iter().position(|a| a == "--").unwrap_or(args.len());
+            let options = &args[..options_end];
+            let mut added = Vec::new();
+            if !options.iter().any(|a| a == "--log-format") {
+                added.extend(["--log-format".to_string(), "json".to_string()]);
+            }
+            match options.iter().position(|a| a == "--control") {
+                Some(at) => control = args.get(at + 1).map(PathBuf::from),
+                None => {
+                    let path = control_path();
+                    added.extend(["--control".to_string(), path.display().to_string()]);
+                    control = Some(path);
+                }
+            }
+            args.splice(1..1, added);
+        }
         let mut command = Command::new(workspace_binary("cluster-lb"));
-        command.args(args);
+        command.args(&args);
         adjust(&mut command);
-        Cluster::start_command(command)
+        let mut cluster = Cluster::start_command(command);
+        cluster.control = control;
+        cluster
     }
 
     /// Starts any primary (cluster-lb, or a program that embeds one) and collects its output.
@@ -138,7 +196,7 @@ impl Cluster {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = command.spawn().expect("starting the primary");
-        let log = Arc::new(Mutex::new(Vec::new()));
+        let lines = Arc::new(Mutex::new(Vec::new()));
         for stream in [
             child
                 .stderr
@@ -152,83 +210,174 @@ impl Cluster {
         .into_iter()
         .flatten()
         {
-            let log = Arc::clone(&log);
+            let lines = Arc::clone(&lines);
             thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     eprintln!("  | {line}");
-                    log.lock().expect("log lock").push(line);
+                    lines.lock().expect("lines lock").push(line);
                 }
             });
         }
-        Cluster { child, log }
+        Cluster {
+            child,
+            lines,
+            control: None,
+        }
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    pub fn log(&self) -> Vec<String> {
-        self.log.lock().expect("log lock").clone()
+    /// Everything printed so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("lines lock").clone()
     }
 
-    /// Waits until a log line contains `needle`; returns that line.
-    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+    pub fn events(&self) -> Vec<Value> {
+        events_in(&self.lines())
+    }
+
+    /// Events named `name` so far.
+    pub fn events_named(&self, name: &str) -> Vec<Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["event"] == name)
+            .collect()
+    }
+
+    /// The control socket of `cluster-lb run`.
+    pub fn control(&self) -> &Path {
+        self.control
+            .as_deref()
+            .expect("this primary has no control socket")
+    }
+
+    pub fn status(&self) -> ClusterStatus {
+        cluster_lb::client::fetch_status(self.control())
+            .unwrap_or_else(|e| panic!("status: {e}; output:\n{}", self.lines().join("\n")))
+    }
+
+    /// Waits until `check` holds for the cluster's status; returns that status.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&ClusterStatus) -> bool,
+    ) -> ClusterStatus {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(line) = self.log().into_iter().find(|l| l.contains(needle)) {
-                return line;
+            if let Ok(status) = cluster_lb::client::fetch_status(self.control()) {
+                if check(&status) {
+                    return status;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "not {what} within {timeout:?}; status: {status:#?}; output:\n{}",
+                    self.lines().join("\n")
+                );
+            } else {
+                assert!(
+                    Instant::now() < deadline,
+                    "no status within {timeout:?} (waiting for {what}); output:\n{}",
+                    self.lines().join("\n")
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until exactly `count` workers run, all ready (nothing starting or draining).
+    pub fn wait_until_ready(&self, count: usize) -> ClusterStatus {
+        self.wait_until(
+            &format!("{count} workers ready"),
+            Duration::from_secs(30),
+            |status| {
+                status.workers.len() == count
+                    && status.workers.iter().all(|w| w.state == WorkerState::Ready)
+            },
+        )
+    }
+
+    /// Waits until `count` events named `name` were emitted; returns them all.
+    pub fn wait_for_events(&self, name: &str, count: usize, timeout: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = self.events_named(name);
+            if seen.len() >= count {
+                return seen;
             }
             assert!(
                 Instant::now() < deadline,
-                "no log line with {needle:?} within {timeout:?}; log:\n{}",
-                self.log().join("\n")
+                "{} of {count} {name:?} events within {timeout:?}; output:\n{}",
+                seen.len(),
+                self.lines().join("\n")
             );
             thread::sleep(Duration::from_millis(20));
         }
     }
 
-    /// Waits until `count` workers announced they serve (each example prints "serving") and
-    /// the primary counted as many ready (in the active set).
-    pub fn wait_serving(&self, count: usize) {
-        self.wait_count(" serving", count);
-        self.wait_count(") ready (", count);
-    }
-
-    /// Waits until `needle` occurs `count` times in the log.
-    pub fn wait_count(&self, needle: &str, count: usize) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let seen = |log: Vec<String>| log.iter().map(|l| l.matches(needle).count()).sum::<usize>();
-        while seen(self.log()) < count {
+    /// Waits for the first event named `name` that `matching` accepts.
+    pub fn wait_for_event(
+        &self,
+        name: &str,
+        timeout: Duration,
+        matching: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(event) = self.events_named(name).into_iter().find(&matching) {
+                return event;
+            }
             assert!(
                 Instant::now() < deadline,
-                "fewer than {count} log lines with {needle:?} after 20s; log:\n{}",
-                self.log().join("\n")
+                "no matching {name:?} event within {timeout:?}; output:\n{}",
+                self.lines().join("\n")
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until some output line contains `needle` (for primaries that embed a supervisor
+    /// and print their own text); returns that line.
+    pub fn wait_for_line(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.lines().into_iter().find(|l| l.contains(needle)) {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no output line with {needle:?} within {timeout:?}; output:\n{}",
+                self.lines().join("\n")
             );
             thread::sleep(Duration::from_millis(20));
         }
     }
 
     /// SIGTERM, then waits for the exit (bounded).
-    pub fn stop(mut self) -> (ExitStatus, Vec<String>) {
+    pub fn stop(mut self) -> Stopped {
         signal(self.child.id(), nix::sys::signal::Signal::SIGTERM);
-        let status = self.wait(Duration::from_secs(40));
-        // Let the reader threads take the last lines.
-        thread::sleep(Duration::from_millis(100));
-        (status, self.log())
+        let status = self.wait_exit(Duration::from_secs(40));
+        Stopped {
+            status,
+            lines: self.lines(),
+        }
     }
 
-    /// Waits for cluster-lb to exit by itself (bounded).
-    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+    /// Waits for the primary to exit by itself (bounded).
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(status) = self.child.try_wait().expect("waiting for cluster-lb") {
+            if let Some(status) = self.child.try_wait().expect("waiting for the primary") {
+                // Let the reader threads take the last lines.
                 thread::sleep(Duration::from_millis(100));
                 return status;
             }
             assert!(
                 Instant::now() < deadline,
-                "cluster-lb did not exit within {timeout:?}; log:\n{}",
-                self.log().join("\n")
+                "the primary did not exit within {timeout:?}; output:\n{}",
+                self.lines().join("\n")
             );
             thread::sleep(Duration::from_millis(20));
         }
@@ -296,36 +445,6 @@ pub fn distribution(addr: SocketAddr, count: usize) -> BTreeMap<u32, usize> {
     seen
 }
 
-/// The kernel counters cluster-lb logs for each worker when it stops:
-/// worker id -> (selected, fallback, migrated).
-pub fn logged_counters(log: &[String]) -> BTreeMap<u32, (u64, u64, u64)> {
-    let mut counters = BTreeMap::new();
-    for line in log {
-        let Some(rest) = line.split(" worker ").nth(1) else {
-            continue;
-        };
-        if !line.contains("selected=") {
-            continue;
-        }
-        let id: u32 = match rest.split_whitespace().next().and_then(|s| s.parse().ok()) {
-            Some(id) => id,
-            None => continue,
-        };
-        let value = |key: &str| -> u64 {
-            line.split(key)
-                .nth(1)
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(u64::MAX)
-        };
-        counters.insert(
-            id,
-            (value("selected="), value("fallback="), value("migrated=")),
-        );
-    }
-    counters
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,17 +464,5 @@ mod tests {
             None
         );
         assert_eq!(parse_answer("garbage"), None);
-    }
-
-    #[test]
-    fn counters_are_parsed_from_the_stop_log() {
-        let log = vec![
-            "cluster-lb[9]: 127.0.0.1:8080 worker 2 (pid 77): selected=100 fallback=1 migrated=0"
-                .to_string(),
-            "cluster-lb[9]: worker 2 started (pid 77, slot 2)".to_string(),
-        ];
-        let counters = logged_counters(&log);
-        assert_eq!(counters.len(), 1);
-        assert_eq!(counters[&2], (100, 1, 0));
     }
 }

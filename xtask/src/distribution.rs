@@ -41,7 +41,7 @@ pub fn measure(args: &[String]) -> Result<()> {
                     "--",
                     &server,
                 ]);
-                cluster.wait_serving(workers as usize);
+                cluster.wait_until_ready(workers as usize);
                 let addr: SocketAddr = ADDR.parse().expect("address");
                 let seen = distribution(addr, connections);
                 let _ = cluster.stop();

@@ -1,10 +1,13 @@
-//! What happens to workers, as events: logged by the primary and, for embedders, delivered as a
-//! stream (fork, online, listening, ready, disconnect, exit, restart, message).
+//! What happens to workers, as events: logged by the primary (text or JSON lines) and, for
+//! embedders, delivered as a stream. Most come from the lifecycle state machine; `Listening`
+//! and `Message` come from a worker's channel.
 
 use std::{fmt, time::Duration};
 
 use log::Level;
 use serde_json::{json, Value};
+
+use super::lifecycle::ReloadError;
 
 /// How a worker process ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,18 +25,156 @@ impl fmt::Display for ExitStatus {
     }
 }
 
+/// What made a worker ready (it joins the active set).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    /// It said `listening` on its channel.
+    Listening,
+    /// It sent READY=1 to NOTIFY_SOCKET.
+    Notify,
+    /// It signals nothing, and `--ready-delay` passed.
+    Delay,
+}
+
+impl fmt::Display for Readiness {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Readiness::Listening => "listening",
+            Readiness::Notify => "READY=1",
+            Readiness::Delay => "after --ready-delay",
+        })
+    }
+}
+
+/// Why a worker leaves the active set and is asked to stop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Departure {
+    /// Its replacement is ready (rolling reload).
+    Replaced,
+    /// Its id is above the wanted count.
+    ScaledDown,
+    /// The cluster stops.
+    Stopping,
+    /// An operator or embedder asked it to go (it is replaced at once).
+    Asked,
+    /// It said it leaves (its own `disconnect`).
+    WorkerDisconnected,
+    /// It broke its channel's protocol.
+    ProtocolViolation(String),
+    /// It closed its listening socket: the kernel gives it nothing any more.
+    ListenerClosed(String),
+}
+
+impl Departure {
+    /// Whether the worker, not the primary, chose this: such a departure counts as a failure
+    /// for the restart backoff.
+    pub fn is_failure(&self) -> bool {
+        matches!(
+            self,
+            Departure::WorkerDisconnected
+                | Departure::ProtocolViolation(_)
+                | Departure::ListenerClosed(_)
+        )
+    }
+
+    /// Whether the primary asks the worker to stop. A worker that said it leaves is already
+    /// closing its servers (Node's own `disconnect` path); a signal would cut that short.
+    pub fn asks_to_stop(&self) -> bool {
+        !matches!(self, Departure::WorkerDisconnected)
+    }
+}
+
+impl fmt::Display for Departure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Departure::Replaced => f.write_str("replaced by reload"),
+            Departure::ScaledDown => f.write_str("scaled down"),
+            Departure::Stopping => f.write_str("cluster stopping"),
+            Departure::Asked => f.write_str("asked to disconnect"),
+            Departure::WorkerDisconnected => f.write_str("the worker disconnected"),
+            Departure::ProtocolViolation(what) => write!(f, "protocol violation: {what}"),
+            Departure::ListenerClosed(address) => {
+                write!(f, "it closed its listening socket for {address}")
+            }
+        }
+    }
+}
+
+/// Why the primary sends SIGKILL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KillReason {
+    /// It was asked to stop and did not exit within `--grace`.
+    GraceOver(Duration),
+    /// It did not become ready within `--ready-timeout`.
+    NotReadyInTime(Duration),
+    /// A fast stop (QUIT, or a second TERM/INT).
+    StopNow,
+}
+
+impl fmt::Display for KillReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KillReason::GraceOver(grace) => write!(
+                f,
+                "it did not exit within the grace period of {}s",
+                grace.as_secs_f64()
+            ),
+            KillReason::NotReadyInTime(timeout) => write!(
+                f,
+                "it was not ready within --ready-timeout {}s",
+                timeout.as_secs_f64()
+            ),
+            KillReason::StopNow => f.write_str("stopping now"),
+        }
+    }
+}
+
+/// The last failure of a worker id, as a crash loop reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    Exited(ExitStatus),
+    StartFailed(String),
+    NotReady,
+    Departed(Departure),
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Exited(status) => write!(f, "{status}"),
+            Failure::StartFailed(error) => write!(f, "could not start ({error})"),
+            Failure::NotReady => f.write_str("was not ready in time"),
+            Failure::Departed(why) => write!(f, "left ({why})"),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     /// The process started (with its sockets, if socket-activated).
     Fork { id: u32, pid: i32, slot: u32 },
-    /// The worker said `online` on its IPC channel.
+    /// The worker said `online` on its channel: readiness now comes from `listening`.
     Online { id: u32, pid: i32 },
     /// The worker said it accepts on `address`.
     Listening { id: u32, pid: i32, address: String },
     /// The worker joined the active set: it gets new connections from now on.
-    Ready { id: u32, pid: i32, reason: String },
-    /// The worker left the active set and was asked to stop (or closed its channel).
-    Disconnect { id: u32, pid: i32, reason: String },
+    Ready {
+        id: u32,
+        pid: i32,
+        reason: Readiness,
+    },
+    /// The worker left the active set (and, unless it is leaving by itself, was asked to stop).
+    Disconnect {
+        id: u32,
+        pid: i32,
+        reason: Departure,
+    },
+    /// The primary sent SIGKILL.
+    Kill {
+        id: u32,
+        pid: i32,
+        reason: KillReason,
+    },
     /// The process ended.
     Exit {
         id: u32,
@@ -41,16 +182,29 @@ pub enum Event {
         status: ExitStatus,
         uptime: Duration,
     },
+    /// Starting worker `id` failed before the program ran.
+    StartFailed { id: u32, error: String },
     /// Worker `id` will be started again after `delay`.
     Restart { id: u32, delay: Duration },
-    /// Worker `id` keeps dying soon after start.
+    /// Worker `id` keeps failing soon after start.
     CrashLoop {
         id: u32,
-        crashes: u32,
-        status: ExitStatus,
+        failures: u32,
+        last: Failure,
     },
     /// A user message from a worker.
     Message { id: u32, pid: i32, data: Value },
+    /// A rolling reload began.
+    ReloadStarted { workers: u32 },
+    /// A rolling reload completed (workers replaced) or was aborted.
+    ReloadFinished { outcome: Result<u32, ReloadError> },
+    /// The wanted number of workers changed.
+    Scaling { from: u32, to: u32 },
+    /// The cluster stops: gracefully within `grace`, or at once (`None`).
+    Stopping {
+        workers: u32,
+        grace: Option<Duration>,
+    },
 }
 
 impl Event {
@@ -61,10 +215,16 @@ impl Event {
             Event::Listening { .. } => "listening",
             Event::Ready { .. } => "ready",
             Event::Disconnect { .. } => "disconnect",
+            Event::Kill { .. } => "kill",
             Event::Exit { .. } => "exit",
+            Event::StartFailed { .. } => "start-failed",
             Event::Restart { .. } => "restart",
             Event::CrashLoop { .. } => "crash-loop",
             Event::Message { .. } => "message",
+            Event::ReloadStarted { .. } => "reload-started",
+            Event::ReloadFinished { .. } => "reload-finished",
+            Event::Scaling { .. } => "scaling",
+            Event::Stopping { .. } => "stopping",
         }
     }
 
@@ -74,22 +234,32 @@ impl Event {
                 status: ExitStatus::Code(0),
                 ..
             } => Level::Info,
-            Event::Exit { .. } => Level::Warn,
-            Event::CrashLoop { .. } => Level::Error,
-            Event::Message { .. } => Level::Debug,
+            Event::Exit { .. } | Event::Kill { .. } => Level::Warn,
+            Event::Disconnect { reason, .. } if reason.is_failure() => Level::Warn,
+            Event::StartFailed { .. } | Event::CrashLoop { .. } => Level::Error,
+            Event::ReloadFinished { outcome: Err(_) } => Level::Error,
             _ => Level::Info,
         }
     }
 
-    fn fields(&self) -> Value {
+    /// The event as a JSON object, with "event" naming it (the `--log-format json` line and
+    /// what tests read).
+    pub fn fields(&self) -> Value {
         let mut value = match self {
             Event::Fork { id, pid, slot } => json!({"worker": id, "pid": pid, "slot": slot}),
             Event::Online { id, pid } => json!({"worker": id, "pid": pid}),
             Event::Listening { id, pid, address } => {
                 json!({"worker": id, "pid": pid, "address": address})
             }
-            Event::Ready { id, pid, reason } | Event::Disconnect { id, pid, reason } => {
-                json!({"worker": id, "pid": pid, "reason": reason})
+            Event::Ready { id, pid, reason } => {
+                json!({"worker": id, "pid": pid, "reason": reason.to_string()})
+            }
+            Event::Disconnect { id, pid, reason } => {
+                json!({"worker": id, "pid": pid, "reason": reason.to_string(),
+                       "failure": reason.is_failure()})
+            }
+            Event::Kill { id, pid, reason } => {
+                json!({"worker": id, "pid": pid, "reason": reason.to_string()})
             }
             Event::Exit {
                 id,
@@ -104,15 +274,21 @@ impl Event {
                 json!({"worker": id, "pid": pid, "code": code, "signal": signal,
                        "uptime_s": uptime.as_secs_f64()})
             }
+            Event::StartFailed { id, error } => json!({"worker": id, "error": error}),
             Event::Restart { id, delay } => json!({"worker": id, "delay_s": delay.as_secs_f64()}),
-            Event::CrashLoop {
-                id,
-                crashes,
-                status,
-            } => {
-                json!({"worker": id, "crashes": crashes, "last": status.to_string()})
+            Event::CrashLoop { id, failures, last } => {
+                json!({"worker": id, "failures": failures, "last": last.to_string()})
             }
             Event::Message { id, pid, data } => json!({"worker": id, "pid": pid, "data": data}),
+            Event::ReloadStarted { workers } => json!({"workers": workers}),
+            Event::ReloadFinished { outcome } => match outcome {
+                Ok(replaced) => json!({"ok": true, "replaced": replaced}),
+                Err(error) => json!({"ok": false, "error": error.to_string()}),
+            },
+            Event::Scaling { from, to } => json!({"from": from, "to": to}),
+            Event::Stopping { workers, grace } => {
+                json!({"workers": workers, "grace_s": grace.map(|g| g.as_secs_f64())})
+            }
         };
         if let Some(object) = value.as_object_mut() {
             object.insert("event".into(), json!(self.name()));
@@ -138,19 +314,37 @@ impl fmt::Display for Event {
             Event::Disconnect { id, pid, reason } => {
                 write!(f, "worker {id} (pid {pid}) disconnected: {reason}")
             }
+            Event::Kill { id, pid, reason } => {
+                write!(f, "killing worker {id} (pid {pid}): {reason}")
+            }
             Event::Exit { id, pid, status, uptime } => write!(
                 f,
                 "worker {id} (pid {pid}) {status} after {:.1}s",
                 uptime.as_secs_f64()
             ),
+            Event::StartFailed { id, error } => write!(f, "starting worker {id} failed: {error}"),
             Event::Restart { id, delay } => {
                 write!(f, "restarting worker {id} in {:.1}s", delay.as_secs_f64())
             }
-            Event::CrashLoop { id, crashes, status } => write!(
+            Event::CrashLoop { id, failures, last } => write!(
                 f,
-                "worker {id} is crash-looping: it {status}, {crashes} times in a row, each soon after starting; restarts continue with growing delays"
+                "worker {id} is crash-looping: it {last}, {failures} times in a row, each soon after starting; restarts continue with growing delays"
             ),
             Event::Message { id, pid, data } => write!(f, "message from worker {id} (pid {pid}): {data}"),
+            Event::ReloadStarted { workers } => write!(f, "rolling reload of {workers} workers"),
+            Event::ReloadFinished { outcome: Ok(replaced) } => {
+                write!(f, "reload complete: {replaced} workers replaced")
+            }
+            Event::ReloadFinished { outcome: Err(error) } => write!(f, "{error}"),
+            Event::Scaling { from, to } => write!(f, "scaling from {from} to {to} workers"),
+            Event::Stopping { workers, grace: Some(grace) } => write!(
+                f,
+                "stopping {workers} workers (grace {}s)",
+                grace.as_secs_f64()
+            ),
+            Event::Stopping { workers, grace: None } => {
+                write!(f, "stopping {workers} workers now (SIGKILL)")
+            }
         }
     }
 }

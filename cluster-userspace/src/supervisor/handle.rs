@@ -1,17 +1,31 @@
-//! Requests into a running primary: the embedding API and the control socket use these.
+//! Requests into a running primary: the embedding API, and what the control socket and the
+//! metrics server (started by the caller from a [`Handle`]) use.
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::{mpsc::UnboundedSender, oneshot};
 
-use super::{ClusterStatus, ReloadReply};
+use super::{lifecycle::ReloadError, ClusterStatus};
+
+/// Where the outcome of a rolling reload goes: the number of workers replaced, or why it was
+/// aborted.
+pub type ReloadReply = oneshot::Sender<Result<u32, ReloadError>>;
+
+/// Why a scale request was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ScaleError {
+    #[error("the cluster is stopping")]
+    Stopping,
+    #[error("the primary is gone")]
+    Gone,
+}
 
 /// Requests to a running primary, from an embedder or the control socket.
 #[derive(Debug)]
 pub enum Control {
     /// A user message to the worker with this pid.
     Send { pid: i32, data: Value },
-    /// Take the worker out of rotation, ask it to finish and exit, then start a fresh one.
+    /// Take the worker out of rotation, ask it to finish and exit, and start a fresh one.
     Disconnect { pid: i32 },
     /// Send a signal to the worker.
     Kill { pid: i32, signal: Signal },
@@ -19,15 +33,18 @@ pub enum Control {
     Stop { fast: bool },
     /// Rolling reload; the reply comes when it completed or was aborted.
     Reload { reply: Option<ReloadReply> },
-    /// Run this many workers.
-    Scale { workers: u32 },
+    /// Run this many workers; the reply is the count before.
+    Scale {
+        workers: u32,
+        reply: Option<oneshot::Sender<Result<u32, ScaleError>>>,
+    },
     /// A snapshot of the cluster.
     Status {
-        reply: tokio::sync::oneshot::Sender<ClusterStatus>,
+        reply: oneshot::Sender<ClusterStatus>,
     },
 }
 
-/// A cloneable remote control for a running [`Supervisor`].
+/// A cloneable remote control for a running [`Supervisor`](super::Supervisor).
 #[derive(Clone, Debug)]
 pub struct Handle {
     pub(super) control: UnboundedSender<Control>,
@@ -46,24 +63,24 @@ impl Handle {
     pub fn stop(&self) {
         let _ = self.control.send(Control::Stop { fast: false });
     }
-    /// Rolling reload; resolves when it completed (Ok) or was aborted (Err).
-    pub async fn reload(&self) -> Result<String, String> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
+    /// Rolling reload; resolves when it completed (workers replaced) or was aborted.
+    pub async fn reload(&self) -> Result<u32, ReloadError> {
+        let (reply, answer) = oneshot::channel();
         let _ = self.control.send(Control::Reload { reply: Some(reply) });
-        answer
-            .await
-            .unwrap_or_else(|_| Err("the primary is gone".into()))
+        answer.await.unwrap_or(Err(ReloadError::Stopping))
     }
-    pub fn scale(&self, workers: u32) {
-        let _ = self.control.send(Control::Scale { workers });
+    /// Runs `workers` workers; resolves to the count before.
+    pub async fn scale(&self, workers: u32) -> Result<u32, ScaleError> {
+        let (reply, answer) = oneshot::channel();
+        let _ = self.control.send(Control::Scale {
+            workers,
+            reply: Some(reply),
+        });
+        answer.await.unwrap_or(Err(ScaleError::Gone))
     }
     pub async fn status(&self) -> Option<ClusterStatus> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
+        let (reply, answer) = oneshot::channel();
         let _ = self.control.send(Control::Status { reply });
         answer.await.ok()
-    }
-    /// Sends any request (the control socket uses this).
-    pub fn request(&self, control: Control) {
-        let _ = self.control.send(control);
     }
 }

@@ -9,7 +9,7 @@ use std::{
 use nix::unistd::Pid;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{Event, Supervisor};
+use super::{Departure, Event, Input, Readiness, Supervisor};
 use crate::{
     ipc::{
         channel::Endpoint,
@@ -26,41 +26,39 @@ pub(super) enum IpcEvent {
 }
 
 impl Supervisor {
-    pub(super) fn on_ipc(&mut self, pid: Pid, event: IpcEvent) {
-        let Some(worker) = self.workers.get_mut(&pid) else {
-            return;
-        };
+    /// A worker's channel said something: answer it, and tell the lifecycle what it means.
+    pub(super) fn on_ipc(&mut self, pid: Pid, event: IpcEvent) -> Option<Input> {
+        let worker = self.workers.get_mut(&pid)?;
         let id = worker.id;
         let message = match event {
             IpcEvent::Message(message) => message,
             IpcEvent::Closed => {
                 worker.ipc = None;
-                return;
+                worker.ipc_online = false;
+                return None;
             }
             IpcEvent::Violation(problem) => return self.reject(pid, &problem),
         };
-        if !worker.online && !matches!(message, WorkerMessage::Online { .. }) {
+        if !worker.ipc_online && !matches!(message, WorkerMessage::Online { .. }) {
             return self.reject(pid, "a message before `online`");
         }
         match message {
             WorkerMessage::Online { .. } => {
-                if worker.online {
+                if worker.ipc_online {
                     return self.reject(pid, "`online` sent twice");
                 }
-                worker.online = true;
-                // Readiness now comes from `listening`, not from the delay.
-                worker.ready_deadline = None;
-                self.emit(Event::Online {
-                    id,
-                    pid: pid.as_raw(),
-                });
+                worker.ipc_online = true;
+                Some(Input::Online { pid })
             }
             WorkerMessage::QueryServer {
                 index,
                 address,
                 protocol,
                 ..
-            } => self.answer_query(pid, index, &address, &protocol),
+            } => {
+                self.answer_query(pid, index, &address, &protocol);
+                None
+            }
             WorkerMessage::Listening { address, .. } => {
                 let known = address
                     .parse::<ListenAddr>()
@@ -76,29 +74,60 @@ impl Supervisor {
                     pid: pid.as_raw(),
                     address,
                 });
-                self.make_ready(pid, "listening");
+                Some(Input::Ready {
+                    pid,
+                    how: Readiness::Listening,
+                })
             }
-            WorkerMessage::Message { data, .. } => self.emit(Event::Message {
-                id,
-                pid: pid.as_raw(),
-                data,
+            WorkerMessage::Message { data, .. } => {
+                self.emit(Event::Message {
+                    id,
+                    pid: pid.as_raw(),
+                    data,
+                });
+                None
+            }
+            WorkerMessage::Disconnect { .. } => Some(Input::Leaving {
+                pid,
+                why: Departure::WorkerDisconnected,
             }),
-            WorkerMessage::Disconnect { .. } => self.drain(pid, "the worker disconnected"),
         }
     }
 
-    /// A worker broke the protocol: log it, close its channel, drain it. Others keep serving.
-    fn reject(&mut self, pid: Pid, problem: &str) {
-        let Some(worker) = self.workers.get_mut(&pid) else {
-            return;
-        };
+    /// A worker broke the protocol: log it, close its channel; the lifecycle drains it. Others
+    /// keep serving.
+    fn reject(&mut self, pid: Pid, problem: &str) -> Option<Input> {
+        let worker = self.workers.get_mut(&pid)?;
         log::error!(
             "worker {} (pid {pid}) broke the IPC protocol: {problem}; disconnecting it",
             worker.id
         );
         worker.ipc = None;
-        worker.online = false;
-        self.drain(pid, "protocol violation");
+        worker.ipc_online = false;
+        Some(Input::Leaving {
+            pid,
+            why: Departure::ProtocolViolation(problem.to_string()),
+        })
+    }
+
+    /// A user message to a worker, over its channel.
+    pub(super) fn send_message(&mut self, pid: Pid, data: serde_json::Value) {
+        let endpoint = self.workers.get(&pid).and_then(|w| w.ipc.clone());
+        let message = PrimaryMessage::Message { v: VERSION, data };
+        match (endpoint, protocol::encode(&message)) {
+            (Some(endpoint), Some(bytes)) => {
+                if let Err(e) = endpoint.try_send(&bytes, None) {
+                    log::warn!("message to worker pid {pid} not sent: {e}");
+                }
+            }
+            (None, _) => {
+                log::warn!("message to pid {pid} not sent: no such worker with an IPC channel")
+            }
+            (_, None) => log::warn!(
+                "message to pid {pid} not sent: over {} bytes",
+                protocol::MAX_MESSAGE
+            ),
+        }
     }
 
     fn answer_query(&mut self, pid: Pid, index: u32, address: &str, protocol: &str) {

@@ -1,152 +1,89 @@
 //! The primary: starts workers with their sockets, admits them to the active set when they are
-//! ready, answers their IPC, restarts crashed ones with backoff, and stops them all in order.
+//! ready, answers their IPC, restarts failed ones with backoff, and stops them all in order.
 //!
-//! Everything runs as one task on one thread (the CLI uses a current-thread runtime), so
-//! forking is safe and the worker table needs no locks. `cluster-lb run` and programs that
-//! embed a primary (see [`Supervisor`]) share this code.
+//! Every decision is the lifecycle state machine's ([`lifecycle`]); this module is its I/O
+//! shell: it turns what happens (a reaped child, a datagram, a signal, a control request, a
+//! timer) into the machine's inputs, and carries out the actions it returns. Everything runs as
+//! one task on one thread (the CLI uses a current-thread runtime), so forking is safe and the
+//! tables need no locks.
+//!
+//! What a [`Supervisor`] does to its process, so that an embedder knows:
+//! - with [`SignalPolicy::Handle`] it installs handlers for TERM, INT, QUIT, HUP, TTIN and TTOU
+//!   (see [`SignalPolicy`]); with [`SignalPolicy::Leave`] it touches no signal;
+//! - it reaps only its own workers, each through a pidfd; with [`Config::subreaper`] it also
+//!   makes the process a child subreaper and reaps any child (orphans of workers);
+//! - it binds one abstract Unix datagram socket (the workers' NOTIFY_SOCKET), and reads the
+//!   process's own NOTIFY_SOCKET to tell systemd READY/RELOADING/STOPPING;
+//! - it loads one eBPF program per listen address (when privileged).
 
+mod config;
 mod events;
-mod exits;
 mod groups;
 mod handle;
 mod ipc;
+pub mod lifecycle;
 mod notify;
 mod output;
-mod reload;
+mod process;
+mod reaper;
+mod signals;
 mod status;
-mod stop;
 mod systemd;
 
-use std::{
-    collections::BTreeMap,
-    os::fd::{AsFd, OwnedFd},
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, time::Instant};
 
-use anyhow::{Context, Result};
-use nix::{
-    sys::signal::{kill, Signal},
-    unistd::Pid,
-};
+use nix::unistd::Pid;
 use tokio::{
     io::unix::AsyncFd,
-    signal::unix::{signal, Signal as SignalStream, SignalKind},
     sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender},
     time::sleep_until,
 };
 
-pub use events::{Event, ExitStatus};
-use exits::backoff;
+pub use config::{Config, SignalPolicy, READY_TIMEOUT};
+pub use events::{Departure, Event, ExitStatus, Failure, KillReason, Readiness};
 use groups::Groups;
-pub use handle::{Control, Handle};
-use ipc::{read_ipc, IpcEvent};
-pub use reload::{ReloadReply, READY_TIMEOUT};
+pub use handle::{Control, Handle, ReloadReply, ScaleError};
+use ipc::IpcEvent;
+use lifecycle::{Action, Announced, Input, Lifecycle};
+pub use lifecycle::{ReloadError, WorkerState};
+pub use process::StartError;
+use process::WorkerIo;
+use reaper::Reaper;
+use signals::Signals;
 pub use status::{ClusterStatus, WorkerStatus};
 
 use crate::{
-    ipc::{
-        channel::{self, Endpoint},
-        protocol::{self, PrimaryMessage, VERSION},
-    },
-    kernel::{Balancer, Strategy},
-    listen_addr::ListenAddr,
-    logging::Stream,
+    kernel::Balancer,
     slots::SlotTable,
-    spawn::{Credentials, WorkerCommand, WorkerSpec},
+    spawn::{SpawnError, WorkerCommand},
 };
 
-/// Everything a primary is asked to do.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub workers: u32,
-    pub listen: Vec<ListenAddr>,
-    pub strategy: Strategy,
-    pub require_ebpf: bool,
-    pub grace: Duration,
-    /// Readiness for programs that signal nothing: active this long after start. Programs that
-    /// say `online` on IPC are ready at `listening`; programs may always say READY=1 sooner.
-    pub ready_delay: Duration,
-    /// How long a reload waits for a replacement to be ready before it gives up on it.
-    pub ready_timeout: Duration,
-    pub credentials: Option<Credentials>,
-    /// The control socket, and whether its path was asked for (`--control`) or is the default.
-    pub control: Option<(std::path::PathBuf, bool)>,
-    /// Where to serve Prometheus metrics.
-    pub metrics: Option<std::net::SocketAddr>,
-    pub command: Vec<String>,
-}
-
-impl Config {
-    /// For a program that is its own primary (the Node `cluster` idiom): `workers` copies of
-    /// this very program, with these arguments, asking for their addresses over IPC, with the
-    /// CLI's defaults otherwise. Adjust the fields before use.
-    pub fn reexec_current(workers: u32) -> Result<Config> {
-        let exe = std::env::current_exe().context("finding this program's path")?;
-        let mut command = vec![exe.display().to_string()];
-        command.extend(std::env::args().skip(1));
-        Ok(Config {
-            workers,
-            listen: Vec::new(),
-            strategy: Strategy::RoundRobin,
-            require_ebpf: false,
-            grace: Duration::from_secs(30),
-            ready_delay: Duration::from_secs(1),
-            ready_timeout: READY_TIMEOUT,
-            credentials: None,
-            control: None,
-            metrics: None,
-            command,
-        })
-    }
-}
-
-struct Worker {
-    id: u32,
-    slot: u32,
-    started: Instant,
-    /// Said `online` on IPC: readiness then comes from `listening`.
-    online: bool,
-    ready: bool,
-    /// Out of the active set and asked to stop; its exit is expected.
-    draining: bool,
-    /// Not to be restarted when it exits (replaced by a reload, or scaled away).
-    retiring: bool,
-    ipc: Option<Arc<Endpoint>>,
-    /// Addresses it has sockets for (socket-activated or from queryServer).
-    addresses: Vec<ListenAddr>,
-    /// When `--ready-delay` makes it ready if nothing else did.
-    ready_deadline: Option<Instant>,
-}
-
-struct Stopping {
-    deadline: tokio::time::Instant,
-    killed: bool,
+/// Why a supervisor could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error(transparent)]
+    Command(#[from] SpawnError),
+    #[error("installing signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("{0}")]
+    Listen(String),
+    #[error("opening the workers' notify socket: {0}")]
+    Notify(std::io::Error),
+    #[error("starting the event loop: {0}")]
+    Runtime(std::io::Error),
 }
 
 /// A primary. Build it inside a tokio runtime, take a [`Handle`] and the event stream if you
-/// want them, then `run` it.
+/// want them, then `run` it. See the module documentation for what it does to the process.
 pub struct Supervisor {
     config: Config,
+    lifecycle: Lifecycle,
     command: WorkerCommand,
     groups: Groups,
     slots: SlotTable,
-    workers: BTreeMap<Pid, Worker>,
-    /// Consecutive early crashes per worker id.
-    crashes: BTreeMap<u32, u32>,
-    /// Restarts so far per worker id (for status and metrics).
-    restart_counts: BTreeMap<u32, u32>,
-    /// Workers wanted: ids 0 .. desired-1.
-    desired: u32,
-    reloads: u64,
-    reload: Option<reload::Reload>,
-    ready_timeout: Duration,
+    /// The I/O side of every process the lifecycle knows.
+    workers: BTreeMap<Pid, WorkerIo>,
     notifier: systemd::Notifier,
-    /// READY=1 was sent to our own NOTIFY_SOCKET after the first workers became ready.
-    announced_ready: bool,
-    /// Worker ids waiting to be started, by when.
-    restarts: Vec<(Instant, u32)>,
-    stopping: Option<Stopping>,
     notify_socket: String,
     notify_rx: UnboundedReceiver<(i32, String)>,
     ipc_tx: UnboundedSender<(Pid, IpcEvent)>,
@@ -155,51 +92,39 @@ pub struct Supervisor {
     control_rx: UnboundedReceiver<Control>,
     subscribers: Vec<UnboundedSender<Event>>,
     signals: Signals,
-}
-
-/// `cluster-lb run`: a primary on a current-thread runtime until TERM, INT or QUIT.
-pub fn run(config: Config) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the event loop")?;
-    runtime.block_on(async { Supervisor::new(config)?.run().await })
+    reaper: Reaper,
+    /// Everyone waiting for the reload under way.
+    reload_replies: Vec<ReloadReply>,
 }
 
 impl Supervisor {
     /// Checks the command and the addresses and loads the programs; starts no worker yet.
-    pub fn new(config: Config) -> Result<Supervisor> {
+    pub fn new(config: Config) -> Result<Supervisor, SupervisorError> {
         let command = WorkerCommand::new(&config.command)?;
         // Before any child exists, so no exit goes unnoticed.
-        let signals = Signals::new()?;
-        let groups = Groups::new(&config.listen, config.strategy, config.require_ebpf)?;
+        let signals =
+            Signals::new(config.signals, config.subreaper).map_err(SupervisorError::Signals)?;
+        let groups = Groups::new(&config.listen, config.strategy, config.require_ebpf)
+            .map_err(|e| SupervisorError::Listen(format!("{e:#}")))?;
         let (notify_tx, notify_rx) = unbounded_channel();
-        let notify_socket = notify::open(notify_tx)?;
-        // Orphans of our workers (a wrapper's children) are re-parented to us and reaped here,
-        // as PID 1 in a container does for everything.
-        // SAFETY: plain prctl.
-        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        let notify_socket = notify::open(notify_tx).map_err(SupervisorError::Notify)?;
+        if config.subreaper {
+            // SAFETY: plain prctl.
+            unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        }
         if config.credentials.is_none() && nix::unistd::geteuid().is_root() {
             log::warn!("workers will run as root; use --user to drop privileges");
         }
         let (ipc_tx, ipc_rx) = unbounded_channel();
         let (control_tx, control_rx) = unbounded_channel();
         Ok(Supervisor {
-            desired: config.workers,
-            ready_timeout: config.ready_timeout,
-            restart_counts: BTreeMap::new(),
-            reloads: 0,
-            reload: None,
+            lifecycle: Lifecycle::new(config.workers, config.timing, Instant::now()),
             notifier: systemd::Notifier::from_environment(),
-            announced_ready: false,
             config,
             command,
             groups,
             slots: SlotTable::new(),
             workers: BTreeMap::new(),
-            crashes: BTreeMap::new(),
-            restarts: Vec::new(),
-            stopping: None,
             notify_socket,
             notify_rx,
             ipc_tx,
@@ -208,6 +133,8 @@ impl Supervisor {
             control_rx,
             subscribers: Vec::new(),
             signals,
+            reaper: Reaper::new(),
+            reload_replies: Vec::new(),
         })
     }
 
@@ -225,15 +152,7 @@ impl Supervisor {
     }
 
     /// Starts the workers and supervises them until stopped. Returns once all have exited.
-    pub async fn run(mut self) -> Result<()> {
-        // Both before any worker starts, so a bad path or address is an error, not a surprise.
-        let _control = match self.config.control.clone() {
-            Some((path, explicit)) => crate::control::serve(&path, explicit, self.handle())?,
-            None => None,
-        };
-        if let Some(addr) = self.config.metrics {
-            crate::metrics::serve(addr, self.handle()).await?;
-        }
+    pub async fn run(mut self) {
         let addresses: Vec<String> = self
             .groups
             .addresses()
@@ -242,7 +161,7 @@ impl Supervisor {
             .collect();
         log::info!(
             "starting {} workers of {} on {} (strategy {})",
-            self.config.workers,
+            self.lifecycle.wanted(),
             self.command.program(),
             if addresses.is_empty() {
                 "addresses the workers ask for".into()
@@ -251,34 +170,96 @@ impl Supervisor {
             },
             self.groups.strategy_in_effect()
         );
-        for id in 0..self.desired {
-            if let Err(error) = self.start_worker(id) {
-                self.begin_stop(true);
-                self.finish().await;
-                return Err(error);
+        self.step(Input::Tick);
+        while !self.lifecycle.is_finished() {
+            let input = self.next_input().await;
+            if let Some(input) = input {
+                self.step(input);
             }
         }
-        self.finish().await;
+        self.log_counters();
         log::info!("all workers stopped");
-        Ok(())
     }
 
-    /// The event loop, until stopping has begun and every worker has exited.
-    async fn finish(&mut self) {
-        while self.stopping.is_none() || !self.workers.is_empty() {
-            let timer = self.next_timer();
-            tokio::select! {
-                _ = self.signals.child.recv() => self.reap(),
-                _ = self.signals.terminate.recv() => self.begin_stop(false),
-                _ = self.signals.interrupt.recv() => self.begin_stop(false),
-                _ = self.signals.quit.recv() => self.begin_stop(true),
-                _ = self.signals.hangup.recv() => self.begin_reload(None),
-                _ = self.signals.more.recv() => self.scale(self.desired + 1),
-                _ = self.signals.fewer.recv() => self.scale(self.desired.saturating_sub(1)),
-                Some((pid, event)) = self.ipc_rx.recv() => self.on_ipc(pid, event),
-                Some((sender, text)) = self.notify_rx.recv() => self.on_notify(sender, &text),
-                Some(control) = self.control_rx.recv() => self.on_control(control),
-                _ = sleep_until_or_forever(timer) => self.on_timers(),
+    /// Waits for the next thing that happens and turns it into an input (if it is one).
+    async fn next_input(&mut self) -> Option<Input> {
+        let deadline = self.lifecycle.next_deadline();
+        tokio::select! {
+            Some(exited) = self.reaper.next() => {
+                let status = exited.reap()?;
+                self.workers.contains_key(&exited.pid).then_some(Input::Exited { pid: exited.pid, status })
+            }
+            request = self.signals.next() => self.on_signal(request),
+            Some((pid, event)) = self.ipc_rx.recv() => self.on_ipc(pid, event),
+            Some((sender, text)) = self.notify_rx.recv() => self.on_notify(sender, &text),
+            Some(control) = self.control_rx.recv() => self.on_control(control),
+            _ = sleep_until_or_forever(deadline) => Some(Input::Tick),
+        }
+    }
+
+    /// Gives the lifecycle one input and carries out every action, including those that follow
+    /// from the spawns it asks for.
+    fn step(&mut self, input: Input) {
+        let mut queue: std::collections::VecDeque<Action> =
+            self.lifecycle.handle(input, Instant::now()).into();
+        while let Some(action) = queue.pop_front() {
+            if let Some(reply) = self.execute(action) {
+                queue.extend(self.lifecycle.handle(reply, Instant::now()));
+            }
+        }
+    }
+
+    /// Carries out one action; a spawn answers with its outcome.
+    fn execute(&mut self, action: Action) -> Option<Input> {
+        match action {
+            Action::Spawn { id } => Some(match self.start_process(id) {
+                Ok((pid, slot)) => Input::Spawned { id, pid, slot },
+                Err(error) => Input::SpawnFailed {
+                    id,
+                    error: error.to_string(),
+                },
+            }),
+            Action::Activate { pid } => {
+                self.set_active(pid, true);
+                None
+            }
+            Action::Deactivate { pid } => {
+                self.set_active(pid, false);
+                None
+            }
+            Action::AskToStop { pid } => {
+                self.ask_to_stop(pid);
+                None
+            }
+            Action::Kill { pid } => {
+                self.kill(pid);
+                None
+            }
+            Action::Release { pid } => {
+                self.release(pid);
+                None
+            }
+            Action::Notify(announced) => {
+                match announced {
+                    Announced::Ready => self.notifier.ready(),
+                    Announced::Reloading => self.notifier.reloading(),
+                    Announced::Stopping => self.notifier.stopping(),
+                    Announced::Nothing => {}
+                }
+                None
+            }
+            Action::Emit(event) => {
+                if matches!(event, Event::Stopping { .. }) {
+                    self.log_counters();
+                }
+                self.emit(event);
+                None
+            }
+            Action::ReloadDone(outcome) => {
+                for reply in self.reload_replies.drain(..) {
+                    let _ = reply.send(outcome.clone());
+                }
+                None
             }
         }
     }
@@ -288,147 +269,35 @@ impl Supervisor {
         self.subscribers.retain(|s| s.send(event.clone()).is_ok());
     }
 
-    /// Starts worker `id`: sockets for the --listen addresses in a free slot, an IPC channel,
-    /// output pipes, then the process. It joins the active set once ready.
-    fn start_worker(&mut self, id: u32) -> Result<Pid> {
-        let slot = self
-            .slots
-            .allocate()
-            .context("no free slot for another worker")?;
-        let started = self.spawn_in_slot(id, slot);
-        let (pid, ipc) = match started {
-            Ok(started) => started,
-            Err(error) => {
-                self.forget_slot(slot);
-                return Err(error.context(format!("starting worker {id}")));
-            }
-        };
-        let ipc = ipc.map(Arc::new);
-        if let Some(endpoint) = &ipc {
-            read_ipc(pid, Arc::clone(endpoint), self.ipc_tx.clone());
-        }
-        self.workers.insert(
-            pid,
-            Worker {
-                id,
-                slot,
-                started: Instant::now(),
-                online: false,
-                ready: false,
-                draining: false,
-                retiring: false,
-                ipc,
-                addresses: self.config.listen.clone(),
-                ready_deadline: Some(Instant::now() + self.config.ready_delay),
-            },
-        );
-        self.emit(Event::Fork {
-            id,
-            pid: pid.as_raw(),
-            slot,
-        });
-        Ok(pid)
-    }
-
-    fn spawn_in_slot(&mut self, id: u32, slot: u32) -> Result<(Pid, Option<Endpoint>)> {
-        let sockets = self.groups.open_activated(slot)?;
-        let names: Vec<String> = (0..sockets.len()).map(|i| format!("listen{i}")).collect();
-        let (primary_end, worker_end) = channel::pair().context("creating the IPC channel")?;
-        let (stdout_read, stdout_write) = output_pipe()?;
-        let (stderr_read, stderr_write) = output_pipe()?;
-        let env = [
-            ("CLUSTER_LB_WORKER_ID".to_string(), id.to_string()),
-            ("CLUSTER_LB_WORKERS".to_string(), self.desired.to_string()),
-            ("NOTIFY_SOCKET".to_string(), self.notify_socket.clone()),
-        ];
-        let pid = self.command.spawn(&WorkerSpec {
-            sockets: &sockets,
-            socket_names: &names,
-            env: &env,
-            ipc: Some(worker_end.as_fd()),
-            stdout: Some(stdout_write.as_fd()),
-            stderr: Some(stderr_write.as_fd()),
-            credentials: self.config.credentials.as_ref(),
-        })?;
-        // The worker has its copies now; ours close here, so a dead worker's socket closes
-        // with it and its pipes reach EOF.
-        drop((sockets, worker_end, stdout_write, stderr_write));
-        output::capture(id, pid.as_raw(), Stream::Stdout, stdout_read);
-        output::capture(id, pid.as_raw(), Stream::Stderr, stderr_read);
-        let ipc = match Endpoint::new(primary_end) {
-            Ok(endpoint) => Some(endpoint),
-            Err(e) => {
-                log::warn!("worker {id}: no IPC channel: {e}");
+    fn on_signal(&mut self, request: signals::Request) -> Option<Input> {
+        let wanted = self.lifecycle.wanted();
+        match request {
+            signals::Request::Stop => Some(Input::Stop { fast: false }),
+            signals::Request::StopNow => Some(Input::Stop { fast: true }),
+            signals::Request::Reload => Some(Input::Reload),
+            signals::Request::More => Some(Input::Scale {
+                workers: wanted + 1,
+            }),
+            signals::Request::Fewer => Some(Input::Scale {
+                workers: wanted.saturating_sub(1),
+            }),
+            signals::Request::Child => {
+                // Orphans are reaped and forgotten; a worker collected on the way is an exit.
+                for (pid, status) in reaper::collect_children() {
+                    if self.workers.contains_key(&pid) {
+                        self.step(Input::Exited { pid, status });
+                    } else {
+                        log::debug!("reaped pid {pid}, an orphan of a worker: {status}");
+                    }
+                }
                 None
             }
-        };
-        Ok((pid, ipc))
-    }
-
-    fn forget_slot(&mut self, slot: u32) {
-        self.slots.release(slot);
-        self.groups.clear_slot(slot);
-        self.groups.publish(self.slots.active());
-    }
-
-    fn make_ready(&mut self, pid: Pid, reason: &str) {
-        let Some(worker) = self.workers.get_mut(&pid) else {
-            return;
-        };
-        if worker.ready || worker.draining {
-            return;
-        }
-        worker.ready = true;
-        worker.ready_deadline = None;
-        let (id, slot) = (worker.id, worker.slot);
-        if self.slots.activate(slot) {
-            self.groups.publish(self.slots.active());
-        }
-        self.emit(Event::Ready {
-            id,
-            pid: pid.as_raw(),
-            reason: reason.to_string(),
-        });
-        self.reload_on_ready(pid);
-        let ready = self.workers.values().filter(|w| w.ready).count();
-        if !self.announced_ready && ready >= self.desired as usize {
-            self.announced_ready = true;
-            self.notifier.ready();
         }
     }
 
-    /// Takes a worker out of the active set first, then asks it to stop: `disconnect` over IPC
-    /// if it speaks it, else SIGTERM. The primary's exit handling does the rest.
-    fn drain(&mut self, pid: Pid, reason: &str) {
-        let Some(worker) = self.workers.get_mut(&pid) else {
-            return;
-        };
-        if worker.draining {
-            return;
-        }
-        worker.draining = true;
-        let (id, slot) = (worker.id, worker.slot);
-        let ipc = worker.ipc.clone().filter(|_| worker.online);
-        if self.slots.deactivate(slot) {
-            self.groups.publish(self.slots.active());
-        }
-        let asked = ipc.is_some_and(|endpoint| {
-            let message = PrimaryMessage::Disconnect { v: VERSION };
-            protocol::encode(&message).is_some_and(|bytes| endpoint.try_send(&bytes, None).is_ok())
-        });
-        if !asked {
-            let _ = kill(pid, Signal::SIGTERM);
-        }
-        self.emit(Event::Disconnect {
-            id,
-            pid: pid.as_raw(),
-            reason: reason.to_string(),
-        });
-    }
-
-    fn on_notify(&mut self, sender: i32, text: &str) {
+    fn on_notify(&mut self, sender: i32, text: &str) -> Option<Input> {
         if !notify::says_ready(text) {
-            return;
+            return None;
         }
         let group = notify::process_group(sender);
         let worker = self
@@ -437,134 +306,95 @@ impl Supervisor {
             .find(|pid| pid.as_raw() == sender || Some(pid.as_raw()) == group)
             .copied();
         match worker {
-            Some(pid) => self.make_ready(pid, "READY=1"),
-            None => log::debug!("READY=1 from pid {sender}, which is not a worker"),
+            Some(pid) => Some(Input::Ready {
+                pid,
+                how: Readiness::Notify,
+            }),
+            None => {
+                log::debug!("READY=1 from pid {sender}, which is not a worker");
+                None
+            }
         }
     }
 
-    fn on_control(&mut self, control: Control) {
+    fn on_control(&mut self, control: Control) -> Option<Input> {
         match control {
             Control::Send { pid, data } => {
-                let endpoint = self
-                    .workers
-                    .get(&Pid::from_raw(pid))
-                    .and_then(|w| w.ipc.clone());
-                let message = PrimaryMessage::Message { v: VERSION, data };
-                match (endpoint, protocol::encode(&message)) {
-                    (Some(endpoint), Some(bytes)) => {
-                        if let Err(e) = endpoint.try_send(&bytes, None) {
-                            log::warn!("message to worker pid {pid} not sent: {e}");
-                        }
-                    }
-                    (None, _) => log::warn!(
-                        "message to pid {pid} not sent: no such worker with an IPC channel"
-                    ),
-                    (_, None) => log::warn!(
-                        "message to pid {pid} not sent: over {} bytes",
-                        protocol::MAX_MESSAGE
-                    ),
-                }
+                self.send_message(Pid::from_raw(pid), data);
+                None
             }
-            Control::Disconnect { pid } => self.drain(Pid::from_raw(pid), "asked to disconnect"),
+            Control::Disconnect { pid } => Some(Input::Leaving {
+                pid: Pid::from_raw(pid),
+                why: Departure::Asked,
+            }),
             Control::Kill { pid, signal } => {
                 if self.workers.contains_key(&Pid::from_raw(pid)) {
-                    let _ = kill(Pid::from_raw(pid), signal);
+                    let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
                 }
+                None
             }
-            Control::Stop { fast } => self.begin_stop(fast),
-            Control::Reload { reply } => self.begin_reload(reply),
-            Control::Scale { workers } => self.scale(workers),
+            Control::Stop { fast } => Some(Input::Stop { fast }),
+            Control::Reload { reply } => {
+                self.reload_replies.extend(reply);
+                Some(Input::Reload)
+            }
+            Control::Scale { workers, reply } => {
+                let outcome = if self.lifecycle.is_stopping() {
+                    Err(ScaleError::Stopping)
+                } else {
+                    Ok(self.lifecycle.wanted())
+                };
+                let input = outcome.is_ok().then_some(Input::Scale { workers });
+                if let Some(reply) = reply {
+                    let _ = reply.send(outcome);
+                }
+                input
+            }
             Control::Status { reply } => {
                 let _ = reply.send(self.status());
+                None
             }
         }
     }
 
-    fn next_timer(&self) -> Option<Instant> {
-        let restarts = self.restarts.iter().map(|(at, _)| *at);
-        let readiness = self.workers.values().filter_map(|w| w.ready_deadline);
-        let stop = self
-            .stopping
-            .as_ref()
-            .filter(|s| !s.killed)
-            .map(|s| s.deadline.into_std());
-        restarts
-            .chain(readiness)
-            .chain(stop)
-            .chain(self.reload_deadline())
-            .min()
-    }
-
-    fn on_timers(&mut self) {
-        let now = Instant::now();
-        let due: Vec<Pid> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| w.ready_deadline.is_some_and(|at| at <= now))
-            .map(|(pid, _)| *pid)
-            .collect();
-        for pid in due {
-            self.make_ready(pid, "after --ready-delay");
-        }
-        self.check_reload_timeout(now);
-
-        let (due, waiting): (Vec<_>, Vec<_>) =
-            self.restarts.drain(..).partition(|(at, _)| *at <= now);
-        self.restarts = waiting;
-        for (_, id) in due {
-            if let Err(error) = self.start_worker(id) {
-                let crashes = self.crashes.entry(id).or_insert(0);
-                *crashes += 1;
-                let delay = backoff(*crashes);
-                log::error!("{error:#}; trying again in {:.1}s", delay.as_secs_f64());
-                self.restarts.push((Instant::now() + delay, id));
+    /// Logs what the kernel program counted for each running worker.
+    fn log_counters(&self) {
+        for group in self.groups.iter() {
+            let Some(balancer) = &group.balancer else {
+                continue;
+            };
+            for (pid, worker) in &self.workers {
+                match balancer.slot_stats(worker.slot) {
+                    Ok(stats) => log::info!(
+                        "{} worker {} (pid {pid}): selected={} fallback={} migrated={}",
+                        group.addr,
+                        worker.id,
+                        stats.selected,
+                        stats.fallback,
+                        stats.migrated
+                    ),
+                    Err(e) => log::warn!("{}: {e:#}", group.addr),
+                }
             }
-        }
-
-        if let Some(stopping) = &mut self.stopping {
-            if !stopping.killed && tokio::time::Instant::now() >= stopping.deadline {
-                stopping.killed = true;
-                log::warn!(
-                    "grace period of {}s is over; killing {} workers",
-                    self.config.grace.as_secs(),
-                    self.workers.len()
-                );
-                self.kill_all();
+            if let Ok(unassigned) = balancer.unassigned_fallbacks() {
+                if unassigned > 0 {
+                    log::info!(
+                        "{}: {unassigned} connections found no live worker slot",
+                        group.addr
+                    );
+                }
             }
         }
     }
 }
 
-struct Signals {
-    child: SignalStream,
-    terminate: SignalStream,
-    interrupt: SignalStream,
-    quit: SignalStream,
-    /// HUP: rolling reload.
-    hangup: SignalStream,
-    /// TTIN / TTOU: one worker more / fewer.
-    more: SignalStream,
-    fewer: SignalStream,
-}
-
-impl Signals {
-    fn new() -> Result<Signals> {
-        let listen = |kind: SignalKind| signal(kind).context("installing signal handlers");
-        Ok(Signals {
-            child: listen(SignalKind::child())?,
-            terminate: listen(SignalKind::terminate())?,
-            interrupt: listen(SignalKind::interrupt())?,
-            quit: listen(SignalKind::quit())?,
-            hangup: listen(SignalKind::hangup())?,
-            more: listen(SignalKind::from_raw(libc::SIGTTIN))?,
-            fewer: listen(SignalKind::from_raw(libc::SIGTTOU))?,
-        })
-    }
-}
-
-/// A pipe for a worker's output: (our read end, the worker's write end), both close-on-exec.
-fn output_pipe() -> Result<(OwnedFd, OwnedFd)> {
-    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating an output pipe")
+/// `cluster-lb run`'s event loop: a current-thread runtime until `body` completes.
+pub fn block_on<T>(body: impl std::future::Future<Output = T>) -> Result<T, SupervisorError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(SupervisorError::Runtime)?;
+    Ok(runtime.block_on(body))
 }
 
 /// Forwards the program's aya-log records to our log, from a task of their own.

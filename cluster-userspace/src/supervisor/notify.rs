@@ -11,24 +11,22 @@ use std::{
     },
 };
 
-use anyhow::{Context, Result};
 use nix::sys::socket::{recvmsg, setsockopt, sockopt::PassCred, ControlMessageOwned, MsgFlags};
 use tokio::{io::unix::AsyncFd, sync::mpsc::UnboundedSender};
 
 /// Opens the socket and forwards `(sender pid, datagram text)` to `sink`. Returns the value for
 /// the workers' NOTIFY_SOCKET: an abstract address, so a worker running as another user needs
 /// no file permission to reach it.
-pub fn open(sink: UnboundedSender<(i32, String)>) -> Result<String> {
+pub fn open(sink: UnboundedSender<(i32, String)>) -> std::io::Result<String> {
     let name = format!("cluster-lb/{}/notify", std::process::id());
-    let address = SocketAddr::from_abstract_name(name.as_bytes()).context("notify address")?;
-    let socket = UnixDatagram::bind_addr(&address).context("binding the notify socket")?;
-    socket.set_nonblocking(true).context("notify socket")?;
-    setsockopt(&socket, PassCred, &true).context("SO_PASSCRED on the notify socket")?;
+    let address = SocketAddr::from_abstract_name(name.as_bytes())?;
+    let socket = UnixDatagram::bind_addr(&address)?;
+    socket.set_nonblocking(true)?;
+    setsockopt(&socket, PassCred, &true)?;
     let fd = OwnedFd::from(socket);
     // SAFETY: the AsyncFd owns the descriptor for as long as it is registered.
     let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
-        .context("watching the notify socket")?;
+        .map_err(|e| e.into_parts().1)?;
     tokio::spawn(async move {
         loop {
             let Ok(mut guard) = fd.readable().await else {

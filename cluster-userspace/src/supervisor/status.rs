@@ -2,15 +2,14 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::Supervisor;
+use super::{lifecycle::WorkerState, Supervisor};
 
 /// One running worker process.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct WorkerStatus {
     pub id: u32,
     pub pid: i32,
-    /// starting, ready or draining.
-    pub state: String,
+    pub state: WorkerState,
     pub uptime_s: f64,
     /// Restarts of this worker id so far.
     pub restarts: u32,
@@ -49,34 +48,29 @@ pub fn rss_bytes(pid: i32) -> u64 {
 impl Supervisor {
     pub(super) fn status(&self) -> ClusterStatus {
         let workers = self
-            .workers
-            .iter()
-            .map(|(pid, worker)| {
+            .lifecycle
+            .processes()
+            .map(|process| {
                 let mut stats = cluster_common::SlotStats::default();
-                for balancer in self.groups.iter().filter_map(|g| g.balancer.as_ref()) {
-                    if let Ok(slot) = balancer.slot_stats(worker.slot) {
-                        stats.selected += slot.selected;
-                        stats.fallback += slot.fallback;
-                        stats.migrated += slot.migrated;
+                if let Some(worker) = self.workers.get(&process.pid) {
+                    for balancer in self.groups.iter().filter_map(|g| g.balancer.as_ref()) {
+                        if let Ok(slot) = balancer.slot_stats(worker.slot) {
+                            stats.selected += slot.selected;
+                            stats.fallback += slot.fallback;
+                            stats.migrated += slot.migrated;
+                        }
                     }
                 }
-                let state = if worker.draining {
-                    "draining"
-                } else if worker.ready {
-                    "ready"
-                } else {
-                    "starting"
-                };
                 WorkerStatus {
-                    id: worker.id,
-                    pid: pid.as_raw(),
-                    state: state.into(),
-                    uptime_s: worker.started.elapsed().as_secs_f64(),
-                    restarts: self.restart_counts.get(&worker.id).copied().unwrap_or(0),
+                    id: process.id,
+                    pid: process.pid.as_raw(),
+                    state: process.state(),
+                    uptime_s: process.started.elapsed().as_secs_f64(),
+                    restarts: self.lifecycle.restarts(process.id),
                     selected: stats.selected,
                     fallback: stats.fallback,
                     migrated: stats.migrated,
-                    rss_bytes: rss_bytes(pid.as_raw()),
+                    rss_bytes: rss_bytes(process.pid.as_raw()),
                 }
             })
             .collect();
@@ -89,9 +83,9 @@ impl Supervisor {
                 .iter()
                 .map(ToString::to_string)
                 .collect(),
-            desired: self.desired,
-            reloads: self.reloads,
-            reloading: self.reload.is_some(),
+            desired: self.lifecycle.wanted(),
+            reloads: self.lifecycle.reloads(),
+            reloading: self.lifecycle.is_reloading(),
             workers,
         }
     }

@@ -11,10 +11,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use cluster_lb::{
-    control::{request, Request},
-    supervisor::ClusterStatus,
-};
+use cluster_lb::{client::fetch_status, supervisor::WorkerState};
 use cluster_lb_tests::get;
 
 use super::contenders::{self, Contender, Paths, PORT};
@@ -125,9 +122,12 @@ fn wait_for_all_workers(addr: SocketAddr, workers: u32) -> Result<()> {
 fn wait_until_ready(control: &Path, workers: u32) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let answer = request(control, &Request::Status, Duration::from_secs(5))?;
-        let status: ClusterStatus = serde_json::from_value(answer["status"].clone())?;
-        let ready = status.workers.iter().filter(|w| w.state == "ready").count();
+        let status = fetch_status(control)?;
+        let ready = status
+            .workers
+            .iter()
+            .filter(|w| w.state == WorkerState::Ready)
+            .count();
         if ready == workers as usize {
             return Ok(());
         }

@@ -30,7 +30,7 @@ fn main() -> ExitCode {
 
 async fn primary() -> std::io::Result<()> {
     cluster_lb::logging::init(cluster_lb::logging::Format::Text);
-    let config = Config::reexec_current(2).map_err(std::io::Error::other)?;
+    let config = Config::reexec_current(2)?;
     let mut supervisor = Supervisor::new(config).map_err(std::io::Error::other)?;
     let handle = supervisor.handle();
     let mut events = supervisor.subscribe();
@@ -45,8 +45,8 @@ async fn primary() -> std::io::Result<()> {
             }
         }
     };
-    let (result, ()) = tokio::join!(supervisor.run(), watch);
-    result.map_err(std::io::Error::other)
+    tokio::join!(supervisor.run(), watch);
+    Ok(())
 }
 
 async fn serve(address: String) -> std::io::Result<()> {

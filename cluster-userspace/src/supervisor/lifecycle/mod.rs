@@ -1,0 +1,935 @@
+//! The life of every worker process, and what the cluster as a whole intends, as one state
+//! machine.
+//!
+//! Why it is shaped this way: a worker's life used to be four booleans changed from four files,
+//! and some sequences (a crash during a reload, a replacement that never got ready) lost a
+//! worker for good. Here every process has exactly one [`Phase`], the cluster one [`Intent`], and
+//! every transition is in this file. [`Lifecycle::handle`] takes one [`Input`] and the time, and
+//! returns the [`Action`]s for the I/O shell (`supervisor/mod.rs`) to carry out: spawn, signal,
+//! update the kernel's active set, tell systemd, emit events. Nothing here does I/O or reads a
+//! clock, so the model test drives it through random sequences of inputs and checks the
+//! invariant that matters most:
+//!
+//! > once no input arrives for the longest backoff plus the ready time, exactly the ids
+//! > `0..wanted` are served, one ready process each (unless the cluster stops); a worker that
+//! > keeps failing is reported by a crash-loop event while it is retried.
+//!
+//! How the invariant is kept: instead of remembering why each process is there, every handled
+//! input ends in [`Lifecycle::reconcile`], which compares what runs with what is wanted. A wanted
+//! id with no *candidate* (a process starting, online or ready) gets one, at once or after its
+//! backoff; a candidate above the wanted count is drained. A rolling reload is one more rule: an
+//! id served only by processes of an older generation gets one replacement at a time.
+
+#[cfg(test)]
+mod model;
+#[cfg(test)]
+mod scenarios;
+#[cfg(test)]
+mod world;
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use cluster_common::MAX_WORKERS;
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use super::events::{Departure, Event, ExitStatus, Failure, KillReason, Readiness};
+
+/// First restart delay after a failure; doubles per consecutive failure up to [`MAX_BACKOFF`].
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A worker that was ready this long before it failed starts its backoff afresh.
+pub const STABLE_UPTIME: Duration = Duration::from_secs(10);
+/// Consecutive failures that make a crash loop worth an error line (then every as many).
+pub const CRASH_LOOP: u32 = 5;
+
+/// The durations the machine works with (from the command line).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    /// How long a worker asked to stop has before SIGKILL.
+    pub grace: Duration,
+    /// When a worker that signals nothing counts as ready.
+    pub ready_delay: Duration,
+    /// How long any new worker may take to become ready before it is killed. When it is not
+    /// longer than `ready_delay`, only workers that signal readiness can be ready in time.
+    pub ready_timeout: Duration,
+}
+
+/// A worker's state, as `status` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WorkerState {
+    /// Started; waits for READY=1, `online` or `--ready-delay`.
+    Starting,
+    /// Said `online`; waits for `listening` (or READY=1).
+    Online,
+    /// In the active set: it gets new connections.
+    Ready,
+    /// Out of the active set and stopping; killed after `--grace`.
+    Draining,
+    /// SIGKILL sent; not yet reaped.
+    Killed,
+}
+
+impl WorkerState {
+    pub const ALL: [WorkerState; 5] = [
+        WorkerState::Starting,
+        WorkerState::Online,
+        WorkerState::Ready,
+        WorkerState::Draining,
+        WorkerState::Killed,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Online => "online",
+            WorkerState::Ready => "ready",
+            WorkerState::Draining => "draining",
+            WorkerState::Killed => "killed",
+        }
+    }
+}
+
+impl std::fmt::Display for WorkerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+/// One process's phase, with what it waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Ready by the delay at `ready_at` unless it signals first; killed at `give_up_at`.
+    Starting {
+        ready_at: Instant,
+        give_up_at: Instant,
+    },
+    /// Waits for `listening` or READY=1; killed at `give_up_at`.
+    Online { give_up_at: Instant },
+    /// In the active set since `since`.
+    Ready { since: Instant },
+    /// Asked to stop (or stopping by itself); SIGKILL at `kill_at`.
+    Draining { kill_at: Instant },
+    /// SIGKILL sent; waits to be reaped.
+    Killed,
+}
+
+impl Phase {
+    fn state(self) -> WorkerState {
+        match self {
+            Phase::Starting { .. } => WorkerState::Starting,
+            Phase::Online { .. } => WorkerState::Online,
+            Phase::Ready { .. } => WorkerState::Ready,
+            Phase::Draining { .. } => WorkerState::Draining,
+            Phase::Killed => WorkerState::Killed,
+        }
+    }
+
+    /// Serves its id, or is about to: an id with a candidate needs no other process.
+    fn is_candidate(self) -> bool {
+        matches!(
+            self,
+            Phase::Starting { .. } | Phase::Online { .. } | Phase::Ready { .. }
+        )
+    }
+
+    fn is_ready(self) -> bool {
+        matches!(self, Phase::Ready { .. })
+    }
+
+    /// When a timer fires for this process.
+    fn deadline(self) -> Option<Instant> {
+        match self {
+            Phase::Starting {
+                ready_at,
+                give_up_at,
+            } => Some(ready_at.min(give_up_at)),
+            Phase::Online { give_up_at } => Some(give_up_at),
+            Phase::Draining { kill_at } => Some(kill_at),
+            Phase::Ready { .. } | Phase::Killed => None,
+        }
+    }
+}
+
+/// A worker process.
+#[derive(Clone, Debug)]
+pub struct Process {
+    pub id: u32,
+    pub pid: Pid,
+    pub started: Instant,
+    /// The reload generation it was started in.
+    generation: u64,
+    phase: Phase,
+}
+
+impl Process {
+    pub fn state(&self) -> WorkerState {
+        self.phase.state()
+    }
+}
+
+/// What is planned for a worker id besides its processes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+enum Plan {
+    #[default]
+    Idle,
+    /// Start a process for the id then (if it still has none).
+    RestartAt(Instant),
+    /// A `Spawn` action is out; `Spawned` or `SpawnFailed` comes next.
+    Spawning,
+}
+
+#[derive(Clone, Debug, Default)]
+struct IdRecord {
+    plan: Plan,
+    /// Consecutive failures (reset by a failure after [`STABLE_UPTIME`] of readiness).
+    failures: u32,
+    restarts: u32,
+    started_before: bool,
+}
+
+/// A rolling reload under way.
+#[derive(Clone, Debug)]
+struct Reload {
+    /// Processes of older generations get replaced.
+    generation: u64,
+    /// The id whose replacement is starting.
+    replacing: Option<u32>,
+    replaced: u32,
+}
+
+/// What the cluster as a whole is doing.
+#[derive(Clone, Debug)]
+enum Intent {
+    Serve,
+    Reload(Reload),
+    Stop,
+}
+
+/// What the primary's own supervisor (systemd's NOTIFY_SOCKET) was last told. The order is
+/// fixed: READY=1 once all first workers are ready, then RELOADING=1 and READY=1 around each
+/// reload, and STOPPING=1 last, after which nothing is sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Announced {
+    Nothing,
+    Ready,
+    Reloading,
+    Stopping,
+}
+
+/// Why a rolling reload did not complete. The old workers keep serving in every case.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReloadError {
+    #[error("reload aborted: the cluster is stopping")]
+    Stopping,
+    #[error("reload aborted: starting the replacement of worker {id} failed: {error}; the old workers keep serving")]
+    StartFailed { id: u32, error: String },
+    #[error("reload aborted: the replacement of worker {id} (pid {pid}) {status} before it was ready; the old workers keep serving")]
+    ReplacementExited {
+        id: u32,
+        pid: i32,
+        status: ExitStatus,
+    },
+    #[error("reload aborted: the replacement of worker {id} (pid {pid}) was not ready within {secs}s; the old workers keep serving", secs = .timeout.as_secs_f64())]
+    NotReadyInTime {
+        id: u32,
+        pid: i32,
+        timeout: Duration,
+    },
+    #[error("reload aborted: the replacement of worker {id} (pid {pid}) left before it was ready ({why}); the old workers keep serving")]
+    ReplacementLeft { id: u32, pid: i32, why: Departure },
+}
+
+/// What happened, as the I/O shell reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Input {
+    /// A `Spawn { id }` succeeded: the program runs as `pid`, its sockets in `slot`.
+    Spawned {
+        id: u32,
+        pid: Pid,
+        slot: u32,
+    },
+    /// A `Spawn { id }` failed before the program ran.
+    SpawnFailed {
+        id: u32,
+        error: String,
+    },
+    /// The worker said `online` on its channel.
+    Online {
+        pid: Pid,
+    },
+    /// The worker signalled readiness.
+    Ready {
+        pid: Pid,
+        how: Readiness,
+    },
+    /// The worker is to leave the active set: it said so, it misbehaved, or it was asked to.
+    Leaving {
+        pid: Pid,
+        why: Departure,
+    },
+    /// The process was reaped.
+    Exited {
+        pid: Pid,
+        status: ExitStatus,
+    },
+    /// Time passed (a timer may be due).
+    Tick,
+    Reload,
+    Scale {
+        workers: u32,
+    },
+    Stop {
+        fast: bool,
+    },
+}
+
+/// What the I/O shell is to do, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Start a process for worker `id` and answer with `Spawned` or `SpawnFailed`.
+    Spawn {
+        id: u32,
+    },
+    /// Put the process's slot in the active set.
+    Activate {
+        pid: Pid,
+    },
+    /// Take the process's slot out of the active set.
+    Deactivate {
+        pid: Pid,
+    },
+    /// Ask it to stop: its channel's `disconnect`, else SIGTERM.
+    AskToStop {
+        pid: Pid,
+    },
+    /// SIGKILL it (and its process group).
+    Kill {
+        pid: Pid,
+    },
+    /// It was reaped: free its slot and channels.
+    Release {
+        pid: Pid,
+    },
+    /// Tell the primary's own supervisor.
+    Notify(Announced),
+    Emit(Event),
+    /// Answer everyone waiting on the reload.
+    ReloadDone(Result<u32, ReloadError>),
+}
+
+/// The state machine: see the module documentation.
+#[derive(Debug)]
+pub struct Lifecycle {
+    timing: Timing,
+    wanted: u32,
+    processes: BTreeMap<Pid, Process>,
+    ids: BTreeMap<u32, IdRecord>,
+    intent: Intent,
+    generation: u64,
+    reloads: u64,
+    announced: Announced,
+    /// The time of the input being handled.
+    now: Instant,
+    out: Vec<Action>,
+}
+
+impl Lifecycle {
+    /// A cluster of `wanted` workers; the first input (a `Tick`) starts them.
+    pub fn new(wanted: u32, timing: Timing, now: Instant) -> Lifecycle {
+        Lifecycle {
+            timing,
+            wanted: wanted.clamp(1, MAX_WORKERS),
+            processes: BTreeMap::new(),
+            ids: BTreeMap::new(),
+            intent: Intent::Serve,
+            generation: 0,
+            reloads: 0,
+            announced: Announced::Nothing,
+            now,
+            out: Vec::new(),
+        }
+    }
+
+    /// Handles one input at time `now`; returns what to do.
+    pub fn handle(&mut self, input: Input, now: Instant) -> Vec<Action> {
+        self.now = self.now.max(now);
+        match input {
+            Input::Spawned { id, pid, slot } => self.spawned(id, pid, slot),
+            Input::SpawnFailed { id, error } => self.spawn_failed(id, error),
+            Input::Online { pid } => self.online(pid),
+            Input::Ready { pid, how } => self.ready(pid, how),
+            Input::Leaving { pid, why } => self.leaving(pid, why),
+            Input::Exited { pid, status } => self.exited(pid, status),
+            Input::Tick => {}
+            Input::Reload => self.begin_reload(),
+            Input::Scale { workers } => self.scale(workers),
+            Input::Stop { fast } => self.stop(fast),
+        }
+        self.reconcile();
+        std::mem::take(&mut self.out)
+    }
+
+    /// When the next timer is due: handle a `Tick` then.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let processes = self.processes.values().filter_map(|p| p.phase.deadline());
+        let restarts = self.ids.values().filter_map(|r| match r.plan {
+            Plan::RestartAt(at) => Some(at),
+            _ => None,
+        });
+        processes.chain(restarts).min()
+    }
+
+    pub fn processes(&self) -> impl Iterator<Item = &Process> {
+        self.processes.values()
+    }
+
+    pub fn process(&self, pid: Pid) -> Option<&Process> {
+        self.processes.get(&pid)
+    }
+
+    pub fn wanted(&self) -> u32 {
+        self.wanted
+    }
+
+    pub fn reloads(&self) -> u64 {
+        self.reloads
+    }
+
+    pub fn is_reloading(&self) -> bool {
+        matches!(self.intent, Intent::Reload(_))
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        matches!(self.intent, Intent::Stop)
+    }
+
+    /// Stopping, and every process has been reaped.
+    pub fn is_finished(&self) -> bool {
+        self.is_stopping() && self.processes.is_empty()
+    }
+
+    /// Restarts of worker `id` so far (not counting reload replacements).
+    pub fn restarts(&self, id: u32) -> u32 {
+        self.ids.get(&id).map_or(0, |r| r.restarts)
+    }
+
+    // ---- inputs -------------------------------------------------------------------------
+
+    fn spawned(&mut self, id: u32, pid: Pid, slot: u32) {
+        self.ids.entry(id).or_default().plan = Plan::Idle;
+        let phase = Phase::Starting {
+            ready_at: self.now + self.timing.ready_delay,
+            give_up_at: self.now + self.timing.ready_timeout,
+        };
+        self.processes.insert(
+            pid,
+            Process {
+                id,
+                pid,
+                started: self.now,
+                generation: self.generation,
+                phase,
+            },
+        );
+        self.emit(Event::Fork {
+            id,
+            pid: pid.as_raw(),
+            slot,
+        });
+        if self.is_stopping() {
+            self.depart(pid, Departure::Stopping);
+        }
+    }
+
+    fn spawn_failed(&mut self, id: u32, error: String) {
+        self.ids.entry(id).or_default().plan = Plan::Idle;
+        self.emit(Event::StartFailed {
+            id,
+            error: error.clone(),
+        });
+        if matches!(&self.intent, Intent::Reload(r) if r.replacing == Some(id)) {
+            self.end_reload(Err(ReloadError::StartFailed {
+                id,
+                error: error.clone(),
+            }));
+        }
+        self.failed(id, Duration::ZERO, Failure::StartFailed(error));
+    }
+
+    fn online(&mut self, pid: Pid) {
+        let Some(process) = self.processes.get_mut(&pid) else {
+            return;
+        };
+        if let Phase::Starting { give_up_at, .. } = process.phase {
+            process.phase = Phase::Online { give_up_at };
+            let id = process.id;
+            self.emit(Event::Online {
+                id,
+                pid: pid.as_raw(),
+            });
+        }
+    }
+
+    fn ready(&mut self, pid: Pid, how: Readiness) {
+        let Some(process) = self.processes.get_mut(&pid) else {
+            return;
+        };
+        if !matches!(process.phase, Phase::Starting { .. } | Phase::Online { .. }) {
+            return;
+        }
+        process.phase = Phase::Ready { since: self.now };
+        let id = process.id;
+        self.out.push(Action::Activate { pid });
+        self.emit(Event::Ready {
+            id,
+            pid: pid.as_raw(),
+            reason: how,
+        });
+    }
+
+    fn leaving(&mut self, pid: Pid, why: Departure) {
+        let Some(process) = self.processes.get(&pid) else {
+            return;
+        };
+        if !process.phase.is_candidate() {
+            return;
+        }
+        let (id, ready_for) = (process.id, self.ready_for(process));
+        let pending_replacement = self.is_pending_replacement(process);
+        self.depart(pid, why.clone());
+        if pending_replacement {
+            self.end_reload(Err(ReloadError::ReplacementLeft {
+                id,
+                pid: pid.as_raw(),
+                why: why.clone(),
+            }));
+        }
+        if why.is_failure() {
+            self.failed(id, ready_for, Failure::Departed(why));
+        }
+    }
+
+    fn exited(&mut self, pid: Pid, status: ExitStatus) {
+        let Some(process) = self.processes.get(&pid) else {
+            return;
+        };
+        let pending_replacement = self.is_pending_replacement(process);
+        let ready_for = self.ready_for(process);
+        let Some(process) = self.processes.remove(&pid) else {
+            return;
+        };
+        self.out.push(Action::Release { pid });
+        self.emit(Event::Exit {
+            id: process.id,
+            pid: pid.as_raw(),
+            status,
+            uptime: self.now.saturating_duration_since(process.started),
+        });
+        if !process.phase.is_candidate() {
+            return; // asked to go, and went
+        }
+        if pending_replacement {
+            self.end_reload(Err(ReloadError::ReplacementExited {
+                id: process.id,
+                pid: pid.as_raw(),
+                status,
+            }));
+        }
+        self.failed(process.id, ready_for, Failure::Exited(status));
+    }
+
+    fn begin_reload(&mut self) {
+        match self.intent {
+            Intent::Stop => {
+                self.out
+                    .push(Action::ReloadDone(Err(ReloadError::Stopping)));
+                return;
+            }
+            Intent::Reload(_) => return, // the caller joins the reload under way
+            Intent::Serve => {}
+        }
+        self.generation += 1;
+        self.reloads += 1;
+        self.intent = Intent::Reload(Reload {
+            generation: self.generation,
+            replacing: None,
+            replaced: 0,
+        });
+        let workers = self
+            .processes
+            .values()
+            .filter(|p| p.phase.is_candidate())
+            .count() as u32;
+        self.emit(Event::ReloadStarted { workers });
+        if self.announced == Announced::Ready {
+            self.announce(Announced::Reloading);
+        }
+    }
+
+    fn scale(&mut self, workers: u32) {
+        let workers = workers.clamp(1, MAX_WORKERS);
+        if self.is_stopping() || workers == self.wanted {
+            return;
+        }
+        self.emit(Event::Scaling {
+            from: self.wanted,
+            to: workers,
+        });
+        self.wanted = workers;
+        // Records of ids no longer wanted go: scaling up again starts them afresh.
+        self.ids.split_off(&workers);
+    }
+
+    fn stop(&mut self, fast: bool) {
+        if self.is_stopping() {
+            // A second request does not wait any longer.
+            self.kill_all(KillReason::StopNow);
+            return;
+        }
+        let previous = std::mem::replace(&mut self.intent, Intent::Stop);
+        if let Intent::Reload(_) = previous {
+            let outcome = Err(ReloadError::Stopping);
+            self.emit(Event::ReloadFinished {
+                outcome: outcome.clone(),
+            });
+            self.out.push(Action::ReloadDone(outcome));
+        }
+        self.ids.values_mut().for_each(|r| r.plan = Plan::Idle);
+        self.announce(Announced::Stopping);
+        self.emit(Event::Stopping {
+            workers: self.processes.len() as u32,
+            grace: (!fast).then_some(self.timing.grace),
+        });
+        if fast {
+            self.kill_all(KillReason::StopNow);
+            return;
+        }
+        let serving: Vec<Pid> = self
+            .processes
+            .values()
+            .filter(|p| p.phase.is_candidate())
+            .map(|p| p.pid)
+            .collect();
+        for pid in serving {
+            self.depart(pid, Departure::Stopping);
+        }
+    }
+
+    // ---- rules --------------------------------------------------------------------------
+
+    /// Runs after every input: fires due timers, then makes what runs match what is wanted.
+    fn reconcile(&mut self) {
+        self.fire_timers();
+        if self.is_stopping() {
+            return;
+        }
+        let surplus: Vec<Pid> = self
+            .processes
+            .values()
+            .filter(|p| p.id >= self.wanted && p.phase.is_candidate())
+            .map(|p| p.pid)
+            .collect();
+        for pid in surplus {
+            self.depart(pid, Departure::ScaledDown);
+        }
+        for id in 0..self.wanted {
+            self.keep_served(id);
+        }
+        self.advance_reload();
+        if self.announced == Announced::Nothing && self.ready_ids() >= self.wanted {
+            self.announce(Announced::Ready);
+        }
+    }
+
+    /// A wanted id with no candidate gets one: at once, or when its backoff is over.
+    fn keep_served(&mut self, id: u32) {
+        let served = self.has_candidate(id);
+        let now = self.now;
+        let record = self.ids.entry(id).or_default();
+        match record.plan {
+            Plan::Spawning => return,
+            Plan::RestartAt(at) if at > now => return,
+            Plan::RestartAt(_) | Plan::Idle if served => {
+                record.plan = Plan::Idle;
+                return;
+            }
+            Plan::RestartAt(_) => {}
+            Plan::Idle if record.started_before => {
+                // Left without failing (asked to go): replace at once.
+                record.restarts += 1;
+                self.emit(Event::Restart {
+                    id,
+                    delay: Duration::ZERO,
+                });
+            }
+            Plan::Idle => {}
+        }
+        self.spawn(id);
+    }
+
+    fn spawn(&mut self, id: u32) {
+        let record = self.ids.entry(id).or_default();
+        record.plan = Plan::Spawning;
+        record.started_before = true;
+        self.out.push(Action::Spawn { id });
+    }
+
+    /// Replaces the processes of older generations, one id at a time: the old one leaves only
+    /// once its replacement is ready.
+    fn advance_reload(&mut self) {
+        let Intent::Reload(reload) = &self.intent else {
+            return;
+        };
+        let (generation, replacing) = (reload.generation, reload.replacing);
+        if let Some(id) = replacing.filter(|id| *id < self.wanted) {
+            if self.ids.get(&id).is_some_and(|r| r.plan == Plan::Spawning) {
+                return;
+            }
+            let replacement = self
+                .processes
+                .values()
+                .find(|p| p.id == id && p.generation == generation && p.phase.is_candidate());
+            match replacement.map(|p| p.phase.is_ready()) {
+                Some(false) => return, // still starting
+                Some(true) => {
+                    let old: Vec<Pid> = self
+                        .processes
+                        .values()
+                        .filter(|p| p.id == id && p.generation < generation)
+                        .filter(|p| p.phase.is_candidate())
+                        .map(|p| p.pid)
+                        .collect();
+                    for pid in old {
+                        self.depart(pid, Departure::Replaced);
+                    }
+                    if let Intent::Reload(reload) = &mut self.intent {
+                        reload.replaced += 1;
+                    }
+                }
+                None => {} // gone (asked to leave); its id is served afresh by the rules above
+            }
+        }
+        let next = (0..self.wanted).find(|&id| {
+            let idle = self.ids.get(&id).is_none_or(|r| r.plan == Plan::Idle);
+            let candidates = || {
+                self.processes
+                    .values()
+                    .filter(move |p| p.id == id && p.phase.is_candidate())
+            };
+            idle && candidates().any(|p| p.generation < generation)
+                && !candidates().any(|p| p.generation == generation)
+        });
+        let Intent::Reload(reload) = &mut self.intent else {
+            return;
+        };
+        reload.replacing = next;
+        match next {
+            Some(id) => self.spawn(id),
+            None => {
+                let replaced = reload.replaced;
+                self.end_reload(Ok(replaced));
+            }
+        }
+    }
+
+    fn end_reload(&mut self, outcome: Result<u32, ReloadError>) {
+        if !self.is_reloading() {
+            return;
+        }
+        self.intent = Intent::Serve;
+        self.emit(Event::ReloadFinished {
+            outcome: outcome.clone(),
+        });
+        self.out.push(Action::ReloadDone(outcome));
+        if self.announced == Announced::Reloading {
+            self.announce(Announced::Ready);
+        }
+    }
+
+    /// Ready by delay, not ready in time, or grace over.
+    fn fire_timers(&mut self) {
+        let now = self.now;
+        let due: Vec<(Pid, Phase)> = self
+            .processes
+            .values()
+            .filter(|p| p.phase.deadline().is_some_and(|at| at <= now))
+            .map(|p| (p.pid, p.phase))
+            .collect();
+        for (pid, phase) in due {
+            match phase {
+                Phase::Starting { ready_at, .. } if ready_at <= now => {
+                    self.ready(pid, Readiness::Delay)
+                }
+                Phase::Starting { .. } | Phase::Online { .. } => self.not_ready_in_time(pid),
+                Phase::Draining { .. } => self.kill(pid, KillReason::GraceOver(self.timing.grace)),
+                Phase::Ready { .. } | Phase::Killed => {}
+            }
+        }
+    }
+
+    fn not_ready_in_time(&mut self, pid: Pid) {
+        let Some(process) = self.processes.get(&pid) else {
+            return;
+        };
+        let id = process.id;
+        let pending_replacement = self.is_pending_replacement(process);
+        let timeout = self.timing.ready_timeout;
+        self.kill(pid, KillReason::NotReadyInTime(timeout));
+        if pending_replacement {
+            self.end_reload(Err(ReloadError::NotReadyInTime {
+                id,
+                pid: pid.as_raw(),
+                timeout,
+            }));
+        }
+        self.failed(id, Duration::ZERO, Failure::NotReady);
+    }
+
+    /// A failure of worker `id` (a process exited or left unasked, or never got going):
+    /// count it, report a crash loop, and restart after the backoff if nothing serves the id.
+    fn failed(&mut self, id: u32, ready_for: Duration, last: Failure) {
+        if self.is_stopping() || id >= self.wanted {
+            return;
+        }
+        let served = self.has_candidate(id);
+        let now = self.now;
+        let record = self.ids.entry(id).or_default();
+        record.failures = if ready_for >= STABLE_UPTIME {
+            1
+        } else {
+            record.failures + 1
+        };
+        let failures = record.failures;
+        let restart = !served && record.plan != Plan::Spawning;
+        let delay = backoff(failures);
+        if restart {
+            record.plan = Plan::RestartAt(now + delay);
+            record.restarts += 1;
+        }
+        if failures >= CRASH_LOOP && failures.is_multiple_of(CRASH_LOOP) {
+            self.emit(Event::CrashLoop { id, failures, last });
+        }
+        if restart {
+            self.emit(Event::Restart { id, delay });
+        }
+    }
+
+    /// Out of the active set, asked to stop (unless it leaves by itself), SIGKILL after grace.
+    fn depart(&mut self, pid: Pid, why: Departure) {
+        let grace = self.timing.grace;
+        let now = self.now;
+        let Some(process) = self.processes.get_mut(&pid) else {
+            return;
+        };
+        if !process.phase.is_candidate() {
+            return;
+        }
+        let was_ready = process.phase.is_ready();
+        process.phase = Phase::Draining {
+            kill_at: now + grace,
+        };
+        let id = process.id;
+        if was_ready {
+            self.out.push(Action::Deactivate { pid });
+        }
+        if why.asks_to_stop() {
+            self.out.push(Action::AskToStop { pid });
+        }
+        self.emit(Event::Disconnect {
+            id,
+            pid: pid.as_raw(),
+            reason: why,
+        });
+    }
+
+    fn kill(&mut self, pid: Pid, reason: KillReason) {
+        let Some(process) = self.processes.get_mut(&pid) else {
+            return;
+        };
+        if process.phase == Phase::Killed {
+            return;
+        }
+        let was_ready = process.phase.is_ready();
+        process.phase = Phase::Killed;
+        let id = process.id;
+        if was_ready {
+            self.out.push(Action::Deactivate { pid });
+        }
+        self.out.push(Action::Kill { pid });
+        self.emit(Event::Kill {
+            id,
+            pid: pid.as_raw(),
+            reason,
+        });
+    }
+
+    fn kill_all(&mut self, reason: KillReason) {
+        let pids: Vec<Pid> = self.processes.keys().copied().collect();
+        for pid in pids {
+            self.kill(pid, reason);
+        }
+    }
+
+    fn announce(&mut self, next: Announced) {
+        if self.announced == Announced::Stopping || self.announced == next {
+            return;
+        }
+        self.announced = next;
+        self.out.push(Action::Notify(next));
+    }
+
+    fn emit(&mut self, event: Event) {
+        self.out.push(Action::Emit(event));
+    }
+
+    // ---- queries ------------------------------------------------------------------------
+
+    fn has_candidate(&self, id: u32) -> bool {
+        self.processes
+            .values()
+            .any(|p| p.id == id && p.phase.is_candidate())
+    }
+
+    /// Distinct wanted ids with a ready process.
+    fn ready_ids(&self) -> u32 {
+        let mut ids: Vec<u32> = self
+            .processes
+            .values()
+            .filter(|p| p.phase.is_ready() && p.id < self.wanted)
+            .map(|p| p.id)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.len() as u32
+    }
+
+    /// The reload's replacement that is not ready yet.
+    fn is_pending_replacement(&self, process: &Process) -> bool {
+        matches!(&self.intent, Intent::Reload(r)
+            if r.replacing == Some(process.id)
+                && process.generation == r.generation
+                && !process.phase.is_ready())
+    }
+
+    /// How long it has been ready (zero if it never was): a long-ready worker's failure starts
+    /// the backoff afresh, one that never got ready does not.
+    fn ready_for(&self, process: &Process) -> Duration {
+        match process.phase {
+            Phase::Ready { since } => self.now.saturating_duration_since(since),
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+/// 100 ms, 200 ms, 400 ms, ... up to 30 s.
+pub fn backoff(consecutive_failures: u32) -> Duration {
+    let doublings = consecutive_failures.saturating_sub(1).min(16);
+    FIRST_BACKOFF
+        .saturating_mul(1 << doublings)
+        .min(MAX_BACKOFF)
+}

@@ -1,0 +1,151 @@
+//! The model test: random sequences of what can happen to a cluster (exits and crashes, kills,
+//! readiness signals, departures, reloads, scales, stops, time passing, spawn failures), each
+//! checked step by step by the world's invariants, then a calm period in which processes behave;
+//! after it, exactly the wanted workers are ready (or, once stopping, none is left), and systemd
+//! heard a valid sequence.
+
+use std::time::Duration;
+
+use nix::{sys::signal::Signal, unistd::Pid};
+use proptest::prelude::*;
+
+use super::{
+    world::{timing, World},
+    Input, Timing,
+};
+use crate::supervisor::events::{Departure, ExitStatus, Readiness};
+
+/// One thing that happens. `pick` chooses among the live processes (modulo their number).
+#[derive(Clone, Debug)]
+enum Op {
+    Exit {
+        pick: usize,
+        code: i32,
+    },
+    Killed {
+        pick: usize,
+    },
+    Online {
+        pick: usize,
+    },
+    Ready {
+        pick: usize,
+        notify: bool,
+    },
+    Leave {
+        pick: usize,
+        why: u8,
+    },
+    Reload,
+    Scale(u32),
+    Stop {
+        fast: bool,
+    },
+    Advance(u64),
+    FailSpawns(u32),
+    /// An exit of a pid that is no worker (an orphan reaped by the subreaper).
+    Stranger,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (any::<usize>(), 0..3i32).prop_map(|(pick, code)| Op::Exit { pick, code }),
+        3 => any::<usize>().prop_map(|pick| Op::Killed { pick }),
+        3 => any::<usize>().prop_map(|pick| Op::Online { pick }),
+        5 => (any::<usize>(), any::<bool>()).prop_map(|(pick, notify)| Op::Ready { pick, notify }),
+        2 => (any::<usize>(), 0..4u8).prop_map(|(pick, why)| Op::Leave { pick, why }),
+        3 => Just(Op::Reload),
+        2 => (1..7u32).prop_map(Op::Scale),
+        1 => any::<bool>().prop_map(|fast| Op::Stop { fast }),
+        6 => prop_oneof![0..200u64, 200..5_000u64, 5_000..40_000u64].prop_map(Op::Advance),
+        1 => (1..8u32).prop_map(Op::FailSpawns),
+        1 => Just(Op::Stranger),
+    ]
+}
+
+fn timings() -> impl Strategy<Value = Timing> {
+    prop_oneof![
+        Just(timing(30_000, 1_000, 30_000)),
+        Just(timing(500, 0, 1_000)),
+        Just(timing(3_000, 500, 3_000)),
+        Just(timing(0, 100, 200)),
+        // Silent workers can never be ready in time: only signals make them ready.
+        Just(timing(1_000, 3_000, 1_000)),
+    ]
+}
+
+fn picked(world: &World, pick: usize) -> Option<Pid> {
+    let pids: Vec<Pid> = world.alive.keys().copied().collect();
+    (!pids.is_empty()).then(|| pids[pick % pids.len()])
+}
+
+fn play(world: &mut World, op: Op) {
+    match op {
+        Op::Exit { pick, code } => {
+            if let Some(pid) = picked(world, pick) {
+                world.exit(pid, ExitStatus::Code(code));
+            }
+        }
+        Op::Killed { pick } => {
+            if let Some(pid) = picked(world, pick) {
+                world.exit(pid, ExitStatus::Signal(Signal::SIGKILL));
+            }
+        }
+        Op::Online { pick } => {
+            if let Some(pid) = picked(world, pick) {
+                world.apply(Input::Online { pid });
+            }
+        }
+        Op::Ready { pick, notify } => {
+            if let Some(pid) = picked(world, pick) {
+                let how = if notify {
+                    Readiness::Notify
+                } else {
+                    Readiness::Listening
+                };
+                world.apply(Input::Ready { pid, how });
+            }
+        }
+        Op::Leave { pick, why } => {
+            if let Some(pid) = picked(world, pick) {
+                let why = match why {
+                    0 => Departure::WorkerDisconnected,
+                    1 => Departure::ProtocolViolation("garbage".into()),
+                    2 => Departure::ListenerClosed("127.0.0.1:80".into()),
+                    _ => Departure::Asked,
+                };
+                world.apply(Input::Leaving { pid, why });
+            }
+        }
+        Op::Reload => world.apply(Input::Reload),
+        Op::Scale(workers) => world.apply(Input::Scale { workers }),
+        Op::Stop { fast } => world.apply(Input::Stop { fast }),
+        Op::Advance(ms) => world.advance(Duration::from_millis(ms)),
+        Op::FailSpawns(n) => world.fail_spawns = n,
+        Op::Stranger => world.apply(Input::Exited {
+            pid: Pid::from_raw(1),
+            status: ExitStatus::Code(0),
+        }),
+    }
+}
+
+proptest! {
+    // A failing case is saved to cluster-userspace/proptest-regressions/supervisor/lifecycle/
+    // model.txt; commit it, so it is replayed first from then on.
+    #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn after_any_events_and_a_calm_period_exactly_the_wanted_workers_are_ready(
+        workers in 1..6u32,
+        timing in timings(),
+        ops in proptest::collection::vec(op(), 0..80),
+    ) {
+        let mut world = World::new(workers, timing);
+        for op in ops {
+            play(&mut world, op);
+        }
+        world.fail_spawns = 0;
+        world.settle();
+        world.assert_converged();
+    }
+}

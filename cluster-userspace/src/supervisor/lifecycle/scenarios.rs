@@ -1,0 +1,338 @@
+//! The sequences that used to lose a worker or confuse systemd, each played once, and the
+//! ordinary paths (start, reload, scale, stop) with what they must announce.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use super::{
+    backoff,
+    world::{timing, World},
+    Announced, Input, ReloadError, WorkerState,
+};
+use crate::supervisor::events::{Departure, Event, ExitStatus, Failure, KillReason, Readiness};
+
+const KILLED: ExitStatus = ExitStatus::Signal(Signal::SIGKILL);
+
+fn ready_cluster(workers: u32) -> World {
+    let mut world = World::new(workers, timing(30_000, 1_000, 30_000));
+    world.settle();
+    world.assert_converged();
+    world
+}
+
+#[test]
+fn the_first_workers_become_ready_and_systemd_hears_ready_once() {
+    let mut world = World::new(3, timing(30_000, 1_000, 30_000));
+    assert_eq!(world.alive.len(), 3);
+    assert!(world.notified.is_empty(), "READY before any worker is");
+    world.advance(Duration::from_millis(1_000));
+    assert_eq!(
+        world.in_state(WorkerState::Ready).len(),
+        3,
+        "ready by delay"
+    );
+    assert_eq!(world.notified, [Announced::Ready]);
+    let reasons: Vec<Readiness> = world
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Ready { reason, .. } => Some(*reason),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reasons, [Readiness::Delay; 3]);
+}
+
+#[test]
+fn a_worker_that_said_online_waits_for_listening_not_for_the_delay() {
+    let mut world = World::new(1, timing(30_000, 1_000, 30_000));
+    let pid = world.pid(0, WorkerState::Starting);
+    world.apply(Input::Online { pid });
+    world.advance(Duration::from_secs(5));
+    assert_eq!(world.pid(0, WorkerState::Online), pid);
+    world.apply(Input::Ready {
+        pid,
+        how: Readiness::Listening,
+    });
+    assert_eq!(world.pid(0, WorkerState::Ready), pid);
+}
+
+/// Issue 10's report: `run -w 2`, reload, SIGKILL the old worker 0 while its replacement starts;
+/// the replacement misses the ready timeout. Worker 0 used to be gone for good.
+#[test]
+fn a_reload_whose_old_worker_dies_and_whose_replacement_never_gets_ready_still_ends_with_every_worker(
+) {
+    let mut world = World::new(2, timing(30_000, 500, 3_000));
+    world.settle();
+    let old = world.pid(0, WorkerState::Ready);
+    world.apply(Input::Reload);
+    let replacement = world.pid(0, WorkerState::Starting);
+    world.exit(old, KILLED);
+    world.apply(Input::Online { pid: replacement });
+    world.advance(Duration::from_millis(3_000));
+    assert_eq!(world.pid(0, WorkerState::Killed), replacement);
+    assert!(matches!(
+        world.reload_replies.as_slice(),
+        [Err(ReloadError::NotReadyInTime { id: 0, .. })]
+    ));
+    world.exit(replacement, KILLED);
+    let restarts = world.events_named("restart");
+    assert!(!restarts.is_empty(), "worker 0 is restarted");
+    world.settle();
+    world.assert_converged();
+    assert_eq!(world.lifecycle.wanted(), 2);
+}
+
+#[test]
+fn stopping_during_a_reload_announces_stopping_last_and_answers_the_reload() {
+    let mut world = ready_cluster(2);
+    world.apply(Input::Reload);
+    world.apply(Input::Stop { fast: false });
+    assert_eq!(
+        world.notified,
+        [Announced::Ready, Announced::Reloading, Announced::Stopping]
+    );
+    assert_eq!(world.reload_replies, [Err(ReloadError::Stopping)]);
+    world.settle();
+    world.assert_converged();
+    assert_eq!(
+        world.notified.last(),
+        Some(&Announced::Stopping),
+        "nothing after STOPPING"
+    );
+}
+
+#[test]
+fn a_worker_that_cannot_be_started_is_retried_with_growing_delays_and_reported() {
+    let mut world = World::new(1, timing(30_000, 1_000, 30_000));
+    world.settle(); // the first spawn succeeded
+    let pid = world.pid(0, WorkerState::Ready);
+    world.fail_spawns = 6;
+    world.exit(pid, ExitStatus::Code(1));
+    for _ in 0..6 {
+        let due = world
+            .lifecycle
+            .next_deadline()
+            .expect("a restart is planned");
+        world.now = due;
+        world.apply(Input::Tick);
+    }
+    let delays: Vec<Duration> = world
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Restart { delay, .. } => Some(*delay),
+            _ => None,
+        })
+        .collect();
+    let expected: Vec<Duration> = (1..=7).map(backoff).collect();
+    assert_eq!(delays, expected);
+    assert_eq!(world.events_named("start-failed").len(), 6);
+    assert!(matches!(
+        world.events_named("crash-loop").as_slice(),
+        [Event::CrashLoop {
+            id: 0,
+            failures: 5,
+            last: Failure::StartFailed(_)
+        }]
+    ));
+    world.settle();
+    world.assert_converged();
+}
+
+#[test]
+fn a_reload_replaces_every_worker_one_at_a_time() {
+    let mut world = ready_cluster(3);
+    let old: Vec<_> = world.in_state(WorkerState::Ready);
+    world.apply(Input::Reload);
+    for id in 0..3 {
+        assert_eq!(
+            world.in_state(WorkerState::Starting).len(),
+            1,
+            "one at a time"
+        );
+        let replacement = world.pid(id, WorkerState::Starting);
+        world.apply(Input::Ready {
+            pid: replacement,
+            how: Readiness::Notify,
+        });
+        // The old one leaves only now, after its replacement is ready.
+        let (_, old_pid) = old[id as usize];
+        assert_eq!(world.pid(id, WorkerState::Draining), old_pid);
+        world.exit(old_pid, ExitStatus::Code(0));
+    }
+    assert_eq!(world.reload_replies, [Ok(3)]);
+    assert_eq!(
+        world.notified,
+        [Announced::Ready, Announced::Reloading, Announced::Ready]
+    );
+    world.settle();
+    world.assert_converged();
+    assert!(world
+        .lifecycle
+        .processes()
+        .all(|p| !old.iter().any(|(_, pid)| *pid == p.pid)));
+    assert_eq!(
+        world.lifecycle.restarts(0),
+        0,
+        "a replacement is not a restart"
+    );
+}
+
+#[test]
+fn a_draining_worker_that_ignores_the_request_is_killed_after_grace_on_scale_down_and_reload() {
+    let mut world = World::new(3, timing(2_000, 100, 5_000));
+    world.settle();
+    let stubborn = world.pid(2, WorkerState::Ready);
+    world.apply(Input::Scale { workers: 2 });
+    assert_eq!(world.pid(2, WorkerState::Draining), stubborn);
+    world.advance(Duration::from_millis(1_999));
+    assert!(!world.alive[&stubborn].killed);
+    world.advance(Duration::from_millis(1));
+    assert!(world.alive[&stubborn].killed);
+    assert!(world.events.iter().any(|e| matches!(
+        e,
+        Event::Kill {
+            reason: KillReason::GraceOver(_),
+            ..
+        }
+    )));
+    world.exit(stubborn, KILLED);
+
+    let old = world.pid(0, WorkerState::Ready);
+    world.apply(Input::Reload);
+    let replacement = world.pid(0, WorkerState::Starting);
+    world.apply(Input::Ready {
+        pid: replacement,
+        how: Readiness::Listening,
+    });
+    world.advance(Duration::from_millis(2_000));
+    assert!(
+        world.alive[&old].killed,
+        "the replaced worker is killed too"
+    );
+    world.settle();
+    world.assert_converged();
+}
+
+#[test]
+fn a_worker_that_leaves_by_itself_is_replaced_after_a_backoff_and_is_not_signalled() {
+    let mut world = ready_cluster(2);
+    let pid = world.pid(1, WorkerState::Ready);
+    world.apply(Input::Leaving {
+        pid,
+        why: Departure::WorkerDisconnected,
+    });
+    assert!(!world.alive[&pid].asked_to_stop, "it is closing by itself");
+    assert!(!world.active.contains(&pid));
+    assert!(matches!(
+        world.events_named("restart").as_slice(),
+        [Event::Restart { id: 1, delay }] if *delay == backoff(1)
+    ));
+    world.exit(pid, ExitStatus::Code(0));
+    world.settle();
+    world.assert_converged();
+}
+
+#[test]
+fn a_worker_asked_to_go_by_the_operator_is_replaced_at_once() {
+    let mut world = ready_cluster(2);
+    let pid = world.pid(0, WorkerState::Ready);
+    world.apply(Input::Leaving {
+        pid,
+        why: Departure::Asked,
+    });
+    assert!(world.alive[&pid].asked_to_stop);
+    assert_eq!(
+        world.in_state(WorkerState::Starting).len(),
+        1,
+        "replaced at once"
+    );
+    assert_eq!(world.lifecycle.restarts(0), 1);
+    world.settle();
+    world.assert_converged();
+}
+
+#[test]
+fn failures_after_ten_seconds_of_readiness_start_the_backoff_afresh() {
+    let mut world = ready_cluster(1);
+    for _ in 0..3 {
+        let pid = world.pid(0, WorkerState::Ready);
+        world.exit(pid, ExitStatus::Code(1));
+        world.settle();
+    }
+    let last = world.events_named("restart").last().cloned().cloned();
+    assert_eq!(
+        last,
+        Some(Event::Restart {
+            id: 0,
+            delay: backoff(3)
+        })
+    );
+    world.advance(Duration::from_secs(10));
+    let pid = world.pid(0, WorkerState::Ready);
+    world.exit(pid, ExitStatus::Code(1));
+    let last = world.events_named("restart").last().cloned().cloned();
+    assert_eq!(
+        last,
+        Some(Event::Restart {
+            id: 0,
+            delay: backoff(1)
+        })
+    );
+}
+
+#[test]
+fn a_worker_that_never_gets_ready_is_killed_and_retried_and_the_loop_is_reported() {
+    let mut world = World::new(1, timing(1_000, 500, 2_000));
+    for _ in 0..5 {
+        let pid = world.pid(0, WorkerState::Starting);
+        world.apply(Input::Online { pid });
+        world.advance(Duration::from_millis(2_000));
+        world.exit(pid, KILLED);
+        let due = world.lifecycle.next_deadline().expect("restart planned");
+        world.now = due;
+        world.apply(Input::Tick);
+    }
+    assert!(matches!(
+        world.events_named("crash-loop").as_slice(),
+        [Event::CrashLoop {
+            failures: 5,
+            last: Failure::NotReady,
+            ..
+        }]
+    ));
+    world.settle();
+    world.assert_converged();
+}
+
+#[test]
+fn a_second_stop_kills_what_is_left_and_a_fast_stop_kills_at_once() {
+    let mut world = ready_cluster(2);
+    world.apply(Input::Stop { fast: false });
+    assert!(world.alive.values().all(|p| p.asked_to_stop && !p.killed));
+    world.apply(Input::Stop { fast: false });
+    assert!(world.alive.values().all(|p| p.killed));
+    world.settle();
+    world.assert_converged();
+
+    let mut world = ready_cluster(2);
+    world.apply(Input::Stop { fast: true });
+    assert!(world.alive.values().all(|p| p.killed));
+    assert!(world.active.is_empty());
+    world.settle();
+    world.assert_converged();
+}
+
+#[test]
+fn reload_and_scale_are_refused_or_ignored_while_stopping() {
+    let mut world = ready_cluster(2);
+    world.apply(Input::Stop { fast: false });
+    world.apply(Input::Reload);
+    assert_eq!(world.reload_replies, [Err(ReloadError::Stopping)]);
+    world.apply(Input::Scale { workers: 5 });
+    assert_eq!(world.lifecycle.wanted(), 2);
+    world.settle();
+    world.assert_converged();
+}

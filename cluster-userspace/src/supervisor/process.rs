@@ -1,0 +1,179 @@
+//! The I/O side of one worker process: its slot, its channel, the addresses it has sockets for,
+//! and how it is started and asked to stop. Its lifecycle state is not here (see lifecycle).
+
+use std::{
+    os::fd::{AsFd, OwnedFd},
+    sync::Arc,
+};
+
+use nix::{
+    sys::signal::{kill, killpg, Signal},
+    unistd::Pid,
+};
+
+use super::{ipc::read_ipc, output, Supervisor};
+use crate::{
+    ipc::{
+        channel::{self, Endpoint},
+        protocol::{self, PrimaryMessage, VERSION},
+    },
+    listen_addr::ListenAddr,
+    logging::Stream,
+    spawn::{SpawnError, WorkerSpec},
+};
+
+/// What the primary holds for a running worker process.
+pub struct WorkerIo {
+    pub id: u32,
+    pub slot: u32,
+    /// Its cluster-lb IPC channel, while open.
+    pub ipc: Option<Arc<Endpoint>>,
+    /// It said `online` on that channel, so it understands `disconnect`.
+    pub ipc_online: bool,
+    /// Addresses it has sockets for (socket-activated, or from queryServer).
+    pub addresses: Vec<ListenAddr>,
+}
+
+/// Why a worker could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(
+        "no free slot for another worker (all {} are taken)",
+        cluster_common::MAX_SLOTS
+    )]
+    NoSlot,
+    #[error("{0}")]
+    Sockets(String),
+    #[error("creating its {what}: {source}")]
+    Plumbing {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+}
+
+impl Supervisor {
+    /// Starts a process for worker `id`: a free slot, sockets for the --listen addresses in it,
+    /// an IPC channel and output pipes, then the program.
+    pub(super) fn start_process(&mut self, id: u32) -> Result<(Pid, u32), StartError> {
+        let slot = self.slots.allocate().ok_or(StartError::NoSlot)?;
+        match self.spawn_in_slot(id, slot) {
+            Ok(pid) => Ok((pid, slot)),
+            Err(error) => {
+                self.forget_slot(slot);
+                Err(error)
+            }
+        }
+    }
+
+    fn spawn_in_slot(&mut self, id: u32, slot: u32) -> Result<Pid, StartError> {
+        let sockets = self
+            .groups
+            .open_activated(slot)
+            .map_err(|e| StartError::Sockets(format!("{e:#}")))?;
+        let names: Vec<String> = (0..sockets.len()).map(|i| format!("listen{i}")).collect();
+        let plumbing = |what| move |source| StartError::Plumbing { what, source };
+        let (primary_end, worker_end) = channel::pair().map_err(plumbing("IPC channel"))?;
+        let (stdout_read, stdout_write) = output_pipe().map_err(plumbing("output pipe"))?;
+        let (stderr_read, stderr_write) = output_pipe().map_err(plumbing("output pipe"))?;
+        let env = [
+            ("CLUSTER_LB_WORKER_ID".to_string(), id.to_string()),
+            (
+                "CLUSTER_LB_WORKERS".to_string(),
+                self.lifecycle.wanted().to_string(),
+            ),
+            ("NOTIFY_SOCKET".to_string(), self.notify_socket.clone()),
+        ];
+        let pid = self.command.spawn(&WorkerSpec {
+            sockets: &sockets,
+            socket_names: &names,
+            env: &env,
+            ipc: Some(worker_end.as_fd()),
+            stdout: Some(stdout_write.as_fd()),
+            stderr: Some(stderr_write.as_fd()),
+            credentials: self.config.credentials.as_ref(),
+        })?;
+        // The worker has its copies now; ours close here, so a dead worker's socket closes
+        // with it and its pipes reach EOF.
+        drop((sockets, worker_end, stdout_write, stderr_write));
+        self.reaper.watch(pid);
+        output::capture(id, pid.as_raw(), Stream::Stdout, stdout_read);
+        output::capture(id, pid.as_raw(), Stream::Stderr, stderr_read);
+        let ipc = match Endpoint::new(primary_end) {
+            Ok(endpoint) => Some(Arc::new(endpoint)),
+            Err(e) => {
+                log::warn!("worker {id}: no IPC channel: {e}");
+                None
+            }
+        };
+        if let Some(endpoint) = &ipc {
+            read_ipc(pid, Arc::clone(endpoint), self.ipc_tx.clone());
+        }
+        self.workers.insert(
+            pid,
+            WorkerIo {
+                id,
+                slot,
+                ipc,
+                ipc_online: false,
+                addresses: self.config.listen.clone(),
+            },
+        );
+        Ok(pid)
+    }
+
+    /// The worker is gone: its slot is free (and out of every map), its channel closed.
+    pub(super) fn release(&mut self, pid: Pid) {
+        if let Some(worker) = self.workers.remove(&pid) {
+            self.forget_slot(worker.slot);
+        }
+    }
+
+    fn forget_slot(&mut self, slot: u32) {
+        self.slots.release(slot);
+        self.groups.clear_slot(slot);
+        self.groups.publish(self.slots.active());
+    }
+
+    pub(super) fn set_active(&mut self, pid: Pid, active: bool) {
+        let Some(slot) = self.workers.get(&pid).map(|w| w.slot) else {
+            return;
+        };
+        let changed = if active {
+            self.slots.activate(slot)
+        } else {
+            self.slots.deactivate(slot)
+        };
+        if changed {
+            self.groups.publish(self.slots.active());
+        }
+    }
+
+    /// `disconnect` over the channel if the worker speaks it, else SIGTERM.
+    pub(super) fn ask_to_stop(&mut self, pid: Pid) {
+        let endpoint = self
+            .workers
+            .get(&pid)
+            .filter(|w| w.ipc_online)
+            .and_then(|w| w.ipc.clone());
+        let asked = endpoint.is_some_and(|endpoint| {
+            let message = PrimaryMessage::Disconnect { v: VERSION };
+            protocol::encode(&message).is_some_and(|bytes| endpoint.try_send(&bytes, None).is_ok())
+        });
+        if !asked {
+            let _ = kill(pid, Signal::SIGTERM);
+        }
+    }
+
+    /// SIGKILL to the worker's process group, so helpers it started die with it.
+    pub(super) fn kill(&self, pid: Pid) {
+        let _ = killpg(pid, Signal::SIGKILL);
+        let _ = kill(pid, Signal::SIGKILL);
+    }
+}
+
+/// A pipe for a worker's output: (our read end, the worker's write end), both close-on-exec.
+fn output_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)
+}
