@@ -35,7 +35,7 @@ impl Supervisor {
             IpcEvent::Closed => {
                 worker.ipc = None;
                 worker.ipc_online = false;
-                return None;
+                return Some(Input::ChannelClosed { pid });
             }
             IpcEvent::Violation(problem) => return self.reject(pid, &problem),
         };

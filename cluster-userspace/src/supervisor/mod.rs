@@ -231,6 +231,10 @@ impl Supervisor {
                 self.ask_to_stop(pid);
                 None
             }
+            Action::Terminate { pid } => {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+                None
+            }
             Action::Kill { pid } => {
                 self.kill(pid);
                 None

@@ -45,6 +45,10 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub const STABLE_UPTIME: Duration = Duration::from_secs(10);
 /// Consecutive failures that make a crash loop worth an error line (then every as many).
 pub const CRASH_LOOP: u32 = 5;
+/// How long a draining worker whose channel closed (it closed its servers, as Node does after
+/// `disconnect`) may linger before SIGTERM: long enough to exit by itself once its event loop is
+/// empty (about 50 ms for Node), short enough that timers cannot keep it around.
+pub const LINGER: Duration = Duration::from_secs(1);
 
 /// The durations the machine works with (from the command line).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,8 +116,12 @@ enum Phase {
     Online { give_up_at: Instant },
     /// In the active set since `since`.
     Ready { since: Instant },
-    /// Asked to stop (or stopping by itself); SIGKILL at `kill_at`.
-    Draining { kill_at: Instant },
+    /// Asked to stop (or stopping by itself); SIGTERM at `term_at` if its channel closed and it
+    /// lingers, SIGKILL at `kill_at`.
+    Draining {
+        term_at: Option<Instant>,
+        kill_at: Instant,
+    },
     /// SIGKILL sent; waits to be reaped.
     Killed,
 }
@@ -149,7 +157,7 @@ impl Phase {
                 give_up_at,
             } => Some(ready_at.min(give_up_at)),
             Phase::Online { give_up_at } => Some(give_up_at),
-            Phase::Draining { kill_at } => Some(kill_at),
+            Phase::Draining { term_at, kill_at } => Some(term_at.map_or(kill_at, |t| t.min(kill_at))),
             Phase::Ready { .. } | Phase::Killed => None,
         }
     }
@@ -272,6 +280,8 @@ pub enum Input {
         pid: Pid,
         why: Departure,
     },
+    /// The worker's channel closed (EOF).
+    ChannelClosed { pid: Pid },
     /// The process was reaped.
     Exited {
         pid: Pid,
@@ -307,6 +317,8 @@ pub enum Action {
     AskToStop {
         pid: Pid,
     },
+    /// SIGTERM it.
+    Terminate { pid: Pid },
     /// SIGKILL it (and its process group).
     Kill {
         pid: Pid,
@@ -364,6 +376,8 @@ impl Lifecycle {
             Input::Online { pid } => self.online(pid),
             Input::Ready { pid, how } => self.ready(pid, how),
             Input::Leaving { pid, why } => self.leaving(pid, why),
+            Input::ChannelClosed { pid } => self.channel_closed(pid),
+            Input::ChannelClosed { pid } => self.channel_closed(pid),
             Input::Exited { pid, status } => self.exited(pid, status),
             Input::Tick => {}
             Input::Reload => self.begin_reload(),
@@ -511,6 +525,21 @@ impl Lifecycle {
         }
         if why.is_failure() {
             self.failed(id, ready_for, Failure::Departed(why));
+        }
+    }
+
+    /// A draining worker that closed its channel has closed its servers: it gets [`LINGER`] to
+    /// exit by itself, then SIGTERM (what Node's own `worker.destroy()` does on `disconnect`).
+    fn channel_closed(&mut self, pid: Pid) {
+        let now = self.now;
+        if let Some(process) = self.processes.get_mut(&pid) {
+            if let Phase::Draining {
+                term_at: term_at @ None,
+                ..
+            } = &mut process.phase
+            {
+                *term_at = Some(now + LINGER);
+            }
         }
     }
 
@@ -766,7 +795,20 @@ impl Lifecycle {
                     self.ready(pid, Readiness::Delay)
                 }
                 Phase::Starting { .. } | Phase::Online { .. } => self.not_ready_in_time(pid),
-                Phase::Draining { .. } => self.kill(pid, KillReason::GraceOver(self.timing.grace)),
+                Phase::Draining { kill_at, .. } if kill_at <= now => {
+                    self.kill(pid, KillReason::GraceOver(self.timing.grace))
+                }
+                Phase::Draining { term_at, kill_at } => {
+                    if let Some(process) = self.processes.get_mut(&pid) {
+                        process.phase = Phase::Draining {
+                            term_at: None,
+                            kill_at,
+                        };
+                    }
+                    if term_at.is_some() {
+                        self.out.push(Action::Terminate { pid });
+                    }
+                }
                 Phase::Ready { .. } | Phase::Killed => {}
             }
         }
@@ -831,6 +873,7 @@ impl Lifecycle {
         }
         let was_ready = process.phase.is_ready();
         process.phase = Phase::Draining {
+            term_at: None,
             kill_at: now + grace,
         };
         let id = process.id;

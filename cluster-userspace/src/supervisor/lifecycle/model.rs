@@ -36,6 +36,9 @@ enum Op {
         pick: usize,
         why: u8,
     },
+    ChannelClosed {
+        pick: usize,
+    },
     Reload,
     Scale(u32),
     Stop {
@@ -54,6 +57,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => any::<usize>().prop_map(|pick| Op::Online { pick }),
         5 => (any::<usize>(), any::<bool>()).prop_map(|(pick, notify)| Op::Ready { pick, notify }),
         2 => (any::<usize>(), 0..4u8).prop_map(|(pick, why)| Op::Leave { pick, why }),
+        2 => any::<usize>().prop_map(|pick| Op::ChannelClosed { pick }),
         3 => Just(Op::Reload),
         2 => (1..7u32).prop_map(Op::Scale),
         1 => any::<bool>().prop_map(|fast| Op::Stop { fast }),
@@ -115,6 +119,11 @@ fn play(world: &mut World, op: Op) {
                     _ => Departure::Asked,
                 };
                 world.apply(Input::Leaving { pid, why });
+            }
+        }
+        Op::ChannelClosed { pick } => {
+            if let Some(pid) = picked(world, pick) {
+                world.apply(Input::ChannelClosed { pid });
             }
         }
         Op::Reload => world.apply(Input::Reload),

@@ -336,3 +336,20 @@ fn reload_and_scale_are_refused_or_ignored_while_stopping() {
     world.settle();
     world.assert_converged();
 }
+
+#[test]
+fn a_draining_worker_whose_channel_closed_gets_sigterm_after_lingering_then_sigkill_after_grace() {
+    let mut world = World::new(2, timing(10_000, 100, 5_000));
+    world.settle();
+    let pid = world.pid(1, WorkerState::Ready);
+    world.apply(Input::Scale { workers: 1 });
+    assert!(world.alive[&pid].asked_to_stop);
+    world.apply(Input::ChannelClosed { pid });
+    world.advance(super::LINGER - Duration::from_millis(1));
+    assert!(!world.alive[&pid].terminated, "it may still exit by itself");
+    world.advance(Duration::from_millis(1));
+    assert!(world.alive[&pid].terminated);
+    assert!(!world.alive[&pid].killed);
+    world.advance(Duration::from_secs(10));
+    assert!(world.alive[&pid].killed, "SIGKILL after --grace all the same");
+}

@@ -16,6 +16,7 @@ use crate::supervisor::events::{Event, ExitStatus, Readiness};
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Alive {
     pub asked_to_stop: bool,
+    pub terminated: bool,
     pub killed: bool,
 }
 
@@ -98,6 +99,7 @@ impl World {
                     assert!(self.active.remove(&pid), "deactivated inactive {pid}");
                 }
                 Action::AskToStop { pid } => self.process(pid).asked_to_stop = true,
+                Action::Terminate { pid } => self.process(pid).terminated = true,
                 Action::Kill { pid } => self.process(pid).killed = true,
                 Action::Release { pid } => {
                     assert!(!self.alive.contains_key(&pid), "released live {pid}");
@@ -161,7 +163,7 @@ impl World {
             let going: Vec<(Pid, ExitStatus)> = self
                 .alive
                 .iter()
-                .filter(|(_, p)| p.asked_to_stop || p.killed)
+                .filter(|(_, p)| p.asked_to_stop || p.terminated || p.killed)
                 .map(|(pid, p)| {
                     let status = if p.killed {
                         ExitStatus::Signal(nix::sys::signal::Signal::SIGKILL)
