@@ -9,6 +9,7 @@ use crate::{
     kernel::Strategy,
     listen_addr::ListenAddr,
     logging::Format,
+    node::detect::NodeMode,
     privileges::{self, UserError},
     run::RunOptions,
     supervisor::{lifecycle::Timing, Config, SignalPolicy},
@@ -151,6 +152,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<ListenAddr>,
 
+    /// Give workers Node's cluster channel, so that unmodified Node programs are workers (their
+    /// listen() gets a socket from cluster-lb): auto (when the program is node, or a script run
+    /// by node), on (e.g. for a shell wrapper that execs node), or off
+    #[arg(long, value_name = "WHEN", default_value = "auto")]
+    pub node: NodeMode,
+
     /// Log lines as text or as JSON objects, one per line
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     pub log_format: Format,
@@ -211,6 +218,7 @@ impl RunArgs {
             },
             credentials,
             command: self.command,
+            node: self.node,
             // The command-line primary owns its process: signals are its interface, and it
             // may be PID 1 in a container, where orphans must be reaped.
             signals: SignalPolicy::Handle,

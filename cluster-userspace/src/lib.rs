@@ -12,6 +12,7 @@ pub mod kernel;
 pub mod listen_addr;
 pub mod logging;
 pub mod metrics;
+pub mod node;
 pub mod privileges;
 pub mod run;
 pub mod slots;

@@ -1,8 +1,7 @@
 //! Listening sockets: one per worker per listen address, all in one SO_REUSEPORT group.
 
-use std::io;
+use std::{fmt, io};
 
-use anyhow::{Context, Result};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::listen_addr::ListenAddr;
@@ -10,35 +9,74 @@ use crate::listen_addr::ListenAddr;
 /// Accept queue length asked for; the kernel caps it at net.core.somaxconn.
 const BACKLOG: i32 = 4096;
 
+/// A socket could not be made to listen on an address; `Display` says what to do.
+#[derive(Debug)]
+pub struct ListenError {
+    pub addr: ListenAddr,
+    pub source: io::Error,
+}
+
+impl ListenError {
+    /// The errno, for answers that carry one (a Node worker's `listen` error).
+    pub fn errno(&self) -> i32 {
+        self.source.raw_os_error().unwrap_or(libc::EINVAL)
+    }
+}
+
+impl fmt::Display for ListenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let addr = self.addr;
+        let advice = match self.source.raw_os_error() {
+            Some(libc::EADDRINUSE) => {
+                "address already in use: another process listens there; stop it or pick another --listen port"
+            }
+            Some(libc::EADDRNOTAVAIL) => {
+                "address not available: no local interface has that IP; use one of this host's addresses or 0.0.0.0"
+            }
+            Some(libc::EACCES) => {
+                "permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE"
+            }
+            _ => return write!(f, "cannot listen on {addr}: {}", self.source),
+        };
+        write!(f, "cannot listen on {addr}: {advice}")
+    }
+}
+
+impl std::error::Error for ListenError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
 /// Fails with a clear message when something else already listens on `addr`.
 ///
 /// Our own sockets set SO_REUSEPORT, and the kernel lets any socket of the same user that also
 /// sets it join an existing group. Without this check cluster-lb (as root) would silently share
 /// a port with another root server instead of reporting that the port is taken. A socket without
 /// SO_REUSEPORT cannot bind while anything listens there, so one bind tells.
-pub fn ensure_address_free(addr: ListenAddr) -> Result<()> {
-    let probe = new_socket(addr).with_context(|| format!("cannot listen on {addr}"))?;
+pub fn ensure_address_free(addr: ListenAddr, dual_stack: bool) -> Result<(), ListenError> {
+    let error = |source| ListenError { addr, source };
+    let probe = new_socket(addr, dual_stack).map_err(error)?;
     probe
         .bind(&SockAddr::from(addr.socket_addr()))
-        .map_err(|e| bind_error(addr, e))
+        .map_err(error)
 }
 
 /// A new listening socket for one worker, bound with SO_REUSEPORT into the group of `addr`.
-pub fn reuseport_listener(addr: ListenAddr) -> Result<Socket> {
-    let socket = new_socket(addr).with_context(|| format!("cannot listen on {addr}"))?;
-    socket
-        .set_reuse_port(true)
-        .with_context(|| format!("setting SO_REUSEPORT for {addr}"))?;
+/// `dual_stack`: an IPv6 wildcard that also takes IPv4 (Node's default for a listen without a
+/// host); otherwise the system's default applies.
+pub fn reuseport_listener(addr: ListenAddr, dual_stack: bool) -> Result<Socket, ListenError> {
+    let error = |source| ListenError { addr, source };
+    let socket = new_socket(addr, dual_stack).map_err(error)?;
+    socket.set_reuse_port(true).map_err(error)?;
     socket
         .bind(&SockAddr::from(addr.socket_addr()))
-        .map_err(|e| bind_error(addr, e))?;
-    socket
-        .listen(BACKLOG)
-        .with_context(|| format!("cannot listen on {addr}"))?;
+        .map_err(error)?;
+    socket.listen(BACKLOG).map_err(error)?;
     Ok(socket)
 }
 
-fn new_socket(addr: ListenAddr) -> io::Result<Socket> {
+fn new_socket(addr: ListenAddr, dual_stack: bool) -> io::Result<Socket> {
     let socket = Socket::new(
         Domain::for_address(addr.socket_addr()),
         Type::STREAM,
@@ -46,21 +84,8 @@ fn new_socket(addr: ListenAddr) -> io::Result<Socket> {
     )?;
     // So a restart binds at once although old connections linger in TIME_WAIT.
     socket.set_reuse_address(true)?;
+    if dual_stack && addr.socket_addr().is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
     Ok(socket)
-}
-
-fn bind_error(addr: ListenAddr, error: io::Error) -> anyhow::Error {
-    let advice = match error.raw_os_error() {
-        Some(libc::EADDRINUSE) => {
-            "address already in use: another process listens there; stop it or pick another --listen port"
-        }
-        Some(libc::EADDRNOTAVAIL) => {
-            "address not available: no local interface has that IP; use one of this host's addresses or 0.0.0.0"
-        }
-        Some(libc::EACCES) => {
-            "permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE"
-        }
-        _ => return anyhow::Error::new(error).context(format!("cannot listen on {addr}")),
-    };
-    anyhow::anyhow!("cannot listen on {addr}: {advice}")
 }

@@ -65,6 +65,11 @@ const INHERITED_VARIABLES_TO_DROP: &[&str] = &[
     "CLUSTER_LB_WORKER_ID",
     "CLUSTER_LB_WORKERS",
     "CLUSTER_LB_IPC_FD",
+    // Node's own cluster variables: a cluster-lb started by a Node primary must not pass that
+    // primary's channel on.
+    "NODE_CHANNEL_FD",
+    "NODE_CHANNEL_SERIALIZATION_MODE",
+    "NODE_UNIQUE_ID",
 ];
 
 /// The first fd a socket-activated program looks at (SD_LISTEN_FDS_START).
@@ -86,14 +91,20 @@ pub struct WorkerSpec<'a> {
     pub socket_names: &'a [String],
     /// Extra variables (`CLUSTER_LB_WORKER_ID`, ...).
     pub env: &'a [(String, String)],
-    /// The worker's end of its IPC channel; it goes right after the sockets, and
-    /// `CLUSTER_LB_IPC_FD` names it.
-    pub ipc: Option<BorrowedFd<'a>>,
+    /// The worker's end of its channel to the primary, if it gets one.
+    pub channel: Option<Channel<'a>>,
     /// Where the worker's stdout and stderr go (pipes the primary reads), or inherited.
     pub stdout: Option<BorrowedFd<'a>>,
     pub stderr: Option<BorrowedFd<'a>>,
     /// Who the worker runs as, or the primary's own user.
     pub credentials: Option<&'a Credentials>,
+}
+
+/// The worker's end of a channel to the primary: it goes right after the sockets, and
+/// `variable` names its fd number (CLUSTER_LB_IPC_FD, or Node's NODE_CHANNEL_FD).
+pub struct Channel<'a> {
+    pub fd: BorrowedFd<'a>,
+    pub variable: &'static str,
 }
 
 /// A user to switch to before exec, resolved in the parent (the child may not look anything
@@ -147,9 +158,9 @@ impl WorkerCommand {
             set(format!("{key}={value}"))?;
         }
         set(format!("LISTEN_FDS={}", spec.sockets.len()))?;
-        if spec.ipc.is_some() {
-            let ipc_fd = LISTEN_FDS_START + spec.sockets.len() as RawFd;
-            set(format!("CLUSTER_LB_IPC_FD={ipc_fd}"))?;
+        if let Some(channel) = &spec.channel {
+            let fd = LISTEN_FDS_START + spec.sockets.len() as RawFd;
+            set(format!("{}={fd}", channel.variable))?;
         }
         set(format!("LISTEN_FDNAMES={}", spec.socket_names.join(":")))?;
         // Filled in by the child with its own pid; room for any pid_t.
@@ -161,7 +172,7 @@ impl WorkerCommand {
         argv.push(ptr::null());
 
         let mut source_fds: Vec<RawFd> = spec.sockets.iter().map(|s| s.as_raw_fd()).collect();
-        source_fds.extend(spec.ipc.map(|fd| fd.as_raw_fd()));
+        source_fds.extend(spec.channel.as_ref().map(|c| c.fd.as_raw_fd()));
         let dev_null = fs::File::open("/dev/null").map_err(os("opening /dev/null"))?;
         let (exec_error_reader, exec_error_writer) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
@@ -406,7 +417,7 @@ mod tests {
                 sockets: &sockets,
                 socket_names: &names,
                 env: &env,
-                ipc: None,
+                channel: None,
                 stdout: None,
                 stderr: None,
                 credentials: None,
@@ -437,7 +448,7 @@ mod tests {
                 sockets: &[],
                 socket_names: &[],
                 env: &[],
-                ipc: None,
+                channel: None,
                 stdout: None,
                 stderr: None,
                 credentials: None,

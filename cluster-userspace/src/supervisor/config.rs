@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use crate::{kernel::Strategy, listen_addr::ListenAddr, spawn::Credentials};
+use crate::{
+    kernel::Strategy, listen_addr::ListenAddr, node::detect::NodeMode, spawn::Credentials,
+};
 
 use super::lifecycle::Timing;
 
@@ -29,6 +31,8 @@ pub struct Config {
     pub timing: Timing,
     pub credentials: Option<Credentials>,
     pub command: Vec<String>,
+    /// Whether workers get Node's cluster channel (so unmodified Node programs are workers).
+    pub node: NodeMode,
     pub signals: SignalPolicy,
     /// Make this process a child subreaper (PR_SET_CHILD_SUBREAPER), so orphans of workers (a
     /// wrapper's children, a daemon a worker left behind) become its children and are reaped
@@ -58,6 +62,7 @@ impl Config {
             },
             credentials: None,
             command,
+            node: NodeMode::Auto,
             signals: SignalPolicy::Handle,
             subreaper: false,
         })

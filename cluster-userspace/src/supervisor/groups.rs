@@ -1,22 +1,44 @@
 //! Listen groups: one SO_REUSEPORT group (and one program instance) per address. Groups for
 //! `--listen` addresses exist from the start and their sockets are socket-activated; a worker
-//! may also ask for an address over IPC (`queryServer`), which creates a group on first use.
+//! may also ask for an address over its channel (`queryServer`), which creates a group on first
+//! use.
 
-use std::os::fd::OwnedFd;
-
-use anyhow::{bail, Result};
+use std::{net::SocketAddr, os::fd::OwnedFd};
 
 use super::drain_program_log;
 use crate::{
-    kernel::{Balancer, Strategy},
+    kernel::{Balancer, Strategy, Unavailable},
     listen_addr::ListenAddr,
-    sockets,
+    sockets::{self, ListenError},
 };
 
 pub struct Group {
     pub addr: ListenAddr,
     /// `None` under strategy `kernel` (chosen, or fallen back to).
     pub balancer: Option<Balancer>,
+    /// An IPv6 wildcard that takes IPv4 too (what Node binds for a listen without a host).
+    dual_stack: bool,
+}
+
+/// Why a group or one of its sockets could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error("eBPF balancing is unavailable and --require-ebpf was given: {0}")]
+    EbpfRequired(Unavailable),
+    #[error("{addr}: {detail}")]
+    Kernel { addr: ListenAddr, detail: String },
+}
+
+impl GroupError {
+    /// The errno to give a worker whose listen this refuses.
+    pub fn errno(&self) -> i32 {
+        match self {
+            GroupError::Listen(error) => error.errno(),
+            _ => libc::EINVAL,
+        }
+    }
 }
 
 pub struct Groups {
@@ -31,7 +53,11 @@ pub struct Groups {
 
 impl Groups {
     /// Checks every `--listen` address is free and loads its program instance.
-    pub fn new(listen: &[ListenAddr], strategy: Strategy, require_ebpf: bool) -> Result<Groups> {
+    pub fn new(
+        listen: &[ListenAddr],
+        strategy: Strategy,
+        require_ebpf: bool,
+    ) -> Result<Groups, GroupError> {
         let mut groups = Groups {
             groups: Vec::new(),
             activated: listen.len(),
@@ -40,7 +66,8 @@ impl Groups {
             fell_back: false,
         };
         for addr in listen {
-            groups.create(*addr)?;
+            sockets::ensure_address_free(*addr, false)?;
+            groups.create(*addr, false)?;
         }
         Ok(groups)
     }
@@ -61,14 +88,32 @@ impl Groups {
         self.groups.iter()
     }
 
-    /// Whether a worker may ask for `addr` over IPC: any address when no --listen was given
-    /// (the Node model: workers choose), else only those.
+    /// How many `--listen` addresses there are (the sockets at fds 3.. of every worker).
+    pub fn activated(&self) -> usize {
+        self.activated
+    }
+
+    /// The `--listen` address at `index`.
+    pub fn activated_addr(&self, index: usize) -> Option<ListenAddr> {
+        self.groups[..self.activated].get(index).map(|g| g.addr)
+    }
+
+    /// The index of the `--listen` address a listen on `ip` (none: all addresses) and `port`
+    /// means: the same address, or, for a listen without a host, the same port.
+    pub fn activated_index(&self, ip: Option<std::net::IpAddr>, port: u16) -> Option<usize> {
+        self.groups[..self.activated].iter().position(|g| {
+            let addr = g.addr.socket_addr();
+            addr.port() == port && ip.is_none_or(|ip| ip == addr.ip())
+        })
+    }
+
+    /// Whether a worker may ask for `addr` over its channel: any address when no --listen was
+    /// given (the Node model: workers choose), else only those.
     pub fn allows_query(&self, addr: ListenAddr) -> bool {
         self.activated == 0 || self.groups[..self.activated].iter().any(|g| g.addr == addr)
     }
 
-    fn create(&mut self, addr: ListenAddr) -> Result<usize> {
-        sockets::ensure_address_free(addr)?;
+    fn create(&mut self, addr: ListenAddr, dual_stack: bool) -> Result<usize, GroupError> {
         let balancer = if self.strategy == Strategy::Kernel || self.fell_back {
             None
         } else {
@@ -77,9 +122,7 @@ impl Groups {
                     drain_program_log(&mut balancer);
                     Some(balancer)
                 }
-                Err(why) if self.require_ebpf => {
-                    bail!("eBPF balancing is unavailable and --require-ebpf was given: {why}")
-                }
+                Err(why) if self.require_ebpf => return Err(GroupError::EbpfRequired(why)),
                 Err(why) => {
                     log::warn!(
                         "eBPF balancing unavailable: {why}; falling back to --strategy kernel (plain SO_REUSEPORT hashing)"
@@ -91,33 +134,88 @@ impl Groups {
                 }
             }
         };
-        self.groups.push(Group { addr, balancer });
+        self.groups.push(Group {
+            addr,
+            balancer,
+            dual_stack,
+        });
         Ok(self.groups.len() - 1)
     }
 
     /// New sockets in `slot` for every `--listen` address, in order, for socket activation.
-    pub fn open_activated(&mut self, slot: u32) -> Result<Vec<OwnedFd>> {
+    pub fn open_activated(&mut self, slot: u32) -> Result<Vec<OwnedFd>, GroupError> {
         (0..self.activated)
             .map(|index| Self::open_in(&mut self.groups[index], slot))
             .collect()
     }
 
     /// A new socket in `slot` for `addr`, creating its group on first use.
-    pub fn open_for_query(&mut self, addr: ListenAddr, slot: u32) -> Result<OwnedFd> {
-        let index = match self.groups.iter().position(|g| g.addr == addr) {
-            Some(index) => index,
-            None => self.create(addr)?,
-        };
-        Self::open_in(&mut self.groups[index], slot)
+    pub fn open_for_query(&mut self, addr: ListenAddr, slot: u32) -> Result<OwnedFd, GroupError> {
+        self.open_at(addr.socket_addr(), false, slot)
+            .map(|(_, socket)| socket)
     }
 
-    fn open_in(group: &mut Group, slot: u32) -> Result<OwnedFd> {
-        let socket = sockets::reuseport_listener(group.addr)?;
-        if let Some(balancer) = &mut group.balancer {
-            balancer.attach(&socket)?;
-            balancer.set_slot(slot, &socket)?;
-        }
+    /// A new socket in `slot` for `addr`, creating its group on first use. Port 0 makes a new
+    /// group on a port the kernel picks (the caller remembers it, so that later workers ask for
+    /// that port). Returns the group's address with the socket.
+    pub fn open_at(
+        &mut self,
+        addr: SocketAddr,
+        dual_stack: bool,
+        slot: u32,
+    ) -> Result<(ListenAddr, OwnedFd), GroupError> {
+        let existing = (addr.port() != 0)
+            .then(|| {
+                self.groups
+                    .iter()
+                    .position(|g| g.addr.socket_addr() == addr)
+            })
+            .flatten();
+        let index = match existing {
+            Some(index) => index,
+            None if addr.port() == 0 => {
+                // The first socket decides the port; its group is created around it.
+                let socket = sockets::reuseport_listener(addr.into(), dual_stack)?;
+                let bound = socket
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_socket())
+                    .ok_or_else(|| ListenError {
+                        addr: addr.into(),
+                        source: std::io::Error::other("the kernel did not say which port"),
+                    })?;
+                let index = self.create(bound.into(), dual_stack)?;
+                let group = &mut self.groups[index];
+                Self::register(group, slot, &socket)?;
+                return Ok((group.addr, OwnedFd::from(socket)));
+            }
+            None => {
+                sockets::ensure_address_free(addr.into(), dual_stack)?;
+                self.create(addr.into(), dual_stack)?
+            }
+        };
+        let group = &mut self.groups[index];
+        Self::open_in(group, slot).map(|socket| (group.addr, socket))
+    }
+
+    fn open_in(group: &mut Group, slot: u32) -> Result<OwnedFd, GroupError> {
+        let socket = sockets::reuseport_listener(group.addr, group.dual_stack)?;
+        Self::register(group, slot, &socket)?;
         Ok(OwnedFd::from(socket))
+    }
+
+    /// Attaches the group's program and puts the socket in `slot`.
+    fn register(group: &mut Group, slot: u32, socket: &socket2::Socket) -> Result<(), GroupError> {
+        let addr = group.addr;
+        let kernel = |e: anyhow::Error| GroupError::Kernel {
+            addr,
+            detail: format!("{e:#}"),
+        };
+        if let Some(balancer) = &mut group.balancer {
+            balancer.attach(socket).map_err(kernel)?;
+            balancer.set_slot(slot, socket).map_err(kernel)?;
+        }
+        Ok(())
     }
 
     /// Writes the active set to every program instance.

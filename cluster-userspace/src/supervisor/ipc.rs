@@ -9,7 +9,7 @@ use std::{
 use nix::unistd::Pid;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{Departure, Event, Input, Readiness, Supervisor};
+use super::{process::WorkerChannel, Departure, Event, Input, Readiness, Supervisor};
 use crate::{
     ipc::{
         channel::Endpoint,
@@ -30,24 +30,26 @@ impl Supervisor {
     pub(super) fn on_ipc(&mut self, pid: Pid, event: IpcEvent) -> Option<Input> {
         let worker = self.workers.get_mut(&pid)?;
         let id = worker.id;
+        let WorkerChannel::ClusterLb { online, .. } = &mut worker.channel else {
+            return None;
+        };
         let message = match event {
             IpcEvent::Message(message) => message,
             IpcEvent::Closed => {
-                worker.ipc = None;
-                worker.ipc_online = false;
+                worker.channel = WorkerChannel::Closed;
                 return Some(Input::ChannelClosed { pid });
             }
             IpcEvent::Violation(problem) => return self.reject(pid, &problem),
         };
-        if !worker.ipc_online && !matches!(message, WorkerMessage::Online { .. }) {
+        if !*online && !matches!(message, WorkerMessage::Online { .. }) {
             return self.reject(pid, "a message before `online`");
         }
         match message {
             WorkerMessage::Online { .. } => {
-                if worker.ipc_online {
+                if *online {
                     return self.reject(pid, "`online` sent twice");
                 }
-                worker.ipc_online = true;
+                *online = true;
                 Some(Input::Online { pid })
             }
             WorkerMessage::QueryServer {
@@ -94,16 +96,18 @@ impl Supervisor {
         }
     }
 
-    /// A worker broke the protocol: log it, close its channel; the lifecycle drains it. Others
-    /// keep serving.
-    fn reject(&mut self, pid: Pid, problem: &str) -> Option<Input> {
+    /// A worker broke its channel's protocol: log it, close the channel; the lifecycle drains
+    /// it. Others keep serving.
+    pub(super) fn reject(&mut self, pid: Pid, problem: &str) -> Option<Input> {
         let worker = self.workers.get_mut(&pid)?;
         log::error!(
             "worker {} (pid {pid}) broke the IPC protocol: {problem}; disconnecting it",
             worker.id
         );
-        worker.ipc = None;
-        worker.ipc_online = false;
+        if let WorkerChannel::Node(node) = &worker.channel {
+            node.close();
+        }
+        worker.channel = WorkerChannel::Closed;
         Some(Input::Leaving {
             pid,
             why: Departure::ProtocolViolation(problem.to_string()),
@@ -112,7 +116,14 @@ impl Supervisor {
 
     /// A user message to a worker, over its channel.
     pub(super) fn send_message(&mut self, pid: Pid, data: serde_json::Value) {
-        let endpoint = self.workers.get(&pid).and_then(|w| w.ipc.clone());
+        if let Some(WorkerChannel::Node(node)) = self.workers.get_mut(&pid).map(|w| &mut w.channel)
+        {
+            if let Err(e) = node.send_user(data) {
+                log::warn!("message to worker pid {pid} not sent: {e}");
+            }
+            return;
+        }
+        let endpoint = self.cluster_lb_endpoint(pid);
         let message = PrimaryMessage::Message { v: VERSION, data };
         match (endpoint, protocol::encode(&message)) {
             (Some(endpoint), Some(bytes)) => {
@@ -150,7 +161,7 @@ impl Supervisor {
                 .map(|socket| (addr, socket))
                 .map_err(|e| format!("{e:#}")),
         };
-        let Some(endpoint) = self.workers.get(&pid).and_then(|w| w.ipc.clone()) else {
+        let Some(endpoint) = self.cluster_lb_endpoint(pid) else {
             return;
         };
         let (reply, socket): (PrimaryMessage, Option<OwnedFd>) = match outcome {
@@ -187,6 +198,15 @@ impl Supervisor {
             log::warn!("worker (pid {pid}): could not send the queryServer reply");
         }
         // `socket` drops here: the worker holds the only copy.
+    }
+}
+
+impl Supervisor {
+    fn cluster_lb_endpoint(&self, pid: Pid) -> Option<Arc<Endpoint>> {
+        match self.workers.get(&pid).map(|w| &w.channel) {
+            Some(WorkerChannel::ClusterLb { endpoint, .. }) => Some(Arc::clone(endpoint)),
+            _ => None,
+        }
     }
 }
 

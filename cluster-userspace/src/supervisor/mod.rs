@@ -22,6 +22,7 @@ mod groups;
 mod handle;
 mod ipc;
 pub mod lifecycle;
+mod node;
 mod notify;
 mod output;
 mod process;
@@ -54,6 +55,10 @@ pub use status::{ClusterStatus, WorkerStatus};
 
 use crate::{
     kernel::Balancer,
+    node::{
+        channel::NodeEvent,
+        detect::{self, NodeMode, Verdict},
+    },
     slots::SlotTable,
     spawn::{SpawnError, WorkerCommand},
 };
@@ -65,8 +70,8 @@ pub enum SupervisorError {
     Command(#[from] SpawnError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
-    #[error("{0}")]
-    Listen(String),
+    #[error(transparent)]
+    Listen(#[from] groups::GroupError),
     #[error("opening the workers' notify socket: {0}")]
     Notify(std::io::Error),
     #[error("starting the event loop: {0}")]
@@ -88,6 +93,11 @@ pub struct Supervisor {
     notify_rx: UnboundedReceiver<(i32, String)>,
     ipc_tx: UnboundedSender<(Pid, IpcEvent)>,
     ipc_rx: UnboundedReceiver<(Pid, IpcEvent)>,
+    /// Workers get Node's cluster channel instead of cluster-lb's.
+    node: bool,
+    node_tx: UnboundedSender<(Pid, NodeEvent)>,
+    node_rx: UnboundedReceiver<(Pid, NodeEvent)>,
+    node_groups: node::NodeGroups,
     control_tx: UnboundedSender<Control>,
     control_rx: UnboundedReceiver<Control>,
     subscribers: Vec<UnboundedSender<Event>>,
@@ -104,8 +114,8 @@ impl Supervisor {
         // Before any child exists, so no exit goes unnoticed.
         let signals =
             Signals::new(config.signals, config.subreaper).map_err(SupervisorError::Signals)?;
-        let groups = Groups::new(&config.listen, config.strategy, config.require_ebpf)
-            .map_err(|e| SupervisorError::Listen(format!("{e:#}")))?;
+        let groups = Groups::new(&config.listen, config.strategy, config.require_ebpf)?;
+        let node = node_channel_wanted(&config, &command);
         let (notify_tx, notify_rx) = unbounded_channel();
         let notify_socket = notify::open(notify_tx).map_err(SupervisorError::Notify)?;
         if config.subreaper {
@@ -116,6 +126,7 @@ impl Supervisor {
             log::warn!("workers will run as root; use --user to drop privileges");
         }
         let (ipc_tx, ipc_rx) = unbounded_channel();
+        let (node_tx, node_rx) = unbounded_channel();
         let (control_tx, control_rx) = unbounded_channel();
         Ok(Supervisor {
             lifecycle: Lifecycle::new(config.workers, config.timing, Instant::now()),
@@ -129,6 +140,10 @@ impl Supervisor {
             notify_rx,
             ipc_tx,
             ipc_rx,
+            node,
+            node_tx,
+            node_rx,
+            node_groups: node::NodeGroups::default(),
             control_tx,
             control_rx,
             subscribers: Vec::new(),
@@ -191,6 +206,7 @@ impl Supervisor {
             }
             request = self.signals.next() => self.on_signal(request),
             Some((pid, event)) = self.ipc_rx.recv() => self.on_ipc(pid, event),
+            Some((pid, event)) = self.node_rx.recv() => self.on_node(pid, event),
             Some((sender, text)) = self.notify_rx.recv() => self.on_notify(sender, &text),
             Some(control) = self.control_rx.recv() => self.on_control(control),
             _ = sleep_until_or_forever(deadline) => Some(Input::Tick),
@@ -389,6 +405,35 @@ impl Supervisor {
                 }
             }
         }
+    }
+}
+
+/// Whether workers get Node's cluster channel; says why in one line when it decides alone.
+fn node_channel_wanted(config: &Config, command: &WorkerCommand) -> bool {
+    match config.node {
+        NodeMode::On => true,
+        NodeMode::Off => false,
+        NodeMode::Auto => match detect::detect(std::path::Path::new(&command.program())) {
+            Verdict::Node => {
+                if !detect::runs_a_script(&config.command) {
+                    log::warn!(
+                        "node without a script file (-e, -p, the REPL) cannot be a cluster worker; workers get no Node channel (give a script: -- node app.js)"
+                    );
+                    return false;
+                }
+                log::info!(
+                    "the workers are Node programs: they get Node's cluster channel, so their listen() calls get sockets from cluster-lb (--node off to disable)"
+                );
+                true
+            }
+            Verdict::Launcher(name) => {
+                log::warn!(
+                    "{name} starts the app as a child of its own, which takes Node's cluster channel away from it; run node directly (-- node app.js), or pass --node on if {name} execs node"
+                );
+                false
+            }
+            Verdict::NotNode => false,
+        },
     }
 }
 

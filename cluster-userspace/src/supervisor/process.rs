@@ -11,25 +11,38 @@ use nix::{
     unistd::Pid,
 };
 
-use super::{ipc::read_ipc, output, Supervisor};
+use super::{ipc::read_ipc, node::NodeWorker, output, Supervisor};
 use crate::{
     ipc::{
         channel::{self, Endpoint},
         protocol::{self, PrimaryMessage, VERSION},
+        IPC_FD_VARIABLE,
     },
     listen_addr::ListenAddr,
     logging::Stream,
-    spawn::{SpawnError, WorkerSpec},
+    node::channel::{self as node_channel, NodeChannel},
+    spawn::{Channel, SpawnError, WorkerSpec},
 };
+
+/// A worker's channel to the primary.
+pub enum WorkerChannel {
+    /// None was given, or it closed.
+    Closed,
+    /// cluster-lb's own protocol (docs/PROTOCOL.md); `online` once the worker said so, after
+    /// which it understands `disconnect`.
+    ClusterLb {
+        endpoint: Arc<Endpoint>,
+        online: bool,
+    },
+    /// Node's cluster protocol (docs/NODE.md).
+    Node(NodeWorker),
+}
 
 /// What the primary holds for a running worker process.
 pub struct WorkerIo {
     pub id: u32,
     pub slot: u32,
-    /// Its cluster-lb IPC channel, while open.
-    pub ipc: Option<Arc<Endpoint>>,
-    /// It said `online` on that channel, so it understands `disconnect`.
-    pub ipc_online: bool,
+    pub channel: WorkerChannel,
     /// Addresses it has sockets for (socket-activated, or from queryServer).
     pub addresses: Vec<ListenAddr>,
 }
@@ -74,10 +87,14 @@ impl Supervisor {
             .map_err(|e| StartError::Sockets(format!("{e:#}")))?;
         let names: Vec<String> = (0..sockets.len()).map(|i| format!("listen{i}")).collect();
         let plumbing = |what| move |source| StartError::Plumbing { what, source };
-        let (primary_end, worker_end) = channel::pair().map_err(plumbing("IPC channel"))?;
+        let (primary_end, worker_end) = if self.node {
+            node_channel::pair().map_err(plumbing("Node channel"))?
+        } else {
+            channel::pair().map_err(plumbing("IPC channel"))?
+        };
         let (stdout_read, stdout_write) = output_pipe().map_err(plumbing("output pipe"))?;
         let (stderr_read, stderr_write) = output_pipe().map_err(plumbing("output pipe"))?;
-        let env = [
+        let mut env = vec![
             ("CLUSTER_LB_WORKER_ID".to_string(), id.to_string()),
             (
                 "CLUSTER_LB_WORKERS".to_string(),
@@ -85,11 +102,27 @@ impl Supervisor {
             ),
             ("NOTIFY_SOCKET".to_string(), self.notify_socket.clone()),
         ];
+        if self.node {
+            // What Node's cluster.fork() sets: the worker's cluster.worker.id is 1-based.
+            env.push(("NODE_UNIQUE_ID".to_string(), (id + 1).to_string()));
+            env.push((
+                "NODE_CHANNEL_SERIALIZATION_MODE".to_string(),
+                "json".to_string(),
+            ));
+        }
+        let variable = if self.node {
+            "NODE_CHANNEL_FD"
+        } else {
+            IPC_FD_VARIABLE
+        };
         let pid = self.command.spawn(&WorkerSpec {
             sockets: &sockets,
             socket_names: &names,
             env: &env,
-            ipc: Some(worker_end.as_fd()),
+            channel: Some(Channel {
+                fd: worker_end.as_fd(),
+                variable,
+            }),
             stdout: Some(stdout_write.as_fd()),
             stderr: Some(stderr_write.as_fd()),
             credentials: self.config.credentials.as_ref(),
@@ -100,23 +133,29 @@ impl Supervisor {
         self.reaper.watch(pid);
         output::capture(id, pid.as_raw(), Stream::Stdout, stdout_read);
         output::capture(id, pid.as_raw(), Stream::Stderr, stderr_read);
-        let ipc = match Endpoint::new(primary_end) {
-            Ok(endpoint) => Some(Arc::new(endpoint)),
-            Err(e) => {
-                log::warn!("worker {id}: no IPC channel: {e}");
-                None
-            }
+        let channel = if self.node {
+            NodeChannel::start(primary_end, pid, self.node_tx.clone())
+                .map(|channel| WorkerChannel::Node(NodeWorker::new(channel)))
+        } else {
+            Endpoint::new(primary_end).map(|endpoint| {
+                let endpoint = Arc::new(endpoint);
+                read_ipc(pid, Arc::clone(&endpoint), self.ipc_tx.clone());
+                WorkerChannel::ClusterLb {
+                    endpoint,
+                    online: false,
+                }
+            })
         };
-        if let Some(endpoint) = &ipc {
-            read_ipc(pid, Arc::clone(endpoint), self.ipc_tx.clone());
-        }
+        let channel = channel.unwrap_or_else(|e| {
+            log::warn!("worker {id}: no channel: {e}");
+            WorkerChannel::Closed
+        });
         self.workers.insert(
             pid,
             WorkerIo {
                 id,
                 slot,
-                ipc,
-                ipc_online: false,
+                channel,
                 addresses: self.config.listen.clone(),
             },
         );
@@ -152,15 +191,18 @@ impl Supervisor {
 
     /// `disconnect` over the channel if the worker speaks it, else SIGTERM.
     pub(super) fn ask_to_stop(&mut self, pid: Pid) {
-        let endpoint = self
-            .workers
-            .get(&pid)
-            .filter(|w| w.ipc_online)
-            .and_then(|w| w.ipc.clone());
-        let asked = endpoint.is_some_and(|endpoint| {
-            let message = PrimaryMessage::Disconnect { v: VERSION };
-            protocol::encode(&message).is_some_and(|bytes| endpoint.try_send(&bytes, None).is_ok())
-        });
+        let asked = match self.workers.get_mut(&pid).map(|w| &mut w.channel) {
+            Some(WorkerChannel::ClusterLb {
+                endpoint,
+                online: true,
+            }) => {
+                let message = PrimaryMessage::Disconnect { v: VERSION };
+                protocol::encode(&message)
+                    .is_some_and(|bytes| endpoint.try_send(&bytes, None).is_ok())
+            }
+            Some(WorkerChannel::Node(node)) => node.disconnect(),
+            _ => false,
+        };
         if !asked {
             let _ = kill(pid, Signal::SIGTERM);
         }

@@ -130,7 +130,7 @@ fn exit_status(status: WaitStatus) -> Option<(Pid, ExitStatus)> {
     }
 }
 
-fn pidfd_open(pid: Pid) -> std::io::Result<OwnedFd> {
+pub(super) fn pidfd_open(pid: Pid) -> std::io::Result<OwnedFd> {
     // SAFETY: a plain system call; on success it returns a new descriptor that we own.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
     if fd < 0 {

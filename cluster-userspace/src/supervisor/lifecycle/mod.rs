@@ -157,7 +157,9 @@ impl Phase {
                 give_up_at,
             } => Some(ready_at.min(give_up_at)),
             Phase::Online { give_up_at } => Some(give_up_at),
-            Phase::Draining { term_at, kill_at } => Some(term_at.map_or(kill_at, |t| t.min(kill_at))),
+            Phase::Draining { term_at, kill_at } => {
+                Some(term_at.map_or(kill_at, |t| t.min(kill_at)))
+            }
             Phase::Ready { .. } | Phase::Killed => None,
         }
     }
@@ -281,7 +283,9 @@ pub enum Input {
         why: Departure,
     },
     /// The worker's channel closed (EOF).
-    ChannelClosed { pid: Pid },
+    ChannelClosed {
+        pid: Pid,
+    },
     /// The process was reaped.
     Exited {
         pid: Pid,
@@ -318,7 +322,9 @@ pub enum Action {
         pid: Pid,
     },
     /// SIGTERM it.
-    Terminate { pid: Pid },
+    Terminate {
+        pid: Pid,
+    },
     /// SIGKILL it (and its process group).
     Kill {
         pid: Pid,
@@ -376,7 +382,6 @@ impl Lifecycle {
             Input::Online { pid } => self.online(pid),
             Input::Ready { pid, how } => self.ready(pid, how),
             Input::Leaving { pid, why } => self.leaving(pid, why),
-            Input::ChannelClosed { pid } => self.channel_closed(pid),
             Input::ChannelClosed { pid } => self.channel_closed(pid),
             Input::Exited { pid, status } => self.exited(pid, status),
             Input::Tick => {}

@@ -351,5 +351,8 @@ fn a_draining_worker_whose_channel_closed_gets_sigterm_after_lingering_then_sigk
     assert!(world.alive[&pid].terminated);
     assert!(!world.alive[&pid].killed);
     world.advance(Duration::from_secs(10));
-    assert!(world.alive[&pid].killed, "SIGKILL after --grace all the same");
+    assert!(
+        world.alive[&pid].killed,
+        "SIGKILL after --grace all the same"
+    );
 }

@@ -1,0 +1,438 @@
+//! The primary's end of a Node worker's channel: an AF_UNIX SOCK_STREAM socket (Node's
+//! `'ipc'` stdio), newline-delimited JSON, listening sockets attached with SCM_RIGHTS.
+//!
+//! Two tasks per worker. The reader splits lines (a line may span reads, a read may hold many
+//! lines), answers the worker's own handles with `NODE_HANDLE_ACK` at once (Node holds all its
+//! later messages until it gets one), and passes everything else on. The writer sends one line
+//! per message, attaches a socket to the first byte of its line only, and, like Node's own
+//! sender, holds later messages while a socket is in flight, until the worker acknowledges it
+//! (resending it once per `NODE_HANDLE_NACK`). Nothing here blocks the supervisor: its queue is
+//! bounded, and a worker that stops reading loses messages, not the primary.
+
+use std::{
+    io::{self, IoSlice, IoSliceMut},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    sync::Arc,
+    time::Duration,
+};
+
+use nix::{
+    sys::socket::{
+        recvmsg, sendmsg, shutdown, socketpair, AddressFamily, ControlMessage, ControlMessageOwned,
+        MsgFlags, Shutdown, SockFlag, SockType,
+    },
+    unistd::Pid,
+};
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    sync::mpsc,
+};
+
+use super::protocol::{parse_line, FromWorker, ToWorker};
+
+/// A line longer than this is a broken or hostile worker (Node itself has no limit).
+pub const MAX_LINE: usize = 1024 * 1024;
+/// Messages waiting to be written to one worker; beyond that they are dropped.
+const QUEUE: usize = 1024;
+/// How long a socket in flight may wait for the worker's acknowledgement.
+const HANDLE_ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Resends of a socket the worker did not receive (`NODE_HANDLE_NACK`).
+const HANDLE_RETRIES: u32 = 3;
+
+/// What the reader reports.
+#[derive(Debug)]
+pub enum NodeEvent {
+    Message(FromWorker),
+    /// The worker broke the protocol; nothing more is read from it.
+    Violation(String),
+    /// EOF: the worker closed its end (it is disconnecting, or gone).
+    Closed,
+}
+
+/// A message to write, with the socket it carries.
+struct Outgoing {
+    message: ToWorker,
+    fd: Option<OwnedFd>,
+}
+
+/// Why a message was not queued.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("the worker's channel is closed")]
+    Closed,
+    #[error("the worker reads nothing: {QUEUE} messages are already waiting")]
+    Full,
+}
+
+/// A new channel: (primary's end, worker's end), both close-on-exec (the spawner moves the
+/// worker's end to the fd named by NODE_CHANNEL_FD, which clears the flag there).
+pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+    )
+    .map_err(io::Error::from)
+}
+
+/// The primary's end of one worker's channel.
+pub struct NodeChannel {
+    socket: Arc<AsyncFd<OwnedFd>>,
+    out: mpsc::Sender<Outgoing>,
+}
+
+impl NodeChannel {
+    /// Starts reading and writing `fd` (the primary's end); events go to `sink` tagged `pid`.
+    pub fn start(
+        fd: OwnedFd,
+        pid: Pid,
+        sink: mpsc::UnboundedSender<(Pid, NodeEvent)>,
+    ) -> io::Result<NodeChannel> {
+        // SAFETY: the AsyncFd owns the descriptor for as long as it is registered.
+        let socket =
+            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }
+                .map_err(|e| e.into_parts().1)?;
+        let socket = Arc::new(socket);
+        let (out, queue) = mpsc::channel(QUEUE);
+        let (urgent_tx, urgent) = mpsc::unbounded_channel();
+        let (acks_tx, acks) = mpsc::unbounded_channel();
+        tokio::spawn(read(Arc::clone(&socket), pid, sink, urgent_tx, acks_tx));
+        tokio::spawn(write(Arc::clone(&socket), queue, urgent, acks));
+        Ok(NodeChannel { socket, out })
+    }
+
+    /// Queues a message without a socket.
+    pub fn send(&self, message: ToWorker) -> Result<(), SendError> {
+        self.queue(Outgoing { message, fd: None })
+    }
+
+    /// Queues a `queryServer` answer that carries `socket`; the primary's copy closes once the
+    /// worker acknowledges it.
+    pub fn send_handle(&self, message: ToWorker, socket: OwnedFd) -> Result<(), SendError> {
+        self.queue(Outgoing {
+            message,
+            fd: Some(socket),
+        })
+    }
+
+    fn queue(&self, outgoing: Outgoing) -> Result<(), SendError> {
+        self.out.try_send(outgoing).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SendError::Full,
+            mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+        })
+    }
+
+    /// Closes the channel: the worker reads EOF (a Node worker then exits, unless it is
+    /// already disconnecting), and both tasks end.
+    pub fn close(&self) {
+        let _ = shutdown(self.socket.get_ref().as_raw_fd(), Shutdown::Both);
+    }
+}
+
+/// Acknowledgements of our sockets, from the reader to the writer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ack {
+    Taken,
+    NotReceived,
+}
+
+async fn read(
+    socket: Arc<AsyncFd<OwnedFd>>,
+    pid: Pid,
+    sink: mpsc::UnboundedSender<(Pid, NodeEvent)>,
+    urgent: mpsc::UnboundedSender<Outgoing>,
+    acks: mpsc::UnboundedSender<Ack>,
+) {
+    let mut pending: Vec<u8> = Vec::new();
+    let mut handles: Vec<OwnedFd> = Vec::new();
+    let report = |event| sink.send((pid, event)).is_ok();
+    loop {
+        let received = loop {
+            let Ok(mut guard) = socket.readable().await else {
+                break None;
+            };
+            match guard.try_io(|inner| receive(inner.get_ref().as_raw_fd())) {
+                Ok(result) => break result.ok(),
+                Err(_would_block) => continue,
+            }
+        };
+        let Some((bytes, fds)) = received.filter(|(b, f)| !b.is_empty() || !f.is_empty()) else {
+            report(NodeEvent::Closed);
+            return;
+        };
+        handles.extend(fds);
+        pending.extend_from_slice(&bytes);
+        let mut start = 0;
+        while let Some(end) = pending[start..].iter().position(|&b| b == b'\n') {
+            let line = &pending[start..start + end];
+            start += end + 1;
+            let message = match parse_line(line) {
+                Ok(message) => message,
+                Err(error) => {
+                    report(NodeEvent::Violation(error.to_string()));
+                    return;
+                }
+            };
+            match message {
+                FromWorker::Handle => {
+                    // Take the fd that came with it, close it, and let the worker go on.
+                    let answer = match handles.pop() {
+                        Some(_fd) => ToWorker::HandleAck,
+                        None => ToWorker::HandleNack,
+                    };
+                    handles.clear();
+                    let _ = urgent.send(Outgoing {
+                        message: answer,
+                        fd: None,
+                    });
+                    log::debug!("worker pid {pid} sent a handle; acknowledged and closed it");
+                }
+                FromWorker::HandleAck => {
+                    let _ = acks.send(Ack::Taken);
+                }
+                FromWorker::HandleNack => {
+                    let _ = acks.send(Ack::NotReceived);
+                }
+                other => {
+                    if !report(NodeEvent::Message(other)) {
+                        return;
+                    }
+                }
+            }
+        }
+        pending.drain(..start);
+        if pending.len() > MAX_LINE {
+            report(NodeEvent::Violation(format!(
+                "a line longer than {MAX_LINE} bytes"
+            )));
+            return;
+        }
+    }
+}
+
+/// One read: the bytes and any descriptors that came with them.
+fn receive(fd: RawFd) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut control = nix::cmsg_space!([RawFd; 8]);
+    let mut iov = [IoSliceMut::new(&mut buffer)];
+    let message = recvmsg::<()>(fd, &mut iov, Some(&mut control), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut fds = Vec::new();
+    for cmsg in message.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(received) = cmsg {
+            // SAFETY: the kernel just installed these descriptors for us.
+            fds.extend(
+                received
+                    .into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    let length = message.bytes;
+    buffer.truncate(length);
+    Ok((buffer, fds))
+}
+
+async fn write(
+    socket: Arc<AsyncFd<OwnedFd>>,
+    mut queue: mpsc::Receiver<Outgoing>,
+    mut urgent: mpsc::UnboundedReceiver<Outgoing>,
+    mut acks: mpsc::UnboundedReceiver<Ack>,
+) {
+    // The socket in flight, its line, and how many times it was sent.
+    let mut in_flight: Option<(Outgoing, u32, tokio::time::Instant)> = None;
+    loop {
+        let deadline = in_flight
+            .as_ref()
+            .map(|(_, _, deadline)| *deadline)
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            biased;
+            Some(outgoing) = urgent.recv() => {
+                if send_line(&socket, &outgoing).await.is_err() {
+                    return;
+                }
+            }
+            Some(ack) = acks.recv() => {
+                let Some((outgoing, sends, _)) = in_flight.take() else {
+                    continue; // an acknowledgement of nothing: ignore it
+                };
+                if ack == Ack::NotReceived && sends <= HANDLE_RETRIES {
+                    if send_line(&socket, &outgoing).await.is_err() {
+                        return;
+                    }
+                    in_flight = Some((outgoing, sends + 1, tokio::time::Instant::now() + HANDLE_ACK_TIMEOUT));
+                }
+                // Taken: dropping `outgoing` closes the primary's copy of the socket.
+            }
+            _ = tokio::time::sleep_until(deadline), if in_flight.is_some() => {
+                log::warn!("a Node worker did not acknowledge its listening socket in {}s", HANDLE_ACK_TIMEOUT.as_secs());
+                in_flight = None;
+            }
+            next = queue.recv(), if in_flight.is_none() => {
+                let Some(outgoing) = next else { return };
+                if send_line(&socket, &outgoing).await.is_err() {
+                    return;
+                }
+                if outgoing.message.carries_handle() {
+                    in_flight = Some((outgoing, 1, tokio::time::Instant::now() + HANDLE_ACK_TIMEOUT));
+                }
+            }
+        }
+    }
+}
+
+/// Writes one whole line; its socket (if any) rides on the first chunk only.
+async fn send_line(socket: &AsyncFd<OwnedFd>, outgoing: &Outgoing) -> io::Result<()> {
+    let line = outgoing.message.encode();
+    let mut sent = 0;
+    while sent < line.len() {
+        let fd = if sent == 0 {
+            outgoing.fd.as_ref().map(|fd| fd.as_raw_fd())
+        } else {
+            None
+        };
+        let mut guard = socket.writable().await?;
+        match guard.try_io(|inner| send_chunk(inner.get_ref().as_raw_fd(), &line[sent..], fd)) {
+            Ok(Ok(n)) => sent += n,
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => continue,
+        }
+    }
+    Ok(())
+}
+
+fn send_chunk(socket: RawFd, bytes: &[u8], fd: Option<RawFd>) -> io::Result<usize> {
+    let iov = [IoSlice::new(bytes)];
+    let fds = fd.map(|fd| [fd]);
+    let cmsgs: Vec<ControlMessage<'_>> = fds.iter().map(|f| ControlMessage::ScmRights(f)).collect();
+    Ok(sendmsg::<()>(
+        socket,
+        &iov,
+        &cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+
+    /// The worker's side, played by a plain blocking stream.
+    fn worker_end(fd: OwnedFd) -> UnixStream {
+        let stream = UnixStream::from(fd);
+        stream.set_nonblocking(false).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream
+    }
+
+    #[tokio::test]
+    async fn lines_split_across_writes_and_several_per_write_all_arrive_in_order() {
+        let (primary, worker) = pair().unwrap();
+        let (sink, mut events) = mpsc::unbounded_channel();
+        let _channel = NodeChannel::start(primary, Pid::from_raw(1), sink).unwrap();
+        let mut worker = worker_end(worker);
+        worker
+            .write_all(b"{\"cmd\":\"NODE_CLUSTER\",\"act\":\"online\",\"seq\":0}\n{\"a\"")
+            .unwrap();
+        worker.write_all(b":1}\n\"two\"\n").unwrap();
+        drop(worker);
+        let mut seen = Vec::new();
+        while let Some((_, event)) = events.recv().await {
+            seen.push(format!("{event:?}"));
+        }
+        assert_eq!(
+            seen,
+            [
+                "Message(Online)",
+                "Message(User(Object {\"a\": Number(1)}))",
+                "Message(User(String(\"two\")))",
+                "Closed"
+            ]
+        );
+    }
+
+    // The worker's side blocks on its reads, so the channel's tasks need a thread of their own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_handle_from_the_worker_is_acknowledged_and_a_handle_to_it_waits_for_its_ack() {
+        let (primary, worker) = pair().unwrap();
+        let (sink, mut events) = mpsc::unbounded_channel();
+        let channel = NodeChannel::start(primary, Pid::from_raw(1), sink).unwrap();
+        let worker = worker_end(worker);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let reply = ToWorker::Handle {
+            ack: 1,
+            seq: 0,
+            key: "k".into(),
+            data: json!(null),
+            udp: false,
+        };
+        channel
+            .send_handle(reply, OwnedFd::from(listener.try_clone().unwrap()))
+            .unwrap();
+        channel.send(ToWorker::User(json!("after"))).unwrap();
+        let mut reader = BufReader::new(worker.try_clone().unwrap());
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.contains("NODE_HANDLE"), "{line}");
+        // Held back until the worker acknowledges the socket.
+        worker
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut next = String::new();
+        assert!(reader.read_line(&mut next).is_err(), "sent early: {next}");
+        worker
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        (&worker)
+            .write_all(b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n")
+            .unwrap();
+        next.clear();
+        reader.read_line(&mut next).unwrap();
+        assert_eq!(next, "\"after\"\n");
+        // The worker's own handle (no fd came with it): NACK.
+        (&worker)
+            .write_all(b"{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Socket\",\"msg\":{}}\n")
+            .unwrap();
+        next.clear();
+        reader.read_line(&mut next).unwrap();
+        assert_eq!(next, "{\"cmd\":\"NODE_HANDLE_NACK\"}\n");
+        channel.close();
+        let mut last = None;
+        while let Some((_, event)) = events.recv().await {
+            last = Some(format!("{event:?}"));
+        }
+        assert_eq!(last.as_deref(), Some("Closed"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn garbage_and_endless_lines_are_violations() {
+        for (bytes, expected) in [
+            (b"not json\n".to_vec(), "not JSON"),
+            (vec![b'x'; MAX_LINE + 10], "longer than"),
+        ] {
+            let (primary, worker) = pair().unwrap();
+            let (sink, mut events) = mpsc::unbounded_channel();
+            let channel = NodeChannel::start(primary, Pid::from_raw(1), sink).unwrap();
+            let mut worker = worker_end(worker);
+            let writer = std::thread::spawn(move || {
+                let _ = worker.write_all(&bytes);
+                worker
+            });
+            let (_, event) = events.recv().await.unwrap();
+            match event {
+                NodeEvent::Violation(why) => assert!(why.contains(expected), "{why}"),
+                other => panic!("{other:?}"),
+            }
+            // Shutting our end down lets a writer blocked on a full socket fail and finish.
+            channel.close();
+            drop(writer.join());
+        }
+    }
+}

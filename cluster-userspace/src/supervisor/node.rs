@@ -1,0 +1,393 @@
+//! The primary's side of a Node worker's channel: Node's cluster messages become lifecycle
+//! inputs, and every `queryServer` is answered with the worker's own socket in the reuseport
+//! group of that address (or with an errno the app sees as its listen error).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+use nix::unistd::Pid;
+use serde_json::Value;
+
+use super::{process::WorkerChannel, Departure, Event, Input, Readiness, Supervisor};
+use crate::{
+    listen_addr::ListenAddr,
+    node::{
+        channel::{NodeChannel, NodeEvent, SendError},
+        protocol::{self, AddressType, FromWorker, Query, ToWorker},
+    },
+};
+
+/// What the primary keeps for a Node worker's channel.
+pub struct NodeWorker {
+    channel: NodeChannel,
+    /// Our message counter (the worker only echoes it).
+    seq: u64,
+    /// Its open listens, by the key we gave each.
+    listens: BTreeMap<String, ListenAddr>,
+    next_key: u64,
+}
+
+impl NodeWorker {
+    pub fn new(channel: NodeChannel) -> NodeWorker {
+        NodeWorker {
+            channel,
+            seq: 0,
+            listens: BTreeMap::new(),
+            next_key: 0,
+        }
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        let seq = self.seq;
+        self.seq += 1;
+        seq
+    }
+
+    /// Asks the worker to close its servers and exit once idle; false if that cannot be sent.
+    pub fn disconnect(&mut self) -> bool {
+        let seq = self.next_seq();
+        self.channel.send(ToWorker::Disconnect { seq }).is_ok()
+    }
+
+    /// A user message (`process.on('message')` in the worker).
+    pub fn send_user(&mut self, data: Value) -> Result<(), SendError> {
+        if !protocol::is_plain_user_message(&data) {
+            // Node would take it for one of its own internal messages, and could die of it.
+            log::warn!("not sending a message whose \"cmd\" starts with NODE_ to a Node worker");
+            return Ok(());
+        }
+        self.channel.send(ToWorker::User(data))
+    }
+
+    pub fn close(&self) {
+        self.channel.close();
+    }
+}
+
+/// Node state shared by all workers: so that every worker's `listen(0)` gets the same port,
+/// and every TLS server the same session-ticket keys, as under Node's own primary.
+#[derive(Default)]
+pub struct NodeGroups {
+    /// (address, TCP v6, index) of a `listen(0)` -> the port chosen for it.
+    ephemeral: HashMap<(Option<String>, bool, u64), u16>,
+    /// The first non-null `data` of each group's queries (TLS ticket keys).
+    data: HashMap<ListenAddr, Value>,
+}
+
+/// A listen the primary will not serve: the errno the worker's server reports, and why.
+struct Refusal {
+    errno: i32,
+    why: String,
+}
+
+impl Refusal {
+    fn new(errno: i32, why: impl Into<String>) -> Refusal {
+        Refusal {
+            errno,
+            why: why.into(),
+        }
+    }
+}
+
+impl Supervisor {
+    /// What a Node worker's channel reported.
+    pub(super) fn on_node(&mut self, pid: Pid, event: NodeEvent) -> Option<Input> {
+        let worker = self.workers.get_mut(&pid)?;
+        let id = worker.id;
+        let WorkerChannel::Node(node) = &mut worker.channel else {
+            return None;
+        };
+        let message = match event {
+            NodeEvent::Message(message) => message,
+            NodeEvent::Violation(problem) => return self.reject(pid, &problem),
+            NodeEvent::Closed => {
+                worker.channel = WorkerChannel::Closed;
+                return Some(Input::ChannelClosed { pid });
+            }
+        };
+        match message {
+            FromWorker::Online => Some(Input::Online { pid }),
+            FromWorker::QueryServer(query) => {
+                self.answer_node_query(pid, query);
+                None
+            }
+            FromWorker::Listening(query) => {
+                let address = node
+                    .listens
+                    .values()
+                    .find(|a| Some(a.socket_addr().port() as i64) == query.port)
+                    .map_or_else(|| describe(&query), ToString::to_string);
+                self.emit(Event::Listening {
+                    id,
+                    pid: pid.as_raw(),
+                    address,
+                });
+                Some(Input::Ready {
+                    pid,
+                    how: Readiness::Listening,
+                })
+            }
+            FromWorker::Close { key } => {
+                let closed = node.listens.remove(&key)?;
+                // While draining, closing is what it was asked to do; otherwise it no longer
+                // serves an address it is in the group of.
+                Some(Input::Leaving {
+                    pid,
+                    why: Departure::ListenerClosed(closed.to_string()),
+                })
+            }
+            FromWorker::ExitedAfterDisconnect { seq } => {
+                let ack = ToWorker::Ack {
+                    ack: seq,
+                    seq: node.next_seq(),
+                };
+                if let Err(e) = node.channel.send(ack) {
+                    log::warn!(
+                        "worker {id} (pid {pid}): exitedAfterDisconnect not acknowledged: {e}"
+                    );
+                }
+                Some(Input::Leaving {
+                    pid,
+                    why: Departure::WorkerDisconnected,
+                })
+            }
+            FromWorker::User(data) => {
+                self.emit(Event::Message {
+                    id,
+                    pid: pid.as_raw(),
+                    data,
+                });
+                None
+            }
+            FromWorker::OtherCluster(value) => {
+                log::debug!("worker {id} (pid {pid}): ignored cluster message {value}");
+                None
+            }
+            FromWorker::OtherInternal(cmd) => {
+                log::debug!("worker {id} (pid {pid}): ignored internal message {cmd}");
+                None
+            }
+            // Handled by the channel itself.
+            FromWorker::Handle | FromWorker::HandleAck | FromWorker::HandleNack => None,
+        }
+    }
+
+    /// Answers a `queryServer`: always, with a socket or an errno, since a listen that gets no
+    /// answer hangs in the worker without a word.
+    fn answer_node_query(&mut self, pid: Pid, query: Query) {
+        let Some(slot) = self.workers.get(&pid).map(|w| w.slot) else {
+            return;
+        };
+        let outcome = self.node_socket(pid, slot, &query);
+        let Some(worker) = self.workers.get_mut(&pid) else {
+            return;
+        };
+        let id = worker.id;
+        let WorkerChannel::Node(node) = &mut worker.channel else {
+            return;
+        };
+        let key = format!("cluster-lb:{id}:{}", node.next_key);
+        node.next_key += 1;
+        let seq = node.next_seq();
+        let sent = match outcome {
+            Ok((addr, socket)) => {
+                node.listens.insert(key.clone(), addr);
+                if !worker.addresses.contains(&addr) {
+                    worker.addresses.push(addr);
+                }
+                // A TLS server must get data back (null crashes it); every worker gets the
+                // first worker's, so session tickets made on one resume on another.
+                let data = if query.data.is_null() {
+                    Value::Null
+                } else {
+                    self.node_groups
+                        .data
+                        .entry(addr)
+                        .or_insert_with(|| query.data.clone())
+                        .clone()
+                };
+                let reply = ToWorker::Handle {
+                    ack: query.seq,
+                    seq,
+                    key,
+                    data,
+                    udp: false,
+                };
+                node.channel.send_handle(reply, socket)
+            }
+            Err(refusal) => {
+                log::warn!(
+                    "worker {id} (pid {pid}) asked to listen on {}: refused ({}): {}",
+                    describe(&query),
+                    std::io::Error::from_raw_os_error(refusal.errno),
+                    refusal.why
+                );
+                node.channel.send(ToWorker::Refuse {
+                    ack: query.seq,
+                    seq,
+                    key,
+                    errno: -refusal.errno,
+                })
+            }
+        };
+        if let Err(e) = sent {
+            log::warn!("worker {id} (pid {pid}): queryServer answer not sent: {e}");
+        }
+    }
+
+    /// The socket for a Node listen, or why not.
+    fn node_socket(
+        &mut self,
+        pid: Pid,
+        slot: u32,
+        query: &Query,
+    ) -> Result<(ListenAddr, OwnedFd), Refusal> {
+        match query.address_type {
+            AddressType::Udp4 | AddressType::Udp6 => return Err(Refusal::new(
+                libc::ENOTSUP,
+                "cluster-lb does not balance UDP yet; bind with { exclusive: true } to bypass it",
+            )),
+            AddressType::Pipe => {
+                return Err(Refusal::new(
+                    libc::EINVAL,
+                    "cluster-lb balances TCP ports, not Unix-socket paths",
+                ))
+            }
+            AddressType::Fd => {
+                // listen({ fd: N }): the worker's own fd N, which must be one of the sockets it
+                // was given by socket activation (3, 4, ...).
+                let fd = query.fd.unwrap_or(-1);
+                let index = usize::try_from(fd - 3)
+                    .ok()
+                    .filter(|i| *i < self.groups.activated());
+                return match index {
+                    Some(index) => self.activated_socket(pid, index),
+                    None => Err(Refusal::new(
+                        libc::EINVAL,
+                        format!("fd {fd} is not one of the sockets cluster-lb passed (LISTEN_FDS)"),
+                    )),
+                };
+            }
+            AddressType::Tcp4 | AddressType::Tcp6 => {}
+        }
+        let port = query
+            .port
+            .and_then(|p| u16::try_from(p).ok())
+            .ok_or_else(|| Refusal::new(libc::EINVAL, "no valid port"))?;
+        let ip =
+            match &query.address {
+                None => None,
+                Some(text) => Some(text.parse::<IpAddr>().map_err(|_| {
+                    Refusal::new(libc::EINVAL, format!("{text} is not an IP address"))
+                })?),
+            };
+        if let Some(index) = self.groups.activated_index(ip, port) {
+            return self.activated_socket(pid, index);
+        }
+        if self.groups.activated() > 0 {
+            return Err(Refusal::new(
+                libc::EACCES,
+                "not one of the --listen addresses this cluster was started with",
+            ));
+        }
+        // No host: all addresses, IPv6 and IPv4 on one socket, as Node's own primary binds.
+        let dual_stack = ip.is_none();
+        let wanted = SocketAddr::new(ip.unwrap_or(Ipv6Addr::UNSPECIFIED.into()), port);
+        let ephemeral_key = (
+            query.address.clone(),
+            query.address_type == AddressType::Tcp6,
+            query.index,
+        );
+        let wanted = match self.node_groups.ephemeral.get(&ephemeral_key) {
+            Some(chosen) if port == 0 => SocketAddr::new(wanted.ip(), *chosen),
+            _ => wanted,
+        };
+        let (addr, socket) = self
+            .groups
+            .open_at(wanted, dual_stack, slot)
+            .map_err(|e| Refusal::new(e.errno(), e.to_string()))?;
+        if port == 0 {
+            self.node_groups
+                .ephemeral
+                .insert(ephemeral_key, addr.socket_addr().port());
+        }
+        set_nonblocking(&socket).map_err(|e| Refusal::new(libc::EINVAL, e.to_string()))?;
+        Ok((addr, socket))
+    }
+
+    /// The socket a worker got as fd `3 + index` by socket activation, fetched from the worker
+    /// (pidfd_getfd), so that its Node `listen()` serves on the very socket that is in the
+    /// group's slot: a second socket would sit in the group unaccepted.
+    fn activated_socket(
+        &mut self,
+        pid: Pid,
+        index: usize,
+    ) -> Result<(ListenAddr, OwnedFd), Refusal> {
+        let addr = self
+            .groups
+            .activated_addr(index)
+            .ok_or_else(|| Refusal::new(libc::EINVAL, "no such --listen address"))?;
+        let fd = 3 + index as i32;
+        let socket = take_fd(pid, fd).map_err(|e| {
+            Refusal::new(
+                libc::EINVAL,
+                format!("cannot take the worker's fd {fd} (its socket for {addr}): {e}"),
+            )
+        })?;
+        let bound =
+            nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(socket.as_raw_fd())
+                .ok()
+                .and_then(|a| {
+                    a.as_sockaddr_in()
+                        .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+                        .or_else(|| {
+                            a.as_sockaddr_in6()
+                                .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
+                        })
+                });
+        if bound != Some(addr.socket_addr()) {
+            return Err(Refusal::new(
+                libc::EINVAL,
+                format!("the worker's fd {fd} is no longer its socket for {addr}"),
+            ));
+        }
+        set_nonblocking(&socket).map_err(|e| Refusal::new(libc::EINVAL, e.to_string()))?;
+        Ok((addr, socket))
+    }
+}
+
+/// How a query names its address, for log lines.
+fn describe(query: &Query) -> String {
+    match (&query.address, query.port, query.address_type) {
+        (_, _, AddressType::Fd) => format!("fd {}", query.fd.unwrap_or(-1)),
+        (Some(address), _, AddressType::Pipe) => address.clone(),
+        (Some(address), Some(port), _) if address.contains(':') => format!("[{address}]:{port}"),
+        (Some(address), Some(port), _) => format!("{address}:{port}"),
+        (None, Some(port), _) => format!("port {port} on all addresses"),
+        _ => "an unknown address".into(),
+    }
+}
+
+/// A copy of descriptor `fd` of process `pid` (pidfd_getfd, Linux 5.6+).
+fn take_fd(pid: Pid, fd: i32) -> std::io::Result<OwnedFd> {
+    let pidfd = super::reaper::pidfd_open(pid)?;
+    // SAFETY: plain system call; on success it returns a new descriptor we own.
+    let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if copy < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just gave us this descriptor (close-on-exec, as pidfd_getfd makes it).
+    Ok(unsafe { OwnedFd::from_raw_fd(copy as i32) })
+}
+
+/// Node needs a non-blocking listener: libuv never sets O_NONBLOCK on a descriptor it is
+/// given, and Node 16/18 then block their whole event loop in accept().
+fn set_nonblocking(socket: &OwnedFd) -> std::io::Result<()> {
+    let flags = nix::fcntl::fcntl(socket, nix::fcntl::FcntlArg::F_GETFL)?;
+    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(socket, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+    Ok(())
+}
