@@ -10,14 +10,21 @@ use crate::{cargo, run};
 
 const ADDR: &str = "127.0.0.1:8080";
 
-pub fn measure(args: &[String]) -> Result<()> {
-    let connections: usize = match args.iter().position(|a| a == "--connections") {
-        Some(i) => args
-            .get(i + 1)
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| anyhow!("--connections needs a number"))?,
-        None => 1000,
-    };
+/// `cargo xtask distribution` options.
+#[derive(clap::Args, Debug)]
+pub struct Options {
+    /// Sequential connections per measurement
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1000,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
+    connections: usize,
+}
+
+pub fn measure(options: &Options) -> Result<()> {
+    let connections = options.connections;
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     let server = workspace_binary("example-rust-server")
         .display()

@@ -71,19 +71,25 @@ const KERNELS: &[Kernel] = &[
     },
 ];
 
-pub fn vm_test(args: &[String]) -> Result<()> {
-    let wanted = match args {
-        [] => "all".to_string(),
-        [flag, value] if flag == "--kernel" => value.clone(),
-        _ => bail!("usage: cargo xtask vm-test [--kernel 6.1|6.12|all]"),
-    };
+/// `cargo xtask vm-test` options.
+#[derive(clap::Args, Debug)]
+pub struct Options {
+    /// Which kernel series to boot
+    #[arg(long, default_value = "all", value_parser = kernel_names())]
+    kernel: String,
+}
+
+/// "all" and the series in KERNELS, for --kernel.
+fn kernel_names() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(KERNELS.iter().map(|k| k.series).chain(["all"]))
+}
+
+pub fn vm_test(options: &Options) -> Result<()> {
+    let wanted = options.kernel.as_str();
     let kernels: Vec<&Kernel> = KERNELS
         .iter()
         .filter(|k| wanted == "all" || k.series == wanted)
         .collect();
-    if kernels.is_empty() {
-        bail!("unknown kernel {wanted}; use 6.1, 6.12 or all");
-    }
     setup::ensure_packages(&[
         ("qemu-system-x86_64", "qemu-system-x86"),
         ("cpio", "cpio"),

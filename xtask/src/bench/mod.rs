@@ -15,40 +15,21 @@ use crate::{cargo, root, run, setup};
 use contenders::{Contender, Paths, ALL};
 use measure::Sample;
 
-struct Options {
+/// `cargo xtask bench` options.
+#[derive(clap::Args, Debug)]
+pub struct Options {
+    /// Rounds over every contender
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
+    /// Seconds of load per measurement
+    #[arg(long, value_name = "S", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     seconds: u32,
+    /// Worker counts to measure, comma-separated
+    #[arg(long, value_name = "N,N", value_delimiter = ',', default_value = "2,8", value_parser = clap::value_parser!(u32).range(1..))]
     workers: Vec<u32>,
 }
 
-fn options(args: &[String]) -> Result<Options> {
-    let mut options = Options {
-        rounds: 3,
-        seconds: 3,
-        workers: vec![2, 8],
-    };
-    let mut rest = args.iter();
-    while let Some(flag) = rest.next() {
-        let value = rest
-            .next()
-            .with_context(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--rounds" => options.rounds = value.parse().context("--rounds N")?,
-            "--seconds" => options.seconds = value.parse().context("--seconds N")?,
-            "--workers" => {
-                options.workers = value
-                    .split(',')
-                    .map(|n| n.trim().parse().context("--workers 2,8"))
-                    .collect::<Result<_>>()?
-            }
-            _ => bail!("unknown bench option {flag}; use --rounds, --seconds or --workers"),
-        }
-    }
-    Ok(options)
-}
-
-pub fn bench(args: &[String]) -> Result<()> {
-    let options = options(args)?;
+pub fn bench(options: &Options) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the benchmark needs root (network namespaces, eBPF)");
     }
