@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::SocketAddr};
 use anyhow::{anyhow, Result};
 use cluster_lb_tests::{distribution, in_network_namespace, workspace_binary, Cluster};
 
-use crate::{cargo, run};
+use crate::{cargo, run, target_dir};
 
 const ADDR: &str = "127.0.0.1:8080";
 
@@ -25,6 +25,9 @@ pub struct Options {
 
 pub fn measure(options: &Options) -> Result<()> {
     let connections = options.connections;
+    // workspace_binary (here and in Cluster) looks there; the directory may come from a cargo
+    // config rather than the environment. Set before any thread starts.
+    std::env::set_var("CARGO_TARGET_DIR", target_dir()?);
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     let server = workspace_binary("example-rust-server")
         .display()

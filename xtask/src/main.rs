@@ -24,6 +24,7 @@ use std::{
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Command, ExitCode},
+    sync::OnceLock,
 };
 
 use anyhow::{bail, Context, Result};
@@ -156,6 +157,24 @@ pub fn root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// The directory cargo builds into, as cargo itself reports it: `CARGO_TARGET_DIR`,
+/// `build.target-dir` in a cargo config, or `target/` in the workspace root.
+pub fn target_dir() -> Result<PathBuf> {
+    static TARGET_DIR: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(dir) = TARGET_DIR.get() {
+        return Ok(dir.clone());
+    }
+    let metadata = cargo_metadata::MetadataCommand::new()
+        .current_dir(root())
+        .manifest_path(root().join("Cargo.toml"))
+        .no_deps()
+        .exec()
+        .context("cargo metadata (for the target directory)")?;
+    Ok(TARGET_DIR
+        .get_or_init(|| metadata.target_directory.into_std_path_buf())
+        .clone())
+}
+
 /// Runs a command to completion, failing with the command line when it fails.
 pub fn run(command: &mut Command) -> Result<()> {
     let status = command
@@ -187,7 +206,12 @@ fn test(extra: &[String]) -> Result<()> {
     ebpf::build(true)?;
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     let mut command = cargo();
-    command.args(["test", "--workspace"]).args(extra);
+    command
+        .args(["test", "--workspace"])
+        .args(extra)
+        // The integration tests find cluster-lb and the examples through it (support's
+        // workspace_binary), also when the directory comes from a cargo config.
+        .env("CARGO_TARGET_DIR", target_dir()?);
     run_tests_with_summary(&mut command)
 }
 
@@ -229,6 +253,7 @@ fn demo(args: &DemoArgs) -> Result<()> {
         workers,
     } = args;
     let root = root();
+    let release = target_dir()?.join("release");
     let server: Vec<String> = match lang {
         Lang::Node => {
             setup::ensure_packages(&[("node", "nodejs")])?;
@@ -243,10 +268,7 @@ fn demo(args: &DemoArgs) -> Result<()> {
         ],
         Lang::Rust => {
             run(cargo().args(["build", "--release", "-p", "example-rust-server"]))?;
-            vec![root
-                .join("target/release/example-rust-server")
-                .display()
-                .to_string()]
+            vec![release.join("example-rust-server").display().to_string()]
         }
     };
     run(cargo().args(["build", "--release", "-p", "cluster-lb"]))?;
@@ -258,7 +280,7 @@ fn demo(args: &DemoArgs) -> Result<()> {
     let workers = workers.to_string();
     eprintln!("xtask: serving {lang} example on http://{listen}/ with {workers} workers; try `curl http://{listen}/`, stop with Ctrl-C");
     // exec, so Ctrl-C reaches cluster-lb alone and the shell waits for its graceful stop.
-    let error = Command::new(root.join("target/release/cluster-lb"))
+    let error = Command::new(release.join("cluster-lb"))
         .args(["run", "--workers", &workers, "--listen", &listen, "--"])
         .args(&server)
         .exec();

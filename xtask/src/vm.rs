@@ -1,6 +1,7 @@
 //! `cargo xtask vm-test [--kernel 6.1|6.12|all]`: the integration tests on other kernels.
 //!
-//! For each kernel: Debian's kernel package (apt-get download, cached under target/vm/), an
+//! For each kernel: Debian's kernel package (apt-get download, cached in the target directory's
+//! vm/), an
 //! initramfs of busybox plus the test binaries and the programs they start (at the same
 //! absolute paths as on the host, with their shared libraries), booted under
 //! `qemu-system-x86_64 -accel tcg` (KVM hangs on these machines). The VM runs the chosen tests
@@ -10,15 +11,16 @@
 use std::{
     collections::BTreeSet,
     fs,
-    io::Write,
+    io::{BufReader, Write},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
+use cargo_metadata::{Message, TargetKind};
 
-use crate::{cargo, root, run, setup, test_counts::TestCounts};
+use crate::{cargo, root, run, setup, target_dir, test_counts::TestCounts};
 
 /// Test binary and the exact test names that run inside the VMs.
 const VM_TESTS: &[(&str, &[&str])] = &[
@@ -96,8 +98,9 @@ pub fn vm_test(options: &Options) -> Result<()> {
         ("busybox", "busybox-static"),
     ])?;
     let busybox = PathBuf::from("/bin/busybox");
-    let vm_dir = root().join("target/vm");
-    let initrd = build_initramfs(&vm_dir, &busybox)?;
+    let target = target_dir()?;
+    let vm_dir = target.join("vm");
+    let initrd = build_initramfs(&target, &vm_dir, &busybox)?;
 
     let mut failed = Vec::new();
     let mut summary = Vec::new();
@@ -240,8 +243,8 @@ fn regex_escape(text: &str) -> String {
     text.replace('.', "\\.")
 }
 
-/// Builds the binaries and packs them, their libraries, busybox and /init into target/vm/.
-fn build_initramfs(vm_dir: &Path, busybox: &Path) -> Result<PathBuf> {
+/// Builds the binaries and packs them, their libraries, busybox and /init into `vm_dir`.
+fn build_initramfs(target: &Path, vm_dir: &Path, busybox: &Path) -> Result<PathBuf> {
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     let tests = test_executables()?;
     let staging = vm_dir.join("root");
@@ -255,7 +258,7 @@ fn build_initramfs(vm_dir: &Path, busybox: &Path) -> Result<PathBuf> {
     }
     let mut files: Vec<PathBuf> = PROGRAMS
         .iter()
-        .map(|p| root().join("target/debug").join(p))
+        .map(|p| target.join("debug").join(p))
         .collect();
     files.extend(tests.iter().map(|(_, path)| path.clone()));
     let mut libraries = BTreeSet::new();
@@ -275,7 +278,7 @@ fn build_initramfs(vm_dir: &Path, busybox: &Path) -> Result<PathBuf> {
         ),
     )?;
     let init = staging.join("init");
-    fs::write(&init, init_script(&tests))?;
+    fs::write(&init, init_script(target, &tests))?;
     fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
 
     let initrd = vm_dir.join("initrd.gz");
@@ -288,52 +291,70 @@ fn build_initramfs(vm_dir: &Path, busybox: &Path) -> Result<PathBuf> {
     Ok(initrd)
 }
 
-/// (test binary name, executable) for the binaries in VM_TESTS.
+/// (test binary name, executable) for the binaries in VM_TESTS, built by
+/// `cargo test --no-run` and read from its JSON messages.
 fn test_executables() -> Result<Vec<(String, PathBuf)>> {
-    let output = cargo()
+    let mut command = cargo();
+    command
         .args([
             "test",
             "-p",
             "cluster-lb-tests",
             "--no-run",
-            "--message-format=json",
+            // Messages as JSON on stdout, warnings and errors rendered on stderr as usual.
+            "--message-format=json-render-diagnostics",
         ])
-        .stderr(Stdio::inherit())
-        .output()
-        .context("building the test binaries")?;
-    if !output.status.success() {
-        bail!("cargo test --no-run failed");
-    }
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("cannot start {command:?}"))?;
+    let stdout = child.stdout.take().context("cargo test's stdout")?;
     let mut found = Vec::new();
-    for line in String::from_utf8_lossy(&output.stdout).lines() {
-        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+    for message in Message::parse_stream(BufReader::new(stdout)) {
+        let Message::CompilerArtifact(artifact) = message.context("reading cargo's messages")?
+        else {
             continue;
         };
-        let name = message["target"]["name"].as_str().unwrap_or("");
-        let is_test = message["target"]["kind"]
-            .as_array()
-            .is_some_and(|k| k.iter().any(|k| k == "test"));
-        if let (true, Some(exe)) = (is_test, message["executable"].as_str()) {
-            if VM_TESTS.iter().any(|(binary, _)| *binary == name) {
-                found.push((name.to_string(), PathBuf::from(exe)));
-            }
+        let name = &artifact.target.name;
+        if !artifact.target.is_kind(TargetKind::Test)
+            || !VM_TESTS.iter().any(|(binary, _)| binary == name)
+        {
+            continue;
+        }
+        if let Some(executable) = artifact.executable {
+            found.push((name.clone(), executable.into_std_path_buf()));
         }
     }
-    if found.len() != VM_TESTS.len() {
-        bail!("found {} of {} test binaries", found.len(), VM_TESTS.len());
+    let status = child.wait().context("waiting for cargo test --no-run")?;
+    if !status.success() {
+        bail!("cargo test --no-run failed with {status}");
+    }
+    let missing: Vec<&str> = VM_TESTS
+        .iter()
+        .map(|(binary, _)| *binary)
+        .filter(|binary| !found.iter().any(|(name, _)| name == binary))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "VM_TESTS (xtask/src/vm.rs) names test binaries cluster-lb-tests does not have: {}",
+            missing.join(", ")
+        );
     }
     Ok(found)
 }
 
 /// /init for the VM. The initramfs itself is a writable RAM filesystem, so /tmp needs no mount
 /// (and must not get one: the checkout, and with it the test binaries, may live under /tmp).
-fn init_script(tests: &[(String, PathBuf)]) -> String {
-    let mut script = String::from(
+/// The tests find the programs they start in CARGO_TARGET_DIR (support's workspace_binary).
+fn init_script(target: &Path, tests: &[(String, PathBuf)]) -> String {
+    let mut script = format!(
         "#!/bin/sh\n\
          mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
-         export PATH=/bin CI=true HOME=/tmp RUST_BACKTRACE=0\n\
+         export PATH=/bin CI=true HOME=/tmp RUST_BACKTRACE=0 CARGO_TARGET_DIR='{}'\n\
          ip link set lo up\n\
          echo \"VM-KERNEL $(cat /proc/sys/kernel/osrelease)\"\n",
+        target.display()
     );
     for (name, exe) in tests {
         let filters = VM_TESTS

@@ -11,7 +11,7 @@ use std::{fs, process::Command, time::Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use cluster_lb_tests::in_network_namespace;
 
-use crate::{cargo, root, run, setup};
+use crate::{cargo, root, run, setup, target_dir};
 use contenders::{Contender, Paths, ALL};
 use measure::Sample;
 
@@ -42,9 +42,9 @@ pub fn bench(options: &Options) -> Result<()> {
         "-p",
         "example-rust-server",
     ]))?;
-    let target = root().join("target");
+    let target = target_dir()?;
     let scratch = target.join("bench-scratch");
-    fs::create_dir_all(&scratch).context("creating target/bench-scratch")?;
+    fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let paths = Paths {
         cluster_lb: target.join("release/cluster-lb"),
         rust_worker: target.join("release/example-rust-server"),
@@ -106,7 +106,7 @@ pub fn bench(options: &Options) -> Result<()> {
     Ok(())
 }
 
-/// PM2 from the npm registry, into a cache under target/ (not installed globally).
+/// PM2 from the npm registry, into a cache in the target directory (not installed globally).
 fn install_pm2(cache: &std::path::Path) -> Result<std::path::PathBuf> {
     let runtime = cache.join("node_modules/.bin/pm2-runtime");
     if runtime.is_file() {
