@@ -13,13 +13,13 @@ const TARGET: &str = "bpfel-unknown-none";
 /// Builds cluster-ebpf. With `check`, fails when the committed object differs from the build;
 /// otherwise writes the build there.
 pub fn build(check: bool) -> Result<()> {
-    setup::ensure_rust_src()?;
-    setup::ensure_bpf_linker()?;
+    let channel = setup::ensure_ebpf_toolchain()?;
+    setup::ensure_bpf_linker(&channel)?;
     let crate_dir = root().join("cluster-ebpf");
     // A crate of its own (not a workspace member), built in a subdirectory of the workspace's
     // target directory.
     let target_dir = target_dir()?.join("ebpf");
-    let mut cargo = setup::nightly("cargo");
+    let mut cargo = setup::pinned(&channel, "cargo");
     cargo
         .current_dir(&crate_dir)
         .args([
