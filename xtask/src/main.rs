@@ -21,9 +21,10 @@ mod vm;
 
 use std::{
     env,
+    io::{BufRead, BufReader, Read, Write},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Command, ExitCode},
+    process::{Command, ExitCode, Stdio},
     sync::OnceLock,
 };
 
@@ -215,35 +216,61 @@ fn test(extra: &[String]) -> Result<()> {
     run_tests_with_summary(&mut command)
 }
 
-/// Runs cargo test, passing its output through, and ends with one line that totals every test
-/// binary's "test result" line: cargo's own last line is often a binary with no tests.
+/// Runs cargo test, passing its output through unchanged, and ends with one line that totals
+/// every test binary's "test result" line (cargo's own last line is often a binary with no
+/// tests), counting a privileged test that skipped (root_test's "SKIPPED" line on stderr) as
+/// skipped rather than passed.
 fn run_tests_with_summary(command: &mut Command) -> Result<()> {
-    use std::io::{BufRead, BufReader};
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() && env::var_os("CARGO_TERM_COLOR").is_none() {
+        // cargo's stderr becomes a pipe; keep its colours for the terminal it ends up on.
+        command.env("CARGO_TERM_COLOR", "always");
+    }
     let mut child = command
-        .stdout(std::process::Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot start {command:?}"))?;
+    let stderr = child.stderr.take().context("cargo test's stderr")?;
+    let stderr_reader = std::thread::spawn(move || {
+        let mut counts = test_counts::TestCounts::default();
+        tee_lines(stderr, std::io::stderr(), |line| {
+            counts.add_stderr_line(line)
+        });
+        counts.skipped
+    });
     let mut counts = test_counts::TestCounts::default();
-    if let Some(stdout) = child.stdout.take() {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            println!("{line}");
-            counts.add_line(&line);
-        }
-    }
+    let stdout = child.stdout.take().context("cargo test's stdout")?;
+    tee_lines(stdout, std::io::stdout(), |line| counts.add_line(line));
+    counts.skipped = stderr_reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reading cargo test's stderr failed"))?;
     let status = child.wait().context("waiting for cargo test")?;
-    let test_counts::TestCounts {
-        passed,
-        failed,
-        ignored,
-    } = counts;
-    println!("\nxtask: {passed} passed, {failed} failed, {ignored} skipped");
+    println!("\nxtask: {}", counts.summary());
     if !status.success() {
         bail!("cargo test failed with {status}");
     }
-    if passed == 0 {
+    if counts.passed == 0 {
         bail!("cargo test ran no test");
     }
     Ok(())
+}
+
+/// Copies `input` to `output` unchanged, a line at a time, and hands each line (without its
+/// line end) to `each`.
+fn tee_lines(input: impl Read, mut output: impl Write, mut each: impl FnMut(&str)) {
+    let mut input = BufReader::new(input);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match input.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let _ = output.write_all(&line);
+        let _ = output.flush();
+        each(String::from_utf8_lossy(&line).trim_end_matches(['\n', '\r']));
+    }
 }
 
 fn demo(args: &DemoArgs) -> Result<()> {
