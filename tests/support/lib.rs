@@ -46,7 +46,9 @@ pub fn root_test(name: &str, body: impl FnOnce() + Send + 'static) {
             !in_ci(),
             "{name} needs root, and CI=true does not allow skipping it"
         );
-        eprintln!("SKIPPED {name}: needs root (network namespaces and eBPF)");
+        // Straight to fd 2, past libtest's capture of eprintln!; `cargo xtask test` counts it.
+        let line = format!("SKIPPED {name}: needs root (network namespaces and eBPF)\n");
+        let _ = std::io::stderr().write_all(line.as_bytes());
         return;
     }
     if let Err(panic) = in_network_namespace(name, body) {

@@ -6,18 +6,28 @@ use std::{collections::BTreeMap, net::SocketAddr};
 use anyhow::{anyhow, Result};
 use cluster_lb_tests::{distribution, in_network_namespace, workspace_binary, Cluster};
 
-use crate::{cargo, run};
+use crate::{cargo, run, target_dir};
 
 const ADDR: &str = "127.0.0.1:8080";
 
-pub fn measure(args: &[String]) -> Result<()> {
-    let connections: usize = match args.iter().position(|a| a == "--connections") {
-        Some(i) => args
-            .get(i + 1)
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| anyhow!("--connections needs a number"))?,
-        None => 1000,
-    };
+/// `cargo xtask distribution` options.
+#[derive(clap::Args, Debug)]
+pub struct Options {
+    /// Sequential connections per measurement
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1000,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
+    connections: usize,
+}
+
+pub fn measure(options: &Options) -> Result<()> {
+    let connections = options.connections;
+    // workspace_binary (here and in Cluster) looks there; the directory may come from a cargo
+    // config rather than the environment. Set before any thread starts.
+    std::env::set_var("CARGO_TARGET_DIR", target_dir()?);
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     let server = workspace_binary("example-rust-server")
         .display()

@@ -4,7 +4,7 @@ use std::{fs, path::PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{root, run, setup};
+use crate::{root, run, setup, target_dir};
 
 /// Where cluster-userspace embeds the object from (committed).
 const COMMITTED_OBJECT: &str = "cluster-userspace/bpf/cluster-lb-ebpf.o";
@@ -13,10 +13,13 @@ const TARGET: &str = "bpfel-unknown-none";
 /// Builds cluster-ebpf. With `check`, fails when the committed object differs from the build;
 /// otherwise writes the build there.
 pub fn build(check: bool) -> Result<()> {
-    setup::ensure_rust_src()?;
-    setup::ensure_bpf_linker()?;
+    let channel = setup::ensure_ebpf_toolchain()?;
+    setup::ensure_bpf_linker(&channel)?;
     let crate_dir = root().join("cluster-ebpf");
-    let mut cargo = setup::nightly("cargo");
+    // A crate of its own (not a workspace member), built in a subdirectory of the workspace's
+    // target directory.
+    let target_dir = target_dir()?.join("ebpf");
+    let mut cargo = setup::pinned(&channel, "cargo");
     cargo
         .current_dir(&crate_dir)
         .args([
@@ -26,15 +29,14 @@ pub fn build(check: bool) -> Result<()> {
             TARGET,
             "-Z",
             "build-std=core",
+            "--target-dir",
         ])
+        .arg(&target_dir)
         // v3: the BPF_ATOMIC fetch-add the round-robin counter needs (kernel 5.12+).
         .env("CARGO_ENCODED_RUSTFLAGS", "-Ctarget-cpu=v3");
     run(&mut cargo)?;
 
-    let built: PathBuf = crate_dir
-        .join("target")
-        .join(TARGET)
-        .join("release/cluster-lb-ebpf");
+    let built: PathBuf = target_dir.join(TARGET).join("release/cluster-lb-ebpf");
     let fresh = fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
     let committed_path = root().join(COMMITTED_OBJECT);
     let committed = fs::read(&committed_path).unwrap_or_default();

@@ -1,6 +1,7 @@
 //! `cargo xtask vm-test [--kernel 6.1|6.12|all]`: the integration tests on other kernels.
 //!
-//! For each kernel: Debian's kernel package (apt-get download, cached under target/vm/), an
+//! For each kernel: Debian's kernel package (apt-get download, cached in the target directory's
+//! vm/), an
 //! initramfs of busybox plus the test binaries and the programs they start (at the same
 //! absolute paths as on the host, with their shared libraries), booted under
 //! `qemu-system-x86_64 -accel tcg` (KVM hangs on these machines). The VM runs the chosen tests
@@ -8,19 +9,21 @@
 //! that start them run on the host only; the list below says which run in the VM, by name.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs,
-    io::Write,
+    io::{BufReader, Write},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
+use cargo_metadata::{Message, TargetKind};
 
-use crate::{cargo, root, run, setup, test_counts::TestCounts};
+use crate::{cargo, root, run, setup, target_dir, test_counts::TestCounts};
 
-/// Test binary and the exact test names that run inside the VMs.
+/// Test binary and the exact test names that run inside the VMs (none: all of its tests). Every
+/// name must exist (checked with `--list` before booting) and must have run in every VM.
 const VM_TESTS: &[(&str, &[&str])] = &[
     ("kernel_layer", &[]), // all of them
     ("cli_errors", &[]),
@@ -71,27 +74,37 @@ const KERNELS: &[Kernel] = &[
     },
 ];
 
-pub fn vm_test(args: &[String]) -> Result<()> {
-    let wanted = match args {
-        [] => "all".to_string(),
-        [flag, value] if flag == "--kernel" => value.clone(),
-        _ => bail!("usage: cargo xtask vm-test [--kernel 6.1|6.12|all]"),
-    };
+/// `cargo xtask vm-test` options.
+#[derive(clap::Args, Debug)]
+pub struct Options {
+    /// Which kernel series to boot
+    #[arg(long, default_value = "all", value_parser = kernel_names())]
+    kernel: String,
+}
+
+/// "all" and the series in KERNELS, for --kernel.
+fn kernel_names() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(KERNELS.iter().map(|k| k.series).chain(["all"]))
+}
+
+pub fn vm_test(options: &Options) -> Result<()> {
+    let wanted = options.kernel.as_str();
     let kernels: Vec<&Kernel> = KERNELS
         .iter()
         .filter(|k| wanted == "all" || k.series == wanted)
         .collect();
-    if kernels.is_empty() {
-        bail!("unknown kernel {wanted}; use 6.1, 6.12 or all");
-    }
+    // A renamed or deleted test in VM_TESTS fails here, in seconds, not after a boot.
+    let tests = test_executables()?;
+    check_selection_exists(&tests)?;
     setup::ensure_packages(&[
         ("qemu-system-x86_64", "qemu-system-x86"),
         ("cpio", "cpio"),
         ("busybox", "busybox-static"),
     ])?;
     let busybox = PathBuf::from("/bin/busybox");
-    let vm_dir = root().join("target/vm");
-    let initrd = build_initramfs(&vm_dir, &busybox)?;
+    let target = target_dir()?;
+    let vm_dir = target.join("vm");
+    let initrd = build_initramfs(&target, &vm_dir, &busybox, &tests)?;
 
     let mut failed = Vec::new();
     let mut summary = Vec::new();
@@ -110,7 +123,15 @@ pub fn vm_test(args: &[String]) -> Result<()> {
         for name in &outcome.failures {
             eprintln!("xtask vm-test:   failed on {}: {name}", kernel.series);
         }
-        if outcome.counts.failed > 0 || !outcome.finished || outcome.counts.passed == 0 {
+        let not_run = outcome.not_run(VM_TESTS);
+        for what in &not_run {
+            eprintln!("xtask vm-test:   did not run on {}: {what}", kernel.series);
+        }
+        if outcome.counts.failed > 0
+            || !outcome.finished
+            || outcome.counts.passed == 0
+            || !not_run.is_empty()
+        {
             failed.push(format!("{} (log: {})", kernel.series, log.display()));
         }
         summary.push(line);
@@ -234,10 +255,14 @@ fn regex_escape(text: &str) -> String {
     text.replace('.', "\\.")
 }
 
-/// Builds the binaries and packs them, their libraries, busybox and /init into target/vm/.
-fn build_initramfs(vm_dir: &Path, busybox: &Path) -> Result<PathBuf> {
+/// Builds the binaries and packs them, their libraries, busybox and /init into `vm_dir`.
+fn build_initramfs(
+    target: &Path,
+    vm_dir: &Path,
+    busybox: &Path,
+    tests: &[(String, PathBuf)],
+) -> Result<PathBuf> {
     run(cargo().args(["build", "--workspace", "--bins"]))?;
-    let tests = test_executables()?;
     let staging = vm_dir.join("root");
     let _ = fs::remove_dir_all(&staging);
     for dir in ["bin", "proc", "sys", "dev", "tmp", "run", "etc"] {
@@ -249,7 +274,7 @@ fn build_initramfs(vm_dir: &Path, busybox: &Path) -> Result<PathBuf> {
     }
     let mut files: Vec<PathBuf> = PROGRAMS
         .iter()
-        .map(|p| root().join("target/debug").join(p))
+        .map(|p| target.join("debug").join(p))
         .collect();
     files.extend(tests.iter().map(|(_, path)| path.clone()));
     let mut libraries = BTreeSet::new();
@@ -269,7 +294,7 @@ fn build_initramfs(vm_dir: &Path, busybox: &Path) -> Result<PathBuf> {
         ),
     )?;
     let init = staging.join("init");
-    fs::write(&init, init_script(&tests))?;
+    fs::write(&init, init_script(target, tests))?;
     fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
 
     let initrd = vm_dir.join("initrd.gz");
@@ -282,52 +307,115 @@ fn build_initramfs(vm_dir: &Path, busybox: &Path) -> Result<PathBuf> {
     Ok(initrd)
 }
 
-/// (test binary name, executable) for the binaries in VM_TESTS.
+/// (test binary name, executable) for the binaries in VM_TESTS, built by
+/// `cargo test --no-run` and read from its JSON messages.
 fn test_executables() -> Result<Vec<(String, PathBuf)>> {
-    let output = cargo()
+    let mut command = cargo();
+    command
         .args([
             "test",
             "-p",
             "cluster-lb-tests",
             "--no-run",
-            "--message-format=json",
+            // Messages as JSON on stdout, warnings and errors rendered on stderr as usual.
+            "--message-format=json-render-diagnostics",
         ])
-        .stderr(Stdio::inherit())
-        .output()
-        .context("building the test binaries")?;
-    if !output.status.success() {
-        bail!("cargo test --no-run failed");
-    }
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("cannot start {command:?}"))?;
+    let stdout = child.stdout.take().context("cargo test's stdout")?;
     let mut found = Vec::new();
-    for line in String::from_utf8_lossy(&output.stdout).lines() {
-        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+    for message in Message::parse_stream(BufReader::new(stdout)) {
+        let Message::CompilerArtifact(artifact) = message.context("reading cargo's messages")?
+        else {
             continue;
         };
-        let name = message["target"]["name"].as_str().unwrap_or("");
-        let is_test = message["target"]["kind"]
-            .as_array()
-            .is_some_and(|k| k.iter().any(|k| k == "test"));
-        if let (true, Some(exe)) = (is_test, message["executable"].as_str()) {
-            if VM_TESTS.iter().any(|(binary, _)| *binary == name) {
-                found.push((name.to_string(), PathBuf::from(exe)));
-            }
+        let name = &artifact.target.name;
+        if !artifact.target.is_kind(TargetKind::Test)
+            || !VM_TESTS.iter().any(|(binary, _)| binary == name)
+        {
+            continue;
+        }
+        if let Some(executable) = artifact.executable {
+            found.push((name.clone(), executable.into_std_path_buf()));
         }
     }
-    if found.len() != VM_TESTS.len() {
-        bail!("found {} of {} test binaries", found.len(), VM_TESTS.len());
+    let status = child.wait().context("waiting for cargo test --no-run")?;
+    if !status.success() {
+        bail!("cargo test --no-run failed with {status}");
+    }
+    let missing: Vec<&str> = VM_TESTS
+        .iter()
+        .map(|(binary, _)| *binary)
+        .filter(|binary| !found.iter().any(|(name, _)| name == binary))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "VM_TESTS (xtask/src/vm.rs) names test binaries cluster-lb-tests does not have: {}",
+            missing.join(", ")
+        );
     }
     Ok(found)
 }
 
+/// Fails, naming them, when VM_TESTS lists a test its binary does not have (`--list`).
+fn check_selection_exists(tests: &[(String, PathBuf)]) -> Result<()> {
+    let mut missing = Vec::new();
+    for (binary, names) in VM_TESTS.iter().filter(|(_, names)| !names.is_empty()) {
+        let (_, executable) = tests
+            .iter()
+            .find(|(name, _)| name == binary)
+            .with_context(|| format!("no executable for test binary {binary}"))?;
+        let output = Command::new(executable)
+            .arg("--list")
+            .stderr(Stdio::inherit())
+            .output()
+            .with_context(|| format!("running {} --list", executable.display()))?;
+        if !output.status.success() {
+            bail!(
+                "{} --list failed with {}",
+                executable.display(),
+                output.status
+            );
+        }
+        let listed = listed_tests(&String::from_utf8_lossy(&output.stdout));
+        missing.extend(
+            names
+                .iter()
+                .filter(|name| !listed.contains(**name))
+                .map(|name| format!("{binary}: {name}")),
+        );
+    }
+    if !missing.is_empty() {
+        bail!(
+            "VM_TESTS (xtask/src/vm.rs) names tests that do not exist (renamed or deleted?): {}",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The test names in libtest's `--list` output ("NAME: test" lines).
+fn listed_tests(list: &str) -> BTreeSet<String> {
+    list.lines()
+        .filter_map(|line| line.strip_suffix(": test"))
+        .map(str::to_string)
+        .collect()
+}
+
 /// /init for the VM. The initramfs itself is a writable RAM filesystem, so /tmp needs no mount
 /// (and must not get one: the checkout, and with it the test binaries, may live under /tmp).
-fn init_script(tests: &[(String, PathBuf)]) -> String {
-    let mut script = String::from(
+/// The tests find the programs they start in CARGO_TARGET_DIR (support's workspace_binary).
+fn init_script(target: &Path, tests: &[(String, PathBuf)]) -> String {
+    let mut script = format!(
         "#!/bin/sh\n\
          mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
-         export PATH=/bin CI=true HOME=/tmp RUST_BACKTRACE=0\n\
+         export PATH=/bin CI=true HOME=/tmp RUST_BACKTRACE=0 CARGO_TARGET_DIR='{}'\n\
          ip link set lo up\n\
          echo \"VM-KERNEL $(cat /proc/sys/kernel/osrelease)\"\n",
+        target.display()
     );
     for (name, exe) in tests {
         let filters = VM_TESTS
@@ -378,6 +466,32 @@ struct Outcome {
     counts: TestCounts,
     failures: Vec<String>,
     finished: bool,
+    /// The tests each binary ran (ok or FAILED), by the VM-BINARY marker before them.
+    ran: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Outcome {
+    /// What `selection` asks for that the console shows no result of: "BINARY: NAME" for a
+    /// listed test, "BINARY: no test ran" for a binary whose tests all run.
+    fn not_run(&self, selection: &[(&str, &[&str])]) -> Vec<String> {
+        let mut missing = Vec::new();
+        for (binary, names) in selection {
+            let ran = self.ran.get(*binary);
+            if names.is_empty() {
+                if ran.is_none_or(BTreeSet::is_empty) {
+                    missing.push(format!("{binary}: no test ran"));
+                }
+                continue;
+            }
+            missing.extend(
+                names
+                    .iter()
+                    .filter(|name| !ran.is_some_and(|ran| ran.contains(**name)))
+                    .map(|name| format!("{binary}: {name}")),
+            );
+        }
+        missing
+    }
 }
 
 /// Boots the kernel with the initramfs, saves the console to `log`, and reads the results.
@@ -430,21 +544,46 @@ fn parse_console(text: &str) -> Outcome {
         counts: TestCounts::default(),
         failures: Vec::new(),
         finished: false,
+        ran: BTreeMap::new(),
     };
+    let mut binary = String::new();
+    // "test NAME ... " whose result did not end the line (other output came between).
+    let mut pending: Option<String> = None;
     for line in text.lines().map(|l| l.trim_end_matches('\r')) {
         if let Some(release) = line.split("VM-KERNEL ").nth(1) {
             outcome.release = release.trim().to_string();
+        }
+        if let Some(name) = line.split("VM-BINARY ").nth(1) {
+            binary = name.trim().to_string();
         }
         if line.contains("VM-FINISHED") {
             outcome.finished = true;
         }
         outcome.counts.add_line(line);
-        if let Some(name) = line
+        let (name, result) = match line
             .strip_prefix("test ")
-            .and_then(|l| l.strip_suffix(" ... FAILED"))
+            .and_then(|rest| rest.split_once(" ... "))
         {
-            outcome.failures.push(name.to_string());
+            Some((name, result)) => {
+                pending = None;
+                (name.to_string(), result.trim())
+            }
+            None => match pending.take() {
+                Some(name) => (name, line.trim()),
+                None => continue,
+            },
+        };
+        match result {
+            "ok" => {}
+            "FAILED" => outcome.failures.push(name.clone()),
+            // "ignored" or "ignored, REASON"
+            ignored if ignored.starts_with("ignored") => continue,
+            _ => {
+                pending = Some(name);
+                continue;
+            }
         }
+        outcome.ran.entry(binary.clone()).or_default().insert(name);
     }
     outcome
 }
@@ -452,6 +591,63 @@ fn parse_console(text: &str) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_listed_test_that_did_not_run_is_named() {
+        let console = "VM-KERNEL 6.12.1-amd64\n\
+            VM-BINARY balance\n\
+            running 1 test\n\
+            test round_robin ... ok\n\
+            test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 9 filtered out\n\
+            VM-BINARY supervision\n\
+            running 2 tests\n\
+            test restarts ... \n\
+            [   12.345678] random: crng init done\n\
+            ok\n\
+            test own_primary ... FAILED\n\
+            test quiet ... ignored, needs node\n\
+            test result: FAILED. 1 passed; 1 failed; 1 ignored; 0 measured; 5 filtered out\n\
+            VM-BINARY cli_errors\n\
+            running 0 tests\n\
+            test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out\n\
+            VM-FINISHED\n";
+        let outcome = parse_console(console);
+        assert_eq!(outcome.failures, ["own_primary"]);
+        let selection: &[(&str, &[&str])] = &[
+            ("balance", &["round_robin"]),
+            (
+                "supervision",
+                &["restarts", "own_primary", "quiet", "renamed_away"],
+            ),
+            ("cli_errors", &[]),
+            ("kernel_layer", &[]),
+        ];
+        // own_primary ran (and failed, which is reported as a failure); restarts' "ok" came
+        // after a kernel message.
+        assert_eq!(
+            outcome.not_run(selection),
+            [
+                "supervision: quiet",
+                "supervision: renamed_away",
+                "cli_errors: no test ran",
+                "kernel_layer: no test ran"
+            ]
+        );
+        assert!(
+            parse_console("VM-BINARY balance\ntest round_robin ... ok\n")
+                .not_run(&[("balance", &["round_robin"])])
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn list_output_gives_the_test_names() {
+        let list = "a_program_can_be_its_own_primary: test\nmodule::nested: test\nsome_bench: benchmark\n\n2 tests, 1 benchmark\n";
+        assert_eq!(
+            listed_tests(list).into_iter().collect::<Vec<_>>(),
+            ["a_program_can_be_its_own_primary", "module::nested"]
+        );
+    }
 
     #[test]
     fn console_results_are_summed() {

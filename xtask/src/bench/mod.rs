@@ -11,44 +11,25 @@ use std::{fs, process::Command, time::Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use cluster_lb_tests::in_network_namespace;
 
-use crate::{cargo, root, run, setup};
+use crate::{cargo, root, run, setup, target_dir};
 use contenders::{Contender, Paths, ALL};
 use measure::Sample;
 
-struct Options {
+/// `cargo xtask bench` options.
+#[derive(clap::Args, Debug)]
+pub struct Options {
+    /// Rounds over every contender
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
+    /// Seconds of load per measurement
+    #[arg(long, value_name = "S", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     seconds: u32,
+    /// Worker counts to measure, comma-separated
+    #[arg(long, value_name = "N,N", value_delimiter = ',', default_value = "2,8", value_parser = clap::value_parser!(u32).range(1..))]
     workers: Vec<u32>,
 }
 
-fn options(args: &[String]) -> Result<Options> {
-    let mut options = Options {
-        rounds: 3,
-        seconds: 3,
-        workers: vec![2, 8],
-    };
-    let mut rest = args.iter();
-    while let Some(flag) = rest.next() {
-        let value = rest
-            .next()
-            .with_context(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--rounds" => options.rounds = value.parse().context("--rounds N")?,
-            "--seconds" => options.seconds = value.parse().context("--seconds N")?,
-            "--workers" => {
-                options.workers = value
-                    .split(',')
-                    .map(|n| n.trim().parse().context("--workers 2,8"))
-                    .collect::<Result<_>>()?
-            }
-            _ => bail!("unknown bench option {flag}; use --rounds, --seconds or --workers"),
-        }
-    }
-    Ok(options)
-}
-
-pub fn bench(args: &[String]) -> Result<()> {
-    let options = options(args)?;
+pub fn bench(options: &Options) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the benchmark needs root (network namespaces, eBPF)");
     }
@@ -61,9 +42,9 @@ pub fn bench(args: &[String]) -> Result<()> {
         "-p",
         "example-rust-server",
     ]))?;
-    let target = root().join("target");
+    let target = target_dir()?;
     let scratch = target.join("bench-scratch");
-    fs::create_dir_all(&scratch).context("creating target/bench-scratch")?;
+    fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let paths = Paths {
         cluster_lb: target.join("release/cluster-lb"),
         rust_worker: target.join("release/example-rust-server"),
@@ -125,7 +106,7 @@ pub fn bench(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// PM2 from the npm registry, into a cache under target/ (not installed globally).
+/// PM2 from the npm registry, into a cache in the target directory (not installed globally).
 fn install_pm2(cache: &std::path::Path) -> Result<std::path::PathBuf> {
     let runtime = cache.join("node_modules/.bin/pm2-runtime");
     if runtime.is_file() {
