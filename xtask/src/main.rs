@@ -15,6 +15,7 @@
 mod bench;
 mod distribution;
 mod ebpf;
+mod node;
 mod setup;
 mod test_counts;
 mod vm;
@@ -203,6 +204,7 @@ fn test(extra: &[String]) -> Result<()> {
         ("node", "nodejs"),
         ("python3", "python3"),
     ])?;
+    node::ensure()?;
     // The committed object must be what the source builds, or the tests would test old code.
     ebpf::build(true)?;
     run(cargo().args(["build", "--workspace", "--bins"]))?;

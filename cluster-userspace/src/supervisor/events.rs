@@ -194,6 +194,9 @@ pub enum Event {
     },
     /// A user message from a worker.
     Message { id: u32, pid: i32, data: Value },
+    /// The worker listens on `address` by itself, not through cluster-lb (Node's reusePort or
+    /// exclusive): nothing balances that server.
+    OwnListener { id: u32, pid: i32, address: String },
     /// A rolling reload began.
     ReloadStarted { workers: u32 },
     /// A rolling reload completed (workers replaced) or was aborted.
@@ -221,6 +224,7 @@ impl Event {
             Event::Restart { .. } => "restart",
             Event::CrashLoop { .. } => "crash-loop",
             Event::Message { .. } => "message",
+            Event::OwnListener { .. } => "own-listener",
             Event::ReloadStarted { .. } => "reload-started",
             Event::ReloadFinished { .. } => "reload-finished",
             Event::Scaling { .. } => "scaling",
@@ -234,7 +238,7 @@ impl Event {
                 status: ExitStatus::Code(0),
                 ..
             } => Level::Info,
-            Event::Exit { .. } | Event::Kill { .. } => Level::Warn,
+            Event::Exit { .. } | Event::Kill { .. } | Event::OwnListener { .. } => Level::Warn,
             Event::Disconnect { reason, .. } if reason.is_failure() => Level::Warn,
             Event::StartFailed { .. } | Event::CrashLoop { .. } => Level::Error,
             Event::ReloadFinished { outcome: Err(_) } => Level::Error,
@@ -280,6 +284,9 @@ impl Event {
                 json!({"worker": id, "failures": failures, "last": last.to_string()})
             }
             Event::Message { id, pid, data } => json!({"worker": id, "pid": pid, "data": data}),
+            Event::OwnListener { id, pid, address } => {
+                json!({"worker": id, "pid": pid, "address": address})
+            }
             Event::ReloadStarted { workers } => json!({"workers": workers}),
             Event::ReloadFinished { outcome } => match outcome {
                 Ok(replaced) => json!({"ok": true, "replaced": replaced}),
@@ -331,6 +338,10 @@ impl fmt::Display for Event {
                 "worker {id} is crash-looping: it {last}, {failures} times in a row, each soon after starting; restarts continue with growing delays"
             ),
             Event::Message { id, pid, data } => write!(f, "message from worker {id} (pid {pid}): {data}"),
+            Event::OwnListener { id, pid, address } => write!(
+                f,
+                "worker {id} (pid {pid}) listens on {address} by itself (reusePort or exclusive), not through cluster-lb: nothing balances that server, and disconnect does not close it"
+            ),
             Event::ReloadStarted { workers } => write!(f, "rolling reload of {workers} workers"),
             Event::ReloadFinished { outcome: Ok(replaced) } => {
                 write!(f, "reload complete: {replaced} workers replaced")

@@ -16,6 +16,7 @@
 //!   process's own NOTIFY_SOCKET to tell systemd READY/RELOADING/STOPPING;
 //! - it loads one eBPF program per listen address (when privileged).
 
+mod audit;
 mod config;
 mod events;
 mod groups;
@@ -105,7 +106,12 @@ pub struct Supervisor {
     reaper: Reaper,
     /// Everyone waiting for the reload under way.
     reload_replies: Vec<ReloadReply>,
+    /// When to look at the workers' sockets again (see `audit`).
+    audit: tokio::time::Interval,
 }
+
+/// How often the primary looks at what its workers hold.
+const AUDIT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Supervisor {
     /// Checks the command and the addresses and loads the programs; starts no worker yet.
@@ -150,6 +156,7 @@ impl Supervisor {
             signals,
             reaper: Reaper::new(),
             reload_replies: Vec::new(),
+            audit: tokio::time::interval(AUDIT_EVERY),
         })
     }
 
@@ -210,6 +217,10 @@ impl Supervisor {
             Some((sender, text)) = self.notify_rx.recv() => self.on_notify(sender, &text),
             Some(control) = self.control_rx.recv() => self.on_control(control),
             _ = sleep_until_or_forever(deadline) => Some(Input::Tick),
+            _ = self.audit.tick() => {
+                self.report_own_listeners();
+                None
+            }
         }
     }
 

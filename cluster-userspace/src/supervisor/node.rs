@@ -194,6 +194,7 @@ impl Supervisor {
         let seq = node.next_seq();
         let sent = match outcome {
             Ok((addr, socket)) => {
+                worker.given.extend(super::audit::inode(&socket));
                 node.listens.insert(key.clone(), addr);
                 if !worker.addresses.contains(&addr) {
                     worker.addresses.push(addr);
@@ -390,4 +391,30 @@ fn set_nonblocking(socket: &OwnedFd) -> std::io::Result<()> {
     let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
     nix::fcntl::fcntl(socket, nix::fcntl::FcntlArg::F_SETFL(flags))?;
     Ok(())
+}
+
+impl Supervisor {
+    /// Servers a Node worker opened by itself (`listen({ reusePort: true })` on Node 22+,
+    /// `exclusive: true`) bypass cluster-lb: nothing balances them, and `disconnect` does not
+    /// close them. Reported once per address.
+    pub(super) fn report_own_listeners(&mut self) {
+        let mut found = Vec::new();
+        for (pid, worker) in &mut self.workers {
+            if !matches!(worker.channel, WorkerChannel::Node(_)) {
+                continue;
+            }
+            for addr in super::audit::own_listeners(pid.as_raw(), &worker.given) {
+                if worker.reported.insert(addr) {
+                    found.push(Event::OwnListener {
+                        id: worker.id,
+                        pid: pid.as_raw(),
+                        address: addr.to_string(),
+                    });
+                }
+            }
+        }
+        for event in found {
+            self.emit(event);
+        }
+    }
 }

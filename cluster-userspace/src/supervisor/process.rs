@@ -2,6 +2,7 @@
 //! and how it is started and asked to stop. Its lifecycle state is not here (see lifecycle).
 
 use std::{
+    collections::HashSet,
     os::fd::{AsFd, OwnedFd},
     sync::Arc,
 };
@@ -45,6 +46,10 @@ pub struct WorkerIo {
     pub channel: WorkerChannel,
     /// Addresses it has sockets for (socket-activated, or from queryServer).
     pub addresses: Vec<ListenAddr>,
+    /// The inodes of the listening sockets the primary gave it.
+    pub given: HashSet<u64>,
+    /// Servers it opened by itself that were reported already (once each).
+    pub reported: HashSet<std::net::SocketAddr>,
 }
 
 /// Why a worker could not be started.
@@ -127,6 +132,7 @@ impl Supervisor {
             stderr: Some(stderr_write.as_fd()),
             credentials: self.config.credentials.as_ref(),
         })?;
+        let given = sockets.iter().filter_map(super::audit::inode).collect();
         // The worker has its copies now; ours close here, so a dead worker's socket closes
         // with it and its pipes reach EOF.
         drop((sockets, worker_end, stdout_write, stderr_write));
@@ -157,6 +163,8 @@ impl Supervisor {
                 slot,
                 channel,
                 addresses: self.config.listen.clone(),
+                given,
+                reported: HashSet::new(),
             },
         );
         Ok(pid)
