@@ -8,7 +8,8 @@ const http = require('node:http');
 const os = require('node:os');
 
 if (cluster.isPrimary) {
-  for (let i = 0; i < os.cpus().length; i++) {
+  const workers = Number(process.env.WORKERS ?? os.cpus().length);
+  for (let i = 0; i < workers; i++) {
     cluster.fork();
   }
   cluster.on('exit', (worker, code, signal) => {

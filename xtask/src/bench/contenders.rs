@@ -1,5 +1,7 @@
 //! The balancers compared, each started the way its users start it, all serving the same
-//! Node worker program (examples/node/server.js), plus cluster-lb with the Rust worker.
+//! Node worker program (examples/node/server.js), plus cluster-lb with the Rust worker, and the
+//! same unmodified Node cluster program (examples/node/cluster-app.js) under cluster-lb (Node's
+//! own cluster protocol) and under Node's own primary (SCHED_RR and SCHED_NONE).
 
 use std::{
     net::TcpListener,
@@ -20,9 +22,14 @@ pub enum Contender {
     NodeClusterRr,
     NodeClusterNone,
     Pm2,
+    /// examples/node/cluster-app.js, unchanged, under cluster-lb.
+    ClusterLbNodeApp,
+    /// examples/node/cluster-app.js run by node itself: its primary forks the workers.
+    NodeAppRr,
+    NodeAppNone,
 }
 
-pub const ALL: [Contender; 8] = [
+pub const ALL: [Contender; 11] = [
     Contender::ClusterLb("round-robin"),
     Contender::ClusterLb("hash"),
     Contender::ClusterLb("kernel"),
@@ -31,6 +38,9 @@ pub const ALL: [Contender; 8] = [
     Contender::NodeClusterRr,
     Contender::NodeClusterNone,
     Contender::Pm2,
+    Contender::ClusterLbNodeApp,
+    Contender::NodeAppRr,
+    Contender::NodeAppNone,
 ];
 
 impl Contender {
@@ -42,11 +52,17 @@ impl Contender {
             Contender::NodeClusterRr => "Node cluster SCHED_RR".into(),
             Contender::NodeClusterNone => "Node cluster SCHED_NONE".into(),
             Contender::Pm2 => "PM2 cluster mode".into(),
+            Contender::ClusterLbNodeApp => "unmodified cluster app: cluster-lb round-robin".into(),
+            Contender::NodeAppRr => "unmodified cluster app: Node SCHED_RR".into(),
+            Contender::NodeAppNone => "unmodified cluster app: Node SCHED_NONE".into(),
         }
     }
 
     pub fn is_cluster_lb(self) -> bool {
-        matches!(self, Contender::ClusterLb(_) | Contender::ClusterLbRust)
+        matches!(
+            self,
+            Contender::ClusterLb(_) | Contender::ClusterLbRust | Contender::ClusterLbNodeApp
+        )
     }
 
     /// Whether the contender has a primary whose CPU time means something.
@@ -99,6 +115,29 @@ pub fn start(contender: Contender, workers: u32, paths: &Paths) -> Result<Runnin
                 .arg(paths.scratch.join(CONTROL_SOCKET))
                 .arg("--")
                 .arg(&paths.rust_worker);
+            c
+        }
+        Contender::ClusterLbNodeApp => {
+            let mut c = Command::new(&paths.cluster_lb);
+            c.args(["run", "-w", &n, "--control"])
+                .arg(paths.scratch.join(CONTROL_SOCKET))
+                .arg("--")
+                .arg("node")
+                .arg(root().join("examples/node/cluster-app.js"))
+                .env("PORT", PORT.to_string());
+            c
+        }
+        Contender::NodeAppRr | Contender::NodeAppNone => {
+            let policy = if contender == Contender::NodeAppRr {
+                "rr"
+            } else {
+                "none"
+            };
+            let mut c = Command::new("node");
+            c.arg(root().join("examples/node/cluster-app.js"))
+                .env("NODE_CLUSTER_SCHED_POLICY", policy)
+                .env("WORKERS", &n)
+                .env("PORT", PORT.to_string());
             c
         }
         Contender::SharedSocket => return shared_socket(workers, &node_server),
