@@ -29,6 +29,10 @@ pub enum ConfigError {
         "--ready-timeout must be more than 0 seconds: a new worker needs some time to get ready"
     )]
     ReadyTimeoutZero,
+    #[error(
+        "--metrics {0} is also a --listen address; the metrics server needs an address of its own"
+    )]
+    MetricsOnListen(ListenAddr),
     #[error(transparent)]
     User(#[from] UserError),
 }
@@ -96,7 +100,7 @@ impl ControlArg {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Number of workers [default: number of CPUs]
-    #[arg(short = 'w', long, value_name = "N",
+    #[arg(short = 'w', long, value_name = "N", allow_negative_numbers = true,
           value_parser = clap::value_parser!(u32).range(1..=MAX_WORKERS as i64))]
     pub workers: Option<u32>,
 
@@ -120,19 +124,21 @@ pub struct RunArgs {
     #[arg(long)]
     pub require_ebpf: bool,
 
-    /// Seconds a worker has to exit after SIGTERM before it is killed
-    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
-    pub grace: u64,
+    /// Seconds a worker asked to stop has to exit before it is killed
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0, value_parser = parse_seconds,
+          allow_negative_numbers = true)]
+    pub grace: f64,
 
     /// Seconds after start when a worker that signals nothing counts as ready (one that says
     /// READY=1 on NOTIFY_SOCKET, or `listening` over IPC, is ready as soon as it does)
     #[arg(long, value_name = "SECONDS", default_value_t = 1.0,
-          value_parser = parse_seconds)]
+          value_parser = parse_seconds, allow_negative_numbers = true)]
     pub ready_delay: f64,
 
     /// Seconds a reload waits for a replacement to become ready before it gives up on it and
     /// keeps the old worker
-    #[arg(long, value_name = "SECONDS", default_value_t = 30.0, value_parser = parse_seconds)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0, value_parser = parse_seconds,
+          allow_negative_numbers = true)]
     pub ready_timeout: f64,
 
     /// Run the workers as this user (name or uid); the primary keeps root to bind and balance
@@ -157,6 +163,21 @@ pub struct RunArgs {
     /// by node), on (e.g. for a shell wrapper that execs node), or off
     #[arg(long, value_name = "WHEN", default_value = "auto")]
     pub node: NodeMode,
+
+    /// Start workers without the seccomp filter that keeps them from replacing or detaching
+    /// the eBPF program of their listen group (SO_ATTACH_REUSEPORT_*BPF, SO_DETACH_REUSEPORT_BPF)
+    #[arg(long)]
+    pub no_seccomp: bool,
+
+    /// Let --user workers get ports below 1024 by asking for them (queryServer) when no
+    /// --listen names them
+    #[arg(long)]
+    pub allow_low_ports: bool,
+
+    /// What to do with a ready worker that closed a listening socket it was given: restart it
+    /// (the kernel sends it nothing there any more), or only report it
+    #[arg(long, value_name = "WHAT", default_value = "restart")]
+    pub on_closed_listener: crate::supervisor::ClosedListener,
 
     /// Log lines as text or as JSON objects, one per line
     #[arg(long, value_name = "FORMAT", default_value = "text")]
@@ -188,6 +209,9 @@ impl RunArgs {
         if self.listen.len() > MAX_LISTEN {
             return Err(ConfigError::TooManyListen(self.listen.len()));
         }
+        if let Some(metrics) = self.metrics.filter(|m| self.listen.contains(m)) {
+            return Err(ConfigError::MetricsOnListen(metrics));
+        }
         if self.ready_timeout <= 0.0 {
             return Err(ConfigError::ReadyTimeoutZero);
         }
@@ -212,13 +236,16 @@ impl RunArgs {
             strategy: self.strategy,
             require_ebpf: self.require_ebpf,
             timing: Timing {
-                grace: Duration::from_secs(self.grace),
+                grace: Duration::from_secs_f64(self.grace),
                 ready_delay: Duration::from_secs_f64(self.ready_delay),
                 ready_timeout: Duration::from_secs_f64(self.ready_timeout),
             },
             credentials,
             command: self.command,
             node: self.node,
+            seccomp: !self.no_seccomp,
+            allow_low_ports: self.allow_low_ports,
+            closed_listener: self.on_closed_listener,
             // The command-line primary owns its process: signals are its interface, and it
             // may be PID 1 in a container, where orphans must be reaped.
             signals: SignalPolicy::Handle,

@@ -4,7 +4,10 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    os::unix::{fs::PermissionsExt, net::UnixStream},
+    os::unix::{
+        fs::{FileTypeExt, PermissionsExt},
+        net::UnixStream,
+    },
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -12,7 +15,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
-use crate::supervisor::{ClusterStatus, Handle};
+use crate::{
+    accept::{Acceptor, REQUEST_TIMEOUT},
+    supervisor::{ClusterStatus, Handle},
+};
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 4096;
@@ -87,6 +93,8 @@ pub enum ControlError {
     },
     #[error("control socket {0} is in use by another cluster-lb; pass another --control PATH")]
     InUse(PathBuf),
+    #[error("{0} exists and is not a socket; refusing to remove it (pass another --control PATH)")]
+    NotASocket(PathBuf),
 }
 
 /// Where the control socket lives unless `--control` says otherwise.
@@ -111,9 +119,14 @@ impl Drop for ControlSocket {
     }
 }
 
-/// Listens on `path`. A socket file nobody answers on is stale and replaced. When another
-/// primary answers there: an error if the path was asked for, else a warning and no control
-/// socket (so a second cluster on the host still runs; give it --control to manage it).
+/// Listens on `path`. A socket file nobody answers on is stale and replaced; anything else at
+/// the path is left alone. When another primary answers there: an error if the path was asked
+/// for, else a warning and no control socket (so a second cluster on the host still runs; give
+/// it --control to manage it).
+///
+/// The socket is created with mode 0600 (umask 0177 around the bind, so it is never reachable
+/// by others, not even for an instant), and a peer's credentials are checked before anything it
+/// asks is done: only root and the primary's own user may control it.
 pub fn serve(
     path: &Path,
     explicit: bool,
@@ -123,39 +136,53 @@ pub fn serve(
         path: path.to_path_buf(),
         source,
     };
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            if explicit {
-                return Err(ControlError::InUse(path.to_path_buf()));
-            }
-            log::warn!(
-                "control socket {} is in use by another cluster-lb; this one has none (pass --control PATH to manage it)",
-                path.display()
-            );
-            return Ok(None);
+    let refuse = |error: ControlError| {
+        if explicit {
+            return Err(error);
         }
-        std::fs::remove_file(path).map_err(create)?;
+        log::warn!("no control socket: {error}");
+        Ok(None)
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return refuse(ControlError::NotASocket(path.to_path_buf()))
+        }
+        Ok(_) if UnixStream::connect(path).is_ok() => {
+            return refuse(ControlError::InUse(path.to_path_buf()))
+        }
+        Ok(_) => std::fs::remove_file(path).map_err(create)?,
+        Err(_) => {}
     }
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(create)?;
     }
-    let listener = match tokio::net::UnixListener::bind(path) {
+    let private = nix::sys::stat::Mode::from_bits_truncate(0o177);
+    let previous = nix::sys::stat::umask(private);
+    let bound = tokio::net::UnixListener::bind(path);
+    nix::sys::stat::umask(previous);
+    let listener = match bound {
         Ok(listener) => listener,
-        Err(e) if !explicit => {
-            log::warn!(
-                "no control socket: cannot create {}: {e} (pass --control PATH)",
-                path.display()
-            );
-            return Ok(None);
-        }
-        Err(e) => return Err(create(e)),
+        Err(e) => return refuse(create(e)),
     };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(create)?;
+    let owner = nix::unistd::geteuid().as_raw();
     tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
+        let mut acceptor = Acceptor::new("control socket");
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    acceptor.failed(e).await;
+                    continue;
+                }
+            };
+            let Some(permit) = acceptor.admit() else {
+                continue;
+            };
             let handle = handle.clone();
             tokio::spawn(async move {
-                if let Err(e) = answer(stream, handle).await {
+                let _permit = permit;
+                if let Err(e) = answer(stream, handle, owner).await {
                     log::debug!("control connection: {e}");
                 }
             });
@@ -166,17 +193,29 @@ pub fn serve(
     }))
 }
 
-async fn answer(stream: tokio::net::UnixStream, handle: Handle) -> std::io::Result<()> {
+async fn answer(stream: tokio::net::UnixStream, handle: Handle, owner: u32) -> std::io::Result<()> {
+    let peer = stream.peer_cred()?.uid();
     let (reader, mut writer) = stream.into_split();
-    let mut line = String::new();
-    tokio::io::BufReader::new(reader.take(MAX_REQUEST))
-        .read_line(&mut line)
-        .await?;
-    let reply = match serde_json::from_str::<Request>(line.trim()) {
-        Err(e) => Reply::Refused {
-            error: format!("bad request: {e}"),
-        },
-        Ok(request) => execute(request, &handle).await,
+    let reply = if peer != 0 && peer != owner {
+        log::warn!("control socket: refused a request from uid {peer}");
+        Reply::Refused {
+            error: format!("permission denied: only root and uid {owner} may control this cluster"),
+        }
+    } else {
+        let mut line = String::new();
+        let mut reader = tokio::io::BufReader::new(reader.take(MAX_REQUEST));
+        match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
+            Err(_) => return Ok(()), // an idle client: hang up
+            Ok(result) => {
+                result?;
+            }
+        }
+        match serde_json::from_str::<Request>(line.trim()) {
+            Err(e) => Reply::Refused {
+                error: format!("bad request: {e}"),
+            },
+            Ok(request) => execute(request, &handle).await,
+        }
     };
     let mut text = serde_json::to_string(&reply).map_err(std::io::Error::other)?;
     text.push('\n');

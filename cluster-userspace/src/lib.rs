@@ -4,6 +4,7 @@
 //! The binary is a thin `main.rs` over these modules; the integration tests and embedders use
 //! them directly.
 
+pub mod accept;
 pub mod cli;
 pub mod client;
 pub mod control;
@@ -15,6 +16,7 @@ pub mod metrics;
 pub mod node;
 pub mod privileges;
 pub mod run;
+pub mod seccomp;
 pub mod slots;
 pub mod sockets;
 pub mod spawn;

@@ -1,10 +1,20 @@
 //! The primary's output: its own events and its workers' output lines, with timestamps, as text
 //! or as JSON lines (`--log-format`). Each line is written with one write call, so lines from
 //! different workers never interleave mid-line.
+//!
+//! Supervision never waits on output: lines go into a bounded queue that one thread writes out.
+//! When whatever reads the primary's stdout or stderr stops reading, the queue fills and further
+//! lines are dropped and counted; once output flows again, one line says how many were lost.
+//! In text mode, control characters in a worker's line are escaped (as JSON mode does), so a
+//! worker cannot forge the primary's lines with carriage returns or escape sequences.
 
 use std::{
     io::Write,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        mpsc::{sync_channel, SyncSender},
+        Arc, OnceLock,
+    },
     time::SystemTime,
 };
 
@@ -127,8 +137,28 @@ pub fn worker_line(id: u32, pid: i32, stream: Stream, line: &str) {
             json!({"worker": id, "pid": pid, "stream": stream.name(), "line": line}),
         );
     } else {
-        write_line(stream, &format!("[worker {id} pid {pid}] {line}"));
+        write_line(
+            stream,
+            &format!("[worker {id} pid {pid}] {}", escape_controls(line)),
+        );
     }
+}
+
+/// Control characters (C0 but tab, DEL, C1) as `\xNN`, the rest as is.
+pub fn escape_controls(line: &str) -> std::borrow::Cow<'_, str> {
+    let is_control = |c: char| (c.is_control() && c != '\t') || ('\u{80}'..='\u{9f}').contains(&c);
+    if !line.chars().any(is_control) {
+        return line.into();
+    }
+    let mut escaped = String::with_capacity(line.len() + 8);
+    for c in line.chars() {
+        if is_control(c) {
+            escaped.push_str(&format!("\\x{:02x}", c as u32));
+        } else {
+            escaped.push(c);
+        }
+    }
+    escaped.into()
 }
 
 fn write_json(stream: Stream, mut value: Value) {
@@ -138,17 +168,109 @@ fn write_json(stream: Stream, mut value: Value) {
     write_line(stream, &value.to_string());
 }
 
+/// Lines waiting for the output thread; more are dropped.
+const QUEUE: usize = 8192;
+
+struct Output {
+    queue: SyncSender<(Stream, Vec<u8>)>,
+    /// Lines queued and not yet written.
+    pending: Arc<AtomicUsize>,
+}
+
+static OUTPUT: OnceLock<Option<Output>> = OnceLock::new();
+static DROPPED: AtomicUsize = AtomicUsize::new(0);
+
+fn output() -> Option<&'static Output> {
+    OUTPUT
+        .get_or_init(|| {
+            let (queue, lines) = sync_channel::<(Stream, Vec<u8>)>(QUEUE);
+            let pending = Arc::new(AtomicUsize::new(0));
+            let written = Arc::clone(&pending);
+            std::thread::Builder::new()
+                .name("cluster-lb output".into())
+                .spawn(move || {
+                    for (stream, bytes) in lines {
+                        write_now(stream, &bytes);
+                        let dropped = DROPPED.swap(0, Ordering::Relaxed);
+                        if dropped > 0 {
+                            let note = dropped_note(dropped);
+                            write_now(Stream::Stderr, note.as_bytes());
+                        }
+                        written.fetch_sub(1, Ordering::Relaxed);
+                    }
+                })
+                .ok()
+                .map(|_| Output { queue, pending })
+        })
+        .as_ref()
+}
+
+fn dropped_note(dropped: usize) -> String {
+    let text = format!("{dropped} lines of output were dropped: stdout or stderr was not read");
+    let line = if json_mode() {
+        json!({"level": "warn", "msg": text, "dropped": dropped, "ts": timestamp()}).to_string()
+    } else {
+        format!(
+            "{} cluster-lb[{}]: warning: {text}",
+            timestamp(),
+            std::process::id()
+        )
+    };
+    line + "\n"
+}
+
 fn write_line(stream: Stream, line: &str) {
     let mut bytes = Vec::with_capacity(line.len() + 1);
     bytes.extend_from_slice(line.as_bytes());
     bytes.push(b'\n');
-    // One write_all on a locked handle: whole lines, never interleaved.
-    let _ = match stream {
-        Stream::Stdout => std::io::stdout().lock().write_all(&bytes),
-        Stream::Stderr => std::io::stderr().lock().write_all(&bytes),
+    let Some(output) = output() else {
+        write_now(stream, &bytes);
+        return;
     };
+    output.pending.fetch_add(1, Ordering::Relaxed);
+    if output.queue.try_send((stream, bytes)).is_err() {
+        output.pending.fetch_sub(1, Ordering::Relaxed);
+        DROPPED.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One write_all on a locked handle: whole lines, never interleaved.
+fn write_now(stream: Stream, bytes: &[u8]) {
+    let _ = match stream {
+        Stream::Stdout => std::io::stdout().lock().write_all(bytes),
+        Stream::Stderr => std::io::stderr().lock().write_all(bytes),
+    };
+}
+
+/// Waits (at most `limit`) until every queued line is written: before the process exits.
+pub fn flush(limit: std::time::Duration) {
+    let Some(output) = OUTPUT.get().and_then(Option::as_ref) else {
+        return;
+    };
+    let deadline = std::time::Instant::now() + limit;
+    while output.pending.load(Ordering::Relaxed) > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 fn timestamp() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_and_the_rest_kept() {
+        assert_eq!(
+            escape_controls("plain text\twith tab"),
+            "plain text\twith tab"
+        );
+        assert_eq!(
+            escape_controls("\u{1b}[31mred\r2026 cluster-lb[1]: fake"),
+            "\\x1b[31mred\\x0d2026 cluster-lb[1]: fake"
+        );
+        assert_eq!(escape_controls("é ü \u{9b}"), "é ü \\x9b");
+    }
 }

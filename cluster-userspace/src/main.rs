@@ -11,6 +11,12 @@ use cluster_lb::{
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
+        Err(error)
+            if error.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            eprintln!("cluster-lb: error: no command given; use run, status, reload, scale or stop (see cluster-lb --help)");
+            return ExitCode::from(2);
+        }
         Err(error) if !error.use_stderr() => {
             // --help and --version: print as clap formats them.
             let _ = error.print();
@@ -41,6 +47,7 @@ fn main() -> ExitCode {
         }
         Command::Stop { control } => client::stop(&control.path()).map_err(Into::into),
     };
+    logging::flush(std::time::Duration::from_secs(2));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

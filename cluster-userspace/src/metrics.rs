@@ -2,14 +2,17 @@
 //! worker states, restarts, reloads, build info. A deliberately small HTTP/1 responder: one
 //! GET per connection.
 
-use std::{fmt::Write as _, net::SocketAddr, time::Duration};
+use std::{fmt::Write as _, net::SocketAddr};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
 
-use crate::supervisor::{ClusterStatus, Handle, WorkerState, WorkerStatus};
+use crate::{
+    accept::{Acceptor, REQUEST_TIMEOUT},
+    supervisor::{ClusterStatus, Handle, WorkerState, WorkerStatus},
+};
 
 /// The metrics address could not be bound.
 #[derive(Debug, thiserror::Error)]
@@ -25,11 +28,22 @@ pub async fn serve(addr: SocketAddr, handle: Handle) -> Result<(), MetricsError>
         .await
         .map_err(|source| MetricsError { addr, source })?;
     tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
+        let mut acceptor = Acceptor::new("metrics");
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    acceptor.failed(e).await;
+                    continue;
+                }
+            };
+            let Some(permit) = acceptor.admit() else {
+                continue;
+            };
             let handle = handle.clone();
             tokio::spawn(async move {
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(10), respond(stream, handle)).await;
+                let _permit = permit;
+                let _ = tokio::time::timeout(REQUEST_TIMEOUT, respond(stream, handle)).await;
             });
         }
     });

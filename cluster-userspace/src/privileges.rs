@@ -52,6 +52,8 @@ pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Option<Credent
     groups.sort_unstable();
     groups.dedup();
     Ok(Some(Credentials {
+        name: account.name.clone(),
+        home: account.dir.display().to_string(),
         uid: account.uid.as_raw(),
         gid: gid.as_raw(),
         groups,

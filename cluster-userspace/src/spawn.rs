@@ -22,6 +22,8 @@ use std::{
 
 use nix::{sys::wait::waitpid, unistd::Pid};
 
+pub use crate::seccomp::Filter;
+
 /// Why a worker command cannot be started.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
@@ -98,6 +100,8 @@ pub struct WorkerSpec<'a> {
     pub stderr: Option<BorrowedFd<'a>>,
     /// Who the worker runs as, or the primary's own user.
     pub credentials: Option<&'a Credentials>,
+    /// A seccomp filter installed just before exec.
+    pub filter: Option<&'a Filter>,
 }
 
 /// The worker's end of a channel to the primary: it goes right after the sockets, and
@@ -111,6 +115,9 @@ pub struct Channel<'a> {
 /// up: that allocates and reads files).
 #[derive(Debug, Clone)]
 pub struct Credentials {
+    /// The account's name and home directory, for USER, LOGNAME and HOME.
+    pub name: String,
+    pub home: String,
     pub uid: libc::uid_t,
     pub gid: libc::gid_t,
     pub groups: Vec<libc::gid_t>,
@@ -149,6 +156,23 @@ impl WorkerCommand {
     /// Forks and execs one worker. Returns once the worker runs the program (or failed to).
     pub fn spawn(&self, spec: &WorkerSpec<'_>) -> Result<Pid, SpawnError> {
         let mut envp_strings: Vec<CString> = self.base_env.clone();
+        if let Some(user) = spec.credentials {
+            // The account's own, not the primary's (HOME=/root must not reach nobody).
+            let account = ["HOME=", "USER=", "LOGNAME="];
+            envp_strings.retain(|entry| {
+                !account
+                    .iter()
+                    .any(|p| entry.as_bytes().starts_with(p.as_bytes()))
+            });
+            for (key, value) in [
+                ("HOME", &user.home),
+                ("USER", &user.name),
+                ("LOGNAME", &user.name),
+            ] {
+                envp_strings
+                    .push(CString::new(format!("{key}={value}")).map_err(|_| SpawnError::NulByte)?);
+            }
+        }
         let mut set = |entry: String| {
             CString::new(entry)
                 .map(|entry| envp_strings.push(entry))
@@ -200,6 +224,7 @@ impl WorkerCommand {
                     credentials: spec.credentials,
                     exec_error: exec_error_writer.as_raw_fd(),
                     parent,
+                    filter: spec.filter.map(Filter::program),
                 })
             }
         }
@@ -235,6 +260,7 @@ struct ChildSetup<'a> {
     credentials: Option<&'a Credentials>,
     exec_error: RawFd,
     parent: libc::pid_t,
+    filter: Option<&'a libc::sock_fprog>,
 }
 
 /// Runs in the forked child: async-signal-safe calls only, no allocation, never returns.
@@ -255,25 +281,22 @@ unsafe fn child_after_fork(setup: ChildSetup<'_>) -> ! {
     let mut empty: libc::sigset_t = std::mem::zeroed();
     libc::sigemptyset(&mut empty);
     libc::sigprocmask(libc::SIG_SETMASK, &empty, ptr::null_mut());
-    // If the primary dies without stopping us, stop too rather than serve unsupervised.
-    libc::prctl(
-        libc::PR_SET_PDEATHSIG,
-        libc::SIGTERM as libc::c_ulong,
-        0,
-        0,
-        0,
-    );
-    if libc::getppid() != setup.parent {
-        libc::_exit(0);
+    // Out of the way of the fds the worker gets (3 .. 3+count), close-on-exec, so an exec
+    // failure can still be reported and a success closes it.
+    let count = setup.source_fds.len() as RawFd;
+    let first_free = LISTEN_FDS_START + count;
+    let exec_error = libc::fcntl(setup.exec_error, libc::F_DUPFD_CLOEXEC, first_free + 1);
+    if exec_error < 0 {
+        fail(setup.exec_error);
     }
 
     if libc::dup2(setup.stdin, 0) < 0 {
-        fail(setup.exec_error);
+        fail(exec_error);
     }
     for (target, source) in [(1, setup.stdout), (2, setup.stderr)] {
         if let Some(source) = source {
             if libc::dup2(source, target) < 0 {
-                fail(setup.exec_error);
+                fail(exec_error);
             }
         }
     }
@@ -285,27 +308,96 @@ unsafe fn child_after_fork(setup: ChildSetup<'_>) -> ! {
             || libc::setuid(user.uid) != 0
             || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
         {
-            fail(setup.exec_error);
+            fail(exec_error);
         }
     }
+    // If the primary dies without stopping us, stop too rather than serve unsupervised. After
+    // the credentials changed: the kernel clears the death signal when they do. The primary
+    // may have died before this line; then nobody would send it, so check.
+    if libc::prctl(
+        libc::PR_SET_PDEATHSIG,
+        libc::SIGTERM as libc::c_ulong,
+        0,
+        0,
+        0,
+    ) != 0
+    {
+        fail(exec_error);
+    }
+    if libc::getppid() != setup.parent {
+        libc::_exit(0);
+    }
     // Move the sockets to 3, 4, ...: first above that range, so no target is still a source.
-    let count = setup.source_fds.len() as RawFd;
     let mut lifted = [0 as RawFd; 64];
     for (i, &fd) in setup.source_fds.iter().enumerate().take(lifted.len()) {
-        lifted[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, LISTEN_FDS_START + count);
+        lifted[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, first_free);
         if lifted[i] < 0 {
-            fail(setup.exec_error);
+            fail(exec_error);
         }
     }
     for (i, &fd) in lifted.iter().enumerate().take(count as usize) {
         // dup2 leaves close-on-exec off on the new fd, so the program inherits it.
         if libc::dup2(fd, LISTEN_FDS_START + i as RawFd) < 0 {
-            fail(setup.exec_error);
+            fail(exec_error);
+        }
+    }
+    // The exec-error pipe at the first free fd, then nothing above it: a worker starts with
+    // exactly its stdio, its sockets and its channel, whatever the primary had open without
+    // close-on-exec (a descriptor inherited from whoever started cluster-lb, say).
+    if libc::dup3(exec_error, first_free, libc::O_CLOEXEC) < 0 {
+        fail(exec_error);
+    }
+    let exec_error = first_free;
+    if close_from(first_free + 1) != 0 {
+        fail(exec_error);
+    }
+    // Last, as it restricts system calls: the worker may not change its group's program.
+    if let Some(filter) = setup.filter {
+        let install = || {
+            libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER as libc::c_ulong,
+                filter as *const libc::sock_fprog as libc::c_ulong,
+                0,
+                0,
+            )
+        };
+        // Without CAP_SYS_ADMIN the kernel takes a filter only under no_new_privs (a --user
+        // worker has it already; a root one without the capability gets it now).
+        if install() != 0
+            && (*libc::__errno_location() != libc::EACCES
+                || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || install() != 0)
+        {
+            fail(exec_error);
         }
     }
 
     libc::execve(setup.path, setup.argv, setup.envp);
-    fail(setup.exec_error)
+    fail(exec_error)
+}
+
+/// Closes every descriptor from `first` up (close_range, Linux 5.9+; one by one before).
+/// Async-signal-safe.
+unsafe fn close_from(first: RawFd) -> libc::c_int {
+    if libc::syscall(
+        libc::SYS_close_range,
+        first as libc::c_uint,
+        libc::c_uint::MAX,
+        0,
+    ) == 0
+    {
+        return 0;
+    }
+    let mut limit: libc::rlimit = std::mem::zeroed();
+    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+        return -1;
+    }
+    let last = limit.rlim_cur.min(1 << 20) as RawFd;
+    for fd in first..last {
+        libc::close(fd);
+    }
+    0
 }
 
 /// Writes `value` in decimal at `out` followed by a NUL; `out` has room for 20 digits + NUL.
@@ -421,6 +513,7 @@ mod tests {
                 stdout: None,
                 stderr: None,
                 credentials: None,
+                filter: None,
             })
             .unwrap();
         waitpid(pid, None).unwrap();
@@ -452,6 +545,7 @@ mod tests {
                 stdout: None,
                 stderr: None,
                 credentials: None,
+                filter: None,
             })
             .unwrap_err()
             .to_string();

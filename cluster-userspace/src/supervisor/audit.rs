@@ -1,12 +1,7 @@
 //! What /proc says about a worker's sockets, for the checks the primary runs every few seconds:
 //! the listening TCP sockets a process holds, by inode and address.
 
-use std::{
-    collections::HashSet,
-    fs,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::AsFd,
-};
+use std::{collections::HashSet, fs, net::SocketAddr, os::fd::AsFd};
 
 /// The inode of a socket (what /proc/PID/fd shows as `socket:[INODE]`).
 pub fn inode(socket: impl AsFd) -> Option<u64> {
@@ -30,48 +25,97 @@ pub fn socket_inodes(pid: i32) -> HashSet<u64> {
         .collect()
 }
 
-/// The TCP sockets in LISTEN state in the network namespace of `pid`: (inode, address).
-pub fn listening_tcp(pid: i32) -> Vec<(u64, SocketAddr)> {
+/// The TCP sockets in LISTEN state in this network namespace: (inode, address). Asked of the
+/// kernel with a sock_diag dump filtered to LISTEN, so it costs the same however many
+/// connections (or TIME_WAIT entries) the host has; /proc/net/tcp lists them all.
+pub fn listening_tcp() -> Vec<(u64, SocketAddr)> {
     let mut found = Vec::new();
-    for (file, v6) in [("tcp", false), ("tcp6", true)] {
-        let Ok(table) = fs::read_to_string(format!("/proc/{pid}/net/{file}")) else {
-            continue;
-        };
-        found.extend(table.lines().skip(1).filter_map(|line| parse_row(line, v6)));
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        match super::diag::listening(family as u8) {
+            Ok(sockets) => found.extend(sockets),
+            Err(e) => log::debug!("sock_diag: {e}"),
+        }
     }
     found
 }
 
-/// One row of /proc/net/tcp{,6}: `sl local rem st tx:rx tr:when retr uid timeout inode ...`.
-fn parse_row(line: &str, v6: bool) -> Option<(u64, SocketAddr)> {
-    let fields: Vec<&str> = line.split_whitespace().collect();
-    if fields.get(3) != Some(&"0A") {
-        return None; // not LISTEN
-    }
-    let (ip, port) = fields.get(1)?.split_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    let ip: std::net::IpAddr = if v6 {
-        // Four 32-bit words, each in host (little-endian) order.
-        let mut bytes = [0u8; 16];
-        for (word, chunk) in bytes.chunks_mut(4).enumerate() {
-            let value = u32::from_str_radix(ip.get(word * 8..word * 8 + 8)?, 16).ok()?;
-            chunk.copy_from_slice(&value.to_le_bytes());
-        }
-        Ipv6Addr::from(bytes).into()
-    } else {
-        Ipv4Addr::from(u32::from_str_radix(ip, 16).ok()?.to_le_bytes()).into()
-    };
-    let inode = fields.get(9)?.parse().ok()?;
-    Some((inode, SocketAddr::new(ip, port)))
+/// The children of this process (all its threads'), from /proc/self/task/*/children.
+pub fn own_children() -> Vec<i32> {
+    children_of(std::process::id() as i32)
 }
 
-/// The listening sockets `pid` holds that are not in `given`: servers it opened by itself.
-pub fn own_listeners(pid: i32, given: &HashSet<u64>) -> Vec<SocketAddr> {
+fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut children = Vec::new();
+    for task in tasks.flatten() {
+        if let Ok(list) = fs::read_to_string(task.path().join("children")) {
+            children.extend(
+                list.split_whitespace()
+                    .filter_map(|c| c.parse::<i32>().ok()),
+            );
+        }
+    }
+    children
+}
+
+/// `pid` and all its descendants.
+pub fn with_descendants(pid: i32) -> Vec<i32> {
+    let mut all = vec![pid];
+    let mut next = 0;
+    while next < all.len() && all.len() < 4096 {
+        let children = children_of(all[next]);
+        all.extend(children);
+        next += 1;
+    }
+    all
+}
+
+/// The fd number under which `pid` holds the socket `inode`.
+pub fn fd_of_inode(pid: i32, inode: u64) -> Option<i32> {
+    let wanted = format!("socket:[{inode}]");
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .flatten()
+        .find(|entry| fs::read_link(entry.path()).is_ok_and(|t| t.to_string_lossy() == wanted))?
+        .file_name()
+        .to_str()?
+        .parse()
+        .ok()
+}
+
+/// A process's command name (/proc/PID/comm).
+pub fn command_name(pid: i32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// A copy of descriptor `fd` of process `pid` (pidfd_getfd, Linux 5.6+).
+pub fn take_fd(pid: i32, fd: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let pidfd = super::reaper::pidfd_open(nix::unistd::Pid::from_raw(pid))?;
+    // SAFETY: plain system call; on success it returns a new descriptor we own.
+    let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if copy < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just gave us this descriptor (close-on-exec, as pidfd_getfd makes it).
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(copy as i32) })
+}
+
+/// Of `listening`, the sockets `pid` holds that are not in `given`: servers it opened itself.
+pub fn own_listeners(
+    pid: i32,
+    listening: &[(u64, SocketAddr)],
+    given: &HashSet<u64>,
+) -> Vec<SocketAddr> {
     let held = socket_inodes(pid);
-    listening_tcp(pid)
-        .into_iter()
+    listening
+        .iter()
         .filter(|(inode, _)| held.contains(inode) && !given.contains(inode))
-        .map(|(_, addr)| addr)
+        .map(|(_, addr)| *addr)
         .collect()
 }
 
@@ -80,28 +124,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn proc_net_tcp_rows_are_read() {
-        let v4 = "   0: 0100007F:0BB8 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 123456 1 0000000000000000 100 0 0 10 0";
-        assert_eq!(
-            parse_row(v4, false),
-            Some((123456, "127.0.0.1:3000".parse().unwrap()))
-        );
-        let v6 = "   1: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 777 1 0000000000000000 100 0 0 10 0";
-        assert_eq!(
-            parse_row(v6, true),
-            Some((777, "[::1]:8080".parse().unwrap()))
-        );
-        let established = v4.replace(" 0A ", " 01 ");
-        assert_eq!(parse_row(&established, false), None);
-    }
-
-    #[test]
     fn a_listener_of_this_process_is_seen_and_told_apart_from_given_ones() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let pid = std::process::id() as i32;
-        assert!(own_listeners(pid, &HashSet::new()).contains(&addr));
+        let listening = listening_tcp();
+        assert!(own_listeners(pid, &listening, &HashSet::new()).contains(&addr));
         let given: HashSet<u64> = inode(&listener).into_iter().collect();
-        assert!(!own_listeners(pid, &given).contains(&addr));
+        assert!(!own_listeners(pid, &listening, &given).contains(&addr));
     }
 }

@@ -34,6 +34,13 @@ pub struct Config {
     /// Whether workers get Node's cluster channel (so unmodified Node programs are workers).
     pub node: NodeMode,
     pub signals: SignalPolicy,
+    /// Start workers under a seccomp filter that keeps them from replacing or detaching their
+    /// reuseport group's program (see `seccomp`).
+    pub seccomp: bool,
+    /// What to do with a ready worker that closed a listening socket it was given.
+    pub closed_listener: super::checks::ClosedListener,
+    /// Let `--user` workers get ports below 1024 through queryServer without `--listen`.
+    pub allow_low_ports: bool,
     /// Make this process a child subreaper (PR_SET_CHILD_SUBREAPER), so orphans of workers (a
     /// wrapper's children, a daemon a worker left behind) become its children and are reaped
     /// here, as PID 1 does in a container. Only for a process that has no children of its own
@@ -64,6 +71,9 @@ impl Config {
             command,
             node: NodeMode::Auto,
             signals: SignalPolicy::Handle,
+            seccomp: true,
+            allow_low_ports: false,
+            closed_listener: super::checks::ClosedListener::Restart,
             subreaper: false,
         })
     }

@@ -197,6 +197,15 @@ pub enum Event {
     /// The worker listens on `address` by itself, not through cluster-lb (Node's reusePort or
     /// exclusive): nothing balances that server.
     OwnListener { id: u32, pid: i32, address: String },
+    /// A ready worker closed a listening socket it was given (reported, not acted on).
+    ListenerClosed { id: u32, pid: i32, address: String },
+    /// A process a worker left behind was stopped: it held a socket of a worker that is gone,
+    /// or the cluster stopped.
+    Orphan {
+        pid: i32,
+        command: String,
+        held_socket: bool,
+    },
     /// A rolling reload began.
     ReloadStarted { workers: u32 },
     /// A rolling reload completed (workers replaced) or was aborted.
@@ -225,6 +234,8 @@ impl Event {
             Event::CrashLoop { .. } => "crash-loop",
             Event::Message { .. } => "message",
             Event::OwnListener { .. } => "own-listener",
+            Event::ListenerClosed { .. } => "listener-closed",
+            Event::Orphan { .. } => "orphan",
             Event::ReloadStarted { .. } => "reload-started",
             Event::ReloadFinished { .. } => "reload-finished",
             Event::Scaling { .. } => "scaling",
@@ -238,7 +249,11 @@ impl Event {
                 status: ExitStatus::Code(0),
                 ..
             } => Level::Info,
-            Event::Exit { .. } | Event::Kill { .. } | Event::OwnListener { .. } => Level::Warn,
+            Event::Exit { .. }
+            | Event::Kill { .. }
+            | Event::OwnListener { .. }
+            | Event::ListenerClosed { .. }
+            | Event::Orphan { .. } => Level::Warn,
             Event::Disconnect { reason, .. } if reason.is_failure() => Level::Warn,
             Event::StartFailed { .. } | Event::CrashLoop { .. } => Level::Error,
             Event::ReloadFinished { outcome: Err(_) } => Level::Error,
@@ -287,6 +302,14 @@ impl Event {
             Event::OwnListener { id, pid, address } => {
                 json!({"worker": id, "pid": pid, "address": address})
             }
+            Event::ListenerClosed { id, pid, address } => {
+                json!({"worker": id, "pid": pid, "address": address})
+            }
+            Event::Orphan {
+                pid,
+                command,
+                held_socket,
+            } => json!({"pid": pid, "command": command, "held_socket": held_socket}),
             Event::ReloadStarted { workers } => json!({"workers": workers}),
             Event::ReloadFinished { outcome } => match outcome {
                 Ok(replaced) => json!({"ok": true, "replaced": replaced}),
@@ -342,6 +365,17 @@ impl fmt::Display for Event {
                 f,
                 "worker {id} (pid {pid}) listens on {address} by itself (reusePort or exclusive), not through cluster-lb: nothing balances that server, and disconnect does not close it"
             ),
+            Event::ListenerClosed { id, pid, address } => write!(
+                f,
+                "worker {id} (pid {pid}) closed its listening socket for {address}: the kernel gives it no new connection there"
+            ),
+            Event::Orphan { pid, command, held_socket: true } => write!(
+                f,
+                "stopped pid {pid} ({command}), left behind by a worker that is gone: it held that worker's listening socket"
+            ),
+            Event::Orphan { pid, command, held_socket: false } => {
+                write!(f, "stopped pid {pid} ({command}), left behind by a worker")
+            }
             Event::ReloadStarted { workers } => write!(f, "rolling reload of {workers} workers"),
             Event::ReloadFinished { outcome: Ok(replaced) } => {
                 write!(f, "reload complete: {replaced} workers replaced")

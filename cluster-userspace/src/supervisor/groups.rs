@@ -107,6 +107,16 @@ impl Groups {
         })
     }
 
+    /// Whether a group for `addr` exists.
+    pub fn contains(&self, addr: SocketAddr) -> bool {
+        self.groups.iter().any(|g| g.addr.socket_addr() == addr)
+    }
+
+    /// How many groups the workers' requests created (besides the --listen ones).
+    pub fn queried(&self) -> usize {
+        self.groups.len() - self.activated
+    }
+
     /// Whether a worker may ask for `addr` over its channel: any address when no --listen was
     /// given (the Node model: workers choose), else only those.
     pub fn allows_query(&self, addr: ListenAddr) -> bool {
@@ -123,6 +133,14 @@ impl Groups {
                     Some(balancer)
                 }
                 Err(why) if self.require_ebpf => return Err(GroupError::EbpfRequired(why)),
+                // Once programs load, a later failure (out of descriptors, say) is this
+                // group's problem: it must not silently turn every group into a plain hash.
+                Err(why) if self.groups.iter().any(|g| g.balancer.is_some()) => {
+                    return Err(GroupError::Kernel {
+                        addr,
+                        detail: format!("cannot load its eBPF program: {why}"),
+                    })
+                }
                 Err(why) => {
                     log::warn!(
                         "eBPF balancing unavailable: {why}; falling back to --strategy kernel (plain SO_REUSEPORT hashing)"
@@ -147,12 +165,6 @@ impl Groups {
         (0..self.activated)
             .map(|index| Self::open_in(&mut self.groups[index], slot))
             .collect()
-    }
-
-    /// A new socket in `slot` for `addr`, creating its group on first use.
-    pub fn open_for_query(&mut self, addr: ListenAddr, slot: u32) -> Result<OwnedFd, GroupError> {
-        self.open_at(addr.socket_addr(), false, slot)
-            .map(|(_, socket)| socket)
     }
 
     /// A new socket in `slot` for `addr`, creating its group on first use. Port 0 makes a new
@@ -216,6 +228,15 @@ impl Groups {
             balancer.set_slot(slot, socket).map_err(kernel)?;
         }
         Ok(())
+    }
+
+    /// Attaches the program of `addr`'s group again, through `socket` (a member of the group).
+    pub fn reattach(&mut self, addr: ListenAddr, socket: &OwnedFd) -> anyhow::Result<()> {
+        let group = self.groups.iter_mut().find(|g| g.addr == addr);
+        match group.and_then(|g| g.balancer.as_mut()) {
+            Some(balancer) => balancer.attach(socket),
+            None => Ok(()),
+        }
     }
 
     /// Writes the active set to every program instance.

@@ -145,7 +145,6 @@ impl Supervisor {
         let Some(worker) = self.workers.get(&pid) else {
             return;
         };
-        let slot = worker.slot;
         let outcome = match address.parse::<ListenAddr>() {
             Err(e) => Err(format!("bad address {address}: {e}")),
             Ok(_) if protocol != "tcp" => Err(format!("protocol {protocol} is not supported; use tcp")),
@@ -156,10 +155,8 @@ impl Supervisor {
                 "{addr} is not one of the --listen addresses this cluster was started with"
             )),
             Ok(addr) => self
-                .groups
-                .open_for_query(addr, slot)
-                .map(|socket| (addr, socket))
-                .map_err(|e| format!("{e:#}")),
+                .query_socket(pid, addr.socket_addr(), false)
+                .map_err(|refusal| refusal.why),
         };
         let Some(endpoint) = self.cluster_lb_endpoint(pid) else {
             return;

@@ -17,7 +17,9 @@
 //! - it loads one eBPF program per listen address (when privileged).
 
 mod audit;
+mod checks;
 mod config;
+mod diag;
 mod events;
 mod groups;
 mod handle;
@@ -27,6 +29,7 @@ mod node;
 mod notify;
 mod output;
 mod process;
+mod queries;
 mod reaper;
 mod signals;
 mod status;
@@ -41,6 +44,7 @@ use tokio::{
     time::sleep_until,
 };
 
+pub use checks::ClosedListener;
 pub use config::{Config, SignalPolicy, READY_TIMEOUT};
 pub use events::{Departure, Event, ExitStatus, Failure, KillReason, Readiness};
 use groups::Groups;
@@ -106,12 +110,13 @@ pub struct Supervisor {
     reaper: Reaper,
     /// Everyone waiting for the reload under way.
     reload_replies: Vec<ReloadReply>,
-    /// When to look at the workers' sockets again (see `audit`).
-    audit: tokio::time::Interval,
+    /// When to run the periodic checks (see `checks`).
+    checks: tokio::time::Interval,
+    /// Socket inodes of workers that are gone, while an orphan may still hold them.
+    released_sockets: std::collections::HashSet<u64>,
+    /// The seccomp filter workers start under (when `config.seccomp`).
+    filter: crate::seccomp::Filter,
 }
-
-/// How often the primary looks at what its workers hold.
-const AUDIT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Supervisor {
     /// Checks the command and the addresses and loads the programs; starts no worker yet.
@@ -156,7 +161,9 @@ impl Supervisor {
             signals,
             reaper: Reaper::new(),
             reload_replies: Vec::new(),
-            audit: tokio::time::interval(AUDIT_EVERY),
+            checks: tokio::time::interval(checks::CHECK_EVERY),
+            released_sockets: std::collections::HashSet::new(),
+            filter: crate::seccomp::Filter::reuseport_guard(),
         })
     }
 
@@ -199,7 +206,7 @@ impl Supervisor {
                 self.step(input);
             }
         }
-        self.log_counters();
+        self.stop_all_orphans().await;
         log::info!("all workers stopped");
     }
 
@@ -217,8 +224,8 @@ impl Supervisor {
             Some((sender, text)) = self.notify_rx.recv() => self.on_notify(sender, &text),
             Some(control) = self.control_rx.recv() => self.on_control(control),
             _ = sleep_until_or_forever(deadline) => Some(Input::Tick),
-            _ = self.audit.tick() => {
-                self.report_own_listeners();
+            _ = self.checks.tick() => {
+                self.periodic_checks();
                 None
             }
         }

@@ -5,13 +5,15 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv6Addr, SocketAddr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
 };
 
 use nix::unistd::Pid;
 use serde_json::Value;
 
-use super::{process::WorkerChannel, Departure, Event, Input, Readiness, Supervisor};
+use super::{
+    process::WorkerChannel, queries::Refusal, Departure, Event, Input, Readiness, Supervisor,
+};
 use crate::{
     listen_addr::ListenAddr,
     node::{
@@ -75,21 +77,6 @@ pub struct NodeGroups {
     ephemeral: HashMap<(Option<String>, bool, u64), u16>,
     /// The first non-null `data` of each group's queries (TLS ticket keys).
     data: HashMap<ListenAddr, Value>,
-}
-
-/// A listen the primary will not serve: the errno the worker's server reports, and why.
-struct Refusal {
-    errno: i32,
-    why: String,
-}
-
-impl Refusal {
-    fn new(errno: i32, why: impl Into<String>) -> Refusal {
-        Refusal {
-            errno,
-            why: why.into(),
-        }
-    }
 }
 
 impl Supervisor {
@@ -178,10 +165,7 @@ impl Supervisor {
     /// Answers a `queryServer`: always, with a socket or an errno, since a listen that gets no
     /// answer hangs in the worker without a word.
     fn answer_node_query(&mut self, pid: Pid, query: Query) {
-        let Some(slot) = self.workers.get(&pid).map(|w| w.slot) else {
-            return;
-        };
-        let outcome = self.node_socket(pid, slot, &query);
+        let outcome = self.node_socket(pid, &query);
         let Some(worker) = self.workers.get_mut(&pid) else {
             return;
         };
@@ -194,7 +178,9 @@ impl Supervisor {
         let seq = node.next_seq();
         let sent = match outcome {
             Ok((addr, socket)) => {
-                worker.given.extend(super::audit::inode(&socket));
+                if let Some(inode) = super::audit::inode(&socket) {
+                    worker.given.insert(inode, addr);
+                }
                 node.listens.insert(key.clone(), addr);
                 if !worker.addresses.contains(&addr) {
                     worker.addresses.push(addr);
@@ -240,12 +226,7 @@ impl Supervisor {
     }
 
     /// The socket for a Node listen, or why not.
-    fn node_socket(
-        &mut self,
-        pid: Pid,
-        slot: u32,
-        query: &Query,
-    ) -> Result<(ListenAddr, OwnedFd), Refusal> {
+    fn node_socket(&mut self, pid: Pid, query: &Query) -> Result<(ListenAddr, OwnedFd), Refusal> {
         match query.address_type {
             AddressType::Udp4 | AddressType::Udp6 => return Err(Refusal::new(
                 libc::ENOTSUP,
@@ -306,10 +287,7 @@ impl Supervisor {
             Some(chosen) if port == 0 => SocketAddr::new(wanted.ip(), *chosen),
             _ => wanted,
         };
-        let (addr, socket) = self
-            .groups
-            .open_at(wanted, dual_stack, slot)
-            .map_err(|e| Refusal::new(e.errno(), e.to_string()))?;
+        let (addr, socket) = self.query_socket(pid, wanted, dual_stack)?;
         if port == 0 {
             self.node_groups
                 .ephemeral
@@ -332,7 +310,7 @@ impl Supervisor {
             .activated_addr(index)
             .ok_or_else(|| Refusal::new(libc::EINVAL, "no such --listen address"))?;
         let fd = 3 + index as i32;
-        let socket = take_fd(pid, fd).map_err(|e| {
+        let socket = super::audit::take_fd(pid.as_raw(), fd).map_err(|e| {
             Refusal::new(
                 libc::EINVAL,
                 format!("cannot take the worker's fd {fd} (its socket for {addr}): {e}"),
@@ -372,18 +350,6 @@ fn describe(query: &Query) -> String {
     }
 }
 
-/// A copy of descriptor `fd` of process `pid` (pidfd_getfd, Linux 5.6+).
-fn take_fd(pid: Pid, fd: i32) -> std::io::Result<OwnedFd> {
-    let pidfd = super::reaper::pidfd_open(pid)?;
-    // SAFETY: plain system call; on success it returns a new descriptor we own.
-    let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
-    if copy < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just gave us this descriptor (close-on-exec, as pidfd_getfd makes it).
-    Ok(unsafe { OwnedFd::from_raw_fd(copy as i32) })
-}
-
 /// Node needs a non-blocking listener: libuv never sets O_NONBLOCK on a descriptor it is
 /// given, and Node 16/18 then block their whole event loop in accept().
 fn set_nonblocking(socket: &OwnedFd) -> std::io::Result<()> {
@@ -397,13 +363,23 @@ impl Supervisor {
     /// Servers a Node worker opened by itself (`listen({ reusePort: true })` on Node 22+,
     /// `exclusive: true`) bypass cluster-lb: nothing balances them, and `disconnect` does not
     /// close them. Reported once per address.
-    pub(super) fn report_own_listeners(&mut self) {
+    pub(super) fn report_own_listeners(&mut self, listening: &[(u64, std::net::SocketAddr)]) {
         let mut found = Vec::new();
+        // Usually every listening socket is one the primary gave out: then nobody is scanned.
+        let given_out: std::collections::HashSet<u64> = self
+            .workers
+            .values()
+            .flat_map(|w| w.given.keys().copied())
+            .collect();
+        if listening.iter().all(|(inode, _)| given_out.contains(inode)) {
+            return;
+        }
         for (pid, worker) in &mut self.workers {
             if !matches!(worker.channel, WorkerChannel::Node(_)) {
                 continue;
             }
-            for addr in super::audit::own_listeners(pid.as_raw(), &worker.given) {
+            let given = worker.given.keys().copied().collect();
+            for addr in super::audit::own_listeners(pid.as_raw(), listening, &given) {
                 if worker.reported.insert(addr) {
                     found.push(Event::OwnListener {
                         id: worker.id,

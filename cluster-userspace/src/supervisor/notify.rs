@@ -14,11 +14,16 @@ use std::{
 use nix::sys::socket::{recvmsg, setsockopt, sockopt::PassCred, ControlMessageOwned, MsgFlags};
 use tokio::{io::unix::AsyncFd, sync::mpsc::UnboundedSender};
 
-/// Opens the socket and forwards `(sender pid, datagram text)` to `sink`. Returns the value for
-/// the workers' NOTIFY_SOCKET: an abstract address, so a worker running as another user needs
-/// no file permission to reach it.
+/// Datagrams passed on per second, at most: more are read and dropped, so a flood costs the
+/// primary a read each, not the work of a readiness check each.
+const MAX_PER_SECOND: u32 = 200;
+
+/// Opens the socket and forwards `(sender pid, datagram text)` of datagrams that say READY=1
+/// to `sink`. Returns the value for the workers' NOTIFY_SOCKET: an abstract address, so a
+/// worker running as another user needs no file permission to reach it. Its name is random:
+/// a predictable one could be taken first by any local user, keeping cluster-lb from starting.
 pub fn open(sink: UnboundedSender<(i32, String)>) -> std::io::Result<String> {
-    let name = format!("cluster-lb/{}/notify", std::process::id());
+    let name = format!("cluster-lb/{}/notify", random_hex()?);
     let address = SocketAddr::from_abstract_name(name.as_bytes())?;
     let socket = UnixDatagram::bind_addr(&address)?;
     socket.set_nonblocking(true)?;
@@ -28,12 +33,25 @@ pub fn open(sink: UnboundedSender<(i32, String)>) -> std::io::Result<String> {
     let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)?;
     tokio::spawn(async move {
+        let mut second = tokio::time::Instant::now();
+        let mut passed = 0u32;
         loop {
             let Ok(mut guard) = fd.readable().await else {
                 break;
             };
             match guard.try_io(|inner| receive(inner.get_ref().as_raw_fd())) {
                 Ok(Ok(Some(message))) => {
+                    if !says_ready(&message.1) {
+                        continue;
+                    }
+                    if second.elapsed() >= std::time::Duration::from_secs(1) {
+                        second = tokio::time::Instant::now();
+                        passed = 0;
+                    }
+                    passed += 1;
+                    if passed > MAX_PER_SECOND {
+                        continue;
+                    }
                     if sink.send(message).is_err() {
                         break;
                     }
@@ -44,6 +62,17 @@ pub fn open(sink: UnboundedSender<(i32, String)>) -> std::io::Result<String> {
         }
     });
     Ok(format!("@{name}"))
+}
+
+/// 16 random bytes in hex.
+fn random_hex() -> std::io::Result<String> {
+    let mut bytes = [0u8; 16];
+    // SAFETY: getrandom fills the buffer it is given.
+    let filled = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if filled != bytes.len() as isize {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn receive(fd: i32) -> std::io::Result<Option<(i32, String)>> {

@@ -2,7 +2,7 @@
 //! and how it is started and asked to stop. Its lifecycle state is not here (see lifecycle).
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     os::fd::{AsFd, OwnedFd},
     sync::Arc,
 };
@@ -46,8 +46,10 @@ pub struct WorkerIo {
     pub channel: WorkerChannel,
     /// Addresses it has sockets for (socket-activated, or from queryServer).
     pub addresses: Vec<ListenAddr>,
-    /// The inodes of the listening sockets the primary gave it.
-    pub given: HashSet<u64>,
+    /// The listening sockets the primary gave it: inode -> the group's address.
+    pub given: HashMap<u64, ListenAddr>,
+    /// Listen requests it made.
+    pub queries: u32,
     /// Servers it opened by itself that were reported already (once each).
     pub reported: HashSet<std::net::SocketAddr>,
 }
@@ -120,6 +122,7 @@ impl Supervisor {
         } else {
             IPC_FD_VARIABLE
         };
+        let filter = self.config.seccomp.then_some(&self.filter);
         let pid = self.command.spawn(&WorkerSpec {
             sockets: &sockets,
             socket_names: &names,
@@ -131,8 +134,13 @@ impl Supervisor {
             stdout: Some(stdout_write.as_fd()),
             stderr: Some(stderr_write.as_fd()),
             credentials: self.config.credentials.as_ref(),
+            filter,
         })?;
-        let given = sockets.iter().filter_map(super::audit::inode).collect();
+        let given = sockets
+            .iter()
+            .zip(self.groups.addresses())
+            .filter_map(|(socket, addr)| Some((super::audit::inode(socket)?, addr)))
+            .collect();
         // The worker has its copies now; ours close here, so a dead worker's socket closes
         // with it and its pipes reach EOF.
         drop((sockets, worker_end, stdout_write, stderr_write));
@@ -164,16 +172,20 @@ impl Supervisor {
                 channel,
                 addresses: self.config.listen.clone(),
                 given,
+                queries: 0,
                 reported: HashSet::new(),
             },
         );
         Ok(pid)
     }
 
-    /// The worker is gone: its slot is free (and out of every map), its channel closed.
+    /// The worker is gone: its slot is free (and out of every map), its channel closed, and
+    /// processes it left behind holding its sockets are stopped.
     pub(super) fn release(&mut self, pid: Pid) {
         if let Some(worker) = self.workers.remove(&pid) {
             self.forget_slot(worker.slot);
+            self.released_sockets.extend(worker.given.keys());
+            self.stop_orphans_holding_sockets();
         }
     }
 
