@@ -412,3 +412,57 @@ fn twenty_seconds_of_kills_reloads_and_scales_end_with_every_wanted_worker_ready
         assert!(cluster.stop().status.success());
     });
 }
+
+/// Ten rolling reloads while wrk keeps connections alive: every request is answered. A stopping
+/// worker answers further requests on its connections with `Connection: close` and closes only
+/// connections that stay idle, so no request races a close (issue 14, item 15).
+fn keep_alive_clients_through_ten_reloads(server: &[&str], listen_flags: &[&str]) {
+    let mut args = vec!["run", "-w", "4", "--listen", ADDR];
+    args.extend_from_slice(listen_flags);
+    args.push("--");
+    args.extend_from_slice(server);
+    let cluster = Cluster::start(&args);
+    cluster.wait_until_ready(4);
+    let load = cluster_lb_tests::wrk(addr(), 8, 25);
+    thread::sleep(Duration::from_millis(500));
+    for round in 1..=10 {
+        let reply = request(cluster.control(), &Request::Reload, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("reload {round}: {e}"));
+        assert_eq!(reply, Reply::Reloaded { replaced: 4 });
+    }
+    // And the replaced workers are gone soon, although the clients never close their
+    // connections: they were answered `Connection: close` and came back to the new workers.
+    let started = Instant::now();
+    cluster.wait_until_ready(4);
+    eprintln!(
+        "every old worker gone {:.1} s after the last reload",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "old workers kept serving kept-alive connections"
+    );
+    let result = load.join().expect("wrk");
+    eprintln!(
+        "keep-alive through 10 reloads: {} requests, {} errors",
+        result.requests, result.errors
+    );
+    assert!(result.requests > 1000, "{result:?}");
+    assert_eq!(result.errors, 0, "{result:?}");
+    assert!(cluster.stop().status.success());
+}
+
+#[test]
+fn keep_alive_clients_see_no_error_through_ten_reloads_of_the_rust_example() {
+    root_test("keep_alive_reloads_rust", || {
+        keep_alive_clients_through_ten_reloads(&[&rust_server()], &[]);
+    });
+}
+
+#[test]
+fn keep_alive_clients_see_no_error_through_ten_reloads_of_the_node_example() {
+    root_test("keep_alive_reloads_node", || {
+        let server = cluster_lb_tests::example("node/server.js");
+        keep_alive_clients_through_ten_reloads(&["node", &server], &[]);
+    });
+}

@@ -447,6 +447,64 @@ pub struct Answer {
     pub pid: u32,
 }
 
+/// What wrk saw: requests completed, and socket errors plus non-2xx answers.
+#[derive(Debug, Clone, Copy)]
+pub struct WrkResult {
+    pub requests: u64,
+    pub errors: u64,
+}
+
+/// Runs wrk (keep-alive, 2 threads, `connections` connections) against `addr` for `seconds`.
+pub fn wrk(addr: SocketAddr, connections: u32, seconds: u32) -> std::thread::JoinHandle<WrkResult> {
+    thread::spawn(move || {
+        let output = Command::new("wrk")
+            .args([
+                "-t2",
+                &format!("-c{connections}"),
+                &format!("-d{seconds}s"),
+                &format!("http://{addr}/"),
+            ])
+            .output()
+            .expect("running wrk (cargo xtask test installs it)");
+        let text = String::from_utf8_lossy(&output.stdout);
+        eprintln!("{text}");
+        parse_wrk(&text)
+    })
+}
+
+fn parse_wrk(text: &str) -> WrkResult {
+    let number_after = |line: &str, key: &str| -> u64 {
+        line.split(key)
+            .nth(1)
+            .and_then(|rest| rest.trim().split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut result = WrkResult {
+        requests: 0,
+        errors: 0,
+    };
+    for line in text.lines() {
+        if line.contains("requests in") {
+            result.requests = line
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+        }
+        if line.contains("Socket errors:") {
+            result.errors += ["connect", "read", "write", "timeout"]
+                .iter()
+                .map(|key| number_after(line, key))
+                .sum::<u64>();
+        }
+        if line.contains("Non-2xx or 3xx responses:") {
+            result.errors += number_after(line, "responses:");
+        }
+    }
+    result
+}
+
 /// One HTTP/1.0 request on a new connection (so every request is a new connection for the
 /// balancer to place).
 pub fn get(addr: SocketAddr) -> Result<Answer> {
@@ -489,6 +547,15 @@ pub fn distribution(addr: SocketAddr, count: usize) -> BTreeMap<u32, usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wrk_reports_are_read() {
+        let text = "  8 threads and 8 connections\n  93238 requests in 10.00s, 9.33MB read\n  Socket errors: connect 0, read 425, write 2, timeout 1\nRequests/sec:   9322.97\n";
+        let result = parse_wrk(text);
+        assert_eq!((result.requests, result.errors), (93238, 428));
+        let clean = parse_wrk("  100 requests in 1.00s, 1MB read\n");
+        assert_eq!((clean.requests, clean.errors), (100, 0));
+    }
 
     #[test]
     fn answers_are_parsed_from_http_responses() {

@@ -203,6 +203,7 @@ fn test(extra: &[String]) -> Result<()> {
         ("ip", "iproute2"),
         ("node", "nodejs"),
         ("python3", "python3"),
+        ("wrk", "wrk"),
     ])?;
     node::ensure()?;
     // The committed object must be what the source builds, or the tests would test old code.
