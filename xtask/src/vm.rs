@@ -31,7 +31,16 @@ const VM_TESTS: &[(&str, &[&str])] = &[
         "balance",
         &["round_robin_gives_rust_workers_exactly_equal_shares"],
     ),
-    ("zero_downtime", &[]),
+    (
+        "zero_downtime",
+        &[
+            "three_reloads_and_scaling_under_load_fail_no_request",
+            "connections_queued_on_a_stopped_worker_migrate_when_it_dies",
+            "a_worker_killed_under_load_loses_at_most_what_it_had_accepted",
+            "systemd_hears_ready_reloading_and_stopping",
+            "twenty_seconds_of_kills_reloads_and_scales_end_with_every_wanted_worker_ready",
+        ],
+    ),
     (
         "supervision",
         &[
