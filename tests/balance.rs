@@ -112,3 +112,35 @@ fn ipv6_listen_addresses_serve() {
         assert!(cluster.stop().status.success());
     });
 }
+
+/// 512 workers (the Rust example), exact round robin: 1024 connections, 2 each, and the
+/// program's counters agree. The program's walk is bounded, so this costs what 2 workers do.
+#[test]
+fn five_hundred_twelve_workers_get_exact_round_robin() {
+    root_test("round_robin_512", || {
+        let server = workspace_binary("example-rust-server")
+            .display()
+            .to_string();
+        let cluster = Cluster::start(&["run", "-w", "512", "--listen", ADDR, "--", &server]);
+        cluster.wait_until(
+            "512 workers ready",
+            std::time::Duration::from_secs(120),
+            |status| {
+                status.workers.len() == 512
+                    && status
+                        .workers
+                        .iter()
+                        .all(|w| w.state == cluster_lb::supervisor::WorkerState::Ready)
+            },
+        );
+        let seen = distribution(addr(), 1024);
+        assert_eq!(seen.len(), 512);
+        assert!(seen.values().all(|&n| n == 2), "{seen:?}");
+        let status = cluster.status();
+        assert!(status
+            .workers
+            .iter()
+            .all(|w| w.selected == 2 && w.fallback == 0));
+        assert!(cluster.stop().status.success());
+    });
+}

@@ -51,7 +51,7 @@ fn bad_listen_values_are_named_in_one_line() {
 fn other_bad_arguments_are_named_in_one_line() {
     assert_one_line_error(
         &["run", "--listen", "80", "-w", "0", "--", "true"],
-        "0 is not in 1..=64",
+        "0 is not in 1..=1024",
     );
     assert_one_line_error(
         &["run", "--listen", "80", "-s", "random", "--", "true"],

@@ -6,12 +6,18 @@
 #![no_std]
 
 /// Slots per listen group: the most workers (plus replacements starting during a reload) that one
-/// reuseport group can hold. Bounds the program's fallback loop, so keep it modest.
-pub const MAX_SLOTS: u32 = 128;
+/// reuseport group can hold. A power of two (the program masks indexes with it).
+pub const MAX_SLOTS: u32 = 2048;
 
 /// Most workers per cluster: half the slots, so every worker can have a replacement starting
 /// beside it during a rolling reload.
 pub const MAX_WORKERS: u32 = MAX_SLOTS / 2;
+
+/// How many active slots the program tries after the one it chose, when that one's socket is
+/// gone (its worker died and the primary has not yet updated the active set). A fixed bound, so
+/// that a connection costs the same with 2 workers or 1024; when every try fails, the kernel's
+/// own hash over the live sockets of the group decides, so no connection is stranded.
+pub const MAX_TRIES: u32 = 32;
 
 /// REUSEPORT_SOCKARRAY: slot -> the worker's listening socket.
 pub const MAP_SOCKETS: &str = "CLB_SOCKETS";

@@ -18,7 +18,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use cluster_common::{
     ActiveSet, SlotStats, CONFIG_ACTIVE_BUFFER, CONFIG_ENTRIES, CONFIG_STRATEGY, MAX_SLOTS,
-    NO_SLOT_STATS, STATS_ENTRIES, STRATEGY_HASH,
+    MAX_TRIES, NO_SLOT_STATS, STATS_ENTRIES, STRATEGY_HASH,
 };
 
 // The slot mask below relies on this.
@@ -65,9 +65,10 @@ pub fn select_worker(ctx: SkReuseportContext) -> u32 {
 
     // The chosen slot may be empty: its worker died and the kernel removed the closed socket
     // from the array, but the primary has not yet taken the slot out of the active set. Walk on
-    // through the active set so a live worker gets the connection; never strand it.
+    // through the active set so a live worker gets the connection; never strand it. The walk is
+    // bounded by MAX_TRIES, not by the number of workers, so its cost stays flat.
     let mut tried: u32 = 0;
-    while tried < count && tried < MAX_SLOTS {
+    while tried < count && tried < MAX_TRIES {
         let position = (start + tried) % count;
         // `position < count <= MAX_SLOTS`, but the verifier does not follow a modulo, and LLVM
         // drops a mask it can prove redundant; black_box keeps the mask for the verifier.

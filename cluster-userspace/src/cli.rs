@@ -334,7 +334,7 @@ mod tests {
             ),
             (
                 &["cluster-lb", "run", "-l", "80", "-w", "0", "--", "x"],
-                "0 is not in 1..=64",
+                "0 is not in 1..=1024",
             ),
             (
                 &["cluster-lb", "run", "-l", "80", "-s", "fast", "--", "x"],

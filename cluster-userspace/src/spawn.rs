@@ -225,6 +225,7 @@ impl WorkerCommand {
                     exec_error: exec_error_writer.as_raw_fd(),
                     parent,
                     filter: spec.filter.map(Filter::program),
+                    nofile: original_nofile_limit(),
                 })
             }
         }
@@ -261,6 +262,8 @@ struct ChildSetup<'a> {
     exec_error: RawFd,
     parent: libc::pid_t,
     filter: Option<&'a libc::sock_fprog>,
+    /// The descriptor limit the primary started with, which the worker gets back.
+    nofile: Option<libc::rlimit>,
 }
 
 /// Runs in the forked child: async-signal-safe calls only, no allocation, never returns.
@@ -351,6 +354,11 @@ unsafe fn child_after_fork(setup: ChildSetup<'_>) -> ! {
     if close_from(first_free + 1) != 0 {
         fail(exec_error);
     }
+    // The primary raised its own descriptor limit (it holds a few per worker); the worker gets
+    // the limit the primary was started with, as if started by the same shell.
+    if let Some(limit) = setup.nofile {
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
     // Last, as it restricts system calls: the worker may not change its group's program.
     if let Some(filter) = setup.filter {
         let install = || {
@@ -375,6 +383,35 @@ unsafe fn child_after_fork(setup: ChildSetup<'_>) -> ! {
 
     libc::execve(setup.path, setup.argv, setup.envp);
     fail(exec_error)
+}
+
+static ORIGINAL_NOFILE: std::sync::OnceLock<Option<libc::rlimit>> = std::sync::OnceLock::new();
+
+fn original_nofile_limit() -> Option<libc::rlimit> {
+    ORIGINAL_NOFILE.get().copied().flatten()
+}
+
+/// Raises this process's soft descriptor limit to its hard limit (the primary holds a few
+/// descriptors per worker: a channel, two output pipes, a pidfd), remembering the original for
+/// the workers. Returns the new soft limit.
+pub fn raise_descriptor_limit() -> u64 {
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        let _ = ORIGINAL_NOFILE.set(Some(limit));
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+            raised.rlim_cur
+        } else {
+            limit.rlim_cur
+        }
+    }
 }
 
 /// Closes every descriptor from `first` up (close_range, Linux 5.9+; one by one before).

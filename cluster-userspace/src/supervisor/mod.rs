@@ -122,6 +122,7 @@ impl Supervisor {
     /// Checks the command and the addresses and loads the programs; starts no worker yet.
     pub fn new(config: Config) -> Result<Supervisor, SupervisorError> {
         let command = WorkerCommand::new(&config.command)?;
+        crate::spawn::raise_descriptor_limit();
         // Before any child exists, so no exit goes unnoticed.
         let signals =
             Signals::new(config.signals, config.subreaper).map_err(SupervisorError::Signals)?;
