@@ -43,13 +43,30 @@ pub const NO_SLOT_STATS: u32 = MAX_SLOTS;
 pub const CONFIG_STRATEGY: u32 = 0;
 /// Index in [`MAP_CONFIG`]: which of the two [`MAP_ACTIVE`] buffers is current (0 or 1).
 pub const CONFIG_ACTIVE_BUFFER: u32 = 1;
+/// Index in [`MAP_CONFIG`]: which half of [`MAP_TABLE`] is current (0 or 1).
+pub const CONFIG_TABLE_BUFFER: u32 = 2;
 /// Entries in [`MAP_CONFIG`].
-pub const CONFIG_ENTRIES: u32 = 2;
+pub const CONFIG_ENTRIES: u32 = 3;
+
+/// ARRAY of u32, two halves of [`TABLE_SIZE`]: the consistent-hashing (Maglev) table, from a
+/// hash to `worker id + 1` (0: no worker). The primary writes the half not in use, then flips
+/// [`CONFIG_TABLE_BUFFER`].
+pub const MAP_TABLE: &str = "CLB_TABLE";
+/// Entries in one half of [`MAP_TABLE`]: a prime well above the most workers, so every worker
+/// gets within about 1% of its fair share of the table.
+pub const TABLE_SIZE: u32 = 65537;
+/// ARRAY of u32 indexed by worker id: `slot + 1` of that worker's ready process (0: none). A
+/// reload changes one entry, so a replacement takes its predecessor's clients as they are.
+pub const MAP_ID_SLOT: &str = "CLB_ID_SLOT";
 
 /// Exact round robin over the active slots (one shared counter for all CPUs).
 pub const STRATEGY_ROUND_ROBIN: u32 = 0;
-/// The kernel's flow hash of the 4-tuple, modulo the active slots ("shared" strategy).
+/// The kernel's flow hash of the 4-tuple, through [`MAP_TABLE`] ("shared" strategy): every
+/// packet of a flow to one worker, and few flows move when workers come and go.
 pub const STRATEGY_HASH: u32 = 1;
+/// The client's address (IPv4 or IPv6), through [`MAP_TABLE`]: every connection of a client to
+/// one worker.
+pub const STRATEGY_STICKY: u32 = 2;
 
 /// The slots that may receive new connections, densely packed: `slots[..count]`.
 #[repr(C)]

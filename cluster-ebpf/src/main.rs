@@ -10,15 +10,17 @@
 #![allow(internal_features)]
 
 use aya_ebpf::{
-    bindings::sk_action::SK_PASS,
+    bindings::{bpf_hdr_start_off::BPF_HDR_START_NET, sk_action::SK_PASS},
+    helpers::bpf_skb_load_bytes_relative,
     macros::{map, sk_reuseport},
     maps::{Array, PerCpuArray, ReusePortSockArray},
     programs::SkReuseportContext,
 };
 use aya_log_ebpf::warn;
 use cluster_common::{
-    ActiveSet, SlotStats, CONFIG_ACTIVE_BUFFER, CONFIG_ENTRIES, CONFIG_STRATEGY, MAX_SLOTS,
-    MAX_TRIES, NO_SLOT_STATS, STATS_ENTRIES, STRATEGY_HASH,
+    ActiveSet, SlotStats, CONFIG_ACTIVE_BUFFER, CONFIG_ENTRIES, CONFIG_STRATEGY,
+    CONFIG_TABLE_BUFFER, MAX_SLOTS, MAX_TRIES, MAX_WORKERS, NO_SLOT_STATS, STATS_ENTRIES,
+    STRATEGY_HASH, STRATEGY_STICKY, TABLE_SIZE,
 };
 
 // The slot mask below relies on this.
@@ -39,6 +41,12 @@ static CLB_RR: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 static CLB_STATS: PerCpuArray<SlotStats> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
 
+#[map]
+static CLB_TABLE: Array<u32> = Array::with_max_entries(2 * TABLE_SIZE, 0);
+
+#[map]
+static CLB_ID_SLOT: Array<u32> = Array::with_max_entries(MAX_WORKERS, 0);
+
 /// Attached as SELECT_OR_MIGRATE (kernel 5.14+): the kernel also calls us when a listener closes
 /// with requests still queued, so they move to a live worker instead of being reset.
 #[sk_reuseport(migrate)]
@@ -58,9 +66,24 @@ pub fn select_worker(ctx: SkReuseportContext) -> u32 {
         return SK_PASS;
     }
 
-    let start = match config(CONFIG_STRATEGY) {
-        STRATEGY_HASH => ctx.hash() % count,
-        _ => next_round_robin() % count,
+    let key = match config(CONFIG_STRATEGY) {
+        STRATEGY_HASH => Some(ctx.hash()),
+        STRATEGY_STICKY => Some(client_address_hash(&ctx)),
+        _ => None,
+    };
+    // Consistent hashing: the table names the worker, its ready process's slot takes it.
+    if let Some(key) = key {
+        if let Some(slot) = table_slot(key) {
+            if CLB_SOCKETS.select_reuseport(&ctx, slot).is_ok() {
+                count_selected(slot, migrating);
+                return SK_PASS;
+            }
+            count_fallback(slot);
+        }
+    }
+    let start = match key {
+        Some(key) => key % count,
+        None => next_round_robin() % count,
     };
 
     // The chosen slot may be empty: its worker died and the kernel removed the closed socket
@@ -89,6 +112,48 @@ pub fn select_worker(ctx: SkReuseportContext) -> u32 {
     count_fallback(NO_SLOT_STATS);
     warn!(&ctx, "cluster-lb: no live socket in {} active slots", count);
     SK_PASS
+}
+
+/// The slot of the worker the consistent-hashing table gives `key` to, if it has a ready one.
+#[inline(always)]
+fn table_slot(key: u32) -> Option<u32> {
+    let half = config(CONFIG_TABLE_BUFFER) & 1;
+    let id_plus_one = *CLB_TABLE.get(half * TABLE_SIZE + key % TABLE_SIZE)?;
+    let id = id_plus_one.checked_sub(1)?;
+    let slot_plus_one = *CLB_ID_SLOT.get(id)?;
+    slot_plus_one.checked_sub(1)
+}
+
+/// A hash of the client's address (IPv4 or IPv6), read from the packet's network header: the
+/// same for every connection of that client, whatever its source port.
+#[inline(always)]
+fn client_address_hash(ctx: &SkReuseportContext) -> u32 {
+    let mut address = [0u32; 4];
+    let (offset, length) = if ctx.eth_protocol() == u32::from(0x86ddu16.to_be()) {
+        (8, 16) // IPv6 source address
+    } else {
+        (12, 4) // IPv4 source address
+    };
+    // SAFETY: the helper copies at most `length` bytes into `address`, which holds 16.
+    let loaded = unsafe {
+        bpf_skb_load_bytes_relative(
+            ctx.md as *const core::ffi::c_void,
+            offset,
+            address.as_mut_ptr().cast(),
+            length,
+            BPF_HDR_START_NET,
+        )
+    };
+    if loaded != 0 {
+        return ctx.hash();
+    }
+    // A multiply-xorshift mix of the four words (an IPv4 address uses the first).
+    let mut hash: u32 = 0x9e37_79b9;
+    for word in address {
+        hash = (hash ^ word).wrapping_mul(0x85eb_ca6b);
+        hash ^= hash >> 13;
+    }
+    hash
 }
 
 #[inline(always)]

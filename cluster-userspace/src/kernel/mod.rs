@@ -1,6 +1,7 @@
 //! The kernel side: one loaded instance of the sk_reuseport program per listen address, and the
 //! maps through which the primary tells it which worker sockets may receive connections.
 
+pub mod maglev;
 mod unavailable;
 
 use std::{
@@ -16,9 +17,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use cluster_common::{
-    ActiveSet, SlotStats, CONFIG_ACTIVE_BUFFER, CONFIG_STRATEGY, MAP_ACTIVE, MAP_CONFIG,
-    MAP_SOCKETS, MAP_STATS, MAX_SLOTS, NO_SLOT_STATS, PROGRAM_NAME, STRATEGY_HASH,
-    STRATEGY_ROUND_ROBIN,
+    ActiveSet, SlotStats, CONFIG_ACTIVE_BUFFER, CONFIG_STRATEGY, CONFIG_TABLE_BUFFER, MAP_ACTIVE,
+    MAP_CONFIG, MAP_ID_SLOT, MAP_SOCKETS, MAP_STATS, MAP_TABLE, MAX_SLOTS, MAX_WORKERS,
+    NO_SLOT_STATS, PROGRAM_NAME, STRATEGY_HASH, STRATEGY_ROUND_ROBIN, STRATEGY_STICKY, TABLE_SIZE,
 };
 
 pub use unavailable::Unavailable;
@@ -33,19 +34,23 @@ pub enum Strategy {
     /// Exact rotation over the active workers, by our program.
     #[default]
     RoundRobin,
-    /// Flow hash of the 4-tuple over the active workers, by our program.
+    /// Flow hash of the 4-tuple, by consistent hashing over the ready workers, by our program.
     Hash,
+    /// The client's address, by consistent hashing over the ready workers, by our program:
+    /// every connection of a client goes to one worker.
+    Sticky,
     /// Plain SO_REUSEPORT: no program; the kernel hashes over every socket of the group.
     Kernel,
 }
 
 impl Strategy {
-    pub const NAMES: [&'static str; 3] = ["round-robin", "hash", "kernel"];
+    pub const NAMES: [&'static str; 4] = ["round-robin", "hash", "sticky", "kernel"];
 
     pub fn name(self) -> &'static str {
         match self {
             Strategy::RoundRobin => "round-robin",
             Strategy::Hash => "hash",
+            Strategy::Sticky => "sticky",
             Strategy::Kernel => "kernel",
         }
     }
@@ -55,6 +60,7 @@ impl Strategy {
         match self {
             Strategy::RoundRobin => Some(STRATEGY_ROUND_ROBIN),
             Strategy::Hash => Some(STRATEGY_HASH),
+            Strategy::Sticky => Some(STRATEGY_STICKY),
             Strategy::Kernel => None,
         }
     }
@@ -73,6 +79,7 @@ impl FromStr for Strategy {
         match text {
             "round-robin" | "rr" => Ok(Strategy::RoundRobin),
             "hash" | "shared" => Ok(Strategy::Hash),
+            "sticky" => Ok(Strategy::Sticky),
             "kernel" | "none" => Ok(Strategy::Kernel),
             _ => Err(format!(
                 "unknown strategy '{text}'; use one of {}",
@@ -90,8 +97,18 @@ pub struct Balancer {
     active: Array<MapData, ActiveSet>,
     config: Array<MapData, u32>,
     stats: PerCpuArray<MapData, SlotStats>,
+    table: Array<MapData, u32>,
+    id_slot: Array<MapData, u32>,
     /// Which of the two active-set buffers the program reads now.
     active_buffer: u32,
+    /// What each half of the table holds (so only changed entries are written), and which half
+    /// the program reads now.
+    table_halves: [Vec<u32>; 2],
+    table_half: u32,
+    /// The worker ids the table was built for.
+    table_ids: Vec<u32>,
+    /// What CLB_ID_SLOT holds, by id (`slot + 1`, 0: none).
+    id_slots: Vec<u32>,
     cpus: usize,
 }
 
@@ -133,6 +150,8 @@ impl Balancer {
             let active = take_map(&mut ebpf, MAP_ACTIVE)?;
             let config = take_map(&mut ebpf, MAP_CONFIG)?;
             let stats = take_map(&mut ebpf, MAP_STATS)?;
+            let table = take_map(&mut ebpf, MAP_TABLE)?;
+            let id_slot = take_map(&mut ebpf, MAP_ID_SLOT)?;
             let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
             let mut balancer = Balancer {
                 ebpf,
@@ -140,7 +159,13 @@ impl Balancer {
                 active,
                 config,
                 stats,
+                table,
+                id_slot,
                 active_buffer: 0,
+                table_halves: [vec![0; TABLE_SIZE as usize], vec![0; TABLE_SIZE as usize]],
+                table_half: 0,
+                table_ids: Vec::new(),
+                id_slots: vec![0; MAX_WORKERS as usize],
                 cpus,
             };
             balancer.set_config(CONFIG_STRATEGY, program_id)?;
@@ -211,6 +236,53 @@ impl Balancer {
         self.set_config(CONFIG_ACTIVE_BUFFER, next)?;
         self.active_buffer = next;
         Ok(())
+    }
+
+    /// Publishes which worker id each active slot serves, for the consistent-hashing strategies:
+    /// the id -> slot entries of new ids first, then the table (rebuilt only when the set of
+    /// ids changed, and only its changed entries written, into the half the program is not
+    /// reading, then flipped), then the entries of ids that left.
+    pub fn set_members(&mut self, members: &[(u32, u32)]) -> Result<()> {
+        let mut wanted = vec![0u32; MAX_WORKERS as usize];
+        for &(slot, id) in members {
+            if let Some(entry) = wanted.get_mut(id as usize) {
+                *entry = slot + 1;
+            }
+        }
+        let write_ids = |this: &mut Balancer, leaving: bool| -> Result<()> {
+            for (id, &next) in wanted.iter().enumerate() {
+                let now = this.id_slots[id];
+                if now == next || (next == 0) != leaving {
+                    continue;
+                }
+                this.id_slot
+                    .set(id as u32, next, 0)
+                    .with_context(|| format!("writing the slot of worker {id}"))?;
+                this.id_slots[id] = next;
+            }
+            Ok(())
+        };
+        write_ids(self, false)?;
+        let mut ids: Vec<u32> = members.iter().map(|&(_, id)| id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids != self.table_ids {
+            let table = maglev::table(&ids, TABLE_SIZE);
+            let spare = self.table_half ^ 1;
+            let base = spare * TABLE_SIZE;
+            for (index, &entry) in table.iter().enumerate() {
+                if self.table_halves[spare as usize][index] != entry {
+                    self.table
+                        .set(base + index as u32, entry, 0)
+                        .context("writing the consistent-hashing table")?;
+                }
+            }
+            self.set_config(CONFIG_TABLE_BUFFER, spare)?;
+            self.table_halves[spare as usize] = table;
+            self.table_half = spare;
+            self.table_ids = ids;
+        }
+        write_ids(self, true)
     }
 
     /// Switches between the program's strategies at run time.
@@ -328,7 +400,7 @@ mod tests {
         assert!("fastest"
             .parse::<Strategy>()
             .unwrap_err()
-            .contains("round-robin, hash, kernel"));
+            .contains("round-robin, hash, sticky, kernel"));
     }
 
     #[test]

@@ -239,11 +239,15 @@ impl Groups {
         }
     }
 
-    /// Writes the active set to every program instance.
-    pub fn publish(&mut self, active: &[u32]) {
+    /// Writes the active set (slots) and who serves each worker id (slot, id) to every
+    /// program instance.
+    pub fn publish(&mut self, active: &[u32], members: &[(u32, u32)]) {
         for group in &mut self.groups {
             if let Some(balancer) = &mut group.balancer {
-                if let Err(e) = balancer.set_active(active) {
+                let published = balancer
+                    .set_members(members)
+                    .and_then(|()| balancer.set_active(active));
+                if let Err(e) = published {
                     log::error!("{}: {e:#}", group.addr);
                 }
             }

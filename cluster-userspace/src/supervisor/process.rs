@@ -192,7 +192,20 @@ impl Supervisor {
     fn forget_slot(&mut self, slot: u32) {
         self.slots.release(slot);
         self.groups.clear_slot(slot);
-        self.groups.publish(self.slots.active());
+        self.publish();
+    }
+
+    /// Tells the kernel programs which slots are active, and which worker id each serves.
+    fn publish(&mut self) {
+        let ids: std::collections::HashMap<u32, u32> =
+            self.workers.values().map(|w| (w.slot, w.id)).collect();
+        let members: Vec<(u32, u32)> = self
+            .slots
+            .active()
+            .iter()
+            .filter_map(|slot| Some((*slot, *ids.get(slot)?)))
+            .collect();
+        self.groups.publish(self.slots.active(), &members);
     }
 
     pub(super) fn set_active(&mut self, pid: Pid, active: bool) {
@@ -205,7 +218,7 @@ impl Supervisor {
             self.slots.deactivate(slot)
         };
         if changed {
-            self.groups.publish(self.slots.active());
+            self.publish();
         }
     }
 

@@ -1,0 +1,203 @@
+//! Strategies beyond round robin: sticky (every connection of a client to one worker, by
+//! consistent hashing of its address), with clients on many source addresses of loopback.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    process::Command,
+    time::Duration,
+};
+
+use cluster_lb::control::{request, Request};
+use cluster_lb_tests::{root_test, signal, workspace_binary, Cluster};
+use nix::sys::signal::Signal;
+use socket2::{Domain, SockAddr, Socket, Type};
+
+const PORT: u16 = 8080;
+
+fn rust_server() -> String {
+    workspace_binary("example-rust-server")
+        .display()
+        .to_string()
+}
+
+/// One request from source address `from`; the worker id that answered.
+fn worker_for(from: IpAddr, to: SocketAddr) -> u32 {
+    let socket = Socket::new(Domain::for_address(to), Type::STREAM, None).expect("socket");
+    socket
+        .bind(&SockAddr::from(SocketAddr::new(from, 0)))
+        .unwrap_or_else(|e| panic!("binding {from}: {e}"));
+    socket
+        .connect_timeout(&SockAddr::from(to), Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connecting from {from}: {e}"));
+    let mut stream: std::net::TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream
+        .write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
+        .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    body.split_whitespace()
+        .nth(1)
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected response {response:?}"))
+}
+
+/// Each client's worker, checking that all of a client's `per_client` connections agree.
+fn workers_of(clients: &[IpAddr], to: SocketAddr, per_client: usize) -> BTreeMap<IpAddr, u32> {
+    clients
+        .iter()
+        .map(|&client| {
+            let seen: BTreeSet<u32> = (0..per_client).map(|_| worker_for(client, to)).collect();
+            assert_eq!(seen.len(), 1, "client {client} went to workers {seen:?}");
+            (client, *seen.iter().next().expect("a worker"))
+        })
+        .collect()
+}
+
+fn moved(before: &BTreeMap<IpAddr, u32>, after: &BTreeMap<IpAddr, u32>) -> Vec<(IpAddr, u32, u32)> {
+    before
+        .iter()
+        .filter_map(|(client, from)| {
+            let to = after[client];
+            (to != *from).then_some((*client, *from, to))
+        })
+        .collect()
+}
+
+#[test]
+fn sticky_keeps_each_client_on_one_worker_moves_few_on_scale_and_none_on_reload() {
+    root_test("sticky_v4", || {
+        let server = rust_server();
+        let cluster = Cluster::start(&[
+            "run",
+            "-w",
+            "4",
+            "--listen",
+            "0.0.0.0:8080",
+            "--strategy",
+            "sticky",
+            "--",
+            &server,
+        ]);
+        cluster.wait_until_ready(4);
+        let to = SocketAddr::from(([127, 0, 0, 1], PORT));
+        let clients: Vec<IpAddr> = (0..200u32)
+            .map(|k| IpAddr::V4(Ipv4Addr::new(127, 1, (k / 250) as u8, (k % 250 + 1) as u8)))
+            .collect();
+        let first = workers_of(&clients, to, 3);
+        let mut per_worker: BTreeMap<u32, usize> = BTreeMap::new();
+        for worker in first.values() {
+            *per_worker.entry(*worker).or_insert(0) += 1;
+        }
+        assert_eq!(per_worker.len(), 4, "{per_worker:?}");
+        assert!(per_worker.values().all(|&n| n >= 25), "{per_worker:?}");
+
+        let reply = request(cluster.control(), &Request::Reload, Duration::from_secs(60));
+        assert!(reply.is_ok(), "{reply:?}");
+        cluster.wait_until_ready(4);
+        let after_reload = workers_of(&clients, to, 1);
+        let moved_by_reload = moved(&first, &after_reload);
+        eprintln!(
+            "sticky: reload moved {} of 200 clients",
+            moved_by_reload.len()
+        );
+        assert!(moved_by_reload.is_empty(), "{moved_by_reload:?}");
+
+        request(
+            cluster.control(),
+            &Request::Scale { workers: 5 },
+            Duration::from_secs(5),
+        )
+        .expect("scale");
+        cluster.wait_until_ready(5);
+        let after_scale = workers_of(&clients, to, 1);
+        let moved_by_scale = moved(&first, &after_scale);
+        let share = moved_by_scale.len() as f64 / 200.0;
+        eprintln!(
+            "sticky: scaling 4 -> 5 moved {} of 200 clients ({share:.2}; ideal 0.20), {} of them to the new worker",
+            moved_by_scale.len(),
+            moved_by_scale.iter().filter(|m| m.2 == 4).count()
+        );
+        assert!((0.08..0.35).contains(&share), "{moved_by_scale:?}");
+
+        // A dead worker's clients spread over the others.
+        let victim_id = 1;
+        let victim = cluster
+            .status()
+            .workers
+            .iter()
+            .find(|w| w.id == victim_id)
+            .expect("worker 1")
+            .pid;
+        let its_clients: Vec<IpAddr> = after_scale
+            .iter()
+            .filter(|(_, w)| **w == victim_id)
+            .map(|(c, _)| *c)
+            .collect();
+        // Look right after the primary took it out of the table, before its restart is ready.
+        signal(victim as u32, Signal::SIGKILL);
+        cluster.wait_for_event("exit", Duration::from_secs(5), |e| e["pid"] == victim);
+        let mut landed: BTreeMap<u32, usize> = BTreeMap::new();
+        for client in &its_clients {
+            let worker = worker_for(*client, to);
+            *landed.entry(worker).or_insert(0) += 1;
+        }
+        eprintln!(
+            "sticky: the {} clients of the killed worker landed on {landed:?}",
+            its_clients.len()
+        );
+        let most = landed.values().copied().max().unwrap_or(0);
+        assert!(
+            landed.len() >= 2 && (most as f64) < its_clients.len() as f64 * 0.7,
+            "{landed:?}"
+        );
+        assert!(cluster.stop().status.success());
+    });
+}
+
+#[test]
+fn sticky_works_for_ipv6_clients() {
+    root_test("sticky_v6", || {
+        for k in 1..=40 {
+            let status = Command::new("ip")
+                .args([
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("fd00::{k:x}/64"),
+                    "dev",
+                    "lo",
+                    "nodad",
+                ])
+                .status()
+                .expect("ip");
+            assert!(status.success());
+        }
+        let server = rust_server();
+        let cluster = Cluster::start(&[
+            "run",
+            "-w",
+            "3",
+            "--listen",
+            "[::]:8080",
+            "--strategy",
+            "sticky",
+            "--",
+            &server,
+        ]);
+        cluster.wait_until_ready(3);
+        let to: SocketAddr = "[fd00::1]:8080".parse().expect("address");
+        let clients: Vec<IpAddr> = (2..=40)
+            .map(|k| format!("fd00::{k:x}").parse().expect("v6"))
+            .collect();
+        let seen = workers_of(&clients, to, 3);
+        let workers: BTreeSet<u32> = seen.values().copied().collect();
+        assert_eq!(workers.len(), 3, "{seen:?}");
+        assert!(cluster.stop().status.success());
+    });
+}
