@@ -48,6 +48,22 @@ fn bad_listen_values_are_named_in_one_line() {
 }
 
 #[test]
+fn round_robin_for_udp_is_refused_in_one_line() {
+    assert_one_line_error(
+        &[
+            "run",
+            "--listen",
+            "udp://127.0.0.1:5353",
+            "--strategy",
+            "round-robin",
+            "--",
+            "true",
+        ],
+        "would split UDP flows",
+    );
+}
+
+#[test]
 fn other_bad_arguments_are_named_in_one_line() {
     assert_one_line_error(
         &["run", "--listen", "80", "-w", "0", "--", "true"],

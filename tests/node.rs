@@ -468,3 +468,43 @@ fn a_server_that_bypasses_cluster_lb_is_reported() {
         assert!(cluster.stop().status.success());
     });
 }
+
+#[test]
+fn a_node_dgram_bind_gets_a_socket_in_a_udp_group_and_flows_stay_on_one_worker() {
+    each_node("node_dgram", |major, node| {
+        let cluster = Cluster::start_with(
+            &["run", "-w", "2", "--", node, &test_app("udp-app.js")],
+            |command| {
+                command.env("PORT", "5353");
+            },
+        );
+        let status = cluster.wait_until_ready(2);
+        assert_eq!(status.listen, ["udp://127.0.0.1:5353"], "Node {major}");
+        let mut used = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("client");
+            socket
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            let mut answers = std::collections::BTreeSet::new();
+            for _ in 0..5 {
+                socket.send_to(b"ping", "127.0.0.1:5353").expect("send");
+                let mut buffer = [0u8; 128];
+                let (n, _) = socket.recv_from(&mut buffer).expect("answer");
+                answers.insert(String::from_utf8_lossy(&buffer[..n]).into_owned());
+            }
+            assert_eq!(
+                answers.len(),
+                1,
+                "Node {major}: a flow was split: {answers:?}"
+            );
+            used.extend(answers);
+        }
+        assert_eq!(
+            used.len(),
+            2,
+            "Node {major}: flows on both workers: {used:?}"
+        );
+        assert!(cluster.stop().status.success());
+    });
+}

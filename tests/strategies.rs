@@ -201,3 +201,78 @@ fn sticky_works_for_ipv6_clients() {
         assert!(cluster.stop().status.success());
     });
 }
+
+/// One UDP flow (a client socket): `count` datagrams, the worker id of each answer.
+fn udp_flow(from: IpAddr, to: SocketAddr, count: usize) -> BTreeSet<u32> {
+    let socket = std::net::UdpSocket::bind(SocketAddr::new(from, 0)).expect("client socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut workers = BTreeSet::new();
+    let mut buffer = [0u8; 256];
+    for _ in 0..count {
+        socket.send_to(b"ping", to).expect("send");
+        let (length, _) = socket.recv_from(&mut buffer).expect("an answer");
+        let answer = String::from_utf8_lossy(&buffer[..length]).into_owned();
+        let id = answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|id| id.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected answer {answer:?}"));
+        workers.insert(id);
+    }
+    workers
+}
+
+fn udp_cluster(strategy: &[&str]) -> Cluster {
+    let server = format!(
+        "{}/../examples/python/udp_echo.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let mut args = vec!["run", "-w", "4", "--listen", "udp://127.0.0.1:5353"];
+    args.extend_from_slice(strategy);
+    args.extend_from_slice(&["--", "python3", &server]);
+    let cluster = Cluster::start(&args);
+    let status = cluster.wait_until_ready(4);
+    assert_eq!(status.listen, ["udp://127.0.0.1:5353"]);
+    cluster
+}
+
+#[test]
+fn every_datagram_of_a_udp_flow_goes_to_one_worker_and_flows_spread() {
+    root_test("udp_flows", || {
+        let cluster = udp_cluster(&[]);
+        let to = SocketAddr::from(([127, 0, 0, 1], 5353));
+        let mut per_worker: BTreeMap<u32, usize> = BTreeMap::new();
+        let flows = 100;
+        for _ in 0..flows {
+            let workers = udp_flow(IpAddr::V4(Ipv4Addr::LOCALHOST), to, 10);
+            assert_eq!(workers.len(), 1, "a flow was split: {workers:?}");
+            *per_worker
+                .entry(*workers.first().expect("one"))
+                .or_insert(0) += 1;
+        }
+        eprintln!("udp: {flows} flows of 10 datagrams, each on one worker; flows per worker {per_worker:?}");
+        assert!(per_worker.len() >= 3, "{per_worker:?}");
+        let status = cluster.status();
+        assert!(status.workers.iter().map(|w| w.selected).sum::<u64>() > 0);
+        assert!(cluster.stop().status.success());
+    });
+}
+
+#[test]
+fn sticky_udp_keeps_every_flow_of_a_client_address_on_one_worker() {
+    root_test("udp_sticky", || {
+        let cluster = udp_cluster(&["--strategy", "sticky"]);
+        let to = SocketAddr::from(([127, 0, 0, 1], 5353));
+        let mut used = BTreeSet::new();
+        for k in 1..=30u8 {
+            let client = IpAddr::V4(Ipv4Addr::new(127, 2, 0, k));
+            let workers: BTreeSet<u32> = (0..5).flat_map(|_| udp_flow(client, to, 2)).collect();
+            assert_eq!(workers.len(), 1, "client {client}: {workers:?}");
+            used.extend(workers);
+        }
+        assert!(used.len() >= 3, "{used:?}");
+        assert!(cluster.stop().status.success());
+    });
+}

@@ -33,6 +33,8 @@ pub enum ConfigError {
         "--metrics {0} is also a --listen address; the metrics server needs an address of its own"
     )]
     MetricsOnListen(ListenAddr),
+    #[error("--strategy round-robin would split UDP flows between workers (it picks a worker per datagram); use --strategy hash or sticky with {0}")]
+    RoundRobinUdp(ListenAddr),
     #[error(transparent)]
     User(#[from] UserError),
 }
@@ -110,15 +112,11 @@ pub struct RunArgs {
     #[arg(short = 'l', long = "listen", value_name = "ADDR")]
     pub listen: Vec<ListenAddr>,
 
-    /// How new connections are spread: round-robin (exact, eBPF), hash (flow hash, eBPF) or
-    /// kernel (plain SO_REUSEPORT, no program)
-    #[arg(
-        short = 's',
-        long,
-        value_name = "STRATEGY",
-        default_value = "round-robin"
-    )]
-    pub strategy: Strategy,
+    /// How new connections are spread: round-robin (exact, eBPF; the default for TCP), hash
+    /// (the flow's hash, consistent, eBPF; the default for udp:// addresses), sticky (the
+    /// client's address, consistent, eBPF) or kernel (plain SO_REUSEPORT, no program)
+    #[arg(short = 's', long, value_name = "STRATEGY")]
+    pub strategy: Option<Strategy>,
 
     /// Fail (exit 1) instead of falling back to --strategy kernel when eBPF is unavailable
     #[arg(long)]
@@ -209,6 +207,11 @@ impl RunArgs {
         if self.listen.len() > MAX_LISTEN {
             return Err(ConfigError::TooManyListen(self.listen.len()));
         }
+        if let (Some(Strategy::RoundRobin), Some(udp)) =
+            (self.strategy, self.listen.iter().find(|a| a.is_udp()))
+        {
+            return Err(ConfigError::RoundRobinUdp(*udp));
+        }
         if let Some(metrics) = self.metrics.filter(|m| self.listen.contains(m)) {
             return Err(ConfigError::MetricsOnListen(metrics));
         }
@@ -233,7 +236,7 @@ impl RunArgs {
         let supervisor = Config {
             workers,
             listen: self.listen,
-            strategy: self.strategy,
+            strategy: self.strategy.unwrap_or_default(),
             require_ebpf: self.require_ebpf,
             timing: Timing {
                 grace: Duration::from_secs_f64(self.grace),

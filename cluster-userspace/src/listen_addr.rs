@@ -1,4 +1,5 @@
-//! `--listen` values: `PORT`, `HOST:PORT`, `[V6]:PORT`.
+//! `--listen` values: `PORT`, `HOST:PORT`, `[V6]:PORT`, each optionally prefixed `tcp://`
+//! (the default) or `udp://`.
 //!
 //! Only literal addresses (plus `localhost` and `*`) are accepted: a listen address that needs a
 //! DNS lookup would make start-up depend on the resolver and could silently mean several groups.
@@ -9,26 +10,67 @@ use std::{
     str::FromStr,
 };
 
-/// One TCP listen address: every worker gets its own socket bound to it, and all of them form
-/// one SO_REUSEPORT group.
+/// The transport of a listen address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Transport {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+/// One listen address: every worker gets its own socket bound to it, and all of them form one
+/// SO_REUSEPORT group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ListenAddr(SocketAddr);
+pub struct ListenAddr {
+    addr: SocketAddr,
+    transport: Transport,
+}
 
 impl ListenAddr {
+    pub fn udp(addr: SocketAddr) -> ListenAddr {
+        ListenAddr {
+            addr,
+            transport: Transport::Udp,
+        }
+    }
+
     pub fn socket_addr(&self) -> SocketAddr {
-        self.0
+        self.addr
+    }
+
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    pub fn is_udp(&self) -> bool {
+        self.transport == Transport::Udp
+    }
+
+    /// The same address with another port (a port the kernel picked for port 0).
+    pub fn with_port(self, port: u16) -> ListenAddr {
+        ListenAddr {
+            addr: SocketAddr::new(self.addr.ip(), port),
+            ..self
+        }
     }
 }
 
 impl fmt::Display for ListenAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
+        if self.is_udp() {
+            f.write_str("udp://")?;
+        }
+        self.addr.fmt(f)
     }
 }
 
+/// A TCP address.
 impl From<SocketAddr> for ListenAddr {
     fn from(addr: SocketAddr) -> Self {
-        ListenAddr(addr)
+        ListenAddr {
+            addr,
+            transport: Transport::Tcp,
+        }
     }
 }
 
@@ -37,21 +79,28 @@ impl FromStr for ListenAddr {
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let text = text.trim();
+        let (transport, text) = if let Some(rest) = text.strip_prefix("udp://") {
+            (Transport::Udp, rest)
+        } else if let Some(rest) = text.strip_prefix("tcp://") {
+            (Transport::Tcp, rest)
+        } else if let Some((scheme, _)) = text.split_once("://") {
+            return Err(format!(
+                "unknown scheme '{scheme}://'; use tcp:// (the default) or udp://"
+            ));
+        } else {
+            (Transport::Tcp, text)
+        };
         if text.is_empty() {
             return Err("empty address; use PORT, HOST:PORT or [IPV6]:PORT".into());
         }
         // A bare port listens on every IPv4 address, like `HOST` left out of nginx's `listen`.
-        if text.bytes().all(|b| b.is_ascii_digit()) {
-            return Ok(ListenAddr(SocketAddr::new(
-                Ipv4Addr::UNSPECIFIED.into(),
-                parse_port(text)?,
-            )));
-        }
-        let (host, port) = split_host_port(text)?;
-        Ok(ListenAddr(SocketAddr::new(
-            parse_host(host)?,
-            parse_port(port)?,
-        )))
+        let addr = if text.bytes().all(|b| b.is_ascii_digit()) {
+            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), parse_port(text)?)
+        } else {
+            let (host, port) = split_host_port(text)?;
+            SocketAddr::new(parse_host(host)?, parse_port(port)?)
+        };
+        Ok(ListenAddr { addr, transport })
     }
 }
 
@@ -129,6 +178,15 @@ mod tests {
         assert_eq!(ok("[::1]:8080"), "[::1]:8080");
         assert_eq!(ok("[::]:443"), "[::]:443");
         assert_eq!(ok("[fe80::1]:9"), "[fe80::1]:9");
+    }
+
+    #[test]
+    fn udp_and_explicit_tcp() {
+        assert_eq!(ok("udp://127.0.0.1:53"), "udp://127.0.0.1:53");
+        assert_eq!(ok("udp://5353"), "udp://0.0.0.0:5353");
+        assert_eq!(ok("tcp://[::1]:80"), "[::1]:80");
+        assert!(err("sctp://1.2.3.4:5").contains("unknown scheme"));
+        assert!("udp://1.2.3.4:5".parse::<ListenAddr>().unwrap().is_udp());
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::{fmt, io};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-use crate::listen_addr::ListenAddr;
+use crate::listen_addr::{ListenAddr, Transport};
 
 /// Accept queue length asked for; the kernel caps it at net.core.somaxconn.
 const BACKLOG: i32 = 4096;
@@ -62,7 +62,8 @@ pub fn ensure_address_free(addr: ListenAddr, dual_stack: bool) -> Result<(), Lis
         .map_err(error)
 }
 
-/// A new listening socket for one worker, bound with SO_REUSEPORT into the group of `addr`.
+/// A new listening socket (for UDP, a bound socket) for one worker, bound with SO_REUSEPORT
+/// into the group of `addr`.
 /// `dual_stack`: an IPv6 wildcard that also takes IPv4 (Node's default for a listen without a
 /// host); otherwise the system's default applies.
 pub fn reuseport_listener(addr: ListenAddr, dual_stack: bool) -> Result<Socket, ListenError> {
@@ -72,18 +73,26 @@ pub fn reuseport_listener(addr: ListenAddr, dual_stack: bool) -> Result<Socket, 
     socket
         .bind(&SockAddr::from(addr.socket_addr()))
         .map_err(error)?;
-    socket.listen(BACKLOG).map_err(error)?;
+    if !addr.is_udp() {
+        socket.listen(BACKLOG).map_err(error)?;
+    }
     Ok(socket)
 }
 
 fn new_socket(addr: ListenAddr, dual_stack: bool) -> io::Result<Socket> {
+    let (kind, protocol) = match addr.transport() {
+        Transport::Tcp => (Type::STREAM, Protocol::TCP),
+        Transport::Udp => (Type::DGRAM, Protocol::UDP),
+    };
     let socket = Socket::new(
         Domain::for_address(addr.socket_addr()),
-        Type::STREAM,
-        Some(Protocol::TCP),
+        kind,
+        Some(protocol),
     )?;
     // So a restart binds at once although old connections linger in TIME_WAIT.
-    socket.set_reuse_address(true)?;
+    if !addr.is_udp() {
+        socket.set_reuse_address(true)?;
+    }
     if dual_stack && addr.socket_addr().is_ipv6() {
         socket.set_only_v6(false)?;
     }

@@ -61,10 +61,11 @@ impl Supervisor {
             if !settled || worker.given.is_empty() {
                 continue;
             }
+            // UDP sockets do not listen: only TCP ones can be checked this way.
             let closed: Vec<(u64, _)> = worker
                 .given
                 .iter()
-                .filter(|(inode, _)| !held.contains(inode))
+                .filter(|(inode, addr)| !addr.is_udp() && !held.contains(inode))
                 .map(|(inode, addr)| (*inode, *addr))
                 .collect();
             let Some((_, addr)) = closed.first().copied() else {

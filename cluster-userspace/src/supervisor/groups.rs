@@ -3,7 +3,7 @@
 //! may also ask for an address over its channel (`queryServer`), which creates a group on first
 //! use.
 
-use std::{net::SocketAddr, os::fd::OwnedFd};
+use std::os::fd::OwnedFd;
 
 use super::drain_program_log;
 use crate::{
@@ -100,16 +100,23 @@ impl Groups {
 
     /// The index of the `--listen` address a listen on `ip` (none: all addresses) and `port`
     /// means: the same address, or, for a listen without a host, the same port.
-    pub fn activated_index(&self, ip: Option<std::net::IpAddr>, port: u16) -> Option<usize> {
+    pub fn activated_index(
+        &self,
+        transport: crate::listen_addr::Transport,
+        ip: Option<std::net::IpAddr>,
+        port: u16,
+    ) -> Option<usize> {
         self.groups[..self.activated].iter().position(|g| {
             let addr = g.addr.socket_addr();
-            addr.port() == port && ip.is_none_or(|ip| ip == addr.ip())
+            g.addr.transport() == transport
+                && addr.port() == port
+                && ip.is_none_or(|ip| ip == addr.ip())
         })
     }
 
     /// Whether a group for `addr` exists.
-    pub fn contains(&self, addr: SocketAddr) -> bool {
-        self.groups.iter().any(|g| g.addr.socket_addr() == addr)
+    pub fn contains(&self, addr: ListenAddr) -> bool {
+        self.groups.iter().any(|g| g.addr == addr)
     }
 
     /// How many groups the workers' requests created (besides the --listen ones).
@@ -123,11 +130,20 @@ impl Groups {
         self.activated == 0 || self.groups[..self.activated].iter().any(|g| g.addr == addr)
     }
 
+    /// The strategy of `addr`'s group: UDP is never balanced per datagram (round robin would
+    /// split a flow between workers), so round robin means the flow hash there.
+    pub fn strategy_for(&self, addr: ListenAddr) -> Strategy {
+        match self.strategy {
+            Strategy::RoundRobin if addr.is_udp() => Strategy::Hash,
+            strategy => strategy,
+        }
+    }
+
     fn create(&mut self, addr: ListenAddr, dual_stack: bool) -> Result<usize, GroupError> {
         let balancer = if self.strategy == Strategy::Kernel || self.fell_back {
             None
         } else {
-            match Balancer::load(self.strategy) {
+            match Balancer::load(self.strategy_for(addr)) {
                 Ok(mut balancer) => {
                     drain_program_log(&mut balancer);
                     Some(balancer)
@@ -172,38 +188,35 @@ impl Groups {
     /// that port). Returns the group's address with the socket.
     pub fn open_at(
         &mut self,
-        addr: SocketAddr,
+        addr: ListenAddr,
         dual_stack: bool,
         slot: u32,
     ) -> Result<(ListenAddr, OwnedFd), GroupError> {
-        let existing = (addr.port() != 0)
-            .then(|| {
-                self.groups
-                    .iter()
-                    .position(|g| g.addr.socket_addr() == addr)
-            })
+        let port = addr.socket_addr().port();
+        let existing = (port != 0)
+            .then(|| self.groups.iter().position(|g| g.addr == addr))
             .flatten();
         let index = match existing {
             Some(index) => index,
-            None if addr.port() == 0 => {
+            None if port == 0 => {
                 // The first socket decides the port; its group is created around it.
-                let socket = sockets::reuseport_listener(addr.into(), dual_stack)?;
+                let socket = sockets::reuseport_listener(addr, dual_stack)?;
                 let bound = socket
                     .local_addr()
                     .ok()
                     .and_then(|a| a.as_socket())
                     .ok_or_else(|| ListenError {
-                        addr: addr.into(),
+                        addr,
                         source: std::io::Error::other("the kernel did not say which port"),
                     })?;
-                let index = self.create(bound.into(), dual_stack)?;
+                let index = self.create(addr.with_port(bound.port()), dual_stack)?;
                 let group = &mut self.groups[index];
                 Self::register(group, slot, &socket)?;
                 return Ok((group.addr, OwnedFd::from(socket)));
             }
             None => {
-                sockets::ensure_address_free(addr.into(), dual_stack)?;
-                self.create(addr.into(), dual_stack)?
+                sockets::ensure_address_free(addr, dual_stack)?;
+                self.create(addr, dual_stack)?
             }
         };
         let group = &mut self.groups[index];

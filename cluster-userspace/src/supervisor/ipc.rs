@@ -155,7 +155,7 @@ impl Supervisor {
                 "{addr} is not one of the --listen addresses this cluster was started with"
             )),
             Ok(addr) => self
-                .query_socket(pid, addr.socket_addr(), false)
+                .query_socket(pid, addr, false)
                 .map_err(|refusal| refusal.why),
         };
         let Some(endpoint) = self.cluster_lb_endpoint(pid) else {

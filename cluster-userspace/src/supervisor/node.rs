@@ -15,7 +15,7 @@ use super::{
     process::WorkerChannel, queries::Refusal, Departure, Event, Input, Readiness, Supervisor,
 };
 use crate::{
-    listen_addr::ListenAddr,
+    listen_addr::{ListenAddr, Transport},
     node::{
         channel::{NodeChannel, NodeEvent, SendError},
         protocol::{self, AddressType, FromWorker, Query, ToWorker},
@@ -73,8 +73,8 @@ impl NodeWorker {
 /// and every TLS server the same session-ticket keys, as under Node's own primary.
 #[derive(Default)]
 pub struct NodeGroups {
-    /// (address, TCP v6, index) of a `listen(0)` -> the port chosen for it.
-    ephemeral: HashMap<(Option<String>, bool, u64), u16>,
+    /// (address, kind, index) of a `listen(0)` -> the port chosen for it.
+    ephemeral: HashMap<(Option<String>, AddressType, u64), u16>,
     /// The first non-null `data` of each group's queries (TLS ticket keys).
     data: HashMap<ListenAddr, Value>,
 }
@@ -201,7 +201,7 @@ impl Supervisor {
                     seq,
                     key,
                     data,
-                    udp: false,
+                    udp: addr.is_udp(),
                 };
                 node.channel.send_handle(reply, socket)
             }
@@ -228,10 +228,7 @@ impl Supervisor {
     /// The socket for a Node listen, or why not.
     fn node_socket(&mut self, pid: Pid, query: &Query) -> Result<(ListenAddr, OwnedFd), Refusal> {
         match query.address_type {
-            AddressType::Udp4 | AddressType::Udp6 => return Err(Refusal::new(
-                libc::ENOTSUP,
-                "cluster-lb does not balance UDP yet; bind with { exclusive: true } to bypass it",
-            )),
+            AddressType::Udp4 | AddressType::Udp6 => {}
             AddressType::Pipe => {
                 return Err(Refusal::new(
                     libc::EINVAL,
@@ -255,6 +252,11 @@ impl Supervisor {
             }
             AddressType::Tcp4 | AddressType::Tcp6 => {}
         }
+        let transport = if query.is_udp() {
+            Transport::Udp
+        } else {
+            Transport::Tcp
+        };
         let port = query
             .port
             .and_then(|p| u16::try_from(p).ok())
@@ -266,7 +268,7 @@ impl Supervisor {
                     Refusal::new(libc::EINVAL, format!("{text} is not an IP address"))
                 })?),
             };
-        if let Some(index) = self.groups.activated_index(ip, port) {
+        if let Some(index) = self.groups.activated_index(transport, ip, port) {
             return self.activated_socket(pid, index);
         }
         if self.groups.activated() > 0 {
@@ -275,16 +277,17 @@ impl Supervisor {
                 "not one of the --listen addresses this cluster was started with",
             ));
         }
-        // No host: all addresses, IPv6 and IPv4 on one socket, as Node's own primary binds.
+        // No host (TCP only; dgram always names one): all addresses, IPv6 and IPv4 on one
+        // socket, as Node's own primary binds.
         let dual_stack = ip.is_none();
-        let wanted = SocketAddr::new(ip.unwrap_or(Ipv6Addr::UNSPECIFIED.into()), port);
-        let ephemeral_key = (
-            query.address.clone(),
-            query.address_type == AddressType::Tcp6,
-            query.index,
-        );
+        let socket_addr = SocketAddr::new(ip.unwrap_or(Ipv6Addr::UNSPECIFIED.into()), port);
+        let wanted = match transport {
+            Transport::Tcp => ListenAddr::from(socket_addr),
+            Transport::Udp => ListenAddr::udp(socket_addr),
+        };
+        let ephemeral_key = (query.address.clone(), query.address_type, query.index);
         let wanted = match self.node_groups.ephemeral.get(&ephemeral_key) {
-            Some(chosen) if port == 0 => SocketAddr::new(wanted.ip(), *chosen),
+            Some(chosen) if port == 0 => wanted.with_port(*chosen),
             _ => wanted,
         };
         let (addr, socket) = self.query_socket(pid, wanted, dual_stack)?;

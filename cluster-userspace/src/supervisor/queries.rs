@@ -3,7 +3,7 @@
 //! groups (each a loaded eBPF program and its maps) without end, and cannot get through the
 //! primary a port it could not bind itself.
 
-use std::{net::SocketAddr, os::fd::OwnedFd};
+use std::os::fd::OwnedFd;
 
 use nix::unistd::Pid;
 
@@ -36,7 +36,7 @@ impl Supervisor {
     pub(super) fn query_socket(
         &mut self,
         pid: Pid,
-        addr: SocketAddr,
+        addr: ListenAddr,
         dual_stack: bool,
     ) -> Result<(ListenAddr, OwnedFd), Refusal> {
         let worker = self
@@ -51,7 +51,7 @@ impl Supervisor {
             ));
         }
         let slot = worker.slot;
-        let port = addr.port();
+        let port = addr.socket_addr().port();
         if port != 0
             && port < 1024
             && self.config.credentials.is_some()
