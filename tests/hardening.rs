@@ -1,0 +1,1495 @@
+//! Hardening: what a worker, a local user, or whatever reads (or stops reading) the primary's
+//! output could do to the cluster, each played for real. Assertions read state: `status` over
+//! the control socket, the primary's JSON events, /proc and the kernel's own answers. Tests
+//! with several parts collect what is wrong in each and report it all at once, so one run
+//! shows every broken part.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::{self, File},
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    os::{
+        fd::AsRawFd,
+        unix::{
+            fs::{FileTypeExt, PermissionsExt},
+            net::UnixListener,
+            process::CommandExt,
+        },
+    },
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use cluster_lb::{
+    control::{request, Reply, Request},
+    supervisor::{ClusterStatus, WorkerState},
+};
+use cluster_lb_tests::{
+    control_path, distribution, example, root_test, signal, workspace_binary, Cluster,
+};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+const ADDR: &str = "127.0.0.1:8080";
+
+fn addr() -> SocketAddr {
+    ADDR.parse().expect("test address")
+}
+
+fn hardening_worker(name: &str) -> String {
+    format!("{}/workers/hardening/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn python_server() -> String {
+    example("python/server.py")
+}
+
+/// Fails the test with every problem found, and the primary's output when there is one.
+fn assert_no_problems(problems: &[String], output: &[String]) {
+    assert!(
+        problems.is_empty(),
+        "{} problem(s):\n- {}\noutput:\n{}",
+        problems.len(),
+        problems.join("\n- "),
+        output.join("\n")
+    );
+}
+
+/// A directory under /tmp that everyone may read, removed on drop: copies of scripts there are
+/// within reach of `--user nobody` workers (the checkout may be in root's home).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("clb-hardening-{}-{tag}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("scratch dir");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod scratch");
+        Scratch(dir)
+    }
+
+    /// A world-readable copy of `source` in this directory; returns its path.
+    fn copy(&self, source: &str) -> String {
+        let name = Path::new(source).file_name().expect("a file name");
+        let target = self.0.join(name);
+        fs::copy(source, &target).unwrap_or_else(|e| panic!("copying {source}: {e}"));
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o644)).expect("chmod copy");
+        target.display().to_string()
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Processes SIGKILLed on drop (when still there), so a failing test leaves nothing behind.
+struct KillOnDrop(Vec<i32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            if alive(pid) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// A child process killed and reaped on drop.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+// ---- /proc ----
+
+/// The fields of /proc/PID/stat after the command name (state first).
+fn stat_fields(pid: i32) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// Whether `pid` exists and is not a zombie.
+fn alive(pid: i32) -> bool {
+    stat_fields(pid).is_some_and(|f| f.first().map(String::as_str) != Some("Z"))
+}
+
+fn fd_count(pid: i32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// The children of `pid` (of all its threads).
+fn children(pid: i32) -> Vec<i32> {
+    let mut found = Vec::new();
+    if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            if let Ok(list) = fs::read_to_string(task.path().join("children")) {
+                found.extend(
+                    list.split_whitespace()
+                        .filter_map(|c| c.parse::<i32>().ok()),
+                );
+            }
+        }
+    }
+    found
+}
+
+fn cmdline(pid: i32) -> Vec<String> {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| {
+            raw.split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Live processes in this thread's network namespace (each test has its own) whose command
+/// line is exactly `command`.
+fn processes_here(command: &[&str]) -> Vec<i32> {
+    let own = fs::read_link("/proc/thread-self/ns/net").expect("own network namespace");
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if cmdline(pid) == command
+            && fs::read_link(format!("/proc/{pid}/ns/net")).is_ok_and(|ns| ns == own)
+            && alive(pid)
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+// ---- the primary's state and output ----
+
+/// A worker's output line, as the primary logs it in JSON mode.
+#[derive(Debug, Clone)]
+struct WorkerLine {
+    pid: i64,
+    stream: String,
+    line: String,
+}
+
+fn worker_lines(lines: &[String]) -> Vec<WorkerLine> {
+    lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.get("event").is_none())
+        .filter_map(|v| {
+            Some(WorkerLine {
+                pid: v.get("pid")?.as_i64()?,
+                stream: v.get("stream")?.as_str()?.to_string(),
+                line: v.get("line")?.as_str()?.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// The first worker output line that starts with `prefix`, waiting up to `timeout`.
+fn wait_for_worker_line(cluster: &Cluster, prefix: &str, timeout: Duration) -> Option<WorkerLine> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(found) = worker_lines(&cluster.lines())
+            .into_iter()
+            .find(|w| w.line.starts_with(prefix))
+        {
+            return Some(found);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The first event named `name` that `matching` accepts, waiting up to `timeout`.
+fn find_event(
+    cluster: &Cluster,
+    name: &str,
+    timeout: Duration,
+    matching: impl Fn(&Value) -> bool,
+) -> Option<Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(event) = cluster.events_named(name).into_iter().find(&matching) {
+            return Some(event);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until `check` holds for the status at `control`; an error when the primary `pid`
+/// exits first or the time is up.
+fn status_when(
+    pid: i32,
+    control: &Path,
+    timeout: Duration,
+    check: impl Fn(&ClusterStatus) -> bool,
+) -> Result<ClusterStatus, String> {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        if let Ok(status) = cluster_lb::client::fetch_status(control) {
+            if check(&status) {
+                return Ok(status);
+            }
+            last = Some(status);
+        }
+        if !alive(pid) {
+            return Err("the primary exited".into());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("not within {timeout:?}; last status: {last:?}"));
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn all_ready(count: usize) -> impl Fn(&ClusterStatus) -> bool {
+    move |status| {
+        status.workers.len() == count
+            && status.workers.iter().all(|w| w.state == WorkerState::Ready)
+    }
+}
+
+/// `cluster.wait_until_ready`, but an error (at once) when the primary exits.
+fn ready_or_exit(
+    cluster: &Cluster,
+    count: usize,
+    timeout: Duration,
+) -> Result<ClusterStatus, String> {
+    status_when(
+        cluster.pid() as i32,
+        cluster.control(),
+        timeout,
+        all_ready(count),
+    )
+    .map_err(|e| format!("{count} workers ready: {e}"))
+}
+
+// ---- clients ----
+
+/// One HTTP/1.0 GET on a new connection, everything within `timeout`; the response.
+fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
+
+/// An example server's answer ("worker ID pid PID") within `timeout`: (worker id, pid).
+fn answer_within(addr: SocketAddr, timeout: Duration) -> Result<(u32, u32), String> {
+    let response = http_get(addr, "/", timeout).map_err(|e| e.to_string())?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .filter(|(head, _)| head.contains(" 200 "))
+        .map(|(_, body)| body)
+        .ok_or_else(|| format!("unexpected response {response:?}"))?;
+    match body.split_whitespace().collect::<Vec<_>>().as_slice() {
+        ["worker", id, "pid", pid] => Ok((
+            id.parse().map_err(|_| body.to_string())?,
+            pid.parse().map_err(|_| body.to_string())?,
+        )),
+        _ => Err(format!("unexpected body {body:?}")),
+    }
+}
+
+/// How `count` new connections were spread over worker ids, as sorted counts.
+fn shares(count: usize) -> Vec<usize> {
+    let mut counts: Vec<usize> = distribution(addr(), count).into_values().collect();
+    counts.sort_unstable();
+    counts
+}
+
+/// A `cluster-lb` run to its end (killed after `timeout`).
+struct Finished {
+    code: Option<i32>,
+    stderr: Vec<String>,
+    took: Duration,
+    timed_out: bool,
+}
+
+fn run_to_end(args: &[&str], timeout: Duration) -> Finished {
+    let started = Instant::now();
+    let mut child = Command::new(workspace_binary("cluster-lb"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting cluster-lb");
+    let stderr = child.stderr.take().expect("stderr");
+    let reader = thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for cluster-lb") {
+            break status;
+        }
+        if started.elapsed() > timeout {
+            timed_out = true;
+            let _ = child.kill();
+            break child.wait().expect("reaping cluster-lb");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let took = started.elapsed();
+    Finished {
+        code: status.code(),
+        stderr: reader.join().expect("stderr reader"),
+        took,
+        timed_out,
+    }
+}
+
+/// The problem with a run that should have failed with one line containing every `needle`.
+fn one_line_error_problem(args: &[&str], run: &Finished, needles: &[&str]) -> Option<String> {
+    let what = format!("`cluster-lb {}`", args.join(" "));
+    if run.timed_out {
+        return Some(format!(
+            "{what} was still running after {:?}; it printed {:?}",
+            run.took, run.stderr
+        ));
+    }
+    if run.code.is_none_or(|c| c == 0) {
+        return Some(format!(
+            "{what} exited {:?}; it printed {:?}",
+            run.code, run.stderr
+        ));
+    }
+    if run.stderr.len() != 1 {
+        return Some(format!(
+            "{what} printed {} lines, not one: {:?}",
+            run.stderr.len(),
+            run.stderr
+        ));
+    }
+    let line = &run.stderr[0];
+    if !line.starts_with("cluster-lb: error: ") || line.contains("panicked") {
+        return Some(format!("{what}: {line:?}"));
+    }
+    let missing: Vec<&&str> = needles.iter().filter(|n| !line.contains(**n)).collect();
+    if !missing.is_empty() {
+        return Some(format!("{what}: {line:?} does not name {missing:?}"));
+    }
+    None
+}
+
+// ---- 1. descriptors and environment through the privilege drop ----
+
+#[test]
+fn a_user_worker_gets_only_its_own_descriptors_and_the_accounts_environment() {
+    root_test("fd_leak_user", || {
+        let script = "ls -l /proc/self/fd; id -u; echo IPC_FD=$CLUSTER_LB_IPC_FD; echo HOME=$HOME USER=$USER LOGNAME=$LOGNAME";
+        let cluster = Cluster::start_with(
+            &[
+                "run", "-w", "1", "--user", "nobody", "--listen", ADDR, "--", "/bin/sh", "-c",
+                script,
+            ],
+            |command| {
+                command.current_dir("/");
+                // SAFETY: open, dup2 and close are async-signal-safe; nothing is allocated.
+                unsafe {
+                    command.pre_exec(|| {
+                        // /etc/shadow as fd 7 without close-on-exec: what a careless parent
+                        // might leave open in cluster-lb.
+                        let fd = libc::open(c"/etc/shadow".as_ptr(), libc::O_RDONLY);
+                        if fd < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        if fd != 7 {
+                            if libc::dup2(fd, 7) < 0 {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                            libc::close(fd);
+                        }
+                        Ok(())
+                    });
+                }
+            },
+        );
+        // The shell exits and is restarted; its first run's output is enough.
+        let last = wait_for_worker_line(&cluster, "HOME=", Duration::from_secs(15))
+            .unwrap_or_else(|| panic!("no worker output; output:\n{}", cluster.lines().join("\n")));
+        let output: Vec<String> = worker_lines(&cluster.lines())
+            .into_iter()
+            .filter(|w| w.pid == last.pid && w.stream == "stdout")
+            .map(|w| w.line)
+            .collect();
+        let stopped = cluster.stop();
+
+        let mut problems = Vec::new();
+        let mut fds = BTreeMap::new();
+        for line in &output {
+            if let Some((left, target)) = line.split_once(" -> ") {
+                let fd: i32 = left
+                    .split_whitespace()
+                    .last()
+                    .and_then(|f| f.parse().ok())
+                    .unwrap_or_else(|| panic!("an ls -l line: {line}"));
+                // The directory ls itself reads.
+                if target.starts_with("/proc/") && target.ends_with("/fd") {
+                    continue;
+                }
+                fds.insert(fd, target.to_string());
+            }
+        }
+        if fds.keys().copied().collect::<Vec<_>>() != [0, 1, 2, 3, 4] {
+            problems.push(format!(
+                "the worker's descriptors are not exactly 0, 1, 2, its socket (3) and its channel (4): {fds:?}"
+            ));
+        }
+        if fds.values().any(|t| t.contains("shadow")) {
+            problems.push(format!("/etc/shadow reached the nobody worker: {fds:?}"));
+        }
+        if !fds.get(&3).is_some_and(|t| t.starts_with("socket:")) {
+            problems.push(format!("fd 3 is not the listening socket: {fds:?}"));
+        }
+        if !output.iter().any(|l| l == "IPC_FD=4")
+            || !fds.get(&4).is_some_and(|t| t.starts_with("socket:"))
+        {
+            problems.push(format!(
+                "the channel is not fd 4 right after the socket: {output:?}"
+            ));
+        }
+        if !output.iter().any(|l| l == "65534") {
+            problems.push(format!("id -u did not say 65534: {output:?}"));
+        }
+        let nobody = nix::unistd::User::from_name("nobody")
+            .expect("passwd")
+            .expect("user nobody");
+        let expected = format!("HOME={} USER=nobody LOGNAME=nobody", nobody.dir.display());
+        if last.line != expected {
+            problems.push(format!("environment {:?}, wanted {expected:?}", last.line));
+        }
+        assert_no_problems(&problems, &stopped.lines);
+    });
+}
+
+// ---- 2. a worker replacing its group's program ----
+
+#[test]
+fn a_worker_cannot_replace_its_groups_program_and_a_replaced_one_is_restored() {
+    root_test("cbpf_attach", || {
+        let scratch = Scratch::new("cbpf");
+        let worker = scratch.copy(&hardening_worker("attach_cbpf.py"));
+        let server = scratch.copy(&python_server());
+        let start = |extra: &[&str]| {
+            let mut args = vec!["run", "-w", "4", "--user", "nobody", "--listen", ADDR];
+            args.extend_from_slice(extra);
+            args.extend_from_slice(&["--", "/usr/bin/python3", &worker, &server]);
+            Cluster::start_with(&args, |command| {
+                command.current_dir("/");
+            })
+        };
+        let mut problems = Vec::new();
+        let mut output = Vec::new();
+
+        // Under the seccomp filter (the default): the attach fails, balancing is intact.
+        let cluster = start(&[]);
+        match ready_or_exit(&cluster, 4, Duration::from_secs(30)) {
+            Err(e) => problems.push(format!("default: {e}")),
+            Ok(_) => {
+                match wait_for_worker_line(&cluster, "attach-cbpf:", Duration::from_secs(5)) {
+                    Some(w) if w.line == "attach-cbpf: errno 1 (EPERM)" => {}
+                    other => problems.push(format!(
+                        "default: the attach was not refused with EPERM: {other:?}"
+                    )),
+                }
+                let seen = shares(400);
+                if seen != [100; 4] {
+                    problems.push(format!(
+                        "default: 400 connections spread as {seen:?}, not 100 each"
+                    ));
+                }
+                let strategy = cluster.status().strategy;
+                if strategy != "round-robin" {
+                    problems.push(format!("default: strategy {strategy}"));
+                }
+            }
+        }
+        output.extend(cluster.stop().lines);
+
+        // With --no-seccomp the attach works, and the primary puts its program back.
+        let cluster = start(&["--no-seccomp"]);
+        match ready_or_exit(&cluster, 4, Duration::from_secs(30)) {
+            Err(e) => problems.push(format!("--no-seccomp: {e}")),
+            Ok(_) => {
+                match wait_for_worker_line(&cluster, "attach-cbpf:", Duration::from_secs(5)) {
+                    Some(w) if w.line == "attach-cbpf: ok" => {}
+                    other => problems.push(format!(
+                        "--no-seccomp: the attach did not succeed: {other:?}"
+                    )),
+                }
+                // The worker attached before it was ready; within 10 s (the primary attaches
+                // again every 5 s) eight connections go two to each worker again.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let restored = loop {
+                    if shares(8) == [2; 4] {
+                        break true;
+                    }
+                    if Instant::now() >= deadline {
+                        break false;
+                    }
+                    thread::sleep(Duration::from_millis(250));
+                };
+                if !restored {
+                    problems.push("--no-seccomp: round robin not restored within 10 s".into());
+                } else {
+                    let seen = shares(400);
+                    if seen != [100; 4] {
+                        problems.push(format!(
+                            "--no-seccomp: 400 connections spread as {seen:?}, not 100 each"
+                        ));
+                    }
+                }
+            }
+        }
+        output.extend(cluster.stop().lines);
+        assert_no_problems(&problems, &output);
+    });
+}
+
+// ---- 3. what a worker may ask for over its channel ----
+
+#[test]
+fn query_server_refuses_low_ports_to_user_workers_and_bounds_the_groups() {
+    root_test("query_server_bounds", || {
+        let scratch = Scratch::new("queries");
+        let worker = scratch.copy(&hardening_worker("ipc_queries.py"));
+        scratch.copy(&example("python/cluster_lb_ipc.py"));
+        let cluster = Cluster::start_with(
+            &[
+                "run",
+                "-w",
+                "2",
+                "--user",
+                "nobody",
+                "--ready-timeout",
+                "120",
+                "--",
+                "/usr/bin/python3",
+                &worker,
+            ],
+            |command| {
+                command.current_dir("/");
+            },
+        );
+        let mut problems = Vec::new();
+        match wait_for_worker_line(&cluster, "query 127.0.0.1:80:", Duration::from_secs(20)) {
+            Some(w) if w.line.starts_with("query 127.0.0.1:80: refused") => {}
+            other => problems.push(format!(
+                "port 80 was not refused to a nobody worker: {other:?}"
+            )),
+        }
+        match wait_for_worker_line(&cluster, "queries:", Duration::from_secs(60)) {
+            None => problems.push("the worker asking for 300 ports never finished".into()),
+            Some(w) => {
+                let numbers: Vec<usize> = w
+                    .line
+                    .split(|c: char| !c.is_ascii_digit())
+                    .filter_map(|n| n.parse().ok())
+                    .collect();
+                match numbers.as_slice() {
+                    [ok, refused, ..] if *ok <= 16 && ok + refused == 300 => {}
+                    _ => problems.push(format!("300 queries: {}", w.line)),
+                }
+            }
+        }
+        if alive(cluster.pid() as i32) {
+            let listen = cluster.status().listen;
+            if listen.len() > 16 {
+                problems.push(format!(
+                    "{} groups exist (status.listen), more than 16",
+                    listen.len()
+                ));
+            }
+            let fds = fd_count(cluster.pid() as i32);
+            if fds >= 200 {
+                problems.push(format!("the primary has {fds} descriptors open"));
+            }
+        } else {
+            problems.push("the primary exited".into());
+        }
+        let stopped = cluster.stop();
+        assert_no_problems(&problems, &stopped.lines);
+    });
+}
+
+// ---- 4. the control socket: its mode from the first instant, and who it obeys ----
+
+#[test]
+fn the_control_socket_is_private_from_birth_and_obeys_only_root_and_its_owner() {
+    root_test("control_socket_private", || {
+        let scratch = Scratch::new("control");
+        let client = scratch.copy(&hardening_worker("control_client.py"));
+        let mut problems = Vec::new();
+        let mut output = Vec::new();
+        for round in 0..10 {
+            let path = scratch.path(&format!("c{round}.sock"));
+            let stop = Arc::new(AtomicBool::new(false));
+            let watcher = {
+                let (path, stop) = (path.clone(), Arc::clone(&stop));
+                thread::spawn(move || {
+                    let mut modes = BTreeSet::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Ok(meta) = fs::symlink_metadata(&path) {
+                            modes.insert(meta.permissions().mode() & 0o7777);
+                        }
+                    }
+                    modes
+                })
+            };
+            let control = path.display().to_string();
+            let cluster = Cluster::start_with(
+                &["run", "-w", "1", "--control", &control, "--", "sleep", "60"],
+                |command| {
+                    // SAFETY: umask is async-signal-safe.
+                    unsafe {
+                        command.pre_exec(|| {
+                            libc::umask(0);
+                            Ok(())
+                        });
+                    }
+                },
+            );
+            let answered = status_when(
+                cluster.pid() as i32,
+                cluster.control(),
+                Duration::from_secs(15),
+                |_| true,
+            );
+            stop.store(true, Ordering::Relaxed);
+            let modes = watcher.join().expect("watcher");
+            if let Err(e) = answered {
+                problems.push(format!("start {round}: no status: {e}"));
+            }
+            if modes.iter().any(|m| *m != 0o600) || modes.is_empty() {
+                let seen: Vec<String> = modes.iter().map(|m| format!("{m:04o}")).collect();
+                problems.push(format!(
+                    "start {round} under umask 000: the socket was seen with modes {seen:?}"
+                ));
+            }
+            output.extend(cluster.stop().lines);
+        }
+
+        // Another user who can reach the socket file is still refused.
+        let mut cluster = Cluster::start(&["run", "-w", "1", "--", "sleep", "600"]);
+        let before = status_when(
+            cluster.pid() as i32,
+            cluster.control(),
+            Duration::from_secs(15),
+            all_ready(1),
+        )
+        .expect("one worker ready");
+        fs::set_permissions(cluster.control(), fs::Permissions::from_mode(0o666))
+            .expect("chmod 0666");
+        let reply = Command::new("setpriv")
+            .args([
+                "--reuid",
+                "65534",
+                "--regid",
+                "65534",
+                "--clear-groups",
+                "/usr/bin/python3",
+                &client,
+            ])
+            .arg(cluster.control())
+            .arg(r#"{"cmd":"stop"}"#)
+            .current_dir("/")
+            .output()
+            .expect("running the client as nobody");
+        let text = String::from_utf8_lossy(&reply.stdout).to_string();
+        match serde_json::from_str::<Value>(text.trim()) {
+            Ok(v) if v["reply"] == "refused" => {}
+            _ => problems.push(format!(
+                "nobody's stop got {text:?} (stderr {:?}), not a refusal",
+                String::from_utf8_lossy(&reply.stderr)
+            )),
+        }
+        thread::sleep(Duration::from_secs(1));
+        match cluster_lb::client::fetch_status(cluster.control()) {
+            Ok(after) if alive(cluster.pid() as i32) && after.workers.len() == 1 => {
+                if after.workers[0].pid != before.workers[0].pid {
+                    problems.push("the worker was replaced after nobody's stop".into());
+                }
+            }
+            other => problems.push(format!(
+                "the cluster did not keep running after nobody's stop: {other:?}"
+            )),
+        }
+        if alive(cluster.pid() as i32) {
+            output.extend(cluster.stop().lines);
+        } else {
+            cluster.wait_exit(Duration::from_secs(5));
+            output.extend(cluster.lines());
+        }
+        assert_no_problems(&problems, &output);
+    });
+}
+
+// ---- 5. --control pointing at something that is not a socket ----
+
+#[test]
+fn a_control_path_that_is_a_regular_file_is_refused_and_kept() {
+    root_test("control_regular_file", || {
+        let scratch = Scratch::new("notasocket");
+        let file = scratch.path("precious.txt");
+        let content = "precious content\n";
+        fs::write(&file, content).expect("writing the file");
+        let path = file.display().to_string();
+        // --user, so the only thing wrong is the path (root workers earn a warning line).
+        let args = [
+            "run",
+            "-w",
+            "1",
+            "--user",
+            "nobody",
+            "--control",
+            &path,
+            "--",
+            "sleep",
+            "60",
+        ];
+        let run = run_to_end(&args, Duration::from_secs(5));
+        let mut problems = Vec::new();
+        if run.code != Some(1) {
+            problems.push(format!(
+                "exit {:?} (timed out: {}), not 1",
+                run.code, run.timed_out
+            ));
+        }
+        if let Some(p) = one_line_error_problem(&args, &run, &["not a socket"]) {
+            problems.push(p);
+        }
+        match fs::read_to_string(&file) {
+            Ok(now) if now == content => {}
+            other => problems.push(format!("the file is gone or changed: {other:?}")),
+        }
+        if fs::symlink_metadata(&file).is_ok_and(|m| m.file_type().is_socket()) {
+            problems.push("the file was replaced by a socket".into());
+        }
+        assert_no_problems(&problems, &run.stderr);
+    });
+}
+
+// ---- 7. worker output cannot forge the primary's text lines ----
+
+#[test]
+fn worker_output_in_text_mode_has_its_control_characters_escaped() {
+    root_test("text_output_escaped", || {
+        let cluster = Cluster::start(&[
+            "run",
+            "-w",
+            "1",
+            "--log-format",
+            "text",
+            "--listen",
+            ADDR,
+            "--",
+            "python3",
+            &hardening_worker("forge_output.py"),
+        ]);
+        let line = cluster.wait_for_line("FAKE cluster-lb[1]", Duration::from_secs(15));
+        let stopped = cluster.stop();
+        assert!(
+            !line.contains('\u{1b}') && !line.contains('\r'),
+            "raw ESC or CR reached the primary's output: {line:?}"
+        );
+        assert!(
+            line.contains("\\x1b[2K\\x0dFAKE cluster-lb[1]: worker 9 ready"),
+            "not escaped as \\x1b and \\x0d: {line:?}; output:\n{}",
+            stopped.lines.join("\n")
+        );
+    });
+}
+
+// ---- 8. accept errors do not end the metrics and control servers ----
+
+#[test]
+fn the_metrics_and_control_servers_survive_running_out_of_descriptors() {
+    root_test("accept_emfile", || {
+        let metrics: SocketAddr = "127.0.0.1:9100".parse().expect("metrics address");
+        let server = python_server();
+        let cluster = Cluster::start_with(
+            &[
+                "run",
+                "-w",
+                "1",
+                "--metrics",
+                "127.0.0.1:9100",
+                "--listen",
+                ADDR,
+                "--",
+                "python3",
+                &server,
+            ],
+            |command| {
+                // SAFETY: setrlimit is async-signal-safe.
+                unsafe {
+                    command.pre_exec(|| {
+                        let limit = libc::rlimit {
+                            rlim_cur: 256,
+                            rlim_max: 256,
+                        };
+                        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+            },
+        );
+        cluster.wait_until_ready(1);
+        let first = http_get(metrics, "/metrics", Duration::from_secs(5)).expect("metrics before");
+        assert!(
+            first.starts_with("HTTP/1.") && first.contains(" 200 "),
+            "{first}"
+        );
+
+        // 300 idle connections: more than the primary has descriptors for.
+        let idle: Vec<TcpStream> = (0..300)
+            .filter_map(|_| TcpStream::connect_timeout(&metrics, Duration::from_secs(2)).ok())
+            .collect();
+        thread::sleep(Duration::from_secs(2));
+        let opened = idle.len();
+        drop(idle);
+        thread::sleep(Duration::from_millis(500));
+
+        let mut problems = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let last = loop {
+            let answer = http_get(metrics, "/metrics", Duration::from_secs(2));
+            match &answer {
+                Ok(r) if r.contains(" 200 ") => break answer,
+                _ if Instant::now() >= deadline => break answer,
+                _ => thread::sleep(Duration::from_millis(200)),
+            }
+        };
+        match last {
+            Ok(r) if r.contains(" 200 ") => {}
+            other => problems.push(format!(
+                "after {opened} idle connections closed, GET /metrics: {:?}",
+                other.map(|r| r.lines().next().unwrap_or("").to_string())
+            )),
+        }
+        if let Err(e) = cluster_lb::client::fetch_status(cluster.control()) {
+            problems.push(format!("status after the idle connections: {e}"));
+        }
+        let stopped = cluster.stop();
+        assert_no_problems(&problems, &stopped.lines);
+    });
+}
+
+// ---- 9. a reader that stops reading does not stop supervision ----
+
+#[test]
+fn stalled_output_never_stops_supervision_and_the_loss_is_counted() {
+    root_test("stalled_output", || {
+        let (read_end, write_end) = nix::unistd::pipe().expect("pipe");
+        let control = control_path();
+        let grace = 5;
+        let mut command = Command::new(workspace_binary("cluster-lb"));
+        command
+            .args([
+                "run",
+                "-w",
+                "3",
+                "--grace",
+                &grace.to_string(),
+                "--log-format",
+                "json",
+                "--control",
+            ])
+            .arg(&control)
+            .args([
+                "--listen",
+                ADDR,
+                "--",
+                "python3",
+                &hardening_worker("noisy.py"),
+                &python_server(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(write_end.try_clone().expect("dup")))
+            .stderr(Stdio::from(write_end));
+        let mut primary = ChildGuard(command.spawn().expect("starting cluster-lb"));
+        drop(command); // our copies of the write end
+        let pid = primary.0.id() as i32;
+        let mut problems = Vec::new();
+
+        // Nobody reads: the pipe fills at once (worker 0 prints 1 MB lines).
+        let ready = status_when(pid, &control, Duration::from_secs(30), all_ready(3));
+        match ready {
+            Err(e) => problems.push(format!("3 workers ready while output is stalled: {e}")),
+            Ok(status) => {
+                thread::sleep(Duration::from_secs(3));
+                let victim = status
+                    .workers
+                    .iter()
+                    .find(|w| w.id == 1)
+                    .expect("worker 1")
+                    .pid;
+                signal(victim as u32, Signal::SIGKILL);
+                let replaced = status_when(pid, &control, Duration::from_secs(10), |s| {
+                    all_ready(3)(s) && s.workers.iter().any(|w| w.id == 1 && w.pid != victim)
+                });
+                if let Err(e) = replaced {
+                    problems.push(format!(
+                        "SIGKILLed worker 1 not replaced and ready within 10 s while output is stalled: {e}"
+                    ));
+                }
+            }
+        }
+
+        // Read for a while: one line says how many lines were dropped.
+        let reader = thread::spawn(move || {
+            let mut file = File::from(read_end);
+            let mut chunk = vec![0u8; 1 << 16];
+            let mut partial = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            let mut found = None;
+            while found.is_none() && Instant::now() < deadline {
+                let mut poll = libc::pollfd {
+                    fd: file.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                if unsafe { libc::poll(&mut poll, 1, 500) } <= 0 {
+                    continue;
+                }
+                let read = match file.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                partial.extend_from_slice(&chunk[..read]);
+                let mut start = 0;
+                while let Some(offset) = partial[start..].iter().position(|&b| b == b'\n') {
+                    let line = &partial[start..start + offset];
+                    if line.windows(9).any(|w| w == b"\"dropped\"") {
+                        found = serde_json::from_slice::<Value>(line).ok();
+                    }
+                    start += offset + 1;
+                }
+                partial.drain(..start);
+            }
+            (file, found)
+        });
+        let (unread, dropped) = reader.join().expect("reader");
+        match dropped.as_ref().and_then(|v| v["dropped"].as_u64()) {
+            Some(n) if n > 0 => {}
+            _ => problems.push(format!(
+                "no line with a count of dropped lines: {dropped:?}"
+            )),
+        }
+
+        // Stalled again: TERM still stops the cluster within --grace.
+        thread::sleep(Duration::from_secs(1));
+        if alive(pid) {
+            signal(pid as u32, Signal::SIGTERM);
+            let asked = Instant::now();
+            let exited = loop {
+                if primary.0.try_wait().expect("waiting").is_some() {
+                    break true;
+                }
+                if asked.elapsed() > Duration::from_secs(grace) + Duration::from_millis(500) {
+                    break false;
+                }
+                thread::sleep(Duration::from_millis(20));
+            };
+            if !exited {
+                problems.push(format!("SIGTERM did not end the primary within --grace {grace} s while output is stalled"));
+            }
+        } else {
+            problems.push("the primary died".into());
+        }
+        drop(unread);
+        assert_no_problems(&problems, &[]);
+    });
+}
+
+// ---- 10. reload and scale-down escalate to SIGKILL after --grace ----
+
+#[test]
+fn reloads_and_scale_down_kill_workers_that_ignore_term_after_grace() {
+    root_test("reload_escalates", || {
+        let cluster = Cluster::start(&[
+            "run",
+            "-w",
+            "2",
+            "--grace",
+            "1",
+            "--ready-delay",
+            "30",
+            "--ready-timeout",
+            "60",
+            "--listen",
+            ADDR,
+            "--",
+            "python3",
+            &hardening_worker("ignores_term.py"),
+        ]);
+        cluster.wait_until_ready(2);
+        let primary = cluster.pid() as i32;
+        let settled = |wanted: usize| {
+            move |s: &ClusterStatus| {
+                s.workers.len() == wanted
+                    && s.workers.iter().all(|w| w.state == WorkerState::Ready)
+                    && children(primary).len() == wanted
+            }
+        };
+        let mut problems = Vec::new();
+        for round in 1..=5 {
+            match request(cluster.control(), &Request::Reload, Duration::from_secs(60)) {
+                Ok(Reply::Reloaded { .. }) => {}
+                other => problems.push(format!("reload {round}: {other:?}")),
+            }
+            if let Err(e) = status_when(
+                primary,
+                cluster.control(),
+                Duration::from_secs(3),
+                settled(2),
+            ) {
+                let states: Vec<String> = cluster
+                    .status()
+                    .workers
+                    .iter()
+                    .map(|w| format!("{} {} {:?}", w.id, w.pid, w.state))
+                    .collect();
+                problems.push(format!(
+                    "3 s after reload {round}: not 2 ready workers and 2 processes ({e}); workers {states:?}, {} processes",
+                    children(primary).len()
+                ));
+            }
+        }
+        match request(
+            cluster.control(),
+            &Request::Scale { workers: 1 },
+            Duration::from_secs(10),
+        ) {
+            Ok(Reply::Scaling { .. }) => {}
+            other => problems.push(format!("scale 1: {other:?}")),
+        }
+        if let Err(e) = status_when(
+            primary,
+            cluster.control(),
+            Duration::from_secs(3),
+            settled(1),
+        ) {
+            problems.push(format!(
+                "3 s after scale 1: not 1 ready worker and 1 process ({e}); {} processes",
+                children(primary).len()
+            ));
+        }
+        let kills: Vec<Value> = cluster
+            .events_named("kill")
+            .into_iter()
+            .filter(|k| {
+                k["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("grace period"))
+            })
+            .collect();
+        if kills.len() < 11 {
+            problems.push(format!(
+                "{} kills for the grace period, not 11 (5 reloads of 2 workers and one scale-down)",
+                kills.len()
+            ));
+        }
+        let stopped = cluster.stop();
+        assert_no_problems(&problems, &stopped.lines);
+    });
+}
+
+// ---- 11. what a worker leaves behind holding its socket ----
+
+/// Kills processes of this test's network namespace with this command line, on drop.
+struct KillLeftovers(&'static [&'static str]);
+
+impl Drop for KillLeftovers {
+    fn drop(&mut self) {
+        for pid in processes_here(self.0) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+#[test]
+fn orphans_holding_a_gone_workers_socket_are_stopped() {
+    root_test("orphans_holding_sockets", || {
+        const SLEEP: &[&str] = &["sleep", "3600"];
+        let _leftovers = KillLeftovers(SLEEP);
+        let server = python_server();
+        let script = format!("(setsid sleep 3600 &); exec python3 {server}");
+        let args = [
+            "run",
+            "-w",
+            "2",
+            "--strategy",
+            "kernel",
+            "--listen",
+            ADDR,
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ];
+        let cluster = Cluster::start(&args);
+        let status = cluster.wait_until_ready(2);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while processes_here(SLEEP).len() < 2 {
+            assert!(Instant::now() < deadline, "precondition: two setsid sleeps");
+            thread::sleep(Duration::from_millis(50));
+        }
+        let mut problems = Vec::new();
+        let victim = status.workers[0].pid;
+        signal(victim as u32, Signal::SIGKILL);
+        if find_event(&cluster, "orphan", Duration::from_secs(5), |e| {
+            e["held_socket"] == true
+        })
+        .is_none()
+        {
+            problems
+                .push("no orphan event with held_socket true after the worker was killed".into());
+        }
+        if let Err(e) = ready_or_exit(&cluster, 2, Duration::from_secs(15)) {
+            problems.push(format!("after the kill: {e}"));
+        }
+        let failures: Vec<String> = (0..100)
+            .filter_map(|i| {
+                answer_within(addr(), Duration::from_secs(2))
+                    .err()
+                    .map(|e| format!("request {i}: {e}"))
+            })
+            .collect();
+        if !failures.is_empty() {
+            problems.push(format!(
+                "{} of 100 requests failed: {:?}",
+                failures.len(),
+                &failures[..failures.len().min(5)]
+            ));
+        }
+        let mut output = cluster.stop().lines;
+        thread::sleep(Duration::from_millis(300));
+        let left = processes_here(SLEEP);
+        if !left.is_empty() {
+            problems.push(format!(
+                "sleep 3600 left behind after the stop: pids {left:?}"
+            ));
+        }
+        // The same cluster again, on the same port.
+        let again = Cluster::start(&args);
+        match ready_or_exit(&again, 2, Duration::from_secs(30)) {
+            Err(e) => problems.push(format!("a new cluster on the same port: {e}")),
+            Ok(_) => {
+                let failures: Vec<String> = (0..50)
+                    .filter_map(|i| {
+                        answer_within(addr(), Duration::from_secs(2))
+                            .err()
+                            .map(|e| format!("request {i}: {e}"))
+                    })
+                    .collect();
+                if !failures.is_empty() {
+                    problems.push(format!(
+                        "a new cluster on the same port: {} of 50 requests failed: {failures:?}",
+                        failures.len()
+                    ));
+                }
+            }
+        }
+        output.extend(again.stop().lines);
+        assert_no_problems(&problems, &output);
+    });
+}
+
+// ---- 12. --user workers when the primary is SIGKILLed ----
+
+#[test]
+fn user_workers_die_with_a_sigkilled_primary() {
+    root_test("user_workers_pdeathsig", || {
+        let scratch = Scratch::new("pdeathsig");
+        let server = scratch.copy(&python_server());
+        let args = [
+            "run",
+            "-w",
+            "2",
+            "--user",
+            "nobody",
+            "--listen",
+            ADDR,
+            "--",
+            "/usr/bin/python3",
+            &server,
+        ];
+        let start = || {
+            Cluster::start_with(&args, |command| {
+                command.current_dir("/");
+            })
+        };
+        let mut cluster = start();
+        let status = cluster.wait_until_ready(2);
+        let workers: Vec<i32> = status.workers.iter().map(|w| w.pid).collect();
+        let _cleanup = KillOnDrop(workers.clone());
+        signal(cluster.pid(), Signal::SIGKILL);
+        cluster.wait_exit(Duration::from_secs(5));
+        let killed = Instant::now();
+        let mut problems = Vec::new();
+        while workers.iter().any(|&pid| alive(pid)) && killed.elapsed() < Duration::from_secs(3) {
+            thread::sleep(Duration::from_millis(50));
+        }
+        let left: Vec<i32> = workers.iter().copied().filter(|&pid| alive(pid)).collect();
+        if !left.is_empty() {
+            problems.push(format!(
+                "workers {left:?} still run 3 s after the primary was SIGKILLed"
+            ));
+        }
+        let mut output = cluster.lines();
+        let again = start();
+        match ready_or_exit(&again, 2, Duration::from_secs(30)) {
+            Err(e) => problems.push(format!("a new cluster on the same port: {e}")),
+            Ok(status) => {
+                let new: Vec<u32> = status.workers.iter().map(|w| w.pid as u32).collect();
+                for i in 0..20 {
+                    match answer_within(addr(), Duration::from_secs(2)) {
+                        Ok((_, pid)) if new.contains(&pid) => {}
+                        other => {
+                            problems.push(format!(
+                                "a new cluster on the same port, request {i}: {other:?}"
+                            ));
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        output.extend(again.stop().lines);
+        assert_no_problems(&problems, &output);
+    });
+}
+
+// ---- 13. a worker that closes its listening socket ----
+
+#[test]
+fn a_worker_that_closes_its_listening_socket_is_replaced_or_reported() {
+    root_test("closed_listener", || {
+        let scratch = Scratch::new("closed");
+        let server = python_server();
+        let closer = hardening_worker("closes_listener.py");
+        let start = |marker: &Path, extra: &[&str]| {
+            let _ = fs::remove_file(marker);
+            let marker = marker.display().to_string();
+            let mut args = vec!["run", "-w", "4", "--listen", ADDR];
+            args.extend_from_slice(extra);
+            args.extend_from_slice(&["--", "python3", &closer, &server, &marker]);
+            Cluster::start(&args)
+        };
+        let mut problems = Vec::new();
+        let mut output = Vec::new();
+
+        // Default: drained and replaced.
+        let cluster = start(&scratch.path("restart"), &[]);
+        match ready_or_exit(&cluster, 4, Duration::from_secs(30)) {
+            Err(e) => problems.push(format!("restart: {e}")),
+            Ok(first) => {
+                let closer_pid = first
+                    .workers
+                    .iter()
+                    .find(|w| w.id == 0)
+                    .expect("worker 0")
+                    .pid;
+                let disconnect = find_event(&cluster, "disconnect", Duration::from_secs(15), |e| {
+                    e["pid"] == closer_pid
+                });
+                match &disconnect {
+                    Some(e)
+                        if e["failure"] == true
+                            && e["reason"].as_str().is_some_and(|r| r.contains("listening socket")) => {}
+                    other => problems.push(format!(
+                        "restart: no failure disconnect naming the listening socket for pid {closer_pid} within 15 s: {other:?}"
+                    )),
+                }
+                let original: Vec<i32> = first.workers.iter().map(|w| w.pid).collect();
+                let replaced = status_when(
+                    cluster.pid() as i32,
+                    cluster.control(),
+                    Duration::from_secs(15),
+                    |s| all_ready(4)(s) && s.workers.iter().all(|w| w.pid != closer_pid),
+                );
+                match replaced {
+                    Err(e) => problems.push(format!("restart: worker 0 not replaced: {e}")),
+                    Ok(_) => {
+                        let seen = shares(400);
+                        if seen != [100; 4] {
+                            problems.push(format!("restart: 400 connections spread as {seen:?}"));
+                        }
+                        let status = cluster.status();
+                        for w in status.workers.iter().filter(|w| !original.contains(&w.pid)) {
+                            if w.fallback != 0 || w.selected == 0 {
+                                problems.push(format!(
+                                    "restart: new worker {} (pid {}) has {} selected, {} fallbacks",
+                                    w.id, w.pid, w.selected, w.fallback
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        output.extend(cluster.stop().lines);
+
+        // --on-closed-listener report: reported, left running.
+        let cluster = start(&scratch.path("report"), &["--on-closed-listener", "report"]);
+        match ready_or_exit(&cluster, 4, Duration::from_secs(30)) {
+            Err(e) => problems.push(format!("report: {e}")),
+            Ok(first) => {
+                let closer_pid = first
+                    .workers
+                    .iter()
+                    .find(|w| w.id == 0)
+                    .expect("worker 0")
+                    .pid;
+                if find_event(&cluster, "listener-closed", Duration::from_secs(15), |e| {
+                    e["pid"] == closer_pid
+                })
+                .is_none()
+                {
+                    problems.push(format!(
+                        "report: no listener-closed event for pid {closer_pid} within 15 s"
+                    ));
+                }
+                thread::sleep(Duration::from_millis(500));
+                if cluster
+                    .events_named("disconnect")
+                    .iter()
+                    .any(|e| e["pid"] == closer_pid)
+                {
+                    problems.push("report: the worker was disconnected anyway".into());
+                }
+                let status = cluster.status();
+                if !alive(closer_pid) || !status.workers.iter().any(|w| w.pid == closer_pid) {
+                    problems.push(format!(
+                        "report: the worker (pid {closer_pid}) does not run any more"
+                    ));
+                }
+            }
+        }
+        output.extend(cluster.stop().lines);
+        assert_no_problems(&problems, &output);
+    });
+}
+
+// ---- 14. bad input: one line each ----
+
+#[test]
+fn bad_input_gets_one_line_that_names_the_problem() {
+    root_test("input_errors", || {
+        let scratch = Scratch::new("silent");
+        let silent_path = scratch.path("silent.sock");
+        // Listens, never accepts, never answers.
+        let _silent = UnixListener::bind(&silent_path).expect("a silent socket");
+        let silent = silent_path.display().to_string();
+        let status_run = {
+            let silent = silent.clone();
+            thread::spawn(move || {
+                run_to_end(&["status", "--control", &silent], Duration::from_secs(20))
+            })
+        };
+        let mut problems = Vec::new();
+        let cases: [(&[&str], &[&str]); 4] = [
+            (
+                &["run", "--ready-timeout", "0", "--", "true"],
+                &["--ready-timeout"],
+            ),
+            (&["run", "--grace", "-1", "--", "true"], &["--grace", "-1"]),
+            (
+                &["run", "--ready-delay", "-1", "--", "true"],
+                &["--ready-delay", "-1"],
+            ),
+            (
+                &["run", "--listen", ADDR, "--metrics", ADDR, "--", "true"],
+                &["--metrics", "--listen"],
+            ),
+        ];
+        for (args, needles) in cases {
+            let run = run_to_end(args, Duration::from_secs(10));
+            problems.extend(one_line_error_problem(args, &run, needles));
+        }
+        // No arguments at all: an error line, not the program's description.
+        let help = Command::new(workspace_binary("cluster-lb"))
+            .arg("--help")
+            .output()
+            .expect("cluster-lb --help");
+        let about = String::from_utf8_lossy(&help.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let bare = run_to_end(&[], Duration::from_secs(10));
+        problems.extend(one_line_error_problem(&[], &bare, &[]));
+        if !about.is_empty() && bare.stderr.iter().any(|l| l.contains(&about)) {
+            problems.push(format!(
+                "`cluster-lb` printed the program's description: {:?}",
+                bare.stderr
+            ));
+        }
+        // A socket that never answers: the client says so after its 10 s.
+        let run = status_run.join().expect("status thread");
+        let args = ["status", "--control", &silent];
+        problems.extend(one_line_error_problem(&args, &run, &["did not answer"]));
+        if run.took < Duration::from_secs(9) || run.took > Duration::from_secs(12) {
+            problems.push(format!(
+                "`status` on a silent socket took {:?}, not about 10 s",
+                run.took
+            ));
+        }
+        if run
+            .stderr
+            .iter()
+            .any(|l| l.contains("Resource temporarily unavailable"))
+        {
+            problems.push(format!("`status` on a silent socket: {:?}", run.stderr));
+        }
+        assert_no_problems(&problems, &[]);
+    });
+}
