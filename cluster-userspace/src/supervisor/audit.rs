@@ -25,18 +25,22 @@ pub fn socket_inodes(pid: i32) -> HashSet<u64> {
         .collect()
 }
 
-/// The TCP sockets in LISTEN state in this network namespace: (inode, address). Asked of the
-/// kernel with a sock_diag dump filtered to LISTEN, so it costs the same however many
-/// connections (or TIME_WAIT entries) the host has; /proc/net/tcp lists them all.
-pub fn listening_tcp() -> Vec<(u64, SocketAddr)> {
+/// The TCP sockets in LISTEN state in this network namespace: (inode, address); `None` when
+/// the kernel cannot say (inet_diag is a module, and a container or an initramfs may lack
+/// it). Asked of the kernel with a sock_diag dump filtered to LISTEN, so it costs the same
+/// however many connections (or TIME_WAIT entries) the host has; /proc/net/tcp lists them all.
+pub fn listening_tcp() -> Option<Vec<(u64, SocketAddr)>> {
     let mut found = Vec::new();
     for family in [libc::AF_INET, libc::AF_INET6] {
         match super::diag::listening(family as u8) {
             Ok(sockets) => found.extend(sockets),
-            Err(e) => log::debug!("sock_diag: {e}"),
+            Err(e) => {
+                log::debug!("sock_diag: {e}");
+                return None;
+            }
         }
     }
-    found
+    Some(found)
 }
 
 /// The children of this process (all its threads'), from /proc/self/task/*/children.
@@ -128,7 +132,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let pid = std::process::id() as i32;
-        let listening = listening_tcp();
+        let listening = listening_tcp().expect("sock_diag on the test host");
         assert!(own_listeners(pid, &listening, &HashSet::new()).contains(&addr));
         let given: HashSet<u64> = inode(&listener).into_iter().collect();
         assert!(!own_listeners(pid, &listening, &given).contains(&addr));

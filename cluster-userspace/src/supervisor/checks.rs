@@ -39,19 +39,20 @@ impl std::str::FromStr for ClosedListener {
 
 impl Supervisor {
     pub(super) fn periodic_checks(&mut self) {
-        let listening = audit::listening_tcp();
-        self.report_own_listeners(&listening);
+        if let Some(listening) = audit::listening_tcp() {
+            self.report_own_listeners(&listening);
+        }
         self.restore_programs();
-        for input in self.closed_listeners(&listening) {
+        for input in self.closed_listeners() {
             self.step(input);
         }
         self.stop_orphans_holding_sockets();
     }
 
-    /// Ready workers (ready for a whole period) whose listening socket is not listening any
-    /// more: every copy of it was closed (by the worker and whatever it shared it with).
-    fn closed_listeners(&mut self, listening: &[(u64, std::net::SocketAddr)]) -> Vec<Input> {
-        let held: HashSet<u64> = listening.iter().map(|(inode, _)| *inode).collect();
+    /// Ready workers (ready for a whole period) that no longer hold a listening socket they
+    /// were given, nor does any of their descendants: they closed it. Read from /proc, which
+    /// every kernel has (sock_diag needs a module).
+    fn closed_listeners(&mut self) -> Vec<Input> {
         let mut inputs = Vec::new();
         let mut reports = Vec::new();
         for (pid, worker) in &mut self.workers {
@@ -61,6 +62,10 @@ impl Supervisor {
             if !settled || worker.given.is_empty() {
                 continue;
             }
+            let held: HashSet<u64> = audit::with_descendants(pid.as_raw())
+                .into_iter()
+                .flat_map(audit::socket_inodes)
+                .collect();
             // UDP sockets do not listen: only TCP ones can be checked this way.
             let closed: Vec<(u64, _)> = worker
                 .given
