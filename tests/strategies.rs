@@ -276,3 +276,74 @@ fn sticky_udp_keeps_every_flow_of_a_client_address_on_one_worker() {
         assert!(cluster.stop().status.success());
     });
 }
+
+/// Least-loaded: exact round robin while the workers are equally loaded, open connections
+/// counted as they open and close, and a worker that stops accepting (SIGSTOP) gets next to
+/// nothing (one connection: it has to be seen loaded first), where round robin would send it
+/// a quarter.
+#[test]
+fn least_loaded_counts_open_connections_and_avoids_a_stuck_worker() {
+    root_test("least_loaded", || {
+        let server = rust_server();
+        let cluster = Cluster::start(&[
+            "run",
+            "-w",
+            "4",
+            "--listen",
+            "127.0.0.1:8080",
+            "--strategy",
+            "least-loaded",
+            "--",
+            &server,
+        ]);
+        let status = cluster.wait_until_ready(4);
+        assert_eq!(status.strategy, "least-loaded");
+        let to = SocketAddr::from(([127, 0, 0, 1], PORT));
+        let idle = cluster_lb_tests::distribution(to, 400);
+        assert!(
+            idle.values().all(|&n| n == 100),
+            "idle means round robin: {idle:?}"
+        );
+
+        // Connections held open count; closed ones stop counting.
+        let held: Vec<std::net::TcpStream> = (0..8)
+            .map(|_| std::net::TcpStream::connect(to).expect("connect"))
+            .collect();
+        let counted =
+            cluster.wait_until("8 open connections counted", Duration::from_secs(5), |s| {
+                s.workers.iter().map(|w| w.open).sum::<u64>() == 8
+            });
+        eprintln!(
+            "least-loaded: open per worker with 8 held: {:?}",
+            counted.workers.iter().map(|w| w.open).collect::<Vec<_>>()
+        );
+        drop(held);
+        cluster.wait_until("no open connection counted", Duration::from_secs(5), |s| {
+            s.workers.iter().all(|w| w.open == 0)
+        });
+
+        let stuck = cluster.status().workers[0].pid;
+        signal(stuck as u32, Signal::SIGSTOP);
+        let mut timed_out = 0;
+        for _ in 0..200 {
+            let answered = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))
+                .and_then(|mut stream| {
+                    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    stream.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")?;
+                    let mut response = Vec::new();
+                    stream.read_to_end(&mut response)?;
+                    Ok(response)
+                });
+            if answered.map_or(true, |r| r.is_empty()) {
+                timed_out += 1;
+            }
+        }
+        eprintln!("least-loaded: {timed_out} of 200 connections reached the stopped worker");
+        assert!(
+            timed_out <= 2,
+            "{timed_out} connections went to the stuck worker"
+        );
+        signal(stuck as u32, Signal::SIGCONT);
+        assert!(cluster.stop().status.success());
+    });
+}

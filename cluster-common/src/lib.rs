@@ -67,6 +67,39 @@ pub const STRATEGY_HASH: u32 = 1;
 /// The client's address (IPv4 or IPv6), through [`MAP_TABLE`]: every connection of a client to
 /// one worker.
 pub const STRATEGY_STICKY: u32 = 2;
+/// The worker with the fewest open connections of two: the round-robin choice and one other
+/// picked at random (power of two choices), so equal loads give exact round robin.
+pub const STRATEGY_LEAST_LOADED: u32 = 3;
+
+/// LRU_HASH from a new connection's [`ConnKey`] to the slot chosen for it ([`ConnSlot`]),
+/// written at selection, read by [`COUNTER_PROGRAM`] as the connection opens and closes.
+pub const MAP_CONNECTIONS: &str = "CLB_CONNECTIONS";
+/// Connections [`MAP_CONNECTIONS`] remembers at once; beyond, the oldest are forgotten (their
+/// close then goes uncounted).
+pub const CONNECTIONS_ENTRIES: u32 = 65536;
+/// ARRAY of u64 indexed by slot: open connections of that slot's worker (accepted or waiting
+/// to be), kept by [`COUNTER_PROGRAM`]. Wraps below zero if a close outruns its open; read as 0.
+pub const MAP_OPEN: &str = "CLB_OPEN";
+/// The tracepoint program (sock:inet_sock_set_state) that keeps [`MAP_OPEN`].
+pub const COUNTER_PROGRAM: &str = "count_connections";
+
+/// A TCP connection as both programs see it: the client's address (IPv4 as v4-mapped IPv6) and
+/// port, and the server's port, in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnKey {
+    pub client: [u8; 16],
+    pub client_port: u16,
+    pub server_port: u16,
+}
+
+/// Where a connection went, and whether [`MAP_OPEN`] counts it (once established).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnSlot {
+    pub slot: u32,
+    pub counted: u32,
+}
 
 /// The slots that may receive new connections, densely packed: `slots[..count]`.
 #[repr(C)]
@@ -102,4 +135,6 @@ mod pod {
     // bit patterns, which is what aya::Pod requires.
     unsafe impl aya::Pod for super::ActiveSet {}
     unsafe impl aya::Pod for super::SlotStats {}
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::ConnSlot {}
 }

@@ -11,16 +11,17 @@
 
 use aya_ebpf::{
     bindings::{bpf_hdr_start_off::BPF_HDR_START_NET, sk_action::SK_PASS},
-    helpers::bpf_skb_load_bytes_relative,
-    macros::{map, sk_reuseport},
-    maps::{Array, PerCpuArray, ReusePortSockArray},
-    programs::SkReuseportContext,
+    helpers::{bpf_get_prandom_u32, bpf_skb_load_bytes_relative},
+    macros::{map, sk_reuseport, tracepoint},
+    maps::{Array, LruHashMap, PerCpuArray, ReusePortSockArray},
+    programs::{SkReuseportContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
 use cluster_common::{
     ActiveSet, SlotStats, CONFIG_ACTIVE_BUFFER, CONFIG_ENTRIES, CONFIG_STRATEGY,
-    CONFIG_TABLE_BUFFER, MAX_SLOTS, MAX_TRIES, MAX_WORKERS, NO_SLOT_STATS, STATS_ENTRIES,
-    STRATEGY_HASH, STRATEGY_STICKY, TABLE_SIZE,
+    CONFIG_TABLE_BUFFER, ConnKey, ConnSlot, CONNECTIONS_ENTRIES, MAX_SLOTS, MAX_TRIES,
+    MAX_WORKERS, NO_SLOT_STATS, STATS_ENTRIES, STRATEGY_HASH, STRATEGY_LEAST_LOADED,
+    STRATEGY_STICKY, TABLE_SIZE,
 };
 
 // The slot mask below relies on this.
@@ -46,6 +47,13 @@ static CLB_TABLE: Array<u32> = Array::with_max_entries(2 * TABLE_SIZE, 0);
 
 #[map]
 static CLB_ID_SLOT: Array<u32> = Array::with_max_entries(MAX_WORKERS, 0);
+
+#[map]
+static CLB_CONNECTIONS: LruHashMap<ConnKey, ConnSlot> =
+    LruHashMap::with_max_entries(CONNECTIONS_ENTRIES, 0);
+
+#[map]
+static CLB_OPEN: Array<u64> = Array::with_max_entries(MAX_SLOTS, 0);
 
 /// Attached as SELECT_OR_MIGRATE (kernel 5.14+): the kernel also calls us when a listener closes
 /// with requests still queued, so they move to a live worker instead of being reset.
@@ -81,8 +89,10 @@ pub fn select_worker(ctx: SkReuseportContext) -> u32 {
             count_fallback(slot);
         }
     }
+    let least_loaded = config(CONFIG_STRATEGY) == STRATEGY_LEAST_LOADED;
     let start = match key {
         Some(key) => key % count,
+        None if least_loaded => less_loaded_of_two(set, count),
         None => next_round_robin() % count,
     };
 
@@ -99,6 +109,9 @@ pub fn select_worker(ctx: SkReuseportContext) -> u32 {
         let slot = set.slots[index as usize];
         if CLB_SOCKETS.select_reuseport(&ctx, slot).is_ok() {
             count_selected(slot, migrating);
+            if least_loaded {
+                remember_connection(&ctx, slot);
+            }
             return SK_PASS;
         }
         if tried == 0 {
@@ -154,6 +167,175 @@ fn client_address_hash(ctx: &SkReuseportContext) -> u32 {
         hash ^= hash >> 13;
     }
     hash
+}
+
+/// The position in the active set of the less loaded of two workers: the round-robin choice
+/// and another picked at random. Ties go to the round-robin one, so an idle cluster gets exact
+/// round robin; two choices keep the cost flat however many workers there are.
+#[inline(always)]
+fn less_loaded_of_two(set: &ActiveSet, count: u32) -> u32 {
+    let first = next_round_robin() % count;
+    if count < 2 {
+        return first;
+    }
+    // SAFETY: a helper without arguments.
+    let other = (first + 1 + unsafe { bpf_get_prandom_u32() } % (count - 1)) % count;
+    let load = |position: u32| {
+        let index = core::hint::black_box(position) & (MAX_SLOTS - 1);
+        open_connections(set.slots[index as usize])
+    };
+    if load(other) < load(first) {
+        other
+    } else {
+        first
+    }
+}
+
+/// Open connections of a slot's worker; a count that wrapped below zero reads as 0.
+#[inline(always)]
+fn open_connections(slot: u32) -> u64 {
+    let open = CLB_OPEN.get(slot).copied().unwrap_or(0);
+    if open > u64::MAX / 2 {
+        0
+    } else {
+        open
+    }
+}
+
+/// Adds `delta` (1, or u64::MAX for -1) to a slot's open connections, from any CPU.
+#[inline(always)]
+fn add_open(slot: u32, delta: u64) {
+    if let Some(open) = CLB_OPEN.get_ptr_mut(slot) {
+        // SAFETY: the pointer comes from the map lookup; BPF_ATOMIC add (kernel 5.12+).
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::SeqCst }>(
+                open, delta,
+            );
+        }
+    }
+}
+
+/// Records where this connection went, for the counter program. A request moved off a
+/// closing listener that was counted already moves its count along.
+#[inline(always)]
+fn remember_connection(ctx: &SkReuseportContext, slot: u32) {
+    let Some(key) = connection_key(ctx) else {
+        return;
+    };
+    let mut entry = ConnSlot { slot, counted: 0 };
+    // SAFETY: reading a value of the map, copied at once.
+    if let Some(previous) = unsafe { CLB_CONNECTIONS.get(&key) }.copied() {
+        if previous.counted != 0 && previous.slot != slot {
+            add_open(previous.slot, u64::MAX);
+            add_open(slot, 1);
+            entry.counted = 1;
+        }
+    }
+    let _ = CLB_CONNECTIONS.insert(&key, &entry, 0);
+}
+
+/// The connection's client address (v4-mapped for IPv4) and ports, from the packet: the IP
+/// header's source, the TCP header's ports.
+#[inline(always)]
+fn connection_key(ctx: &SkReuseportContext) -> Option<ConnKey> {
+    let mut key = ConnKey::default();
+    let mut first = [0u8; 1];
+    load_network(ctx, 0, &mut first)?;
+    let transport = if ctx.eth_protocol() == u32::from(0x86ddu16.to_be()) {
+        load_network(ctx, 8, &mut key.client)?;
+        40
+    } else {
+        key.client[10] = 0xff;
+        key.client[11] = 0xff;
+        let mut v4 = [0u8; 4];
+        load_network(ctx, 12, &mut v4)?;
+        key.client[12..].copy_from_slice(&v4);
+        u32::from(first[0] & 0x0f) * 4
+    };
+    let mut ports = [0u8; 4];
+    load_network(ctx, transport, &mut ports)?;
+    key.client_port = u16::from_be_bytes([ports[0], ports[1]]);
+    key.server_port = u16::from_be_bytes([ports[2], ports[3]]);
+    Some(key)
+}
+
+/// Copies `into.len()` bytes from `offset` past the network header's start.
+#[inline(always)]
+fn load_network(ctx: &SkReuseportContext, offset: u32, into: &mut [u8]) -> Option<()> {
+    // SAFETY: the helper writes at most `into.len()` bytes into `into`.
+    let loaded = unsafe {
+        bpf_skb_load_bytes_relative(
+            ctx.md as *const core::ffi::c_void,
+            offset,
+            into.as_mut_ptr().cast(),
+            into.len() as u32,
+            BPF_HDR_START_NET,
+        )
+    };
+    (loaded == 0).then_some(())
+}
+
+/// sock:inet_sock_set_state, whose layout the user side checks against the running kernel's
+/// tracefs format before attaching (stable since 4.16).
+const TP_OLDSTATE: usize = 16;
+const TP_NEWSTATE: usize = 20;
+const TP_SPORT: usize = 24;
+const TP_DPORT: usize = 26;
+const TP_PROTOCOL: usize = 30;
+const TP_DADDR_V6: usize = 56;
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_RECV: i32 = 3;
+const TCP_CLOSE: i32 = 7;
+const IPPROTO_TCP: u16 = 6;
+
+/// Keeps CLB_OPEN: a connection the sk_reuseport program placed counts once established (so a
+/// SYN that never completes is never counted) and stops counting when it closes.
+#[tracepoint]
+pub fn count_connections(ctx: TracePointContext) -> u32 {
+    // SAFETY: offsets of the tracepoint's record, checked by the user side.
+    let read = |offset| unsafe { ctx.read_at::<i32>(offset) }.ok();
+    let (Some(old), Some(new)) = (read(TP_OLDSTATE), read(TP_NEWSTATE)) else {
+        return 0;
+    };
+    let opening = old == TCP_SYN_RECV && new == TCP_ESTABLISHED;
+    if !opening && new != TCP_CLOSE {
+        return 0;
+    }
+    // SAFETY: as above.
+    let field = |offset| unsafe { ctx.read_at::<u16>(offset) }.ok();
+    if field(TP_PROTOCOL) != Some(IPPROTO_TCP) {
+        return 0;
+    }
+    let (Some(local_port), Some(remote_port)) = (field(TP_SPORT), field(TP_DPORT)) else {
+        return 0;
+    };
+    // SAFETY: as above; daddr_v6 holds IPv4 addresses v4-mapped.
+    let Ok(client) = (unsafe { ctx.read_at::<[u8; 16]>(TP_DADDR_V6) }) else {
+        return 0;
+    };
+    let key = ConnKey {
+        client,
+        client_port: remote_port,
+        server_port: local_port,
+    };
+    let Some(entry) = CLB_CONNECTIONS.get_ptr_mut(&key) else {
+        return 0;
+    };
+    // SAFETY: the pointer comes from the map lookup and is used at once.
+    let (slot, counted) = unsafe { ((*entry).slot, (*entry).counted) };
+    if opening {
+        if counted == 0 {
+            // SAFETY: as above.
+            unsafe { (*entry).counted = 1 };
+            add_open(slot, 1);
+        }
+    } else {
+        if counted != 0 {
+            add_open(slot, u64::MAX);
+        }
+        let _ = CLB_CONNECTIONS.remove(&key);
+    }
+    0
 }
 
 #[inline(always)]

@@ -200,6 +200,7 @@ mod tests {
             selected: 100 + id as u64,
             fallback: 0,
             migrated: 3,
+            open: 0,
             rss_bytes: 4096,
         };
         let cluster = ClusterStatus {

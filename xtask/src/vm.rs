@@ -42,6 +42,13 @@ const VM_TESTS: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "strategies",
+        &[
+            "sticky_keeps_each_client_on_one_worker_moves_few_on_scale_and_none_on_reload",
+            "least_loaded_counts_open_connections_and_avoids_a_stuck_worker",
+        ],
+    ),
+    (
         "supervision",
         &[
             "a_handshake_worker_is_ready_only_after_listening_and_events_come_in_order",

@@ -1,6 +1,7 @@
 //! The kernel side: one loaded instance of the sk_reuseport program per listen address, and the
 //! maps through which the primary tells it which worker sockets may receive connections.
 
+mod counter;
 pub mod maglev;
 mod unavailable;
 
@@ -18,8 +19,9 @@ use aya::{
 };
 use cluster_common::{
     ActiveSet, SlotStats, CONFIG_ACTIVE_BUFFER, CONFIG_STRATEGY, CONFIG_TABLE_BUFFER, MAP_ACTIVE,
-    MAP_CONFIG, MAP_ID_SLOT, MAP_SOCKETS, MAP_STATS, MAP_TABLE, MAX_SLOTS, MAX_WORKERS,
-    NO_SLOT_STATS, PROGRAM_NAME, STRATEGY_HASH, STRATEGY_ROUND_ROBIN, STRATEGY_STICKY, TABLE_SIZE,
+    MAP_CONFIG, MAP_ID_SLOT, MAP_OPEN, MAP_SOCKETS, MAP_STATS, MAP_TABLE, MAX_SLOTS, MAX_WORKERS,
+    NO_SLOT_STATS, PROGRAM_NAME, STRATEGY_HASH, STRATEGY_LEAST_LOADED, STRATEGY_ROUND_ROBIN,
+    STRATEGY_STICKY, TABLE_SIZE,
 };
 
 pub use unavailable::Unavailable;
@@ -39,18 +41,23 @@ pub enum Strategy {
     /// The client's address, by consistent hashing over the ready workers, by our program:
     /// every connection of a client goes to one worker.
     Sticky,
+    /// The worker with fewer open connections of two (the round-robin choice and a random
+    /// other), by our program, with connections counted by a tracepoint program.
+    LeastLoaded,
     /// Plain SO_REUSEPORT: no program; the kernel hashes over every socket of the group.
     Kernel,
 }
 
 impl Strategy {
-    pub const NAMES: [&'static str; 4] = ["round-robin", "hash", "sticky", "kernel"];
+    pub const NAMES: [&'static str; 5] =
+        ["round-robin", "hash", "sticky", "least-loaded", "kernel"];
 
     pub fn name(self) -> &'static str {
         match self {
             Strategy::RoundRobin => "round-robin",
             Strategy::Hash => "hash",
             Strategy::Sticky => "sticky",
+            Strategy::LeastLoaded => "least-loaded",
             Strategy::Kernel => "kernel",
         }
     }
@@ -61,6 +68,7 @@ impl Strategy {
             Strategy::RoundRobin => Some(STRATEGY_ROUND_ROBIN),
             Strategy::Hash => Some(STRATEGY_HASH),
             Strategy::Sticky => Some(STRATEGY_STICKY),
+            Strategy::LeastLoaded => Some(STRATEGY_LEAST_LOADED),
             Strategy::Kernel => None,
         }
     }
@@ -80,6 +88,7 @@ impl FromStr for Strategy {
             "round-robin" | "rr" => Ok(Strategy::RoundRobin),
             "hash" | "shared" => Ok(Strategy::Hash),
             "sticky" => Ok(Strategy::Sticky),
+            "least-loaded" => Ok(Strategy::LeastLoaded),
             "kernel" | "none" => Ok(Strategy::Kernel),
             _ => Err(format!(
                 "unknown strategy '{text}'; use one of {}",
@@ -109,6 +118,11 @@ pub struct Balancer {
     table_ids: Vec<u32>,
     /// What CLB_ID_SLOT holds, by id (`slot + 1`, 0: none).
     id_slots: Vec<u32>,
+    /// Open connections per slot (kept by the counter program, for least-loaded).
+    open: Array<MapData, u64>,
+    /// The strategy the program runs (least-loaded degrades to round robin when its counter
+    /// program cannot run).
+    strategy: Strategy,
     cpus: usize,
 }
 
@@ -116,9 +130,11 @@ impl Balancer {
     /// Loads and verifies a fresh instance. It selects nothing until it is attached to a socket
     /// of the group and given slots.
     pub fn load(strategy: Strategy) -> Result<Balancer, Unavailable> {
-        let program_id = strategy
-            .program_id()
-            .ok_or_else(|| Unavailable::other(anyhow!("strategy 'kernel' runs no program")))?;
+        if strategy.program_id().is_none() {
+            return Err(Unavailable::other(anyhow!(
+                "strategy 'kernel' runs no program"
+            )));
+        }
         if let Some((major, minor)) = kernel_release() {
             let missing = missing_features((major, minor));
             if !missing.is_empty() {
@@ -152,6 +168,7 @@ impl Balancer {
             let stats = take_map(&mut ebpf, MAP_STATS)?;
             let table = take_map(&mut ebpf, MAP_TABLE)?;
             let id_slot = take_map(&mut ebpf, MAP_ID_SLOT)?;
+            let open = take_map(&mut ebpf, MAP_OPEN)?;
             let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
             let mut balancer = Balancer {
                 ebpf,
@@ -166,9 +183,23 @@ impl Balancer {
                 table_half: 0,
                 table_ids: Vec::new(),
                 id_slots: vec![0; MAX_WORKERS as usize],
+                open,
+                strategy,
                 cpus,
             };
-            balancer.set_config(CONFIG_STRATEGY, program_id)?;
+            if strategy == Strategy::LeastLoaded {
+                if let Err(why) = counter::start(&mut balancer.ebpf) {
+                    log::warn!(
+                        "least-loaded needs connections counted by a tracepoint program, which cannot run here: {why:#}; balancing by round robin instead"
+                    );
+                    balancer.strategy = Strategy::RoundRobin;
+                }
+            }
+            let id = balancer
+                .strategy
+                .program_id()
+                .context("a program strategy")?;
+            balancer.set_config(CONFIG_STRATEGY, id)?;
             Ok(balancer)
         };
         build().map_err(Unavailable::other)
@@ -198,7 +229,10 @@ impl Balancer {
             .context("sizing per-CPU counters")?;
         self.stats
             .set(slot, zeros, 0)
-            .with_context(|| format!("zeroing the counters of slot {slot}"))
+            .with_context(|| format!("zeroing the counters of slot {slot}"))?;
+        self.open
+            .set(slot, 0, 0)
+            .with_context(|| format!("zeroing the open connections of slot {slot}"))
     }
 
     /// Empties a slot. The kernel does this by itself when the socket closes; this is for
@@ -291,6 +325,22 @@ impl Balancer {
             .program_id()
             .context("strategy 'kernel' means detaching the program, not switching it")?;
         self.set_config(CONFIG_STRATEGY, id)
+    }
+
+    /// The strategy the program runs.
+    pub fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+
+    /// Open connections of the worker in `slot`, as the counter program keeps them (0 unless
+    /// the strategy is least-loaded).
+    pub fn open_connections(&self, slot: u32) -> u64 {
+        let open = self.open.get(&slot, 0).unwrap_or(0);
+        if open > u64::MAX / 2 {
+            0
+        } else {
+            open
+        }
     }
 
     /// The counters of one slot, summed over CPUs.

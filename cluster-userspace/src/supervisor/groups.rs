@@ -74,10 +74,14 @@ impl Groups {
 
     pub fn strategy_in_effect(&self) -> Strategy {
         if self.fell_back {
-            Strategy::Kernel
-        } else {
-            self.strategy
+            return Strategy::Kernel;
         }
+        // A program may run less than was asked (least-loaded without its counter).
+        self.groups
+            .iter()
+            .filter(|g| !g.addr.is_udp())
+            .find_map(|g| g.balancer.as_ref())
+            .map_or(self.strategy, Balancer::strategy)
     }
 
     pub fn addresses(&self) -> Vec<ListenAddr> {
@@ -134,7 +138,8 @@ impl Groups {
     /// split a flow between workers), so round robin means the flow hash there.
     pub fn strategy_for(&self, addr: ListenAddr) -> Strategy {
         match self.strategy {
-            Strategy::RoundRobin if addr.is_udp() => Strategy::Hash,
+            // Datagrams have no connections to count either.
+            Strategy::RoundRobin | Strategy::LeastLoaded if addr.is_udp() => Strategy::Hash,
             strategy => strategy,
         }
     }

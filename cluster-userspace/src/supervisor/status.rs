@@ -17,6 +17,9 @@ pub struct WorkerStatus {
     pub selected: u64,
     pub fallback: u64,
     pub migrated: u64,
+    /// Connections open on it now, as the least-loaded counter sees them (0 otherwise).
+    #[serde(default)]
+    pub open: u64,
     /// Resident memory in bytes (0 when unknown).
     pub rss_bytes: u64,
 }
@@ -52,6 +55,7 @@ impl Supervisor {
             .processes()
             .map(|process| {
                 let mut stats = cluster_common::SlotStats::default();
+                let mut open = 0;
                 if let Some(worker) = self.workers.get(&process.pid) {
                     for balancer in self.groups.iter().filter_map(|g| g.balancer.as_ref()) {
                         if let Ok(slot) = balancer.slot_stats(worker.slot) {
@@ -59,6 +63,7 @@ impl Supervisor {
                             stats.fallback += slot.fallback;
                             stats.migrated += slot.migrated;
                         }
+                        open += balancer.open_connections(worker.slot);
                     }
                 }
                 WorkerStatus {
@@ -70,6 +75,7 @@ impl Supervisor {
                     selected: stats.selected,
                     fallback: stats.fallback,
                     migrated: stats.migrated,
+                    open,
                     rss_bytes: rss_bytes(process.pid.as_raw()),
                 }
             })
