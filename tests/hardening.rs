@@ -47,6 +47,14 @@ fn hardening_worker(name: &str) -> String {
     format!("{}/workers/hardening/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Debian's interpreter, for every Python worker and helper: it starts at once, and nobody may
+/// run it (a pyenv shim is a bash script whose helper processes would hold a worker's fds).
+const PYTHON: &str = "/usr/bin/python3";
+
+/// Readiness only by READY=1 (every Python worker here sends it once it serves), never by
+/// --ready-delay: a worker counted ready before it serves would fail short client timeouts.
+const READY_BY_NOTIFY: [&str; 2] = ["--ready-delay", "30"];
+
 fn python_server() -> String {
     example("python/server.py")
 }
@@ -516,8 +524,9 @@ fn a_worker_cannot_replace_its_groups_program_and_a_replaced_one_is_restored() {
         let server = scratch.copy(&python_server());
         let start = |extra: &[&str]| {
             let mut args = vec!["run", "-w", "4", "--user", "nobody", "--listen", ADDR];
+            args.extend_from_slice(&READY_BY_NOTIFY);
             args.extend_from_slice(extra);
-            args.extend_from_slice(&["--", "/usr/bin/python3", &worker, &server]);
+            args.extend_from_slice(&["--", PYTHON, &worker, &server]);
             Cluster::start_with(&args, |command| {
                 command.current_dir("/");
             })
@@ -608,7 +617,7 @@ fn query_server_refuses_low_ports_to_user_workers_and_bounds_the_groups() {
                 "--ready-timeout",
                 "120",
                 "--",
-                "/usr/bin/python3",
+                PYTHON,
                 &worker,
             ],
             |command| {
@@ -731,7 +740,7 @@ fn the_control_socket_is_private_from_birth_and_obeys_only_root_and_its_owner() 
                 "--regid",
                 "65534",
                 "--clear-groups",
-                "/usr/bin/python3",
+                PYTHON,
                 &client,
             ])
             .arg(cluster.control())
@@ -824,10 +833,12 @@ fn worker_output_in_text_mode_has_its_control_characters_escaped() {
             "1",
             "--log-format",
             "text",
+            READY_BY_NOTIFY[0],
+            READY_BY_NOTIFY[1],
             "--listen",
             ADDR,
             "--",
-            "python3",
+            PYTHON,
             &hardening_worker("forge_output.py"),
         ]);
         let line = cluster.wait_for_line("FAKE cluster-lb[1]", Duration::from_secs(15));
@@ -858,10 +869,12 @@ fn the_metrics_and_control_servers_survive_running_out_of_descriptors() {
                 "1",
                 "--metrics",
                 "127.0.0.1:9100",
+                READY_BY_NOTIFY[0],
+                READY_BY_NOTIFY[1],
                 "--listen",
                 ADDR,
                 "--",
-                "python3",
+                PYTHON,
                 &server,
             ],
             |command| {
@@ -942,11 +955,12 @@ fn stalled_output_never_stops_supervision_and_the_loss_is_counted() {
                 "--control",
             ])
             .arg(&control)
+            .args(READY_BY_NOTIFY)
             .args([
                 "--listen",
                 ADDR,
                 "--",
-                "python3",
+                PYTHON,
                 &hardening_worker("noisy.py"),
                 &python_server(),
             ])
@@ -1067,7 +1081,7 @@ fn reloads_and_scale_down_kill_workers_that_ignore_term_after_grace() {
             "--listen",
             ADDR,
             "--",
-            "python3",
+            PYTHON,
             &hardening_worker("ignores_term.py"),
         ]);
         cluster.wait_until_ready(2);
@@ -1161,13 +1175,15 @@ fn orphans_holding_a_gone_workers_socket_are_stopped() {
         const SLEEP: &[&str] = &["sleep", "3600"];
         let _leftovers = KillLeftovers(SLEEP);
         let server = python_server();
-        let script = format!("(setsid sleep 3600 &); exec python3 {server}");
+        let script = format!("(setsid sleep 3600 &); exec {PYTHON} {server}");
         let args = [
             "run",
             "-w",
             "2",
             "--strategy",
             "kernel",
+            READY_BY_NOTIFY[0],
+            READY_BY_NOTIFY[1],
             "--listen",
             ADDR,
             "--",
@@ -1256,10 +1272,12 @@ fn user_workers_die_with_a_sigkilled_primary() {
             "2",
             "--user",
             "nobody",
+            READY_BY_NOTIFY[0],
+            READY_BY_NOTIFY[1],
             "--listen",
             ADDR,
             "--",
-            "/usr/bin/python3",
+            PYTHON,
             &server,
         ];
         let start = || {
@@ -1320,8 +1338,9 @@ fn a_worker_that_closes_its_listening_socket_is_replaced_or_reported() {
             let _ = fs::remove_file(marker);
             let marker = marker.display().to_string();
             let mut args = vec!["run", "-w", "4", "--listen", ADDR];
+            args.extend_from_slice(&READY_BY_NOTIFY);
             args.extend_from_slice(extra);
-            args.extend_from_slice(&["--", "python3", &closer, &server, &marker]);
+            args.extend_from_slice(&["--", PYTHON, &closer, &server, &marker]);
             Cluster::start(&args)
         };
         let mut problems = Vec::new();
