@@ -450,7 +450,7 @@ mod tests {
         assert!("fastest"
             .parse::<Strategy>()
             .unwrap_err()
-            .contains("round-robin, hash, sticky, kernel"));
+            .contains("round-robin, hash, sticky, least-loaded, kernel"));
     }
 
     #[test]
