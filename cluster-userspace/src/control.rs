@@ -196,20 +196,22 @@ pub fn serve(
 async fn answer(stream: tokio::net::UnixStream, handle: Handle, owner: u32) -> std::io::Result<()> {
     let peer = stream.peer_cred()?.uid();
     let (reader, mut writer) = stream.into_split();
+    // Read the request first, whoever sends it: a client whose request is refused then reads
+    // the refusal, instead of failing to write into a connection already closed.
+    let mut line = String::new();
+    let mut reader = tokio::io::BufReader::new(reader.take(MAX_REQUEST));
+    match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
+        Err(_) => return Ok(()), // an idle client: hang up
+        Ok(result) => {
+            result?;
+        }
+    }
     let reply = if peer != 0 && peer != owner {
         log::warn!("control socket: refused a request from uid {peer}");
         Reply::Refused {
             error: format!("permission denied: only root and uid {owner} may control this cluster"),
         }
     } else {
-        let mut line = String::new();
-        let mut reader = tokio::io::BufReader::new(reader.take(MAX_REQUEST));
-        match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
-            Err(_) => return Ok(()), // an idle client: hang up
-            Ok(result) => {
-                result?;
-            }
-        }
         match serde_json::from_str::<Request>(line.trim()) {
             Err(e) => Reply::Refused {
                 error: format!("bad request: {e}"),
