@@ -370,6 +370,67 @@ mod tests {
         assert_eq!(config.strategy, Strategy::RoundRobin);
     }
 
+    fn options(args: &[&str]) -> RunOptions {
+        let cli = Cli::try_parse_from(args).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not a run command");
+        };
+        run.into_options().unwrap()
+    }
+
+    #[test]
+    fn the_name_gives_the_control_socket_unless_control_is_given() {
+        let defaulted = options(&["cluster-lb", "run", "-l", "127.0.0.1:8080", "--", "x"]);
+        assert_eq!(defaulted.name.as_str(), "127.0.0.1-8080");
+        assert_eq!(
+            defaulted.control,
+            Some(ControlPath::Named(names::socket_path(&defaulted.name)))
+        );
+        let named = options(&["cluster-lb", "run", "--name", "api", "-l", "80", "--", "x"]);
+        assert_eq!(named.name.as_str(), "api");
+        assert!(named
+            .control
+            .is_some_and(|c| c.path().ends_with("api.sock")));
+        let explicit = options(&[
+            "cluster-lb",
+            "run",
+            "--name",
+            "api",
+            "--control",
+            "/tmp/x.sock",
+            "--",
+            "x",
+        ]);
+        assert_eq!(explicit.name.as_str(), "api");
+        assert_eq!(
+            explicit.control,
+            Some(ControlPath::Explicit("/tmp/x.sock".into()))
+        );
+    }
+
+    #[test]
+    fn client_commands_pick_a_cluster_by_name_or_path() {
+        use crate::client::Target;
+        let target = |args: &[&str]| match Cli::try_parse_from(args).map(|cli| cli.command) {
+            Ok(Command::Stop { control }) => Ok(control.target()),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(one_line_error(&e)),
+        };
+        assert_eq!(target(&["cluster-lb", "stop"]), Ok(Target::Unnamed));
+        assert_eq!(
+            target(&["cluster-lb", "stop", "--name", "a"]),
+            Ok(Target::Name("a".parse().unwrap()))
+        );
+        assert_eq!(
+            target(&["cluster-lb", "stop", "--control", "/tmp/a.sock"]),
+            Ok(Target::Path("/tmp/a.sock".into()))
+        );
+        let both = target(&["cluster-lb", "stop", "--name", "a", "--control", "/x"]);
+        assert!(both.unwrap_err().contains("cannot be used with"));
+        let bad = target(&["cluster-lb", "stop", "--name", "../etc"]);
+        assert!(bad.unwrap_err().contains("is not a cluster name"));
+    }
+
     #[test]
     fn errors_are_single_lines_that_name_the_problem() {
         let cases: [(&[&str], &str); 6] = [

@@ -37,9 +37,6 @@ pub enum RunError {
 pub fn run(options: RunOptions) -> Result<(), RunError> {
     // A name taken is refused before any socket is bound or program loaded.
     if let Some(at) = &options.control {
-        if let (ControlPath::Named(_), Some(dir)) = (at, at.path().parent()) {
-            names::ensure_run_dir(dir).map_err(ControlError::from)?;
-        }
         control::check_free(at, &options.name)?;
     }
     supervisor::block_on(async {
@@ -47,7 +44,13 @@ pub fn run(options: RunOptions) -> Result<(), RunError> {
         let handle = supervisor.handle();
         // Both before any worker starts, so a bad path or address is an error, not a surprise.
         let _control = match &options.control {
-            Some(at) => control::serve(at, options.name.clone(), handle.clone())?,
+            Some(at) => {
+                // Only now, so that a cluster that could not start leaves nothing behind.
+                if let (ControlPath::Named(_), Some(dir)) = (at, at.path().parent()) {
+                    names::ensure_run_dir(dir).map_err(ControlError::from)?;
+                }
+                control::serve(at, options.name.clone(), handle.clone())?
+            }
             None => None,
         };
         if let Some(addr) = options.metrics {
