@@ -81,6 +81,18 @@ fn clusters_are_listed_together_and_picked_by_name() {
         assert_eq!(a.status().reloads, 1);
         assert_eq!(b.status().reloads, 0);
         assert!(b.events_named("reload-started").is_empty());
+        a.wait_until_ready(2); // the replaced workers have exited
+        let (code, workers, _) = cluster_lb_in(&dir, &["status", "--name", "a"]);
+        assert_eq!(code, Some(0));
+        assert!(
+            workers.starts_with(&format!("cluster-lb a, pid {}", a.pid())),
+            "{workers}"
+        );
+        assert_eq!(
+            workers.lines().count(),
+            4,
+            "a line, a header, 2 workers:\n{workers}"
+        );
         let (code, one, _) = cluster_lb_in(&dir, &["status", "--json", "--name", "8081"]);
         assert_eq!(code, Some(0));
         let one: ClusterStatus = serde_json::from_str(&one).expect("status --name --json");

@@ -545,6 +545,27 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_config_files_are_valid() {
+        let example = include_str!("../../docs/app.toml");
+        let readme = include_str!("../../README.md");
+        let in_readme = readme
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("README.md shows a config file");
+        for text in [example, in_readme] {
+            let (run, _) = with_file(text, &[]).unwrap_or_else(|e| match e {
+                ParseError::File(e) => panic!("{e}"),
+                ParseError::Args(e) => panic!("{e}"),
+            });
+            assert_eq!(run.name.unwrap().as_str(), "app");
+            assert_eq!(run.workers, Some(4));
+            assert_eq!(run.user.as_deref(), Some("www-data"));
+            assert!(run.command[0].starts_with("/srv/app/"));
+        }
+    }
+
+    #[test]
     fn without_config_the_command_line_is_parsed_as_it_is() {
         let (run, file) = parse_run(&["run", "-w", "2", "--", "x"]).unwrap();
         assert_eq!(run.workers, Some(2));
