@@ -104,7 +104,8 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct ControlArg {
-    /// The cluster to talk to, by the name it was started with [default: the only one running]
+    /// The cluster to talk to, by the name it was started with [default: status lists every
+    /// running cluster; reload, scale and stop act on the only one]
     #[arg(long, value_name = "NAME")]
     pub name: Option<ClusterName>,
     /// The running primary's control socket, for a cluster started with --control PATH

@@ -207,10 +207,12 @@ fn merge(
         }
     }
     let mut merged = argv.to_vec();
+    // Right after the subcommand (argv[0] is the program, whatever its name).
     let after_run = merged
         .iter()
+        .skip(1)
         .position(|a| a == "run")
-        .map_or(merged.len(), |at| at + 1);
+        .map_or(merged.len(), |at| at + 2);
     merged.splice(after_run..after_run, options);
     if let Some(program) = command {
         if !merged.iter().any(|a| a == "--") {
