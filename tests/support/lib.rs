@@ -185,15 +185,32 @@ pub fn control_path() -> PathBuf {
     std::env::temp_dir().join(format!("clb-test-{}-{n}.sock", std::process::id()))
 }
 
-/// A fresh, empty run directory: clusters started with `CLUSTER_LB_RUN_DIR` pointing there put
-/// their named control sockets in it, so tests never touch the host's /run/cluster-lb.
-pub fn run_dir() -> PathBuf {
+/// A fresh, empty run directory, removed when dropped: clusters started with
+/// `CLUSTER_LB_RUN_DIR` pointing there put their named control sockets in it, so tests never
+/// touch the host's /run/cluster-lb.
+pub struct RunDir(PathBuf);
+
+impl std::ops::Deref for RunDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn run_dir() -> RunDir {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("clb-run-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("creating a run directory");
-    dir
+    RunDir(dir)
 }
 
 /// `cluster-lb ARGS` (status, reload, scale, stop, or a run that fails) run to its end with
