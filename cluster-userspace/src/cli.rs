@@ -6,9 +6,11 @@ use clap::{Args, Parser, Subcommand};
 use cluster_common::MAX_WORKERS;
 
 use crate::{
+    control::ControlPath,
     kernel::Strategy,
     listen_addr::ListenAddr,
     logging::Format,
+    names::{self, ClusterName},
     node::detect::NodeMode,
     privileges::{self, UserError},
     run::RunOptions,
@@ -35,8 +37,25 @@ pub enum ConfigError {
     MetricsOnListen(ListenAddr),
     #[error("--strategy round-robin would split UDP flows between workers (it picks a worker per datagram); use --strategy hash or sticky with {0}")]
     RoundRobinUdp(ListenAddr),
+    #[error("no command to run: give it after -- (cluster-lb run [OPTIONS] -- CMD [ARGS]...) or as `command` in the --config file")]
+    NoCommand,
     #[error(transparent)]
     User(#[from] UserError),
+}
+
+impl ConfigError {
+    /// The run option (as a config file key) whose value is wrong.
+    pub fn key(&self) -> &'static str {
+        match self {
+            ConfigError::DuplicateListen(_) | ConfigError::TooManyListen(_) => "listen",
+            ConfigError::ReadyTimeoutZero => "ready_timeout",
+            ConfigError::MetricsOnListen(_) => "metrics",
+            ConfigError::RoundRobinUdp(_) => "strategy",
+            ConfigError::NoCommand => "command",
+            ConfigError::User(UserError::GroupWithoutUser | UserError::NoSuchGroup(_)) => "group",
+            ConfigError::User(_) => "user",
+        }
+    }
 }
 
 #[derive(Debug, Parser)]
@@ -55,8 +74,8 @@ pub struct Cli {
 pub enum Command {
     /// Start the workers and supervise them in the foreground until TERM or INT.
     Run(RunArgs),
-    /// Show the workers of a running cluster: id, pid, state, uptime, restarts, connections
-    /// the kernel gave each, memory.
+    /// List the running clusters; with --name or --control, show one cluster's workers: id,
+    /// pid, state, uptime, restarts, connections the kernel gave each, memory.
     Status {
         #[command(flatten)]
         control: ControlArg,
@@ -85,17 +104,23 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct ControlArg {
-    /// The running primary's control socket [default: /run/cluster-lb.sock as root, else
-    /// $XDG_RUNTIME_DIR/cluster-lb.sock]
-    #[arg(long = "control", value_name = "PATH")]
+    /// The cluster to talk to, by the name it was started with [default: status lists every
+    /// running cluster; reload, scale and stop act on the only one]
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<ClusterName>,
+    /// The running primary's control socket, for a cluster started with --control PATH
+    #[arg(long = "control", value_name = "PATH", conflicts_with = "name")]
     pub path: Option<std::path::PathBuf>,
 }
 
 impl ControlArg {
-    pub fn path(&self) -> std::path::PathBuf {
-        self.path
-            .clone()
-            .unwrap_or_else(crate::control::default_path)
+    pub fn target(self) -> crate::client::Target {
+        use crate::client::Target;
+        match (self.path, self.name) {
+            (Some(path), _) => Target::Path(path),
+            (None, Some(name)) => Target::Name(name),
+            (None, None) => Target::Unnamed,
+        }
     }
 }
 
@@ -147,8 +172,13 @@ pub struct RunArgs {
     #[arg(short = 'g', long, value_name = "GROUP")]
     pub group: Option<String>,
 
-    /// Control socket for status, reload, scale and stop (mode 0600) [default: /run/cluster-lb.sock
-    /// as root, else $XDG_RUNTIME_DIR/cluster-lb.sock]
+    /// The cluster's name, for status, reload, scale and stop --name [default: from the first
+    /// --listen address (8080, 127.0.0.1-8080), else the program (server, app for node app.js)]
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<ClusterName>,
+
+    /// Control socket for status, reload, scale and stop (mode 0600) [default: NAME.sock in
+    /// /run/cluster-lb as root, else $XDG_RUNTIME_DIR/cluster-lb; $CLUSTER_LB_RUN_DIR overrides]
     #[arg(long, value_name = "PATH")]
     pub control: Option<std::path::PathBuf>,
 
@@ -181,8 +211,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     pub log_format: Format,
 
+    /// Read these options from a TOML file (keys as the long options, with _ for -, and
+    /// `command = [...]`); options given here override the file's
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+
     /// The worker program and its arguments
-    #[arg(last = true, required = true, value_name = "CMD")]
+    #[arg(last = true, required_unless_present = "config", value_name = "CMD")]
     pub command: Vec<String>,
 }
 
@@ -198,6 +233,9 @@ fn parse_seconds(text: &str) -> Result<f64, String> {
 impl RunArgs {
     /// Checks what clap cannot see one argument at a time, and fills in defaults.
     pub fn into_options(self) -> Result<RunOptions, ConfigError> {
+        if self.command.is_empty() {
+            return Err(ConfigError::NoCommand);
+        }
         let mut seen = HashSet::new();
         for addr in &self.listen {
             if !seen.insert(*addr) {
@@ -233,6 +271,13 @@ impl RunArgs {
                 .min(MAX_WORKERS),
         };
         let credentials = privileges::resolve(self.user.as_deref(), self.group.as_deref())?;
+        let name = self
+            .name
+            .unwrap_or_else(|| ClusterName::default_for(&self.listen, &self.command));
+        let control = match self.control {
+            Some(path) => ControlPath::Explicit(path),
+            None => ControlPath::Named(names::socket_path(&name)),
+        };
         let supervisor = Config {
             workers,
             listen: self.listen,
@@ -256,10 +301,8 @@ impl RunArgs {
         };
         Ok(RunOptions {
             supervisor,
-            control: Some(match self.control {
-                Some(path) => (path, true),
-                None => (crate::control::default_path(), false),
-            }),
+            name,
+            control: Some(control),
             metrics: self.metrics.map(|addr| addr.socket_addr()),
         })
     }
@@ -326,6 +369,67 @@ mod tests {
         let cpus = std::thread::available_parallelism().unwrap().get() as u32;
         assert_eq!(config.workers, cpus.min(MAX_WORKERS));
         assert_eq!(config.strategy, Strategy::RoundRobin);
+    }
+
+    fn options(args: &[&str]) -> RunOptions {
+        let cli = Cli::try_parse_from(args).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not a run command");
+        };
+        run.into_options().unwrap()
+    }
+
+    #[test]
+    fn the_name_gives_the_control_socket_unless_control_is_given() {
+        let defaulted = options(&["cluster-lb", "run", "-l", "127.0.0.1:8080", "--", "x"]);
+        assert_eq!(defaulted.name.as_str(), "127.0.0.1-8080");
+        assert_eq!(
+            defaulted.control,
+            Some(ControlPath::Named(names::socket_path(&defaulted.name)))
+        );
+        let named = options(&["cluster-lb", "run", "--name", "api", "-l", "80", "--", "x"]);
+        assert_eq!(named.name.as_str(), "api");
+        assert!(named
+            .control
+            .is_some_and(|c| c.path().ends_with("api.sock")));
+        let explicit = options(&[
+            "cluster-lb",
+            "run",
+            "--name",
+            "api",
+            "--control",
+            "/tmp/x.sock",
+            "--",
+            "x",
+        ]);
+        assert_eq!(explicit.name.as_str(), "api");
+        assert_eq!(
+            explicit.control,
+            Some(ControlPath::Explicit("/tmp/x.sock".into()))
+        );
+    }
+
+    #[test]
+    fn client_commands_pick_a_cluster_by_name_or_path() {
+        use crate::client::Target;
+        let target = |args: &[&str]| match Cli::try_parse_from(args).map(|cli| cli.command) {
+            Ok(Command::Stop { control }) => Ok(control.target()),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(one_line_error(&e)),
+        };
+        assert_eq!(target(&["cluster-lb", "stop"]), Ok(Target::Unnamed));
+        assert_eq!(
+            target(&["cluster-lb", "stop", "--name", "a"]),
+            Ok(Target::Name("a".parse().unwrap()))
+        );
+        assert_eq!(
+            target(&["cluster-lb", "stop", "--control", "/tmp/a.sock"]),
+            Ok(Target::Path("/tmp/a.sock".into()))
+        );
+        let both = target(&["cluster-lb", "stop", "--name", "a", "--control", "/x"]);
+        assert!(both.unwrap_err().contains("cannot be used with"));
+        let bad = target(&["cluster-lb", "stop", "--name", "../etc"]);
+        assert!(bad.unwrap_err().contains("is not a cluster name"));
     }
 
     #[test]

@@ -1,29 +1,134 @@
-//! The `status`, `reload`, `scale` and `stop` subcommands: talk to a running primary over its
+//! The `status`, `reload`, `scale` and `stop` subcommands: find the cluster meant (by
+//! `--control PATH`, by `--name`, or the only one running), talk to its primary over its
 //! control socket and print what it says.
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use crate::{
     control::{request, ControlError, Reply, Request},
-    supervisor::ClusterStatus,
+    names::{self, ClusterName},
+    supervisor::{ClusterStatus, WorkerState},
 };
 
 /// A reload waits for every replacement to become ready, so it may take a while.
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(600);
 const QUICK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one cluster may take to answer while all are listed.
+const LIST_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub fn status(path: &Path, json: bool) -> Result<(), ControlError> {
-    let status = fetch_status(path)?;
-    if json {
-        let text = serde_json::to_string_pretty(&status).map_err(|e| ControlError::BadAnswer {
-            path: path.to_path_buf(),
-            detail: e.to_string(),
-        })?;
-        println!("{text}");
-    } else {
-        print!("{}", table(&status));
+/// Which cluster a command is for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    /// `--control PATH`.
+    Path(PathBuf),
+    /// `--name NAME`: its socket in the run directory.
+    Name(ClusterName),
+    /// Neither: every running cluster for `status`, the only one for the others.
+    Unnamed,
+}
+
+impl Target {
+    /// The control socket of the one cluster meant.
+    fn socket(&self) -> Result<PathBuf, ControlError> {
+        match self {
+            Target::Path(path) => Ok(path.clone()),
+            Target::Name(name) => Ok(names::socket_path(name)),
+            Target::Unnamed => {
+                let dir = names::run_dir();
+                let mut running = running_in(&dir);
+                match running.len() {
+                    0 => Err(ControlError::NoneRunning(dir)),
+                    1 => Ok(running.remove(0).0),
+                    _ => Err(ControlError::Several(
+                        running
+                            .into_iter()
+                            .map(|(_, status)| status.name.unwrap_or_default())
+                            .collect(),
+                    )),
+                }
+            }
+        }
     }
+
+    /// Sends `what` to the cluster meant; a name nobody answers for says so.
+    fn request(&self, what: &Request, timeout: Duration) -> Result<Reply, ControlError> {
+        let path = self.socket()?;
+        request(&path, what, timeout).map_err(|error| match (self, error) {
+            (Target::Name(name), ControlError::Unreachable { path, source }) => {
+                ControlError::NoSuchName {
+                    name: name.clone(),
+                    path,
+                    source,
+                }
+            }
+            (_, error) => error,
+        })
+    }
+}
+
+/// The clusters whose control sockets in `dir` answer, with their sockets, by name. Socket
+/// files nobody answers on (left by a primary that was killed) are skipped; one that answers
+/// wrongly is named on stderr and skipped.
+pub fn running_in(dir: &Path) -> Vec<(PathBuf, ClusterStatus)> {
+    let mut found = Vec::new();
+    for (name, path) in names::socket_files(dir) {
+        match request(&path, &Request::Status, LIST_TIMEOUT) {
+            Ok(Reply::Status { mut status }) => {
+                status.name.get_or_insert_with(|| name.to_string());
+                found.push((path, status));
+            }
+            Ok(_) | Err(ControlError::Unreachable { .. }) => {}
+            Err(error) => eprintln!("cluster-lb: warning: skipping {name}: {error}"),
+        }
+    }
+    found
+}
+
+pub fn status(target: &Target, json: bool) -> Result<(), ControlError> {
+    let text = match target {
+        Target::Unnamed => {
+            let dir = names::run_dir();
+            let clusters: Vec<ClusterStatus> = running_in(&dir)
+                .into_iter()
+                .map(|(_, status)| status)
+                .collect();
+            if json {
+                to_json(&clusters, &dir)?
+            } else if clusters.is_empty() {
+                format!(
+                    "no cluster-lb is running (no control socket in {} answers)\n",
+                    dir.display()
+                )
+            } else {
+                list(&clusters)
+            }
+        }
+        one => {
+            let status = match one.request(&Request::Status, QUICK_TIMEOUT)? {
+                Reply::Status { status } => status,
+                other => return Err(unexpected(&one.socket()?, &other)),
+            };
+            if json {
+                to_json(&status, &one.socket()?)?
+            } else {
+                table(&status)
+            }
+        }
+    };
+    print!("{text}");
     Ok(())
+}
+
+fn to_json(value: &impl serde::Serialize, path: &Path) -> Result<String, ControlError> {
+    let mut text = serde_json::to_string_pretty(value).map_err(|e| ControlError::BadAnswer {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    text.push('\n');
+    Ok(text)
 }
 
 /// The status of the primary at `path`.
@@ -34,16 +139,16 @@ pub fn fetch_status(path: &Path) -> Result<ClusterStatus, ControlError> {
     }
 }
 
-pub fn reload(path: &Path) -> Result<(), ControlError> {
-    say(request(path, &Request::Reload, RELOAD_TIMEOUT)?)
+pub fn reload(target: &Target) -> Result<(), ControlError> {
+    say(target.request(&Request::Reload, RELOAD_TIMEOUT)?)
 }
 
-pub fn scale(path: &Path, workers: u32) -> Result<(), ControlError> {
-    say(request(path, &Request::Scale { workers }, QUICK_TIMEOUT)?)
+pub fn scale(target: &Target, workers: u32) -> Result<(), ControlError> {
+    say(target.request(&Request::Scale { workers }, QUICK_TIMEOUT)?)
 }
 
-pub fn stop(path: &Path) -> Result<(), ControlError> {
-    say(request(path, &Request::Stop, QUICK_TIMEOUT)?)
+pub fn stop(target: &Target) -> Result<(), ControlError> {
+    say(target.request(&Request::Stop, QUICK_TIMEOUT)?)
 }
 
 fn say(reply: Reply) -> Result<(), ControlError> {
@@ -58,10 +163,45 @@ fn unexpected(path: &Path, reply: &Reply) -> ControlError {
     }
 }
 
-/// The human form of `status`.
+/// The human form of a plain `status`: one line per running cluster.
+pub fn list(clusters: &[ClusterStatus]) -> String {
+    let mut out = format!(
+        "{:<24} {:>8} {:>9} {:<11} {:>12}  {}\n",
+        "NAME", "PID", "READY", "STRATEGY", "UPTIME", "LISTEN"
+    );
+    for cluster in clusters {
+        let ready = cluster
+            .workers
+            .iter()
+            .filter(|w| w.state == WorkerState::Ready)
+            .count();
+        let uptime = humantime::format_duration(Duration::from_secs(cluster.uptime_s as u64));
+        out.push_str(&format!(
+            "{:<24} {:>8} {:>9} {:<11} {:>12}  {}\n",
+            cluster.name.as_deref().unwrap_or("-"),
+            cluster.primary_pid,
+            format!("{ready}/{}", cluster.desired),
+            cluster.strategy,
+            uptime.to_string(),
+            if cluster.listen.is_empty() {
+                "-".to_string()
+            } else {
+                cluster.listen.join(", ")
+            },
+        ));
+    }
+    out
+}
+
+/// The human form of `status` for one cluster.
 pub fn table(status: &ClusterStatus) -> String {
     let mut out = format!(
-        "cluster-lb pid {}, strategy {}, listening on {}, {} workers wanted, {} reloads{}\n",
+        "cluster-lb {}pid {}, strategy {}, listening on {}, {} workers wanted, {} reloads{}\n",
+        status
+            .name
+            .as_ref()
+            .map(|name| format!("{name}, "))
+            .unwrap_or_default(),
         status.primary_pid,
         status.strategy,
         if status.listen.is_empty() {

@@ -17,6 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 use crate::{
     accept::{Acceptor, REQUEST_TIMEOUT},
+    names::ClusterName,
     supervisor::{ClusterStatus, Handle},
 };
 
@@ -93,19 +94,22 @@ pub enum ControlError {
     },
     #[error("control socket {0} is in use by another cluster-lb; pass another --control PATH")]
     InUse(PathBuf),
+    #[error("a cluster named {name} is already running (control socket {path}); give this one another --name")]
+    NameInUse { name: ClusterName, path: PathBuf },
+    #[error("no cluster named {name} is running (nothing answers at {path}); `cluster-lb status` lists the running ones")]
+    NoSuchName {
+        name: ClusterName,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no cluster-lb is running: no control socket in {0} answers (pass --control PATH for a cluster started with one)")]
+    NoneRunning(PathBuf),
+    #[error("{} clusters are running ({}); pick one with --name NAME", .0.len(), .0.join(", "))]
+    Several(Vec<String>),
+    #[error(transparent)]
+    RunDir(#[from] crate::names::RunDirError),
     #[error("{0} exists and is not a socket; refusing to remove it (pass another --control PATH)")]
     NotASocket(PathBuf),
-}
-
-/// Where the control socket lives unless `--control` says otherwise.
-pub fn default_path() -> PathBuf {
-    if nix::unistd::geteuid().is_root() {
-        return PathBuf::from("/run/cluster-lb.sock");
-    }
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(dir) => Path::new(&dir).join("cluster-lb.sock"),
-        None => std::env::temp_dir().join(format!("cluster-lb-{}.sock", nix::unistd::geteuid())),
-    }
 }
 
 /// Removes the socket file when the primary ends.
@@ -119,19 +123,57 @@ impl Drop for ControlSocket {
     }
 }
 
-/// Listens on `path`. A socket file nobody answers on is stale and replaced; anything else at
-/// the path is left alone. When another primary answers there: an error if the path was asked
-/// for, else a warning and no control socket (so a second cluster on the host still runs; give
-/// it --control to manage it).
+/// Where a primary's control socket goes: a path given with `--control`, or its name's socket
+/// in the run directory.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ControlPath {
+    Explicit(PathBuf),
+    Named(PathBuf),
+}
+
+impl ControlPath {
+    pub fn path(&self) -> &Path {
+        match self {
+            ControlPath::Explicit(path) | ControlPath::Named(path) => path,
+        }
+    }
+}
+
+/// Fails when `path` cannot become this primary's control socket because something else is
+/// there: another primary that answers (for a name: a cluster of that name runs), or a file
+/// that is no socket. A socket file nobody answers on is stale and will be replaced.
+pub fn check_free(at: &ControlPath, name: &ClusterName) -> Result<(), ControlError> {
+    let path = at.path();
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            Err(ControlError::NotASocket(path.to_path_buf()))
+        }
+        Ok(_) if UnixStream::connect(path).is_ok() => Err(match at {
+            ControlPath::Explicit(_) => ControlError::InUse(path.to_path_buf()),
+            ControlPath::Named(_) => ControlError::NameInUse {
+                name: name.clone(),
+                path: path.to_path_buf(),
+            },
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Listens at `at` for the cluster called `name` (which `status` reports). A socket file
+/// nobody answers on is stale and replaced; anything else there is an error (see
+/// [`check_free`]). A default path that cannot be created is only a warning, so the cluster
+/// still runs without a control socket; an explicit one is an error.
 ///
 /// The socket is created with mode 0600 (umask 0177 around the bind, so it is never reachable
 /// by others, not even for an instant), and a peer's credentials are checked before anything it
 /// asks is done: only root and the primary's own user may control it.
 pub fn serve(
-    path: &Path,
-    explicit: bool,
+    at: &ControlPath,
+    name: ClusterName,
     handle: Handle,
 ) -> Result<Option<ControlSocket>, ControlError> {
+    let path = at.path();
+    let explicit = matches!(at, ControlPath::Explicit(_));
     let create = |source| ControlError::Create {
         path: path.to_path_buf(),
         source,
@@ -143,18 +185,14 @@ pub fn serve(
         log::warn!("no control socket: {error}");
         Ok(None)
     };
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if !meta.file_type().is_socket() => {
-            return refuse(ControlError::NotASocket(path.to_path_buf()))
-        }
-        Ok(_) if UnixStream::connect(path).is_ok() => {
-            return refuse(ControlError::InUse(path.to_path_buf()))
-        }
-        Ok(_) => std::fs::remove_file(path).map_err(create)?,
-        Err(_) => {}
+    check_free(at, &name)?;
+    if std::fs::symlink_metadata(path).is_ok() {
+        std::fs::remove_file(path).map_err(create)?;
     }
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(create)?;
+        if let Err(e) = std::fs::create_dir_all(parent) {
+            return refuse(create(e));
+        }
     }
     let private = nix::sys::stat::Mode::from_bits_truncate(0o177);
     let previous = nix::sys::stat::umask(private);
@@ -180,9 +218,10 @@ pub fn serve(
                 continue;
             };
             let handle = handle.clone();
+            let name = name.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                if let Err(e) = answer(stream, handle, owner).await {
+                if let Err(e) = answer(stream, handle, owner, &name).await {
                     log::debug!("control connection: {e}");
                 }
             });
@@ -193,7 +232,12 @@ pub fn serve(
     }))
 }
 
-async fn answer(stream: tokio::net::UnixStream, handle: Handle, owner: u32) -> std::io::Result<()> {
+async fn answer(
+    stream: tokio::net::UnixStream,
+    handle: Handle,
+    owner: u32,
+    name: &ClusterName,
+) -> std::io::Result<()> {
     let peer = stream.peer_cred()?.uid();
     let (reader, mut writer) = stream.into_split();
     // Read the request first, whoever sends it: a client whose request is refused then reads
@@ -216,7 +260,7 @@ async fn answer(stream: tokio::net::UnixStream, handle: Handle, owner: u32) -> s
             Err(e) => Reply::Refused {
                 error: format!("bad request: {e}"),
             },
-            Ok(request) => execute(request, &handle).await,
+            Ok(request) => execute(request, &handle, name).await,
         }
     };
     let mut text = serde_json::to_string(&reply).map_err(std::io::Error::other)?;
@@ -224,13 +268,17 @@ async fn answer(stream: tokio::net::UnixStream, handle: Handle, owner: u32) -> s
     writer.write_all(text.as_bytes()).await
 }
 
-async fn execute(request: Request, handle: &Handle) -> Reply {
+async fn execute(request: Request, handle: &Handle, name: &ClusterName) -> Reply {
     let refused = |error: &dyn std::fmt::Display| Reply::Refused {
         error: error.to_string(),
     };
     match request {
         Request::Status => match handle.status().await {
-            Some(status) => Reply::Status { status },
+            Some(mut status) => {
+                // The supervisor knows no names; the cluster is named by how it is reached.
+                status.name = Some(name.to_string());
+                Reply::Status { status }
+            }
             None => refused(&"the primary is stopping"),
         },
         Request::Reload => match handle.reload().await {

@@ -7,12 +7,14 @@
 pub mod accept;
 pub mod cli;
 pub mod client;
+pub mod config_file;
 pub mod control;
 pub mod ipc;
 pub mod kernel;
 pub mod listen_addr;
 pub mod logging;
 pub mod metrics;
+pub mod names;
 pub mod node;
 pub mod privileges;
 pub mod run;

@@ -2,27 +2,32 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use cluster_lb::{
-    cli::{one_line_error, Cli, Command},
-    client, logging, run,
+    cli::{one_line_error, Command, ConfigError},
+    client,
+    config_file::{self, ParseError, Parsed},
+    logging, run,
 };
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(error)
+    let Parsed { cli, file } = match config_file::parse(std::env::args_os().collect()) {
+        Ok(parsed) => parsed,
+        Err(ParseError::File(error)) => {
+            eprintln!("cluster-lb: error: {error}");
+            return ExitCode::from(2);
+        }
+        Err(ParseError::Args(error))
             if error.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
         {
             eprintln!("cluster-lb: error: no command given; use run, status, reload, scale or stop (see cluster-lb --help)");
             return ExitCode::from(2);
         }
-        Err(error) if !error.use_stderr() => {
+        Err(ParseError::Args(error)) if !error.use_stderr() => {
             // --help and --version: print as clap formats them.
             let _ = error.print();
             return ExitCode::SUCCESS;
         }
-        Err(error) => {
+        Err(ParseError::Args(error)) => {
             eprintln!(
                 "cluster-lb: error: {} (see cluster-lb --help)",
                 one_line_error(&error)
@@ -35,17 +40,29 @@ fn main() -> ExitCode {
             logging::init(args.log_format);
             match args.into_options() {
                 Ok(options) => run::run(options).map_err(Into::into),
-                Err(error) => Err(error.into()),
+                Err(error) => {
+                    // A wrong value from the config file is the file's fault: say so, and
+                    // exit as for any bad argument.
+                    if let Some(blamed) = file.and_then(|f| f.blame(error.key(), &error)) {
+                        eprintln!("cluster-lb: error: {blamed}");
+                        return ExitCode::from(2);
+                    }
+                    if matches!(error, ConfigError::NoCommand) {
+                        eprintln!("cluster-lb: error: {error}");
+                        return ExitCode::from(2);
+                    }
+                    Err(error.into())
+                }
             }
         }
         Command::Status { control, json } => {
-            client::status(&control.path(), json).map_err(Into::into)
+            client::status(&control.target(), json).map_err(Into::into)
         }
-        Command::Reload { control } => client::reload(&control.path()).map_err(Into::into),
+        Command::Reload { control } => client::reload(&control.target()).map_err(Into::into),
         Command::Scale { workers, control } => {
-            client::scale(&control.path(), workers).map_err(Into::into)
+            client::scale(&control.target(), workers).map_err(Into::into)
         }
-        Command::Stop { control } => client::stop(&control.path()).map_err(Into::into),
+        Command::Stop { control } => client::stop(&control.target()).map_err(Into::into),
     };
     logging::flush(std::time::Duration::from_secs(2));
     match result {

@@ -204,7 +204,9 @@ mod tests {
             rss_bytes: 4096,
         };
         let cluster = ClusterStatus {
+            name: None,
             primary_pid: 1,
+            uptime_s: 9.0,
             strategy: "round-robin".into(),
             listen: vec!["127.0.0.1:80".into()],
             desired: 2,

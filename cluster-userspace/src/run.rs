@@ -2,11 +2,12 @@
 //! line asked for, both started from its [`Handle`](crate::supervisor::Handle). The supervisor
 //! itself knows nothing of either.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::net::SocketAddr;
 
 use crate::{
-    control::{self, ControlError},
+    control::{self, ControlError, ControlPath},
     metrics::{self, MetricsError},
+    names::{self, ClusterName},
     supervisor::{self, Config, Supervisor, SupervisorError},
 };
 
@@ -14,8 +15,10 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub supervisor: Config,
-    /// The control socket, and whether its path was asked for (`--control`) or is the default.
-    pub control: Option<(PathBuf, bool)>,
+    /// The cluster's name (`--name`, or one made from its first address or its program).
+    pub name: ClusterName,
+    /// The control socket: `--control PATH`, or the name's socket in the run directory.
+    pub control: Option<ControlPath>,
     /// Where to serve Prometheus metrics.
     pub metrics: Option<SocketAddr>,
 }
@@ -32,12 +35,22 @@ pub enum RunError {
 
 /// Runs the cluster on a current-thread runtime until it is stopped.
 pub fn run(options: RunOptions) -> Result<(), RunError> {
+    // A name taken is refused before any socket is bound or program loaded.
+    if let Some(at) = &options.control {
+        control::check_free(at, &options.name)?;
+    }
     supervisor::block_on(async {
         let supervisor = Supervisor::new(options.supervisor)?;
         let handle = supervisor.handle();
         // Both before any worker starts, so a bad path or address is an error, not a surprise.
         let _control = match &options.control {
-            Some((path, explicit)) => control::serve(path, *explicit, handle.clone())?,
+            Some(at) => {
+                // Only now, so that a cluster that could not start leaves nothing behind.
+                if let (ControlPath::Named(_), Some(dir)) = (at, at.path().parent()) {
+                    names::ensure_run_dir(dir).map_err(ControlError::from)?;
+                }
+                control::serve(at, options.name.clone(), handle.clone())?
+            }
             None => None,
         };
         if let Some(addr) = options.metrics {

@@ -185,7 +185,72 @@ pub fn control_path() -> PathBuf {
     std::env::temp_dir().join(format!("clb-test-{}-{n}.sock", std::process::id()))
 }
 
+/// A fresh, empty run directory, removed when dropped: clusters started with
+/// `CLUSTER_LB_RUN_DIR` pointing there put their named control sockets in it, so tests never
+/// touch the host's /run/cluster-lb.
+pub struct RunDir(PathBuf);
+
+impl std::ops::Deref for RunDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn run_dir() -> RunDir {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("clb-run-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("creating a run directory");
+    RunDir(dir)
+}
+
+/// `cluster-lb ARGS` (status, reload, scale, stop, or a run that fails) run to its end with
+/// the clusters of `run_dir`: its exit code, stdout, and stderr lines.
+pub fn cluster_lb_in(run_dir: &Path, args: &[&str]) -> (Option<i32>, String, Vec<String>) {
+    let output = Command::new(workspace_binary("cluster-lb"))
+        .args(args)
+        .env(cluster_lb::names::RUN_DIR_ENV, run_dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running cluster-lb");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr)
+            .lines()
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
 impl Cluster {
+    /// `cluster-lb run ARGS` with its control socket found by name in `run_dir`, not given by
+    /// --control: `name` is what the test expects the cluster to be called (its --name, or the
+    /// name it should get by default), so `status` works only if it is right.
+    pub fn start_named(run_dir: &Path, name: &str, args: &[&str]) -> Cluster {
+        let mut args: Vec<&str> = args.to_vec();
+        let options_end = args.iter().position(|a| *a == "--").unwrap_or(args.len());
+        if args.first() == Some(&"run") && !args[..options_end].contains(&"--log-format") {
+            args.splice(1..1, ["--log-format", "json"]);
+        }
+        let mut command = Command::new(workspace_binary("cluster-lb"));
+        command
+            .args(&args)
+            .env(cluster_lb::names::RUN_DIR_ENV, run_dir);
+        let mut cluster = Cluster::start_command(command);
+        cluster.control = Some(run_dir.join(format!("{name}.sock")));
+        cluster
+    }
+
     pub fn start(args: &[&str]) -> Cluster {
         Cluster::start_with(args, |_| {})
     }

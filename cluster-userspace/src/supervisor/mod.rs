@@ -116,6 +116,8 @@ pub struct Supervisor {
     released_sockets: std::collections::HashSet<u64>,
     /// The seccomp filter workers start under (when `config.seccomp`).
     filter: crate::seccomp::Filter,
+    /// When the supervisor was created, for the cluster's uptime.
+    started: Instant,
 }
 
 impl Supervisor {
@@ -165,6 +167,7 @@ impl Supervisor {
             checks: tokio::time::interval(checks::CHECK_EVERY),
             released_sockets: std::collections::HashSet::new(),
             filter: crate::seccomp::Filter::reuseport_guard(),
+            started: Instant::now(),
         })
     }
 

@@ -26,7 +26,14 @@ pub struct WorkerStatus {
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ClusterStatus {
+    /// The cluster's name (`cluster-lb run --name`); set by the control socket, which is what
+    /// names a cluster, so an embedded supervisor has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     pub primary_pid: u32,
+    /// Seconds since the primary started.
+    #[serde(default)]
+    pub uptime_s: f64,
     pub strategy: String,
     pub listen: Vec<String>,
     /// Workers wanted (scale).
@@ -81,7 +88,9 @@ impl Supervisor {
             })
             .collect();
         ClusterStatus {
+            name: None,
             primary_pid: std::process::id(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
             strategy: self.groups.strategy_in_effect().to_string(),
             listen: self
                 .groups
