@@ -142,6 +142,19 @@ fn alive(pid: i32) -> bool {
     stat_fields(pid).is_some_and(|f| f.first().map(String::as_str) != Some("Z"))
 }
 
+/// User plus system CPU time of `pid`, in seconds.
+fn cpu_seconds(pid: i32) -> f64 {
+    let fields = stat_fields(pid).expect("stat of a running process");
+    // utime and stime are fields 14 and 15 of stat; the state (field 3) is at index 0 here.
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    ticks as f64 / per_second
+}
+
 fn fd_count(pid: i32) -> usize {
     fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
@@ -196,6 +209,15 @@ fn processes_here(command: &[&str]) -> Vec<i32> {
         }
     }
     found
+}
+
+/// One variable of a process's environment.
+fn environ_var(pid: i32, name: &str) -> Option<String> {
+    let raw = fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let prefix = format!("{name}=");
+    raw.split(|&b| b == 0)
+        .map(String::from_utf8_lossy)
+        .find_map(|entry| entry.strip_prefix(&prefix).map(str::to_string))
 }
 
 // ---- the primary's state and output ----
@@ -653,8 +675,11 @@ fn query_server_refuses_low_ports_to_user_workers_and_bounds_the_groups() {
                     listen.len()
                 ));
             }
+            // Bounded by the group cap: 16 groups of at most 13 descriptors each (the program's
+            // maps, the program, its log channel) plus the primary's own stay well under 300;
+            // unbounded, 300 queries took it to 2429.
             let fds = fd_count(cluster.pid() as i32);
-            if fds >= 200 {
+            if fds >= 300 {
                 problems.push(format!("the primary has {fds} descriptors open"));
             }
         } else {
@@ -819,6 +844,119 @@ fn a_control_path_that_is_a_regular_file_is_refused_and_kept() {
             problems.push("the file was replaced by a socket".into());
         }
         assert_no_problems(&problems, &run.stderr);
+    });
+}
+
+// ---- 6. the workers' notify socket ----
+
+#[test]
+fn the_notify_socket_cannot_be_taken_first_nor_flooded() {
+    root_test("notify_socket", || {
+        let server = python_server();
+        let start = || {
+            Cluster::start(&[
+                "run",
+                "-w",
+                "2",
+                READY_BY_NOTIFY[0],
+                READY_BY_NOTIFY[1],
+                "--listen",
+                ADDR,
+                "--",
+                PYTHON,
+                &server,
+            ])
+        };
+        let mut problems = Vec::new();
+        let mut output = Vec::new();
+
+        // (a) Someone took @cluster-lb/PID/notify for the next 1000 pids first.
+        let mut holder = ChildGuard(
+            Command::new(PYTHON)
+                .args([&hardening_worker("prebind_notify.py"), "1000"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("starting the squatter"),
+        );
+        let mut line = String::new();
+        BufReader::new(holder.0.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("the squatter's report");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (first, last): (u32, u32) = match words.as_slice() {
+            ["bound", _, first, last] => {
+                (first.parse().expect("first"), last.parse().expect("last"))
+            }
+            _ => panic!("squatter: {line:?}"),
+        };
+        let mut cluster = start();
+        let pid = cluster.pid();
+        assert!(
+            (first..=last).contains(&pid),
+            "precondition: cluster-lb got pid {pid}, outside the names taken ({first}..={last})"
+        );
+        if let Err(e) = ready_or_exit(&cluster, 2, Duration::from_secs(30)) {
+            problems.push(format!("with the names taken: {e}"));
+            output.extend(cluster.lines());
+            drop(holder);
+            drop(cluster);
+            cluster = start();
+            ready_or_exit(&cluster, 2, Duration::from_secs(30)).expect("a cluster for part (b)");
+        } else {
+            drop(holder);
+            if let Err(e) = answer_within(addr(), Duration::from_secs(5)) {
+                problems.push(format!("with the names taken, no answer: {e}"));
+            }
+        }
+
+        // (b) A process that is not a worker floods the workers' notify socket.
+        let primary = cluster.pid() as i32;
+        let worker = cluster.status().workers[0].pid;
+        let notify = environ_var(worker, "NOTIFY_SOCKET").expect("NOTIFY_SOCKET of a worker");
+        let cpu_before = cpu_seconds(primary);
+        let started = Instant::now();
+        let mut flood = ChildGuard(
+            Command::new(PYTHON)
+                .args([&hardening_worker("notify_flood.py"), &notify, "3"])
+                .spawn()
+                .expect("starting the flood"),
+        );
+        let mut slowest = Duration::ZERO;
+        let mut asked = 0;
+        let mut failed = Vec::new();
+        let flood_status = loop {
+            if let Some(status) = flood.0.try_wait().expect("waiting for the flood") {
+                break status;
+            }
+            let asking = Instant::now();
+            if let Err(e) = cluster_lb::client::fetch_status(cluster.control()) {
+                failed.push(e.to_string());
+            }
+            slowest = slowest.max(asking.elapsed());
+            asked += 1;
+            thread::sleep(Duration::from_millis(100));
+        };
+        let wall = started.elapsed();
+        let cpu = cpu_seconds(primary) - cpu_before;
+        eprintln!(
+            "flood: {wall:?} wall, primary {cpu:.2} s CPU, {asked} status requests, slowest {slowest:?}"
+        );
+        assert!(flood_status.success(), "the flood failed: {flood_status}");
+        if !failed.is_empty() || slowest > Duration::from_secs(1) {
+            problems.push(format!(
+                "during the flood status took up to {slowest:?} ({} of {asked} failed: {failed:?})",
+                failed.len()
+            ));
+        }
+        if cpu >= wall.as_secs_f64() / 2.0 {
+            problems.push(format!(
+                "the primary used {cpu:.2} s of CPU during a {:.2} s flood",
+                wall.as_secs_f64()
+            ));
+        }
+        output.extend(cluster.stop().lines);
+        assert_no_problems(&problems, &output);
     });
 }
 

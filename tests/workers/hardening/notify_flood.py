@@ -1,0 +1,22 @@
+#!/usr/bin/env python3
+"""Sends READY=1 datagrams to the notify socket argv[1] (`@name` is abstract) for argv[2]
+seconds, as fast as the socket takes them (blocking sends, each bounded by the deadline), then
+prints how many it sent."""
+import socket
+import sys
+import time
+
+address, seconds = sys.argv[1], float(sys.argv[2])
+if address.startswith("@"):
+    address = "\0" + address[1:]
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+deadline = time.monotonic() + seconds
+sent = 0
+while (left := deadline - time.monotonic()) > 0:
+    sock.settimeout(left)
+    try:
+        sock.sendto(b"READY=1", address)
+        sent += 1
+    except socket.timeout:
+        break
+print(f"sent {sent}")
