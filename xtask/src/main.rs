@@ -385,7 +385,7 @@ mod tests {
         };
         assert_eq!(
             format!("{bench:?}"),
-            "Options { rounds: 1, seconds: 2, workers: [2, 4, 8] }"
+            "Options { rounds: 1, seconds: 2, workers: [2, 4, 8], suite: \"all\" }"
         );
         assert!(matches!(
             parse(&["vm-test", "--kernel", "6.12"]),

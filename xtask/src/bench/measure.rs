@@ -97,7 +97,7 @@ fn measure_running(
     })
 }
 
-fn wait_for_all_workers(addr: SocketAddr, workers: u32) -> Result<()> {
+pub(super) fn wait_for_all_workers(addr: SocketAddr, workers: u32) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut pids = BTreeSet::new();
     while pids.len() < workers as usize {
@@ -119,7 +119,7 @@ fn wait_for_all_workers(addr: SocketAddr, workers: u32) -> Result<()> {
     Ok(())
 }
 
-fn wait_until_ready(control: &Path, workers: u32) -> Result<()> {
+pub(super) fn wait_until_ready(control: &Path, workers: u32) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let status = fetch_status(control)?;
@@ -173,7 +173,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 /// (run_time_ns, run_cnt) summed over the BPF programs `pid` holds, from its fdinfo; needs
 /// kernel.bpf_stats_enabled=1.
-fn bpf_stats(pid: u32) -> Option<(u64, u64)> {
+pub(super) fn bpf_stats(pid: u32) -> Option<(u64, u64)> {
     let mut total: Option<(u64, u64)> = None;
     for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
         .ok()?
@@ -252,7 +252,7 @@ fn parse_wrk(text: &str) -> Option<WrkResult> {
 }
 
 /// wrk prints "812.00us", "1.23ms", "2.00s".
-fn duration_ms(text: &str) -> Option<f64> {
+pub(super) fn duration_ms(text: &str) -> Option<f64> {
     let split = text.find(|c: char| c.is_ascii_alphabetic())?;
     let (number, unit) = text.split_at(split);
     let value: f64 = number.parse().ok()?;

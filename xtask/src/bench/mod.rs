@@ -4,6 +4,7 @@
 
 mod contenders;
 pub mod measure;
+mod mixed;
 mod report;
 
 use std::{fs, process::Command, time::Instant};
@@ -24,9 +25,13 @@ pub struct Options {
     /// Seconds of load per measurement
     #[arg(long, value_name = "S", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     seconds: u32,
-    /// Worker counts to measure, comma-separated
+    /// Worker counts to measure, comma-separated (the main suite)
     #[arg(long, value_name = "N,N", value_delimiter = ',', default_value = "2,8", value_parser = clap::value_parser!(u32).range(1..))]
     workers: Vec<u32>,
+    /// Which suites: main (every balancer with the plain Node worker), mixed (mixed-cost
+    /// workers under each strategy), or all
+    #[arg(long, value_name = "SUITE", default_value = "all", value_parser = ["all", "main", "mixed"])]
+    suite: String,
 }
 
 pub fn bench(options: &Options) -> Result<()> {
@@ -57,7 +62,8 @@ pub fn bench(options: &Options) -> Result<()> {
     let mut samples: Vec<(Contender, u32, Sample)> = Vec::new();
     // Rounds outermost, contenders innermost: drift over the run (thermal, other load)
     // spreads over every contender instead of favouring whoever ran first.
-    for round in 1..=options.rounds {
+    let main_suite = options.suite != "mixed";
+    for round in (1..=options.rounds).filter(|_| main_suite) {
         for &workers in &options.workers {
             for contender in ALL {
                 eprintln!(
@@ -93,6 +99,18 @@ pub fn bench(options: &Options) -> Result<()> {
             }
         }
     }
+    let mixed = if options.suite == "main" {
+        String::new()
+    } else {
+        mixed_suite(options, &paths)?
+    };
+    println!("{mixed}");
+    let dir = root().join("bench/results");
+    if !main_suite {
+        let written = report::write_extra(&dir, "mixed", &mixed)?;
+        eprintln!("xtask bench: wrote {}", written.display());
+        return Ok(());
+    }
     let report = report::Report::new(
         &samples,
         &options.workers,
@@ -101,9 +119,41 @@ pub fn bench(options: &Options) -> Result<()> {
         started.elapsed(),
     );
     println!("{}", report.table());
-    let written = report.write(&root().join("bench/results"))?;
+    let written = report.write(&dir, &mixed)?;
     eprintln!("xtask bench: wrote {}", written.display());
     Ok(())
+}
+
+/// The mixed-cost suite, rounds interleaved like the main one; its table.
+fn mixed_suite(options: &Options, paths: &Paths) -> Result<String> {
+    let mut samples = Vec::new();
+    for round in 1..=options.rounds {
+        for contender in mixed::ALL {
+            eprintln!(
+                "xtask bench: mixed-cost, round {round}/{}, {}",
+                options.rounds,
+                contender.name()
+            );
+            let (cluster_lb, scratch, seconds) = (
+                paths.cluster_lb.clone(),
+                paths.scratch.clone(),
+                options.seconds,
+            );
+            let sample = in_network_namespace("bench-mixed", move || {
+                mixed::measure(contender, seconds, &cluster_lb, &scratch)
+                    .map_err(|e| format!("{e:#}"))
+            })
+            .map_err(|_| anyhow!("{} panicked", contender.name()))?;
+            match sample {
+                Ok(sample) => samples.push((contender, sample)),
+                Err(error) => eprintln!(
+                    "xtask bench: mixed-cost {} failed: {error}",
+                    contender.name()
+                ),
+            }
+        }
+    }
+    Ok(mixed::table(&samples, options.rounds, options.seconds))
 }
 
 /// PM2 from the npm registry, into a cache in the target directory (not installed globally).

@@ -163,8 +163,9 @@ impl Report {
         out
     }
 
-    /// Writes <dir>/<date>.md and <date>.svg; returns the Markdown path.
-    pub fn write(&self, dir: &Path) -> Result<PathBuf> {
+    /// Writes <dir>/<date>.md (with `extra` sections after the table) and <date>.svg; returns
+    /// the Markdown path.
+    pub fn write(&self, dir: &Path, extra: &str) -> Result<PathBuf> {
         std::fs::create_dir_all(dir).context("creating bench/results")?;
         let date = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
         let date = &date[..10];
@@ -172,7 +173,7 @@ impl Report {
         std::fs::write(&svg, self.svg()).context("writing the chart")?;
         let markdown = dir.join(format!("{date}.md"));
         let text = format!(
-            "# cluster-lb benchmark, {date}\n\nMade by `cargo xtask bench`. All contenders serve examples/node/server.js (plus cluster-lb with the Rust example).\n\n![connections per second](./{date}.svg)\n\n{}",
+            "# cluster-lb benchmark, {date}\n\nMade by `cargo xtask bench`. All contenders serve examples/node/server.js (plus cluster-lb with the Rust example).\n\n![connections per second](./{date}.svg)\n\n{}\n{extra}",
             self.table()
         );
         std::fs::write(&markdown, text).context("writing the report")?;
@@ -235,4 +236,17 @@ impl Report {
         out.push_str("</svg>\n");
         out
     }
+}
+
+/// Writes <dir>/<date>-<name>.md holding `text` (a suite run on its own); returns its path.
+pub fn write_extra(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).context("creating bench/results")?;
+    let date = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let path = dir.join(format!("{}-{name}.md", &date[..10]));
+    std::fs::write(
+        &path,
+        format!("# cluster-lb benchmark, {}\n\n{text}", &date[..10]),
+    )
+    .context("writing the report")?;
+    Ok(path)
 }
