@@ -251,7 +251,12 @@ impl Supervisor {
     fn execute(&mut self, action: Action) -> Option<Input> {
         match action {
             Action::Spawn { id } => Some(match self.start_process(id) {
-                Ok((pid, slot)) => Input::Spawned { id, pid, slot },
+                Ok((pid, slot)) => Input::Spawned {
+                    id,
+                    pid,
+                    slot,
+                    signals: self.node,
+                },
                 Err(error) => Input::SpawnFailed {
                     id,
                     error: error.to_string(),

@@ -107,9 +107,10 @@ impl std::fmt::Display for WorkerState {
 /// One process's phase, with what it waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
-    /// Ready by the delay at `ready_at` unless it signals first; killed at `give_up_at`.
+    /// Ready by the delay at `ready_at` unless it signals first (no delay for a worker that
+    /// will signal); killed at `give_up_at`.
     Starting {
-        ready_at: Instant,
+        ready_at: Option<Instant>,
         give_up_at: Instant,
     },
     /// Waits for `listening` or READY=1; killed at `give_up_at`.
@@ -155,7 +156,7 @@ impl Phase {
             Phase::Starting {
                 ready_at,
                 give_up_at,
-            } => Some(ready_at.min(give_up_at)),
+            } => Some(ready_at.map_or(give_up_at, |at| at.min(give_up_at))),
             Phase::Online { give_up_at } => Some(give_up_at),
             Phase::Draining { term_at, kill_at } => {
                 Some(term_at.map_or(kill_at, |t| t.min(kill_at)))
@@ -262,6 +263,11 @@ pub enum Input {
         id: u32,
         pid: Pid,
         slot: u32,
+        /// It speaks a protocol that says when it is ready (Node's channel: `online`, then
+        /// `listening`), so `--ready-delay` does not apply. Otherwise a slow start (Node under
+        /// load can take more than the delay to say `online`) made it ready by the delay,
+        /// before it listened.
+        signals: bool,
     },
     /// A `Spawn { id }` failed before the program ran.
     SpawnFailed {
@@ -377,7 +383,12 @@ impl Lifecycle {
     pub fn handle(&mut self, input: Input, now: Instant) -> Vec<Action> {
         self.now = self.now.max(now);
         match input {
-            Input::Spawned { id, pid, slot } => self.spawned(id, pid, slot),
+            Input::Spawned {
+                id,
+                pid,
+                slot,
+                signals,
+            } => self.spawned(id, pid, slot, signals),
             Input::SpawnFailed { id, error } => self.spawn_failed(id, error),
             Input::Online { pid } => self.online(pid),
             Input::Ready { pid, how } => self.ready(pid, how),
@@ -439,10 +450,10 @@ impl Lifecycle {
 
     // ---- inputs -------------------------------------------------------------------------
 
-    fn spawned(&mut self, id: u32, pid: Pid, slot: u32) {
+    fn spawned(&mut self, id: u32, pid: Pid, slot: u32, signals: bool) {
         self.ids.entry(id).or_default().plan = Plan::Idle;
         let phase = Phase::Starting {
-            ready_at: self.now + self.timing.ready_delay,
+            ready_at: (!signals).then(|| self.now + self.timing.ready_delay),
             give_up_at: self.now + self.timing.ready_timeout,
         };
         self.processes.insert(
@@ -796,9 +807,10 @@ impl Lifecycle {
             .collect();
         for (pid, phase) in due {
             match phase {
-                Phase::Starting { ready_at, .. } if ready_at <= now => {
-                    self.ready(pid, Readiness::Delay)
-                }
+                Phase::Starting {
+                    ready_at: Some(ready_at),
+                    ..
+                } if ready_at <= now => self.ready(pid, Readiness::Delay),
                 Phase::Starting { .. } | Phase::Online { .. } => self.not_ready_in_time(pid),
                 Phase::Draining { kill_at, .. } if kill_at <= now => {
                     self.kill(pid, KillReason::GraceOver(self.timing.grace))

@@ -147,9 +147,10 @@ proptest! {
     fn after_any_events_and_a_calm_period_exactly_the_wanted_workers_are_ready(
         workers in 1..6u32,
         timing in timings(),
+        signals in any::<bool>(),
         ops in proptest::collection::vec(op(), 0..80),
     ) {
-        let mut world = World::new(workers, timing);
+        let mut world = World::with_signals(workers, timing, signals);
         for op in ops {
             play(&mut world, op);
         }

@@ -58,6 +58,26 @@ fn a_worker_that_said_online_waits_for_listening_not_for_the_delay() {
     assert_eq!(world.pid(0, WorkerState::Ready), pid);
 }
 
+/// A Node worker that takes longer than the delay to say `online` (a loaded machine) is still
+/// ready only when it listens; one that never listens is killed at the ready timeout.
+#[test]
+fn a_worker_that_signals_is_not_made_ready_by_the_delay() {
+    let mut world = World::with_signals(2, timing(30_000, 1_000, 10_000), true);
+    let slow = world.pid(0, WorkerState::Starting);
+    let silent = world.pid(1, WorkerState::Starting);
+    world.advance(Duration::from_secs(3));
+    assert_eq!(world.pid(0, WorkerState::Starting), slow);
+    world.apply(Input::Online { pid: slow });
+    world.apply(Input::Ready {
+        pid: slow,
+        how: Readiness::Listening,
+    });
+    assert_eq!(world.pid(0, WorkerState::Ready), slow);
+    assert_eq!(world.events_named("online").len(), 1);
+    world.advance(Duration::from_secs(7));
+    assert_eq!(world.pid(1, WorkerState::Killed), silent);
+}
+
 /// Issue 10's report: `run -w 2`, reload, SIGKILL the old worker 0 while its replacement starts;
 /// the replacement misses the ready timeout. Worker 0 used to be gone for good.
 #[test]

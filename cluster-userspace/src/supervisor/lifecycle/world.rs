@@ -26,6 +26,8 @@ pub struct World {
     next_pid: i32,
     /// The next this many spawns fail.
     pub fail_spawns: u32,
+    /// Spawned workers speak a protocol that signals readiness (Node's channel).
+    pub signals: bool,
     pub alive: BTreeMap<Pid, Alive>,
     /// The kernel's active set, as the actions left it.
     pub active: BTreeSet<Pid>,
@@ -47,12 +49,18 @@ pub fn timing(grace_ms: u64, ready_delay_ms: u64, ready_timeout_ms: u64) -> Timi
 impl World {
     /// A cluster of `wanted` workers, started (the first spawns are done, none is ready yet).
     pub fn new(wanted: u32, timing: Timing) -> World {
+        World::with_signals(wanted, timing, false)
+    }
+
+    /// As `new`, the workers signalling readiness (or not) as `signals` says.
+    pub fn with_signals(wanted: u32, timing: Timing, signals: bool) -> World {
         let now = Instant::now();
         let mut world = World {
             lifecycle: Lifecycle::new(wanted, timing, now),
             now,
             next_pid: 100,
             fail_spawns: 0,
+            signals,
             alive: BTreeMap::new(),
             active: BTreeSet::new(),
             notified: Vec::new(),
@@ -86,7 +94,12 @@ impl World {
                         let pid = Pid::from_raw(self.next_pid);
                         self.next_pid += 1;
                         self.alive.insert(pid, Alive::default());
-                        Input::Spawned { id, pid, slot: 0 }
+                        Input::Spawned {
+                            id,
+                            pid,
+                            slot: 0,
+                            signals: self.signals,
+                        }
                     };
                     self.history.push(reply.clone());
                     queue.extend(self.lifecycle.handle(reply, self.now));
