@@ -139,7 +139,9 @@ pub struct RunArgs {
 
     /// How new connections are spread: round-robin (exact, eBPF; the default for TCP), hash
     /// (the flow's hash, consistent, eBPF; the default for udp:// addresses), sticky (the
-    /// client's address, consistent, eBPF) or kernel (plain SO_REUSEPORT, no program)
+    /// client's address, consistent, eBPF), least-loaded (the worker with fewer open
+    /// connections of two, counted in the kernel, eBPF) or kernel (plain SO_REUSEPORT, no
+    /// program)
     #[arg(short = 's', long, value_name = "STRATEGY")]
     pub strategy: Option<Strategy>,
 
@@ -158,8 +160,8 @@ pub struct RunArgs {
           value_parser = parse_seconds, allow_negative_numbers = true)]
     pub ready_delay: f64,
 
-    /// Seconds a reload waits for a replacement to become ready before it gives up on it and
-    /// keeps the old worker
+    /// Seconds a new worker has to become ready before it is killed and restarted (a reload
+    /// then keeps the old worker it was to replace)
     #[arg(long, value_name = "SECONDS", default_value_t = 30.0, value_parser = parse_seconds,
           allow_negative_numbers = true)]
     pub ready_timeout: f64,
