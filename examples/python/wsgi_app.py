@@ -3,7 +3,7 @@
 ID is cluster-lb's worker id (CLUSTER_LB_WORKER_ID, inherited by the process gunicorn forks to
 serve), so shares can be counted per cluster-lb worker; PID is the process that answered.
 
-    sudo cluster-lb run -w 4 -l 8080 -- gunicorn --chdir examples/python wsgi_app:app
+    sudo cluster-lb run -w 4 -l 8080 -- gunicorn --no-control-socket --chdir examples/python wsgi_app:app
 """
 
 import os
