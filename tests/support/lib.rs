@@ -469,11 +469,7 @@ pub fn wrk_with(
     let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
     thread::spawn(move || {
         let output = Command::new("wrk")
-            .args([
-                "-t2",
-                &format!("-c{connections}"),
-                &format!("-d{seconds}s"),
-            ])
+            .args(["-t2", &format!("-c{connections}"), &format!("-d{seconds}s")])
             .args(&extra)
             .arg(format!("http://{addr}/"))
             .output()
