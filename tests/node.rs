@@ -339,52 +339,77 @@ fn term_with_keep_alive_connections_open_loses_no_request_in_flight_and_every_wo
 #[test]
 fn a_rolling_reload_of_node_workers_under_load_fails_no_request() {
     each_node("node_reload_under_load", |major, node| {
-        let cluster = start(&["-w", "4"], node, &[&example("node/cluster-app.js")]);
-        cluster.wait_until_ready(4);
-        let stop = Arc::new(AtomicBool::new(false));
-        let clients: Vec<_> = (0..4)
-            .map(|_| {
-                let stop = Arc::clone(&stop);
-                thread::spawn(move || {
-                    let (mut answered, mut failures) = (0u64, Vec::new());
-                    while !stop.load(Ordering::Relaxed) {
-                        match get(addr()) {
-                            Ok(_) => answered += 1,
-                            Err(e) => failures.push(format!("{e:#}")),
-                        }
-                    }
-                    (answered, failures)
-                })
-            })
-            .collect();
-        thread::sleep(Duration::from_millis(500));
-        for _ in 0..2 {
-            let reply = request(
-                cluster.control(),
-                &Request::Reload,
-                Duration::from_secs(120),
-            )
-            .expect("reload");
-            assert_eq!(reply, Reply::Reloaded { replaced: 4 });
-        }
-        thread::sleep(Duration::from_millis(500));
-        stop.store(true, Ordering::Relaxed);
-        let (mut answered, mut failures) = (0, Vec::new());
-        for client in clients {
-            let (a, f) = client.join().expect("client");
-            answered += a;
-            failures.extend(f);
-        }
-        eprintln!(
-            "Node {major}: {answered} requests across 2 reloads, {} failed",
-            failures.len()
-        );
-        assert!(failures.is_empty(), "Node {major}: {failures:?}");
-        let status = cluster.wait_until_ready(4);
-        assert_eq!(status.reloads, 2);
-        assert!(status.workers.iter().all(|w| w.state == WorkerState::Ready));
-        assert!(cluster.stop().status.success());
+        reload_under_load(major, node, "node/cluster-app.js");
     });
+}
+
+#[test]
+fn a_rolling_reload_of_express_workers_under_load_fails_no_request() {
+    each_node("node_express_reload", |major, node| {
+        reload_under_load(major, node, "node/express-app.js");
+    });
+}
+
+#[test]
+fn a_rolling_reload_of_fastify_workers_under_load_fails_no_request() {
+    each_node("node_fastify_reload", |major, node| {
+        if major < 20 {
+            // Fastify 5 needs Node 20 or later.
+            eprintln!("---- Fastify 5 does not support Node {major}");
+            return;
+        }
+        reload_under_load(major, node, "node/fastify-app.js");
+    });
+}
+
+/// Two rolling reloads of 4 workers running the example `app`, under connection-per-request
+/// clients: every request is answered.
+fn reload_under_load(major: u32, node: &str, app: &str) {
+    let cluster = start(&["-w", "4"], node, &[&example(app)]);
+    cluster.wait_until_ready(4);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let (mut answered, mut failures) = (0u64, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    match get(addr()) {
+                        Ok(_) => answered += 1,
+                        Err(e) => failures.push(format!("{e:#}")),
+                    }
+                }
+                (answered, failures)
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(500));
+    for _ in 0..2 {
+        let reply = request(
+            cluster.control(),
+            &Request::Reload,
+            Duration::from_secs(120),
+        )
+        .expect("reload");
+        assert_eq!(reply, Reply::Reloaded { replaced: 4 });
+    }
+    thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let (mut answered, mut failures) = (0, Vec::new());
+    for client in clients {
+        let (a, f) = client.join().expect("client");
+        answered += a;
+        failures.extend(f);
+    }
+    eprintln!(
+        "Node {major} {app}: {answered} requests across 2 reloads, {} failed",
+        failures.len()
+    );
+    assert!(failures.is_empty(), "Node {major} {app}: {failures:?}");
+    let status = cluster.wait_until_ready(4);
+    assert_eq!(status.reloads, 2);
+    assert!(status.workers.iter().all(|w| w.state == WorkerState::Ready));
+    assert!(cluster.stop().status.success());
 }
 
 /// Worker 0 misbehaves on its channel in the way `mode` names, in its listen callback.

@@ -521,14 +521,22 @@ pub struct WrkResult {
 
 /// Runs wrk (keep-alive, 2 threads, `connections` connections) against `addr` for `seconds`.
 pub fn wrk(addr: SocketAddr, connections: u32, seconds: u32) -> std::thread::JoinHandle<WrkResult> {
+    wrk_with(addr, connections, seconds, &[])
+}
+
+/// Like [`wrk`], with more arguments for wrk (e.g. `-H`, `Connection: close`).
+pub fn wrk_with(
+    addr: SocketAddr,
+    connections: u32,
+    seconds: u32,
+    extra: &[&str],
+) -> std::thread::JoinHandle<WrkResult> {
+    let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
     thread::spawn(move || {
         let output = Command::new("wrk")
-            .args([
-                "-t2",
-                &format!("-c{connections}"),
-                &format!("-d{seconds}s"),
-                &format!("http://{addr}/"),
-            ])
+            .args(["-t2", &format!("-c{connections}"), &format!("-d{seconds}s")])
+            .args(&extra)
+            .arg(format!("http://{addr}/"))
             .output()
             .expect("running wrk (cargo xtask test installs it)");
         let text = String::from_utf8_lossy(&output.stdout);

@@ -16,6 +16,7 @@ mod bench;
 mod distribution;
 mod ebpf;
 mod node;
+mod servers;
 mod setup;
 mod test_counts;
 mod vm;
@@ -206,6 +207,7 @@ fn test(extra: &[String]) -> Result<()> {
         ("wrk", "wrk"),
     ])?;
     node::ensure()?;
+    servers::ensure()?;
     // The committed object must be what the source builds, or the tests would test old code.
     ebpf::build(true)?;
     run(cargo().args(["build", "--workspace", "--bins"]))?;

@@ -31,11 +31,16 @@ pub fn ensure_packages(commands: &[(&str, &str)]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("xtask: installing {}", missing.join(" "));
+    install_packages(&missing)
+}
+
+/// Installs Debian packages (after one `apt-get update`).
+pub fn install_packages(packages: &[&str]) -> Result<()> {
+    eprintln!("xtask: installing {}", packages.join(" "));
     run(Command::new("apt-get").arg("update").arg("-q"))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing)
+        .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 

@@ -1,0 +1,3 @@
+module cluster-lb/examples/go
+
+go 1.19

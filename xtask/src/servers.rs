@@ -1,0 +1,64 @@
+//! What tests/servers.rs needs besides cargo's own builds, cached under the target directory:
+//! the Python servers pinned in tests/python/requirements.txt, in a venv at <target>/python
+//! (reinstalled when the pins change); examples/go built with Debian's golang-go into
+//! <target>/go/go-server (offline: standard library only, GOCACHE under <target>/go); and
+//! Debian's lighttpd with its Lua module.
+
+use std::{fs, path::Path, process::Command};
+
+use anyhow::{Context, Result};
+
+use crate::{root, run, setup, target_dir};
+
+pub fn ensure() -> Result<()> {
+    setup::ensure_packages(&[("go", "golang-go"), ("lighttpd", "lighttpd")])?;
+    // mod_magnet (examples/lighttpd/worker.lua) has a package of its own and no command.
+    if !Path::new("/usr/lib/lighttpd/mod_magnet.so").is_file() {
+        setup::install_packages(&["lighttpd-modules-lua"])?;
+    }
+    python_servers(&target_dir()?.join("python"))?;
+    go_server(&target_dir()?.join("go"))
+}
+
+fn python_servers(venv: &Path) -> Result<()> {
+    let pins = root().join("tests/python/requirements.txt");
+    let wanted = fs::read(&pins).context("reading tests/python/requirements.txt")?;
+    let installed = venv.join("requirements.txt");
+    if fs::read(&installed).ok().as_deref() == Some(wanted.as_slice()) {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing the Python servers (tests/python/requirements.txt) into {}",
+        venv.display()
+    );
+    // Debian's python3 (the hardening tests run /usr/bin/python3 too); its venv module and
+    // ensurepip come with python3-venv.
+    if Command::new("/usr/bin/python3")
+        .args(["-c", "import ensurepip, venv"])
+        .output()
+        .map_or(true, |output| !output.status.success())
+    {
+        setup::install_packages(&["python3-venv"])?;
+    }
+    run(Command::new("/usr/bin/python3")
+        .args(["-m", "venv", "--clear"])
+        .arg(venv))?;
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+        .arg(&pins))?;
+    fs::write(&installed, wanted).with_context(|| format!("writing {}", installed.display()))
+}
+
+fn go_server(dir: &Path) -> Result<()> {
+    // go build is incremental (GOCACHE), so running it every time costs little.
+    run(Command::new("go")
+        .args(["build", "-o"])
+        .arg(dir.join("go-server"))
+        .arg(".")
+        .current_dir(root().join("examples/go"))
+        .env("GOCACHE", dir.join("cache"))
+        .env("GOPATH", dir.join("path"))
+        .env("GOFLAGS", "-mod=mod")
+        .env("GOPROXY", "off")
+        .env("GOTOOLCHAIN", "local"))
+}
