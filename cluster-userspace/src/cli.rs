@@ -64,6 +64,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A live view of every worker, refreshed every second: state, new connections per
+    /// second, restarts, memory, CPU. q, Esc or Ctrl-C quits.
+    Top {
+        #[command(flatten)]
+        control: ControlArg,
+    },
     /// Rolling reload: replace every worker, one at a time, with no dropped connection.
     Reload {
         #[command(flatten)]

@@ -21,4 +21,5 @@ pub mod slots;
 pub mod sockets;
 pub mod spawn;
 pub mod supervisor;
+pub mod top;
 pub mod worker;

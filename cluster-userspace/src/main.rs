@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use cluster_lb::{
     cli::{one_line_error, Cli, Command},
-    client, logging, run,
+    client, logging, run, top,
 };
 
 fn main() -> ExitCode {
@@ -14,7 +14,7 @@ fn main() -> ExitCode {
         Err(error)
             if error.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
         {
-            eprintln!("cluster-lb: error: no command given; use run, status, reload, scale or stop (see cluster-lb --help)");
+            eprintln!("cluster-lb: error: no command given; use run, status, top, reload, scale or stop (see cluster-lb --help)");
             return ExitCode::from(2);
         }
         Err(error) if !error.use_stderr() => {
@@ -41,6 +41,7 @@ fn main() -> ExitCode {
         Command::Status { control, json } => {
             client::status(&control.path(), json).map_err(Into::into)
         }
+        Command::Top { control } => top::run(&control.path()).map_err(Into::into),
         Command::Reload { control } => client::reload(&control.path()).map_err(Into::into),
         Command::Scale { workers, control } => {
             client::scale(&control.path(), workers).map_err(Into::into)
