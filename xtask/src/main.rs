@@ -203,6 +203,7 @@ fn test(extra: &[String]) -> Result<()> {
         ("ip", "iproute2"),
         ("node", "nodejs"),
         ("python3", "python3"),
+        ("tmux", "tmux"),
         ("wrk", "wrk"),
     ])?;
     node::ensure()?;
