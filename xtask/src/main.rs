@@ -11,10 +11,13 @@
 //!                                      the integration tests on Debian's 6.1 and 6.12 under qemu
 //!   cargo xtask distribution [--connections N]
 //!                                      per-worker shares for each strategy, as a table
+//!   cargo xtask dist                   man pages, completions, the .deb, `cargo install`, checked
 
 mod bench;
+mod dist;
 mod distribution;
 mod ebpf;
+mod kube;
 mod node;
 mod setup;
 mod test_counts;
@@ -70,6 +73,8 @@ enum Task {
     VmTest(vm::Options),
     /// Per-worker shares for each strategy, as a table (root)
     Distribution(distribution::Options),
+    /// Man pages, shell completions and the .deb (cargo-deb), each checked; and `cargo install`
+    Dist,
 }
 
 #[derive(Args, Debug)]
@@ -113,6 +118,7 @@ fn main() -> ExitCode {
         Task::Distribution(options) => distribution::measure(&options),
         Task::Bench(options) => bench::bench(&options),
         Task::VmTest(options) => vm::vm_test(&options),
+        Task::Dist => dist::dist(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -207,9 +213,12 @@ fn test(extra: &[String]) -> Result<()> {
         ("wrk", "wrk"),
     ])?;
     node::ensure()?;
+    kube::ensure_validator()?;
     // The committed object must be what the source builds, or the tests would test old code.
     ebpf::build(true)?;
     run(cargo().args(["build", "--workspace", "--bins"]))?;
+    // The packaging the README shows (a release build, once; later runs reuse it).
+    dist::dist()?;
     let mut command = cargo();
     command
         .args(["test", "--workspace"])
@@ -397,6 +406,7 @@ mod tests {
             parse(&["distribution", "--connections", "10"]),
             Ok(Task::Distribution(_))
         ));
+        assert!(matches!(parse(&["dist"]), Ok(Task::Dist)));
     }
 
     #[test]
