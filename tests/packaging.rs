@@ -10,6 +10,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
+    sync::Mutex,
     thread,
     time::{Duration, Instant},
 };
@@ -122,40 +123,69 @@ fn the_manifest_runs_the_containerfiles_command_and_probes() {
     }
 }
 
+/// Both tests below use the default control socket, which is one path for the whole host.
+static DEFAULT_CONTROL_IN_USE: Mutex<()> = Mutex::new(());
+
+/// The container's command (ENTRYPOINT + CMD, mapped) under setpriv with only `capabilities`
+/// and no_new_privs, returned once its 4 workers are ready, with their status.
+fn start_container_command(capabilities: &[String]) -> (Cluster, ClusterStatus) {
+    let bounding: Vec<String> = capabilities
+        .iter()
+        .map(|cap| format!("+{}", cap.to_lowercase()))
+        .collect();
+    let command = mapped(&[containerfile_list("ENTRYPOINT"), containerfile_list("CMD")].concat());
+    eprintln!("running {command:?} with only {capabilities:?}");
+    let mut setpriv = Command::new("setpriv");
+    setpriv
+        .arg(format!("--bounding-set=-all,{}", bounding.join(",")))
+        .args(["--inh-caps=-all", "--no-new-privs", "--"])
+        .args(&command);
+    let primary = Cluster::start_command(setpriv);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = status_at_default().filter(|s| {
+            s.workers.len() == 4 && s.workers.iter().all(|w| w.state == WorkerState::Ready)
+        }) {
+            return (primary, status);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "4 ready workers within 30 s; output:\n{}",
+            primary.lines().join("\n")
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits through two rounds of the primary's checks (every 5 s), which read the workers'
+/// /proc as another user, and asserts no worker was replaced.
+fn assert_no_worker_replaced(primary: &Cluster, before: &ClusterStatus) {
+    thread::sleep(Duration::from_secs(11));
+    let later = status_at_default().expect("status after the checks");
+    let pids = |s: &ClusterStatus| {
+        let mut pids: Vec<i32> = s.workers.iter().map(|w| w.pid).collect();
+        pids.sort();
+        pids
+    };
+    assert_eq!(
+        pids(&later),
+        pids(before),
+        "output:\n{}",
+        primary.lines().join("\n")
+    );
+    assert!(later.workers.iter().all(|w| w.restarts == 0));
+}
+
 #[test]
 fn the_containers_command_serves_with_only_the_manifests_capabilities() {
     root_test("container_command_with_manifest_capabilities", || {
+        let _default_control = DEFAULT_CONTROL_IN_USE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let added = manifest_lists("add").concat();
         assert!(!added.is_empty(), "no capabilities in the manifest");
-        let bounding: Vec<String> = added
-            .iter()
-            .map(|cap| format!("+{}", cap.to_lowercase()))
-            .collect();
-        let command =
-            mapped(&[containerfile_list("ENTRYPOINT"), containerfile_list("CMD")].concat());
-        eprintln!("running {command:?} with only {added:?}");
-        let mut setpriv = Command::new("setpriv");
-        setpriv
-            .arg(format!("--bounding-set=-all,{}", bounding.join(",")))
-            .args(["--inh-caps=-all", "--no-new-privs", "--"])
-            .args(&command);
-        let mut primary = Cluster::start_command(setpriv);
+        let (mut primary, status) = start_container_command(&added);
         let probe_command = mapped(&manifest_lists("command")[0]);
-
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(status) = status_at_default().filter(|s| {
-                s.workers.len() == 4 && s.workers.iter().all(|w| w.state == WorkerState::Ready)
-            }) {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "4 ready workers within 30 s; output:\n{}",
-                primary.lines().join("\n")
-            );
-            thread::sleep(Duration::from_millis(100));
-        };
         // The program is loaded (--require-ebpf is in CMD: it would have exited otherwise).
         assert_eq!(status.strategy, "round-robin");
         let wanted: u64 = added.iter().map(|c| 1u64 << capability_number(c)).sum();
@@ -185,22 +215,7 @@ fn the_containers_command_serves_with_only_the_manifests_capabilities() {
             "readiness probe on a serving cluster"
         );
 
-        // Two rounds of the primary's checks (every 5 s), which read the workers' /proc as
-        // another user: no worker may be taken for one that closed its socket.
-        thread::sleep(Duration::from_secs(11));
-        let later = status_at_default().expect("status after the checks");
-        let pids = |s: &ClusterStatus| {
-            let mut pids: Vec<i32> = s.workers.iter().map(|w| w.pid).collect();
-            pids.sort();
-            pids
-        };
-        assert_eq!(
-            pids(&later),
-            pids(&status),
-            "output:\n{}",
-            primary.lines().join("\n")
-        );
-        assert!(later.workers.iter().all(|w| w.restarts == 0));
+        assert_no_worker_replaced(&primary, &status);
         assert_eq!(distribution(addr, 8).len(), 4);
 
         // TERM (what the kubelet sends) stops it cleanly; then the probe fails.
@@ -212,6 +227,31 @@ fn the_containers_command_serves_with_only_the_manifests_capabilities() {
             primary.lines().join("\n")
         );
         assert_eq!(probe(&probe_command), 1, "probe with no primary");
+    });
+}
+
+/// Without the capabilities to read other users' /proc/PID/fd (Docker's default set, say), the
+/// closed-listener check cannot see the workers' sockets: it must leave them alone, not take
+/// them for workers that closed their socket and restart them every few seconds.
+#[test]
+fn workers_are_not_restarted_when_their_descriptors_cannot_be_read() {
+    root_test("container_command_without_ptrace", || {
+        let _default_control = DEFAULT_CONTROL_IN_USE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let fewer: Vec<String> = manifest_lists("add")
+            .concat()
+            .into_iter()
+            .filter(|cap| cap != "SYS_PTRACE" && cap != "DAC_READ_SEARCH")
+            .collect();
+        let (mut primary, status) = start_container_command(&fewer);
+        assert_no_worker_replaced(&primary, &status);
+        assert_eq!(
+            distribution("127.0.0.1:8080".parse().expect("address"), 8).len(),
+            4
+        );
+        signal(primary.pid(), Signal::SIGTERM);
+        assert!(primary.wait_exit(Duration::from_secs(40)).success());
     });
 }
 
