@@ -7,7 +7,8 @@
 //!   contents are listed, extracted into a scratch directory and run (`--version`, `--help`);
 //!   it is never installed on this host;
 //! - `cargo install --path cluster-userspace` on stable alone: no nightly, no bpf-linker (the
-//!   eBPF object is committed), into a scratch root, and the installed binary run.
+//!   eBPF object is committed), into a scratch root, and the installed binary run;
+//! - the Kubernetes schema validator tests/packaging.rs runs (crate::kube).
 
 use std::{
     fs,
@@ -42,6 +43,8 @@ pub fn dist() -> Result<()> {
     let deb = build_deb()?;
     check_deb(&deb)?;
     check_cargo_install()?;
+    // For tests/packaging.rs: the Kubernetes manifest is checked against the schemas there.
+    crate::kube::ensure_validator()?;
     eprintln!(
         "xtask: dist: {} and {} checked",
         out.display(),
