@@ -132,6 +132,8 @@ struct ScreenRow {
     state: String,
     conns_per_s: Option<f64>,
     restarts: u32,
+    rss_mib: f64,
+    cpu_percent: Option<f64>,
 }
 
 fn row_of(screen: &str, pid: i32) -> Option<ScreenRow> {
@@ -145,6 +147,8 @@ fn row_of(screen: &str, pid: i32) -> Option<ScreenRow> {
             state: cells[2].to_string(),
             conns_per_s: cells[3].parse().ok(),
             restarts: cells[5].parse().ok()?,
+            rss_mib: cells[6].strip_suffix('M')?.parse().ok()?,
+            cpu_percent: cells[7].parse().ok(),
         })
     })
 }
@@ -207,6 +211,11 @@ fn top_shows_every_worker_live() {
                 .and_then(|row| row.conns_per_s)
                 .is_some_and(|rate| rate > 0.0)
         });
+        // Memory and CPU from /proc: a real resident size, and a CPU share once two samples
+        // exist (the rate above needed two as well).
+        let loaded = row_of(&screen, loaded_pid).expect("the loaded row");
+        assert!(loaded.rss_mib > 0.5, "{screen}");
+        assert!(loaded.cpu_percent.is_some_and(|cpu| cpu >= 0.0), "{screen}");
         loading.store(false, Ordering::Relaxed);
         let answered = load.join().expect("load thread");
         eprintln!("under load ({answered} connections):\n{screen}");
