@@ -300,3 +300,33 @@ fn the_kubernetes_manifest_is_valid_for_its_schemas() {
     let _ = fs::remove_file(&broken);
     assert!(!rejected.status.success());
 }
+
+/// A container that grants --user's start but not its stop (no KILL) is refused at once, in
+/// one line naming what is missing: otherwise the primary's signals to the workers would fail
+/// and a stop would wait for them forever.
+#[test]
+fn user_workers_without_cap_kill_are_refused_in_one_line() {
+    root_test("user_without_cap_kill", || {
+        let without_kill: Vec<String> = manifest_lists("add")
+            .concat()
+            .into_iter()
+            .filter(|cap| cap != "KILL")
+            .map(|cap| format!("+{}", cap.to_lowercase()))
+            .collect();
+        let output = Command::new("setpriv")
+            .arg(format!("--bounding-set=-all,{}", without_kill.join(",")))
+            .args(["--inh-caps=-all", "--"])
+            .arg(workspace_binary("cluster-lb"))
+            .args(["run", "--user", "nobody", "-l", "127.0.0.1:8080", "--"])
+            .arg(workspace_binary("example-rust-server"))
+            .output()
+            .expect("running cluster-lb under setpriv");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.starts_with("cluster-lb: error: --user nobody needs CAP_KILL"),
+            "{stderr}"
+        );
+    });
+}

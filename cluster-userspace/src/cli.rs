@@ -239,6 +239,7 @@ impl RunArgs {
                 .min(MAX_WORKERS),
         };
         let credentials = privileges::resolve(self.user.as_deref(), self.group.as_deref())?;
+        privileges::require_capabilities(credentials.as_ref())?;
         let supervisor = Config {
             workers,
             listen: self.listen,
