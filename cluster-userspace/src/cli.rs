@@ -83,6 +83,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A live view of every worker, refreshed every second: state, new connections per
+    /// second, restarts, memory, CPU. q, Esc or Ctrl-C quits.
+    Top {
+        #[command(flatten)]
+        control: ControlArg,
+    },
     /// Rolling reload: replace every worker, one at a time, with no dropped connection.
     Reload {
         #[command(flatten)]
@@ -273,6 +279,7 @@ impl RunArgs {
                 .min(MAX_WORKERS),
         };
         let credentials = privileges::resolve(self.user.as_deref(), self.group.as_deref())?;
+        privileges::require_capabilities(credentials.as_ref())?;
         let name = self
             .name
             .unwrap_or_else(|| ClusterName::default_for(&self.listen, &self.command));

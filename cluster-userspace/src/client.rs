@@ -32,7 +32,7 @@ pub enum Target {
 
 impl Target {
     /// The control socket of the one cluster meant.
-    fn socket(&self) -> Result<PathBuf, ControlError> {
+    pub fn socket(&self) -> Result<PathBuf, ControlError> {
         match self {
             Target::Path(path) => Ok(path.clone()),
             Target::Name(name) => Ok(names::socket_path(name)),

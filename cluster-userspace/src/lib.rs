@@ -23,4 +23,5 @@ pub mod slots;
 pub mod sockets;
 pub mod spawn;
 pub mod supervisor;
+pub mod top;
 pub mod worker;

@@ -6,7 +6,7 @@ use cluster_lb::{
     cli::{one_line_error, Command, ConfigError},
     client,
     config_file::{self, ParseError, Parsed},
-    logging, run,
+    logging, run, top,
 };
 
 fn main() -> ExitCode {
@@ -19,7 +19,7 @@ fn main() -> ExitCode {
         Err(ParseError::Args(error))
             if error.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
         {
-            eprintln!("cluster-lb: error: no command given; use run, status, reload, scale or stop (see cluster-lb --help)");
+            eprintln!("cluster-lb: error: no command given; use run, status, top, reload, scale or stop (see cluster-lb --help)");
             return ExitCode::from(2);
         }
         Err(ParseError::Args(error)) if !error.use_stderr() => {
@@ -58,6 +58,11 @@ fn main() -> ExitCode {
         Command::Status { control, json } => {
             client::status(&control.target(), json).map_err(Into::into)
         }
+        Command::Top { control } => control
+            .target()
+            .socket()
+            .map_err(Into::into)
+            .and_then(|path| top::run(&path).map_err(Into::into)),
         Command::Reload { control } => client::reload(&control.target()).map_err(Into::into),
         Command::Scale { workers, control } => {
             client::scale(&control.target(), workers).map_err(Into::into)

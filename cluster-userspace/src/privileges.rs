@@ -23,6 +23,55 @@ pub enum UserError {
     },
     #[error("user name {0:?} contains a NUL byte")]
     NulByte(String),
+    #[error("--user {user} needs {missing} in the primary ({why}); run it as root with them, or add them to the container or unit")]
+    MissingCapabilities {
+        user: String,
+        missing: String,
+        why: &'static str,
+    },
+}
+
+/// Capabilities the primary uses on workers of another user, with what for (bit numbers from
+/// linux/capability.h).
+const FOR_OTHER_USER: [(u32, &str); 3] = [(6, "CAP_SETGID"), (7, "CAP_SETUID"), (5, "CAP_KILL")];
+
+/// Fails in one line when the primary could start workers as `credentials` but not stop them,
+/// or not start them at all: without CAP_KILL its signals to another user's workers fail, and
+/// a stop would wait for them forever. Running as that very user needs none of this.
+pub fn require_capabilities(credentials: Option<&Credentials>) -> Result<(), UserError> {
+    let Some(credentials) = credentials else {
+        return Ok(());
+    };
+    if credentials.uid == nix::unistd::geteuid().as_raw() {
+        return Ok(());
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    // Unknown (no /proc): let the kernel say no later rather than refuse here.
+    let Some(effective) = effective_capabilities(&status) else {
+        return Ok(());
+    };
+    let missing: Vec<&str> = FOR_OTHER_USER
+        .iter()
+        .filter(|(bit, _)| effective & (1 << bit) == 0)
+        .map(|(_, name)| *name)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(UserError::MissingCapabilities {
+        user: credentials.name.clone(),
+        missing: missing.join(", "),
+        why: "SETUID and SETGID to start its workers as that user, KILL to stop them",
+    })
+}
+
+/// The CapEff mask of a /proc/PID/status text.
+fn effective_capabilities(status: &str) -> Option<u64> {
+    let hex = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))?
+        .trim();
+    u64::from_str_radix(hex, 16).ok()
 }
 
 /// Looks up `user` (name or uid) and `group` (name or gid; default: the user's primary group).
@@ -97,6 +146,15 @@ mod tests {
         let by_number = resolve(Some("65534"), Some("0")).unwrap().unwrap();
         assert_eq!((by_number.uid, by_number.gid), (65534, 0));
         assert!(resolve(None, None).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_effective_capability_mask_is_read_from_proc_status() {
+        let status = "Name:\tcluster-lb\nCapInh:\t0000000000000000\nCapEff:\t000000c000001020\nCapBnd:\t000001ffffffffff\n";
+        let mask = effective_capabilities(status).unwrap();
+        assert_eq!(mask, (1 << 39) | (1 << 38) | (1 << 12) | (1 << 5));
+        assert_eq!(effective_capabilities("Name:\tx\n"), None);
+        assert_eq!(effective_capabilities("CapEff:\tzz\n"), None);
     }
 
     #[test]

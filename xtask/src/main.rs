@@ -11,10 +11,13 @@
 //!                                      the integration tests on Debian's 6.1 and 6.12 under qemu
 //!   cargo xtask distribution [--connections N]
 //!                                      per-worker shares for each strategy, as a table
+//!   cargo xtask dist                   man pages, completions, the .deb, `cargo install`, checked
 
 mod bench;
+mod dist;
 mod distribution;
 mod ebpf;
+mod kube;
 mod node;
 mod servers;
 mod setup;
@@ -71,6 +74,8 @@ enum Task {
     VmTest(vm::Options),
     /// Per-worker shares for each strategy, as a table (root)
     Distribution(distribution::Options),
+    /// Man pages, shell completions and the .deb (cargo-deb), each checked; and `cargo install`
+    Dist,
 }
 
 #[derive(Args, Debug)]
@@ -114,6 +119,7 @@ fn main() -> ExitCode {
         Task::Distribution(options) => distribution::measure(&options),
         Task::Bench(options) => bench::bench(&options),
         Task::VmTest(options) => vm::vm_test(&options),
+        Task::Dist => dist::dist(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -204,6 +210,7 @@ fn test(extra: &[String]) -> Result<()> {
         ("ip", "iproute2"),
         ("node", "nodejs"),
         ("python3", "python3"),
+        ("tmux", "tmux"),
         ("wrk", "wrk"),
     ])?;
     node::ensure()?;
@@ -211,6 +218,9 @@ fn test(extra: &[String]) -> Result<()> {
     // The committed object must be what the source builds, or the tests would test old code.
     ebpf::build(true)?;
     run(cargo().args(["build", "--workspace", "--bins"]))?;
+    // The packaging the README shows (a release build, once; later runs reuse it), and the
+    // schema validator tests/packaging.rs runs on deploy/kubernetes.yaml.
+    dist::dist()?;
     let mut command = cargo();
     command
         .args(["test", "--workspace"])
@@ -398,6 +408,7 @@ mod tests {
             parse(&["distribution", "--connections", "10"]),
             Ok(Task::Distribution(_))
         ));
+        assert!(matches!(parse(&["dist"]), Ok(Task::Dist)));
     }
 
     #[test]

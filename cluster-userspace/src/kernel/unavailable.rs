@@ -41,7 +41,7 @@ impl Unavailable {
     }
 }
 
-const NEEDS_PRIVILEGE: &str = "needs root, or CAP_BPF and CAP_NET_ADMIN";
+const NEEDS_PRIVILEGE: &str = "needs root, or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN";
 /// SELECT_OR_MIGRATE and `migrating_sk` arrived in 5.14.
 const MIN_KERNEL: (u32, u32) = (5, 14);
 
@@ -100,6 +100,6 @@ mod tests {
         assert!(reason.is_permission());
         assert!(reason
             .to_string()
-            .ends_with("(needs root, or CAP_BPF and CAP_NET_ADMIN)"));
+            .ends_with("(needs root, or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)"));
     }
 }

@@ -8,6 +8,13 @@ pub fn inode(socket: impl AsFd) -> Option<u64> {
     nix::sys::stat::fstat(socket).ok().map(|stat| stat.st_ino)
 }
 
+/// Whether this process may list `pid`'s descriptors. A worker of another user needs
+/// CAP_SYS_PTRACE (and CAP_DAC_READ_SEARCH) for that; without them an empty listing would look
+/// like a worker that closed every socket.
+pub fn fds_readable(pid: i32) -> bool {
+    fs::read_dir(format!("/proc/{pid}/fd")).is_ok()
+}
+
 /// The socket inodes process `pid` holds.
 pub fn socket_inodes(pid: i32) -> HashSet<u64> {
     let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) else {

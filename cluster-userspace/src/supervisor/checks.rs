@@ -3,7 +3,11 @@
 //! servers a Node worker opened by itself, and processes workers left behind that still hold a
 //! group's socket. Each check reads /proc or the kernel; none trusts the worker's word.
 
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use nix::{
     sys::signal::{kill, Signal},
@@ -11,6 +15,10 @@ use nix::{
 };
 
 use super::{audit, Departure, Event, Input, Supervisor, WorkerState};
+
+/// Set once the closed-listener check said it cannot see workers' descriptors (said once per
+/// process: the capabilities do not change while it runs).
+static FD_WARNING: AtomicBool = AtomicBool::new(false);
 
 /// How often.
 pub const CHECK_EVERY: Duration = Duration::from_secs(5);
@@ -60,6 +68,16 @@ impl Supervisor {
                 p.state() == WorkerState::Ready && p.started.elapsed() >= CHECK_EVERY
             });
             if !settled || worker.given.is_empty() {
+                continue;
+            }
+            if !audit::fds_readable(pid.as_raw()) {
+                // Unknown is not closed: never restart a worker for what we cannot see.
+                if !FD_WARNING.swap(true, Ordering::Relaxed) {
+                    log::warn!(
+                        "cannot read /proc/{pid}/fd of worker {} (a worker of another user needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH in the primary): workers that close their listening socket go unnoticed",
+                        worker.id
+                    );
+                }
                 continue;
             }
             let held: HashSet<u64> = audit::with_descendants(pid.as_raw())
