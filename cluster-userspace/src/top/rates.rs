@@ -119,7 +119,9 @@ mod tests {
 
     fn status(workers: Vec<WorkerStatus>) -> ClusterStatus {
         ClusterStatus {
+            name: Some("8080".into()),
             primary_pid: 1,
+            uptime_s: 1.0,
             strategy: "round-robin".into(),
             listen: vec!["127.0.0.1:8080".into()],
             desired: workers.len() as u32,

@@ -89,8 +89,15 @@ fn header_lines(screen: &Screen, control: &Path) -> Vec<Line<'static>> {
             vec![
                 Line::styled(
                     format!(
-                        "cluster-lb pid {} · strategy {} · listening on {}",
-                        status.primary_pid, status.strategy, listen
+                        "cluster-lb {}pid {} · strategy {} · listening on {}",
+                        status
+                            .name
+                            .as_ref()
+                            .map(|name| format!("{name} · "))
+                            .unwrap_or_default(),
+                        status.primary_pid,
+                        status.strategy,
+                        listen
                     ),
                     Style::default().add_modifier(Modifier::BOLD),
                 ),
