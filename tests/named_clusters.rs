@@ -15,10 +15,14 @@ fn rust_server() -> String {
 }
 
 /// `cluster-lb status --json` without a name: every running cluster, sorted by name.
+/// `status --json`'s list; it exits 1 (and lists none) when no cluster answers.
 fn listed(dir: &std::path::Path) -> Vec<ClusterStatus> {
     let (code, stdout, stderr) = cluster_lb_in(dir, &["status", "--json"]);
-    assert_eq!(code, Some(0), "status --json: {stderr:?}");
-    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("status --json: {e}: {stdout}"))
+    let clusters: Vec<ClusterStatus> =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("status --json: {e}: {stdout}"));
+    let expected = if clusters.is_empty() { 1 } else { 0 };
+    assert_eq!(code, Some(expected), "status --json: {stderr:?}");
+    clusters
 }
 
 fn names(clusters: &[ClusterStatus]) -> Vec<String> {
@@ -148,6 +152,9 @@ fn clusters_are_listed_together_and_picked_by_name() {
         let mut b = b;
         assert!(b.wait_exit(Duration::from_secs(40)).success());
         assert!(listed(&dir).is_empty());
+        let (code, _, stderr) = cluster_lb_in(&dir, &["status"]);
+        assert_eq!(code, Some(1), "plain status with none running");
+        assert!(stderr[0].contains("no cluster-lb is running"), "{stderr:?}");
         let (code, _, stderr) = cluster_lb_in(&dir, &["stop"]);
         assert_eq!(code, Some(1));
         assert!(stderr[0].contains("no cluster-lb is running"), "{stderr:?}");

@@ -10,21 +10,18 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
-    sync::Mutex,
     thread,
     time::{Duration, Instant},
 };
 
 use cluster_lb::supervisor::{ClusterStatus, WorkerState};
 use cluster_lb_tests::{
-    distribution, in_ci, root_test, signal, target_dir, workspace_binary, Cluster,
+    distribution, in_ci, root_test, run_dir, signal, target_dir, workspace_binary, Cluster,
 };
 use nix::sys::signal::Signal;
 
 /// Where the image puts binaries; the test runs this build's instead.
 const IMAGE_BIN: &str = "/usr/local/bin/";
-/// `cluster-lb status` without --control, as the probes run it (root's default).
-const DEFAULT_CONTROL: &str = "/run/cluster-lb.sock";
 
 fn repo_file(relative: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -96,9 +93,12 @@ fn proc_status(pid: u32, field: &str) -> String {
         .to_string()
 }
 
-fn probe(command: &[String]) -> i32 {
+/// Runs a probe's command as the kubelet would, the clusters' run directory being `run_dir`
+/// (the container's /run/cluster-lb).
+fn probe(command: &[String], run_dir: &Path) -> i32 {
     Command::new(&command[0])
         .args(&command[1..])
+        .env(cluster_lb::names::RUN_DIR_ENV, run_dir)
         .output()
         .expect("running the probe")
         .status
@@ -106,8 +106,12 @@ fn probe(command: &[String]) -> i32 {
         .unwrap_or(-1)
 }
 
-fn status_at_default() -> Option<ClusterStatus> {
-    cluster_lb::client::fetch_status(Path::new(DEFAULT_CONTROL)).ok()
+/// The status of the one cluster in `run_dir`, found as `cluster-lb status` finds it.
+fn status_in(run_dir: &Path) -> Option<ClusterStatus> {
+    cluster_lb::client::running_in(run_dir)
+        .into_iter()
+        .next()
+        .map(|(_, status)| status)
 }
 
 #[test]
@@ -124,11 +128,9 @@ fn the_manifest_runs_the_containerfiles_command_and_probes() {
 }
 
 /// Both tests below use the default control socket, which is one path for the whole host.
-static DEFAULT_CONTROL_IN_USE: Mutex<()> = Mutex::new(());
-
 /// The container's command (ENTRYPOINT + CMD, mapped) under setpriv with only `capabilities`
 /// and no_new_privs, returned once its 4 workers are ready, with their status.
-fn start_container_command(capabilities: &[String]) -> (Cluster, ClusterStatus) {
+fn start_container_command(capabilities: &[String], run_dir: &Path) -> (Cluster, ClusterStatus) {
     let bounding: Vec<String> = capabilities
         .iter()
         .map(|cap| format!("+{}", cap.to_lowercase()))
@@ -137,13 +139,14 @@ fn start_container_command(capabilities: &[String]) -> (Cluster, ClusterStatus) 
     eprintln!("running {command:?} with only {capabilities:?}");
     let mut setpriv = Command::new("setpriv");
     setpriv
+        .env(cluster_lb::names::RUN_DIR_ENV, run_dir)
         .arg(format!("--bounding-set=-all,{}", bounding.join(",")))
         .args(["--inh-caps=-all", "--no-new-privs", "--"])
         .args(&command);
     let primary = Cluster::start_command(setpriv);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(status) = status_at_default().filter(|s| {
+        if let Some(status) = status_in(run_dir).filter(|s| {
             s.workers.len() == 4 && s.workers.iter().all(|w| w.state == WorkerState::Ready)
         }) {
             return (primary, status);
@@ -159,9 +162,9 @@ fn start_container_command(capabilities: &[String]) -> (Cluster, ClusterStatus) 
 
 /// Waits through two rounds of the primary's checks (every 5 s), which read the workers'
 /// /proc as another user, and asserts no worker was replaced.
-fn assert_no_worker_replaced(primary: &Cluster, before: &ClusterStatus) {
+fn assert_no_worker_replaced(primary: &Cluster, before: &ClusterStatus, run_dir: &Path) {
     thread::sleep(Duration::from_secs(11));
-    let later = status_at_default().expect("status after the checks");
+    let later = status_in(run_dir).expect("status after the checks");
     let pids = |s: &ClusterStatus| {
         let mut pids: Vec<i32> = s.workers.iter().map(|w| w.pid).collect();
         pids.sort();
@@ -179,12 +182,10 @@ fn assert_no_worker_replaced(primary: &Cluster, before: &ClusterStatus) {
 #[test]
 fn the_containers_command_serves_with_only_the_manifests_capabilities() {
     root_test("container_command_with_manifest_capabilities", || {
-        let _default_control = DEFAULT_CONTROL_IN_USE
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let run_dir = run_dir();
         let added = manifest_lists("add").concat();
         assert!(!added.is_empty(), "no capabilities in the manifest");
-        let (mut primary, status) = start_container_command(&added);
+        let (mut primary, status) = start_container_command(&added, &run_dir);
         let probe_command = mapped(&manifest_lists("command")[0]);
         // The program is loaded (--require-ebpf is in CMD: it would have exited otherwise).
         assert_eq!(status.strategy, "round-robin");
@@ -210,12 +211,12 @@ fn the_containers_command_serves_with_only_the_manifests_capabilities() {
         let seen = distribution(addr, 40);
         assert_eq!(seen, BTreeMap::from([(0, 10), (1, 10), (2, 10), (3, 10)]));
         assert_eq!(
-            probe(&probe_command),
+            probe(&probe_command, &run_dir),
             0,
             "readiness probe on a serving cluster"
         );
 
-        assert_no_worker_replaced(&primary, &status);
+        assert_no_worker_replaced(&primary, &status, &run_dir);
         assert_eq!(distribution(addr, 8).len(), 4);
 
         // TERM (what the kubelet sends) stops it cleanly; then the probe fails.
@@ -226,7 +227,7 @@ fn the_containers_command_serves_with_only_the_manifests_capabilities() {
             "exit {exit:?}; output:\n{}",
             primary.lines().join("\n")
         );
-        assert_eq!(probe(&probe_command), 1, "probe with no primary");
+        assert_eq!(probe(&probe_command, &run_dir), 1, "probe with no primary");
     });
 }
 
@@ -236,16 +237,14 @@ fn the_containers_command_serves_with_only_the_manifests_capabilities() {
 #[test]
 fn workers_are_not_restarted_when_their_descriptors_cannot_be_read() {
     root_test("container_command_without_ptrace", || {
-        let _default_control = DEFAULT_CONTROL_IN_USE
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let run_dir = run_dir();
         let fewer: Vec<String> = manifest_lists("add")
             .concat()
             .into_iter()
             .filter(|cap| cap != "SYS_PTRACE" && cap != "DAC_READ_SEARCH")
             .collect();
-        let (mut primary, status) = start_container_command(&fewer);
-        assert_no_worker_replaced(&primary, &status);
+        let (mut primary, status) = start_container_command(&fewer, &run_dir);
+        assert_no_worker_replaced(&primary, &status, &run_dir);
         assert_eq!(
             distribution("127.0.0.1:8080".parse().expect("address"), 8).len(),
             4

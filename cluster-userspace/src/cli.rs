@@ -74,8 +74,9 @@ pub struct Cli {
 pub enum Command {
     /// Start the workers and supervise them in the foreground until TERM or INT.
     Run(RunArgs),
-    /// List the running clusters; with --name or --control, show one cluster's workers: id,
-    /// pid, state, uptime, restarts, connections the kernel gave each, memory.
+    /// List the running clusters (exit 1 when none answers); with --name or --control, show
+    /// one cluster's workers: id, pid, state, uptime, restarts, connections the kernel gave
+    /// each, memory.
     Status {
         #[command(flatten)]
         control: ControlArg,

@@ -95,13 +95,16 @@ pub fn status(target: &Target, json: bool) -> Result<(), ControlError> {
                 .into_iter()
                 .map(|(_, status)| status)
                 .collect();
+            // None running is a failure (exit 1), so that a plain `cluster-lb status` is a
+            // health check: the container's probes run it.
+            if clusters.is_empty() {
+                if json {
+                    println!("[]");
+                }
+                return Err(ControlError::NoneRunning(dir));
+            }
             if json {
                 to_json(&clusters, &dir)?
-            } else if clusters.is_empty() {
-                format!(
-                    "no cluster-lb is running (no control socket in {} answers)\n",
-                    dir.display()
-                )
             } else {
                 list(&clusters)
             }
