@@ -14,7 +14,11 @@ let served = 0;
 http
   .createServer((req, res) => {
     served += 1;
-    if (served % 10 === 0) Atomics.wait(blocker, 0, 0, 25);
+    if (served % 10 === 0) {
+      Atomics.wait(blocker, 0, 0, 25);
+      // For the benchmark's client to tell the two kinds of request apart.
+      res.setHeader('x-slow', '1');
+    }
     res.end(`worker ${worker} pid ${process.pid}\n`);
   })
   .listen(activated ? { fd: 3 } : Number(process.env.PORT ?? 8080));

@@ -2,6 +2,7 @@
 //! machine. Prints a table and writes bench/results/<date>.md with an SVG chart. It measures;
 //! it asserts nothing.
 
+mod closed_loop;
 mod contenders;
 pub mod measure;
 mod mixed;
