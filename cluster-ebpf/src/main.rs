@@ -91,7 +91,7 @@ pub fn select_worker(ctx: SkReuseportContext) -> u32 {
     let least_loaded = config(CONFIG_STRATEGY) == STRATEGY_LEAST_LOADED;
     let start = match key {
         Some(key) => key % count,
-        None if least_loaded => less_loaded_of_two(set, count),
+        None if least_loaded => least_loaded_position(set, count),
         None => next_round_robin() % count,
     };
 
@@ -168,21 +168,41 @@ fn client_address_hash(ctx: &SkReuseportContext) -> u32 {
     hash
 }
 
-/// The position in the active set of the less loaded of two workers: the round-robin choice
-/// and another picked at random. Ties go to the round-robin one, so an idle cluster gets exact
-/// round robin; two choices keep the cost flat however many workers there are.
+/// Up to this many workers, least-loaded compares every one; above, two choices.
+const FULL_SCAN: u32 = 8;
+
+/// The position in the active set of the least loaded worker. Ties go to the round-robin
+/// choice (then to the workers after it), so an idle cluster gets exact round robin. Up to
+/// FULL_SCAN workers every one is compared: with few connections per worker the counts are
+/// small and often tied, and two random choices then mostly fall back to round robin, blocked
+/// worker or not. Above, the round-robin choice and one picked at random ("power of two
+/// choices"), which keeps the cost flat however many workers there are.
 #[inline(always)]
-fn less_loaded_of_two(set: &ActiveSet, count: u32) -> u32 {
+fn least_loaded_position(set: &ActiveSet, count: u32) -> u32 {
     let first = next_round_robin() % count;
     if count < 2 {
         return first;
     }
-    // SAFETY: a helper without arguments.
-    let other = (first + 1 + unsafe { bpf_get_prandom_u32() } % (count - 1)) % count;
     let load = |position: u32| {
         let index = core::hint::black_box(position) & (MAX_SLOTS - 1);
         open_connections(set.slots[index as usize])
     };
+    if count <= FULL_SCAN {
+        let (mut best, mut best_load) = (first, load(first));
+        for step in 1..FULL_SCAN {
+            if step >= count {
+                break;
+            }
+            let position = (first + step) % count;
+            let here = load(position);
+            if here < best_load {
+                (best, best_load) = (position, here);
+            }
+        }
+        return best;
+    }
+    // SAFETY: a helper without arguments.
+    let other = (first + 1 + unsafe { bpf_get_prandom_u32() } % (count - 1)) % count;
     if load(other) < load(first) {
         other
     } else {
