@@ -146,9 +146,9 @@ pub struct RunArgs {
 
     /// How new connections are spread: round-robin (exact, eBPF; the default for TCP), hash
     /// (the flow's hash, consistent, eBPF; the default for udp:// addresses), sticky (the
-    /// client's address, consistent, eBPF), least-loaded (the worker with fewer open
-    /// connections of two, counted in the kernel, eBPF) or kernel (plain SO_REUSEPORT, no
-    /// program)
+    /// client's address, consistent, eBPF), least-loaded (the worker with the fewest open
+    /// connections, counted in the kernel; of two above 8 workers; eBPF) or kernel (plain
+    /// SO_REUSEPORT, no program)
     #[arg(short = 's', long, value_name = "STRATEGY")]
     pub strategy: Option<Strategy>,
 
