@@ -7,10 +7,6 @@ use std::{
     collections::BTreeMap,
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
     thread,
     time::{Duration, Instant},
 };
@@ -20,7 +16,7 @@ use cluster_lb::{
     supervisor::WorkerState,
 };
 use cluster_lb_tests::{
-    distribution, example, get, node_binaries, node_modules, root_test, signal, Cluster,
+    distribution, example, node_binaries, node_modules, root_test, signal, Cluster, RequestLoop,
 };
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -367,22 +363,7 @@ fn a_rolling_reload_of_fastify_workers_under_load_fails_no_request() {
 fn reload_under_load(major: u32, node: &str, app: &str) {
     let cluster = start(&["-w", "4"], node, &[&example(app)]);
     cluster.wait_until_ready(4);
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            let stop = Arc::clone(&stop);
-            thread::spawn(move || {
-                let (mut answered, mut failures) = (0u64, Vec::new());
-                while !stop.load(Ordering::Relaxed) {
-                    match get(addr()) {
-                        Ok(_) => answered += 1,
-                        Err(e) => failures.push(format!("{e:#}")),
-                    }
-                }
-                (answered, failures)
-            })
-        })
-        .collect();
+    let load = RequestLoop::start(addr(), 4);
     thread::sleep(Duration::from_millis(500));
     for _ in 0..2 {
         let reply = request(
@@ -394,13 +375,8 @@ fn reload_under_load(major: u32, node: &str, app: &str) {
         assert_eq!(reply, Reply::Reloaded { replaced: 4 });
     }
     thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    let (mut answered, mut failures) = (0, Vec::new());
-    for client in clients {
-        let (a, f) = client.join().expect("client");
-        answered += a;
-        failures.extend(f);
-    }
+    let (answered, failures) = load.finish();
+    let answered: u64 = answered.values().sum();
     eprintln!(
         "Node {major} {app}: {answered} requests across 2 reloads, {} failed",
         failures.len()

@@ -8,10 +8,6 @@ use std::{
     collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
     thread,
     time::{Duration, Instant},
 };
@@ -21,7 +17,8 @@ use cluster_lb::{
     supervisor::WorkerState,
 };
 use cluster_lb_tests::{
-    distribution, get, in_ci, root_test, target_dir, workspace_binary, wrk, wrk_with, Cluster,
+    distribution, in_ci, root_test, target_dir, workspace_binary, wrk, wrk_with, Cluster,
+    RequestLoop,
 };
 
 const ADDR: &str = "127.0.0.1:8080";
@@ -271,31 +268,10 @@ fn exact_shares(server: Option<Server>) {
 /// New-connection-per-request clients for `seconds`: (answered, failures).
 fn connection_per_request(seconds: u32) -> thread::JoinHandle<(u64, Vec<String>)> {
     thread::spawn(move || {
-        let stop = Arc::new(AtomicBool::new(false));
-        let clients: Vec<_> = (0..CLIENTS)
-            .map(|_| {
-                let stop = Arc::clone(&stop);
-                thread::spawn(move || {
-                    let (mut answered, mut failures) = (0u64, Vec::new());
-                    while !stop.load(Ordering::Relaxed) {
-                        match get(addr()) {
-                            Ok(_) => answered += 1,
-                            Err(e) => failures.push(format!("{e:#}")),
-                        }
-                    }
-                    (answered, failures)
-                })
-            })
-            .collect();
+        let load = RequestLoop::start(addr(), CLIENTS);
         thread::sleep(Duration::from_secs(seconds.into()));
-        stop.store(true, Ordering::Relaxed);
-        let (mut answered, mut failures) = (0, Vec::new());
-        for client in clients {
-            let (a, f) = client.join().expect("client");
-            answered += a;
-            failures.extend(f);
-        }
-        (answered, failures)
+        let (answered, failures) = load.finish();
+        (answered.values().sum(), failures)
     })
 }
 

@@ -6,10 +6,6 @@ use std::{
     net::{SocketAddr, TcpStream},
     os::unix::net::UnixDatagram,
     path::Path,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
     thread,
     time::{Duration, Instant},
 };
@@ -18,12 +14,12 @@ use cluster_lb::{
     control::{request, Reply, Request},
     supervisor::WorkerState,
 };
-use cluster_lb_tests::{get, root_test, signal, workspace_binary, Cluster};
+use cluster_lb_tests::{get, root_test, signal, workspace_binary, Cluster, RequestLoop};
 use nix::sys::signal::Signal;
 
 const ADDR: &str = "127.0.0.1:8080";
 const METRICS: &str = "127.0.0.1:9100";
-const CLIENTS: usize = 8;
+const CLIENTS: u32 = 8;
 
 fn addr() -> SocketAddr {
     ADDR.parse().expect("test address")
@@ -59,53 +55,6 @@ fn control_request(control: &Path, request_: Request) -> Reply {
         .unwrap_or_else(|e| panic!("{request_:?}: {e}"))
 }
 
-/// What the clients saw: answers per worker pid, and the failures.
-type Tally = (BTreeMap<u32, u64>, Vec<String>);
-
-/// Connection-per-request clients until `stop`.
-struct Load {
-    stop: Arc<AtomicBool>,
-    clients: Vec<thread::JoinHandle<Tally>>,
-}
-
-impl Load {
-    fn start() -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let clients = (0..CLIENTS)
-            .map(|_| {
-                let stop = Arc::clone(&stop);
-                thread::spawn(move || {
-                    let mut answered = BTreeMap::new();
-                    let mut failures = Vec::new();
-                    let deadline = Instant::now() + Duration::from_secs(120);
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        match get(addr()) {
-                            Ok(answer) => *answered.entry(answer.pid).or_insert(0) += 1,
-                            Err(e) => failures.push(format!("{e:#}")),
-                        }
-                    }
-                    (answered, failures)
-                })
-            })
-            .collect();
-        Load { stop, clients }
-    }
-
-    fn finish(self) -> Tally {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut answered = BTreeMap::new();
-        let mut failures = Vec::new();
-        for client in self.clients {
-            let (a, f) = client.join().expect("client thread");
-            for (pid, n) in a {
-                *answered.entry(pid).or_insert(0) += n;
-            }
-            failures.extend(f);
-        }
-        (answered, failures)
-    }
-}
-
 fn metrics_text() -> String {
     use std::io::{Read, Write};
     let mut stream = TcpStream::connect(METRICS).expect("metrics");
@@ -123,7 +72,7 @@ fn three_reloads_and_scaling_under_load_fail_no_request() {
         let cluster = start(4);
         let control = cluster.control().to_path_buf();
         let started = Instant::now();
-        let load = Load::start();
+        let load = RequestLoop::start(addr(), CLIENTS);
         thread::sleep(Duration::from_secs(1));
         for _ in 1..=3 {
             let reply = control_request(&control, Request::Reload);
@@ -229,7 +178,7 @@ fn connections_queued_on_a_stopped_worker_migrate_when_it_dies() {
 fn a_worker_killed_under_load_loses_at_most_what_it_had_accepted() {
     root_test("kill_under_load", || {
         let cluster = start(4);
-        let load = Load::start();
+        let load = RequestLoop::start(addr(), CLIENTS);
         thread::sleep(Duration::from_secs(2));
         let victim = get(addr()).expect("a request").pid;
         signal(victim, Signal::SIGKILL);
@@ -241,7 +190,7 @@ fn a_worker_killed_under_load_loses_at_most_what_it_had_accepted() {
             "kill under load: {sent} requests, {} failed (each client has one in flight, so at most {CLIENTS}), {migrated} queued connections migrated",
             failures.len()
         );
-        assert!(failures.len() <= CLIENTS, "{failures:?}");
+        assert!(failures.len() <= CLIENTS as usize, "{failures:?}");
         assert!(cluster.stop().status.success());
     });
 }
@@ -326,20 +275,7 @@ fn twenty_seconds_of_kills_reloads_and_scales_end_with_every_wanted_worker_ready
     root_test("chaos", || {
         let cluster = start(4);
         let control = cluster.control().to_path_buf();
-        let stop = Arc::new(AtomicBool::new(false));
-        let client = {
-            let stop = Arc::clone(&stop);
-            thread::spawn(move || {
-                let (mut answered, mut failures) = (0u64, Vec::new());
-                while !stop.load(Ordering::Relaxed) {
-                    match get(addr()) {
-                        Ok(_) => answered += 1,
-                        Err(e) => failures.push(format!("{e:#}")),
-                    }
-                }
-                (answered, failures)
-            })
-        };
+        let client = RequestLoop::start(addr(), 1);
         let mut chaos = Chaos::new();
         let (mut kills, mut reloads, mut scales) = (0u64, 0u64, 0u64);
         let until = Instant::now() + Duration::from_secs(20);
@@ -397,8 +333,8 @@ fn twenty_seconds_of_kills_reloads_and_scales_end_with_every_wanted_worker_ready
             },
         );
         let took = settled.elapsed();
-        stop.store(true, Ordering::Relaxed);
-        let (answered, failures) = client.join().expect("client");
+        let (answered, failures) = client.finish();
+        let answered: u64 = answered.values().sum();
         eprintln!(
             "chaos: {kills} kills, {reloads} reloads, {scales} scales in 20 s; {answered} requests answered, {} failed; {wanted} wanted workers ready {:.1} s after the chaos",
             failures.len(),

@@ -13,7 +13,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     thread,
@@ -604,6 +604,55 @@ fn parse_answer(response: &str) -> Option<Answer> {
             pid: pid.parse().ok()?,
         }),
         _ => None,
+    }
+}
+
+/// What request-loop clients saw: answers per worker pid, and the failures.
+pub type Tally = (BTreeMap<u32, u64>, Vec<String>);
+
+/// Clients that each send requests one after another, each on a new connection (`get`), to
+/// `addr` until `finish` (or for 120 s at most): the load of the reload and chaos tests.
+pub struct RequestLoop {
+    stop: Arc<AtomicBool>,
+    clients: Vec<thread::JoinHandle<Tally>>,
+}
+
+impl RequestLoop {
+    pub fn start(addr: SocketAddr, clients: u32) -> RequestLoop {
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients = (0..clients)
+            .map(|_| {
+                let stop = Arc::clone(&stop);
+                thread::spawn(move || {
+                    let mut answered = BTreeMap::new();
+                    let mut failures = Vec::new();
+                    let deadline = Instant::now() + Duration::from_secs(120);
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        match get(addr) {
+                            Ok(answer) => *answered.entry(answer.pid).or_insert(0) += 1,
+                            Err(e) => failures.push(format!("{e:#}")),
+                        }
+                    }
+                    (answered, failures)
+                })
+            })
+            .collect();
+        RequestLoop { stop, clients }
+    }
+
+    /// Stops the clients: what they saw, together.
+    pub fn finish(self) -> Tally {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut answered = BTreeMap::new();
+        let mut failures = Vec::new();
+        for client in self.clients {
+            let (a, f) = client.join().expect("client thread");
+            for (pid, n) in a {
+                *answered.entry(pid).or_insert(0) += n;
+            }
+            failures.extend(f);
+        }
+        (answered, failures)
     }
 }
 
