@@ -61,7 +61,7 @@ impl ConfigError {
 #[derive(Debug, Parser)]
 #[command(
     name = "cluster-lb",
-    version,
+    version = crate::version::version(),
     about = "Run N workers of any server on one port, balanced in the kernel by eBPF",
     after_help = "Example: sudo cluster-lb run -w 4 --listen 0.0.0.0:80 -- ./server"
 )]

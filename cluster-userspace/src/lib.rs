@@ -24,4 +24,5 @@ pub mod sockets;
 pub mod spawn;
 pub mod supervisor;
 pub mod top;
+pub mod version;
 pub mod worker;

@@ -85,7 +85,7 @@ pub fn render(cluster: &ClusterStatus) -> String {
     let mut out = String::new();
     let build = format!(
         "version=\"{}\",strategy=\"{}\"",
-        env!("CARGO_PKG_VERSION"),
+        cluster.version,
         cluster.strategy
     );
     family(
@@ -206,6 +206,7 @@ mod tests {
         let cluster = ClusterStatus {
             name: None,
             primary_pid: 1,
+            version: "0.1.0".into(),
             uptime_s: 9.0,
             strategy: "round-robin".into(),
             listen: vec!["127.0.0.1:80".into()],

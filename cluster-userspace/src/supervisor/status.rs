@@ -31,6 +31,9 @@ pub struct ClusterStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     pub primary_pid: u32,
+    /// The primary's version (it changes with `cluster-lb upgrade`; the pid does not).
+    #[serde(default)]
+    pub version: String,
     /// Seconds since the primary started.
     #[serde(default)]
     pub uptime_s: f64,
@@ -90,6 +93,7 @@ impl Supervisor {
         ClusterStatus {
             name: None,
             primary_pid: std::process::id(),
+            version: crate::version::version().to_string(),
             uptime_s: self.started.elapsed().as_secs_f64(),
             strategy: self.groups.strategy_in_effect().to_string(),
             listen: self

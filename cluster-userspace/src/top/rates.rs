@@ -121,6 +121,7 @@ mod tests {
         ClusterStatus {
             name: Some("8080".into()),
             primary_pid: 1,
+            version: "0.1.0".into(),
             uptime_s: 1.0,
             strategy: "round-robin".into(),
             listen: vec!["127.0.0.1:8080".into()],

@@ -24,6 +24,7 @@
 mod model;
 #[cfg(test)]
 mod scenarios;
+mod snapshot;
 #[cfg(test)]
 mod world;
 
@@ -37,6 +38,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use super::events::{Departure, Event, ExitStatus, Failure, KillReason, Readiness};
+pub use snapshot::{NotCalm, Snapshot};
 
 /// First restart delay after a failure; doubles per consecutive failure up to [`MAX_BACKOFF`].
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -224,7 +226,7 @@ enum Intent {
 /// What the primary's own supervisor (systemd's NOTIFY_SOCKET) was last told. The order is
 /// fixed: READY=1 once all first workers are ready, then RELOADING=1 and READY=1 around each
 /// reload, and STOPPING=1 last, after which nothing is sent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Announced {
     Nothing,
     Ready,
@@ -347,7 +349,7 @@ pub enum Action {
 }
 
 /// The state machine: see the module documentation.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Lifecycle {
     timing: Timing,
     wanted: u32,

@@ -20,6 +20,7 @@ pub struct Alive {
     pub killed: bool,
 }
 
+#[derive(Clone)]
 pub struct World {
     pub lifecycle: Lifecycle,
     pub now: Instant,
