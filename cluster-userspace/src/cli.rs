@@ -107,6 +107,13 @@ pub enum Command {
         #[command(flatten)]
         control: ControlArg,
     },
+    /// Replace the running primary with the binary now at its path, in place: same pid, same
+    /// workers, no connection dropped (also: SIGUSR2 to the primary). Refused while a reload
+    /// is under way; a new binary that cannot take over leaves the old one in charge.
+    Upgrade {
+        #[command(flatten)]
+        control: ControlArg,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -308,6 +315,7 @@ impl RunArgs {
             // may be PID 1 in a container, where orphans must be reaped.
             signals: SignalPolicy::Handle,
             subreaper: true,
+            upgrade: crate::supervisor::upgrade::UpgradeSource::current(),
         };
         Ok(RunOptions {
             supervisor,

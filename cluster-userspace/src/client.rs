@@ -150,6 +150,13 @@ pub fn scale(target: &Target, workers: u32) -> Result<(), ControlError> {
     say(target.request(&Request::Scale { workers }, QUICK_TIMEOUT)?)
 }
 
+/// Waits for the new binary's answer: its check loads the eBPF programs.
+const UPGRADE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+pub fn upgrade(target: &Target) -> Result<(), ControlError> {
+    say(target.request(&Request::Upgrade, UPGRADE_TIMEOUT)?)
+}
+
 pub fn stop(target: &Target) -> Result<(), ControlError> {
     say(target.request(&Request::Stop, QUICK_TIMEOUT)?)
 }

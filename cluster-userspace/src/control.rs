@@ -31,6 +31,7 @@ pub enum Request {
     Reload,
     Scale { workers: u32 },
     Stop,
+    Upgrade,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,6 +49,13 @@ pub enum Reply {
         to: u32,
     },
     Stopping,
+    /// The new binary took over (it sends this reply, on the connection the old one got).
+    Upgraded {
+        from: String,
+        to: String,
+        pid: u32,
+        workers: u32,
+    },
     /// The request was not carried out; `error` says why in one line.
     Refused {
         error: String,
@@ -63,6 +71,15 @@ impl std::fmt::Display for Reply {
             }
             Reply::Scaling { from, to } => write!(f, "scaling from {from} to {to} workers"),
             Reply::Stopping => f.write_str("stopping"),
+            Reply::Upgraded {
+                from,
+                to,
+                pid,
+                workers,
+            } => write!(
+                f,
+                "upgraded from {from} to {to}: primary pid {pid} and its {workers} workers kept"
+            ),
             Reply::Refused { error } => f.write_str(error),
         }
     }
@@ -115,6 +132,8 @@ pub enum ControlError {
 /// Removes the socket file when the primary ends.
 pub struct ControlSocket {
     path: PathBuf,
+    /// The listening socket, for an upgrade to keep.
+    pub fd: Option<crate::supervisor::upgrade::state::Inherited>,
 }
 
 impl Drop for ControlSocket {
@@ -203,6 +222,34 @@ pub fn serve(
         Err(e) => return refuse(create(e)),
     };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(create)?;
+    Ok(Some(accept_loop(listener, path, name, handle)))
+}
+
+/// Serves the control socket an older binary bound at `at`, handed over in an upgrade.
+pub fn adopt(
+    fd: std::os::fd::OwnedFd,
+    at: &ControlPath,
+    name: ClusterName,
+    handle: Handle,
+) -> Result<ControlSocket, ControlError> {
+    let create = |source| ControlError::Create {
+        path: at.path().to_path_buf(),
+        source,
+    };
+    let listener = std::os::unix::net::UnixListener::from(fd);
+    listener.set_nonblocking(true).map_err(create)?;
+    let listener = tokio::net::UnixListener::from_std(listener).map_err(create)?;
+    Ok(accept_loop(listener, at.path(), name, handle))
+}
+
+fn accept_loop(
+    listener: tokio::net::UnixListener,
+    path: &Path,
+    name: ClusterName,
+    handle: Handle,
+) -> ControlSocket {
+    use std::os::fd::AsRawFd;
+    let fd = crate::supervisor::upgrade::state::Inherited::of(&listener.as_raw_fd());
     let owner = nix::unistd::geteuid().as_raw();
     tokio::spawn(async move {
         let mut acceptor = Acceptor::new("control socket");
@@ -227,9 +274,10 @@ pub fn serve(
             });
         }
     });
-    Ok(Some(ControlSocket {
+    ControlSocket {
         path: path.to_path_buf(),
-    }))
+        fd,
+    }
 }
 
 async fn answer(
@@ -239,6 +287,11 @@ async fn answer(
     name: &ClusterName,
 ) -> std::io::Result<()> {
     let peer = stream.peer_cred()?.uid();
+    // A copy of the connection, for an upgrade: the new binary answers on it.
+    let connection = {
+        use std::os::fd::AsFd;
+        stream.as_fd().try_clone_to_owned()?
+    };
     let (reader, mut writer) = stream.into_split();
     // Read the request first, whoever sends it: a client whose request is refused then reads
     // the refusal, instead of failing to write into a connection already closed.
@@ -259,6 +312,14 @@ async fn answer(
         match serde_json::from_str::<Request>(line.trim()) {
             Err(e) => Reply::Refused {
                 error: format!("bad request: {e}"),
+            },
+            Ok(Request::Upgrade) => match handle.upgrade(Some(connection)).await {
+                Some(error) => Reply::Refused {
+                    error: error.to_string(),
+                },
+                None => Reply::Refused {
+                    error: "the primary is stopping".into(),
+                },
             },
             Ok(request) => execute(request, &handle, name).await,
         }
@@ -299,6 +360,19 @@ async fn execute(request: Request, handle: &Handle, name: &ClusterName) -> Reply
             handle.stop();
             Reply::Stopping
         }
+        Request::Upgrade => refused(&"an upgrade is answered by the connection that asked"),
+    }
+}
+
+/// Writes the answer to an upgrade on the connection that asked for it (the new binary does
+/// this, on the connection the old one handed over).
+pub fn answer_upgrade(connection: std::os::fd::OwnedFd, reply: &Reply) {
+    let mut stream = UnixStream::from(connection);
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+    if let Ok(mut text) = serde_json::to_string(reply) {
+        text.push('\n');
+        let _ = stream.write_all(text.as_bytes());
     }
 }
 

@@ -64,6 +64,20 @@ impl fmt::Display for ListenAddr {
     }
 }
 
+/// As its text (`0.0.0.0:80`, `udp://[::1]:53`), which parses back to the same address.
+impl serde::Serialize for ListenAddr {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ListenAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// A TCP address.
 impl From<SocketAddr> for ListenAddr {
     fn from(addr: SocketAddr) -> Self {

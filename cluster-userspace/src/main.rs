@@ -6,8 +6,57 @@ use cluster_lb::{
     cli::{one_line_error, Command, ConfigError},
     client,
     config_file::{self, ParseError, Parsed},
-    logging, run, top,
+    logging, run,
+    supervisor::upgrade::{
+        self,
+        state::{State, StateError, CHECK_VARIABLE, STATE_VARIABLE},
+    },
+    top,
 };
+
+/// What an older primary handed this process, if it re-executed it.
+enum Handover {
+    None,
+    /// Only check whether this binary can take over, and say so.
+    Check(Result<State, StateError>),
+    Resume(Result<State, StateError>),
+}
+
+impl Handover {
+    fn from_environment() -> Handover {
+        let Some(fd) = std::env::var_os(STATE_VARIABLE) else {
+            return Handover::None;
+        };
+        let check = std::env::var_os(CHECK_VARIABLE).is_some();
+        // Workers started from now on must not see either variable.
+        std::env::remove_var(STATE_VARIABLE);
+        std::env::remove_var(CHECK_VARIABLE);
+        let state = State::from_variable(&fd.to_string_lossy());
+        if check {
+            Handover::Check(state)
+        } else {
+            Handover::Resume(state)
+        }
+    }
+}
+
+/// The check run of an upgrade: `ready VERSION` on stdout and exit 0 if this binary can take
+/// over, else one line on stderr and exit 1.
+fn check_takeover(options: &run::RunOptions, state: Result<State, StateError>) -> ExitCode {
+    let verdict = state
+        .map_err(|e| e.to_string())
+        .and_then(|state| upgrade::check_takeover(&options.supervisor, &state));
+    match verdict {
+        Ok(()) => {
+            println!("ready {}", cluster_lb::version::version());
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("cluster-lb: error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 fn main() -> ExitCode {
     let Parsed { cli, file } = match config_file::parse(std::env::args_os().collect()) {
@@ -35,11 +84,20 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Set when an older primary re-executed this binary in an upgrade (see supervisor::upgrade).
+    let upgrade = Handover::from_environment();
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Run(args) => {
             logging::init(args.log_format);
             match args.into_options() {
-                Ok(options) => run::run(options).map_err(Into::into),
+                Ok(options) => match upgrade {
+                    Handover::None => run::run(options).map_err(Into::into),
+                    Handover::Check(state) => return check_takeover(&options, state),
+                    Handover::Resume(state) => match state {
+                        Ok(state) => run::resume(options, state).map_err(Into::into),
+                        Err(error) => Err(error.into()),
+                    },
+                },
                 Err(error) => {
                     // A wrong value from the config file is the file's fault: say so, and
                     // exit as for any bad argument.
@@ -68,6 +126,7 @@ fn main() -> ExitCode {
             client::scale(&control.target(), workers).map_err(Into::into)
         }
         Command::Stop { control } => client::stop(&control.target()).map_err(Into::into),
+        Command::Upgrade { control } => client::upgrade(&control.target()).map_err(Into::into),
     };
     logging::flush(std::time::Duration::from_secs(2));
     match result {

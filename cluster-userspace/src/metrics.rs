@@ -11,6 +11,7 @@ use tokio::{
 
 use crate::{
     accept::{Acceptor, REQUEST_TIMEOUT},
+    supervisor::upgrade::state::Inherited,
     supervisor::{ClusterStatus, Handle, WorkerState, WorkerStatus},
 };
 
@@ -22,11 +23,25 @@ pub struct MetricsError {
     source: std::io::Error,
 }
 
-/// Binds now (so a bad address fails at start-up) and serves in the background.
-pub async fn serve(addr: SocketAddr, handle: Handle) -> Result<(), MetricsError> {
+/// Binds now (so a bad address fails at start-up) and serves in the background. Returns the
+/// listener's descriptor, for an upgrade to keep.
+pub async fn serve(addr: SocketAddr, handle: Handle) -> Result<Option<Inherited>, MetricsError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| MetricsError { addr, source })?;
+    Ok(accept_loop(listener, handle))
+}
+
+/// Serves on the listener an older binary bound, handed over in an upgrade.
+pub fn adopt(fd: std::os::fd::OwnedFd, handle: Handle) -> std::io::Result<Option<Inherited>> {
+    let listener = std::net::TcpListener::from(fd);
+    listener.set_nonblocking(true)?;
+    Ok(accept_loop(TcpListener::from_std(listener)?, handle))
+}
+
+fn accept_loop(listener: TcpListener, handle: Handle) -> Option<Inherited> {
+    use std::os::fd::AsRawFd;
+    let fd = Inherited::of(&listener.as_raw_fd());
     tokio::spawn(async move {
         let mut acceptor = Acceptor::new("metrics");
         loop {
@@ -47,7 +62,7 @@ pub async fn serve(addr: SocketAddr, handle: Handle) -> Result<(), MetricsError>
             });
         }
     });
-    Ok(())
+    fd
 }
 
 async fn respond(mut stream: TcpStream, handle: Handle) -> std::io::Result<()> {
@@ -85,8 +100,7 @@ pub fn render(cluster: &ClusterStatus) -> String {
     let mut out = String::new();
     let build = format!(
         "version=\"{}\",strategy=\"{}\"",
-        cluster.version,
-        cluster.strategy
+        cluster.version, cluster.strategy
     );
     family(
         &mut out,

@@ -5,10 +5,17 @@
 use std::net::SocketAddr;
 
 use crate::{
-    control::{self, ControlError, ControlPath},
+    control::{self, ControlError, ControlPath, Reply},
     metrics::{self, MetricsError},
     names::{self, ClusterName},
-    supervisor::{self, Config, Supervisor, SupervisorError},
+    supervisor::{
+        self,
+        upgrade::{
+            state::{Inherited, State},
+            Kept, Resumed,
+        },
+        Config, Supervisor, SupervisorError,
+    },
 };
 
 /// Everything `cluster-lb run` was asked to do.
@@ -40,10 +47,10 @@ pub fn run(options: RunOptions) -> Result<(), RunError> {
         control::check_free(at, &options.name)?;
     }
     supervisor::block_on(async {
-        let supervisor = Supervisor::new(options.supervisor)?;
+        let mut supervisor = Supervisor::new(options.supervisor)?;
         let handle = supervisor.handle();
         // Both before any worker starts, so a bad path or address is an error, not a surprise.
-        let _control = match &options.control {
+        let control = match &options.control {
             Some(at) => {
                 // Only now, so that a cluster that could not start leaves nothing behind.
                 if let (ControlPath::Named(_), Some(dir)) = (at, at.path().parent()) {
@@ -53,10 +60,61 @@ pub fn run(options: RunOptions) -> Result<(), RunError> {
             }
             None => None,
         };
-        if let Some(addr) = options.metrics {
-            metrics::serve(addr, handle).await?;
+        let metrics = match options.metrics {
+            Some(addr) => metrics::serve(addr, handle).await?,
+            None => None,
+        };
+        supervisor.keep_on_upgrade(Kept {
+            control: control.as_ref().and_then(|c| c.fd),
+            metrics,
+        });
+        supervisor.run().await;
+        drop(control);
+        Ok(())
+    })?
+}
+
+/// Continues a cluster an older binary handed over in an upgrade (`state`): the same
+/// workers, control socket and metrics listener, now served by this binary.
+pub fn resume(options: RunOptions, state: State) -> Result<(), RunError> {
+    supervisor::block_on(async {
+        let Resumed {
+            mut supervisor,
+            kept,
+            requester,
+            from,
+        } = Supervisor::resume(options.supervisor, state)?;
+        let handle = supervisor.handle();
+        let control = match (kept.control.and_then(Inherited::take), &options.control) {
+            (Some(fd), Some(at)) => Some(control::adopt(
+                fd,
+                at,
+                options.name.clone(),
+                handle.clone(),
+            )?),
+            _ => None,
+        };
+        let metrics = kept
+            .metrics
+            .and_then(Inherited::take)
+            .and_then(|fd| metrics::adopt(fd, handle).ok().flatten());
+        supervisor.keep_on_upgrade(Kept {
+            control: control.as_ref().and_then(|c| c.fd),
+            metrics,
+        });
+        if let Some(connection) = requester {
+            control::answer_upgrade(
+                connection,
+                &Reply::Upgraded {
+                    from,
+                    to: crate::version::version().to_string(),
+                    pid: std::process::id(),
+                    workers: supervisor.worker_count(),
+                },
+            );
         }
         supervisor.run().await;
+        drop(control);
         Ok(())
     })?
 }

@@ -35,6 +35,13 @@ impl SlotTable {
         Some(slot as u32)
     }
 
+    /// Takes a given slot (a worker taken over in an upgrade keeps its slot).
+    pub fn claim(&mut self, slot: u32) {
+        if let Some(taken) = self.taken.get_mut(slot as usize) {
+            *taken = true;
+        }
+    }
+
     /// Gives a slot back; it also leaves the active set.
     pub fn release(&mut self, slot: u32) {
         self.deactivate(slot);

@@ -13,7 +13,8 @@ const MARKER_LEN: usize = 21;
 pub const BUILD_TAG_LEN: usize = 32;
 
 #[used]
-static BUILD_TAG: [u8; MARKER_LEN + BUILD_TAG_LEN] = *b"CLUSTER_LB_BUILD_TAG=\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+static BUILD_TAG: [u8; MARKER_LEN + BUILD_TAG_LEN] =
+    *b"CLUSTER_LB_BUILD_TAG=\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
 
 /// The stamped tag, if any.
 pub fn build_tag() -> Option<String> {

@@ -52,6 +52,11 @@ impl Endpoint {
         Ok(Endpoint { fd })
     }
 
+    /// The channel's descriptor (to hand it over in an upgrade).
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.fd.get_ref().as_raw_fd()
+    }
+
     /// The inherited channel of a worker: `fd` is the number in CLUSTER_LB_IPC_FD.
     ///
     /// # Safety

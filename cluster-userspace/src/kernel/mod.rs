@@ -63,7 +63,7 @@ impl Strategy {
     }
 
     /// The id the program reads, or `None` for the strategy that runs no program.
-    fn program_id(self) -> Option<u32> {
+    pub fn program_id(self) -> Option<u32> {
         match self {
             Strategy::RoundRobin => Some(STRATEGY_ROUND_ROBIN),
             Strategy::Hash => Some(STRATEGY_HASH),
@@ -124,6 +124,37 @@ pub struct Balancer {
     /// program cannot run).
     strategy: Strategy,
     cpus: usize,
+    /// The kernel's id of the sockets map, by which the next binary of an upgrade finds it.
+    sockets_id: Option<u32>,
+}
+
+/// The sockets map of a program instance that an older binary loaded, found by its id in an
+/// upgrade. A socket can be in one such map only (the kernel refuses a second with EBUSY), so
+/// each worker's socket is taken out of the old map before it goes into the new one; while it
+/// is out, the old program leaves that connection to the kernel's hash (no connection is lost,
+/// and the window is one map update long).
+pub struct OldSockets(ReusePortSockArray<MapData>);
+
+impl OldSockets {
+    pub fn open(id: u32) -> Result<OldSockets> {
+        let data = MapData::from_id(id).with_context(|| format!("opening map id {id}"))?;
+        let map = ReusePortSockArray::try_from(aya::maps::Map::ReusePortSockArray(data))
+            .with_context(|| format!("map id {id} is no socket array"))?;
+        Ok(OldSockets(map))
+    }
+
+    /// Takes `slot`'s socket out (an empty slot is fine).
+    pub fn release(&mut self, slot: u32) -> Result<()> {
+        match self.0.clear_index(&slot) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e).with_context(|| format!("taking slot {slot} out of the old map")),
+        }
+    }
 }
 
 impl Balancer {
@@ -162,6 +193,12 @@ impl Balancer {
         })?;
 
         let build = || -> Result<Balancer> {
+            let sockets_id = match ebpf.map(MAP_SOCKETS) {
+                Some(aya::maps::Map::ReusePortSockArray(data)) => {
+                    data.info().ok().map(|info| info.id())
+                }
+                _ => None,
+            };
             let sockets = take_map(&mut ebpf, MAP_SOCKETS)?;
             let active = take_map(&mut ebpf, MAP_ACTIVE)?;
             let config = take_map(&mut ebpf, MAP_CONFIG)?;
@@ -186,6 +223,7 @@ impl Balancer {
                 open,
                 strategy,
                 cpus,
+                sockets_id,
             };
             if strategy == Strategy::LeastLoaded {
                 if let Err(why) = counter::start(&mut balancer.ebpf) {
@@ -327,6 +365,11 @@ impl Balancer {
         self.set_config(CONFIG_STRATEGY, id)
     }
 
+    /// The kernel's id of the sockets map (see [`OldSockets`]).
+    pub fn sockets_id(&self) -> Option<u32> {
+        self.sockets_id
+    }
+
     /// The strategy the program runs.
     pub fn strategy(&self) -> Strategy {
         self.strategy
@@ -341,6 +384,27 @@ impl Balancer {
         } else {
             open
         }
+    }
+
+    /// Sets a slot's counters to what an older program instance counted (an upgrade), so that
+    /// they continue instead of restarting from zero.
+    pub fn seed_counters(
+        &mut self,
+        counters: &crate::supervisor::upgrade::state::SlotCounters,
+    ) -> Result<()> {
+        let mut per_cpu = vec![SlotStats::default(); self.cpus];
+        per_cpu[0] = SlotStats {
+            selected: counters.selected,
+            fallback: counters.fallback,
+            migrated: counters.migrated,
+        };
+        let values = PerCpuValues::try_from(per_cpu).context("sizing per-CPU counters")?;
+        self.stats
+            .set(counters.slot, values, 0)
+            .with_context(|| format!("seeding the counters of slot {}", counters.slot))?;
+        self.open
+            .set(counters.slot, counters.open, 0)
+            .with_context(|| format!("seeding the open connections of slot {}", counters.slot))
     }
 
     /// The counters of one slot, summed over CPUs.

@@ -12,7 +12,10 @@
 use std::{
     io::{self, IoSlice, IoSliceMut},
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -80,6 +83,17 @@ pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
 pub struct NodeChannel {
     socket: Arc<AsyncFd<OwnedFd>>,
     out: mpsc::Sender<Outgoing>,
+    busy: Arc<Busy>,
+}
+
+/// What the two tasks hold that exists nowhere else: while any is set, the channel cannot be
+/// handed to another primary (an upgrade) without losing part of a message.
+#[derive(Default)]
+struct Busy {
+    /// The reader holds the start of a line.
+    partial_line: AtomicBool,
+    /// The writer is in the middle of a line, or waits for a socket's acknowledgement.
+    writing: AtomicBool,
 }
 
 impl NodeChannel {
@@ -97,9 +111,36 @@ impl NodeChannel {
         let (out, queue) = mpsc::channel(QUEUE);
         let (urgent_tx, urgent) = mpsc::unbounded_channel();
         let (acks_tx, acks) = mpsc::unbounded_channel();
-        tokio::spawn(read(Arc::clone(&socket), pid, sink, urgent_tx, acks_tx));
-        tokio::spawn(write(Arc::clone(&socket), queue, urgent, acks));
-        Ok(NodeChannel { socket, out })
+        let busy = Arc::new(Busy::default());
+        let reader = Reader {
+            pid,
+            sink,
+            urgent: urgent_tx,
+            acks: acks_tx,
+            busy: Arc::clone(&busy),
+        };
+        tokio::spawn(read(Arc::clone(&socket), reader));
+        tokio::spawn(write(
+            Arc::clone(&socket),
+            queue,
+            urgent,
+            acks,
+            Arc::clone(&busy),
+        ));
+        Ok(NodeChannel { socket, out, busy })
+    }
+
+    /// The channel's descriptor (to hand it over in an upgrade).
+    pub fn raw_fd(&self) -> RawFd {
+        self.socket.get_ref().as_raw_fd()
+    }
+
+    /// Nothing half-read, half-written, queued or waiting for an acknowledgement: everything
+    /// of the channel is in the kernel's socket buffers, so another process can take it over.
+    pub fn is_idle(&self) -> bool {
+        self.out.capacity() == self.out.max_capacity()
+            && !self.busy.partial_line.load(Ordering::Relaxed)
+            && !self.busy.writing.load(Ordering::Relaxed)
     }
 
     /// Queues a message without a socket.
@@ -137,13 +178,23 @@ enum Ack {
     NotReceived,
 }
 
-async fn read(
-    socket: Arc<AsyncFd<OwnedFd>>,
+/// Where the reader sends what it read.
+struct Reader {
     pid: Pid,
     sink: mpsc::UnboundedSender<(Pid, NodeEvent)>,
     urgent: mpsc::UnboundedSender<Outgoing>,
     acks: mpsc::UnboundedSender<Ack>,
-) {
+    busy: Arc<Busy>,
+}
+
+async fn read(socket: Arc<AsyncFd<OwnedFd>>, reader: Reader) {
+    let Reader {
+        pid,
+        sink,
+        urgent,
+        acks,
+        busy,
+    } = reader;
     let mut pending: Vec<u8> = Vec::new();
     let mut handles: Vec<OwnedFd> = Vec::new();
     let report = |event| sink.send((pid, event)).is_ok();
@@ -202,6 +253,8 @@ async fn read(
             }
         }
         pending.drain(..start);
+        busy.partial_line
+            .store(!pending.is_empty(), Ordering::Relaxed);
         if pending.len() > MAX_LINE {
             report(NodeEvent::Violation(format!(
                 "a line longer than {MAX_LINE} bytes"
@@ -238,10 +291,12 @@ async fn write(
     mut queue: mpsc::Receiver<Outgoing>,
     mut urgent: mpsc::UnboundedReceiver<Outgoing>,
     mut acks: mpsc::UnboundedReceiver<Ack>,
+    busy: Arc<Busy>,
 ) {
     // The socket in flight, its line, and how many times it was sent.
     let mut in_flight: Option<(Outgoing, u32, tokio::time::Instant)> = None;
     loop {
+        busy.writing.store(in_flight.is_some(), Ordering::Relaxed);
         let deadline = in_flight
             .as_ref()
             .map(|(_, _, deadline)| *deadline)
@@ -249,6 +304,7 @@ async fn write(
         tokio::select! {
             biased;
             Some(outgoing) = urgent.recv() => {
+                busy.writing.store(true, Ordering::Relaxed);
                 if send_line(&socket, &outgoing).await.is_err() {
                     return;
                 }
@@ -258,6 +314,7 @@ async fn write(
                     continue; // an acknowledgement of nothing: ignore it
                 };
                 if ack == Ack::NotReceived && sends <= HANDLE_RETRIES {
+                    busy.writing.store(true, Ordering::Relaxed);
                     if send_line(&socket, &outgoing).await.is_err() {
                         return;
                     }
@@ -271,6 +328,7 @@ async fn write(
             }
             next = queue.recv(), if in_flight.is_none() => {
                 let Some(outgoing) = next else { return };
+                busy.writing.store(true, Ordering::Relaxed);
                 if send_line(&socket, &outgoing).await.is_err() {
                     return;
                 }

@@ -10,7 +10,7 @@
 use serde_json::{json, Value};
 
 /// The kinds of address a `queryServer` asks for (`addressType` in Node's message).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum AddressType {
     Tcp4,
     Tcp6,

@@ -116,6 +116,18 @@ pub fn take_fd(pid: i32, fd: i32) -> std::io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(copy as i32) })
 }
 
+/// The number under which `pid` holds the socket with `inode`, if it does.
+pub fn fd_with_inode(pid: i32, inode: u64) -> Option<i32> {
+    let wanted = format!("socket:[{inode}]");
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .flatten()
+        .find(|entry| {
+            fs::read_link(entry.path()).is_ok_and(|target| target.as_os_str() == wanted.as_str())
+        })
+        .and_then(|entry| entry.file_name().to_str()?.parse().ok())
+}
+
 /// Of `listening`, the sockets `pid` holds that are not in `given`: servers it opened itself.
 pub fn own_listeners(
     pid: i32,

@@ -46,6 +46,9 @@ pub struct Config {
     /// here, as PID 1 does in a container. Only for a process that has no children of its own
     /// besides the workers: reaping orphans means waiting for any child.
     pub subreaper: bool,
+    /// What `cluster-lb upgrade` re-executes (`None`: upgrades are refused, as for a program
+    /// that embeds the supervisor).
+    pub upgrade: Option<super::upgrade::UpgradeSource>,
 }
 
 impl Config {
@@ -75,6 +78,7 @@ impl Config {
             allow_low_ports: false,
             closed_listener: super::checks::ClosedListener::Restart,
             subreaper: false,
+            upgrade: None,
         })
     }
 }

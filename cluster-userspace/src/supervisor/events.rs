@@ -217,6 +217,12 @@ pub enum Event {
         workers: u32,
         grace: Option<Duration>,
     },
+    /// This primary took over from `from` by an in-place upgrade (same pid, same workers).
+    Upgraded {
+        from: String,
+        to: String,
+        workers: u32,
+    },
 }
 
 impl Event {
@@ -240,6 +246,7 @@ impl Event {
             Event::ReloadFinished { .. } => "reload-finished",
             Event::Scaling { .. } => "scaling",
             Event::Stopping { .. } => "stopping",
+            Event::Upgraded { .. } => "upgraded",
         }
     }
 
@@ -319,6 +326,9 @@ impl Event {
             Event::Stopping { workers, grace } => {
                 json!({"workers": workers, "grace_s": grace.map(|g| g.as_secs_f64())})
             }
+            Event::Upgraded { from, to, workers } => {
+                json!({"from": from, "to": to, "workers": workers})
+            }
         };
         if let Some(object) = value.as_object_mut() {
             object.insert("event".into(), json!(self.name()));
@@ -390,6 +400,10 @@ impl fmt::Display for Event {
             Event::Stopping { workers, grace: None } => {
                 write!(f, "stopping {workers} workers now (SIGKILL)")
             }
+            Event::Upgraded { from, to, workers } => write!(
+                f,
+                "upgraded in place from {from} to {to}: same pid, {workers} workers kept"
+            ),
         }
     }
 }

@@ -5,9 +5,9 @@
 
 use std::os::fd::OwnedFd;
 
-use super::drain_program_log;
+use super::{drain_program_log, upgrade::state::GroupState};
 use crate::{
-    kernel::{Balancer, Strategy, Unavailable},
+    kernel::{Balancer, OldSockets, Strategy, Unavailable},
     listen_addr::ListenAddr,
     sockets::{self, ListenError},
 };
@@ -18,6 +18,13 @@ pub struct Group {
     pub balancer: Option<Balancer>,
     /// An IPv6 wildcard that takes IPv4 too (what Node binds for a listen without a host).
     dual_stack: bool,
+}
+
+impl Group {
+    /// An IPv6 wildcard that takes IPv4 too.
+    pub fn dual_stack(&self) -> bool {
+        self.dual_stack
+    }
 }
 
 /// Why a group or one of its sockets could not be had.
@@ -70,6 +77,79 @@ impl Groups {
             groups.create(*addr, false)?;
         }
         Ok(groups)
+    }
+
+    /// The groups an older binary handed over in an upgrade, with fresh program instances:
+    /// every worker's socket goes in its slot and the counters continue from `state`, but the
+    /// programs are attached only by [`Groups::swap_in`], once the maps are complete.
+    pub fn resume(
+        states: &[GroupState],
+        strategy: Strategy,
+        fell_back: bool,
+        sockets: &[(ListenAddr, u32, OwnedFd)],
+    ) -> Result<Groups, GroupError> {
+        let mut groups = Groups {
+            groups: Vec::new(),
+            activated: states.iter().filter(|g| g.activated).count(),
+            strategy,
+            // The old program stays attached until a new one replaces it, and would then
+            // never learn of a new worker: a program that does not load is an error here.
+            require_ebpf: !fell_back,
+            fell_back,
+        };
+        for state in states {
+            let index = groups.create(state.addr, state.dual_stack)?;
+            let group = &mut groups.groups[index];
+            let Some(balancer) = &mut group.balancer else {
+                continue;
+            };
+            let kernel = |e: anyhow::Error| GroupError::Kernel {
+                addr: state.addr,
+                detail: format!("{e:#}"),
+            };
+            let mut old = state.sockets_map.and_then(|id| {
+                OldSockets::open(id)
+                    .map_err(|e| log::warn!("{}: the old program's map: {e:#}", state.addr))
+                    .ok()
+            });
+            for (_, slot, socket) in sockets.iter().filter(|(a, ..)| *a == state.addr) {
+                if let Some(old) = &mut old {
+                    old.release(*slot).map_err(kernel)?;
+                }
+                balancer.set_slot(*slot, socket).map_err(kernel)?;
+            }
+            for counters in &state.counters {
+                if let Err(e) = balancer.seed_counters(counters) {
+                    log::warn!(
+                        "{}: the counters of slot {} restart from 0: {e:#}",
+                        state.addr,
+                        counters.slot
+                    );
+                }
+            }
+        }
+        Ok(groups)
+    }
+
+    /// Attaches every group's new program through one of its sockets, replacing the program an
+    /// older binary attached in one step (the kernel swaps the group's program atomically).
+    pub fn swap_in(&mut self, sockets: &[(ListenAddr, u32, OwnedFd)]) {
+        for group in &mut self.groups {
+            let Some(balancer) = &mut group.balancer else {
+                continue;
+            };
+            let member = sockets.iter().find(|(a, ..)| *a == group.addr);
+            match member.map(|(_, _, socket)| balancer.attach(socket)) {
+                Some(Ok(())) => {}
+                Some(Err(e)) => log::error!("{}: the new program could not take over: {e:#}", group.addr),
+                None => log::warn!("{}: no worker holds a socket of this group; its new program is attached when one does", group.addr),
+            }
+        }
+    }
+
+    /// Whether eBPF balancing fell back to the kernel's hash.
+    pub fn fell_back(&self) -> bool {
+        self.fell_back
     }
 
     pub fn strategy_in_effect(&self) -> Strategy {

@@ -42,6 +42,13 @@ pub enum Control {
     Status {
         reply: oneshot::Sender<ClusterStatus>,
     },
+    /// Re-execute the binary in place. `reply` hears only why it did not happen: on success
+    /// this process image is gone, and the new binary answers on `requester` (a control
+    /// connection).
+    Upgrade {
+        requester: Option<std::os::fd::OwnedFd>,
+        reply: oneshot::Sender<super::upgrade::UpgradeError>,
+    },
 }
 
 /// A cloneable remote control for a running [`Supervisor`](super::Supervisor).
@@ -77,6 +84,15 @@ impl Handle {
             reply: Some(reply),
         });
         answer.await.unwrap_or(Err(ScaleError::Gone))
+    }
+    /// In-place upgrade; resolves only if it did not happen (see [`Control::Upgrade`]).
+    pub async fn upgrade(
+        &self,
+        requester: Option<std::os::fd::OwnedFd>,
+    ) -> Option<super::upgrade::UpgradeError> {
+        let (reply, answer) = oneshot::channel();
+        let _ = self.control.send(Control::Upgrade { requester, reply });
+        answer.await.ok()
     }
     pub async fn status(&self) -> Option<ClusterStatus> {
         let (reply, answer) = oneshot::channel();

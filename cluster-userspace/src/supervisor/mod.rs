@@ -34,6 +34,7 @@ mod reaper;
 mod signals;
 mod status;
 mod systemd;
+pub mod upgrade;
 
 use std::{collections::BTreeMap, time::Instant};
 
@@ -118,6 +119,12 @@ pub struct Supervisor {
     filter: crate::seccomp::Filter,
     /// When the supervisor was created, for the cluster's uptime.
     started: Instant,
+    /// The workers' notify socket, to hand over in an upgrade.
+    notify_fd: upgrade::state::Inherited,
+    /// The embedder's descriptors an upgrade keeps (see [`Supervisor::keep_on_upgrade`]).
+    kept: upgrade::Kept,
+    /// Taken over from an older binary (not started afresh).
+    resumed: bool,
 }
 
 impl Supervisor {
@@ -129,9 +136,8 @@ impl Supervisor {
         let signals =
             Signals::new(config.signals, config.subreaper).map_err(SupervisorError::Signals)?;
         let groups = Groups::new(&config.listen, config.strategy, config.require_ebpf)?;
-        let node = node_channel_wanted(&config, &command);
         let (notify_tx, notify_rx) = unbounded_channel();
-        let notify_socket = notify::open(notify_tx).map_err(SupervisorError::Notify)?;
+        let (notify_name, notify_fd) = notify::open(notify_tx).map_err(SupervisorError::Notify)?;
         if config.subreaper {
             // SAFETY: plain prctl.
             unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
@@ -139,11 +145,38 @@ impl Supervisor {
         if config.credentials.is_none() && nix::unistd::geteuid().is_root() {
             log::warn!("workers will run as root; use --user to drop privileges");
         }
+        let lifecycle = Lifecycle::new(config.workers, config.timing, Instant::now());
+        let mut supervisor = Supervisor::assemble(
+            config,
+            command,
+            groups,
+            signals,
+            (notify_name, notify_fd, notify_rx),
+            lifecycle,
+        );
+        supervisor.node = node_channel_wanted(&supervisor.config, &supervisor.command);
+        Ok(supervisor)
+    }
+
+    /// The parts every supervisor has, new or resumed.
+    fn assemble(
+        config: Config,
+        command: WorkerCommand,
+        groups: Groups,
+        signals: Signals,
+        notify: (
+            String,
+            upgrade::state::Inherited,
+            UnboundedReceiver<(i32, String)>,
+        ),
+        lifecycle: Lifecycle,
+    ) -> Supervisor {
+        let (notify_socket, notify_fd, notify_rx) = notify;
         let (ipc_tx, ipc_rx) = unbounded_channel();
         let (node_tx, node_rx) = unbounded_channel();
         let (control_tx, control_rx) = unbounded_channel();
-        Ok(Supervisor {
-            lifecycle: Lifecycle::new(config.workers, config.timing, Instant::now()),
+        Supervisor {
+            lifecycle,
             notifier: systemd::Notifier::from_environment(),
             config,
             command,
@@ -154,7 +187,7 @@ impl Supervisor {
             notify_rx,
             ipc_tx,
             ipc_rx,
-            node,
+            node: false,
             node_tx,
             node_rx,
             node_groups: node::NodeGroups::default(),
@@ -168,13 +201,27 @@ impl Supervisor {
             released_sockets: std::collections::HashSet::new(),
             filter: crate::seccomp::Filter::reuseport_guard(),
             started: Instant::now(),
-        })
+            notify_fd,
+            kept: upgrade::Kept::default(),
+            resumed: false,
+        }
+    }
+
+    /// Descriptors of the embedder (a control socket, a metrics listener) that an upgrade is to
+    /// keep open for the new binary, which finds them in [`upgrade::Resumed::kept`].
+    pub fn keep_on_upgrade(&mut self, kept: upgrade::Kept) {
+        self.kept = kept;
     }
 
     pub fn handle(&self) -> Handle {
         Handle {
             control: self.control_tx.clone(),
         }
+    }
+
+    /// Worker processes it runs now.
+    pub fn worker_count(&self) -> u32 {
+        self.workers.len() as u32
     }
 
     /// Every event from now on.
@@ -186,6 +233,28 @@ impl Supervisor {
 
     /// Starts the workers and supervises them until stopped. Returns once all have exited.
     pub async fn run(mut self) {
+        if self.resumed {
+            log::info!(
+                "cluster-lb {} took over {} workers (pid {})",
+                crate::version::version(),
+                self.workers.len(),
+                std::process::id()
+            );
+        } else {
+            self.log_start();
+        }
+        self.step(Input::Tick);
+        while !self.lifecycle.is_finished() {
+            let input = self.next_input().await;
+            if let Some(input) = input {
+                self.step(input);
+            }
+        }
+        self.stop_all_orphans().await;
+        log::info!("all workers stopped");
+    }
+
+    fn log_start(&self) {
         let addresses: Vec<String> = self
             .groups
             .addresses()
@@ -203,15 +272,6 @@ impl Supervisor {
             },
             self.groups.strategy_in_effect()
         );
-        self.step(Input::Tick);
-        while !self.lifecycle.is_finished() {
-            let input = self.next_input().await;
-            if let Some(input) = input {
-                self.step(input);
-            }
-        }
-        self.stop_all_orphans().await;
-        log::info!("all workers stopped");
     }
 
     /// Waits for the next thing that happens and turns it into an input (if it is one).
@@ -328,6 +388,12 @@ impl Supervisor {
             signals::Request::Fewer => Some(Input::Scale {
                 workers: wanted.saturating_sub(1),
             }),
+            signals::Request::Upgrade => {
+                // Returns only if the upgrade did not happen.
+                let error = self.upgrade(None);
+                log::error!("{error}");
+                None
+            }
             signals::Request::Child => {
                 // Orphans are reaped and forgotten; a worker collected on the way is an exit.
                 for (pid, status) in reaper::collect_children() {
@@ -399,6 +465,13 @@ impl Supervisor {
             }
             Control::Status { reply } => {
                 let _ = reply.send(self.status());
+                None
+            }
+            Control::Upgrade { requester, reply } => {
+                // Returns only if the upgrade did not happen; else the new binary answers.
+                let error = self.upgrade(requester);
+                log::error!("{error}");
+                let _ = reply.send(error);
                 None
             }
         }

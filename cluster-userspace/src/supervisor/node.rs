@@ -11,6 +11,7 @@ use std::{
 use nix::unistd::Pid;
 use serde_json::Value;
 
+use super::upgrade::state::{ChannelState, Inherited, NodeGroupsState};
 use super::{
     process::WorkerChannel, queries::Refusal, Departure, Event, Input, Readiness, Supervisor,
 };
@@ -67,6 +68,36 @@ impl NodeWorker {
     pub fn close(&self) {
         self.channel.close();
     }
+
+    /// See [`NodeChannel::is_idle`].
+    pub fn is_idle(&self) -> bool {
+        self.channel.is_idle()
+    }
+
+    /// What the new binary of an upgrade needs to continue the conversation.
+    pub fn handover(&self) -> Option<ChannelState> {
+        Some(ChannelState::Node {
+            socket: Inherited::of(&self.channel.raw_fd())?,
+            seq: self.seq,
+            listens: self.listens.iter().map(|(k, a)| (k.clone(), *a)).collect(),
+            next_key: self.next_key,
+        })
+    }
+
+    /// Continues the conversation an older binary had with the worker.
+    pub fn resume(
+        channel: NodeChannel,
+        seq: u64,
+        listens: &[(String, ListenAddr)],
+        next_key: u64,
+    ) -> NodeWorker {
+        NodeWorker {
+            channel,
+            seq,
+            listens: listens.iter().cloned().collect(),
+            next_key,
+        }
+    }
 }
 
 /// Node state shared by all workers: so that every worker's `listen(0)` gets the same port,
@@ -77,6 +108,33 @@ pub struct NodeGroups {
     ephemeral: HashMap<(Option<String>, AddressType, u64), u16>,
     /// The first non-null `data` of each group's queries (TLS ticket keys).
     data: HashMap<ListenAddr, Value>,
+}
+
+/// `listen(0)` ports: ((address, kind, index), port).
+type EphemeralPorts = Vec<((Option<String>, AddressType, u64), u16)>;
+
+impl NodeGroups {
+    /// The shared state, for an upgrade.
+    pub fn handover(&self) -> (EphemeralPorts, Vec<(ListenAddr, Value)>) {
+        (
+            self.ephemeral
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+            self.data.iter().map(|(k, v)| (*k, v.clone())).collect(),
+        )
+    }
+
+    /// Takes up the state an older binary handed over.
+    pub fn restore(&mut self, state: &NodeGroupsState) {
+        for port in &state.ephemeral {
+            self.ephemeral.insert(
+                (port.address.clone(), port.address_type, port.index),
+                port.port,
+            );
+        }
+        self.data.extend(state.data.iter().cloned());
+    }
 }
 
 impl Supervisor {

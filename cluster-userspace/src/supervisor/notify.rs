@@ -14,6 +14,8 @@ use std::{
 use nix::sys::socket::{recvmsg, setsockopt, sockopt::PassCred, ControlMessageOwned, MsgFlags};
 use tokio::{io::unix::AsyncFd, sync::mpsc::UnboundedSender};
 
+use super::upgrade::state::Inherited;
+
 /// Datagrams passed on per second, at most: more are read and dropped, so a flood costs the
 /// primary a read each, not the work of a readiness check each.
 const MAX_PER_SECOND: u32 = 200;
@@ -22,13 +24,24 @@ const MAX_PER_SECOND: u32 = 200;
 /// to `sink`. Returns the value for the workers' NOTIFY_SOCKET: an abstract address, so a
 /// worker running as another user needs no file permission to reach it. Its name is random:
 /// a predictable one could be taken first by any local user, keeping cluster-lb from starting.
-pub fn open(sink: UnboundedSender<(i32, String)>) -> std::io::Result<String> {
+/// Also returns the socket's descriptor, for an upgrade to hand over.
+pub fn open(sink: UnboundedSender<(i32, String)>) -> std::io::Result<(String, Inherited)> {
     let name = format!("cluster-lb/{}/notify", random_hex()?);
     let address = SocketAddr::from_abstract_name(name.as_bytes())?;
     let socket = UnixDatagram::bind_addr(&address)?;
     socket.set_nonblocking(true)?;
     setsockopt(&socket, PassCred, &true)?;
-    let fd = OwnedFd::from(socket);
+    let fd = serve(OwnedFd::from(socket), sink)?;
+    Ok((format!("@{name}"), fd))
+}
+
+/// Reads the bound socket `fd` (a new one, or one inherited in an upgrade) in the background.
+pub fn serve(fd: OwnedFd, sink: UnboundedSender<(i32, String)>) -> std::io::Result<Inherited> {
+    nix::fcntl::fcntl(
+        &fd,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )?;
+    let named = Inherited::of(&fd).ok_or_else(|| std::io::Error::other("fstat failed"))?;
     // SAFETY: the AsyncFd owns the descriptor for as long as it is registered.
     let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)?;
@@ -66,7 +79,7 @@ pub fn open(sink: UnboundedSender<(i32, String)>) -> std::io::Result<String> {
             }
         }
     });
-    Ok(format!("@{name}"))
+    Ok(named)
 }
 
 /// 16 random bytes in hex.

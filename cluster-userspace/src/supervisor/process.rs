@@ -52,6 +52,9 @@ pub struct WorkerIo {
     pub queries: u32,
     /// Servers it opened by itself that were reported already (once each).
     pub reported: HashSet<std::net::SocketAddr>,
+    /// Copies of the read ends of its stdout and stderr pipes (the readers own the others),
+    /// so that an upgrade can hand them over: the worker's output must not hit a closed pipe.
+    pub output: [Option<OwnedFd>; 2],
 }
 
 /// Why a worker could not be started.
@@ -145,6 +148,7 @@ impl Supervisor {
         // with it and its pipes reach EOF.
         drop((sockets, worker_end, stdout_write, stderr_write));
         self.reaper.watch(pid);
+        let output = [stdout_read.try_clone().ok(), stderr_read.try_clone().ok()];
         output::capture(id, pid.as_raw(), Stream::Stdout, stdout_read);
         output::capture(id, pid.as_raw(), Stream::Stderr, stderr_read);
         let channel = if self.node {
@@ -174,6 +178,7 @@ impl Supervisor {
                 given,
                 queries: 0,
                 reported: HashSet::new(),
+                output,
             },
         );
         Ok(pid)
@@ -192,11 +197,11 @@ impl Supervisor {
     fn forget_slot(&mut self, slot: u32) {
         self.slots.release(slot);
         self.groups.clear_slot(slot);
-        self.publish();
+        self.publish_members();
     }
 
     /// Tells the kernel programs which slots are active, and which worker id each serves.
-    fn publish(&mut self) {
+    pub(super) fn publish_members(&mut self) {
         let ids: std::collections::HashMap<u32, u32> =
             self.workers.values().map(|w| (w.slot, w.id)).collect();
         let members: Vec<(u32, u32)> = self
@@ -218,7 +223,7 @@ impl Supervisor {
             self.slots.deactivate(slot)
         };
         if changed {
-            self.publish();
+            self.publish_members();
         }
     }
 

@@ -17,8 +17,45 @@ pub enum Request {
     More,
     /// TTOU: one worker fewer.
     Fewer,
+    /// USR2: upgrade in place (re-execute the binary at its path, keeping pid and workers).
+    Upgrade,
     /// CHLD: some child exited (only watched to reap orphans).
     Child,
+}
+
+/// The signals blocked across the exec of an upgrade: after exec every handler is gone, and
+/// one of these arriving before the new binary installs its own would kill the primary (TERM,
+/// USR2) or be lost (CHLD). Blocked, they stay pending until [`unblock_after_upgrade`].
+const HELD_ACROSS_EXEC: [libc::c_int; 8] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGHUP,
+    libc::SIGTTIN,
+    libc::SIGTTOU,
+    libc::SIGUSR2,
+    libc::SIGCHLD,
+];
+
+fn held_set() -> nix::sys::signal::SigSet {
+    let mut set = nix::sys::signal::SigSet::empty();
+    for signal in HELD_ACROSS_EXEC {
+        if let Ok(signal) = nix::sys::signal::Signal::try_from(signal) {
+            set.add(signal);
+        }
+    }
+    set
+}
+
+/// Blocks the signals that must wait for the new binary's handlers (see [`HELD_ACROSS_EXEC`]).
+pub fn block_for_upgrade() {
+    let _ = held_set().thread_block();
+}
+
+/// Undoes [`block_for_upgrade`]: after a failed exec, or in the new binary once its handlers
+/// are installed (pending signals are delivered to them then).
+pub fn unblock_after_upgrade() {
+    let _ = held_set().thread_unblock();
 }
 
 pub struct Signals {
@@ -38,6 +75,7 @@ impl Signals {
                 (SignalKind::hangup(), Request::Reload),
                 (SignalKind::from_raw(libc::SIGTTIN), Request::More),
                 (SignalKind::from_raw(libc::SIGTTOU), Request::Fewer),
+                (SignalKind::user_defined2(), Request::Upgrade),
             ]);
         }
         if subreaper {
