@@ -268,6 +268,16 @@ impl Cluster {
 
     /// Like `start`, with a chance to change the command (environment, capabilities).
     pub fn start_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Cluster {
+        Cluster::start_binary(&workspace_binary("cluster-lb"), args, adjust)
+    }
+
+    /// Like `start_with`, running the cluster-lb binary at `binary` (the upgrade tests run a
+    /// copy whose file they replace).
+    pub fn start_binary(
+        binary: &Path,
+        args: &[&str],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Cluster {
         let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let mut control = None;
         if args.first().map(String::as_str) == Some("run") {
@@ -287,7 +297,7 @@ impl Cluster {
             }
             args.splice(1..1, added);
         }
-        let mut command = Command::new(workspace_binary("cluster-lb"));
+        let mut command = Command::new(binary);
         command.args(&args);
         adjust(&mut command);
         let mut cluster = Cluster::start_command(command);

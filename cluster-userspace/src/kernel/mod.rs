@@ -2,6 +2,7 @@
 //! maps through which the primary tells it which worker sockets may receive connections.
 
 mod counter;
+mod handover;
 pub mod maglev;
 mod unavailable;
 
@@ -24,6 +25,7 @@ use cluster_common::{
     STRATEGY_STICKY, TABLE_SIZE,
 };
 
+pub use handover::{MapIds, OldInstance};
 pub use unavailable::Unavailable;
 
 /// The program, built by `cargo xtask build-ebpf` and committed, so a stable `cargo build` needs
@@ -124,37 +126,10 @@ pub struct Balancer {
     /// program cannot run).
     strategy: Strategy,
     cpus: usize,
-    /// The kernel's id of the sockets map, by which the next binary of an upgrade finds it.
-    sockets_id: Option<u32>,
-}
-
-/// The sockets map of a program instance that an older binary loaded, found by its id in an
-/// upgrade. A socket can be in one such map only (the kernel refuses a second with EBUSY), so
-/// each worker's socket is taken out of the old map before it goes into the new one; while it
-/// is out, the old program leaves that connection to the kernel's hash (no connection is lost,
-/// and the window is one map update long).
-pub struct OldSockets(ReusePortSockArray<MapData>);
-
-impl OldSockets {
-    pub fn open(id: u32) -> Result<OldSockets> {
-        let data = MapData::from_id(id).with_context(|| format!("opening map id {id}"))?;
-        let map = ReusePortSockArray::try_from(aya::maps::Map::ReusePortSockArray(data))
-            .with_context(|| format!("map id {id} is no socket array"))?;
-        Ok(OldSockets(map))
-    }
-
-    /// Takes `slot`'s socket out (an empty slot is fine).
-    pub fn release(&mut self, slot: u32) -> Result<()> {
-        match self.0.clear_index(&slot) {
-            Ok(()) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e).with_context(|| format!("taking slot {slot} out of the old map")),
-        }
-    }
+    /// The kernel's ids of the maps the next binary of an upgrade takes over.
+    map_ids: MapIds,
+    /// Counts of older program instances (before an upgrade), added to this one's, by slot.
+    base: std::collections::HashMap<u32, SlotStats>,
 }
 
 impl Balancer {
@@ -193,12 +168,7 @@ impl Balancer {
         })?;
 
         let build = || -> Result<Balancer> {
-            let sockets_id = match ebpf.map(MAP_SOCKETS) {
-                Some(aya::maps::Map::ReusePortSockArray(data)) => {
-                    data.info().ok().map(|info| info.id())
-                }
-                _ => None,
-            };
+            let map_ids = MapIds::of(&ebpf);
             let sockets = take_map(&mut ebpf, MAP_SOCKETS)?;
             let active = take_map(&mut ebpf, MAP_ACTIVE)?;
             let config = take_map(&mut ebpf, MAP_CONFIG)?;
@@ -223,7 +193,8 @@ impl Balancer {
                 open,
                 strategy,
                 cpus,
-                sockets_id,
+                map_ids,
+                base: std::collections::HashMap::new(),
             };
             if strategy == Strategy::LeastLoaded {
                 if let Err(why) = counter::start(&mut balancer.ebpf) {
@@ -260,6 +231,7 @@ impl Balancer {
     /// Puts a worker's listening socket in `slot` and zeroes the slot's counters, which from now
     /// on count for this worker.
     pub fn set_slot(&mut self, slot: u32, socket: &impl AsRawFd) -> Result<()> {
+        self.base.remove(&slot);
         self.sockets
             .set(slot, socket, 0)
             .with_context(|| format!("putting the worker socket in slot {slot}"))?;
@@ -271,6 +243,14 @@ impl Balancer {
         self.open
             .set(slot, 0, 0)
             .with_context(|| format!("zeroing the open connections of slot {slot}"))
+    }
+
+    /// Puts a socket in `slot` without touching its counters (a worker taken over in an
+    /// upgrade, whose counters continue).
+    pub fn place(&mut self, slot: u32, socket: &impl AsRawFd) -> Result<()> {
+        self.sockets
+            .set(slot, socket, 0)
+            .with_context(|| format!("putting the worker socket in slot {slot}"))
     }
 
     /// Empties a slot. The kernel does this by itself when the socket closes; this is for
@@ -365,9 +345,9 @@ impl Balancer {
         self.set_config(CONFIG_STRATEGY, id)
     }
 
-    /// The kernel's id of the sockets map (see [`OldSockets`]).
-    pub fn sockets_id(&self) -> Option<u32> {
-        self.sockets_id
+    /// The kernel's ids of the maps an upgrade hands over (see [`OldInstance`]).
+    pub fn map_ids(&self) -> MapIds {
+        self.map_ids
     }
 
     /// The strategy the program runs.
@@ -386,25 +366,26 @@ impl Balancer {
         }
     }
 
-    /// Sets a slot's counters to what an older program instance counted (an upgrade), so that
-    /// they continue instead of restarting from zero.
-    pub fn seed_counters(
-        &mut self,
-        counters: &crate::supervisor::upgrade::state::SlotCounters,
-    ) -> Result<()> {
-        let mut per_cpu = vec![SlotStats::default(); self.cpus];
-        per_cpu[0] = SlotStats {
-            selected: counters.selected,
-            fallback: counters.fallback,
-            migrated: counters.migrated,
-        };
-        let values = PerCpuValues::try_from(per_cpu).context("sizing per-CPU counters")?;
-        self.stats
-            .set(counters.slot, values, 0)
-            .with_context(|| format!("seeding the counters of slot {}", counters.slot))?;
+    /// Counts an older program instance made for `slot` (an upgrade): from now on they are part
+    /// of the slot's counters.
+    pub fn add_to_base(&mut self, slot: u32, counted: SlotStats) {
+        let base = self.base.entry(slot).or_default();
+        base.selected += counted.selected;
+        base.fallback += counted.fallback;
+        base.migrated += counted.migrated;
+    }
+
+    /// What older instances counted for `slot` (see [`Balancer::add_to_base`]).
+    pub fn base(&self, slot: u32) -> SlotStats {
+        self.base.get(&slot).copied().unwrap_or_default()
+    }
+
+    /// Sets a slot's open-connection count (least-loaded) to what an older instance had, so a
+    /// worker taken over in an upgrade does not look idle.
+    pub fn seed_open(&mut self, slot: u32, open: u64) -> Result<()> {
         self.open
-            .set(counters.slot, counters.open, 0)
-            .with_context(|| format!("seeding the open connections of slot {}", counters.slot))
+            .set(slot, open, 0)
+            .with_context(|| format!("seeding the open connections of slot {slot}"))
     }
 
     /// The counters of one slot, summed over CPUs.
@@ -413,13 +394,11 @@ impl Balancer {
             .stats
             .get(&slot, 0)
             .with_context(|| format!("reading the counters of slot {slot}"))?;
-        Ok(per_cpu
-            .iter()
-            .fold(SlotStats::default(), |sum, cpu| SlotStats {
-                selected: sum.selected + cpu.selected,
-                fallback: sum.fallback + cpu.fallback,
-                migrated: sum.migrated + cpu.migrated,
-            }))
+        Ok(per_cpu.iter().fold(self.base(slot), |sum, cpu| SlotStats {
+            selected: sum.selected + cpu.selected,
+            fallback: sum.fallback + cpu.fallback,
+            migrated: sum.migrated + cpu.migrated,
+        }))
     }
 
     /// Connections that found no slot at all (empty active set, or every active slot dead) and

@@ -7,10 +7,11 @@ use std::os::fd::OwnedFd;
 
 use super::{drain_program_log, upgrade::state::GroupState};
 use crate::{
-    kernel::{Balancer, OldSockets, Strategy, Unavailable},
+    kernel::{Balancer, OldInstance, Strategy, Unavailable},
     listen_addr::ListenAddr,
     sockets::{self, ListenError},
 };
+use cluster_common::SlotStats;
 
 pub struct Group {
     pub addr: ListenAddr,
@@ -18,6 +19,8 @@ pub struct Group {
     pub balancer: Option<Balancer>,
     /// An IPv6 wildcard that takes IPv4 too (what Node binds for a listen without a host).
     dual_stack: bool,
+    /// The instance an older binary attached, until this one's replaced it (an upgrade).
+    old: Option<OldInstance>,
 }
 
 impl Group {
@@ -86,7 +89,6 @@ impl Groups {
         states: &[GroupState],
         strategy: Strategy,
         fell_back: bool,
-        sockets: &[(ListenAddr, u32, OwnedFd)],
     ) -> Result<Groups, GroupError> {
         let mut groups = Groups {
             groups: Vec::new(),
@@ -103,44 +105,61 @@ impl Groups {
             let Some(balancer) = &mut group.balancer else {
                 continue;
             };
-            let kernel = |e: anyhow::Error| GroupError::Kernel {
-                addr: state.addr,
-                detail: format!("{e:#}"),
-            };
-            let mut old = state.sockets_map.and_then(|id| {
-                OldSockets::open(id)
-                    .map_err(|e| log::warn!("{}: the old program's map: {e:#}", state.addr))
-                    .ok()
-            });
-            for (_, slot, socket) in sockets.iter().filter(|(a, ..)| *a == state.addr) {
-                if let Some(old) = &mut old {
-                    old.release(*slot).map_err(kernel)?;
-                }
-                balancer.set_slot(*slot, socket).map_err(kernel)?;
-            }
+            // The sockets move into the new maps only in `swap_in`, just before the attach:
+            // while one is out of the old map and not yet in use by the new program, the old
+            // program cannot choose it.
+            let old = OldInstance::open(state.maps)
+                .map_err(|e| log::warn!("{}: the old program's maps: {e:#}", state.addr))
+                .ok();
             for counters in &state.counters {
-                if let Err(e) = balancer.seed_counters(counters) {
-                    log::warn!(
-                        "{}: the counters of slot {} restart from 0: {e:#}",
-                        state.addr,
-                        counters.slot
-                    );
+                balancer.add_to_base(
+                    counters.slot,
+                    SlotStats {
+                        selected: counters.selected,
+                        fallback: counters.fallback,
+                        migrated: counters.migrated,
+                    },
+                );
+                if let Err(e) = balancer.seed_open(counters.slot, counters.open) {
+                    log::warn!("{}: {e:#}", state.addr);
                 }
             }
+            group.old = old;
         }
         Ok(groups)
     }
 
-    /// Attaches every group's new program through one of its sockets, replacing the program an
-    /// older binary attached in one step (the kernel swaps the group's program atomically).
+    /// Moves every worker's socket from the old program's map into the new one's, then
+    /// attaches the new program through one of them, which replaces the old program in one step
+    /// (the kernel swaps a group's program atomically). A socket is out of both maps for two map
+    /// updates; the old program then gives its connection to the next worker in its rotation.
+    /// Finally the old counters, now final, become the base of the new ones.
     pub fn swap_in(&mut self, sockets: &[(ListenAddr, u32, OwnedFd)]) {
         for group in &mut self.groups {
             let Some(balancer) = &mut group.balancer else {
                 continue;
             };
-            let member = sockets.iter().find(|(a, ..)| *a == group.addr);
-            match member.map(|(_, _, socket)| balancer.attach(socket)) {
-                Some(Ok(())) => {}
+            let members: Vec<_> = sockets.iter().filter(|(a, ..)| *a == group.addr).collect();
+            for (_, slot, socket) in &members {
+                if let Some(old) = &mut group.old {
+                    if let Err(e) = old.release(*slot) {
+                        log::warn!("{}: {e:#}", group.addr);
+                    }
+                }
+                if let Err(e) = balancer.place(*slot, socket) {
+                    log::error!("{}: {e:#}", group.addr);
+                }
+            }
+            match members.first().map(|(_, _, socket)| balancer.attach(socket)) {
+                Some(Ok(())) => {
+                    if let Some(old) = group.old.take() {
+                        for (_, slot, _) in &members {
+                            if let Some(counted) = old.counted(*slot) {
+                                balancer.add_to_base(*slot, counted);
+                            }
+                        }
+                    }
+                }
                 Some(Err(e)) => log::error!("{}: the new program could not take over: {e:#}", group.addr),
                 None => log::warn!("{}: no worker holds a socket of this group; its new program is attached when one does", group.addr),
             }
@@ -257,6 +276,7 @@ impl Groups {
             addr,
             balancer,
             dual_stack,
+            old: None,
         });
         Ok(self.groups.len() - 1)
     }

@@ -1,15 +1,16 @@
 //! The lifecycle as data, for an in-place upgrade: the running primary writes a [`Snapshot`],
-//! the new binary resumes from it. Only a calm cluster is written out (no reload or stop under
-//! way, every process ready, no spawn out), so the snapshot holds nothing in mid-flight: a
-//! process's timers and an answer owed to a reload cannot be lost between two binaries. Times
-//! are kept as ages and delays, since an `Instant` means nothing to another process.
+//! the new binary resumes from it. Every process is written with its phase and timers, so a
+//! worker starting or draining during the upgrade goes on as it would have. What is refused is
+//! a reload or a stop under way: they owe answers to clients of the old process (the reload's
+//! requester) and would have to be taken over mid-step. Times are kept as ages and delays,
+//! since an `Instant` means nothing to another process.
 
 use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use super::{Announced, IdRecord, Intent, Lifecycle, Phase, Plan, Process, Timing, WorkerState};
+use super::{Announced, IdRecord, Intent, Lifecycle, Phase, Plan, Process, Timing};
 use cluster_common::MAX_WORKERS;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,15 +23,89 @@ pub struct Snapshot {
     pub ids: Vec<IdSnapshot>,
 }
 
-/// A ready worker process.
+/// A worker process.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessSnapshot {
     pub id: u32,
     pub pid: i32,
     pub generation: u64,
-    /// How long ago it was started, and became ready.
+    /// How long ago it was started.
     pub age_ms: u64,
-    pub ready_ms: u64,
+    pub phase: PhaseSnapshot,
+}
+
+/// A [`Phase`] with its timers as delays from the snapshot's time (ages for the past).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "kebab-case")]
+pub enum PhaseSnapshot {
+    Starting {
+        ready_in_ms: Option<u64>,
+        give_up_in_ms: u64,
+    },
+    Online {
+        give_up_in_ms: u64,
+    },
+    Ready {
+        ready_ms: u64,
+    },
+    Draining {
+        term_in_ms: Option<u64>,
+        kill_in_ms: u64,
+    },
+    Killed,
+}
+
+impl PhaseSnapshot {
+    fn of(phase: Phase, now: Instant) -> PhaseSnapshot {
+        let until = |at: Instant| millis(at.saturating_duration_since(now));
+        match phase {
+            Phase::Starting {
+                ready_at,
+                give_up_at,
+            } => PhaseSnapshot::Starting {
+                ready_in_ms: ready_at.map(until),
+                give_up_in_ms: until(give_up_at),
+            },
+            Phase::Online { give_up_at } => PhaseSnapshot::Online {
+                give_up_in_ms: until(give_up_at),
+            },
+            Phase::Ready { since } => PhaseSnapshot::Ready {
+                ready_ms: millis(now.saturating_duration_since(since)),
+            },
+            Phase::Draining { term_at, kill_at } => PhaseSnapshot::Draining {
+                term_in_ms: term_at.map(until),
+                kill_in_ms: until(kill_at),
+            },
+            Phase::Killed => PhaseSnapshot::Killed,
+        }
+    }
+
+    fn phase(self, now: Instant) -> Phase {
+        let at = |ms: u64| now + Duration::from_millis(ms);
+        match self {
+            PhaseSnapshot::Starting {
+                ready_in_ms,
+                give_up_in_ms,
+            } => Phase::Starting {
+                ready_at: ready_in_ms.map(at),
+                give_up_at: at(give_up_in_ms),
+            },
+            PhaseSnapshot::Online { give_up_in_ms } => Phase::Online {
+                give_up_at: at(give_up_in_ms),
+            },
+            PhaseSnapshot::Ready { ready_ms } => Phase::Ready {
+                since: before(now, ready_ms),
+            },
+            PhaseSnapshot::Draining {
+                term_in_ms,
+                kill_in_ms,
+            } => Phase::Draining {
+                term_at: term_in_ms.map(at),
+                kill_at: at(kill_in_ms),
+            },
+            PhaseSnapshot::Killed => Phase::Killed,
+        }
+    }
 }
 
 /// What the machine remembers of a worker id.
@@ -44,20 +119,15 @@ pub struct IdSnapshot {
     pub restart_in_ms: Option<u64>,
 }
 
-/// Why the lifecycle cannot be handed over now. Each is over within seconds.
+/// Why the lifecycle cannot be handed over now.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum NotCalm {
     #[error("a reload is under way; upgrade when it has completed")]
     Reloading,
     #[error("the cluster is stopping")]
     Stopping,
-    #[error("worker {id} (pid {pid}) is {state}; upgrade once every worker is ready")]
-    Busy {
-        id: u32,
-        pid: i32,
-        state: WorkerState,
-    },
-    #[error("worker {id} is being started; upgrade once every worker is ready")]
+    /// Never seen between two inputs (a spawn is answered within the same step).
+    #[error("worker {id} is being started; try again in a moment")]
     Spawning { id: u32 },
 }
 
@@ -80,21 +150,14 @@ impl Lifecycle {
         let processes = self
             .processes
             .values()
-            .map(|p| match p.phase {
-                Phase::Ready { since } => Ok(ProcessSnapshot {
-                    id: p.id,
-                    pid: p.pid.as_raw(),
-                    generation: p.generation,
-                    age_ms: millis(now.saturating_duration_since(p.started)),
-                    ready_ms: millis(now.saturating_duration_since(since)),
-                }),
-                phase => Err(NotCalm::Busy {
-                    id: p.id,
-                    pid: p.pid.as_raw(),
-                    state: phase.state(),
-                }),
+            .map(|p| ProcessSnapshot {
+                id: p.id,
+                pid: p.pid.as_raw(),
+                generation: p.generation,
+                age_ms: millis(now.saturating_duration_since(p.started)),
+                phase: PhaseSnapshot::of(p.phase, now),
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect();
         let ids = self
             .ids
             .iter()
@@ -139,9 +202,7 @@ impl Lifecycle {
                     pid,
                     started: before(now, p.age_ms),
                     generation: p.generation,
-                    phase: Phase::Ready {
-                        since: before(now, p.ready_ms),
-                    },
+                    phase: p.phase.phase(now),
                 },
             );
         }

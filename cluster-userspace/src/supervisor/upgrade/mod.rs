@@ -203,7 +203,11 @@ impl Supervisor {
                 dual_stack: group.dual_stack(),
                 activated: index < self.groups.activated(),
                 counters: self.counters_of(group),
-                sockets_map: group.balancer.as_ref().and_then(|b| b.sockets_id()),
+                maps: group
+                    .balancer
+                    .as_ref()
+                    .map(|b| b.map_ids())
+                    .unwrap_or_default(),
             })
             .collect();
         let node_groups = self.node_groups.handover();
@@ -240,22 +244,23 @@ impl Supervisor {
         })
     }
 
-    /// The kernel's counters of every worker's slot in `group`, to continue from.
+    /// Per worker slot in `group`: what earlier instances counted (the running one's maps are
+    /// read by the new binary itself, after it took over), and the open connections.
     fn counters_of(&self, group: &super::groups::Group) -> Vec<SlotCounters> {
         let Some(balancer) = &group.balancer else {
             return Vec::new();
         };
         self.workers
             .values()
-            .filter_map(|io| {
-                let stats = balancer.slot_stats(io.slot).ok()?;
-                Some(SlotCounters {
+            .map(|io| {
+                let base = balancer.base(io.slot);
+                SlotCounters {
                     slot: io.slot,
-                    selected: stats.selected,
-                    fallback: stats.fallback,
-                    migrated: stats.migrated,
+                    selected: base.selected,
+                    fallback: base.fallback,
+                    migrated: base.migrated,
                     open: balancer.open_connections(io.slot),
-                })
+                }
             })
             .collect()
     }

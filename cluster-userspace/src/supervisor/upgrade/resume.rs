@@ -55,7 +55,7 @@ impl Supervisor {
         // Every worker's sockets, by slot, taken from the workers themselves: the old
         // primary held none of them.
         let sockets = worker_sockets(&state);
-        let groups = Groups::resume(&state.groups, strategy, state.fell_back, &sockets)?;
+        let groups = Groups::resume(&state.groups, strategy, state.fell_back)?;
         let (notify_tx, notify_rx) = tokio::sync::mpsc::unbounded_channel();
         let notify_fd = state
             .notify

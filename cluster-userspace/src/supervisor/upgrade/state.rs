@@ -65,12 +65,14 @@ pub struct GroupState {
     pub dual_stack: bool,
     /// A `--listen` address (else created by a worker's request).
     pub activated: bool,
-    /// Kernel counters by slot, to continue from.
+    /// By slot: what instances before the running one counted, and the open connections.
     pub counters: Vec<SlotCounters>,
-    /// The id of the old program's sockets map, whose sockets move to the new one.
-    pub sockets_map: Option<u32>,
+    /// The running instance's maps: its sockets move to the new one, and its counters are
+    /// read a last time once the new one is attached.
+    pub maps: crate::kernel::MapIds,
 }
 
+/// A slot's counters that live outside the running program's maps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SlotCounters {
     pub slot: u32,
@@ -248,5 +250,60 @@ impl Inherited {
         nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(flags))
             .map(drop)
             .map_err(std::io::Error::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_of_another_format_is_named_as_such() {
+        let error = State::parse(br#"{"format": 2, "anything": "new"}"#).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "the upgrade state has format 2; this binary reads format 1 (upgrade through a release that reads both)"
+        );
+        assert!(matches!(
+            State::parse(b"not json"),
+            Err(StateError::Parse(_))
+        ));
+        assert!(matches!(
+            State::parse(br#"{"format": 1}"#),
+            Err(StateError::Parse(_))
+        ));
+    }
+
+    #[test]
+    fn the_state_travels_through_a_memfd_and_its_descriptor_is_checked() {
+        let state: State = serde_json::from_value(serde_json::json!({
+            "format": FORMAT, "from": "0.1.0", "uptime_ms": 5,
+            "lifecycle": {"wanted": 1, "generation": 0, "reloads": 0, "announced": "Ready",
+                          "processes": [], "ids": []},
+            "strategy": "round-robin", "fell_back": false, "groups": [], "workers": [],
+            "active": [], "notify": {"fd": 99, "inode": 1}, "notify_name": "@x", "node": false,
+            "node_groups": {"ephemeral": [], "data": []}, "released_sockets": [],
+            "control": null, "metrics": null, "requester": null
+        }))
+        .unwrap();
+        let fd = state.to_memfd().unwrap();
+        let raw = fd.as_raw_fd();
+        // from_variable takes ownership of the number.
+        std::mem::forget(fd);
+        let read = State::from_variable(&raw.to_string()).unwrap();
+        assert_eq!(read.from, "0.1.0");
+        assert!(State::from_variable("not a number").is_err());
+        assert!(
+            State::from_variable(&raw.to_string()).is_err(),
+            "closed after reading"
+        );
+        // A number reused for another file is not taken for the inherited one.
+        let other = std::fs::File::open("/proc/self/stat").unwrap();
+        let named = Inherited::of(&other).unwrap();
+        let wrong = Inherited {
+            fd: named.fd,
+            inode: named.inode + 1,
+        };
+        assert!(wrong.take().is_none());
     }
 }
