@@ -1,11 +1,15 @@
-//! A program instance loaded by an older binary, found again by its maps' ids in an upgrade.
+//! A program instance loaded by an older binary, taken over in an upgrade through the map
+//! descriptors the older binary kept open across exec (by descriptor, not by id: opening a map
+//! by id needs CAP_SYS_ADMIN, which the packaged unit does not grant).
 //!
 //! The new binary loads its own instance and must move every worker's socket into it, but a
 //! socket can be in one REUSEPORT_SOCKARRAY only (the kernel refuses a second with EBUSY). So
-//! each socket is taken out of the old map, then put in the new one; while it is out, the old
-//! program leaves that connection to the kernel's hash, so no connection is refused, and the
-//! window is two map updates long. After the new program is attached, the old counters are read
-//! a last time and become the base the new counters add to.
+//! each socket is taken out of the old map, then put in the new one, just before the new program
+//! is attached; while a socket is out, the old program gives its connection to the next worker
+//! in its rotation. After the attach, the old counters are read a last time and become the base
+//! the new counters add to.
+
+use std::os::fd::{AsFd, OwnedFd};
 
 use anyhow::{Context, Result};
 use aya::{
@@ -13,28 +17,26 @@ use aya::{
     Ebpf,
 };
 use cluster_common::{SlotStats, MAP_SOCKETS, MAP_STATS};
-use serde::{Deserialize, Serialize};
 
-/// The kernel's ids of an instance's maps.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MapIds {
-    pub sockets: Option<u32>,
-    pub stats: Option<u32>,
+/// Copies of an instance's map descriptors (close-on-exec until an upgrade clears the flag).
+pub struct MapFds {
+    pub sockets: Option<OwnedFd>,
+    pub stats: Option<OwnedFd>,
 }
 
-fn id_of(map: Option<&Map>) -> Option<u32> {
+fn copy_of(map: Option<&Map>) -> Option<OwnedFd> {
     let data = match map? {
         Map::ReusePortSockArray(data) | Map::PerCpuArray(data) => data,
         _ => return None,
     };
-    data.info().ok().map(|info| info.id())
+    data.fd().as_fd().try_clone_to_owned().ok()
 }
 
-impl MapIds {
-    pub(super) fn of(ebpf: &Ebpf) -> MapIds {
-        MapIds {
-            sockets: id_of(ebpf.map(MAP_SOCKETS)),
-            stats: id_of(ebpf.map(MAP_STATS)),
+impl MapFds {
+    pub(super) fn of(ebpf: &Ebpf) -> MapFds {
+        MapFds {
+            sockets: copy_of(ebpf.map(MAP_SOCKETS)),
+            stats: copy_of(ebpf.map(MAP_STATS)),
         }
     }
 }
@@ -46,20 +48,20 @@ pub struct OldInstance {
 }
 
 impl OldInstance {
-    /// Opens what can be opened (by id: needs CAP_SYS_ADMIN, which loading programs needs too).
-    pub fn open(ids: MapIds) -> Result<OldInstance> {
-        let open = |id: u32| MapData::from_id(id).with_context(|| format!("opening map id {id}"));
-        let sockets = match ids.sockets {
-            Some(id) => Some(
-                ReusePortSockArray::try_from(Map::ReusePortSockArray(open(id)?))
-                    .with_context(|| format!("map id {id} is no socket array"))?,
+    /// Takes up the inherited map descriptors.
+    pub fn open(fds: MapFds) -> Result<OldInstance> {
+        let data = |fd: OwnedFd| MapData::from_fd(fd).context("an inherited map descriptor");
+        let sockets = match fds.sockets {
+            Some(fd) => Some(
+                ReusePortSockArray::try_from(Map::ReusePortSockArray(data(fd)?))
+                    .context("the inherited sockets map is no socket array")?,
             ),
             None => None,
         };
-        let stats = match ids.stats {
-            Some(id) => Some(
-                PerCpuArray::try_from(Map::PerCpuArray(open(id)?))
-                    .with_context(|| format!("map id {id} is no per-CPU array"))?,
+        let stats = match fds.stats {
+            Some(fd) => Some(
+                PerCpuArray::try_from(Map::PerCpuArray(data(fd)?))
+                    .context("the inherited counters map is no per-CPU array")?,
             ),
             None => None,
         };

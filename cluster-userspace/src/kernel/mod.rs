@@ -25,7 +25,7 @@ use cluster_common::{
     STRATEGY_STICKY, TABLE_SIZE,
 };
 
-pub use handover::{MapIds, OldInstance};
+pub use handover::{MapFds, OldInstance};
 pub use unavailable::Unavailable;
 
 /// The program, built by `cargo xtask build-ebpf` and committed, so a stable `cargo build` needs
@@ -126,8 +126,8 @@ pub struct Balancer {
     /// program cannot run).
     strategy: Strategy,
     cpus: usize,
-    /// The kernel's ids of the maps the next binary of an upgrade takes over.
-    map_ids: MapIds,
+    /// Copies of the descriptors of the maps the next binary of an upgrade takes over.
+    map_fds: MapFds,
     /// Counts of older program instances (before an upgrade), added to this one's, by slot.
     base: std::collections::HashMap<u32, SlotStats>,
 }
@@ -168,7 +168,7 @@ impl Balancer {
         })?;
 
         let build = || -> Result<Balancer> {
-            let map_ids = MapIds::of(&ebpf);
+            let map_fds = MapFds::of(&ebpf);
             let sockets = take_map(&mut ebpf, MAP_SOCKETS)?;
             let active = take_map(&mut ebpf, MAP_ACTIVE)?;
             let config = take_map(&mut ebpf, MAP_CONFIG)?;
@@ -193,7 +193,7 @@ impl Balancer {
                 open,
                 strategy,
                 cpus,
-                map_ids,
+                map_fds,
                 base: std::collections::HashMap::new(),
             };
             if strategy == Strategy::LeastLoaded {
@@ -345,9 +345,9 @@ impl Balancer {
         self.set_config(CONFIG_STRATEGY, id)
     }
 
-    /// The kernel's ids of the maps an upgrade hands over (see [`OldInstance`]).
-    pub fn map_ids(&self) -> MapIds {
-        self.map_ids
+    /// The maps an upgrade hands over (see [`OldInstance`]).
+    pub fn map_fds(&self) -> &MapFds {
+        &self.map_fds
     }
 
     /// The strategy the program runs.

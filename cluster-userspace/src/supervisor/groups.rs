@@ -5,7 +5,10 @@
 
 use std::os::fd::OwnedFd;
 
-use super::{drain_program_log, upgrade::state::GroupState};
+use super::{
+    drain_program_log,
+    upgrade::state::{GroupState, Inherited},
+};
 use crate::{
     kernel::{Balancer, OldInstance, Strategy, Unavailable},
     listen_addr::ListenAddr,
@@ -108,7 +111,11 @@ impl Groups {
             // The sockets move into the new maps only in `swap_in`, just before the attach:
             // while one is out of the old map and not yet in use by the new program, the old
             // program cannot choose it.
-            let old = OldInstance::open(state.maps)
+            let inherited = crate::kernel::MapFds {
+                sockets: state.maps.sockets.and_then(Inherited::take),
+                stats: state.maps.stats.and_then(Inherited::take),
+            };
+            let old = OldInstance::open(inherited)
                 .map_err(|e| log::warn!("{}: the old program's maps: {e:#}", state.addr))
                 .ok();
             for counters in &state.counters {

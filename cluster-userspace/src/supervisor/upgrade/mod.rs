@@ -35,8 +35,8 @@ use std::{
 
 pub use resume::Resumed;
 use state::{
-    ChannelState, EphemeralPort, GroupState, Inherited, NodeGroupsState, SlotCounters, State,
-    WorkerState, CHECK_VARIABLE, FORMAT, STATE_VARIABLE,
+    ChannelState, EphemeralPort, GroupState, Inherited, MapsState, NodeGroupsState, SlotCounters,
+    State, WorkerState, CHECK_VARIABLE, FORMAT, STATE_VARIABLE,
 };
 
 use super::{lifecycle::NotCalm, process::WorkerChannel, signals, Supervisor};
@@ -206,7 +206,10 @@ impl Supervisor {
                 maps: group
                     .balancer
                     .as_ref()
-                    .map(|b| b.map_ids())
+                    .map(|b| MapsState {
+                        sockets: b.map_fds().sockets.as_ref().and_then(Inherited::of),
+                        stats: b.map_fds().stats.as_ref().and_then(Inherited::of),
+                    })
                     .unwrap_or_default(),
             })
             .collect();

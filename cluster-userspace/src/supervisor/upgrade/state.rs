@@ -69,7 +69,14 @@ pub struct GroupState {
     pub counters: Vec<SlotCounters>,
     /// The running instance's maps: its sockets move to the new one, and its counters are
     /// read a last time once the new one is attached.
-    pub maps: crate::kernel::MapIds,
+    pub maps: MapsState,
+}
+
+/// The running instance's map descriptors, kept open across exec.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapsState {
+    pub sockets: Option<Inherited>,
+    pub stats: Option<Inherited>,
 }
 
 /// A slot's counters that live outside the running program's maps.
@@ -191,6 +198,10 @@ impl State {
         all.extend(self.control);
         all.extend(self.metrics);
         all.extend(self.requester);
+        for group in &self.groups {
+            all.extend(group.maps.sockets);
+            all.extend(group.maps.stats);
+        }
         for worker in &self.workers {
             all.extend(worker.stdout);
             all.extend(worker.stderr);
