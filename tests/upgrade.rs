@@ -256,9 +256,20 @@ fn an_upgrade_to_a_broken_binary_leaves_the_old_primary_in_charge() {
         ];
         for (bytes, expected) in refusals {
             install.replace_with(&bytes);
-            let error = upgrade(&cluster).expect_err("a broken binary must be refused");
+            // As an operator runs it: `cluster-lb upgrade`, one line on stderr, exit 1.
+            let output = std::process::Command::new(workspace_binary("cluster-lb"))
+                .args(["upgrade", "--control"])
+                .arg(cluster.control())
+                .output()
+                .expect("cluster-lb upgrade");
+            let error = String::from_utf8_lossy(&output.stderr).to_string();
             eprintln!("refused: {error}");
-            assert!(!error.contains('\n'), "one line: {error:?}");
+            assert_eq!(output.status.code(), Some(1), "{error}");
+            assert_eq!(error.lines().count(), 1, "one line: {error:?}");
+            assert!(
+                error.starts_with("cluster-lb: error: upgrade refused: the new binary"),
+                "{error}"
+            );
             assert!(error.contains(expected), "{error}");
             assert!(error.contains("stays in charge"), "{error}");
             let status = cluster.status();

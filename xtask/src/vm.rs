@@ -49,6 +49,13 @@ const VM_TESTS: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "upgrade",
+        &[
+            "an_upgrade_to_a_broken_binary_leaves_the_old_primary_in_charge",
+            "an_upgrade_during_a_reload_is_refused_in_one_line",
+        ],
+    ),
+    (
         "supervision",
         &[
             "a_handshake_worker_is_ready_only_after_listening_and_events_come_in_order",
