@@ -1,6 +1,6 @@
 //! The mixed-cost suite: 4 Node workers of bench/mixed-cost.js (one request in ten blocks its
-//! event loop 25 ms), a closed-loop client with 8 connections and `Connection: close`, under
-//! each cluster-lb strategy and under Node's own cluster module. What it shows: round robin
+//! event loop 25 ms), a closed-loop client with `Connection: close` at two loads (see
+//! [`LOADS`]), under each cluster-lb strategy and under Node's own cluster module. What it shows: round robin
 //! (and every blind strategy) keeps sending connections to a worker whose loop is blocked, and
 //! they wait behind it; least-loaded does not. Since the slow requests themselves are a tenth
 //! of all, the overall p99 is theirs whatever the balancer does; the fast requests' p99 is
@@ -19,7 +19,10 @@ use super::{closed_loop, contenders::PORT, measure};
 use crate::root;
 
 pub const WORKERS: u32 = 4;
-const CONNECTIONS: u32 = 8;
+/// Client connections at a time, and what that load is. The 4 workers serve at most about
+/// 1400 connections per second (a tenth of requests hold a worker 25 ms): 4 connections keep
+/// them below that, 32 keep every worker's queue full.
+pub const LOADS: [(u32, &str); 2] = [(4, "below saturation"), (32, "overloaded")];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mixed {
@@ -61,9 +64,10 @@ pub struct MixedSample {
     pub bpf_ns_per_connection: Option<f64>,
 }
 
-/// Starts `contender`, loads it for `seconds`, stops it.
+/// Starts `contender`, loads it with `connections` for `seconds`, stops it.
 pub fn measure(
     contender: Mixed,
+    connections: u32,
     seconds: u32,
     cluster_lb: &Path,
     scratch: &Path,
@@ -108,12 +112,18 @@ pub fn measure(
     let mut child = command
         .spawn()
         .with_context(|| format!("starting {}", contender.name()))?;
-    let result = run_load(contender, seconds, &child, scratch);
+    let result = run_load(contender, connections, seconds, &child, scratch);
     stop(&mut child);
     result
 }
 
-fn run_load(contender: Mixed, seconds: u32, child: &Child, scratch: &Path) -> Result<MixedSample> {
+fn run_load(
+    contender: Mixed,
+    connections: u32,
+    seconds: u32,
+    child: &Child,
+    scratch: &Path,
+) -> Result<MixedSample> {
     measure::wait_for_all_workers(([127, 0, 0, 1], PORT).into(), WORKERS)?;
     if let Mixed::ClusterLb(_) = contender {
         // Answering is not enough: until a worker is ready the program does not choose it.
@@ -122,7 +132,7 @@ fn run_load(contender: Mixed, seconds: u32, child: &Child, scratch: &Path) -> Re
     let before = measure::bpf_stats(child.id());
     let recorded = closed_loop::run(
         ([127, 0, 0, 1], PORT).into(),
-        CONNECTIONS,
+        connections,
         seconds,
         "x-slow: 1",
     );
@@ -178,9 +188,14 @@ fn summarize(recorded: &closed_loop::Recorded) -> Result<MixedSample> {
 }
 
 /// The suite's Markdown table: medians (min–max) per contender.
-pub fn table(samples: &[(Mixed, MixedSample)], rounds: u32, seconds: u32) -> String {
+pub fn table(
+    samples: &[(Mixed, MixedSample)],
+    (connections, load): (u32, &str),
+    rounds: u32,
+    seconds: u32,
+) -> String {
     let mut out = format!(
-        "## Mixed-cost workers\n\n{WORKERS} Node workers of bench/mixed-cost.js (one request in ten blocks its event loop 25 ms); a closed-loop client (xtask/src/bench/closed_loop.rs) with {CONNECTIONS} connections at a time, each request on a new connection, for {seconds} s; {rounds} rounds, interleaved. \"p99 fast\": the p99 of the requests that did not block, i.e. the time they waited behind blocked ones. Cells: median (min–max).\n\n| contender | conn/s | p50 ms | p99 ms | p99 fast ms | max ms | eBPF ns/connection | errors |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        "## Mixed-cost workers, {load}\n\n{WORKERS} Node workers of bench/mixed-cost.js (one request in ten blocks its event loop 25 ms); a closed-loop client (xtask/src/bench/closed_loop.rs) with {connections} connections at a time, each request on a new connection, for {seconds} s; {rounds} rounds, interleaved. \"p99 fast\": the p99 of the requests that did not block, i.e. the time they waited behind blocked ones. Cells: median (min–max).\n\n| contender | conn/s | p50 ms | p99 ms | p99 fast ms | max ms | eBPF ns/connection | errors |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     );
     for contender in ALL {
         let of = |figure: fn(&MixedSample) -> Option<f64>| -> Vec<f64> {

@@ -125,36 +125,47 @@ pub fn bench(options: &Options) -> Result<()> {
     Ok(())
 }
 
-/// The mixed-cost suite, rounds interleaved like the main one; its table.
+/// The mixed-cost suite at each of its loads, rounds interleaved like the main one; its tables.
 fn mixed_suite(options: &Options, paths: &Paths) -> Result<String> {
-    let mut samples = Vec::new();
-    for round in 1..=options.rounds {
-        for contender in mixed::ALL {
-            eprintln!(
-                "xtask bench: mixed-cost, round {round}/{}, {}",
-                options.rounds,
-                contender.name()
-            );
-            let (cluster_lb, scratch, seconds) = (
-                paths.cluster_lb.clone(),
-                paths.scratch.clone(),
-                options.seconds,
-            );
-            let sample = in_network_namespace("bench-mixed", move || {
-                mixed::measure(contender, seconds, &cluster_lb, &scratch)
-                    .map_err(|e| format!("{e:#}"))
-            })
-            .map_err(|_| anyhow!("{} panicked", contender.name()))?;
-            match sample {
-                Ok(sample) => samples.push((contender, sample)),
-                Err(error) => eprintln!(
-                    "xtask bench: mixed-cost {} failed: {error}",
+    let mut tables = Vec::new();
+    for load in mixed::LOADS {
+        let mut samples = Vec::new();
+        for round in 1..=options.rounds {
+            for contender in mixed::ALL {
+                eprintln!(
+                    "xtask bench: mixed-cost {} ({} connections), round {round}/{}, {}",
+                    load.1,
+                    load.0,
+                    options.rounds,
                     contender.name()
-                ),
+                );
+                let (cluster_lb, scratch, seconds) = (
+                    paths.cluster_lb.clone(),
+                    paths.scratch.clone(),
+                    options.seconds,
+                );
+                let sample = in_network_namespace("bench-mixed", move || {
+                    mixed::measure(contender, load.0, seconds, &cluster_lb, &scratch)
+                        .map_err(|e| format!("{e:#}"))
+                })
+                .map_err(|_| anyhow!("{} panicked", contender.name()))?;
+                match sample {
+                    Ok(sample) => samples.push((contender, sample)),
+                    Err(error) => eprintln!(
+                        "xtask bench: mixed-cost {} failed: {error}",
+                        contender.name()
+                    ),
+                }
             }
         }
+        tables.push(mixed::table(
+            &samples,
+            load,
+            options.rounds,
+            options.seconds,
+        ));
     }
-    Ok(mixed::table(&samples, options.rounds, options.seconds))
+    Ok(tables.join("\n"))
 }
 
 /// PM2 from the npm registry, into a cache in the target directory (not installed globally).
