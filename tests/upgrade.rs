@@ -39,6 +39,13 @@ struct Install {
     dir: PathBuf,
 }
 
+/// The copies are 80 MB each (a debug build); the kernel-matrix VMs keep files in RAM.
+impl Drop for Install {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 impl Install {
     fn new(name: &str) -> Install {
         let dir = target_dir().join("upgrade-tests").join(name);

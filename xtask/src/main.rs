@@ -14,6 +14,7 @@
 //!   cargo xtask dist                   man pages, completions, the .deb, `cargo install`, checked
 
 mod bench;
+mod demo_check;
 mod dist;
 mod distribution;
 mod ebpf;
@@ -221,6 +222,8 @@ fn test(extra: &[String]) -> Result<()> {
     // The packaging the README shows (a release build, once; later runs reuse it), and the
     // schema validator tests/packaging.rs runs on deploy/kubernetes.yaml.
     dist::dist()?;
+    // The README's first command, end to end (the tests below cover the others).
+    demo_check::check()?;
     let mut command = cargo();
     command
         .args(["test", "--workspace"])

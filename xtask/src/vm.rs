@@ -524,8 +524,10 @@ fn boot(vmlinuz: &Path, initrd: &Path, log: &Path) -> Result<Outcome> {
         .args([
             "-accel",
             "tcg",
+            // The initramfs unpacks to about 800 MB of RAM filesystem (limited to half the
+            // memory), and the upgrade tests add copies of the 80 MB debug cluster-lb.
             "-m",
-            "2048",
+            "4096",
             "-smp",
             "2",
             "-nographic",
