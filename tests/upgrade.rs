@@ -22,8 +22,8 @@ use cluster_lb::{
     supervisor::WorkerState,
 };
 use cluster_lb_tests::{
-    example, get, node_binaries, root_test, signal, target_dir, workspace_binary, wrk, Cluster,
-    RequestLoop,
+    example, get, metrics_text, node_binaries, root_test, signal, target_dir, workspace_binary,
+    wrk, Cluster, RequestLoop,
 };
 use nix::sys::signal::Signal;
 
@@ -99,17 +99,6 @@ fn rust_server() -> String {
 
 fn pids(cluster: &Cluster) -> BTreeSet<i32> {
     cluster.status().workers.iter().map(|w| w.pid).collect()
-}
-
-fn metrics_text() -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(METRICS).expect("metrics");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .expect("request");
-    let mut text = String::new();
-    stream.read_to_string(&mut text).expect("response");
-    text
 }
 
 /// 3000 connections one after another, in the background; what each worker answered, and
@@ -222,7 +211,7 @@ fn an_upgrade_under_load_keeps_the_pid_the_workers_and_every_connection() {
         }
         let fallback: u64 = after.workers.iter().map(|w| w.fallback).sum();
         eprintln!("connections the kernel's hash placed during the swap: {fallback}");
-        let metrics = metrics_text();
+        let metrics = metrics_text(METRICS);
         assert!(
             metrics.contains(&format!("cluster_lb_build_info{{version=\"{new_version}\"")),
             "{metrics}"

@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     os::unix::net::UnixDatagram,
     path::Path,
     thread,
@@ -14,7 +14,9 @@ use cluster_lb::{
     control::{request, Reply, Request},
     supervisor::WorkerState,
 };
-use cluster_lb_tests::{get, root_test, signal, workspace_binary, Cluster, RequestLoop};
+use cluster_lb_tests::{
+    get, metrics_text, root_test, signal, workspace_binary, Cluster, RequestLoop,
+};
 use nix::sys::signal::Signal;
 
 const ADDR: &str = "127.0.0.1:8080";
@@ -53,17 +55,6 @@ fn start(workers: u32) -> Cluster {
 fn control_request(control: &Path, request_: Request) -> Reply {
     request(control, &request_, Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{request_:?}: {e}"))
-}
-
-fn metrics_text() -> String {
-    use std::io::{Read, Write};
-    let mut stream = TcpStream::connect(METRICS).expect("metrics");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .expect("request");
-    let mut text = String::new();
-    stream.read_to_string(&mut text).expect("response");
-    text
 }
 
 #[test]
@@ -106,7 +97,7 @@ fn three_reloads_and_scaling_under_load_fail_no_request() {
         let final_set = cluster.status();
         assert_eq!(final_set.reloads, 3);
         assert_eq!(final_set.workers.len(), 3, "{final_set:?}");
-        let metrics = metrics_text();
+        let metrics = metrics_text(METRICS);
         for worker in &final_set.workers {
             let seen = answered.get(&(worker.pid as u32)).copied().unwrap_or(0);
             assert!(

@@ -588,6 +588,17 @@ fn parse_wrk(text: &str) -> WrkResult {
     result
 }
 
+/// The Prometheus text a `--metrics` listener at `addr` serves.
+pub fn metrics_text(addr: &str) -> String {
+    let mut stream = TcpStream::connect(addr).expect("metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("request");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("response");
+    text
+}
+
 /// One HTTP/1.0 request on a new connection (so every request is a new connection for the
 /// balancer to place).
 pub fn get(addr: SocketAddr) -> Result<Answer> {

@@ -70,31 +70,16 @@ impl OldInstance {
 
     /// Takes `slot`'s socket out of the old map (an empty slot is fine).
     pub fn release(&mut self, slot: u32) -> Result<()> {
-        let Some(sockets) = &mut self.sockets else {
-            return Ok(());
-        };
-        match sockets.clear_index(&slot) {
-            Ok(()) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e).with_context(|| format!("taking slot {slot} out of the old map")),
+        match &mut self.sockets {
+            Some(sockets) => super::clear_socket_slot(sockets, slot)
+                .context("taking the socket out of the old map"),
+            None => Ok(()),
         }
     }
 
     /// What the old program counted for `slot`, summed over CPUs.
     pub fn counted(&self, slot: u32) -> Option<SlotStats> {
         let per_cpu = self.stats.as_ref()?.get(&slot, 0).ok()?;
-        Some(
-            per_cpu
-                .iter()
-                .fold(SlotStats::default(), |sum, cpu| SlotStats {
-                    selected: sum.selected + cpu.selected,
-                    fallback: sum.fallback + cpu.fallback,
-                    migrated: sum.migrated + cpu.migrated,
-                }),
-        )
+        Some(per_cpu.iter().fold(SlotStats::default(), super::add_stats))
     }
 }

@@ -232,9 +232,7 @@ impl Balancer {
     /// on count for this worker.
     pub fn set_slot(&mut self, slot: u32, socket: &impl AsRawFd) -> Result<()> {
         self.base.remove(&slot);
-        self.sockets
-            .set(slot, socket, 0)
-            .with_context(|| format!("putting the worker socket in slot {slot}"))?;
+        self.place(slot, socket)?;
         let zeros = PerCpuValues::try_from(vec![SlotStats::default(); self.cpus])
             .context("sizing per-CPU counters")?;
         self.stats
@@ -256,17 +254,7 @@ impl Balancer {
     /// Empties a slot. The kernel does this by itself when the socket closes; this is for
     /// sockets the primary gives up on before a worker ever owned them.
     pub fn clear_slot(&mut self, slot: u32) -> Result<()> {
-        match self.sockets.clear_index(&slot) {
-            Ok(()) => Ok(()),
-            // Already empty: the socket closed first.
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e).with_context(|| format!("clearing slot {slot}")),
-        }
+        clear_socket_slot(&mut self.sockets, slot)
     }
 
     /// Publishes the slots that may receive new connections. The new list goes into the buffer
@@ -370,9 +358,7 @@ impl Balancer {
     /// of the slot's counters.
     pub fn add_to_base(&mut self, slot: u32, counted: SlotStats) {
         let base = self.base.entry(slot).or_default();
-        base.selected += counted.selected;
-        base.fallback += counted.fallback;
-        base.migrated += counted.migrated;
+        *base = add_stats(*base, &counted);
     }
 
     /// What older instances counted for `slot` (see [`Balancer::add_to_base`]).
@@ -394,11 +380,7 @@ impl Balancer {
             .stats
             .get(&slot, 0)
             .with_context(|| format!("reading the counters of slot {slot}"))?;
-        Ok(per_cpu.iter().fold(self.base(slot), |sum, cpu| SlotStats {
-            selected: sum.selected + cpu.selected,
-            fallback: sum.fallback + cpu.fallback,
-            migrated: sum.migrated + cpu.migrated,
-        }))
+        Ok(per_cpu.iter().fold(self.base(slot), add_stats))
     }
 
     /// Connections that found no slot at all (empty active set, or every active slot dead) and
@@ -416,6 +398,29 @@ impl Balancer {
         self.config
             .set(index, value, 0)
             .with_context(|| format!("writing config entry {index}"))
+    }
+}
+
+/// `sum` plus `more`, counter by counter (per-CPU values, older instances' counts).
+pub(crate) fn add_stats(sum: SlotStats, more: &SlotStats) -> SlotStats {
+    SlotStats {
+        selected: sum.selected + more.selected,
+        fallback: sum.fallback + more.fallback,
+        migrated: sum.migrated + more.migrated,
+    }
+}
+
+/// Empties `slot` of a sockets map; an empty slot (the socket closed first) is fine.
+fn clear_socket_slot(sockets: &mut ReusePortSockArray<MapData>, slot: u32) -> Result<()> {
+    match sockets.clear_index(&slot) {
+        Ok(()) => Ok(()),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("clearing slot {slot}")),
     }
 }
 

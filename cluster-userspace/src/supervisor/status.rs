@@ -69,9 +69,7 @@ impl Supervisor {
                 if let Some(worker) = self.workers.get(&process.pid) {
                     for balancer in self.groups.iter().filter_map(|g| g.balancer.as_ref()) {
                         if let Ok(slot) = balancer.slot_stats(worker.slot) {
-                            stats.selected += slot.selected;
-                            stats.fallback += slot.fallback;
-                            stats.migrated += slot.migrated;
+                            stats = crate::kernel::add_stats(stats, &slot);
                         }
                         open += balancer.open_connections(worker.slot);
                     }

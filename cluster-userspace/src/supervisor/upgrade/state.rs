@@ -239,14 +239,10 @@ impl Inherited {
         if inode_of(self.fd) != Some(self.inode) {
             return None;
         }
+        let _ = self.set_cloexec(true);
         // SAFETY: the descriptor is open (fstat succeeded), was handed to this process for
         // this use, and nothing else here owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(self.fd) };
-        let _ = nix::fcntl::fcntl(
-            &fd,
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        );
-        Some(fd)
+        Some(unsafe { OwnedFd::from_raw_fd(self.fd) })
     }
 
     /// Whether the descriptor closes on exec.
