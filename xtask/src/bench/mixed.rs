@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use super::{closed_loop, contenders::PORT, measure};
+use super::{closed_loop, contenders::PORT, measure, report::spread};
 use crate::root;
 
 pub const WORKERS: u32 = 4;
@@ -220,25 +220,6 @@ pub fn table(
         );
     }
     out
-}
-
-fn spread(mut values: Vec<f64>, decimals: usize) -> String {
-    if values.is_empty() {
-        return "-".into();
-    }
-    values.sort_by(|a, b| a.total_cmp(b));
-    let n = values.len();
-    let median = if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    };
-    let (min, max) = (values[0], values[n - 1]);
-    if min == max {
-        format!("{median:.decimals$}")
-    } else {
-        format!("{median:.decimals$} ({min:.decimals$}–{max:.decimals$})")
-    }
 }
 
 #[cfg(test)]

@@ -65,6 +65,12 @@ impl Spread {
     }
 }
 
+/// "median (min–max)" of `values` with `decimals` decimals, "-" when there are none: a table
+/// cell of every suite.
+pub fn spread(values: Vec<f64>, decimals: usize) -> String {
+    Spread::show(Spread::of(values), decimals)
+}
+
 const COLUMNS: [(&str, usize); 10] = [
     ("conn/s, Connection: close", 0),
     ("p50 ms (close)", 2),
