@@ -10,9 +10,15 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 LISTEN_FDS_START = 3
 WORKER_ID = os.environ.get("CLUSTER_LB_WORKER_ID", "-")
+# Set on SIGTERM: answers say `Connection: close` from then on.
+STOPPING = threading.Event()
+# How long a stopping worker goes on answering before it exits: long enough for every busy
+# keep-alive client to get one answer with `Connection: close` and reconnect to a live worker.
+DRAIN_SECONDS = 1.0
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -21,6 +27,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
+        if STOPPING.is_set():
+            # This answer is the connection's last (send_header marks it to close), so the
+            # client sends its next request on a new connection, to a worker that stays.
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
 
@@ -56,8 +66,15 @@ def main():
         server = http.server.ThreadingHTTPServer(sock.getsockname()[:2], Handler, bind_and_activate=False)
         server.socket.close()
         server.socket = sock
-    # Graceful stop: stop accepting, let the request in progress finish, exit.
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    # Graceful stop: answer with `Connection: close` for a moment, then stop accepting and
+    # exit. Exiting at once would close kept-alive connections under a request the client has
+    # just sent (the handler threads are daemons), which it would see as an error.
+    def drain_then_stop():
+        STOPPING.set()
+        time.sleep(DRAIN_SECONDS)
+        server.shutdown()
+
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=drain_then_stop).start())
     # One write for the whole line, so lines of workers sharing a terminal do not interleave.
     sys.stdout.write(f"python worker {WORKER_ID} pid {os.getpid()} serving\n")
     sys.stdout.flush()
