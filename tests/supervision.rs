@@ -161,8 +161,9 @@ fn a_program_that_exits_at_once_is_restarted_with_growing_delays() {
         let crash_loop = cluster.wait_for_event("crash-loop", Duration::from_secs(15), |_| true);
         assert_eq!(crash_loop["failures"], 5);
         assert_eq!(crash_loop["last"], "exited with status 3");
+        // The crash-loop event comes just before the restart it schedules: wait for that one.
         let delays: Vec<f64> = cluster
-            .events_named("restart")
+            .wait_for_events("restart", 5, Duration::from_secs(5))
             .iter()
             .filter_map(|e| e["delay_s"].as_f64())
             .collect();
