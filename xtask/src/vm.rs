@@ -146,6 +146,8 @@ pub fn vm_test(options: &Options) -> Result<()> {
         for name in &outcome.failures {
             eprintln!("xtask vm-test:   failed on {}: {name}", kernel.series);
         }
+        // CI keeps this output, not the log file: the reason has to be here.
+        print_reports(&outcome.reports);
         let not_run = outcome.not_run(VM_TESTS);
         for what in &not_run {
             eprintln!("xtask vm-test:   did not run on {}: {what}", kernel.series);
@@ -488,6 +490,8 @@ struct Outcome {
     release: String,
     counts: TestCounts,
     failures: Vec<String>,
+    /// libtest's report of each failed test ("---- NAME stdout ----" and what it printed).
+    reports: Vec<String>,
     finished: bool,
     /// The tests each binary ran (ok or FAILED), by the VM-BINARY marker before them.
     ran: BTreeMap<String, BTreeSet<String>>,
@@ -514,6 +518,20 @@ impl Outcome {
             );
         }
         missing
+    }
+}
+
+/// The failed tests' reports, at most REPORT_LINES lines of them (their start: the assertion).
+fn print_reports(reports: &[String]) {
+    const REPORT_LINES: usize = 200;
+    for line in reports.iter().take(REPORT_LINES) {
+        eprintln!("xtask vm-test:   | {line}");
+    }
+    if reports.len() > REPORT_LINES {
+        eprintln!(
+            "xtask vm-test:   | ... {} more lines in the log",
+            reports.len() - REPORT_LINES
+        );
     }
 }
 
@@ -568,9 +586,11 @@ fn parse_console(text: &str) -> Outcome {
         release: String::from("?"),
         counts: TestCounts::default(),
         failures: Vec::new(),
+        reports: Vec::new(),
         finished: false,
         ran: BTreeMap::new(),
     };
+    let mut in_report = false;
     let mut binary = String::new();
     // "test NAME ... " whose result did not end the line (other output came between).
     let mut pending: Option<String> = None;
@@ -585,6 +605,17 @@ fn parse_console(text: &str) -> Outcome {
             outcome.finished = true;
         }
         outcome.counts.add_line(line);
+        // A report runs from its "---- NAME stdout ----" header to the next header or to the
+        // "failures:" list of names.
+        if line.starts_with("---- ") && line.ends_with(" ----") {
+            in_report = true;
+        } else if line == "failures:" {
+            in_report = false;
+        }
+        if in_report {
+            outcome.reports.push(line.to_string());
+            continue;
+        }
         let (name, result) = match line
             .strip_prefix("test ")
             .and_then(|rest| rest.split_once(" ... "))
@@ -676,11 +707,20 @@ mod tests {
 
     #[test]
     fn console_results_are_summed() {
-        let console = "VM-KERNEL 6.1.0-56-amd64\r\ntest a ... ok\ntest b ... FAILED\ntest result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 3 filtered out; finished in 1s\ntest result: ok. 4 passed; 0 failed; 0 ignored\nVM-FINISHED\n";
+        let console = "VM-KERNEL 6.1.0-56-amd64\r\ntest a ... ok\ntest b ... FAILED\n\nfailures:\n\n---- b stdout ----\nthread 'b' panicked at tests/b.rs:1:1:\ntest b ... ok (a line of its output)\n\nfailures:\n    b\n\ntest result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 3 filtered out; finished in 1s\ntest result: ok. 4 passed; 0 failed; 0 ignored\nVM-FINISHED\n";
         let outcome = parse_console(console);
         assert_eq!(outcome.release, "6.1.0-56-amd64");
         assert_eq!((outcome.counts.passed, outcome.counts.failed), (5, 1));
         assert_eq!(outcome.failures, ["b"]);
+        assert_eq!(
+            outcome.reports,
+            [
+                "---- b stdout ----",
+                "thread 'b' panicked at tests/b.rs:1:1:",
+                "test b ... ok (a line of its output)",
+                ""
+            ]
+        );
         assert!(outcome.finished);
     }
 }
