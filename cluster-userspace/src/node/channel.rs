@@ -13,7 +13,7 @@ use std::{
     io::{self, IoSlice, IoSliceMut},
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
     },
     time::Duration,
@@ -94,6 +94,10 @@ struct Busy {
     partial_line: AtomicBool,
     /// The writer is in the middle of a line, or waits for a socket's acknowledgement.
     writing: AtomicBool,
+    /// Answers to the worker's own handles that the reader queued and the writer has not
+    /// written yet. The worker holds all its later messages until it has one, so a channel
+    /// handed over with one owed would wait for it until the worker's own retry.
+    answers_owed: AtomicUsize,
 }
 
 impl NodeChannel {
@@ -141,6 +145,7 @@ impl NodeChannel {
         self.out.capacity() == self.out.max_capacity()
             && !self.busy.partial_line.load(Ordering::Relaxed)
             && !self.busy.writing.load(Ordering::Relaxed)
+            && self.busy.answers_owed.load(Ordering::SeqCst) == 0
     }
 
     /// Queues a message without a socket.
@@ -233,10 +238,17 @@ async fn read(socket: Arc<AsyncFd<OwnedFd>>, reader: Reader) {
                         None => ToWorker::HandleNack,
                     };
                     handles.clear();
-                    let _ = urgent.send(Outgoing {
-                        message: answer,
-                        fd: None,
-                    });
+                    // Counted before it is queued, so that is_idle never sees it in neither.
+                    busy.answers_owed.fetch_add(1, Ordering::SeqCst);
+                    if urgent
+                        .send(Outgoing {
+                            message: answer,
+                            fd: None,
+                        })
+                        .is_err()
+                    {
+                        busy.answers_owed.fetch_sub(1, Ordering::SeqCst);
+                    }
                     log::debug!("worker pid {pid} sent a handle; acknowledged and closed it");
                 }
                 FromWorker::HandleAck => {
@@ -305,7 +317,9 @@ async fn write(
             biased;
             Some(outgoing) = urgent.recv() => {
                 busy.writing.store(true, Ordering::Relaxed);
-                if send_line(&socket, &outgoing).await.is_err() {
+                let sent = send_line(&socket, &outgoing).await;
+                busy.answers_owed.fetch_sub(1, Ordering::SeqCst);
+                if sent.is_err() {
                     return;
                 }
             }
