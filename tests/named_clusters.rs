@@ -5,8 +5,9 @@
 
 use std::{os::unix::net::UnixListener, time::Duration};
 
-use cluster_lb::supervisor::ClusterStatus;
-use cluster_lb_tests::{cluster_lb_in, get, root_test, run_dir, workspace_binary, Cluster};
+use cluster_lb::supervisor::{ClusterStatus, WorkerState};
+use cluster_lb_tests::{cluster_lb_in, get, root_test, run_dir, signal, workspace_binary, Cluster};
+use nix::sys::signal::Signal;
 
 fn rust_server() -> String {
     workspace_binary("example-rust-server")
@@ -217,5 +218,116 @@ fn a_name_in_use_is_refused_and_a_stale_socket_replaced() {
         second.wait_until_ready(1);
         assert_eq!(names(&listed(&dir)), ["api", "sleep"]);
         assert_eq!(second.status().name.as_deref(), Some("sleep"));
+    });
+}
+
+/// `status --ready` is the readiness probe (deploy/kubernetes.yaml runs it): exit 1 with one
+/// line until every wanted worker is ready, 0 then, and 1 again while a worker is replaced.
+#[test]
+fn status_ready_fails_until_every_wanted_worker_is_ready() {
+    root_test("status_ready", || {
+        let dir = run_dir();
+        // `sleep` signals nothing, so each worker is ready 3 s after it starts (--ready-delay).
+        let cluster = Cluster::start_named(
+            &dir,
+            "probe",
+            &[
+                "run",
+                "-w",
+                "2",
+                "--name",
+                "probe",
+                "--ready-delay",
+                "3",
+                "--ready-timeout",
+                "30",
+                "--listen",
+                "127.0.0.1:8080",
+                "--",
+                "sleep",
+                "600",
+            ],
+        );
+        let not_ready = |ready: u32| {
+            for args in [
+                &["status", "--ready", "--name", "probe"][..],
+                &["status", "--ready"],
+            ] {
+                let (code, stdout, stderr) = cluster_lb_in(&dir, args);
+                assert_eq!(code, Some(1), "{args:?}: {stdout}{stderr:?}");
+                assert_eq!(
+                    stderr,
+                    [format!("cluster-lb: error: cluster probe is not ready: {ready} of its 2 wanted workers are ready; `cluster-lb status` shows the state of each")],
+                    "{args:?}"
+                );
+                assert!(
+                    stdout.contains("probe"),
+                    "the status is printed too: {stdout}"
+                );
+            }
+        };
+        let is_ready = || {
+            for args in [
+                &["status", "--ready", "--name", "probe"][..],
+                &["status", "--ready"],
+            ] {
+                let (code, _, stderr) = cluster_lb_in(&dir, args);
+                assert_eq!(code, Some(0), "{args:?}: {stderr:?}");
+            }
+        };
+        // Started (plain status answers), not yet ready.
+        let started = cluster.wait_until("an answer", Duration::from_secs(10), |s| {
+            s.workers.len() == 2
+        });
+        assert!(started
+            .workers
+            .iter()
+            .all(|w| w.state == WorkerState::Starting));
+        let (code, _, _) = cluster_lb_in(&dir, &["status", "--name", "probe"]);
+        assert_eq!(
+            code,
+            Some(0),
+            "plain status succeeds as soon as the primary answers"
+        );
+        not_ready(0);
+
+        cluster.wait_until_ready(2);
+        is_ready();
+
+        // A rolling reload: each old worker serves until its replacement is ready, so the
+        // probe stays at 0 throughout (about 6 s: two replacements, 3 s each).
+        let reload = {
+            let dir = dir.to_path_buf();
+            std::thread::spawn(move || cluster_lb_in(&dir, &["reload", "--name", "probe"]))
+        };
+        let mut probes = 0;
+        while !reload.is_finished() {
+            is_ready();
+            probes += 1;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let (code, stdout, stderr) = reload.join().expect("reload thread");
+        assert_eq!(code, Some(0), "{stdout}{stderr:?}");
+        assert!(stdout.contains("2 workers replaced"), "{stdout}");
+        assert!(
+            probes >= 10,
+            "the probe ran {probes} times during the reload"
+        );
+        let ready = cluster.wait_until_ready(2);
+        is_ready();
+
+        // A worker dies: its replacement needs 3 s to be ready, and the probe says so.
+        let victim = ready
+            .workers
+            .iter()
+            .find(|w| w.id == 1)
+            .expect("worker 1")
+            .pid;
+        signal(victim as u32, Signal::SIGKILL);
+        cluster.wait_for_event("exit", Duration::from_secs(5), |e| e["pid"] == victim);
+        not_ready(1);
+        cluster.wait_until_ready(2);
+        is_ready();
+        assert!(cluster.stop().status.success());
     });
 }

@@ -121,10 +121,14 @@ fn the_manifest_runs_the_containerfiles_command_and_probes() {
     assert_eq!(args, [cmd], "the manifest's args should be the image's CMD");
     let entrypoint = containerfile_list("ENTRYPOINT");
     let probes = manifest_lists("command");
-    assert_eq!(probes.len(), 2, "a readiness and a liveness probe");
-    for probe in probes {
-        assert_eq!(probe, [entrypoint[0].as_str(), "status"]);
-    }
+    assert_eq!(
+        probes,
+        [
+            vec![entrypoint[0].as_str(), "status", "--ready"],
+            vec![entrypoint[0].as_str(), "status"]
+        ],
+        "a readiness probe (every wanted worker ready) and a liveness probe (the primary answers)"
+    );
 }
 
 /// Both tests below use the default control socket, which is one path for the whole host.
@@ -186,7 +190,10 @@ fn the_containers_command_serves_with_only_the_manifests_capabilities() {
         let added = manifest_lists("add").concat();
         assert!(!added.is_empty(), "no capabilities in the manifest");
         let (mut primary, status) = start_container_command(&added, &run_dir);
-        let probe_command = mapped(&manifest_lists("command")[0]);
+        let probes: Vec<Vec<String>> = manifest_lists("command")
+            .iter()
+            .map(|c| mapped(c))
+            .collect();
         // The program is loaded (--require-ebpf is in CMD: it would have exited otherwise).
         assert_eq!(status.strategy, "round-robin");
         let wanted: u64 = added.iter().map(|c| 1u64 << capability_number(c)).sum();
@@ -210,11 +217,13 @@ fn the_containers_command_serves_with_only_the_manifests_capabilities() {
         let addr: SocketAddr = "127.0.0.1:8080".parse().expect("address");
         let seen = distribution(addr, 40);
         assert_eq!(seen, BTreeMap::from([(0, 10), (1, 10), (2, 10), (3, 10)]));
-        assert_eq!(
-            probe(&probe_command, &run_dir),
-            0,
-            "readiness probe on a serving cluster"
-        );
+        for command in &probes {
+            assert_eq!(
+                probe(command, &run_dir),
+                0,
+                "{command:?} on a serving cluster"
+            );
+        }
 
         assert_no_worker_replaced(&primary, &status, &run_dir);
         assert_eq!(distribution(addr, 8).len(), 4);
@@ -227,7 +236,9 @@ fn the_containers_command_serves_with_only_the_manifests_capabilities() {
             "exit {exit:?}; output:\n{}",
             primary.lines().join("\n")
         );
-        assert_eq!(probe(&probe_command, &run_dir), 1, "probe with no primary");
+        for command in &probes {
+            assert_eq!(probe(command, &run_dir), 1, "{command:?} with no primary");
+        }
     });
 }
 

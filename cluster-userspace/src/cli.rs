@@ -83,6 +83,10 @@ pub enum Command {
         /// Print the status as JSON
         #[arg(long)]
         json: bool,
+        /// Exit 1 unless every wanted worker of the cluster (of each, without --name) is
+        /// ready: a readiness probe. Plain `status` succeeds as soon as a primary answers.
+        #[arg(long)]
+        ready: bool,
     },
     /// A live view of every worker, refreshed every second: state, new connections per
     /// second, restarts, memory, CPU. q, Esc or Ctrl-C quits.

@@ -10,7 +10,7 @@ use std::{
 use crate::{
     control::{request, ControlError, Reply, Request},
     names::{self, ClusterName},
-    supervisor::{ClusterStatus, WorkerState},
+    supervisor::ClusterStatus,
 };
 
 /// A reload waits for every replacement to become ready, so it may take a while.
@@ -87,8 +87,9 @@ pub fn running_in(dir: &Path) -> Vec<(PathBuf, ClusterStatus)> {
     found
 }
 
-pub fn status(target: &Target, json: bool) -> Result<(), ControlError> {
-    let text = match target {
+/// `cluster-lb status [--json] [--ready]`.
+pub fn status(target: &Target, json: bool, ready: bool) -> Result<(), ControlError> {
+    let shown = match target {
         Target::Unnamed => {
             let dir = names::run_dir();
             let clusters: Vec<ClusterStatus> = running_in(&dir)
@@ -103,26 +104,43 @@ pub fn status(target: &Target, json: bool) -> Result<(), ControlError> {
                 }
                 return Err(ControlError::NoneRunning(dir));
             }
-            if json {
-                to_json(&clusters, &dir)?
-            } else {
-                list(&clusters)
-            }
+            print!(
+                "{}",
+                if json {
+                    to_json(&clusters, &dir)?
+                } else {
+                    list(&clusters)
+                }
+            );
+            clusters
         }
         one => {
             let status = match one.request(&Request::Status, QUICK_TIMEOUT)? {
                 Reply::Status { status } => status,
                 other => return Err(unexpected(&one.socket()?, &other)),
             };
-            if json {
-                to_json(&status, &one.socket()?)?
-            } else {
-                table(&status)
-            }
+            print!(
+                "{}",
+                if json {
+                    to_json(&status, &one.socket()?)?
+                } else {
+                    table(&status)
+                }
+            );
+            vec![status]
         }
     };
-    print!("{text}");
-    Ok(())
+    match shown.iter().find(|cluster| !cluster.is_ready()) {
+        Some(cluster) if ready => Err(ControlError::NotReady {
+            cluster: cluster
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("with primary pid {}", cluster.primary_pid)),
+            ready: cluster.ready_of_wanted(),
+            wanted: cluster.desired,
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn to_json(value: &impl serde::Serialize, path: &Path) -> Result<String, ControlError> {
@@ -180,11 +198,7 @@ pub fn list(clusters: &[ClusterStatus]) -> String {
         "NAME", "PID", "READY", "STRATEGY", "UPTIME", "LISTEN"
     );
     for cluster in clusters {
-        let ready = cluster
-            .workers
-            .iter()
-            .filter(|w| w.state == WorkerState::Ready)
-            .count();
+        let ready = cluster.ready_of_wanted();
         let uptime = humantime::format_duration(Duration::from_secs(cluster.uptime_s as u64));
         out.push_str(&format!(
             "{:<24} {:>8} {:>9} {:<11} {:>12}  {}\n",

@@ -121,6 +121,12 @@ pub enum ControlError {
     },
     #[error("no cluster-lb is running: no control socket in {0} answers (pass --control PATH for a cluster started with one)")]
     NoneRunning(PathBuf),
+    #[error("cluster {cluster} is not ready: {ready} of its {wanted} wanted workers are ready; `cluster-lb status` shows the state of each")]
+    NotReady {
+        cluster: String,
+        ready: u32,
+        wanted: u32,
+    },
     #[error("{} clusters are running ({}); pick one with --name NAME", .0.len(), .0.join(", "))]
     Several(Vec<String>),
     #[error(transparent)]

@@ -113,9 +113,11 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Status { control, json } => {
-            client::status(&control.target(), json).map_err(Into::into)
-        }
+        Command::Status {
+            control,
+            json,
+            ready,
+        } => client::status(&control.target(), json, ready).map_err(Into::into),
         Command::Top { control } => control
             .target()
             .socket()

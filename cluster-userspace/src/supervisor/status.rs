@@ -46,6 +46,26 @@ pub struct ClusterStatus {
     pub workers: Vec<WorkerStatus>,
 }
 
+impl ClusterStatus {
+    /// How many of the wanted worker ids (0 to desired - 1) have a ready process. During a
+    /// rolling reload an id's old process stays ready until its replacement is, so this stays
+    /// at `desired`; an id whose only process is starting, draining or gone does not count.
+    pub fn ready_of_wanted(&self) -> u32 {
+        let ready: std::collections::BTreeSet<u32> = self
+            .workers
+            .iter()
+            .filter(|w| w.state == WorkerState::Ready && w.id < self.desired)
+            .map(|w| w.id)
+            .collect();
+        ready.len() as u32
+    }
+
+    /// Every wanted worker is ready: what a readiness probe asks (`status --ready`).
+    pub fn is_ready(&self) -> bool {
+        self.ready_of_wanted() == self.desired
+    }
+}
+
 /// Resident set size of `pid`, from /proc/PID/statm (pages).
 pub fn rss_bytes(pid: i32) -> u64 {
     let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
@@ -105,5 +125,69 @@ impl Supervisor {
             reloading: self.lifecycle.is_reloading(),
             workers,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(id: u32, pid: i32, state: WorkerState) -> WorkerStatus {
+        WorkerStatus {
+            id,
+            pid,
+            state,
+            uptime_s: 1.0,
+            restarts: 0,
+            selected: 0,
+            fallback: 0,
+            migrated: 0,
+            open: 0,
+            rss_bytes: 0,
+        }
+    }
+
+    fn cluster(desired: u32, workers: Vec<WorkerStatus>) -> ClusterStatus {
+        ClusterStatus {
+            name: None,
+            primary_pid: 1,
+            version: String::new(),
+            uptime_s: 1.0,
+            strategy: "round-robin".into(),
+            listen: vec![],
+            desired,
+            reloads: 0,
+            reloading: false,
+            workers,
+        }
+    }
+
+    #[test]
+    fn ready_counts_each_wanted_id_once() {
+        use WorkerState::*;
+        // A reload: id 0 has its old (ready) and new (starting) process, id 1 two ready ones.
+        let reloading = cluster(
+            2,
+            vec![
+                worker(0, 10, Ready),
+                worker(0, 20, Starting),
+                worker(1, 11, Ready),
+                worker(1, 21, Ready),
+            ],
+        );
+        assert_eq!(reloading.ready_of_wanted(), 2);
+        assert!(reloading.is_ready());
+        // Id 1 restarting; id 2 ready but no longer wanted (scaled down, draining soon).
+        let restarting = cluster(
+            2,
+            vec![
+                worker(0, 10, Ready),
+                worker(1, 22, Starting),
+                worker(2, 12, Ready),
+            ],
+        );
+        assert_eq!(restarting.ready_of_wanted(), 1);
+        assert!(!restarting.is_ready());
+        assert!(!cluster(3, vec![worker(0, 10, Draining), worker(1, 11, Online)]).is_ready());
     }
 }
