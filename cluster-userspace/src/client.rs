@@ -89,7 +89,7 @@ pub fn running_in(dir: &Path) -> Vec<(PathBuf, ClusterStatus)> {
 
 /// `cluster-lb status [--json] [--ready]`.
 pub fn status(target: &Target, json: bool, ready: bool) -> Result<(), ControlError> {
-    let shown = match target {
+    let (text, shown) = match target {
         Target::Unnamed => {
             let dir = names::run_dir();
             let clusters: Vec<ClusterStatus> = running_in(&dir)
@@ -104,34 +104,32 @@ pub fn status(target: &Target, json: bool, ready: bool) -> Result<(), ControlErr
                 }
                 return Err(ControlError::NoneRunning(dir));
             }
-            print!(
-                "{}",
-                if json {
-                    to_json(&clusters, &dir)?
-                } else {
-                    list(&clusters)
-                }
-            );
-            clusters
+            let text = if json {
+                to_json(&clusters, &dir)?
+            } else {
+                list(&clusters)
+            };
+            (text, clusters)
         }
         one => {
             let status = match one.request(&Request::Status, QUICK_TIMEOUT)? {
                 Reply::Status { status } => status,
                 other => return Err(unexpected(&one.socket()?, &other)),
             };
-            print!(
-                "{}",
-                if json {
-                    to_json(&status, &one.socket()?)?
-                } else {
-                    table(&status)
-                }
-            );
-            vec![status]
+            let text = if json {
+                to_json(&status, &one.socket()?)?
+            } else {
+                table(&status)
+            };
+            (text, vec![status])
         }
     };
+    print!("{text}");
+    if !ready {
+        return Ok(());
+    }
     match shown.iter().find(|cluster| !cluster.is_ready()) {
-        Some(cluster) if ready => Err(ControlError::NotReady {
+        Some(cluster) => Err(ControlError::NotReady {
             cluster: cluster
                 .name
                 .clone()
@@ -139,7 +137,7 @@ pub fn status(target: &Target, json: bool, ready: bool) -> Result<(), ControlErr
             ready: cluster.ready_of_wanted(),
             wanted: cluster.desired,
         }),
-        _ => Ok(()),
+        None => Ok(()),
     }
 }
 
