@@ -32,7 +32,7 @@ use cluster_lb::{
     supervisor::{ClusterStatus, WorkerState},
 };
 use cluster_lb_tests::{
-    control_path, distribution, example, root_test, signal, workspace_binary, Cluster,
+    control_path, distribution, example, pid_of, root_test, signal, workspace_binary, Cluster,
 };
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -1116,12 +1116,7 @@ fn stalled_output_never_stops_supervision_and_the_loss_is_counted() {
             Err(e) => problems.push(format!("3 workers ready while output is stalled: {e}")),
             Ok(status) => {
                 thread::sleep(Duration::from_secs(3));
-                let victim = status
-                    .workers
-                    .iter()
-                    .find(|w| w.id == 1)
-                    .expect("worker 1")
-                    .pid;
+                let victim = pid_of(&status, 1);
                 signal(victim as u32, Signal::SIGKILL);
                 let replaced = status_when(pid, &control, Duration::from_secs(10), |s| {
                     all_ready(3)(s) && s.workers.iter().any(|w| w.id == 1 && w.pid != victim)
@@ -1489,12 +1484,7 @@ fn a_worker_that_closes_its_listening_socket_is_replaced_or_reported() {
         match ready_or_exit(&cluster, 4, Duration::from_secs(30)) {
             Err(e) => problems.push(format!("restart: {e}")),
             Ok(first) => {
-                let closer_pid = first
-                    .workers
-                    .iter()
-                    .find(|w| w.id == 0)
-                    .expect("worker 0")
-                    .pid;
+                let closer_pid = pid_of(&first, 0);
                 let disconnect = find_event(&cluster, "disconnect", Duration::from_secs(15), |e| {
                     e["pid"] == closer_pid
                 });
@@ -1540,12 +1530,7 @@ fn a_worker_that_closes_its_listening_socket_is_replaced_or_reported() {
         match ready_or_exit(&cluster, 4, Duration::from_secs(30)) {
             Err(e) => problems.push(format!("report: {e}")),
             Ok(first) => {
-                let closer_pid = first
-                    .workers
-                    .iter()
-                    .find(|w| w.id == 0)
-                    .expect("worker 0")
-                    .pid;
+                let closer_pid = pid_of(&first, 0);
                 if find_event(&cluster, "listener-closed", Duration::from_secs(15), |e| {
                     e["pid"] == closer_pid
                 })

@@ -6,7 +6,9 @@
 use std::{os::unix::net::UnixListener, time::Duration};
 
 use cluster_lb::supervisor::{ClusterStatus, WorkerState};
-use cluster_lb_tests::{cluster_lb_in, get, root_test, run_dir, signal, workspace_binary, Cluster};
+use cluster_lb_tests::{
+    cluster_lb_in, get, pid_of, root_test, run_dir, signal, workspace_binary, Cluster,
+};
 use nix::sys::signal::Signal;
 
 fn rust_server() -> String {
@@ -317,12 +319,7 @@ fn status_ready_fails_until_every_wanted_worker_is_ready() {
         is_ready();
 
         // A worker dies: its replacement needs 3 s to be ready, and the probe says so.
-        let victim = ready
-            .workers
-            .iter()
-            .find(|w| w.id == 1)
-            .expect("worker 1")
-            .pid;
+        let victim = pid_of(&ready, 1);
         signal(victim as u32, Signal::SIGKILL);
         cluster.wait_for_event("exit", Duration::from_secs(5), |e| e["pid"] == victim);
         not_ready(1);

@@ -10,7 +10,7 @@ use std::{
 };
 
 use cluster_lb::control::{request, Request};
-use cluster_lb_tests::{root_test, signal, workspace_binary, Cluster};
+use cluster_lb_tests::{pid_of, root_test, signal, workspace_binary, Cluster};
 use nix::sys::signal::Signal;
 use socket2::{Domain, SockAddr, Socket, Type};
 
@@ -127,13 +127,7 @@ fn sticky_keeps_each_client_on_one_worker_moves_few_on_scale_and_none_on_reload(
 
         // A dead worker's clients spread over the others.
         let victim_id = 1;
-        let victim = cluster
-            .status()
-            .workers
-            .iter()
-            .find(|w| w.id == victim_id)
-            .expect("worker 1")
-            .pid;
+        let victim = pid_of(&cluster.status(), victim_id);
         let its_clients: Vec<IpAddr> = after_scale
             .iter()
             .filter(|(_, w)| **w == victim_id)

@@ -18,7 +18,9 @@ use cluster_lb::{
     listen_addr::ListenAddr,
     supervisor::{Config, Event, SignalPolicy, Supervisor, WorkerState},
 };
-use cluster_lb_tests::{distribution, example, get, root_test, signal, workspace_binary, Cluster};
+use cluster_lb_tests::{
+    distribution, example, get, pid_of, root_test, signal, workspace_binary, Cluster,
+};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
@@ -556,12 +558,7 @@ fn a_reload_that_loses_both_old_and_new_worker_0_still_ends_with_two_ready_worke
             },
         );
         let before = cluster.wait_until_ready(2);
-        let old_0 = before
-            .workers
-            .iter()
-            .find(|w| w.id == 0)
-            .expect("worker 0")
-            .pid;
+        let old_0 = pid_of(&before, 0);
         std::fs::write(&marker, b"hang").expect("marker");
         let control = cluster.control().to_path_buf();
         let reload =

@@ -509,6 +509,16 @@ impl Drop for Cluster {
     }
 }
 
+/// The pid of worker `id`'s (first) process in `status`; panics if it has none.
+pub fn pid_of(status: &ClusterStatus, id: u32) -> i32 {
+    status
+        .workers
+        .iter()
+        .find(|w| w.id == id)
+        .unwrap_or_else(|| panic!("no worker {id} in the status: {status:?}"))
+        .pid
+}
+
 /// Sends `signal` to process `pid` (a worker, or the primary); panics if it is gone.
 pub fn signal(pid: u32, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)
