@@ -202,35 +202,28 @@ fn family(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::supervisor::fixture;
 
     #[test]
     fn exposition_has_one_sample_per_worker_and_state() {
         let worker = |id, pid, state| WorkerStatus {
-            id,
-            pid,
-            state,
-            uptime_s: 1.0,
             restarts: 2,
             selected: 100 + id as u64,
-            fallback: 0,
             migrated: 3,
-            open: 0,
             rss_bytes: 4096,
+            ..fixture::worker(id, pid, state)
         };
         let cluster = ClusterStatus {
-            name: None,
-            primary_pid: 1,
-            version: "0.1.0".into(),
             uptime_s: 9.0,
-            strategy: "round-robin".into(),
             listen: vec!["127.0.0.1:80".into()],
-            desired: 2,
             reloads: 5,
-            reloading: false,
-            workers: vec![
-                worker(0, 10, WorkerState::Ready),
-                worker(1, 11, WorkerState::Draining),
-            ],
+            ..fixture::cluster(
+                2,
+                vec![
+                    worker(0, 10, WorkerState::Ready),
+                    worker(1, 11, WorkerState::Draining),
+                ],
+            )
         };
         let text = render(&cluster);
         assert!(

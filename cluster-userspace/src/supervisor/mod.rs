@@ -57,6 +57,8 @@ pub use process::StartError;
 use process::WorkerIo;
 use reaper::Reaper;
 use signals::Signals;
+#[cfg(test)]
+pub(crate) use status::fixture;
 pub use status::{ClusterStatus, WorkerStatus};
 
 use crate::{

@@ -128,11 +128,13 @@ impl Supervisor {
     }
 }
 
+/// Statuses for unit tests (status, metrics, top), which set only the fields they look at.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixture {
     use super::*;
 
-    fn worker(id: u32, pid: i32, state: WorkerState) -> WorkerStatus {
+    /// Worker `id`, process `pid`, in `state`, up 1 s, every counter 0.
+    pub fn worker(id: u32, pid: i32, state: WorkerState) -> WorkerStatus {
         WorkerStatus {
             id,
             pid,
@@ -147,20 +149,27 @@ mod tests {
         }
     }
 
-    fn cluster(desired: u32, workers: Vec<WorkerStatus>) -> ClusterStatus {
+    /// An unnamed round-robin cluster of version 0.1.0 on 127.0.0.1:8080, up 1 s, no reload.
+    pub fn cluster(desired: u32, workers: Vec<WorkerStatus>) -> ClusterStatus {
         ClusterStatus {
             name: None,
             primary_pid: 1,
-            version: String::new(),
+            version: "0.1.0".into(),
             uptime_s: 1.0,
             strategy: "round-robin".into(),
-            listen: vec![],
+            listen: vec!["127.0.0.1:8080".into()],
             desired,
             reloads: 0,
             reloading: false,
             workers,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixture::{cluster, worker};
+    use super::*;
 
     #[test]
     fn ready_counts_each_wanted_id_once() {

@@ -100,36 +100,19 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::supervisor::WorkerStatus;
+    use crate::supervisor::{fixture, WorkerStatus};
 
     fn worker(id: u32, pid: i32, selected: u64, restarts: u32) -> WorkerStatus {
         WorkerStatus {
-            id,
-            pid,
-            state: WorkerState::Ready,
-            uptime_s: 1.0,
             restarts,
             selected,
-            fallback: 0,
-            migrated: 0,
-            open: 0,
             rss_bytes: 7,
+            ..fixture::worker(id, pid, WorkerState::Ready)
         }
     }
 
     fn status(workers: Vec<WorkerStatus>) -> ClusterStatus {
-        ClusterStatus {
-            name: Some("8080".into()),
-            primary_pid: 1,
-            version: "0.1.0".into(),
-            uptime_s: 1.0,
-            strategy: "round-robin".into(),
-            listen: vec!["127.0.0.1:8080".into()],
-            desired: workers.len() as u32,
-            reloads: 0,
-            reloading: false,
-            workers,
-        }
+        fixture::cluster(workers.len() as u32, workers)
     }
 
     fn cpu(ms: u64) -> Option<ProcSample> {
