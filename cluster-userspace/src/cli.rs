@@ -217,6 +217,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_seccomp: bool,
 
+    /// Let workers use io_uring, which the seccomp filter refuses by default: a ring's
+    /// commands can change the group's program past the filter (the primary then restores it
+    /// within 5 s)
+    #[arg(long)]
+    pub allow_io_uring: bool,
+
     /// Let --user workers get ports below 1024 by asking for them (queryServer) when no
     /// --listen names them
     #[arg(long)]
@@ -313,6 +319,7 @@ impl RunArgs {
             command: self.command,
             node: self.node,
             seccomp: !self.no_seccomp,
+            allow_io_uring: self.allow_io_uring,
             allow_low_ports: self.allow_low_ports,
             closed_listener: self.on_closed_listener,
             // The command-line primary owns its process: signals are its interface, and it

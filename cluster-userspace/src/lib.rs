@@ -23,6 +23,7 @@ pub mod slots;
 pub mod sockets;
 pub mod spawn;
 pub mod supervisor;
+pub mod sys;
 pub mod top;
 pub mod version;
 pub mod worker;

@@ -2,11 +2,15 @@
 //! or as JSON lines (`--log-format`). Each line is written with one write call, so lines from
 //! different workers never interleave mid-line.
 //!
-//! Supervision never waits on output: lines go into a bounded queue that one thread writes out.
-//! When whatever reads the primary's stdout or stderr stops reading, the queue fills and further
-//! lines are dropped and counted; once output flows again, one line says how many were lost.
-//! In text mode, control characters in a worker's line are escaped (as JSON mode does), so a
-//! worker cannot forge the primary's lines with carriage returns or escape sequences.
+//! Supervision never waits on output: lines go into a queue, bounded in lines and in bytes, that
+//! one thread writes out. When whatever reads the primary's stdout or stderr stops reading, the
+//! queue fills and further lines are dropped and counted; once output flows again, one line
+//! says how many were lost.
+//!
+//! In text mode, control characters are escaped in every line the primary writes (as JSON mode
+//! does), its own lines included: they quote what workers said (an address asked for, a field
+//! name), so a worker cannot forge the primary's lines with newlines, carriage returns or
+//! escape sequences.
 
 use std::{
     io::Write,
@@ -89,9 +93,10 @@ impl Log for PrimaryLog {
         write_line(
             Stream::Stderr,
             &format!(
-                "{} cluster-lb[{}]: {level}{message}",
+                "{} cluster-lb[{}]: {level}{}",
                 timestamp(),
-                std::process::id()
+                std::process::id(),
+                escape_controls(&message)
             ),
         );
     }
@@ -114,18 +119,20 @@ pub fn init(format: Format) {
 }
 
 /// One structured event of the primary: `fields` must hold "event"; `text` is its text form.
-pub fn event(level: Level, text: &str, fields: Value) {
+/// Each is made only when the line is written in its format (an event can quote a large
+/// message).
+pub fn event(level: Level, text: impl FnOnce() -> String, fields: impl FnOnce() -> Value) {
     if level > log::max_level() {
         return;
     }
     if json_mode() {
-        let mut fields = fields;
+        let mut fields = fields();
         if let Some(object) = fields.as_object_mut() {
             object.insert("level".into(), json!(level.as_str().to_ascii_lowercase()));
         }
         write_json(Stream::Stderr, fields);
     } else {
-        log::log!(level, "{text}");
+        log::log!(level, "{}", text());
     }
 }
 
@@ -170,11 +177,16 @@ fn write_json(stream: Stream, mut value: Value) {
 
 /// Lines waiting for the output thread; more are dropped.
 const QUEUE: usize = 8192;
+/// Bytes waiting for the output thread; more are dropped (lines of up to a megabyte would
+/// otherwise let the queue hold gigabytes).
+pub const QUEUE_BYTES: usize = 16 * 1024 * 1024;
 
 struct Output {
     queue: SyncSender<(Stream, Vec<u8>)>,
     /// Lines queued and not yet written.
     pending: Arc<AtomicUsize>,
+    /// Their bytes.
+    pending_bytes: Arc<AtomicUsize>,
 }
 
 static OUTPUT: OnceLock<Option<Output>> = OnceLock::new();
@@ -185,12 +197,15 @@ fn output() -> Option<&'static Output> {
         .get_or_init(|| {
             let (queue, lines) = sync_channel::<(Stream, Vec<u8>)>(QUEUE);
             let pending = Arc::new(AtomicUsize::new(0));
+            let pending_bytes = Arc::new(AtomicUsize::new(0));
             let written = Arc::clone(&pending);
+            let written_bytes = Arc::clone(&pending_bytes);
             std::thread::Builder::new()
                 .name("cluster-lb output".into())
                 .spawn(move || {
                     for (stream, bytes) in lines {
                         write_now(stream, &bytes);
+                        written_bytes.fetch_sub(bytes.len(), Ordering::Relaxed);
                         let dropped = DROPPED.swap(0, Ordering::Relaxed);
                         if dropped > 0 {
                             let note = dropped_note(dropped);
@@ -200,7 +215,11 @@ fn output() -> Option<&'static Output> {
                     }
                 })
                 .ok()
-                .map(|_| Output { queue, pending })
+                .map(|_| Output {
+                    queue,
+                    pending,
+                    pending_bytes,
+                })
         })
         .as_ref()
 }
@@ -227,9 +246,12 @@ fn write_line(stream: Stream, line: &str) {
         write_now(stream, &bytes);
         return;
     };
+    let size = bytes.len();
+    let queued = output.pending_bytes.fetch_add(size, Ordering::Relaxed);
     output.pending.fetch_add(1, Ordering::Relaxed);
-    if output.queue.try_send((stream, bytes)).is_err() {
+    if queued + size > QUEUE_BYTES || output.queue.try_send((stream, bytes)).is_err() {
         output.pending.fetch_sub(1, Ordering::Relaxed);
+        output.pending_bytes.fetch_sub(size, Ordering::Relaxed);
         DROPPED.fetch_add(1, Ordering::Relaxed);
     }
 }

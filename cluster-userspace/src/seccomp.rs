@@ -1,14 +1,23 @@
-//! The seccomp filter every worker starts under (unless `--seccomp off`): `setsockopt` on
-//! SOL_SOCKET with SO_ATTACH_REUSEPORT_CBPF, SO_ATTACH_REUSEPORT_EBPF or
-//! SO_DETACH_REUSEPORT_BPF fails with EPERM. Without it, any worker, even an unprivileged
-//! `--user` one, could replace its reuseport group's program with one that sends it every
-//! connection, or detach it (a plain hash), since the kernel allows that to any socket of the
-//! group. Everything else is allowed.
+//! The seccomp filter every worker starts under (unless `--no-seccomp`). It keeps a worker from
+//! changing its reuseport group's program, which the kernel allows to any socket of the group:
+//! without it, any worker, even an unprivileged `--user` one, could attach a program that sends
+//! it every connection, or detach the group's (a plain hash). docs/ARCHITECTURE.md says what it
+//! guarantees and what it does not.
 //!
-//! The filter reads the level and option name, which are plain arguments. It covers the three
-//! ways an x86_64 process can make the call: the native system call, the x32 ones, and, for
-//! 32-bit (i386) code, `setsockopt` and the `socketcall` multiplexer (whose arguments are in
-//! memory, where a filter cannot read: its SYS_SETSOCKOPT is refused whatever the option).
+//! Refused, with EPERM:
+//! - `setsockopt` on SOL_SOCKET with SO_ATTACH_REUSEPORT_CBPF, SO_ATTACH_REUSEPORT_EBPF or
+//!   SO_DETACH_REUSEPORT_BPF. The filter reads the level and option name, which are plain
+//!   arguments. It covers the three ways an x86_64 process can make the call: the native
+//!   system call, the x32 ones, and, for 32-bit (i386) code, `setsockopt` and the
+//!   `socketcall` multiplexer (whose arguments are in memory, where a filter cannot read: its
+//!   SYS_SETSOCKOPT is refused whatever the option).
+//! - `io_uring_setup`, `io_uring_enter` and `io_uring_register` (unless `--allow-io-uring`):
+//!   since 6.7 an io_uring command (IORING_OP_URING_CMD with SOCKET_URING_OP_SETSOCKOPT) makes
+//!   the same setsockopt inside the kernel, where no seccomp filter sees it. Without a ring
+//!   there is no such command; programs that probe for io_uring (libuv, liburing) fall back
+//!   to plain system calls on EPERM, as under Docker's default profile.
+//!
+//! Everything else is allowed.
 
 /// seccomp_data offsets (linux/seccomp.h): nr, arch, then args[6] as u64 (low half first on
 /// little-endian).
@@ -26,6 +35,9 @@ const NR_X32_SETSOCKOPT: u32 = 541;
 const NR_I386_SETSOCKOPT: u32 = 366;
 const NR_I386_SOCKETCALL: u32 = 102;
 const SOCKETCALL_SETSOCKOPT: u32 = 14;
+/// io_uring_setup, io_uring_enter, io_uring_register: the same numbers on x86_64, x32 (with
+/// the x32 bit) and i386, as for every system call added since 5.1.
+const NR_IO_URING: [u32; 3] = [425, 426, 427];
 
 const SOL_SOCKET: u32 = 1;
 /// The options that change a reuseport group's program (asm-generic/socket.h).
@@ -57,8 +69,10 @@ impl std::fmt::Debug for Filter {
 }
 
 impl Filter {
-    /// The filter that keeps workers from changing their group's program.
-    pub fn reuseport_guard() -> Filter {
+    /// The filter that keeps workers from changing their group's program; `io_uring` lets
+    /// them set up rings (`--allow-io-uring`), which also lets them past this filter.
+    pub fn reuseport_guard(io_uring: bool) -> Filter {
+        let rings: &[u32] = if io_uring { &[] } else { &NR_IO_URING };
         let mut asm = Asm::default();
         asm.ld(ARCH);
         asm.jeq(AUDIT_ARCH_X86_64, Next, To("i386"));
@@ -70,11 +84,18 @@ impl Filter {
         ] {
             asm.jeq(nr, To("setsockopt"), Next);
         }
+        for nr in rings {
+            asm.jeq(*nr, To("deny"), Next);
+            asm.jeq(X32_SYSCALL_BIT | nr, To("deny"), Next);
+        }
         asm.ret(SECCOMP_RET_ALLOW);
 
         asm.label("i386");
         asm.jeq(AUDIT_ARCH_I386, Next, To("allow"));
         asm.ld(NR);
+        for nr in rings {
+            asm.jeq(*nr, To("deny"), Next);
+        }
         asm.jeq(NR_I386_SETSOCKOPT, To("setsockopt"), Next);
         asm.jeq(NR_I386_SOCKETCALL, To("socketcall"), To("allow"));
 
@@ -204,10 +225,23 @@ mod tests {
 
     /// Installs the filter on a thread of its own (seccomp and no_new_privs are per thread),
     /// then tries what a hostile worker would.
-    #[test]
-    fn the_kernel_takes_the_filter_and_it_refuses_only_reuseport_program_changes() {
-        let filter = Filter::reuseport_guard();
-        let outcome = std::thread::scope(|scope| {
+    /// io_uring_setup(1, params) on this thread: 0 (the ring's fd closed) or the errno.
+    fn io_uring_setup() -> i32 {
+        let mut params = [0u8; 120]; // struct io_uring_params, zeroed
+                                     // SAFETY: plain system call with a buffer of the size the kernel reads and writes.
+        let fd = unsafe { libc::syscall(425, 1u32, params.as_mut_ptr()) };
+        if fd >= 0 {
+            // SAFETY: the kernel just gave us this descriptor.
+            unsafe { libc::close(fd as i32) };
+            0
+        } else {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+        }
+    }
+
+    /// Runs `body` on a thread of its own under `filter` (seccomp is per thread).
+    fn under<T: Send>(filter: &Filter, body: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|scope| {
             scope
                 .spawn(|| {
                     // SAFETY: plain prctl calls on this thread; the program outlives them.
@@ -222,37 +256,58 @@ mod tests {
                         );
                         assert_eq!(installed, 0, "{}", std::io::Error::last_os_error());
                     }
-                    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-                    use std::os::fd::AsRawFd;
-                    let fd = listener.as_raw_fd();
-                    // A classic BPF program of one instruction: `ret #0`.
-                    let ret0 = libc::sock_filter {
-                        code: RET_K,
-                        jt: 0,
-                        jf: 0,
-                        k: 0,
-                    };
-                    let program = libc::sock_fprog {
-                        len: 1,
-                        filter: &ret0 as *const _ as *mut _,
-                    };
-                    // SAFETY: reading the bytes of a plain struct.
-                    let bytes = unsafe {
-                        std::slice::from_raw_parts(
-                            (&program as *const libc::sock_fprog).cast::<u8>(),
-                            std::mem::size_of::<libc::sock_fprog>(),
-                        )
-                    };
-                    let one = 1i32.to_ne_bytes();
-                    (
-                        setsockopt(fd, 51, bytes),
-                        setsockopt(fd, 68, &one),
-                        setsockopt(fd, libc::SO_REUSEADDR, &one),
-                        setsockopt(fd, libc::SO_KEEPALIVE, &one),
-                    )
+                    body()
                 })
                 .join()
                 .unwrap()
+        })
+    }
+
+    #[test]
+    fn io_uring_is_refused_unless_allowed() {
+        let unfiltered = io_uring_setup();
+        assert_eq!(
+            under(&Filter::reuseport_guard(false), io_uring_setup),
+            libc::EPERM
+        );
+        // Allowed, it does what it does without a filter (works, or the kernel lacks it).
+        assert_eq!(
+            under(&Filter::reuseport_guard(true), io_uring_setup),
+            unfiltered
+        );
+    }
+
+    #[test]
+    fn the_kernel_takes_the_filter_and_it_refuses_only_reuseport_program_changes() {
+        let outcome = under(&Filter::reuseport_guard(false), || {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            use std::os::fd::AsRawFd;
+            let fd = listener.as_raw_fd();
+            // A classic BPF program of one instruction: `ret #0`.
+            let ret0 = libc::sock_filter {
+                code: RET_K,
+                jt: 0,
+                jf: 0,
+                k: 0,
+            };
+            let program = libc::sock_fprog {
+                len: 1,
+                filter: &ret0 as *const _ as *mut _,
+            };
+            // SAFETY: reading the bytes of a plain struct.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    (&program as *const libc::sock_fprog).cast::<u8>(),
+                    std::mem::size_of::<libc::sock_fprog>(),
+                )
+            };
+            let one = 1i32.to_ne_bytes();
+            (
+                setsockopt(fd, 51, bytes),
+                setsockopt(fd, 68, &one),
+                setsockopt(fd, libc::SO_REUSEADDR, &one),
+                setsockopt(fd, libc::SO_KEEPALIVE, &one),
+            )
         });
         assert_eq!(outcome, (libc::EPERM, libc::EPERM, 0, 0));
     }

@@ -67,6 +67,7 @@ const INHERITED_VARIABLES_TO_DROP: &[&str] = &[
     "CLUSTER_LB_WORKER_ID",
     "CLUSTER_LB_WORKERS",
     "CLUSTER_LB_IPC_FD",
+    "CLUSTER_LB_PRIMARY",
     // Node's own cluster variables: a cluster-lb started by a Node primary must not pass that
     // primary's channel on.
     "NODE_CHANNEL_FD",
@@ -276,9 +277,10 @@ unsafe fn child_after_fork(setup: ChildSetup<'_>) -> ! {
 
     write_decimal(setup.listen_pid, libc::getpid() as u64);
 
-    // Own process group: a terminal's Ctrl-C reaches only the primary, which then stops the
-    // workers in order instead of every process receiving SIGINT at once.
-    libc::setpgid(0, 0);
+    // Own session (and so process group): a terminal's Ctrl-C reaches only the primary, which
+    // then stops the workers in order instead of every process receiving SIGINT at once; and
+    // no process of another worker can join this one's session to send READY=1 for it.
+    libc::setsid();
     // Undo what the primary changed: Rust ignores SIGPIPE, and no signal may stay blocked.
     libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     let mut empty: libc::sigset_t = std::mem::zeroed();

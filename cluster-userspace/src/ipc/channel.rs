@@ -2,13 +2,12 @@
 //! are kept by the kernel and a listening socket can ride along a message (SCM_RIGHTS).
 
 use std::{
-    io::{self, IoSlice, IoSliceMut},
-    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    io::{self, IoSlice},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
 };
 
 use nix::sys::socket::{
-    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
-    SockFlag, SockType,
+    sendmsg, socketpair, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType,
 };
 use tokio::io::{unix::AsyncFd, Interest};
 
@@ -22,7 +21,12 @@ pub struct Datagram {
     pub fds: Vec<OwnedFd>,
     /// The datagram was longer than [`MAX_MESSAGE`]; `bytes` holds only its start.
     pub truncated: bool,
+    /// More descriptors came than [`MAX_FDS`]: the kernel closed the rest.
+    pub fds_truncated: bool,
 }
+
+/// Descriptors one receive takes; any more are closed by the kernel and flagged.
+pub const MAX_FDS: usize = 4;
 
 /// A new channel: (primary's end, worker's end). Both close-on-exec; the spawner moves the
 /// worker's end to the fd the worker is told about.
@@ -43,7 +47,7 @@ pub struct Endpoint {
 impl Endpoint {
     /// Registers `fd` with the current tokio runtime (and makes it non-blocking).
     pub fn new(fd: OwnedFd) -> io::Result<Endpoint> {
-        set_nonblocking(fd.as_raw_fd())?;
+        crate::sys::fds::set_nonblocking(fd.as_fd())?;
         // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and the same for
         // as long as it is registered.
         let fd =
@@ -111,49 +115,22 @@ fn send_now(socket: RawFd, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Resu
 
 fn recv_now(socket: RawFd) -> io::Result<Option<Datagram>> {
     let mut buffer = vec![0u8; MAX_MESSAGE + 1];
-    let mut control = nix::cmsg_space!([RawFd; 4]);
-    let (length, flags, fds) = {
-        let mut iov = [IoSliceMut::new(&mut buffer)];
-        let message = recvmsg::<()>(
-            socket,
-            &mut iov,
-            Some(&mut control),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )?;
-        let mut fds = Vec::new();
-        for cmsg in message.cmsgs()? {
-            if let ControlMessageOwned::ScmRights(received) = cmsg {
-                // SAFETY: the kernel just installed these descriptors for us.
-                fds.extend(
-                    received
-                        .into_iter()
-                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                );
-            }
-        }
-        (message.bytes, message.flags, fds)
-    };
-    if length == 0 && fds.is_empty() {
+    // SAFETY: `socket` is the endpoint's own descriptor, open for the whole call.
+    let socket = unsafe { BorrowedFd::borrow_raw(socket) };
+    // Room for more descriptors than any message carries (one), so that a sender attaching
+    // several still has all of them received, owned and closed here.
+    let received = crate::sys::fds::receive(socket, &mut buffer, MAX_FDS, false)?;
+    if received.is_eof() {
         return Ok(None);
     }
-    buffer.truncate(length.min(MAX_MESSAGE + 1));
-    let truncated = flags.contains(MsgFlags::MSG_TRUNC) || length > MAX_MESSAGE;
+    buffer.truncate(received.len);
+    let truncated = received.truncated || received.len > MAX_MESSAGE;
     Ok(Some(Datagram {
         bytes: buffer,
-        fds,
+        fds: received.fds,
         truncated,
+        fds_truncated: received.control_truncated,
     }))
-}
-
-fn set_nonblocking(fd: RawFd) -> io::Result<()> {
-    // SAFETY: fcntl on a descriptor we own.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -3,15 +3,23 @@
 //!
 //! Two tasks per worker. The reader splits lines (a line may span reads, a read may hold many
 //! lines), answers the worker's own handles with `NODE_HANDLE_ACK` at once (Node holds all its
-//! later messages until it gets one), and passes everything else on. The writer sends one line
+//! later messages until it gets one), and passes everything else on, within the worker's
+//! byte [`Budget`] (a worker that sends faster than the primary handles waits).
+//!
+//! Descriptors: Node attaches one only to the line of a `NODE_HANDLE` message, on the write
+//! that starts that line. The kernel ends a read right after the data that came with
+//! descriptors, so the descriptors of a read belong to the last line that begins in it. They
+//! are held (at most [`MAX_FDS`]) until that line is complete and closed then; on a line that
+//! is not a `NODE_HANDLE`, in the middle of a line, or more than fit at once, they are closed
+//! at once and the worker has broken the protocol. The writer sends one line
 //! per message, attaches a socket to the first byte of its line only, and, like Node's own
 //! sender, holds later messages while a socket is in flight, until the worker acknowledges it
 //! (resending it once per `NODE_HANDLE_NACK`). Nothing here blocks the supervisor: its queue is
 //! bounded, and a worker that stops reading loses messages, not the primary.
 
 use std::{
-    io::{self, IoSlice, IoSliceMut},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    io::{self, IoSlice},
+    os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
@@ -21,8 +29,8 @@ use std::{
 
 use nix::{
     sys::socket::{
-        recvmsg, sendmsg, shutdown, socketpair, AddressFamily, ControlMessage, ControlMessageOwned,
-        MsgFlags, Shutdown, SockFlag, SockType,
+        sendmsg, shutdown, socketpair, AddressFamily, ControlMessage, MsgFlags, Shutdown, SockFlag,
+        SockType,
     },
     unistd::Pid,
 };
@@ -32,6 +40,7 @@ use tokio::{
 };
 
 use super::protocol::{parse_line, FromWorker, ToWorker};
+use crate::supervisor::budget::{self, Budget, Held};
 
 /// A line longer than this is a broken or hostile worker (Node itself has no limit).
 pub const MAX_LINE: usize = 1024 * 1024;
@@ -42,10 +51,15 @@ const HANDLE_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Resends of a socket the worker did not receive (`NODE_HANDLE_NACK`).
 const HANDLE_RETRIES: u32 = 3;
 
+/// Descriptors one read takes: Node sends one at a time; room for more, so that a worker
+/// attaching several still has each received, owned and closed here.
+pub const MAX_FDS: usize = 8;
+
 /// What the reader reports.
 #[derive(Debug)]
 pub enum NodeEvent {
-    Message(FromWorker),
+    /// A message, and the room it takes in the worker's budget until it is dropped.
+    Message(FromWorker, Held),
     /// The worker broke the protocol; nothing more is read from it.
     Violation(String),
     /// EOF: the worker closed its end (it is disconnecting, or gone).
@@ -106,6 +120,7 @@ impl NodeChannel {
         fd: OwnedFd,
         pid: Pid,
         sink: mpsc::UnboundedSender<(Pid, NodeEvent)>,
+        budget: Budget,
     ) -> io::Result<NodeChannel> {
         // SAFETY: the AsyncFd owns the descriptor for as long as it is registered.
         let socket =
@@ -122,6 +137,7 @@ impl NodeChannel {
             urgent: urgent_tx,
             acks: acks_tx,
             busy: Arc::clone(&busy),
+            budget,
         };
         tokio::spawn(read(Arc::clone(&socket), reader));
         tokio::spawn(write(
@@ -190,54 +206,95 @@ struct Reader {
     urgent: mpsc::UnboundedSender<Outgoing>,
     acks: mpsc::UnboundedSender<Ack>,
     busy: Arc<Busy>,
+    budget: Budget,
 }
 
 async fn read(socket: Arc<AsyncFd<OwnedFd>>, reader: Reader) {
+    let last = match read_lines(&socket, &reader).await {
+        Ok(()) => NodeEvent::Closed,
+        Err(problem) => NodeEvent::Violation(problem),
+    };
+    let _ = reader.sink.send((reader.pid, last));
+}
+
+/// Descriptors that came with the line beginning at `start` (an offset into the pending bytes).
+struct Attached {
+    start: usize,
+    fds: Vec<OwnedFd>,
+}
+
+/// Reads until EOF (`Ok`) or a protocol violation (`Err`: what was wrong).
+async fn read_lines(socket: &AsyncFd<OwnedFd>, reader: &Reader) -> Result<(), String> {
     let Reader {
         pid,
         sink,
         urgent,
         acks,
         busy,
+        budget,
     } = reader;
     let mut pending: Vec<u8> = Vec::new();
-    let mut handles: Vec<OwnedFd> = Vec::new();
-    let report = |event| sink.send((pid, event)).is_ok();
+    // The room `pending` takes in the budget.
+    let mut room = Held::default();
+    let mut attached: Vec<Attached> = Vec::new();
+    let mut buffer = vec![0u8; budget::READ];
     loop {
+        // Room for this read first: a worker that sends faster than the primary handles its
+        // messages waits here, its bytes in its own socket buffer.
+        let Some(more) = budget.take(budget::READ).await else {
+            return Ok(());
+        };
+        room.merge(more);
         let received = loop {
             let Ok(mut guard) = socket.readable().await else {
-                break None;
+                return Ok(());
             };
-            match guard.try_io(|inner| receive(inner.get_ref().as_raw_fd())) {
-                Ok(result) => break result.ok(),
+            match guard.try_io(|inner| {
+                crate::sys::fds::receive(inner.get_ref().as_fd(), &mut buffer, MAX_FDS, false)
+            }) {
+                Ok(Ok(received)) => break received,
+                Ok(Err(_)) => return Ok(()),
                 Err(_would_block) => continue,
             }
         };
-        let Some((bytes, fds)) = received.filter(|(b, f)| !b.is_empty() || !f.is_empty()) else {
-            report(NodeEvent::Closed);
-            return;
-        };
-        handles.extend(fds);
-        pending.extend_from_slice(&bytes);
+        if received.control_truncated {
+            return Err(format!("more than {MAX_FDS} descriptors at once (closed)"));
+        }
+        if received.is_eof() {
+            return Ok(());
+        }
+        let base = pending.len();
+        pending.extend_from_slice(&buffer[..received.len]);
+        if !received.fds.is_empty() {
+            // The last line that begins in this read.
+            let start = (base..pending.len())
+                .rev()
+                .find(|&at| at == 0 || pending[at - 1] == b'\n')
+                .ok_or("descriptors sent in the middle of a line (closed)")?;
+            attached.push(Attached {
+                start,
+                fds: received.fds,
+            });
+        }
         let mut start = 0;
         while let Some(end) = pending[start..].iter().position(|&b| b == b'\n') {
             let line = &pending[start..start + end];
-            start += end + 1;
-            let message = match parse_line(line) {
-                Ok(message) => message,
-                Err(error) => {
-                    report(NodeEvent::Violation(error.to_string()));
-                    return;
-                }
+            let fds = match attached.iter().position(|a| a.start == start) {
+                Some(index) => attached.swap_remove(index).fds,
+                None => Vec::new(),
             };
+            let held = room.split(end + 1);
+            start += end + 1;
+            let message = parse_line(line).map_err(|e| e.to_string())?;
             match message {
                 FromWorker::Handle => {
-                    // Take the fd that came with it, close it, and let the worker go on.
-                    let answer = match handles.pop() {
-                        Some(_fd) => ToWorker::HandleAck,
-                        None => ToWorker::HandleNack,
+                    // Close the fd that came with it, and let the worker go on.
+                    let answer = if fds.is_empty() {
+                        ToWorker::HandleNack
+                    } else {
+                        ToWorker::HandleAck
                     };
-                    handles.clear();
+                    drop(fds);
                     // Counted before it is queued, so that is_idle never sees it in neither.
                     busy.answers_owed.fetch_add(1, Ordering::SeqCst);
                     if urgent
@@ -251,6 +308,12 @@ async fn read(socket: Arc<AsyncFd<OwnedFd>>, reader: Reader) {
                     }
                     log::debug!("worker pid {pid} sent a handle; acknowledged and closed it");
                 }
+                _ if !fds.is_empty() => {
+                    return Err(format!(
+                        "{} descriptors with a message that carries no handle (closed)",
+                        fds.len()
+                    ));
+                }
                 FromWorker::HandleAck => {
                     let _ = acks.send(Ack::Taken);
                 }
@@ -258,44 +321,23 @@ async fn read(socket: Arc<AsyncFd<OwnedFd>>, reader: Reader) {
                     let _ = acks.send(Ack::NotReceived);
                 }
                 other => {
-                    if !report(NodeEvent::Message(other)) {
-                        return;
+                    if sink.send((*pid, NodeEvent::Message(other, held))).is_err() {
+                        return Ok(());
                     }
                 }
             }
         }
         pending.drain(..start);
+        for entry in &mut attached {
+            entry.start -= start;
+        }
+        room.keep(pending.len());
         busy.partial_line
             .store(!pending.is_empty(), Ordering::Relaxed);
         if pending.len() > MAX_LINE {
-            report(NodeEvent::Violation(format!(
-                "a line longer than {MAX_LINE} bytes"
-            )));
-            return;
+            return Err(format!("a line longer than {MAX_LINE} bytes"));
         }
     }
-}
-
-/// One read: the bytes and any descriptors that came with them.
-fn receive(fd: RawFd) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
-    let mut buffer = vec![0u8; 64 * 1024];
-    let mut control = nix::cmsg_space!([RawFd; 8]);
-    let mut iov = [IoSliceMut::new(&mut buffer)];
-    let message = recvmsg::<()>(fd, &mut iov, Some(&mut control), MsgFlags::MSG_CMSG_CLOEXEC)?;
-    let mut fds = Vec::new();
-    for cmsg in message.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(received) = cmsg {
-            // SAFETY: the kernel just installed these descriptors for us.
-            fds.extend(
-                received
-                    .into_iter()
-                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-            );
-        }
-    }
-    let length = message.bytes;
-    buffer.truncate(length);
-    Ok((buffer, fds))
 }
 
 async fn write(
@@ -394,6 +436,18 @@ mod tests {
     use std::io::{BufRead, BufReader, Write};
     use std::os::unix::net::UnixStream;
 
+    fn start(primary: OwnedFd, sink: mpsc::UnboundedSender<(Pid, NodeEvent)>) -> NodeChannel {
+        let budget = Budget::for_worker(MAX_LINE, &Budget::shared());
+        NodeChannel::start(primary, Pid::from_raw(1), sink, budget).unwrap()
+    }
+
+    fn describe(event: &NodeEvent) -> String {
+        match event {
+            NodeEvent::Message(message, _) => format!("Message({message:?})"),
+            other => format!("{other:?}"),
+        }
+    }
+
     /// The worker's side, played by a plain blocking stream.
     fn worker_end(fd: OwnedFd) -> UnixStream {
         let stream = UnixStream::from(fd);
@@ -408,7 +462,7 @@ mod tests {
     async fn lines_split_across_writes_and_several_per_write_all_arrive_in_order() {
         let (primary, worker) = pair().unwrap();
         let (sink, mut events) = mpsc::unbounded_channel();
-        let _channel = NodeChannel::start(primary, Pid::from_raw(1), sink).unwrap();
+        let _channel = start(primary, sink);
         let mut worker = worker_end(worker);
         worker
             .write_all(b"{\"cmd\":\"NODE_CLUSTER\",\"act\":\"online\",\"seq\":0}\n{\"a\"")
@@ -417,7 +471,7 @@ mod tests {
         drop(worker);
         let mut seen = Vec::new();
         while let Some((_, event)) = events.recv().await {
-            seen.push(format!("{event:?}"));
+            seen.push(describe(&event));
         }
         assert_eq!(
             seen,
@@ -435,7 +489,7 @@ mod tests {
     async fn a_handle_from_the_worker_is_acknowledged_and_a_handle_to_it_waits_for_its_ack() {
         let (primary, worker) = pair().unwrap();
         let (sink, mut events) = mpsc::unbounded_channel();
-        let channel = NodeChannel::start(primary, Pid::from_raw(1), sink).unwrap();
+        let channel = start(primary, sink);
         let worker = worker_end(worker);
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let reply = ToWorker::Handle {
@@ -478,7 +532,7 @@ mod tests {
         channel.close();
         let mut last = None;
         while let Some((_, event)) = events.recv().await {
-            last = Some(format!("{event:?}"));
+            last = Some(describe(&event));
         }
         assert_eq!(last.as_deref(), Some("Closed"));
     }
@@ -491,7 +545,7 @@ mod tests {
         ] {
             let (primary, worker) = pair().unwrap();
             let (sink, mut events) = mpsc::unbounded_channel();
-            let channel = NodeChannel::start(primary, Pid::from_raw(1), sink).unwrap();
+            let channel = start(primary, sink);
             let mut worker = worker_end(worker);
             let writer = std::thread::spawn(move || {
                 let _ = worker.write_all(&bytes);
@@ -506,5 +560,113 @@ mod tests {
             channel.close();
             drop(writer.join());
         }
+    }
+
+    /// A pipe whose write end is sent as the descriptors: once every copy of it is closed,
+    /// the read end sees EOF. (Counting the process's descriptors would see other tests'.)
+    struct Probe {
+        read: std::fs::File,
+        write: Option<OwnedFd>,
+    }
+
+    impl Probe {
+        fn new() -> Probe {
+            let (read, write) =
+                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+                    .unwrap();
+            Probe {
+                read: read.into(),
+                write: Some(write),
+            }
+        }
+
+        /// Writes `line` from the worker's side with `count` copies of the write end attached,
+        /// then closes the test's own copy.
+        fn send(&mut self, worker: &UnixStream, line: &[u8], count: usize) {
+            let write = self.write.take().unwrap();
+            let fds = vec![write.as_raw_fd(); count];
+            let cmsgs = [ControlMessage::ScmRights(&fds)];
+            sendmsg::<()>(
+                worker.as_raw_fd(),
+                &[IoSlice::new(line)],
+                &cmsgs,
+                MsgFlags::empty(),
+                None,
+            )
+            .unwrap();
+        }
+
+        /// Waits up to a second for every copy to be closed.
+        async fn all_closed(&mut self) -> bool {
+            use std::io::Read;
+            for _ in 0..100 {
+                match self.read.read(&mut [0u8; 1]) {
+                    Ok(0) => return true,
+                    _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+            false
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn descriptors_on_anything_but_a_handle_line_are_closed_and_a_violation() {
+        for (line, count, expected) in [
+            (&b"{\"x\":1}\n"[..], 8, "carries no handle"),
+            (&b"{\"x\":1}\n"[..], 9, "more than 8 descriptors"),
+            (&b"1}\n"[..], 1, "middle of a line"),
+        ] {
+            let (primary, worker) = pair().unwrap();
+            let (sink, mut events) = mpsc::unbounded_channel();
+            let channel = start(primary, sink);
+            let worker = worker_end(worker);
+            if expected == "middle of a line" {
+                (&worker).write_all(b"{\"start\":").unwrap();
+                // Let the first part be read alone.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let mut probe = Probe::new();
+            probe.send(&worker, line, count);
+            let mut last = String::new();
+            while let Some((_, event)) = events.recv().await {
+                last = describe(&event);
+                if matches!(event, NodeEvent::Violation(_) | NodeEvent::Closed) {
+                    break;
+                }
+            }
+            assert!(last.contains(expected), "{count} fds with {line:?}: {last}");
+            assert!(
+                probe.all_closed().await,
+                "{count} fds with {line:?} were kept"
+            );
+            channel.close();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_handle_with_its_descriptor_is_acknowledged_and_the_descriptor_closed() {
+        let (primary, worker) = pair().unwrap();
+        let (sink, mut events) = mpsc::unbounded_channel();
+        let channel = start(primary, sink);
+        let worker = worker_end(worker);
+        // A user message, then the handle, maybe in the same read: the fd is the handle's.
+        (&worker).write_all(b"{\"first\":1}\n").unwrap();
+        let mut probe = Probe::new();
+        probe.send(
+            &worker,
+            b"{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Socket\",\"msg\":{}}\n",
+            1,
+        );
+        let mut reader = BufReader::new(worker.try_clone().unwrap());
+        let mut answer = String::new();
+        reader.read_line(&mut answer).unwrap();
+        assert_eq!(answer, "{\"cmd\":\"NODE_HANDLE_ACK\"}\n");
+        let (_, first) = events.recv().await.unwrap();
+        assert_eq!(
+            describe(&first),
+            "Message(User(Object {\"first\": Number(1)}))"
+        );
+        assert!(probe.all_closed().await, "the handle's fd was kept");
+        channel.close();
     }
 }

@@ -259,6 +259,18 @@ impl ToWorker {
     }
 }
 
+/// Whether a query's `data` is what Node's TLS server sends (`{"ticketKeys": hex}`, 48 bytes
+/// in hex: `_getServerData` in lib/_tls_wrap.js) and takes back (`setTicketKeys` throws on
+/// anything else, which would kill the worker at listen).
+pub fn is_valid_server_data(data: &Value) -> bool {
+    let Some(object) = data.as_object() else {
+        return false;
+    };
+    let keys = object.get("ticketKeys").and_then(Value::as_str);
+    object.len() == 1
+        && keys.is_some_and(|hex| hex.len() == 96 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 /// A user message from the primary must not look internal to the worker, or Node would
 /// route it to its cluster code instead of `process.on('message')`.
 pub fn is_plain_user_message(value: &Value) -> bool {
@@ -375,6 +387,17 @@ mod tests {
         let user = ToWorker::User(json!({"text": "a\nb"})).encode();
         assert_eq!(user.iter().filter(|&&b| b == b'\n').count(), 1);
         assert!(!is_plain_user_message(&json!({"cmd": "NODE_HANDLE_ACK"})));
+        let keys = "0123456789abcdef".repeat(6);
+        assert!(is_valid_server_data(&json!({"ticketKeys": keys})));
+        for bad in [
+            json!({"ticketKeys": &keys[..94]}),
+            json!({"ticketKeys": keys.replace('a', "z")}),
+            json!({"ticketKeys": keys, "more": 1}),
+            json!({"ticketKeys": 5}),
+            json!("ticketKeys"),
+        ] {
+            assert!(!is_valid_server_data(&bad), "{bad}");
+        }
         assert!(is_plain_user_message(&json!({"cmd": "hello"})));
     }
 

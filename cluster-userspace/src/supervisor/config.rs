@@ -37,6 +37,9 @@ pub struct Config {
     /// Start workers under a seccomp filter that keeps them from replacing or detaching their
     /// reuseport group's program (see `seccomp`).
     pub seccomp: bool,
+    /// Let workers set up io_uring rings, which the filter refuses by default: a ring's
+    /// commands make system calls (setsockopt among them) that no seccomp filter sees.
+    pub allow_io_uring: bool,
     /// What to do with a ready worker that closed a listening socket it was given.
     pub closed_listener: super::checks::ClosedListener,
     /// Let `--user` workers get ports below 1024 through queryServer without `--listen`.
@@ -75,6 +78,7 @@ impl Config {
             node: NodeMode::Auto,
             signals: SignalPolicy::Handle,
             seccomp: true,
+            allow_io_uring: false,
             allow_low_ports: false,
             closed_listener: super::checks::ClosedListener::Restart,
             subreaper: false,

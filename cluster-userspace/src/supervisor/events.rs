@@ -338,7 +338,7 @@ impl Event {
 
     /// Writes the event to the primary's log.
     pub fn log(&self) {
-        crate::logging::event(self.level(), &self.to_string(), self.fields());
+        crate::logging::event(self.level(), || self.to_string(), || self.fields());
     }
 }
 

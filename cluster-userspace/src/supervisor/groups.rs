@@ -42,6 +42,11 @@ pub enum GroupError {
     EbpfRequired(Unavailable),
     #[error("{addr}: {detail}")]
     Kernel { addr: ListenAddr, detail: String },
+    #[error("cannot listen on {addr}: address already in use by {}; stop it or pick another --listen port", .holders.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))]
+    InUse {
+        addr: ListenAddr,
+        holders: Vec<super::former::Holder>,
+    },
 }
 
 impl GroupError {
@@ -70,6 +75,7 @@ impl Groups {
         listen: &[ListenAddr],
         strategy: Strategy,
         require_ebpf: bool,
+        grace: std::time::Duration,
     ) -> Result<Groups, GroupError> {
         let mut groups = Groups {
             groups: Vec::new(),
@@ -79,7 +85,7 @@ impl Groups {
             fell_back: false,
         };
         for addr in listen {
-            sockets::ensure_address_free(*addr, false)?;
+            claim(*addr, grace)?;
             groups.create(*addr, false)?;
         }
         Ok(groups)
@@ -387,5 +393,25 @@ impl Groups {
                 }
             }
         }
+    }
+}
+
+/// Makes sure `addr` is free for a new cluster: former workers of a primary that is gone are
+/// stopped (see `former`); any other holder is named in the error.
+fn claim(addr: ListenAddr, grace: std::time::Duration) -> Result<(), GroupError> {
+    let error = match sockets::ensure_address_free(addr, false) {
+        Err(error) if error.errno() == libc::EADDRINUSE => error,
+        other => return Ok(other?),
+    };
+    let holders = super::former::holders(addr);
+    if holders.iter().any(|h| h.former_worker_of.is_some()) {
+        super::former::stop(&holders, addr, grace);
+        if sockets::ensure_address_free(addr, false).is_ok() {
+            return Ok(());
+        }
+    }
+    match super::former::holders(addr) {
+        holders if holders.is_empty() => Err(error.into()),
+        holders => Err(GroupError::InUse { addr, holders }),
     }
 }

@@ -9,7 +9,11 @@ use std::{
 use nix::unistd::Pid;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{process::WorkerChannel, Departure, Event, Input, Readiness, Supervisor};
+use super::{
+    budget::{Budget, Held},
+    process::WorkerChannel,
+    Departure, Event, Input, Readiness, Supervisor,
+};
 use crate::{
     ipc::{
         channel::Endpoint,
@@ -20,7 +24,8 @@ use crate::{
 
 /// What a worker's IPC reader reports.
 pub(super) enum IpcEvent {
-    Message(WorkerMessage),
+    /// A message, and its room in the worker's budget until it is handled.
+    Message(WorkerMessage, Held),
     Violation(String),
     Closed,
 }
@@ -33,8 +38,8 @@ impl Supervisor {
         let WorkerChannel::ClusterLb { online, .. } = &mut worker.channel else {
             return None;
         };
-        let message = match event {
-            IpcEvent::Message(message) => message,
+        let (message, _room) = match event {
+            IpcEvent::Message(message, room) => (message, room),
             IpcEvent::Closed => {
                 worker.channel = WorkerChannel::Closed;
                 return Some(Input::ChannelClosed { pid });
@@ -207,24 +212,38 @@ impl Supervisor {
     }
 }
 
-/// Reads a worker's datagrams and hands them, decoded, to the supervisor loop.
-pub(super) fn read_ipc(pid: Pid, endpoint: Arc<Endpoint>, sink: UnboundedSender<(Pid, IpcEvent)>) {
+/// Reads a worker's datagrams and hands them, decoded, to the supervisor loop, each within
+/// the worker's byte budget (a worker that sends faster than they are handled waits).
+pub(super) fn read_ipc(
+    pid: Pid,
+    endpoint: Arc<Endpoint>,
+    sink: UnboundedSender<(Pid, IpcEvent)>,
+    budget: Budget,
+) {
     tokio::spawn(async move {
         loop {
+            let Some(mut room) = budget.take(protocol::MAX_MESSAGE + 1).await else {
+                break;
+            };
             let event = match endpoint.recv().await {
                 Ok(None) | Err(_) => IpcEvent::Closed,
                 Ok(Some(datagram)) if datagram.truncated => {
                     IpcEvent::Violation(format!("a message over {} bytes", protocol::MAX_MESSAGE))
                 }
-                Ok(Some(datagram)) if !datagram.fds.is_empty() => {
+                // A worker has no descriptor to give the primary; those that came are closed
+                // with the datagram, here and now.
+                Ok(Some(datagram)) if !datagram.fds.is_empty() || datagram.fds_truncated => {
                     IpcEvent::Violation("a message carrying file descriptors".into())
                 }
                 Ok(Some(datagram)) => match protocol::decode::<WorkerMessage>(&datagram.bytes) {
-                    Ok(message) => IpcEvent::Message(message),
+                    Ok(message) => {
+                        room.keep(datagram.bytes.len());
+                        IpcEvent::Message(message, room)
+                    }
                     Err(e) => IpcEvent::Violation(e.to_string()),
                 },
             };
-            let last = !matches!(event, IpcEvent::Message(_));
+            let last = !matches!(event, IpcEvent::Message(..));
             if sink.send((pid, event)).is_err() || last {
                 break;
             }

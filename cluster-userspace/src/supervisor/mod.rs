@@ -17,10 +17,12 @@
 //! - it loads one eBPF program per listen address (when privileged).
 
 mod audit;
+pub(crate) mod budget;
 mod checks;
 mod config;
 mod diag;
 mod events;
+mod former;
 mod groups;
 mod handle;
 mod ipc;
@@ -127,6 +129,10 @@ pub struct Supervisor {
     kept: upgrade::Kept,
     /// Taken over from an older binary (not started afresh).
     resumed: bool,
+    /// The notify socket's private directory, removed when the supervisor is dropped.
+    notify_dir: Option<notify::NotifyDir>,
+    /// Bytes of worker messages all channels together may hold (see `budget`).
+    message_budget: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl Supervisor {
@@ -137,9 +143,16 @@ impl Supervisor {
         // Before any child exists, so no exit goes unnoticed.
         let signals =
             Signals::new(config.signals, config.subreaper).map_err(SupervisorError::Signals)?;
-        let groups = Groups::new(&config.listen, config.strategy, config.require_ebpf)?;
+        let groups = Groups::new(
+            &config.listen,
+            config.strategy,
+            config.require_ebpf,
+            config.timing.grace,
+        )?;
         let (notify_tx, notify_rx) = unbounded_channel();
-        let (notify_name, notify_fd) = notify::open(notify_tx).map_err(SupervisorError::Notify)?;
+        let senders = notify::Senders::of(config.credentials.as_ref());
+        let (notify_name, notify_fd, notify_dir) =
+            notify::open(notify_tx, senders).map_err(SupervisorError::Notify)?;
         if config.subreaper {
             // SAFETY: plain prctl.
             unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
@@ -157,6 +170,7 @@ impl Supervisor {
             lifecycle,
         );
         supervisor.node = node_channel_wanted(&supervisor.config, &supervisor.command);
+        supervisor.notify_dir = Some(notify_dir);
         Ok(supervisor)
     }
 
@@ -177,6 +191,7 @@ impl Supervisor {
         let (ipc_tx, ipc_rx) = unbounded_channel();
         let (node_tx, node_rx) = unbounded_channel();
         let (control_tx, control_rx) = unbounded_channel();
+        let filter = crate::seccomp::Filter::reuseport_guard(config.allow_io_uring);
         Supervisor {
             lifecycle,
             notifier: systemd::Notifier::from_environment(),
@@ -201,11 +216,13 @@ impl Supervisor {
             reload_replies: Vec::new(),
             checks: tokio::time::interval(checks::CHECK_EVERY),
             released_sockets: std::collections::HashSet::new(),
-            filter: crate::seccomp::Filter::reuseport_guard(),
+            filter,
             started: Instant::now(),
             notify_fd,
             kept: upgrade::Kept::default(),
             resumed: false,
+            message_budget: budget::Budget::shared(),
+            notify_dir: None,
         }
     }
 
@@ -358,8 +375,10 @@ impl Supervisor {
                 None
             }
             Action::Emit(event) => {
-                if matches!(event, Event::Stopping { .. }) {
-                    self.log_counters();
+                match event {
+                    Event::Stopping { .. } => self.log_counters(),
+                    Event::ReloadStarted { .. } => self.node_groups.rotate_server_data(),
+                    _ => {}
                 }
                 self.emit(event);
                 None
@@ -414,12 +433,13 @@ impl Supervisor {
         if !notify::says_ready(text) {
             return None;
         }
-        let group = notify::process_group(sender);
-        let worker = self
-            .workers
-            .keys()
-            .find(|pid| pid.as_raw() == sender || Some(pid.as_raw()) == group)
-            .copied();
+        // The worker itself, or a process of its session (each worker leads its own).
+        let worker = match self.workers.contains_key(&Pid::from_raw(sender)) {
+            true => Some(Pid::from_raw(sender)),
+            false => notify::session(sender)
+                .map(Pid::from_raw)
+                .filter(|session| self.workers.contains_key(session)),
+        };
         match worker {
             Some(pid) => Some(Input::Ready {
                 pid,

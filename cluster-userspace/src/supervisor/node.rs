@@ -125,6 +125,29 @@ impl NodeGroups {
         )
     }
 
+    /// The `data` to answer a query with. A TLS server must get data back (null crashes it);
+    /// every worker gets the first worker's valid one, so session tickets made on one resume
+    /// on another. Data that is not valid ticket keys goes back to its own worker only, never
+    /// to others: one worker's bad keys would make every later TLS worker crash at listen.
+    pub fn server_data(&mut self, addr: ListenAddr, data: &Value) -> Value {
+        if data.is_null() {
+            return Value::Null;
+        }
+        if let Some(shared) = self.data.get(&addr) {
+            return shared.clone();
+        }
+        if protocol::is_valid_server_data(data) {
+            self.data.insert(addr, data.clone());
+        }
+        data.clone()
+    }
+
+    /// Forgets the shared ticket keys: the workers of a reload start from fresh ones (the
+    /// first replacement's), so keys are rotated at every reload.
+    pub fn rotate_server_data(&mut self) {
+        self.data.clear();
+    }
+
     /// Takes up the state an older binary handed over.
     pub fn restore(&mut self, state: &NodeGroupsState) {
         for port in &state.ephemeral {
@@ -145,8 +168,9 @@ impl Supervisor {
         let WorkerChannel::Node(node) = &mut worker.channel else {
             return None;
         };
-        let message = match event {
-            NodeEvent::Message(message) => message,
+        // The message's room in the worker's budget is given back once it is handled.
+        let (message, _room) = match event {
+            NodeEvent::Message(message, room) => (message, room),
             NodeEvent::Violation(problem) => return self.reject(pid, &problem),
             NodeEvent::Closed => {
                 worker.channel = WorkerChannel::Closed;
@@ -243,17 +267,7 @@ impl Supervisor {
                 if !worker.addresses.contains(&addr) {
                     worker.addresses.push(addr);
                 }
-                // A TLS server must get data back (null crashes it); every worker gets the
-                // first worker's, so session tickets made on one resume on another.
-                let data = if query.data.is_null() {
-                    Value::Null
-                } else {
-                    self.node_groups
-                        .data
-                        .entry(addr)
-                        .or_insert_with(|| query.data.clone())
-                        .clone()
-                };
+                let data = self.node_groups.server_data(addr, &query.data);
                 let reply = ToWorker::Handle {
                     ack: query.seq,
                     seq,

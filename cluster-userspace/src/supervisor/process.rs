@@ -12,7 +12,7 @@ use nix::{
     unistd::Pid,
 };
 
-use super::{ipc::read_ipc, node::NodeWorker, output, Supervisor};
+use super::{budget::Budget, ipc::read_ipc, node::NodeWorker, output, Supervisor};
 use crate::{
     ipc::{
         channel::{self, Endpoint},
@@ -111,6 +111,10 @@ impl Supervisor {
                 self.lifecycle.wanted().to_string(),
             ),
             ("NOTIFY_SOCKET".to_string(), self.notify_socket.clone()),
+            (
+                super::former::PRIMARY_VARIABLE.to_string(),
+                std::process::id().to_string(),
+            ),
         ];
         if self.node {
             // What Node's cluster.fork() sets: the worker's cluster.worker.id is 1-based.
@@ -152,12 +156,17 @@ impl Supervisor {
         output::capture(id, pid.as_raw(), Stream::Stdout, stdout_read);
         output::capture(id, pid.as_raw(), Stream::Stderr, stderr_read);
         let channel = if self.node {
-            NodeChannel::start(primary_end, pid, self.node_tx.clone())
+            NodeChannel::start(primary_end, pid, self.node_tx.clone(), self.node_budget())
                 .map(|channel| WorkerChannel::Node(NodeWorker::new(channel)))
         } else {
             Endpoint::new(primary_end).map(|endpoint| {
                 let endpoint = Arc::new(endpoint);
-                read_ipc(pid, Arc::clone(&endpoint), self.ipc_tx.clone());
+                read_ipc(
+                    pid,
+                    Arc::clone(&endpoint),
+                    self.ipc_tx.clone(),
+                    self.ipc_budget(),
+                );
                 WorkerChannel::ClusterLb {
                     endpoint,
                     online: false,
@@ -182,6 +191,16 @@ impl Supervisor {
             },
         );
         Ok(pid)
+    }
+
+    /// A Node worker's share of the message budget (see `budget`).
+    pub(super) fn node_budget(&self) -> Budget {
+        Budget::for_worker(node_channel::MAX_LINE, &self.message_budget)
+    }
+
+    /// A cluster-lb IPC worker's share of the message budget.
+    pub(super) fn ipc_budget(&self) -> Budget {
+        Budget::for_worker(protocol::MAX_MESSAGE, &self.message_budget)
     }
 
     /// The worker is gone: its slot is free (and out of every map), its channel closed, and

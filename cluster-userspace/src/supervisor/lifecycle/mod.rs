@@ -255,6 +255,8 @@ pub enum ReloadError {
     },
     #[error("reload aborted: the replacement of worker {id} (pid {pid}) left before it was ready ({why}); the old workers keep serving")]
     ReplacementLeft { id: u32, pid: i32, why: Departure },
+    #[error("reload replaced no worker: none of the {wanted} was running (each is restarting after failures, and starts with the new code when it does); `cluster-lb status` shows them")]
+    NothingRunning { wanted: u32 },
 }
 
 /// What happened, as the I/O shell reports it.
@@ -777,9 +779,15 @@ impl Lifecycle {
         reload.replacing = next;
         match next {
             Some(id) => self.spawn(id),
+            // A reload that replaced nothing did not do what it was asked: say so.
             None => {
-                let replaced = reload.replaced;
-                self.end_reload(Ok(replaced));
+                let outcome = match reload.replaced {
+                    0 => Err(ReloadError::NothingRunning {
+                        wanted: self.wanted,
+                    }),
+                    replaced => Ok(replaced),
+                };
+                self.end_reload(outcome);
             }
         }
     }

@@ -376,3 +376,24 @@ fn a_draining_worker_whose_channel_closed_gets_sigterm_after_lingering_then_sigk
         "SIGKILL after --grace all the same"
     );
 }
+
+/// Issue 23: a reload while every worker is waiting for its restart (a crash loop) replaced
+/// nothing, and used to answer "reload complete: 0 workers replaced".
+#[test]
+fn a_reload_with_no_worker_running_reports_that_it_replaced_nothing() {
+    let mut world = ready_cluster(2);
+    world.fail_spawns = 100;
+    for id in 0..2 {
+        let pid = world.pid(id, WorkerState::Ready);
+        world.exit(pid, KILLED);
+    }
+    assert!(world.alive.is_empty(), "both are waiting for their restart");
+    world.apply(Input::Reload);
+    assert_eq!(
+        world.reload_replies,
+        [Err(ReloadError::NothingRunning { wanted: 2 })]
+    );
+    world.fail_spawns = 0;
+    world.settle();
+    world.assert_converged();
+}

@@ -121,7 +121,14 @@ impl World {
                 }
                 Action::Notify(announced) => self.notified.push(announced),
                 Action::Emit(event) => self.events.push(event),
-                Action::ReloadDone(outcome) => self.reload_replies.push(outcome),
+                Action::ReloadDone(outcome) => {
+                    assert_ne!(
+                        outcome,
+                        Ok(0),
+                        "a reload that replaced nothing said it succeeded"
+                    );
+                    self.reload_replies.push(outcome)
+                }
             }
         }
         self.check();

@@ -61,7 +61,9 @@ impl Supervisor {
             .notify
             .take()
             .ok_or_else(|| SupervisorError::Notify(lost("the workers' notify socket")))?;
-        let notify_fd = notify::serve(notify_fd, notify_tx).map_err(SupervisorError::Notify)?;
+        let senders = notify::Senders::of(config.credentials.as_ref());
+        let notify_fd =
+            notify::serve(notify_fd, notify_tx, senders).map_err(SupervisorError::Notify)?;
         let lifecycle = Lifecycle::resume(&state.lifecycle, config.timing, now);
         let mut supervisor = Supervisor::assemble(
             config,
@@ -73,6 +75,7 @@ impl Supervisor {
         );
         supervisor.node = state.node;
         supervisor.resumed = true;
+        supervisor.notify_dir = notify::NotifyDir::of_socket(&state.notify_name);
         supervisor.started = now
             .checked_sub(Duration::from_millis(state.uptime_ms))
             .unwrap_or(now);
@@ -128,7 +131,12 @@ impl Supervisor {
                 .and_then(|fd| Endpoint::new(fd).ok())
                 .map_or(WorkerChannel::Closed, |endpoint| {
                     let endpoint = Arc::new(endpoint);
-                    read_ipc(pid, Arc::clone(&endpoint), self.ipc_tx.clone());
+                    read_ipc(
+                        pid,
+                        Arc::clone(&endpoint),
+                        self.ipc_tx.clone(),
+                        self.ipc_budget(),
+                    );
                     WorkerChannel::ClusterLb {
                         endpoint,
                         online: *online,
@@ -141,7 +149,9 @@ impl Supervisor {
                 next_key,
             } => socket
                 .take()
-                .and_then(|fd| NodeChannel::start(fd, pid, self.node_tx.clone()).ok())
+                .and_then(|fd| {
+                    NodeChannel::start(fd, pid, self.node_tx.clone(), self.node_budget()).ok()
+                })
                 .map_or(WorkerChannel::Closed, |channel| {
                     WorkerChannel::Node(NodeWorker::resume(channel, *seq, listens, *next_key))
                 }),
