@@ -1,8 +1,9 @@
 //! What tests/servers.rs needs besides cargo's own builds, cached under the target directory:
 //! the Python servers pinned in tests/python/requirements.txt, in a venv at <target>/python
 //! (reinstalled when the pins change); examples/go built with Debian's golang-go into
-//! <target>/go/go-server (offline: standard library only, GOCACHE under <target>/go); and
-//! Debian's lighttpd with its Lua module.
+//! <target>/go/go-server (offline: standard library only, GOCACHE under <target>/go); Debian's
+//! lighttpd with its Lua module; and the hostile C workers of tests/workers/hardening, built
+//! with gcc into <target>/hardening.
 
 use std::{fs, path::Path, process::Command};
 
@@ -17,7 +18,29 @@ pub fn ensure() -> Result<()> {
         setup::install_packages(&["lighttpd-modules-lua"])?;
     }
     python_servers(&target_dir()?.join("python"))?;
-    go_server(&target_dir()?.join("go"))
+    go_server(&target_dir()?.join("go"))?;
+    hostile_workers(&target_dir()?.join("hardening"))
+}
+
+/// Each tests/workers/hardening/NAME.c as <target>/hardening/NAME (with - for _).
+fn hostile_workers(dir: &Path) -> Result<()> {
+    setup::ensure_packages(&[("gcc", "gcc")])?;
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let sources = root().join("tests/workers/hardening");
+    for entry in fs::read_dir(&sources).context("listing tests/workers/hardening")? {
+        let source = entry?.path();
+        if source.extension().and_then(|e| e.to_str()) != Some("c") {
+            continue;
+        }
+        let Some(stem) = source.file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        run(Command::new("gcc")
+            .args(["-O1", "-Wall", "-Wextra", "-Werror", "-o"])
+            .arg(dir.join(stem.replace('_', "-")))
+            .arg(&source))?;
+    }
+    Ok(())
 }
 
 fn python_servers(venv: &Path) -> Result<()> {
