@@ -188,7 +188,7 @@ fn a_program_that_exits_at_once_is_restarted_with_growing_delays() {
 fn a_worker_that_ignores_term_is_killed_after_grace() {
     root_test("grace_then_kill", || {
         // Ready (READY=1) only once it ignores TERM.
-        let stubborn = "import os, signal, socket, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nsocket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'READY=1', '\\0' + os.environ['NOTIFY_SOCKET'][1:])\ntime.sleep(300)";
+        let stubborn = "import os, signal, socket, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\na = os.environ['NOTIFY_SOCKET']\nsocket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'READY=1', '\\0' + a[1:] if a[0] == '@' else a)\ntime.sleep(300)";
         let mut cluster = Cluster::start(&[
             "run",
             "-w",
@@ -473,8 +473,8 @@ fn an_embedded_supervisor_reaps_only_its_workers_and_leaves_signals_alone() {
                     caught_before,
                     "no signal handler installed"
                 );
-                // SAFETY: plain prctl reading into a local.
                 let mut subreaper: libc::c_int = -1;
+                // SAFETY: plain prctl reading into a local.
                 unsafe { libc::prctl(libc::PR_GET_CHILD_SUBREAPER, &mut subreaper) };
                 assert_eq!(subreaper, 0, "not made a subreaper");
                 let status = tokio::task::spawn_blocking(move || own_child.wait())

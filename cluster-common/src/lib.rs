@@ -131,10 +131,14 @@ pub struct SlotStats {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: both types are repr(C), made only of integers, with no padding and no invalid
-    // bit patterns, which is what aya::Pod requires.
+    // aya::Pod asks for repr(C) types of integers only, with no padding and no invalid bit
+    // pattern; each of these is one.
+    // SAFETY: repr(C), u32 and [u32; N]: no padding.
     unsafe impl aya::Pod for super::ActiveSet {}
+    // SAFETY: repr(C), three u64: no padding.
     unsafe impl aya::Pod for super::SlotStats {}
+    // SAFETY: repr(C), [u8; 16] and two u16 (20 bytes, alignment 2): no padding.
     unsafe impl aya::Pod for super::ConnKey {}
+    // SAFETY: repr(C), two u32: no padding.
     unsafe impl aya::Pod for super::ConnSlot {}
 }

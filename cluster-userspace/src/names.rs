@@ -9,7 +9,7 @@ use std::{
     str::FromStr,
 };
 
-use crate::listen_addr::ListenAddr;
+use cluster_lb_worker::listen_addr::ListenAddr;
 
 /// Overrides the run directory (tests, and hosts where /run is not the place).
 pub const RUN_DIR_ENV: &str = "CLUSTER_LB_RUN_DIR";

@@ -60,6 +60,7 @@ pub struct Filter {
 // SAFETY: `program` points into `code`, which the Filter owns and never changes after
 // construction; the pointer is only read (by the kernel, in a forked child).
 unsafe impl Send for Filter {}
+// SAFETY: as for Send: nothing writes through the pointer, so shared references are fine.
 unsafe impl Sync for Filter {}
 
 impl std::fmt::Debug for Filter {

@@ -4,7 +4,7 @@ use std::{fmt, io};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-use crate::listen_addr::{ListenAddr, Transport};
+use cluster_lb_worker::listen_addr::{ListenAddr, Transport};
 
 /// Accept queue length asked for; the kernel caps it at net.core.somaxconn.
 const BACKLOG: i32 = 4096;

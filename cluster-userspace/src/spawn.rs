@@ -204,14 +204,16 @@ impl WorkerCommand {
                 .map_err(|e| os("creating a pipe")(e.into()))?;
         let parent = std::process::id() as libc::pid_t;
 
-        // SAFETY: fork in a process that forks only from its one thread (the primary runs a
-        // current-thread runtime). The child calls only async-signal-safe functions on memory
-        // prepared above, then execs or exits.
+        // SAFETY: the primary may have other threads (the output writer, an embedder's), so the
+        // child may only call async-signal-safe functions until it execs: it does, on memory
+        // prepared above (no allocation, no lock), then execs or _exits.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             return Err(os("fork failed")(std::io::Error::last_os_error()));
         }
         if pid == 0 {
+            // SAFETY: in the child of the fork above; every pointer points into memory the
+            // parent prepared and that stays alive, unchanged, until exec (see ChildSetup).
             unsafe {
                 child_after_fork(ChildSetup {
                     path: self.path.as_ptr(),
@@ -269,122 +271,126 @@ struct ChildSetup<'a> {
 
 /// Runs in the forked child: async-signal-safe calls only, no allocation, never returns.
 unsafe fn child_after_fork(setup: ChildSetup<'_>) -> ! {
-    let fail = |exec_error: RawFd| -> ! {
-        let errno = *libc::__errno_location();
-        libc::write(exec_error, errno.to_ne_bytes().as_ptr().cast(), 4);
-        libc::_exit(127)
-    };
+    // SAFETY: we run in the forked child, which calls only async-signal-safe functions on memory
+    // the parent prepared (this function's contract), and every path ends in execve or _exit.
+    unsafe {
+        let fail = |exec_error: RawFd| -> ! {
+            let errno = *libc::__errno_location();
+            libc::write(exec_error, errno.to_ne_bytes().as_ptr().cast(), 4);
+            libc::_exit(127)
+        };
 
-    write_decimal(setup.listen_pid, libc::getpid() as u64);
+        write_decimal(setup.listen_pid, libc::getpid() as u64);
 
-    // Own session (and so process group): a terminal's Ctrl-C reaches only the primary, which
-    // then stops the workers in order instead of every process receiving SIGINT at once; and
-    // no process of another worker can join this one's session to send READY=1 for it.
-    libc::setsid();
-    // Undo what the primary changed: Rust ignores SIGPIPE, and no signal may stay blocked.
-    libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    let mut empty: libc::sigset_t = std::mem::zeroed();
-    libc::sigemptyset(&mut empty);
-    libc::sigprocmask(libc::SIG_SETMASK, &empty, ptr::null_mut());
-    // Out of the way of the fds the worker gets (3 .. 3+count), close-on-exec, so an exec
-    // failure can still be reported and a success closes it.
-    let count = setup.source_fds.len() as RawFd;
-    let first_free = LISTEN_FDS_START + count;
-    let exec_error = libc::fcntl(setup.exec_error, libc::F_DUPFD_CLOEXEC, first_free + 1);
-    if exec_error < 0 {
-        fail(setup.exec_error);
-    }
+        // Own session (and so process group): a terminal's Ctrl-C reaches only the primary, which
+        // then stops the workers in order instead of every process receiving SIGINT at once; and
+        // no process of another worker can join this one's session to send READY=1 for it.
+        libc::setsid();
+        // Undo what the primary changed: Rust ignores SIGPIPE, and no signal may stay blocked.
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, ptr::null_mut());
+        // Out of the way of the fds the worker gets (3 .. 3+count), close-on-exec, so an exec
+        // failure can still be reported and a success closes it.
+        let count = setup.source_fds.len() as RawFd;
+        let first_free = LISTEN_FDS_START + count;
+        let exec_error = libc::fcntl(setup.exec_error, libc::F_DUPFD_CLOEXEC, first_free + 1);
+        if exec_error < 0 {
+            fail(setup.exec_error);
+        }
 
-    if libc::dup2(setup.stdin, 0) < 0 {
-        fail(exec_error);
-    }
-    for (target, source) in [(1, setup.stdout), (2, setup.stderr)] {
-        if let Some(source) = source {
-            if libc::dup2(source, target) < 0 {
+        if libc::dup2(setup.stdin, 0) < 0 {
+            fail(exec_error);
+        }
+        for (target, source) in [(1, setup.stdout), (2, setup.stderr)] {
+            if let Some(source) = source {
+                if libc::dup2(source, target) < 0 {
+                    fail(exec_error);
+                }
+            }
+        }
+        // Supplementary groups, then the gid, then the uid: each step needs the privilege the next
+        // one gives up. no_new_privs so a set-uid binary cannot take the privileges back.
+        if let Some(user) = setup.credentials {
+            if libc::setgroups(user.groups.len(), user.groups.as_ptr()) != 0
+                || libc::setgid(user.gid) != 0
+                || libc::setuid(user.uid) != 0
+                || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            {
                 fail(exec_error);
             }
         }
-    }
-    // Supplementary groups, then the gid, then the uid: each step needs the privilege the next
-    // one gives up. no_new_privs so a set-uid binary cannot take the privileges back.
-    if let Some(user) = setup.credentials {
-        if libc::setgroups(user.groups.len(), user.groups.as_ptr()) != 0
-            || libc::setgid(user.gid) != 0
-            || libc::setuid(user.uid) != 0
-            || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+        // If the primary dies without stopping us, stop too rather than serve unsupervised. After
+        // the credentials changed: the kernel clears the death signal when they do. The primary
+        // may have died before this line; then nobody would send it, so check.
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGTERM as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
         {
             fail(exec_error);
         }
-    }
-    // If the primary dies without stopping us, stop too rather than serve unsupervised. After
-    // the credentials changed: the kernel clears the death signal when they do. The primary
-    // may have died before this line; then nobody would send it, so check.
-    if libc::prctl(
-        libc::PR_SET_PDEATHSIG,
-        libc::SIGTERM as libc::c_ulong,
-        0,
-        0,
-        0,
-    ) != 0
-    {
-        fail(exec_error);
-    }
-    if libc::getppid() != setup.parent {
-        libc::_exit(0);
-    }
-    // Move the sockets to 3, 4, ...: first above that range, so no target is still a source.
-    let mut lifted = [0 as RawFd; 64];
-    for (i, &fd) in setup.source_fds.iter().enumerate().take(lifted.len()) {
-        lifted[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, first_free);
-        if lifted[i] < 0 {
+        if libc::getppid() != setup.parent {
+            libc::_exit(0);
+        }
+        // Move the sockets to 3, 4, ...: first above that range, so no target is still a source.
+        let mut lifted = [0 as RawFd; 64];
+        for (i, &fd) in setup.source_fds.iter().enumerate().take(lifted.len()) {
+            lifted[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, first_free);
+            if lifted[i] < 0 {
+                fail(exec_error);
+            }
+        }
+        for (i, &fd) in lifted.iter().enumerate().take(count as usize) {
+            // dup2 leaves close-on-exec off on the new fd, so the program inherits it.
+            if libc::dup2(fd, LISTEN_FDS_START + i as RawFd) < 0 {
+                fail(exec_error);
+            }
+        }
+        // The exec-error pipe at the first free fd, then nothing above it: a worker starts with
+        // exactly its stdio, its sockets and its channel, whatever the primary had open without
+        // close-on-exec (a descriptor inherited from whoever started cluster-lb, say).
+        if libc::dup3(exec_error, first_free, libc::O_CLOEXEC) < 0 {
             fail(exec_error);
         }
-    }
-    for (i, &fd) in lifted.iter().enumerate().take(count as usize) {
-        // dup2 leaves close-on-exec off on the new fd, so the program inherits it.
-        if libc::dup2(fd, LISTEN_FDS_START + i as RawFd) < 0 {
+        let exec_error = first_free;
+        if close_from(first_free + 1) != 0 {
             fail(exec_error);
         }
-    }
-    // The exec-error pipe at the first free fd, then nothing above it: a worker starts with
-    // exactly its stdio, its sockets and its channel, whatever the primary had open without
-    // close-on-exec (a descriptor inherited from whoever started cluster-lb, say).
-    if libc::dup3(exec_error, first_free, libc::O_CLOEXEC) < 0 {
-        fail(exec_error);
-    }
-    let exec_error = first_free;
-    if close_from(first_free + 1) != 0 {
-        fail(exec_error);
-    }
-    // The primary raised its own descriptor limit (it holds a few per worker); the worker gets
-    // the limit the primary was started with, as if started by the same shell.
-    if let Some(limit) = setup.nofile {
-        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-    }
-    // Last, as it restricts system calls: the worker may not change its group's program.
-    if let Some(filter) = setup.filter {
-        let install = || {
-            libc::prctl(
-                libc::PR_SET_SECCOMP,
-                libc::SECCOMP_MODE_FILTER as libc::c_ulong,
-                filter as *const libc::sock_fprog as libc::c_ulong,
-                0,
-                0,
-            )
-        };
-        // Without CAP_SYS_ADMIN the kernel takes a filter only under no_new_privs (a --user
-        // worker has it already; a root one without the capability gets it now).
-        if install() != 0
-            && (*libc::__errno_location() != libc::EACCES
-                || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-                || install() != 0)
-        {
-            fail(exec_error);
+        // The primary raised its own descriptor limit (it holds a few per worker); the worker gets
+        // the limit the primary was started with, as if started by the same shell.
+        if let Some(limit) = setup.nofile {
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
-    }
+        // Last, as it restricts system calls: the worker may not change its group's program.
+        if let Some(filter) = setup.filter {
+            let install = || {
+                libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER as libc::c_ulong,
+                    filter as *const libc::sock_fprog as libc::c_ulong,
+                    0,
+                    0,
+                )
+            };
+            // Without CAP_SYS_ADMIN the kernel takes a filter only under no_new_privs (a --user
+            // worker has it already; a root one without the capability gets it now).
+            if install() != 0
+                && (*libc::__errno_location() != libc::EACCES
+                    || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                    || install() != 0)
+            {
+                fail(exec_error);
+            }
+        }
 
-    libc::execve(setup.path, setup.argv, setup.envp);
-    fail(exec_error)
+        libc::execve(setup.path, setup.argv, setup.envp);
+        fail(exec_error)
+    }
 }
 
 static ORIGINAL_NOFILE: std::sync::OnceLock<Option<libc::rlimit>> = std::sync::OnceLock::new();
@@ -419,42 +425,48 @@ pub fn raise_descriptor_limit() -> u64 {
 /// Closes every descriptor from `first` up (close_range, Linux 5.9+; one by one before).
 /// Async-signal-safe.
 unsafe fn close_from(first: RawFd) -> libc::c_int {
-    if libc::syscall(
-        libc::SYS_close_range,
-        first as libc::c_uint,
-        libc::c_uint::MAX,
-        0,
-    ) == 0
-    {
-        return 0;
+    // SAFETY: plain system calls on integers and a local struct; async-signal-safe.
+    unsafe {
+        if libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            0,
+        ) == 0
+        {
+            return 0;
+        }
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return -1;
+        }
+        let last = limit.rlim_cur.min(1 << 20) as RawFd;
+        for fd in first..last {
+            libc::close(fd);
+        }
+        0
     }
-    let mut limit: libc::rlimit = std::mem::zeroed();
-    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-        return -1;
-    }
-    let last = limit.rlim_cur.min(1 << 20) as RawFd;
-    for fd in first..last {
-        libc::close(fd);
-    }
-    0
 }
 
 /// Writes `value` in decimal at `out` followed by a NUL; `out` has room for 20 digits + NUL.
 unsafe fn write_decimal(out: *mut u8, mut value: u64) {
-    let mut digits = [0u8; 20];
-    let mut len = 0;
-    loop {
-        digits[len] = b'0' + (value % 10) as u8;
-        len += 1;
-        value /= 10;
-        if value == 0 {
-            break;
+    // SAFETY: the caller gives room for 21 bytes at `out` (this function's contract).
+    unsafe {
+        let mut digits = [0u8; 20];
+        let mut len = 0;
+        loop {
+            digits[len] = b'0' + (value % 10) as u8;
+            len += 1;
+            value /= 10;
+            if value == 0 {
+                break;
+            }
         }
+        for i in 0..len {
+            *out.add(i) = digits[len - 1 - i];
+        }
+        *out.add(len) = 0;
     }
-    for i in 0..len {
-        *out.add(i) = digits[len - 1 - i];
-    }
-    *out.add(len) = 0;
 }
 
 fn env_entry(key: &OsStr, value: &OsStr) -> Option<CString> {
@@ -505,6 +517,7 @@ mod tests {
             (u64::MAX, "18446744073709551615"),
         ] {
             let mut buffer = [0xffu8; 21];
+            // SAFETY: the buffer has the 21 bytes write_decimal may write.
             unsafe { write_decimal(buffer.as_mut_ptr(), value) };
             assert_eq!(&buffer[..text.len()], text.as_bytes());
             assert_eq!(buffer[text.len()], 0);

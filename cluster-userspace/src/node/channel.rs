@@ -250,7 +250,12 @@ async fn read_lines(socket: &AsyncFd<OwnedFd>, reader: &Reader) -> Result<(), St
                 return Ok(());
             };
             match guard.try_io(|inner| {
-                crate::sys::fds::receive(inner.get_ref().as_fd(), &mut buffer, MAX_FDS, false)
+                cluster_lb_worker::unix::receive(
+                    inner.get_ref().as_fd(),
+                    &mut buffer,
+                    MAX_FDS,
+                    false,
+                )
             }) {
                 Ok(Ok(received)) => break received,
                 Ok(Err(_)) => return Ok(()),

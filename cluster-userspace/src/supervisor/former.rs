@@ -14,7 +14,7 @@ use std::{net::SocketAddr, time::Duration};
 use nix::{sys::signal::Signal, unistd::Pid};
 
 use super::audit;
-use crate::listen_addr::ListenAddr;
+use cluster_lb_worker::listen_addr::ListenAddr;
 
 /// The variable naming a worker's primary.
 pub const PRIMARY_VARIABLE: &str = "CLUSTER_LB_PRIMARY";

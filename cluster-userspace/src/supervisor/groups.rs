@@ -218,7 +218,7 @@ impl Groups {
     /// means: the same address, or, for a listen without a host, the same port.
     pub fn activated_index(
         &self,
-        transport: crate::listen_addr::Transport,
+        transport: cluster_lb_worker::listen_addr::Transport,
         ip: Option<std::net::IpAddr>,
         port: u16,
     ) -> Option<usize> {

@@ -14,12 +14,10 @@ use super::{
     process::WorkerChannel,
     Departure, Event, Input, Readiness, Supervisor,
 };
-use crate::{
-    ipc::{
-        channel::Endpoint,
-        protocol::{self, PrimaryMessage, WorkerMessage, VERSION},
-    },
-    listen_addr::ListenAddr,
+use cluster_lb_worker::{
+    channel::Endpoint,
+    protocol::{self, PrimaryMessage, WorkerMessage, VERSION},
+    ListenAddr,
 };
 
 /// What a worker's IPC reader reports.

@@ -109,7 +109,7 @@ pub fn serve(
     sink: UnboundedSender<(i32, String)>,
     senders: Senders,
 ) -> std::io::Result<Inherited> {
-    crate::sys::fds::set_nonblocking(fd.as_fd())?;
+    cluster_lb_worker::unix::set_nonblocking(fd.as_fd())?;
     let named = Inherited::of(&fd).ok_or_else(|| std::io::Error::other("fstat failed"))?;
     // SAFETY: the AsyncFd owns the descriptor for as long as it is registered.
     let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
@@ -154,7 +154,7 @@ pub fn serve(
 /// One datagram: (sender pid, sender uid, text); `None` without credentials.
 fn receive(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Option<(i32, libc::uid_t, String)>> {
     let mut buffer = [0u8; 4096];
-    let received = crate::sys::fds::receive(fd, &mut buffer, 0, true)?;
+    let received = cluster_lb_worker::unix::receive(fd, &mut buffer, 0, true)?;
     let text = String::from_utf8_lossy(&buffer[..received.len]).into_owned();
     Ok(received.sender.map(|sender| (sender.pid, sender.uid, text)))
 }

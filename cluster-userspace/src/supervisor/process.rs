@@ -13,13 +13,13 @@ use nix::{
 };
 
 use super::{budget::Budget, ipc::read_ipc, node::NodeWorker, output, Supervisor};
+use cluster_lb_worker::{
+    channel::{self, Endpoint},
+    protocol::{self, PrimaryMessage, VERSION},
+    ListenAddr, IPC_FD_VARIABLE,
+};
+
 use crate::{
-    ipc::{
-        channel::{self, Endpoint},
-        protocol::{self, PrimaryMessage, VERSION},
-        IPC_FD_VARIABLE,
-    },
-    listen_addr::ListenAddr,
     logging::Stream,
     node::channel::{self as node_channel, NodeChannel},
     spawn::{Channel, SpawnError, WorkerSpec},

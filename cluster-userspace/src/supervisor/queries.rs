@@ -8,7 +8,7 @@ use std::os::fd::OwnedFd;
 use nix::unistd::Pid;
 
 use super::Supervisor;
-use crate::listen_addr::ListenAddr;
+use cluster_lb_worker::listen_addr::ListenAddr;
 
 /// Addresses the workers of one cluster may ask for (groups besides the --listen ones).
 pub const MAX_QUERY_GROUPS: usize = 16;

@@ -141,8 +141,9 @@ pub(super) fn pidfd_open(pid: Pid) -> std::io::Result<OwnedFd> {
 }
 
 fn reap_pidfd(pidfd: &OwnedFd) -> Option<ExitStatus> {
-    // SAFETY: waitid fills `info`, a zeroed siginfo_t, and touches nothing else.
+    // SAFETY: an all-zero siginfo_t is a valid value (plain integers and unions of them).
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid fills `info`, which lives through the call, and touches nothing else.
     let result = unsafe {
         libc::waitid(
             P_PIDFD,
@@ -155,6 +156,7 @@ fn reap_pidfd(pidfd: &OwnedFd) -> Option<ExitStatus> {
     if result != 0 || unsafe { info.si_pid() } == 0 {
         return None; // reaped by someone else, or not exited yet
     }
+    // SAFETY: as above, for si_status.
     let status = unsafe { info.si_status() };
     match info.si_code {
         libc::CLD_EXITED => Some(ExitStatus::Code(status)),
@@ -166,8 +168,9 @@ fn reap_pidfd(pidfd: &OwnedFd) -> Option<ExitStatus> {
 
 /// Whether `pid` has exited, without reaping it (the poller's view).
 fn has_exited(pid: Pid) -> bool {
-    // SAFETY: as in reap_pidfd; WNOWAIT leaves the child to be reaped later.
+    // SAFETY: as in reap_pidfd.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as in reap_pidfd; WNOWAIT leaves the child to be reaped later.
     let result = unsafe {
         libc::waitid(
             libc::P_PID,
@@ -176,6 +179,7 @@ fn has_exited(pid: Pid) -> bool {
             libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
         )
     };
+    // SAFETY: after waitid, si_pid is the field it set (0 when nothing exited).
     result != 0 || unsafe { info.si_pid() } != 0
 }
 

@@ -280,7 +280,7 @@ pub fn check_takeover(config: &super::Config, state: &State) -> Result<(), Strin
         .map(|g| g.addr)
         .collect();
     if running != config.listen {
-        let show = |addrs: &[crate::listen_addr::ListenAddr]| {
+        let show = |addrs: &[cluster_lb_worker::listen_addr::ListenAddr]| {
             addrs
                 .iter()
                 .map(ToString::to_string)

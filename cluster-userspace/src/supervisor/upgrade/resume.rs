@@ -15,8 +15,9 @@ use super::{
     state::{ChannelState, Inherited, State},
     Kept,
 };
+use cluster_lb_worker::channel::Endpoint;
+
 use crate::{
-    ipc::channel::Endpoint,
     kernel::Strategy,
     logging::Stream,
     node::channel::NodeChannel,
@@ -183,7 +184,9 @@ impl Supervisor {
 
 /// For each group address, the (slot, socket) of every worker that still holds the socket it
 /// was given, copied out of the worker (pidfd_getfd).
-fn worker_sockets(state: &State) -> Vec<(crate::listen_addr::ListenAddr, u32, OwnedFd)> {
+fn worker_sockets(
+    state: &State,
+) -> Vec<(cluster_lb_worker::listen_addr::ListenAddr, u32, OwnedFd)> {
     let mut sockets = Vec::new();
     for worker in &state.workers {
         for (inode, addr) in &worker.given {

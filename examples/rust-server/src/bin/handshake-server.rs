@@ -1,4 +1,4 @@
-//! A Rust worker that uses the cluster_lb::worker library, like a Node worker uses `cluster`:
+//! A Rust worker that uses the cluster-lb-worker library, like a Node worker uses `cluster`:
 //! `listen` gets its socket from the primary (IPC queryServer, or socket activation), and the
 //! primary counts it ready only once it says `listening`. It answers user messages and stops
 //! gracefully when the primary says `disconnect`. Outside cluster-lb it simply binds.
@@ -7,7 +7,7 @@
 
 use std::process::ExitCode;
 
-use cluster_lb::worker::{self, Incoming};
+use cluster_lb_worker::{self as worker, Incoming};
 use example_rust_server::{run, serve_http};
 use serde_json::json;
 

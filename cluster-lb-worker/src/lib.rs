@@ -1,11 +1,17 @@
-//! The API a Rust worker calls, the way a Node worker uses `cluster`:
+//! What a Rust worker of cluster-lb links, the way a Node worker uses `cluster`:
 //!
 //! ```no_run
 //! # async fn serve() -> std::io::Result<()> {
-//! let listener = cluster_lb::worker::listen("127.0.0.1:8080").await?;
-//! // ... accept on `listener`; watch cluster_lb::worker::recv() for Incoming::Disconnect
+//! let listener = cluster_lb_worker::listen("127.0.0.1:8080").await?;
+//! // ... accept on `listener`; watch cluster_lb_worker::recv() for Incoming::Disconnect
 //! # Ok(()) }
 //! ```
+//!
+//! The crate also holds what both ends of a worker's channel share: the IPC wire protocol
+//! ([`protocol`], docs/PROTOCOL.md), its transport ([`channel`]), listen addresses
+//! ([`ListenAddr`]) and the one receive that takes descriptors safely ([`unix`]). It depends on
+//! no part of the primary (no eBPF loader, no command line, no terminal UI): `cluster-lb`
+//! re-exports it as `cluster_lb::worker`.
 //!
 //! Under cluster-lb, `listen` takes the socket the primary made: the socket-activated one if
 //! the address was given with `--listen`, else one asked for over IPC (`queryServer`). It then
@@ -30,14 +36,18 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use crate::{
-    ipc::{
-        channel::Endpoint,
-        protocol::{self, PrimaryMessage, WorkerMessage, VERSION},
-        IPC_FD_VARIABLE,
-    },
-    listen_addr::ListenAddr,
-};
+pub mod channel;
+pub mod listen_addr;
+pub mod protocol;
+pub mod unix;
+
+pub use listen_addr::{ListenAddr, Transport};
+
+use channel::Endpoint;
+use protocol::{PrimaryMessage, WorkerMessage, VERSION};
+
+/// The variable that tells a worker which fd is its end of the channel.
+pub const IPC_FD_VARIABLE: &str = "CLUSTER_LB_IPC_FD";
 
 /// How long `listen` waits for the primary's answer to `queryServer`.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);

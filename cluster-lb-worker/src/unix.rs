@@ -1,5 +1,6 @@
 //! Descriptors that travel over Unix sockets (SCM_RIGHTS), and the sender's credentials
-//! (SCM_CREDENTIALS), received in one place so that no path can leak them.
+//! (SCM_CREDENTIALS), received in one place so that no path can leak them: both ends of a
+//! worker's channel, Node's channel and the notify socket of the primary read through here.
 //!
 //! Why not nix's `recvmsg`: when the control buffer was too small (MSG_CTRUNC) its `cmsgs()`
 //! fails, and the descriptors the kernel did install are never wrapped, so they stay open in

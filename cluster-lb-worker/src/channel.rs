@@ -47,7 +47,7 @@ pub struct Endpoint {
 impl Endpoint {
     /// Registers `fd` with the current tokio runtime (and makes it non-blocking).
     pub fn new(fd: OwnedFd) -> io::Result<Endpoint> {
-        crate::sys::fds::set_nonblocking(fd.as_fd())?;
+        crate::unix::set_nonblocking(fd.as_fd())?;
         // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and the same for
         // as long as it is registered.
         let fd =
@@ -66,7 +66,8 @@ impl Endpoint {
     /// # Safety
     /// `fd` must be an open SOCK_SEQPACKET socket that nothing else in the process owns.
     pub unsafe fn from_inherited(fd: RawFd) -> io::Result<Endpoint> {
-        let owned = OwnedFd::from_raw_fd(fd);
+        // SAFETY: the caller promises `fd` is an open socket nothing else owns.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
         nix::fcntl::fcntl(
             &owned,
             nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
@@ -119,7 +120,7 @@ fn recv_now(socket: RawFd) -> io::Result<Option<Datagram>> {
     let socket = unsafe { BorrowedFd::borrow_raw(socket) };
     // Room for more descriptors than any message carries (one), so that a sender attaching
     // several still has all of them received, owned and closed here.
-    let received = crate::sys::fds::receive(socket, &mut buffer, MAX_FDS, false)?;
+    let received = crate::unix::receive(socket, &mut buffer, MAX_FDS, false)?;
     if received.is_eof() {
         return Ok(None);
     }
