@@ -151,6 +151,16 @@ pub fn worker_line(id: u32, pid: i32, stream: Stream, line: &str) {
     }
 }
 
+/// What a worker said, to quote in a line of the primary: cut to 200 characters (a worker
+/// decides how long it is). Control characters are escaped when the line is written.
+pub fn quote(text: &str) -> std::borrow::Cow<'_, str> {
+    const LONGEST: usize = 200;
+    match text.char_indices().nth(LONGEST) {
+        None => text.into(),
+        Some((cut, _)) => format!("{}... ({} bytes)", &text[..cut], text.len()).into(),
+    }
+}
+
 /// Control characters (C0 but tab, DEL, C1) as `\xNN`, the rest as is.
 pub fn escape_controls(line: &str) -> std::borrow::Cow<'_, str> {
     let is_control = |c: char| (c.is_control() && c != '\t') || ('\u{80}'..='\u{9f}').contains(&c);

@@ -21,8 +21,10 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use cluster_lb::supervisor::{ClusterStatus, WorkerState};
 use serde_json::Value;
+
+pub mod control;
+pub use control::{fetch_status, ClusterStatus, WorkerState, WorkerStatus};
 
 /// Linux capability numbers (linux/capability.h), for dropping them from a child.
 pub const CAP_NET_ADMIN: u32 = 12;
@@ -101,6 +103,20 @@ pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+/// The address most tests serve on (in a network namespace of their own).
+pub const ADDR: &str = "127.0.0.1:8080";
+
+pub fn addr() -> SocketAddr {
+    ADDR.parse().expect("ADDR is an address")
+}
+
+/// The socket-activated Rust example server (examples/rust-server).
+pub fn rust_server() -> String {
+    workspace_binary("example-rust-server")
+        .display()
+        .to_string()
 }
 
 /// The Node majors the Node tests run against.
@@ -218,7 +234,7 @@ pub fn run_dir() -> RunDir {
 pub fn cluster_lb_in(run_dir: &Path, args: &[&str]) -> (Option<i32>, String, Vec<String>) {
     let output = Command::new(workspace_binary("cluster-lb"))
         .args(args)
-        .env(cluster_lb::names::RUN_DIR_ENV, run_dir)
+        .env(control::RUN_DIR_ENV, run_dir)
         .stdin(Stdio::null())
         .output()
         .expect("running cluster-lb");
@@ -243,9 +259,7 @@ impl Cluster {
             args.splice(1..1, ["--log-format", "json"]);
         }
         let mut command = Command::new(workspace_binary("cluster-lb"));
-        command
-            .args(&args)
-            .env(cluster_lb::names::RUN_DIR_ENV, run_dir);
+        command.args(&args).env(control::RUN_DIR_ENV, run_dir);
         let mut cluster = Cluster::start_command(command);
         cluster.control = Some(run_dir.join(format!("{name}.sock")));
         cluster
@@ -370,7 +384,7 @@ impl Cluster {
     }
 
     pub fn status(&self) -> ClusterStatus {
-        cluster_lb::client::fetch_status(self.control())
+        fetch_status(self.control())
             .unwrap_or_else(|e| panic!("status: {e}; output:\n{}", self.lines().join("\n")))
     }
 
@@ -383,7 +397,7 @@ impl Cluster {
     ) -> ClusterStatus {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok(status) = cluster_lb::client::fetch_status(self.control()) {
+            if let Ok(status) = fetch_status(self.control()) {
                 if check(&status) {
                     return status;
                 }

@@ -145,11 +145,19 @@ fn usage_error(error: &clap::Error, argv: &[String]) -> String {
             tasks.join(", ")
         );
     }
-    let message = cluster_lb::cli::one_line_error(error);
+    let message = clap_message(error);
     match argv.get(1).filter(|arg| tasks.contains(&arg.as_str())) {
         Some(task) => format!("{message} (see cargo xtask help {task})"),
         None => format!("{message} (see cargo xtask help)"),
     }
+}
+
+/// clap's message alone: its first line, without the `error: ` prefix, usage and tips.
+fn clap_message(error: &clap::Error) -> String {
+    let rendered = error.render().to_string();
+    let first = rendered.lines().map(str::trim).find(|l| !l.is_empty());
+    let first = first.unwrap_or("bad arguments");
+    first.strip_prefix("error: ").unwrap_or(first).to_string()
 }
 
 /// The arguments after the task name, exactly as given: clap would drop the first `--` of

@@ -22,45 +22,41 @@ use cargo_metadata::{Message, TargetKind};
 
 use crate::{cargo, root, run, setup, target_dir, test_counts::TestCounts};
 
-/// Test binary and the exact test names that run inside the VMs (none: all of its tests). Every
-/// name must exist (checked with `--list` before booting) and must have run in every VM.
+/// Test binary (cargo's target name: `cluster_lb` is cluster-lb's unit tests, `integration`
+/// the integration tests) and the exact names of its tests that run inside the VMs. Every name
+/// must exist (checked with `--list` before booting) and must have run in every VM.
 const VM_TESTS: &[(&str, &[&str])] = &[
-    ("kernel_layer", &[]), // all of them
-    ("cli_errors", &[]),
     (
-        "balance",
-        &["round_robin_gives_rust_workers_exactly_equal_shares"],
-    ),
-    (
-        "zero_downtime",
+        "cluster_lb",
         &[
-            "three_reloads_and_scaling_under_load_fail_no_request",
-            "connections_queued_on_a_stopped_worker_migrate_when_it_dies",
-            "a_worker_killed_under_load_loses_at_most_what_it_had_accepted",
-            "systemd_hears_ready_reloading_and_stopping",
-            "twenty_seconds_of_kills_reloads_and_scales_end_with_every_wanted_worker_ready",
+            "kernel::layer_tests::round_robin_counters_match_what_the_listeners_accepted",
+            "kernel::layer_tests::a_closed_socket_in_the_active_set_is_skipped_and_counted_as_fallback",
+            "kernel::layer_tests::only_active_slots_receive_connections_and_strategy_switches_at_run_time",
         ],
     ),
     (
-        "strategies",
+        "integration",
         &[
-            "sticky_keeps_each_client_on_one_worker_moves_few_on_scale_and_none_on_reload",
-            "least_loaded_counts_open_connections_and_avoids_a_stuck_worker",
-        ],
-    ),
-    (
-        "upgrade",
-        &[
-            "an_upgrade_to_a_broken_binary_leaves_the_old_primary_in_charge",
-            "an_upgrade_during_a_reload_is_refused_in_one_line",
-        ],
-    ),
-    (
-        "supervision",
-        &[
-            "a_handshake_worker_is_ready_only_after_listening_and_events_come_in_order",
-            "a_program_that_exits_at_once_is_restarted_with_growing_delays",
-            "a_program_can_be_its_own_primary",
+            "cli_errors::bad_listen_values_are_named_in_one_line",
+            "cli_errors::round_robin_for_udp_is_refused_in_one_line",
+            "cli_errors::other_bad_arguments_are_named_in_one_line",
+            "cli_errors::a_port_in_use_is_one_clear_error",
+            "cli_errors::a_missing_command_is_one_clear_error",
+            "cli_errors::an_address_no_interface_has_is_one_clear_error",
+            "cli_errors::help_exits_zero",
+            "balance::round_robin_gives_rust_workers_exactly_equal_shares",
+            "zero_downtime::three_reloads_and_scaling_under_load_fail_no_request",
+            "zero_downtime::connections_queued_on_a_stopped_worker_migrate_when_it_dies",
+            "zero_downtime::a_worker_killed_under_load_loses_at_most_what_it_had_accepted",
+            "zero_downtime::systemd_hears_ready_reloading_and_stopping",
+            "zero_downtime::twenty_seconds_of_kills_reloads_and_scales_end_with_every_wanted_worker_ready",
+            "strategies::sticky_keeps_each_client_on_one_worker_moves_few_on_scale_and_none_on_reload",
+            "strategies::least_loaded_counts_open_connections_and_avoids_a_stuck_worker",
+            "upgrade::an_upgrade_to_a_broken_binary_leaves_the_old_primary_in_charge",
+            "upgrade::an_upgrade_during_a_reload_is_refused_in_one_line",
+            "supervision::a_handshake_worker_is_ready_only_after_listening_and_events_come_in_order",
+            "supervision::a_program_that_exits_at_once_is_restarted_with_growing_delays",
+            "supervision::a_program_can_be_its_own_primary",
         ],
     ),
 ];
@@ -341,6 +337,8 @@ fn test_executables() -> Result<Vec<(String, PathBuf)>> {
             "test",
             "-p",
             "cluster-lb-tests",
+            "-p",
+            "cluster-lb",
             "--no-run",
             // Messages as JSON on stdout, warnings and errors rendered on stderr as usual.
             "--message-format=json-render-diagnostics",
@@ -357,10 +355,10 @@ fn test_executables() -> Result<Vec<(String, PathBuf)>> {
         else {
             continue;
         };
+        // Integration tests, and a library's unit tests (a lib target built as a test).
         let name = &artifact.target.name;
-        if !artifact.target.is_kind(TargetKind::Test)
-            || !VM_TESTS.iter().any(|(binary, _)| binary == name)
-        {
+        let is_test = artifact.target.is_kind(TargetKind::Test) || artifact.profile.test;
+        if !is_test || !VM_TESTS.iter().any(|(binary, _)| binary == name) {
             continue;
         }
         if let Some(executable) = artifact.executable {
@@ -378,7 +376,7 @@ fn test_executables() -> Result<Vec<(String, PathBuf)>> {
         .collect();
     if !missing.is_empty() {
         bail!(
-            "VM_TESTS (xtask/src/vm.rs) names test binaries cluster-lb-tests does not have: {}",
+            "VM_TESTS (xtask/src/vm.rs) names test binaries cluster-lb and cluster-lb-tests do not have: {}",
             missing.join(", ")
         );
     }

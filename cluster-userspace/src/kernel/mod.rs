@@ -2,8 +2,13 @@
 //! maps through which the primary tells it which worker sockets may receive connections.
 
 mod counter;
+pub mod groups;
 mod handover;
+#[cfg(test)]
+mod layer_tests;
 pub mod maglev;
+pub mod slots;
+pub mod sockets;
 mod unavailable;
 
 use std::{
@@ -325,7 +330,8 @@ impl Balancer {
         write_ids(self, true)
     }
 
-    /// Switches between the program's strategies at run time.
+    /// Switches between the program's strategies at run time (only the layer tests do).
+    #[cfg(test)]
     pub fn set_strategy(&mut self, strategy: Strategy) -> Result<()> {
         let id = strategy
             .program_id()

@@ -14,7 +14,8 @@ use nix::{
     unistd::Pid,
 };
 
-use super::{audit, Departure, Event, Input, Supervisor, WorkerState};
+use super::{config::ClosedListener, Departure, Event, Input, Supervisor, WorkerState};
+use crate::sys::procfs;
 
 /// Set once the closed-listener check said it cannot see workers' descriptors (said once per
 /// process: the capabilities do not change while it runs).
@@ -23,31 +24,9 @@ static FD_WARNING: AtomicBool = AtomicBool::new(false);
 /// How often.
 pub const CHECK_EVERY: Duration = Duration::from_secs(5);
 
-/// What to do with a worker that closed a listening socket it was given.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum ClosedListener {
-    /// Treat it as failed: drain it and start a new one (its share would otherwise go to its
-    /// neighbours in silence, since the kernel emptied its slot).
-    #[default]
-    Restart,
-    /// Only report it (a program that closes sockets it does not use, say).
-    Report,
-}
-
-impl std::str::FromStr for ClosedListener {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        match text {
-            "restart" => Ok(ClosedListener::Restart),
-            "report" => Ok(ClosedListener::Report),
-            _ => Err(format!("unknown value '{text}'; use restart or report")),
-        }
-    }
-}
-
 impl Supervisor {
     pub(super) fn periodic_checks(&mut self) {
-        if let Some(listening) = audit::listening_tcp() {
+        if let Some(listening) = procfs::listening_tcp() {
             self.report_own_listeners(&listening);
         }
         self.restore_programs();
@@ -63,14 +42,14 @@ impl Supervisor {
     fn closed_listeners(&mut self) -> Vec<Input> {
         let mut inputs = Vec::new();
         let mut reports = Vec::new();
-        for (pid, worker) in &mut self.workers {
+        for (pid, worker) in self.workers.iter_mut() {
             let settled = self.lifecycle.process(*pid).is_some_and(|p| {
                 p.state() == WorkerState::Ready && p.started.elapsed() >= CHECK_EVERY
             });
-            if !settled || worker.given.is_empty() {
+            if !settled || worker.claims.given.is_empty() {
                 continue;
             }
-            if !audit::fds_readable(pid.as_raw()) {
+            if !procfs::fds_readable(pid.as_raw()) {
                 // Unknown is not closed: never restart a worker for what we cannot see.
                 if !FD_WARNING.swap(true, Ordering::Relaxed) {
                     log::warn!(
@@ -80,12 +59,13 @@ impl Supervisor {
                 }
                 continue;
             }
-            let held: HashSet<u64> = audit::with_descendants(pid.as_raw())
+            let held: HashSet<u64> = procfs::with_descendants(pid.as_raw())
                 .into_iter()
-                .flat_map(audit::socket_inodes)
+                .flat_map(procfs::socket_inodes)
                 .collect();
             // UDP sockets do not listen: only TCP ones can be checked this way.
             let closed: Vec<(u64, _)> = worker
+                .claims
                 .given
                 .iter()
                 .filter(|(inode, addr)| !addr.is_udp() && !held.contains(inode))
@@ -101,7 +81,7 @@ impl Supervisor {
                 }),
                 ClosedListener::Report => {
                     for (inode, addr) in closed {
-                        worker.given.remove(&inode);
+                        worker.claims.given.remove(&inode);
                         reports.push(Event::ListenerClosed {
                             id: worker.id,
                             pid: pid.as_raw(),
@@ -112,7 +92,7 @@ impl Supervisor {
             }
         }
         for event in reports {
-            self.emit(event);
+            self.outputs.emit(event);
         }
         inputs
     }
@@ -128,6 +108,7 @@ impl Supervisor {
                     .process(*pid)
                     .is_some_and(|p| p.state() == WorkerState::Ready);
                 let inode = worker
+                    .claims
                     .given
                     .iter()
                     .find(|(_, a)| **a == addr)
@@ -137,7 +118,8 @@ impl Supervisor {
             let Some((pid, inode)) = member else {
                 continue;
             };
-            let socket = audit::fd_of_inode(pid, inode).and_then(|fd| audit::take_fd(pid, fd).ok());
+            let socket = procfs::fd_of_inode(pid, inode)
+                .and_then(|fd| crate::sys::pidfd::take_fd(pid, fd).ok());
             if let Some(socket) = socket {
                 if let Err(e) = self.groups.reattach(addr, &socket) {
                     log::debug!("{addr}: attaching the program again: {e}");
@@ -150,20 +132,20 @@ impl Supervisor {
     /// socket of a worker that is gone: such a socket stays in its group, and the kernel (or
     /// the program's fallback) would send it connections nobody accepts. They are killed.
     pub(super) fn stop_orphans_holding_sockets(&mut self) {
-        if !self.config.subreaper || self.released_sockets.is_empty() {
+        if !self.config.subreaper || self.workers.released.is_empty() {
             return;
         }
         let mut still_held = HashSet::new();
         let mut stopped = Vec::new();
         for orphan in self.orphans() {
-            for pid in audit::with_descendants(orphan) {
-                let held = audit::socket_inodes(pid);
-                let holds_a_socket = held.iter().any(|i| self.released_sockets.contains(i));
+            for pid in procfs::with_descendants(orphan) {
+                let held = procfs::socket_inodes(pid);
+                let holds_a_socket = held.iter().any(|i| self.workers.released.contains(i));
                 if holds_a_socket {
                     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                     stopped.push(Event::Orphan {
                         pid,
-                        command: audit::command_name(pid),
+                        command: procfs::command_name(pid),
                         held_socket: true,
                     });
                 }
@@ -171,18 +153,19 @@ impl Supervisor {
             }
         }
         // A socket no orphan holds any more is closed for good.
-        self.released_sockets
+        self.workers
+            .released
             .retain(|inode| still_held.contains(inode));
         for event in stopped {
-            self.emit(event);
+            self.outputs.emit(event);
         }
     }
 
     /// Children of ours that are not workers: orphans of workers (a subreaper adopts them).
     fn orphans(&self) -> Vec<i32> {
-        audit::own_children()
+        procfs::own_children()
             .into_iter()
-            .filter(|pid| !self.workers.contains_key(&Pid::from_raw(*pid)))
+            .filter(|pid| !self.workers.contains(Pid::from_raw(*pid)))
             .collect()
     }
 
@@ -195,15 +178,15 @@ impl Supervisor {
         let orphans: Vec<i32> = self
             .orphans()
             .into_iter()
-            .flat_map(audit::with_descendants)
+            .flat_map(procfs::with_descendants)
             .collect();
         if orphans.is_empty() {
             return;
         }
         for pid in &orphans {
-            self.emit(Event::Orphan {
+            self.outputs.emit(Event::Orphan {
                 pid: *pid,
-                command: audit::command_name(*pid),
+                command: procfs::command_name(*pid),
                 held_socket: false,
             });
             let _ = kill(Pid::from_raw(*pid), Signal::SIGTERM);
@@ -216,10 +199,50 @@ impl Supervisor {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        for pid in self.orphans().into_iter().flat_map(audit::with_descendants) {
+        for pid in self
+            .orphans()
+            .into_iter()
+            .flat_map(procfs::with_descendants)
+        {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         super::reaper::collect_children();
+    }
+}
+
+impl Supervisor {
+    /// Servers a Node worker opened by itself (`listen({ reusePort: true })` on Node 22+,
+    /// `exclusive: true`) bypass cluster-lb: nothing balances them, and `disconnect` does not
+    /// close them. Reported once per address.
+    fn report_own_listeners(&mut self, listening: &[(u64, std::net::SocketAddr)]) {
+        let mut found = Vec::new();
+        // Usually every listening socket is one the primary gave out: then nobody is scanned.
+        let given_out: HashSet<u64> = self
+            .workers
+            .iter()
+            .flat_map(|(_, w)| w.claims.given.keys().copied())
+            .collect();
+        if listening.iter().all(|(inode, _)| given_out.contains(inode)) {
+            return;
+        }
+        for (pid, worker) in self.workers.iter_mut() {
+            if !worker.channel.is_node() {
+                continue;
+            }
+            let given = worker.claims.given.keys().copied().collect();
+            for addr in procfs::own_listeners(pid.as_raw(), listening, &given) {
+                if worker.reported.insert(addr) {
+                    found.push(Event::OwnListener {
+                        id: worker.id,
+                        pid: pid.as_raw(),
+                        address: addr.to_string(),
+                    });
+                }
+            }
+        }
+        for event in found {
+            self.outputs.emit(event);
+        }
     }
 }

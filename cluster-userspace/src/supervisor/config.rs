@@ -2,23 +2,53 @@
 
 use std::time::Duration;
 
-use crate::{
-    kernel::Strategy, listen_addr::ListenAddr, node::detect::NodeMode, spawn::Credentials,
-};
+use cluster_lb_worker::ListenAddr;
+
+use super::{launch::spawn::Credentials, signals::SignalPolicy};
+use crate::{kernel::Strategy, protocol::nodejs::detect::NodeMode};
 
 use super::lifecycle::Timing;
 
 /// The default of `--ready-timeout`.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Who handles the process's signals.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SignalPolicy {
-    /// The supervisor installs handlers: TERM and INT stop gracefully (a second one at once),
-    /// QUIT stops at once, HUP reloads, TTIN and TTOU add or remove a worker.
-    Handle,
-    /// The supervisor touches no signal; the embedder drives it through its `Handle`.
-    Leave,
+/// What to do with a worker that closed a listening socket it was given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ClosedListener {
+    /// Treat it as failed: drain it and start a new one (its share would otherwise go to its
+    /// neighbours in silence, since the kernel emptied its slot).
+    #[default]
+    Restart,
+    /// Only report it (a program that closes sockets it does not use, say).
+    Report,
+}
+
+impl std::str::FromStr for ClosedListener {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "restart" => Ok(ClosedListener::Restart),
+            "report" => Ok(ClosedListener::Report),
+            _ => Err(format!("unknown value '{text}'; use restart or report")),
+        }
+    }
+}
+
+/// What to re-execute in an upgrade: the binary's path when it started, and its arguments.
+#[derive(Debug, Clone)]
+pub struct UpgradeSource {
+    pub exe: std::path::PathBuf,
+    pub args: Vec<std::ffi::OsString>,
+}
+
+impl UpgradeSource {
+    /// This process's binary (resolved now, before anyone replaces the file) and arguments.
+    pub fn current() -> Option<UpgradeSource> {
+        Some(UpgradeSource {
+            exe: std::env::current_exe().ok()?,
+            args: std::env::args_os().collect(),
+        })
+    }
 }
 
 /// Everything a primary is asked to do.
@@ -41,7 +71,7 @@ pub struct Config {
     /// commands make system calls (setsockopt among them) that no seccomp filter sees.
     pub allow_io_uring: bool,
     /// What to do with a ready worker that closed a listening socket it was given.
-    pub closed_listener: super::checks::ClosedListener,
+    pub closed_listener: ClosedListener,
     /// Let `--user` workers get ports below 1024 through queryServer without `--listen`.
     pub allow_low_ports: bool,
     /// Make this process a child subreaper (PR_SET_CHILD_SUBREAPER), so orphans of workers (a
@@ -51,7 +81,7 @@ pub struct Config {
     pub subreaper: bool,
     /// What `cluster-lb upgrade` re-executes (`None`: upgrades are refused, as for a program
     /// that embeds the supervisor).
-    pub upgrade: Option<super::upgrade::UpgradeSource>,
+    pub upgrade: Option<UpgradeSource>,
 }
 
 impl Config {
@@ -80,7 +110,7 @@ impl Config {
             seccomp: true,
             allow_io_uring: false,
             allow_low_ports: false,
-            closed_listener: super::checks::ClosedListener::Restart,
+            closed_listener: ClosedListener::Restart,
             subreaper: false,
             upgrade: None,
         })

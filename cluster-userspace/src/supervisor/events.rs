@@ -7,22 +7,31 @@ use std::{fmt, time::Duration};
 use log::Level;
 use serde_json::{json, Value};
 
-use super::lifecycle::ReloadError;
+pub use crate::sys::pidfd::ExitStatus;
 
-/// How a worker process ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExitStatus {
-    Code(i32),
-    Signal(nix::sys::signal::Signal),
-}
-
-impl fmt::Display for ExitStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ExitStatus::Code(code) => write!(f, "exited with status {code}"),
-            ExitStatus::Signal(signal) => write!(f, "was killed by {signal}"),
-        }
-    }
+/// Why a rolling reload did not complete. The old workers keep serving in every case.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReloadError {
+    #[error("reload aborted: the cluster is stopping")]
+    Stopping,
+    #[error("reload aborted: starting the replacement of worker {id} failed: {error}; the old workers keep serving")]
+    StartFailed { id: u32, error: String },
+    #[error("reload aborted: the replacement of worker {id} (pid {pid}) {status} before it was ready; the old workers keep serving")]
+    ReplacementExited {
+        id: u32,
+        pid: i32,
+        status: ExitStatus,
+    },
+    #[error("reload aborted: the replacement of worker {id} (pid {pid}) was not ready within {secs}s; the old workers keep serving", secs = .timeout.as_secs_f64())]
+    NotReadyInTime {
+        id: u32,
+        pid: i32,
+        timeout: Duration,
+    },
+    #[error("reload aborted: the replacement of worker {id} (pid {pid}) left before it was ready ({why}); the old workers keep serving")]
+    ReplacementLeft { id: u32, pid: i32, why: Departure },
+    #[error("reload replaced no worker: none of the {wanted} was running (each is restarting after failures, and starts with the new code when it does); `cluster-lb status` shows them")]
+    NothingRunning { wanted: u32 },
 }
 
 /// What made a worker ready (it joins the active set).

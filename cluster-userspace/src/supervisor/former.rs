@@ -13,11 +13,45 @@ use std::{net::SocketAddr, time::Duration};
 
 use nix::{sys::signal::Signal, unistd::Pid};
 
-use super::audit;
-use cluster_lb_worker::listen_addr::ListenAddr;
+use cluster_lb_worker::ListenAddr;
 
-/// The variable naming a worker's primary.
-pub const PRIMARY_VARIABLE: &str = "CLUSTER_LB_PRIMARY";
+use super::workers::PRIMARY_VARIABLE;
+use crate::{
+    kernel::sockets::{self, ListenError},
+    sys::procfs::{self, alive, all_pids, environ_var, parent},
+};
+
+/// Why an address cannot be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error("cannot listen on {addr}: address already in use by {}; stop it or pick another --listen port", .holders.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))]
+    InUse {
+        addr: ListenAddr,
+        holders: Vec<Holder>,
+    },
+}
+
+/// Makes sure `addr` is free for a new cluster: former workers of a primary that is gone are
+/// stopped; any other holder is named in the error.
+pub fn claim(addr: ListenAddr, grace: Duration) -> Result<(), ClaimError> {
+    let error = match sockets::ensure_address_free(addr, false) {
+        Err(error) if error.errno() == libc::EADDRINUSE => error,
+        other => return Ok(other?),
+    };
+    let found = holders(addr);
+    if found.iter().any(|h| h.former_worker_of.is_some()) {
+        stop(&found, addr, grace);
+        if sockets::ensure_address_free(addr, false).is_ok() {
+            return Ok(());
+        }
+    }
+    match holders(addr) {
+        holders if holders.is_empty() => Err(error.into()),
+        holders => Err(ClaimError::InUse { addr, holders }),
+    }
+}
 
 /// A process that holds a listening socket on an address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,11 +70,11 @@ impl std::fmt::Display for Holder {
 
 /// Who holds a listening TCP socket on `addr` (an exact match, or a wildcard of the same
 /// port and family that covers it).
-pub fn holders(addr: ListenAddr) -> Vec<Holder> {
+fn holders(addr: ListenAddr) -> Vec<Holder> {
     if addr.is_udp() {
         return Vec::new();
     }
-    let Some(listening) = audit::listening_tcp() else {
+    let Some(listening) = procfs::listening_tcp() else {
         return Vec::new();
     };
     let wanted = addr.socket_addr();
@@ -54,11 +88,11 @@ pub fn holders(addr: ListenAddr) -> Vec<Holder> {
     }
     let mut found = Vec::new();
     for pid in all_pids() {
-        let held = audit::socket_inodes(pid);
+        let held = procfs::socket_inodes(pid);
         if inodes.iter().any(|inode| held.contains(inode)) {
             found.push(Holder {
                 pid,
-                command: audit::command_name(pid),
+                command: procfs::command_name(pid),
                 former_worker_of: former_primary(pid),
             });
         }
@@ -92,7 +126,7 @@ fn former_primary(pid: i32) -> Option<i32> {
 
 /// Stops the former workers among `holders`: SIGTERM to each one's process group, SIGKILL
 /// after `grace` to those still there. Returns once they are gone (or a second after SIGKILL).
-pub fn stop(holders: &[Holder], addr: ListenAddr, grace: Duration) {
+fn stop(holders: &[Holder], addr: ListenAddr, grace: Duration) {
     let former: Vec<&Holder> = holders
         .iter()
         .filter(|h| h.former_worker_of.is_some())
@@ -123,48 +157,6 @@ fn signal_group(pid: i32, signal: Signal) {
     let pid = Pid::from_raw(pid);
     let _ = nix::sys::signal::killpg(pid, signal);
     let _ = nix::sys::signal::kill(pid, signal);
-}
-
-/// Alive and not a zombie (a former worker is not our child: nobody here reaps it).
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let state = stat[stat.rfind(')')? + 1..]
-                .split_whitespace()
-                .next()?
-                .to_string();
-            Some(state != "Z")
-        })
-        .unwrap_or(false)
-}
-
-fn parent(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 1..]
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-fn environ_var(pid: i32, name: &str) -> Option<String> {
-    let raw = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-    let prefix = format!("{name}=");
-    raw.split(|&b| b == 0)
-        .find_map(|entry| entry.strip_prefix(prefix.as_bytes()))
-        .map(|value| String::from_utf8_lossy(value).into_owned())
-}
-
-fn all_pids() -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

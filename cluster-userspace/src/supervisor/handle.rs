@@ -5,7 +5,7 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 use tokio::sync::{mpsc::UnboundedSender, oneshot};
 
-use super::{lifecycle::ReloadError, ClusterStatus};
+use super::{events::ReloadError, ClusterStatus};
 
 /// Where the outcome of a rolling reload goes: the number of workers replaced, or why it was
 /// aborted.
@@ -47,7 +47,7 @@ pub enum Control {
     /// connection).
     Upgrade {
         requester: Option<std::os::fd::OwnedFd>,
-        reply: oneshot::Sender<super::upgrade::UpgradeError>,
+        reply: oneshot::Sender<UpgradeError>,
     },
 }
 
@@ -86,10 +86,7 @@ impl Handle {
         answer.await.unwrap_or(Err(ScaleError::Gone))
     }
     /// In-place upgrade; resolves only if it did not happen (see [`Control::Upgrade`]).
-    pub async fn upgrade(
-        &self,
-        requester: Option<std::os::fd::OwnedFd>,
-    ) -> Option<super::upgrade::UpgradeError> {
+    pub async fn upgrade(&self, requester: Option<std::os::fd::OwnedFd>) -> Option<UpgradeError> {
         let (reply, answer) = oneshot::channel();
         let _ = self.control.send(Control::Upgrade { requester, reply });
         answer.await.ok()
@@ -99,4 +96,29 @@ impl Handle {
         let _ = self.control.send(Control::Status { reply });
         answer.await.ok()
     }
+}
+
+/// Why an upgrade did not happen. In every case the running primary stays in charge.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    #[error("this primary cannot upgrade itself: it was not started by the cluster-lb command")]
+    NotSupported,
+    #[error("upgrade refused: {0}")]
+    NotCalm(#[from] super::lifecycle::NotCalm),
+    #[error("upgrade refused: worker {id}'s Node channel is in the middle of a message; try again in a moment")]
+    ChannelBusy { id: u32 },
+    #[error("upgrade refused: {0}")]
+    State(#[from] super::saved::StateError),
+    #[error("upgrade refused: the new binary {path} {problem}; the running primary (version {version}) stays in charge")]
+    Check {
+        path: String,
+        problem: String,
+        version: String,
+    },
+    #[error("upgrade failed: cannot execute {path}: {source}; the running primary (version {version}) stays in charge")]
+    Exec {
+        path: String,
+        source: std::io::Error,
+        version: String,
+    },
 }

@@ -1,77 +1,69 @@
 //! The primary: starts workers with their sockets, admits them to the active set when they are
-//! ready, answers their IPC, restarts failed ones with backoff, and stops them all in order.
+//! ready, answers their channels, restarts failed ones with backoff, and stops them all in
+//! order.
 //!
-//! Every decision is the lifecycle state machine's ([`lifecycle`]); this module is its I/O
-//! shell: it turns what happens (a reaped child, a datagram, a signal, a control request, a
-//! timer) into the machine's inputs, and carries out the actions it returns. Everything runs as
-//! one task on one thread (the CLI uses a current-thread runtime), so forking is safe and the
-//! tables need no locks.
+//! Every decision is the lifecycle state machine's ([`lifecycle`]); the rest is its I/O shell,
+//! split by what each part owns: the [`inbox`] turns what happens (a reaped child, a message, a
+//! signal, a control request, a timer) into one stream, the [`workers`] hold every process's I/O
+//! and start new ones (with [`launch`]), the listen groups are the kernel's
+//! ([`crate::kernel::groups`]), and the [`outputs`] say what happened. [`Supervisor`] only
+//! carries out the lifecycle's actions with them. Everything runs as one task of a
+//! current-thread runtime, so the tables need no locks.
 //!
 //! What a [`Supervisor`] does to its process, so that an embedder knows:
 //! - with [`SignalPolicy::Handle`] it installs handlers for TERM, INT, QUIT, HUP, TTIN and TTOU
 //!   (see [`SignalPolicy`]); with [`SignalPolicy::Leave`] it touches no signal;
 //! - it reaps only its own workers, each through a pidfd; with [`Config::subreaper`] it also
 //!   makes the process a child subreaper and reaps any child (orphans of workers);
-//! - it binds one abstract Unix datagram socket (the workers' NOTIFY_SOCKET), and reads the
-//!   process's own NOTIFY_SOCKET to tell systemd READY/RELOADING/STOPPING;
+//! - it binds one Unix datagram socket (the workers' NOTIFY_SOCKET, in a private directory),
+//!   and reads the process's own NOTIFY_SOCKET to tell systemd READY/RELOADING/STOPPING;
 //! - it loads one eBPF program per listen address (when privileged).
 
-mod audit;
-pub(crate) mod budget;
 mod checks;
 mod config;
-mod diag;
 mod events;
 mod former;
-mod groups;
 mod handle;
-mod ipc;
+mod inbox;
+pub(crate) mod launch;
 pub mod lifecycle;
-mod node;
 mod notify;
-mod output;
-mod process;
-mod queries;
+mod outputs;
 mod reaper;
+pub(crate) mod saved;
 mod signals;
 mod status;
 mod systemd;
 pub mod upgrade;
+mod workers;
 
-use std::{collections::BTreeMap, time::Instant};
+use std::time::Instant;
 
 use nix::unistd::Pid;
-use tokio::{
-    io::unix::AsyncFd,
-    sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender},
-    time::sleep_until,
-};
+use tokio::sync::mpsc::UnboundedReceiver;
 
-pub use checks::ClosedListener;
-pub use config::{Config, SignalPolicy, READY_TIMEOUT};
-pub use events::{Departure, Event, ExitStatus, Failure, KillReason, Readiness};
-use groups::Groups;
-pub use handle::{Control, Handle, ReloadReply, ScaleError};
-use ipc::IpcEvent;
-use lifecycle::{Action, Announced, Input, Lifecycle};
-pub use lifecycle::{ReloadError, WorkerState};
-pub use process::StartError;
-use process::WorkerIo;
-use reaper::Reaper;
-use signals::Signals;
+pub use config::{ClosedListener, Config, UpgradeSource, READY_TIMEOUT};
+pub use events::{Departure, Event, ExitStatus, Failure, KillReason, Readiness, ReloadError};
+pub use handle::{Control, Handle, ReloadReply, ScaleError, UpgradeError};
+use inbox::{Feeds, Happened, Inbox};
+pub use launch::spawn::{Credentials, SpawnError};
+use launch::{seccomp::Filter, spawn::WorkerCommand};
+use lifecycle::{Action, Input, Lifecycle};
+pub use lifecycle::{Timing, WorkerState};
+use outputs::Outputs;
+pub use signals::SignalPolicy;
+use signals::{Signalled, Signals};
 #[cfg(test)]
 pub(crate) use status::fixture;
 pub use status::{ClusterStatus, WorkerStatus};
+pub use workers::StartError;
+use workers::{ChannelEvent, Heard, Launch, Protocol, Workers};
 
 use crate::{
-    kernel::Balancer,
-    node::{
-        channel::NodeEvent,
-        detect::{self, NodeMode, Verdict},
-    },
-    slots::SlotTable,
-    spawn::{SpawnError, WorkerCommand},
+    kernel::groups::{GroupError, Groups},
+    protocol::nodejs::detect::{self, Verdict},
 };
+pub use crate::{kernel::Strategy, protocol::nodejs::detect::NodeMode};
 
 /// Why a supervisor could not start.
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +73,9 @@ pub enum SupervisorError {
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
     #[error(transparent)]
-    Listen(#[from] groups::GroupError),
+    Listen(#[from] GroupError),
+    #[error(transparent)]
+    Claim(#[from] former::ClaimError),
     #[error("opening the workers' notify socket: {0}")]
     Notify(std::io::Error),
     #[error("starting the event loop: {0}")]
@@ -93,66 +87,39 @@ pub enum SupervisorError {
 pub struct Supervisor {
     config: Config,
     lifecycle: Lifecycle,
-    command: WorkerCommand,
+    inbox: Inbox,
+    /// Senders into the inbox (kept to make handles and to start channels' readers).
+    feeds: Feeds,
+    workers: Workers,
     groups: Groups,
-    slots: SlotTable,
-    /// The I/O side of every process the lifecycle knows.
-    workers: BTreeMap<Pid, WorkerIo>,
-    notifier: systemd::Notifier,
-    notify_socket: String,
-    notify_rx: UnboundedReceiver<(i32, String)>,
-    ipc_tx: UnboundedSender<(Pid, IpcEvent)>,
-    ipc_rx: UnboundedReceiver<(Pid, IpcEvent)>,
-    /// Workers get Node's cluster channel instead of cluster-lb's.
-    node: bool,
-    node_tx: UnboundedSender<(Pid, NodeEvent)>,
-    node_rx: UnboundedReceiver<(Pid, NodeEvent)>,
-    node_groups: node::NodeGroups,
-    control_tx: UnboundedSender<Control>,
-    control_rx: UnboundedReceiver<Control>,
-    subscribers: Vec<UnboundedSender<Event>>,
-    signals: Signals,
-    reaper: Reaper,
-    /// Everyone waiting for the reload under way.
-    reload_replies: Vec<ReloadReply>,
-    /// When to run the periodic checks (see `checks`).
-    checks: tokio::time::Interval,
-    /// Socket inodes of workers that are gone, while an orphan may still hold them.
-    released_sockets: std::collections::HashSet<u64>,
-    /// The seccomp filter workers start under (when `config.seccomp`).
-    filter: crate::seccomp::Filter,
-    /// When the supervisor was created, for the cluster's uptime.
-    started: Instant,
-    /// The workers' notify socket, to hand over in an upgrade.
-    notify_fd: upgrade::state::Inherited,
+    outputs: Outputs,
+    /// The workers' NOTIFY_SOCKET (its descriptor and directory outlive an upgrade).
+    notify: notify::NotifySocket,
     /// The embedder's descriptors an upgrade keeps (see [`Supervisor::keep_on_upgrade`]).
     kept: upgrade::Kept,
+    /// When the supervisor was created, for the cluster's uptime.
+    started: Instant,
     /// Taken over from an older binary (not started afresh).
     resumed: bool,
-    /// The notify socket's private directory, removed when the supervisor is dropped.
-    notify_dir: Option<notify::NotifyDir>,
-    /// Bytes of worker messages all channels together may hold (see `budget`).
-    message_budget: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl Supervisor {
     /// Checks the command and the addresses and loads the programs; starts no worker yet.
     pub fn new(config: Config) -> Result<Supervisor, SupervisorError> {
         let command = WorkerCommand::new(&config.command)?;
-        crate::spawn::raise_descriptor_limit();
+        launch::spawn::raise_descriptor_limit();
         // Before any child exists, so no exit goes unnoticed.
         let signals =
             Signals::new(config.signals, config.subreaper).map_err(SupervisorError::Signals)?;
-        let groups = Groups::new(
-            &config.listen,
-            config.strategy,
-            config.require_ebpf,
-            config.timing.grace,
-        )?;
-        let (notify_tx, notify_rx) = unbounded_channel();
+        // A --listen address still held by workers of a primary that died is freed first.
+        for addr in &config.listen {
+            former::claim(*addr, config.timing.grace)?;
+        }
+        let groups = Groups::new(&config.listen, config.strategy, config.require_ebpf)?;
+        let (inbox, feeds) = Inbox::new(signals, checks::CHECK_EVERY);
         let senders = notify::Senders::of(config.credentials.as_ref());
-        let (notify_name, notify_fd, notify_dir) =
-            notify::open(notify_tx, senders).map_err(SupervisorError::Notify)?;
+        let notify =
+            notify::open(feeds.notify.clone(), senders).map_err(SupervisorError::Notify)?;
         if config.subreaper {
             // SAFETY: plain prctl.
             unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
@@ -160,69 +127,50 @@ impl Supervisor {
         if config.credentials.is_none() && nix::unistd::geteuid().is_root() {
             log::warn!("workers will run as root; use --user to drop privileges");
         }
+        let protocol = protocol_wanted(&config, &command);
         let lifecycle = Lifecycle::new(config.workers, config.timing, Instant::now());
-        let mut supervisor = Supervisor::assemble(
+        Ok(Supervisor::assemble(
             config,
             command,
+            protocol,
             groups,
-            signals,
-            (notify_name, notify_fd, notify_rx),
+            (inbox, feeds),
+            notify,
             lifecycle,
-        );
-        supervisor.node = node_channel_wanted(&supervisor.config, &supervisor.command);
-        supervisor.notify_dir = Some(notify_dir);
-        Ok(supervisor)
+        ))
     }
 
     /// The parts every supervisor has, new or resumed.
     fn assemble(
         config: Config,
         command: WorkerCommand,
+        protocol: Protocol,
         groups: Groups,
-        signals: Signals,
-        notify: (
-            String,
-            upgrade::state::Inherited,
-            UnboundedReceiver<(i32, String)>,
-        ),
+        (inbox, feeds): (Inbox, Feeds),
+        notify: notify::NotifySocket,
         lifecycle: Lifecycle,
     ) -> Supervisor {
-        let (notify_socket, notify_fd, notify_rx) = notify;
-        let (ipc_tx, ipc_rx) = unbounded_channel();
-        let (node_tx, node_rx) = unbounded_channel();
-        let (control_tx, control_rx) = unbounded_channel();
-        let filter = crate::seccomp::Filter::reuseport_guard(config.allow_io_uring);
-        Supervisor {
-            lifecycle,
-            notifier: systemd::Notifier::from_environment(),
-            config,
+        let launch = Launch {
             command,
+            protocol,
+            filter: config
+                .seccomp
+                .then(|| Filter::reuseport_guard(config.allow_io_uring)),
+            credentials: config.credentials.clone(),
+            notify_socket: notify.name.clone(),
+        };
+        Supervisor {
+            workers: Workers::new(launch, feeds.channels.clone()),
+            lifecycle,
+            config,
             groups,
-            slots: SlotTable::new(),
-            workers: BTreeMap::new(),
-            notify_socket,
-            notify_rx,
-            ipc_tx,
-            ipc_rx,
-            node: false,
-            node_tx,
-            node_rx,
-            node_groups: node::NodeGroups::default(),
-            control_tx,
-            control_rx,
-            subscribers: Vec::new(),
-            signals,
-            reaper: Reaper::new(),
-            reload_replies: Vec::new(),
-            checks: tokio::time::interval(checks::CHECK_EVERY),
-            released_sockets: std::collections::HashSet::new(),
-            filter,
-            started: Instant::now(),
-            notify_fd,
+            inbox,
+            feeds,
+            outputs: Outputs::new(),
+            notify,
             kept: upgrade::Kept::default(),
+            started: Instant::now(),
             resumed: false,
-            message_budget: budget::Budget::shared(),
-            notify_dir: None,
         }
     }
 
@@ -234,7 +182,7 @@ impl Supervisor {
 
     pub fn handle(&self) -> Handle {
         Handle {
-            control: self.control_tx.clone(),
+            control: self.feeds.control.clone(),
         }
     }
 
@@ -245,9 +193,7 @@ impl Supervisor {
 
     /// Every event from now on.
     pub fn subscribe(&mut self) -> UnboundedReceiver<Event> {
-        let (tx, rx) = unbounded_channel();
-        self.subscribers.push(tx);
-        rx
+        self.outputs.subscribe()
     }
 
     /// Starts the workers and supervises them until stopped. Returns once all have exited.
@@ -264,8 +210,8 @@ impl Supervisor {
         }
         self.step(Input::Tick);
         while !self.lifecycle.is_finished() {
-            let input = self.next_input().await;
-            if let Some(input) = input {
+            let happened = self.inbox.next(self.lifecycle.next_deadline()).await;
+            if let Some(input) = self.on(happened) {
                 self.step(input);
             }
         }
@@ -283,7 +229,7 @@ impl Supervisor {
         log::info!(
             "starting {} workers of {} on {} (strategy {})",
             self.lifecycle.wanted(),
-            self.command.program(),
+            self.workers.launch.command.program(),
             if addresses.is_empty() {
                 "addresses the workers ask for".into()
             } else {
@@ -293,21 +239,22 @@ impl Supervisor {
         );
     }
 
-    /// Waits for the next thing that happens and turns it into an input (if it is one).
-    async fn next_input(&mut self) -> Option<Input> {
-        let deadline = self.lifecycle.next_deadline();
-        tokio::select! {
-            Some(exited) = self.reaper.next() => {
+    /// What something that happened means for the lifecycle, if anything.
+    fn on(&mut self, happened: Happened) -> Option<Input> {
+        match happened {
+            Happened::Exited(exited) => {
                 let status = exited.reap()?;
-                self.workers.contains_key(&exited.pid).then_some(Input::Exited { pid: exited.pid, status })
+                self.workers.contains(exited.pid).then_some(Input::Exited {
+                    pid: exited.pid,
+                    status,
+                })
             }
-            request = self.signals.next() => self.on_signal(request),
-            Some((pid, event)) = self.ipc_rx.recv() => self.on_ipc(pid, event),
-            Some((pid, event)) = self.node_rx.recv() => self.on_node(pid, event),
-            Some((sender, text)) = self.notify_rx.recv() => self.on_notify(sender, &text),
-            Some(control) = self.control_rx.recv() => self.on_control(control),
-            _ = sleep_until_or_forever(deadline) => Some(Input::Tick),
-            _ = self.checks.tick() => {
+            Happened::Signal(signal) => self.on_signal(signal),
+            Happened::Channel(pid, event) => self.on_channel(pid, event),
+            Happened::Notify(sender, text) => self.on_notify(sender, &text),
+            Happened::Control(control) => self.on_control(control),
+            Happened::Due => Some(Input::Tick),
+            Happened::Checks => {
                 self.periodic_checks();
                 None
             }
@@ -329,28 +276,34 @@ impl Supervisor {
     /// Carries out one action; a spawn answers with its outcome.
     fn execute(&mut self, action: Action) -> Option<Input> {
         match action {
-            Action::Spawn { id } => Some(match self.start_process(id) {
-                Ok((pid, slot)) => Input::Spawned {
-                    id,
-                    pid,
-                    slot,
-                    signals: self.node,
-                },
-                Err(error) => Input::SpawnFailed {
-                    id,
-                    error: error.to_string(),
-                },
-            }),
+            Action::Spawn { id } => {
+                let wanted = self.lifecycle.wanted();
+                Some(match self.workers.start(id, wanted, &mut self.groups) {
+                    Ok((pid, slot)) => {
+                        self.inbox.watch(pid);
+                        Input::Spawned {
+                            id,
+                            pid,
+                            slot,
+                            signals_readiness: self.workers.launch.protocol.signals_readiness(),
+                        }
+                    }
+                    Err(error) => Input::SpawnFailed {
+                        id,
+                        error: error.to_string(),
+                    },
+                })
+            }
             Action::Activate { pid } => {
-                self.set_active(pid, true);
+                self.workers.set_active(pid, true, &mut self.groups);
                 None
             }
             Action::Deactivate { pid } => {
-                self.set_active(pid, false);
+                self.workers.set_active(pid, false, &mut self.groups);
                 None
             }
             Action::AskToStop { pid } => {
-                self.ask_to_stop(pid);
+                self.workers.ask_to_stop(pid);
                 None
             }
             Action::Terminate { pid } => {
@@ -358,67 +311,57 @@ impl Supervisor {
                 None
             }
             Action::Kill { pid } => {
-                self.kill(pid);
+                Workers::kill(pid);
                 None
             }
             Action::Release { pid } => {
-                self.release(pid);
+                if self.workers.release(pid, &mut self.groups) {
+                    self.stop_orphans_holding_sockets();
+                }
                 None
             }
             Action::Notify(announced) => {
-                match announced {
-                    Announced::Ready => self.notifier.ready(),
-                    Announced::Reloading => self.notifier.reloading(),
-                    Announced::Stopping => self.notifier.stopping(),
-                    Announced::Nothing => {}
-                }
+                self.outputs.announce(announced);
                 None
             }
             Action::Emit(event) => {
                 match event {
                     Event::Stopping { .. } => self.log_counters(),
-                    Event::ReloadStarted { .. } => self.node_groups.rotate_server_data(),
+                    Event::ReloadStarted { .. } => self.workers.node.rotate_server_data(),
                     _ => {}
                 }
-                self.emit(event);
+                self.outputs.emit(event);
                 None
             }
             Action::ReloadDone(outcome) => {
-                for reply in self.reload_replies.drain(..) {
-                    let _ = reply.send(outcome.clone());
-                }
+                self.outputs.reload_done(&outcome);
                 None
             }
         }
     }
 
-    fn emit(&mut self, event: Event) {
-        event.log();
-        self.subscribers.retain(|s| s.send(event.clone()).is_ok());
-    }
-
-    fn on_signal(&mut self, request: signals::Request) -> Option<Input> {
+    fn on_signal(&mut self, signal: Signalled) -> Option<Input> {
         let wanted = self.lifecycle.wanted();
-        match request {
-            signals::Request::Stop => Some(Input::Stop { fast: false }),
-            signals::Request::StopNow => Some(Input::Stop { fast: true }),
-            signals::Request::Reload => Some(Input::Reload),
-            signals::Request::More => Some(Input::Scale {
+        match signal {
+            Signalled::Stop => Some(Input::Stop { fast: false }),
+            Signalled::StopNow => Some(Input::Stop { fast: true }),
+            Signalled::Reload => Some(Input::Reload),
+            Signalled::More => Some(Input::Scale {
                 workers: wanted + 1,
             }),
-            signals::Request::Fewer => Some(Input::Scale {
+            Signalled::Fewer => Some(Input::Scale {
                 workers: wanted.saturating_sub(1),
             }),
-            signals::Request::Upgrade => {
+            Signalled::Upgrade => {
                 // Returns only if the upgrade did not happen.
                 let error = self.upgrade(None);
                 log::error!("{error}");
                 None
             }
-            signals::Request::Child => {
+            Signalled::Child => {
                 // Orphans are reaped and forgotten; a worker collected on the way is an exit.
                 for (pid, status) in reaper::collect_children() {
-                    if self.workers.contains_key(&pid) {
+                    if self.workers.contains(pid) {
                         self.step(Input::Exited { pid, status });
                     } else {
                         log::debug!("reaped pid {pid}, an orphan of a worker: {status}");
@@ -429,16 +372,66 @@ impl Supervisor {
         }
     }
 
+    /// What a worker's channel said.
+    fn on_channel(&mut self, pid: Pid, event: ChannelEvent) -> Option<Input> {
+        let (id, heard) = self.workers.hear(pid, event)?;
+        match heard {
+            Heard::Nothing => None,
+            Heard::Online => Some(Input::Online { pid }),
+            Heard::Listening(address) => {
+                self.outputs.emit(Event::Listening {
+                    id,
+                    pid: pid.as_raw(),
+                    address,
+                });
+                Some(Input::Ready {
+                    pid,
+                    how: Readiness::Listening,
+                })
+            }
+            // The message's room in the budget goes back once it is handed on.
+            Heard::Message(data, _room) => {
+                self.outputs.emit(Event::Message {
+                    id,
+                    pid: pid.as_raw(),
+                    data,
+                });
+                None
+            }
+            Heard::Leaving(why) => Some(Input::Leaving { pid, why }),
+            Heard::Query(query) => {
+                let low_ports = self.config.credentials.is_none() || self.config.allow_low_ports;
+                self.workers.answer(pid, query, &mut self.groups, low_ports);
+                None
+            }
+            Heard::Violation(problem) => self.reject(pid, &problem),
+            Heard::Closed => Some(Input::ChannelClosed { pid }),
+        }
+    }
+
+    /// A worker broke its channel's protocol: log it, close the channel; the lifecycle drains
+    /// it. Others keep serving.
+    fn reject(&mut self, pid: Pid, problem: &str) -> Option<Input> {
+        self.workers.reject(pid, problem)?;
+        Some(Input::Leaving {
+            pid,
+            why: Departure::ProtocolViolation(problem.to_string()),
+        })
+    }
+
     fn on_notify(&mut self, sender: i32, text: &str) -> Option<Input> {
         if !notify::says_ready(text) {
             return None;
         }
-        // The worker itself, or a process of its session (each worker leads its own).
-        let worker = match self.workers.contains_key(&Pid::from_raw(sender)) {
+        // The worker itself, or a process of its session: every worker leads a session of its
+        // own, so READY=1 from a worker's helper processes (a shell wrapper's child) counts for
+        // it, and no process of another worker can join that session to speak for it (a
+        // process group could be joined from anywhere in the session).
+        let worker = match self.workers.contains(Pid::from_raw(sender)) {
             true => Some(Pid::from_raw(sender)),
-            false => notify::session(sender)
+            false => crate::sys::procfs::session(sender)
                 .map(Pid::from_raw)
-                .filter(|session| self.workers.contains_key(session)),
+                .filter(|session| self.workers.contains(*session)),
         };
         match worker {
             Some(pid) => Some(Input::Ready {
@@ -455,7 +448,7 @@ impl Supervisor {
     fn on_control(&mut self, control: Control) -> Option<Input> {
         match control {
             Control::Send { pid, data } => {
-                self.send_message(Pid::from_raw(pid), data);
+                self.workers.send(Pid::from_raw(pid), data);
                 None
             }
             Control::Disconnect { pid } => Some(Input::Leaving {
@@ -463,14 +456,16 @@ impl Supervisor {
                 why: Departure::Asked,
             }),
             Control::Kill { pid, signal } => {
-                if self.workers.contains_key(&Pid::from_raw(pid)) {
+                if self.workers.contains(Pid::from_raw(pid)) {
                     let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
                 }
                 None
             }
             Control::Stop { fast } => Some(Input::Stop { fast }),
             Control::Reload { reply } => {
-                self.reload_replies.extend(reply);
+                if let Some(reply) = reply {
+                    self.outputs.await_reload(reply);
+                }
                 Some(Input::Reload)
             }
             Control::Scale { workers, reply } => {
@@ -505,8 +500,8 @@ impl Supervisor {
             let Some(balancer) = &group.balancer else {
                 continue;
             };
-            for (pid, worker) in &self.workers {
-                match balancer.slot_stats(worker.slot) {
+            for (pid, worker) in self.workers.iter() {
+                match balancer.slot_stats(worker.slot()) {
                     Ok(stats) => log::info!(
                         "{} worker {} (pid {pid}): selected={} fallback={} migrated={}",
                         group.addr,
@@ -530,19 +525,19 @@ impl Supervisor {
     }
 }
 
-/// Whether workers get Node's cluster channel; says why in one line when it decides alone.
-fn node_channel_wanted(config: &Config, command: &WorkerCommand) -> bool {
-    match config.node {
+/// Which channel workers get; says why in one line when it decides alone.
+fn protocol_wanted(config: &Config, command: &WorkerCommand) -> Protocol {
+    let node = match config.node {
         NodeMode::On => true,
         NodeMode::Off => false,
         NodeMode::Auto => match detect::detect(std::path::Path::new(&command.program())) {
+            Verdict::Node if !detect::runs_a_script(&config.command) => {
+                log::warn!(
+                    "node without a script file (-e, -p, the REPL) cannot be a cluster worker; workers get no Node channel (give a script: -- node app.js)"
+                );
+                false
+            }
             Verdict::Node => {
-                if !detect::runs_a_script(&config.command) {
-                    log::warn!(
-                        "node without a script file (-e, -p, the REPL) cannot be a cluster worker; workers get no Node channel (give a script: -- node app.js)"
-                    );
-                    return false;
-                }
                 log::info!(
                     "the workers are Node programs: they get Node's cluster channel, so their listen() calls get sockets from cluster-lb (--node off to disable)"
                 );
@@ -556,6 +551,11 @@ fn node_channel_wanted(config: &Config, command: &WorkerCommand) -> bool {
             }
             Verdict::NotNode => false,
         },
+    };
+    if node {
+        Protocol::Node
+    } else {
+        Protocol::ClusterLb
     }
 }
 
@@ -566,35 +566,4 @@ pub fn block_on<T>(body: impl std::future::Future<Output = T>) -> Result<T, Supe
         .build()
         .map_err(SupervisorError::Runtime)?;
     Ok(runtime.block_on(body))
-}
-
-/// Forwards the program's aya-log records to our log, from a task of their own.
-pub(crate) fn drain_program_log(balancer: &mut Balancer) {
-    let logger = match balancer.take_logger() {
-        Ok(logger) => logger,
-        Err(e) => {
-            log::debug!("no eBPF log channel: {e:#}");
-            return;
-        }
-    };
-    // SAFETY: the logger owns its ring-buffer map fd, which stays open and the same for as long
-    // as the logger lives, and the AsyncFd owns the logger.
-    let registered =
-        unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
-    let Ok(mut logger) = registered else {
-        return;
-    };
-    tokio::spawn(async move {
-        while let Ok(mut guard) = logger.readable_mut().await {
-            guard.get_inner_mut().flush();
-            guard.clear_ready();
-        }
-    });
-}
-
-async fn sleep_until_or_forever(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
 }

@@ -4,7 +4,9 @@
 //!
 //! Who can reach it: the socket is a file in a directory of its own (mkdtemp), which only the
 //! workers' user and group can enter (root:GROUP 0710 and a socket root:GROUP 0620 for `--user`
-//! workers, 0700 ours otherwise). An abstract name would be reachable by every process of the
+//! workers, 0700 ours otherwise). Both are made with the workers' group as the filesystem gid
+//! (setfsgid, which CAP_SETGID allows) rather than chowned: a container that grants only what
+//! cluster-lb needs has no CAP_CHOWN. An abstract name would be reachable by every process of the
 //! network namespace, and /proc/net/unix shows every name: any local user could flood it and
 //! slow every reload. Datagrams from a uid other than the workers' (or root's) are dropped
 //! unread, should one come through a shared group.
@@ -12,7 +14,10 @@
 use std::{
     os::{
         fd::{AsFd, OwnedFd},
-        unix::{fs::PermissionsExt, net::UnixDatagram},
+        unix::{
+            fs::{MetadataExt, PermissionsExt},
+            net::UnixDatagram,
+        },
     },
     path::{Path, PathBuf},
 };
@@ -20,7 +25,7 @@ use std::{
 use nix::sys::socket::{setsockopt, sockopt::PassCred};
 use tokio::{io::unix::AsyncFd, sync::mpsc::UnboundedSender};
 
-use super::upgrade::state::Inherited;
+use super::saved::Inherited;
 
 /// Datagrams passed on per second, at most: past that, nothing more is read until the second
 /// is over, so a flood costs the primary no more than that many readiness checks a second.
@@ -36,7 +41,7 @@ pub struct Senders {
 
 impl Senders {
     /// The workers of `credentials` (`None`: the primary's own user).
-    pub fn of(credentials: Option<&crate::spawn::Credentials>) -> Senders {
+    pub fn of(credentials: Option<&crate::supervisor::launch::spawn::Credentials>) -> Senders {
         match credentials {
             Some(user) => Senders {
                 uid: user.uid,
@@ -76,31 +81,71 @@ impl Drop for NotifyDir {
 
 const DIR_PREFIX: &str = "cluster-lb-notify-";
 
+/// The workers' notify socket.
+pub struct NotifySocket {
+    /// The value of the workers' NOTIFY_SOCKET (a path).
+    pub name: String,
+    /// Its descriptor, for an upgrade to hand over.
+    pub fd: Inherited,
+    /// Its directory, held to be removed (on drop) when the supervisor is done.
+    pub _dir: Option<NotifyDir>,
+}
+
 /// Opens the socket and forwards `(sender pid, datagram text)` of datagrams that say READY=1
-/// to `sink`. Returns the value for the workers' NOTIFY_SOCKET (a path), the socket's
-/// descriptor (for an upgrade to hand over) and its directory.
+/// to `sink`.
 pub fn open(
     sink: UnboundedSender<(i32, String)>,
     senders: Senders,
-) -> std::io::Result<(String, Inherited, NotifyDir)> {
-    let template = std::env::temp_dir().join(format!("{DIR_PREFIX}XXXXXX"));
-    // mkdtemp: a new directory of a random name, mode 0700, ours.
-    let dir = NotifyDir(nix::unistd::mkdtemp(&template)?);
+) -> std::io::Result<NotifySocket> {
+    let (dir, socket) = with_group(senders.gid, || {
+        let template = std::env::temp_dir().join(format!("{DIR_PREFIX}XXXXXX"));
+        // mkdtemp: a new directory of a random name, mode 0700, ours.
+        let dir = NotifyDir(nix::unistd::mkdtemp(&template)?);
+        let socket = UnixDatagram::bind(dir.0.join("notify"))?;
+        Ok((dir, socket))
+    })?;
     let path = dir.0.join("notify");
-    let socket = UnixDatagram::bind(&path)?;
     socket.set_nonblocking(true)?;
     setsockopt(&socket, PassCred, &true)?;
     if let Some(gid) = senders.gid {
-        // Only now open to the workers' group: root:GROUP, the directory enterable and the
-        // socket writable by the group alone (a worker cannot replace the socket file).
-        let group = Some(nix::unistd::Gid::from_raw(gid));
-        nix::unistd::chown(&path, None, group)?;
+        // Only now open to the workers' group (their files' group already): the directory
+        // enterable and the socket writable by the group alone (a worker cannot replace the
+        // socket file).
+        for file in [&path, &dir.0] {
+            let group = std::fs::metadata(file)?.gid();
+            if group != gid {
+                return Err(std::io::Error::other(format!(
+                    "{} has group {group}, not the workers' {gid}",
+                    file.display()
+                )));
+            }
+        }
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o620))?;
-        nix::unistd::chown(&dir.0, None, group)?;
         std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o710))?;
     }
     let fd = serve(OwnedFd::from(socket), sink, senders)?;
-    Ok((path.display().to_string(), fd, dir))
+    Ok(NotifySocket {
+        name: path.display().to_string(),
+        fd,
+        _dir: Some(dir),
+    })
+}
+
+/// Runs `make` with `gid` (when given) as this thread's filesystem group, so that what it
+/// creates belongs to that group.
+fn with_group<T>(
+    gid: Option<libc::gid_t>,
+    make: impl FnOnce() -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    let Some(gid) = gid else {
+        return make();
+    };
+    // SAFETY: setfsgid changes only this thread's filesystem gid, and returns the old one.
+    let previous = unsafe { libc::setfsgid(gid) };
+    let made = make();
+    // SAFETY: as above, back to what it was.
+    unsafe { libc::setfsgid(previous as libc::gid_t) };
+    made
 }
 
 /// Reads the bound socket `fd` (a new one, or one inherited in an upgrade) in the background.
@@ -109,7 +154,7 @@ pub fn serve(
     sink: UnboundedSender<(i32, String)>,
     senders: Senders,
 ) -> std::io::Result<Inherited> {
-    cluster_lb_worker::unix::set_nonblocking(fd.as_fd())?;
+    crate::sys::fds::set_nonblocking(fd.as_fd())?;
     let named = Inherited::of(&fd).ok_or_else(|| std::io::Error::other("fstat failed"))?;
     // SAFETY: the AsyncFd owns the descriptor for as long as it is registered.
     let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
@@ -154,20 +199,9 @@ pub fn serve(
 /// One datagram: (sender pid, sender uid, text); `None` without credentials.
 fn receive(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Option<(i32, libc::uid_t, String)>> {
     let mut buffer = [0u8; 4096];
-    let received = cluster_lb_worker::unix::receive(fd, &mut buffer, 0, true)?;
+    let received = crate::sys::fds::receive(fd, &mut buffer, 0, true)?;
     let text = String::from_utf8_lossy(&buffer[..received.len]).into_owned();
     Ok(received.sender.map(|sender| (sender.pid, sender.uid, text)))
-}
-
-/// The session of `pid` (field 6 of /proc/PID/stat). Every worker leads a session of its own,
-/// so READY=1 from a worker's helper processes (e.g. a shell wrapper's child) counts for it, and
-/// no process of another worker can join that session to speak for it (a process group could
-/// be joined from anywhere in the session).
-pub fn session(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses; the fields after the last ')' do not.
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    after_name.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// Whether a notify datagram says READY=1 (one assignment per line).
@@ -185,13 +219,5 @@ mod tests {
         assert!(says_ready("STATUS=warming up\nREADY=1\n"));
         assert!(!says_ready("READY=0"));
         assert!(!says_ready("STATUS=READY=1"));
-    }
-
-    #[test]
-    fn own_session_is_read_from_proc() {
-        let own = std::process::id() as i32;
-        let expected = nix::unistd::getsid(None).unwrap().as_raw();
-        assert_eq!(session(own), Some(expected));
-        assert_eq!(session(-5), None);
     }
 }

@@ -7,7 +7,7 @@
 //! leave behind, which the kernel re-parents to it; that does wait for any child, and hands
 //! back the exits of workers it collects on the way.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use nix::{
     errno::Errno,
@@ -20,9 +20,7 @@ use tokio::{
 };
 
 use super::events::ExitStatus;
-
-/// `waitid`'s id type for a pidfd (linux/wait.h); the libc crate does not name it.
-const P_PIDFD: libc::idtype_t = 3;
+use crate::sys::pidfd::{has_exited, pidfd_open, reap_pidfd};
 
 /// A worker that may have exited: its pidfd became readable (or, without pidfds, polling saw
 /// it exit).
@@ -128,59 +126,6 @@ fn exit_status(status: WaitStatus) -> Option<(Pid, ExitStatus)> {
         WaitStatus::Signaled(pid, signal, _) => Some((pid, ExitStatus::Signal(signal))),
         _ => None,
     }
-}
-
-pub(super) fn pidfd_open(pid: Pid) -> std::io::Result<OwnedFd> {
-    // SAFETY: a plain system call; on success it returns a new descriptor that we own.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just gave us this descriptor.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-fn reap_pidfd(pidfd: &OwnedFd) -> Option<ExitStatus> {
-    // SAFETY: an all-zero siginfo_t is a valid value (plain integers and unions of them).
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // SAFETY: waitid fills `info`, which lives through the call, and touches nothing else.
-    let result = unsafe {
-        libc::waitid(
-            P_PIDFD,
-            pidfd.as_raw_fd() as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::WNOHANG,
-        )
-    };
-    // SAFETY: after a successful waitid, si_pid and si_status are the fields it set.
-    if result != 0 || unsafe { info.si_pid() } == 0 {
-        return None; // reaped by someone else, or not exited yet
-    }
-    // SAFETY: as above, for si_status.
-    let status = unsafe { info.si_status() };
-    match info.si_code {
-        libc::CLD_EXITED => Some(ExitStatus::Code(status)),
-        _ => nix::sys::signal::Signal::try_from(status)
-            .ok()
-            .map(ExitStatus::Signal),
-    }
-}
-
-/// Whether `pid` has exited, without reaping it (the poller's view).
-fn has_exited(pid: Pid) -> bool {
-    // SAFETY: as in reap_pidfd.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as in reap_pidfd; WNOWAIT leaves the child to be reaped later.
-    let result = unsafe {
-        libc::waitid(
-            libc::P_PID,
-            pid.as_raw() as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-        )
-    };
-    // SAFETY: after waitid, si_pid is the field it set (0 when nothing exited).
-    result != 0 || unsafe { info.si_pid() } != 0
 }
 
 #[cfg(test)]

@@ -2,11 +2,19 @@
 
 use tokio::signal::unix::{signal, Signal as Stream, SignalKind};
 
-use super::config::SignalPolicy;
+/// Who handles the process's signals.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SignalPolicy {
+    /// The supervisor installs handlers: TERM and INT stop gracefully (a second one at once),
+    /// QUIT stops at once, HUP reloads, TTIN and TTOU add or remove a worker.
+    Handle,
+    /// The supervisor touches no signal; the embedder drives it through its `Handle`.
+    Leave,
+}
 
 /// What a signal asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Request {
+pub enum Signalled {
     /// TERM, INT: graceful stop (a second one: at once).
     Stop,
     /// QUIT: stop at once.
@@ -59,7 +67,7 @@ pub fn unblock_after_upgrade() {
 }
 
 pub struct Signals {
-    streams: Vec<(Stream, Request)>,
+    streams: Vec<(Stream, Signalled)>,
 }
 
 impl Signals {
@@ -69,17 +77,17 @@ impl Signals {
         let mut wanted = Vec::new();
         if policy == SignalPolicy::Handle {
             wanted.extend([
-                (SignalKind::terminate(), Request::Stop),
-                (SignalKind::interrupt(), Request::Stop),
-                (SignalKind::quit(), Request::StopNow),
-                (SignalKind::hangup(), Request::Reload),
-                (SignalKind::from_raw(libc::SIGTTIN), Request::More),
-                (SignalKind::from_raw(libc::SIGTTOU), Request::Fewer),
-                (SignalKind::user_defined2(), Request::Upgrade),
+                (SignalKind::terminate(), Signalled::Stop),
+                (SignalKind::interrupt(), Signalled::Stop),
+                (SignalKind::quit(), Signalled::StopNow),
+                (SignalKind::hangup(), Signalled::Reload),
+                (SignalKind::from_raw(libc::SIGTTIN), Signalled::More),
+                (SignalKind::from_raw(libc::SIGTTOU), Signalled::Fewer),
+                (SignalKind::user_defined2(), Signalled::Upgrade),
             ]);
         }
         if subreaper {
-            wanted.push((SignalKind::child(), Request::Child));
+            wanted.push((SignalKind::child(), Signalled::Child));
         }
         let streams = wanted
             .into_iter()
@@ -89,7 +97,7 @@ impl Signals {
     }
 
     /// The next signal; never resolves when none is watched.
-    pub async fn next(&mut self) -> Request {
+    pub async fn next(&mut self) -> Signalled {
         std::future::poll_fn(|cx| {
             for (stream, request) in &mut self.streams {
                 if stream.poll_recv(cx).is_ready() {

@@ -66,18 +66,6 @@ impl ClusterStatus {
     }
 }
 
-/// Resident set size of `pid`, from /proc/PID/statm (pages).
-pub fn rss_bytes(pid: i32) -> u64 {
-    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .unwrap_or(4096) as u64;
-    std::fs::read_to_string(format!("/proc/{pid}/statm"))
-        .ok()
-        .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * page)
-}
-
 impl Supervisor {
     pub(super) fn status(&self) -> ClusterStatus {
         let workers = self
@@ -86,12 +74,12 @@ impl Supervisor {
             .map(|process| {
                 let mut stats = cluster_common::SlotStats::default();
                 let mut open = 0;
-                if let Some(worker) = self.workers.get(&process.pid) {
+                if let Some(worker) = self.workers.get(process.pid) {
                     for balancer in self.groups.iter().filter_map(|g| g.balancer.as_ref()) {
-                        if let Ok(slot) = balancer.slot_stats(worker.slot) {
+                        if let Ok(slot) = balancer.slot_stats(worker.slot()) {
                             stats = crate::kernel::add_stats(stats, &slot);
                         }
-                        open += balancer.open_connections(worker.slot);
+                        open += balancer.open_connections(worker.slot());
                     }
                 }
                 WorkerStatus {
@@ -104,7 +92,7 @@ impl Supervisor {
                     fallback: stats.fallback,
                     migrated: stats.migrated,
                     open,
-                    rss_bytes: rss_bytes(process.pid.as_raw()),
+                    rss_bytes: crate::sys::procfs::rss_bytes(process.pid.as_raw()),
                 }
             })
             .collect();

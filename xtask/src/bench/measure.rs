@@ -11,8 +11,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use cluster_lb::{client::fetch_status, supervisor::WorkerState};
-use cluster_lb_tests::get;
+use cluster_lb_tests::{fetch_status, get, WorkerState};
 
 use super::contenders::{self, Contender, Paths, PORT};
 

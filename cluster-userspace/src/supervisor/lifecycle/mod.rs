@@ -37,7 +37,7 @@ use cluster_common::MAX_WORKERS;
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use super::events::{Departure, Event, ExitStatus, Failure, KillReason, Readiness};
+use super::events::{Departure, Event, ExitStatus, Failure, KillReason, Readiness, ReloadError};
 pub use snapshot::{NotCalm, Snapshot};
 
 /// First restart delay after a failure; doubles per consecutive failure up to [`MAX_BACKOFF`].
@@ -234,31 +234,6 @@ pub enum Announced {
     Stopping,
 }
 
-/// Why a rolling reload did not complete. The old workers keep serving in every case.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum ReloadError {
-    #[error("reload aborted: the cluster is stopping")]
-    Stopping,
-    #[error("reload aborted: starting the replacement of worker {id} failed: {error}; the old workers keep serving")]
-    StartFailed { id: u32, error: String },
-    #[error("reload aborted: the replacement of worker {id} (pid {pid}) {status} before it was ready; the old workers keep serving")]
-    ReplacementExited {
-        id: u32,
-        pid: i32,
-        status: ExitStatus,
-    },
-    #[error("reload aborted: the replacement of worker {id} (pid {pid}) was not ready within {secs}s; the old workers keep serving", secs = .timeout.as_secs_f64())]
-    NotReadyInTime {
-        id: u32,
-        pid: i32,
-        timeout: Duration,
-    },
-    #[error("reload aborted: the replacement of worker {id} (pid {pid}) left before it was ready ({why}); the old workers keep serving")]
-    ReplacementLeft { id: u32, pid: i32, why: Departure },
-    #[error("reload replaced no worker: none of the {wanted} was running (each is restarting after failures, and starts with the new code when it does); `cluster-lb status` shows them")]
-    NothingRunning { wanted: u32 },
-}
-
 /// What happened, as the I/O shell reports it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Input {
@@ -271,7 +246,7 @@ pub enum Input {
         /// `listening`), so `--ready-delay` does not apply. Otherwise a slow start (Node under
         /// load can take more than the delay to say `online`) made it ready by the delay,
         /// before it listened.
-        signals: bool,
+        signals_readiness: bool,
     },
     /// A `Spawn { id }` failed before the program ran.
     SpawnFailed {
@@ -391,8 +366,8 @@ impl Lifecycle {
                 id,
                 pid,
                 slot,
-                signals,
-            } => self.spawned(id, pid, slot, signals),
+                signals_readiness,
+            } => self.spawned(id, pid, slot, signals_readiness),
             Input::SpawnFailed { id, error } => self.spawn_failed(id, error),
             Input::Online { pid } => self.online(pid),
             Input::Ready { pid, how } => self.ready(pid, how),
@@ -454,10 +429,10 @@ impl Lifecycle {
 
     // ---- inputs -------------------------------------------------------------------------
 
-    fn spawned(&mut self, id: u32, pid: Pid, slot: u32, signals: bool) {
+    fn spawned(&mut self, id: u32, pid: Pid, slot: u32, signals_readiness: bool) {
         self.ids.entry(id).or_default().plan = Plan::Idle;
         let phase = Phase::Starting {
-            ready_at: (!signals).then(|| self.now + self.timing.ready_delay),
+            ready_at: (!signals_readiness).then(|| self.now + self.timing.ready_delay),
             give_up_at: self.now + self.timing.ready_timeout,
         };
         self.processes.insert(

@@ -99,7 +99,7 @@ impl World {
                             id,
                             pid,
                             slot: 0,
-                            signals: self.signals,
+                            signals_readiness: self.signals,
                         }
                     };
                     self.history.push(reply.clone());

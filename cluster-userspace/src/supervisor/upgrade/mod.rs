@@ -19,47 +19,28 @@
 //! program to a reuseport group replaces the one attached, so the kernel balances all along.
 
 mod resume;
-pub mod state;
 
 use std::{
-    ffi::{CString, OsString},
+    ffi::CString,
     io::Read,
     os::{
         fd::{AsRawFd, OwnedFd},
         unix::ffi::OsStrExt,
     },
-    path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-pub use resume::Resumed;
-use state::{
-    ChannelState, EphemeralPort, GroupState, Inherited, MapsState, NodeGroupsState, SlotCounters,
-    State, WorkerState, CHECK_VARIABLE, FORMAT, STATE_VARIABLE,
+use super::saved::{
+    Inherited, SavedGroup, SavedMaps, SlotCounters, State, CHECK_VARIABLE, FORMAT, STATE_VARIABLE,
 };
+pub use resume::Resumed;
 
-use super::{lifecycle::NotCalm, process::WorkerChannel, signals, Supervisor};
+use super::{config::UpgradeSource, handle::UpgradeError, signals, workers::Protocol, Supervisor};
+use crate::kernel::groups::Group;
 
 /// How long the new binary's check may take (it loads and verifies the eBPF programs).
 const CHECK_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// What to re-execute: the binary's path when it started, and its arguments.
-#[derive(Debug, Clone)]
-pub struct UpgradeSource {
-    pub exe: PathBuf,
-    pub args: Vec<OsString>,
-}
-
-impl UpgradeSource {
-    /// This process's binary (resolved now, before anyone replaces the file) and arguments.
-    pub fn current() -> Option<UpgradeSource> {
-        Some(UpgradeSource {
-            exe: std::env::current_exe().ok()?,
-            args: std::env::args_os().collect(),
-        })
-    }
-}
 
 /// Descriptors of the supervisor's embedder (`cluster-lb run`'s control socket and metrics
 /// listener) that an upgrade keeps open for the new binary.
@@ -67,31 +48,6 @@ impl UpgradeSource {
 pub struct Kept {
     pub control: Option<Inherited>,
     pub metrics: Option<Inherited>,
-}
-
-/// Why an upgrade did not happen. In every case the running primary stays in charge.
-#[derive(Debug, thiserror::Error)]
-pub enum UpgradeError {
-    #[error("this primary cannot upgrade itself: it was not started by the cluster-lb command")]
-    NotSupported,
-    #[error("upgrade refused: {0}")]
-    NotCalm(#[from] NotCalm),
-    #[error("upgrade refused: worker {id}'s Node channel is in the middle of a message; try again in a moment")]
-    ChannelBusy { id: u32 },
-    #[error("upgrade refused: {0}")]
-    State(#[from] state::StateError),
-    #[error("upgrade refused: the new binary {path} {problem}; the running primary (version {version}) stays in charge")]
-    Check {
-        path: String,
-        problem: String,
-        version: String,
-    },
-    #[error("upgrade failed: cannot execute {path}: {source}; the running primary (version {version}) stays in charge")]
-    Exec {
-        path: String,
-        source: std::io::Error,
-        version: String,
-    },
 }
 
 impl Supervisor {
@@ -138,17 +94,8 @@ impl Supervisor {
 
     /// Handles what already arrived, so that nothing queued inside this process is lost.
     fn drain_pending_inputs(&mut self) {
-        loop {
-            let input = if let Ok((pid, event)) = self.ipc_rx.try_recv() {
-                self.on_ipc(pid, event)
-            } else if let Ok((pid, event)) = self.node_rx.try_recv() {
-                self.on_node(pid, event)
-            } else if let Ok((sender, text)) = self.notify_rx.try_recv() {
-                self.on_notify(sender, &text)
-            } else {
-                break;
-            };
-            if let Some(input) = input {
+        while let Some(happened) = self.inbox.pending() {
+            if let Some(input) = self.on(happened) {
                 self.step(input);
             }
         }
@@ -157,48 +104,15 @@ impl Supervisor {
     /// Everything the new binary needs, if the cluster is calm enough to hand over.
     fn handover_state(&self, requester: Option<&OwnedFd>) -> Result<State, UpgradeError> {
         let lifecycle = self.lifecycle.snapshot(Instant::now())?;
-        let mut workers = Vec::new();
-        for (pid, io) in &self.workers {
-            let channel = match &io.channel {
-                WorkerChannel::Closed => ChannelState::Closed,
-                WorkerChannel::ClusterLb { endpoint, online } => {
-                    match Inherited::of(&endpoint.as_raw_fd()) {
-                        Some(socket) => ChannelState::ClusterLb {
-                            socket,
-                            online: *online,
-                        },
-                        None => ChannelState::Closed,
-                    }
-                }
-                WorkerChannel::Node(node) => {
-                    if !node.is_idle() {
-                        return Err(UpgradeError::ChannelBusy { id: io.id });
-                    }
-                    match node.handover() {
-                        Some(state) => state,
-                        None => ChannelState::Closed,
-                    }
-                }
-            };
-            let [stdout, stderr] = &io.output;
-            workers.push(WorkerState {
-                pid: pid.as_raw(),
-                id: io.id,
-                slot: io.slot,
-                channel,
-                stdout: stdout.as_ref().and_then(Inherited::of),
-                stderr: stderr.as_ref().and_then(Inherited::of),
-                addresses: io.addresses.clone(),
-                given: io.given.iter().map(|(i, a)| (*i, *a)).collect(),
-                queries: io.queries,
-                reported: io.reported.iter().copied().collect(),
-            });
-        }
+        let workers = self
+            .workers
+            .handover()
+            .map_err(|id| UpgradeError::ChannelBusy { id })?;
         let groups = self
             .groups
             .iter()
             .enumerate()
-            .map(|(index, group)| GroupState {
+            .map(|(index, group)| SavedGroup {
                 addr: group.addr,
                 dual_stack: group.dual_stack(),
                 activated: index < self.groups.activated(),
@@ -206,14 +120,13 @@ impl Supervisor {
                 maps: group
                     .balancer
                     .as_ref()
-                    .map(|b| MapsState {
+                    .map(|b| SavedMaps {
                         sockets: b.map_fds().sockets.as_ref().and_then(Inherited::of),
                         stats: b.map_fds().stats.as_ref().and_then(Inherited::of),
                     })
                     .unwrap_or_default(),
             })
             .collect();
-        let node_groups = self.node_groups.handover();
         Ok(State {
             format: FORMAT,
             from: crate::version::version().to_string(),
@@ -223,24 +136,12 @@ impl Supervisor {
             fell_back: self.groups.fell_back(),
             groups,
             workers,
-            active: self.slots.active().to_vec(),
-            notify: self.notify_fd,
-            notify_name: self.notify_socket.clone(),
-            node: self.node,
-            node_groups: NodeGroupsState {
-                ephemeral: node_groups
-                    .0
-                    .into_iter()
-                    .map(|((address, address_type, index), port)| EphemeralPort {
-                        address,
-                        address_type,
-                        index,
-                        port,
-                    })
-                    .collect(),
-                data: node_groups.1,
-            },
-            released_sockets: self.released_sockets.iter().copied().collect(),
+            active: self.workers.active_slots().to_vec(),
+            notify: self.notify.fd,
+            notify_name: self.notify.name.clone(),
+            node: self.workers.launch.protocol == Protocol::Node,
+            node_groups: self.workers.node.handover(),
+            released_sockets: self.workers.released.iter().copied().collect(),
             control: self.kept.control,
             metrics: self.kept.metrics,
             requester: requester.and_then(Inherited::of),
@@ -249,20 +150,20 @@ impl Supervisor {
 
     /// Per worker slot in `group`: what earlier instances counted (the running one's maps are
     /// read by the new binary itself, after it took over), and the open connections.
-    fn counters_of(&self, group: &super::groups::Group) -> Vec<SlotCounters> {
+    fn counters_of(&self, group: &Group) -> Vec<SlotCounters> {
         let Some(balancer) = &group.balancer else {
             return Vec::new();
         };
         self.workers
-            .values()
-            .map(|io| {
-                let base = balancer.base(io.slot);
+            .iter()
+            .map(|(_, io)| {
+                let base = balancer.base(io.slot());
                 SlotCounters {
-                    slot: io.slot,
+                    slot: io.slot(),
                     selected: base.selected,
                     fallback: base.fallback,
                     migrated: base.migrated,
-                    open: balancer.open_connections(io.slot),
+                    open: balancer.open_connections(io.slot()),
                 }
             })
             .collect()
@@ -272,7 +173,7 @@ impl Supervisor {
 /// The new binary's half of the check: can it take over the cluster `state` describes with
 /// this command line? Everything that would fail after the exec is tried here instead.
 pub fn check_takeover(config: &super::Config, state: &State) -> Result<(), String> {
-    crate::spawn::WorkerCommand::new(&config.command).map_err(|e| e.to_string())?;
+    super::launch::spawn::WorkerCommand::new(&config.command).map_err(|e| e.to_string())?;
     let running: Vec<_> = state
         .groups
         .iter()
@@ -280,7 +181,7 @@ pub fn check_takeover(config: &super::Config, state: &State) -> Result<(), Strin
         .map(|g| g.addr)
         .collect();
     if running != config.listen {
-        let show = |addrs: &[cluster_lb_worker::listen_addr::ListenAddr]| {
+        let show = |addrs: &[cluster_lb_worker::ListenAddr]| {
             addrs
                 .iter()
                 .map(ToString::to_string)

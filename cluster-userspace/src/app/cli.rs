@@ -1,0 +1,526 @@
+//! Command-line interface. Parsing only; `main.rs` dispatches and `supervisor` does the work.
+
+use std::{collections::HashSet, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use cluster_common::MAX_WORKERS;
+
+use cluster_lb_worker::ListenAddr;
+
+use super::{
+    control::ControlPath,
+    names::{self, ClusterName},
+    run::RunOptions,
+};
+use crate::{
+    kernel::Strategy,
+    logging::Format,
+    protocol::nodejs::detect::NodeMode,
+    supervisor::{
+        launch::privileges::{self, UserError},
+        lifecycle::Timing,
+        Config, SignalPolicy,
+    },
+};
+
+/// Most --listen addresses (each worker gets one socket per address).
+pub const MAX_LISTEN: usize = 32;
+
+/// What the command line asks for that cannot work, found after parsing.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--listen {0} is given twice; each address needs one --listen")]
+    DuplicateListen(ListenAddr),
+    #[error("{0} --listen addresses, the most is {MAX_LISTEN}")]
+    TooManyListen(usize),
+    #[error(
+        "--ready-timeout must be more than 0 seconds: a new worker needs some time to get ready"
+    )]
+    ReadyTimeoutZero,
+    #[error(
+        "--metrics {0} is also a --listen address; the metrics server needs an address of its own"
+    )]
+    MetricsOnListen(ListenAddr),
+    #[error("--strategy round-robin would split UDP flows between workers (it picks a worker per datagram); use --strategy hash or sticky with {0}")]
+    RoundRobinUdp(ListenAddr),
+    #[error("no command to run: give it after -- (cluster-lb run [OPTIONS] -- CMD [ARGS]...) or as `command` in the --config file")]
+    NoCommand,
+    #[error(transparent)]
+    User(#[from] UserError),
+}
+
+impl ConfigError {
+    /// The run option (as a config file key) whose value is wrong.
+    pub fn key(&self) -> &'static str {
+        match self {
+            ConfigError::DuplicateListen(_) | ConfigError::TooManyListen(_) => "listen",
+            ConfigError::ReadyTimeoutZero => "ready_timeout",
+            ConfigError::MetricsOnListen(_) => "metrics",
+            ConfigError::RoundRobinUdp(_) => "strategy",
+            ConfigError::NoCommand => "command",
+            ConfigError::User(UserError::GroupWithoutUser | UserError::NoSuchGroup(_)) => "group",
+            ConfigError::User(_) => "user",
+        }
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cluster-lb",
+    version = crate::version::version(),
+    about = "Run N workers of any server on one port, balanced in the kernel by eBPF",
+    after_help = "Example: sudo cluster-lb run -w 4 --listen 0.0.0.0:80 -- ./server"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start the workers and supervise them in the foreground until TERM or INT.
+    Run(RunArgs),
+    /// List the running clusters (exit 1 when none answers); with --name or --control, show
+    /// one cluster's workers: id, pid, state, uptime, restarts, connections the kernel gave
+    /// each, memory.
+    Status {
+        #[command(flatten)]
+        control: ControlArg,
+        /// Print the status as JSON
+        #[arg(long)]
+        json: bool,
+        /// Exit 1 unless every wanted worker of the cluster (of each, without --name) is
+        /// ready: a readiness probe. Plain `status` succeeds as soon as a primary answers.
+        #[arg(long)]
+        ready: bool,
+    },
+    /// A live view of every worker, refreshed every second: state, new connections per
+    /// second, restarts, memory, CPU. q, Esc or Ctrl-C quits.
+    Top {
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Rolling reload: replace every worker, one at a time, with no dropped connection.
+    Reload {
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Run N workers.
+    Scale {
+        #[arg(value_name = "N", value_parser = clap::value_parser!(u32).range(1..=MAX_WORKERS as i64))]
+        workers: u32,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Stop the cluster gracefully.
+    Stop {
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Replace the running primary with the binary now at its path, in place: same pid, same
+    /// workers, no connection dropped (also: SIGUSR2 to the primary). Refused while a reload
+    /// is under way; a new binary that cannot take over leaves the old one in charge.
+    Upgrade {
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Write the man pages and the bash, zsh and fish completions into DIR (for packagers:
+    /// `cargo xtask dist` runs it)
+    #[command(hide = true)]
+    GenerateDist {
+        #[arg(value_name = "DIR")]
+        dir: std::path::PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ControlArg {
+    /// The cluster to talk to, by the name it was started with [default: status lists every
+    /// running cluster; reload, scale and stop act on the only one]
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<ClusterName>,
+    /// The running primary's control socket, for a cluster started with --control PATH
+    #[arg(long = "control", value_name = "PATH", conflicts_with = "name")]
+    pub path: Option<std::path::PathBuf>,
+}
+
+impl ControlArg {
+    pub fn target(self) -> crate::app::client::Target {
+        use crate::app::client::Target;
+        match (self.path, self.name) {
+            (Some(path), _) => Target::Path(path),
+            (None, Some(name)) => Target::Name(name),
+            (None, None) => Target::Unnamed,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Number of workers [default: number of CPUs]
+    #[arg(short = 'w', long, value_name = "N", allow_negative_numbers = true,
+          value_parser = clap::value_parser!(u32).range(1..=MAX_WORKERS as i64))]
+    pub workers: Option<u32>,
+
+    /// Address every worker listens on: PORT, HOST:PORT or [IPV6]:PORT (repeatable; the
+    /// sockets are fds 3, 4, ... in this order). Without any, workers ask for addresses over
+    /// IPC (the cluster_lb::worker library)
+    #[arg(short = 'l', long = "listen", value_name = "ADDR")]
+    pub listen: Vec<ListenAddr>,
+
+    /// How new connections are spread: round-robin (exact, eBPF; the default for TCP), hash
+    /// (the flow's hash, consistent, eBPF; the default for udp:// addresses), sticky (the
+    /// client's address, consistent, eBPF), least-loaded (the worker with the fewest open
+    /// connections, counted in the kernel; of two above 8 workers; eBPF) or kernel (plain
+    /// SO_REUSEPORT, no program)
+    #[arg(short = 's', long, value_name = "STRATEGY")]
+    pub strategy: Option<Strategy>,
+
+    /// Fail (exit 1) instead of falling back to --strategy kernel when eBPF is unavailable
+    #[arg(long)]
+    pub require_ebpf: bool,
+
+    /// Seconds a worker asked to stop has to exit before it is killed
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0, value_parser = parse_seconds,
+          allow_negative_numbers = true)]
+    pub grace: f64,
+
+    /// Seconds after start when a worker that signals nothing counts as ready (one that says
+    /// READY=1 on NOTIFY_SOCKET, or `listening` over IPC, is ready as soon as it does)
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0,
+          value_parser = parse_seconds, allow_negative_numbers = true)]
+    pub ready_delay: f64,
+
+    /// Seconds a new worker has to become ready before it is killed and restarted (a reload
+    /// then keeps the old worker it was to replace)
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0, value_parser = parse_seconds,
+          allow_negative_numbers = true)]
+    pub ready_timeout: f64,
+
+    /// Run the workers as this user (name or uid); the primary keeps root to bind and balance
+    #[arg(short = 'u', long, value_name = "USER")]
+    pub user: Option<String>,
+
+    /// Run the workers with this group (name or gid) [default: the user's primary group]
+    #[arg(short = 'g', long, value_name = "GROUP")]
+    pub group: Option<String>,
+
+    /// The cluster's name, for status, reload, scale and stop --name [default: from the first
+    /// --listen address (8080, 127.0.0.1-8080), else the program (server, app for node app.js)]
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<ClusterName>,
+
+    /// Control socket for status, reload, scale and stop (mode 0600) [default: NAME.sock in
+    /// /run/cluster-lb as root, else $XDG_RUNTIME_DIR/cluster-lb; $CLUSTER_LB_RUN_DIR overrides]
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<std::path::PathBuf>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<ListenAddr>,
+
+    /// Give workers Node's cluster channel, so that unmodified Node programs are workers (their
+    /// listen() gets a socket from cluster-lb): auto (when the program is node, or a script run
+    /// by node), on (e.g. for a shell wrapper that execs node), or off
+    #[arg(long, value_name = "WHEN", default_value = "auto")]
+    pub node: NodeMode,
+
+    /// Start workers without the seccomp filter that keeps them from replacing or detaching
+    /// the eBPF program of their listen group (SO_ATTACH_REUSEPORT_*BPF, SO_DETACH_REUSEPORT_BPF)
+    #[arg(long)]
+    pub no_seccomp: bool,
+
+    /// Let workers use io_uring, which the seccomp filter refuses by default: a ring's
+    /// commands can change the group's program past the filter (the primary then restores it
+    /// within 5 s)
+    #[arg(long)]
+    pub allow_io_uring: bool,
+
+    /// Let --user workers get ports below 1024 by asking for them (queryServer) when no
+    /// --listen names them
+    #[arg(long)]
+    pub allow_low_ports: bool,
+
+    /// What to do with a ready worker that closed a listening socket it was given: restart it
+    /// (the kernel sends it nothing there any more), or only report it
+    #[arg(long, value_name = "WHAT", default_value = "restart")]
+    pub on_closed_listener: crate::supervisor::ClosedListener,
+
+    /// Log lines as text or as JSON objects, one per line
+    #[arg(long, value_name = "FORMAT", default_value = "text")]
+    pub log_format: Format,
+
+    /// Read these options from a TOML file (keys as the long options, with _ for -, and
+    /// `command = [...]`); options given here override the file's
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+
+    /// The worker program and its arguments
+    #[arg(last = true, required_unless_present = "config", value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if (0.0..=3600.0).contains(&seconds) => Ok(seconds),
+        _ => Err(format!(
+            "'{text}' is not a number of seconds between 0 and 3600"
+        )),
+    }
+}
+
+impl RunArgs {
+    /// Checks what clap cannot see one argument at a time, and fills in defaults.
+    pub fn into_options(self) -> Result<RunOptions, ConfigError> {
+        if self.command.is_empty() {
+            return Err(ConfigError::NoCommand);
+        }
+        let mut seen = HashSet::new();
+        for addr in &self.listen {
+            if !seen.insert(*addr) {
+                return Err(ConfigError::DuplicateListen(*addr));
+            }
+        }
+        if self.listen.len() > MAX_LISTEN {
+            return Err(ConfigError::TooManyListen(self.listen.len()));
+        }
+        if let (Some(Strategy::RoundRobin), Some(udp)) =
+            (self.strategy, self.listen.iter().find(|a| a.is_udp()))
+        {
+            return Err(ConfigError::RoundRobinUdp(*udp));
+        }
+        if let Some(metrics) = self.metrics.filter(|m| self.listen.contains(m)) {
+            return Err(ConfigError::MetricsOnListen(metrics));
+        }
+        if self.ready_timeout <= 0.0 {
+            return Err(ConfigError::ReadyTimeoutZero);
+        }
+        if self.ready_timeout <= self.ready_delay {
+            log::warn!(
+                "--ready-timeout {}s is not longer than --ready-delay {}s: only workers that signal readiness (READY=1, listening) can be ready in time",
+                self.ready_timeout,
+                self.ready_delay
+            );
+        }
+        let workers = match self.workers {
+            Some(n) => n,
+            None => std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1)
+                .min(MAX_WORKERS),
+        };
+        let credentials = privileges::resolve(self.user.as_deref(), self.group.as_deref())?;
+        privileges::require_capabilities(credentials.as_ref())?;
+        let name = self
+            .name
+            .unwrap_or_else(|| ClusterName::default_for(&self.listen, &self.command));
+        let control = match self.control {
+            Some(path) => ControlPath::Explicit(path),
+            None => ControlPath::Named(names::socket_path(&name)),
+        };
+        let supervisor = Config {
+            workers,
+            listen: self.listen,
+            strategy: self.strategy.unwrap_or_default(),
+            require_ebpf: self.require_ebpf,
+            timing: Timing {
+                grace: Duration::from_secs_f64(self.grace),
+                ready_delay: Duration::from_secs_f64(self.ready_delay),
+                ready_timeout: Duration::from_secs_f64(self.ready_timeout),
+            },
+            credentials,
+            command: self.command,
+            node: self.node,
+            seccomp: !self.no_seccomp,
+            allow_io_uring: self.allow_io_uring,
+            allow_low_ports: self.allow_low_ports,
+            closed_listener: self.on_closed_listener,
+            // The command-line primary owns its process: signals are its interface, and it
+            // may be PID 1 in a container, where orphans must be reaped.
+            signals: SignalPolicy::Handle,
+            subreaper: true,
+            upgrade: crate::supervisor::UpgradeSource::current(),
+        };
+        Ok(RunOptions {
+            supervisor,
+            name,
+            control: Some(control),
+            metrics: self.metrics.map(|addr| addr.socket_addr()),
+        })
+    }
+}
+
+/// Turns a clap error into the one line we print: clap's own message without the usage block.
+pub fn one_line_error(error: &clap::Error) -> String {
+    let rendered = error.render().to_string();
+    let message: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|line| !line.starts_with("Usage:") && !line.starts_with("For more information"))
+        .filter(|line| !line.is_empty() && !line.starts_with("tip:"))
+        .collect();
+    let text = message.join(" ");
+    text.strip_prefix("error: ").unwrap_or(&text).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let cli = Cli::try_parse_from(args).map_err(|e| one_line_error(&e))?;
+        let Command::Run(run) = cli.command else {
+            return Err("not a run command".into());
+        };
+        run.into_options()
+            .map(|options| options.supervisor)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn full_command_line() {
+        let config = parse(&[
+            "cluster-lb",
+            "run",
+            "-w",
+            "4",
+            "-l",
+            "127.0.0.1:8080",
+            "--listen",
+            "[::1]:8443",
+            "-s",
+            "hash",
+            "--require-ebpf",
+            "--",
+            "node",
+            "server.js",
+            "--port",
+            "1",
+        ])
+        .unwrap();
+        assert_eq!(config.workers, 4);
+        assert_eq!(config.listen.len(), 2);
+        assert_eq!(config.strategy, Strategy::Hash);
+        assert!(config.require_ebpf);
+        assert_eq!(config.command, ["node", "server.js", "--port", "1"]);
+    }
+
+    #[test]
+    fn workers_default_to_the_cpu_count() {
+        let config = parse(&["cluster-lb", "run", "-l", "80", "--", "x"]).unwrap();
+        let cpus = std::thread::available_parallelism().unwrap().get() as u32;
+        assert_eq!(config.workers, cpus.min(MAX_WORKERS));
+        assert_eq!(config.strategy, Strategy::RoundRobin);
+    }
+
+    fn options(args: &[&str]) -> RunOptions {
+        let cli = Cli::try_parse_from(args).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not a run command");
+        };
+        run.into_options().unwrap()
+    }
+
+    #[test]
+    fn the_name_gives_the_control_socket_unless_control_is_given() {
+        let defaulted = options(&["cluster-lb", "run", "-l", "127.0.0.1:8080", "--", "x"]);
+        assert_eq!(defaulted.name.as_str(), "127.0.0.1-8080");
+        assert_eq!(
+            defaulted.control,
+            Some(ControlPath::Named(names::socket_path(&defaulted.name)))
+        );
+        let named = options(&["cluster-lb", "run", "--name", "api", "-l", "80", "--", "x"]);
+        assert_eq!(named.name.as_str(), "api");
+        assert!(named
+            .control
+            .is_some_and(|c| c.path().ends_with("api.sock")));
+        let explicit = options(&[
+            "cluster-lb",
+            "run",
+            "--name",
+            "api",
+            "--control",
+            "/tmp/x.sock",
+            "--",
+            "x",
+        ]);
+        assert_eq!(explicit.name.as_str(), "api");
+        assert_eq!(
+            explicit.control,
+            Some(ControlPath::Explicit("/tmp/x.sock".into()))
+        );
+    }
+
+    #[test]
+    fn client_commands_pick_a_cluster_by_name_or_path() {
+        use crate::app::client::Target;
+        let target = |args: &[&str]| match Cli::try_parse_from(args).map(|cli| cli.command) {
+            Ok(Command::Stop { control }) => Ok(control.target()),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(one_line_error(&e)),
+        };
+        assert_eq!(target(&["cluster-lb", "stop"]), Ok(Target::Unnamed));
+        assert_eq!(
+            target(&["cluster-lb", "stop", "--name", "a"]),
+            Ok(Target::Name("a".parse().unwrap()))
+        );
+        assert_eq!(
+            target(&["cluster-lb", "stop", "--control", "/tmp/a.sock"]),
+            Ok(Target::Path("/tmp/a.sock".into()))
+        );
+        let both = target(&["cluster-lb", "stop", "--name", "a", "--control", "/x"]);
+        assert!(both.unwrap_err().contains("cannot be used with"));
+        let bad = target(&["cluster-lb", "stop", "--name", "../etc"]);
+        assert!(bad.unwrap_err().contains("is not a cluster name"));
+    }
+
+    #[test]
+    fn errors_are_single_lines_that_name_the_problem() {
+        let cases: [(&[&str], &str); 6] = [
+            (
+                &["cluster-lb", "run", "-l", "1.2.3:80", "--", "x"],
+                "not an IP address",
+            ),
+            (
+                &["cluster-lb", "run", "-l", "80", "-w", "0", "--", "x"],
+                "0 is not in 1..=1024",
+            ),
+            (
+                &["cluster-lb", "run", "-l", "80", "-s", "fast", "--", "x"],
+                "unknown strategy",
+            ),
+            (
+                &[
+                    "cluster-lb",
+                    "run",
+                    "-l",
+                    "80",
+                    "--ready-delay",
+                    "soon",
+                    "--",
+                    "x",
+                ],
+                "number of seconds",
+            ),
+            (&["cluster-lb", "run", "-l", "80"], "<CMD>"),
+            (
+                &[
+                    "cluster-lb",
+                    "run",
+                    "-l",
+                    "80",
+                    "-l",
+                    "0.0.0.0:80",
+                    "--",
+                    "x",
+                ],
+                "given twice",
+            ),
+        ];
+        for (args, expected) in cases {
+            let error = parse(args).unwrap_err();
+            assert!(error.contains(expected), "{args:?}: {error}");
+            assert!(!error.contains('\n'), "{args:?}: {error}");
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! The `status`, `reload`, `scale` and `stop` subcommands: find the cluster meant (by
+//! `--control PATH`, by `--name`, or the only one running), talk to its primary over its
+//! control socket and print what it says.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use super::{
+    control::{request, ControlError, Reply, Request},
+    names::{self, ClusterName},
+};
+use crate::supervisor::ClusterStatus;
+
+/// A reload waits for every replacement to become ready, so it may take a while.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(600);
+const QUICK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one cluster may take to answer while all are listed.
+const LIST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Which cluster a command is for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    /// `--control PATH`.
+    Path(PathBuf),
+    /// `--name NAME`: its socket in the run directory.
+    Name(ClusterName),
+    /// Neither: every running cluster for `status`, the only one for the others.
+    Unnamed,
+}
+
+impl Target {
+    /// The control socket of the one cluster meant.
+    pub fn socket(&self) -> Result<PathBuf, ControlError> {
+        match self {
+            Target::Path(path) => Ok(path.clone()),
+            Target::Name(name) => Ok(names::socket_path(name)),
+            Target::Unnamed => {
+                let dir = names::run_dir();
+                let mut running = running_in(&dir);
+                match running.len() {
+                    0 => Err(ControlError::NoneRunning(dir)),
+                    1 => Ok(running.remove(0).0),
+                    _ => Err(ControlError::Several(
+                        running
+                            .into_iter()
+                            .map(|(_, status)| status.name.unwrap_or_default())
+                            .collect(),
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Sends `what` to the cluster meant; a name nobody answers for says so.
+    fn request(&self, what: &Request, timeout: Duration) -> Result<Reply, ControlError> {
+        let path = self.socket()?;
+        request(&path, what, timeout).map_err(|error| match (self, error) {
+            (Target::Name(name), ControlError::Unreachable { path, source }) => {
+                ControlError::NoSuchName {
+                    name: name.clone(),
+                    path,
+                    source,
+                }
+            }
+            (_, error) => error,
+        })
+    }
+}
+
+/// The clusters whose control sockets in `dir` answer, with their sockets, by name. Socket
+/// files nobody answers on (left by a primary that was killed) are skipped; one that answers
+/// wrongly is named on stderr and skipped.
+pub fn running_in(dir: &Path) -> Vec<(PathBuf, ClusterStatus)> {
+    let mut found = Vec::new();
+    for (name, path) in names::socket_files(dir) {
+        match request(&path, &Request::Status, LIST_TIMEOUT) {
+            Ok(Reply::Status { mut status }) => {
+                status.name.get_or_insert_with(|| name.to_string());
+                found.push((path, status));
+            }
+            Ok(_) | Err(ControlError::Unreachable { .. }) => {}
+            Err(error) => eprintln!("cluster-lb: warning: skipping {name}: {error}"),
+        }
+    }
+    found
+}
+
+/// `cluster-lb status [--json] [--ready]`.
+pub fn status(target: &Target, json: bool, ready: bool) -> Result<(), ControlError> {
+    let (text, shown) = match target {
+        Target::Unnamed => {
+            let dir = names::run_dir();
+            let clusters: Vec<ClusterStatus> = running_in(&dir)
+                .into_iter()
+                .map(|(_, status)| status)
+                .collect();
+            // None running is a failure (exit 1), so that a plain `cluster-lb status` is a
+            // health check: the container's probes run it.
+            if clusters.is_empty() {
+                if json {
+                    println!("[]");
+                }
+                return Err(ControlError::NoneRunning(dir));
+            }
+            let text = if json {
+                to_json(&clusters, &dir)?
+            } else {
+                list(&clusters)
+            };
+            (text, clusters)
+        }
+        one => {
+            let status = match one.request(&Request::Status, QUICK_TIMEOUT)? {
+                Reply::Status { status } => status,
+                other => return Err(unexpected(&one.socket()?, &other)),
+            };
+            let text = if json {
+                to_json(&status, &one.socket()?)?
+            } else {
+                table(&status)
+            };
+            (text, vec![status])
+        }
+    };
+    print!("{text}");
+    if !ready {
+        return Ok(());
+    }
+    match shown.iter().find(|cluster| !cluster.is_ready()) {
+        Some(cluster) => Err(ControlError::NotReady {
+            cluster: cluster
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("with primary pid {}", cluster.primary_pid)),
+            ready: cluster.ready_of_wanted(),
+            wanted: cluster.desired,
+        }),
+        None => Ok(()),
+    }
+}
+
+fn to_json(value: &impl serde::Serialize, path: &Path) -> Result<String, ControlError> {
+    let mut text = serde_json::to_string_pretty(value).map_err(|e| ControlError::BadAnswer {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    text.push('\n');
+    Ok(text)
+}
+
+/// The status of the primary at `path`.
+pub fn fetch_status(path: &Path) -> Result<ClusterStatus, ControlError> {
+    match request(path, &Request::Status, QUICK_TIMEOUT)? {
+        Reply::Status { status } => Ok(status),
+        other => Err(unexpected(path, &other)),
+    }
+}
+
+pub fn reload(target: &Target) -> Result<(), ControlError> {
+    say(target.request(&Request::Reload, RELOAD_TIMEOUT)?)
+}
+
+pub fn scale(target: &Target, workers: u32) -> Result<(), ControlError> {
+    say(target.request(&Request::Scale { workers }, QUICK_TIMEOUT)?)
+}
+
+/// Waits for the new binary's answer: its check loads the eBPF programs.
+const UPGRADE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+pub fn upgrade(target: &Target) -> Result<(), ControlError> {
+    say(target.request(&Request::Upgrade, UPGRADE_TIMEOUT)?)
+}
+
+pub fn stop(target: &Target) -> Result<(), ControlError> {
+    say(target.request(&Request::Stop, QUICK_TIMEOUT)?)
+}
+
+fn say(reply: Reply) -> Result<(), ControlError> {
+    println!("{reply}");
+    Ok(())
+}
+
+fn unexpected(path: &Path, reply: &Reply) -> ControlError {
+    ControlError::BadAnswer {
+        path: path.to_path_buf(),
+        detail: format!("unexpected reply {reply:?}"),
+    }
+}
+
+/// The human form of a plain `status`: one line per running cluster.
+pub fn list(clusters: &[ClusterStatus]) -> String {
+    let mut out = format!(
+        "{:<24} {:>8} {:>9} {:<11} {:>12}  {}\n",
+        "NAME", "PID", "READY", "STRATEGY", "UPTIME", "LISTEN"
+    );
+    for cluster in clusters {
+        let ready = cluster.ready_of_wanted();
+        let uptime = humantime::format_duration(Duration::from_secs(cluster.uptime_s as u64));
+        out.push_str(&format!(
+            "{:<24} {:>8} {:>9} {:<11} {:>12}  {}\n",
+            cluster.name.as_deref().unwrap_or("-"),
+            cluster.primary_pid,
+            format!("{ready}/{}", cluster.desired),
+            cluster.strategy,
+            uptime.to_string(),
+            if cluster.listen.is_empty() {
+                "-".to_string()
+            } else {
+                cluster.listen.join(", ")
+            },
+        ));
+    }
+    out
+}
+
+/// The human form of `status` for one cluster.
+pub fn table(status: &ClusterStatus) -> String {
+    let mut out = format!(
+        "cluster-lb {}pid {}, strategy {}, listening on {}, {} workers wanted, {} reloads{}\n",
+        status
+            .name
+            .as_ref()
+            .map(|name| format!("{name}, "))
+            .unwrap_or_default(),
+        status.primary_pid,
+        status.strategy,
+        if status.listen.is_empty() {
+            "-".to_string()
+        } else {
+            status.listen.join(", ")
+        },
+        status.desired,
+        status.reloads,
+        if status.reloading { " (reloading)" } else { "" },
+    );
+    out.push_str(&format!(
+        "{:>6} {:>8} {:<9} {:>9} {:>8} {:>10} {:>10}\n",
+        "WORKER", "PID", "STATE", "UPTIME", "RESTARTS", "SELECTED", "RSS"
+    ));
+    let mut workers = status.workers.clone();
+    workers.sort_by_key(|w| (w.id, w.pid));
+    for w in workers {
+        out.push_str(&format!(
+            "{:>6} {:>8} {:<9} {:>8.1}s {:>8} {:>10} {:>7.1}MiB\n",
+            w.id,
+            w.pid,
+            w.state,
+            w.uptime_s,
+            w.restarts,
+            w.selected,
+            w.rss_bytes as f64 / (1024.0 * 1024.0)
+        ));
+    }
+    out
+}

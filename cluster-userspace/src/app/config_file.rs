@@ -1,0 +1,582 @@
+//! `cluster-lb run --config FILE`: the run options from a TOML file, so that a unit file or a
+//! container needs no long command line.
+//!
+//! The file's keys are the long options of `run` with `_` for `-` (`workers = 4`,
+//! `listen = ["127.0.0.1:8080"]`, `ready_delay = 0.5`, `require_ebpf = true`), plus
+//! `command = ["node", "app.js"]`. Options given on the command line win: clap says which ones
+//! the user actually typed (`ArgMatches::value_source`), and only the others are taken from
+//! the file. The file's values become command-line arguments, so they go through exactly the
+//! validation the flags do; each is checked on its own first, so that an error names its key.
+//! The keys are read from clap's definition of `run`, so a new option is a new key at once.
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+};
+
+use clap::{parser::ValueSource, ArgAction, ArgMatches, CommandFactory, FromArgMatches};
+
+use crate::app::cli::{one_line_error, Cli};
+
+/// The key holding the worker program and its arguments.
+const COMMAND_KEY: &str = "command";
+/// Options of `run` that are no file key.
+const NOT_KEYS: [&str; 3] = ["config", "help", "version"];
+/// Largest config file read (a run configuration is a few hundred bytes).
+const MAX_FILE: u64 = 1 << 20;
+
+/// What is wrong with a config file, in one line: the file, the key, the problem.
+#[derive(Debug, thiserror::Error)]
+#[error("config {}: {}{detail}", .path.display(), .key.as_ref().map(|k| format!("key `{k}`: ")).unwrap_or_default())]
+pub struct FileError {
+    pub path: PathBuf,
+    pub key: Option<String>,
+    pub detail: String,
+}
+
+/// Why the command line could not be read.
+#[derive(Debug)]
+pub enum CommandLineError {
+    /// Bad arguments, or --help/--version (clap's own error).
+    Args(clap::Error),
+    File(FileError),
+}
+
+/// A parsed command line, and the config file it drew on.
+#[derive(Debug)]
+pub struct Parsed {
+    pub cli: Cli,
+    pub file: Option<Loaded>,
+}
+
+/// A config file that was read, and the keys whose values were taken from it.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub path: PathBuf,
+    pub keys: Vec<String>,
+}
+
+impl Loaded {
+    /// `error` as the file's fault when the value of `key` came from it.
+    pub fn blame(&self, key: &str, error: &dyn std::fmt::Display) -> Option<FileError> {
+        self.keys.iter().any(|k| k == key).then(|| FileError {
+            path: self.path.clone(),
+            key: Some(key.to_string()),
+            detail: error.to_string(),
+        })
+    }
+}
+
+/// Parses `argv` (program name first); for `run --config FILE`, with the file's options under
+/// the ones given.
+pub fn parse(argv: Vec<OsString>) -> Result<Parsed, CommandLineError> {
+    let command = Cli::command();
+    let matches = command
+        .clone()
+        .try_get_matches_from(&argv)
+        .map_err(CommandLineError::Args)?;
+    let run = command.find_subcommand("run");
+    let with_file = match (matches.subcommand(), run) {
+        (Some(("run", given)), Some(run)) => given
+            .get_one::<PathBuf>("config")
+            .map(|path| (given, run, path.clone())),
+        _ => None,
+    };
+    let Some((given, run, path)) = with_file else {
+        let cli = Cli::from_arg_matches(&matches).map_err(CommandLineError::Args)?;
+        return Ok(Parsed { cli, file: None });
+    };
+    let table = read(&path).map_err(CommandLineError::File)?;
+    let (merged, keys) = merge(&argv, &table, given, run, &path).map_err(CommandLineError::File)?;
+    let cli = Cli::command()
+        .try_get_matches_from(merged)
+        .and_then(|matches| Cli::from_arg_matches(&matches))
+        .map_err(CommandLineError::Args)?;
+    Ok(Parsed {
+        cli,
+        file: Some(Loaded { path, keys }),
+    })
+}
+
+/// The file as a TOML table; a syntax error names its line.
+fn read(path: &Path) -> Result<toml::Table, FileError> {
+    let fail = |detail: String| FileError {
+        path: path.to_path_buf(),
+        key: None,
+        detail,
+    };
+    let size = std::fs::metadata(path)
+        .map_err(|e| fail(format!("cannot read it: {e}")))?
+        .len();
+    if size > MAX_FILE {
+        return Err(fail(format!(
+            "{size} bytes, more than a config file of {MAX_FILE} bytes could need"
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
+    text.parse::<toml::Table>().map_err(|e| {
+        let line = e
+            .span()
+            .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+        let message = e.message().trim().replace('\n', " ");
+        fail(match line {
+            Some(line) => format!("line {line}: {message}"),
+            None => message,
+        })
+    })
+}
+
+/// `argv` with the file's options added where the command line gave none; and the keys taken.
+fn merge(
+    argv: &[OsString],
+    table: &toml::Table,
+    given: &ArgMatches,
+    run: &clap::Command,
+    path: &Path,
+) -> Result<(Vec<OsString>, Vec<String>), FileError> {
+    let fail = |key: &str, detail: String| FileError {
+        path: path.to_path_buf(),
+        key: Some(key.to_string()),
+        detail,
+    };
+    let from_command_line = |id: &str| given.value_source(id) == Some(ValueSource::CommandLine);
+    let mut options: Vec<OsString> = Vec::new();
+    let mut command: Option<Vec<String>> = None;
+    let mut keys = Vec::new();
+    for (key, value) in table {
+        if key == COMMAND_KEY {
+            let program = strings(value)
+                .filter(|list| !list.is_empty())
+                .ok_or_else(|| {
+                    fail(
+                        key,
+                        format!(
+                            "expected a list of strings such as [\"node\", \"app.js\"], found {}",
+                            kind(value)
+                        ),
+                    )
+                })?;
+            if !from_command_line(COMMAND_KEY) {
+                command = Some(program);
+                keys.push(key.clone());
+            }
+            continue;
+        }
+        let arg = option_for(run, key).map_err(|detail| fail(key, detail))?;
+        let long = format!("--{}", arg.get_long().unwrap_or(key));
+        let mut tokens = Vec::new();
+        match arg.get_action() {
+            ArgAction::SetTrue => match value {
+                toml::Value::Boolean(true) => tokens.push(long),
+                toml::Value::Boolean(false) => {}
+                other => {
+                    return Err(fail(
+                        key,
+                        format!("expected true or false, found {}", kind(other)),
+                    ))
+                }
+            },
+            action => {
+                let values = if matches!(action, ArgAction::Append) {
+                    match value {
+                        toml::Value::Array(_) => strings(value)
+                            .ok_or_else(|| fail(key, "expected a list of strings".to_string()))?,
+                        other => vec![scalar(other).map_err(|detail| fail(key, detail))?],
+                    }
+                } else {
+                    vec![scalar(value).map_err(|detail| fail(key, detail))?]
+                };
+                for text in values {
+                    // `--opt=value`, so that a value starting with '-' stays a value.
+                    let token = format!("{long}={text}");
+                    // The option alone, through its own value parser.
+                    clap::Command::new("run")
+                        .no_binary_name(true)
+                        .arg(arg.clone())
+                        .try_get_matches_from([&token])
+                        .map_err(|e| fail(key, value_error(&e)))?;
+                    tokens.push(token);
+                }
+            }
+        }
+        // Checked above even when overridden, so a bad file never waits for the day its
+        // flag is dropped from the command line.
+        if !from_command_line(arg.get_id().as_str()) {
+            options.extend(tokens.into_iter().map(OsString::from));
+            keys.push(key.clone());
+        }
+    }
+    let mut merged = argv.to_vec();
+    // Right after the subcommand (argv[0] is the program, whatever its name).
+    let after_run = merged
+        .iter()
+        .skip(1)
+        .position(|a| a == "run")
+        .map_or(merged.len(), |at| at + 2);
+    merged.splice(after_run..after_run, options);
+    if let Some(program) = command {
+        if !merged.iter().any(|a| a == "--") {
+            merged.push("--".into());
+        }
+        merged.extend(program.into_iter().map(OsString::from));
+    }
+    Ok((merged, keys))
+}
+
+/// The option of `run` that `key` names.
+fn option_for<'a>(run: &'a clap::Command, key: &str) -> Result<&'a clap::Arg, String> {
+    let found = run.get_arguments().find(|arg| {
+        arg.get_long().map(|long| long.replace('-', "_")).as_deref() == Some(key)
+            && !NOT_KEYS.contains(&key)
+    });
+    if let Some(arg) = found {
+        return Ok(arg);
+    }
+    if key == "config" {
+        return Err("a config file cannot name another one".into());
+    }
+    let underscored = key.replace('-', "_");
+    if underscored != key && option_for(run, &underscored).is_ok() {
+        return Err(format!("unknown key; did you mean `{underscored}`?"));
+    }
+    Err(format!(
+        "unknown key; the keys are the long options of `cluster-lb run` with _ for - ({}), and `{COMMAND_KEY}`",
+        known_keys(run).join(", ")
+    ))
+}
+
+/// Every key a config file may have besides `command`.
+pub fn known_keys(run: &clap::Command) -> Vec<String> {
+    run.get_arguments()
+        .filter_map(|arg| arg.get_long())
+        .map(|long| long.replace('-', "_"))
+        .filter(|key| !NOT_KEYS.contains(&key.as_str()))
+        .collect()
+}
+
+/// One option value: a string or a number.
+fn scalar(value: &toml::Value) -> Result<String, String> {
+    match value {
+        toml::Value::String(text) => Ok(text.clone()),
+        toml::Value::Integer(n) => Ok(n.to_string()),
+        toml::Value::Float(x) => Ok(x.to_string()),
+        other => Err(format!(
+            "expected a string or a number, found {}",
+            kind(other)
+        )),
+    }
+}
+
+/// A list of strings, or None when `value` is something else.
+fn strings(value: &toml::Value) -> Option<Vec<String>> {
+    value
+        .as_array()?
+        .iter()
+        .map(|item| item.as_str().map(str::to_string))
+        .collect()
+}
+
+fn kind(value: &toml::Value) -> &'static str {
+    match value {
+        toml::Value::String(_) => "a string",
+        toml::Value::Integer(_) => "an integer",
+        toml::Value::Float(_) => "a number",
+        toml::Value::Boolean(_) => "a boolean",
+        toml::Value::Datetime(_) => "a date",
+        toml::Value::Array(list) if list.is_empty() => "an empty list",
+        toml::Value::Array(_) => "a list",
+        toml::Value::Table(_) => "a table",
+    }
+}
+
+/// What a value parser said, without clap's framing (which names the flag, not the key).
+fn value_error(error: &clap::Error) -> String {
+    match std::error::Error::source(error) {
+        Some(inner) => inner.to_string(),
+        None => one_line_error(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::app::cli::{Command, RunArgs};
+
+    /// A config file with `text`, in a fresh temporary path.
+    fn file(text: &str) -> PathBuf {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("clb-config-{}-{n}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn parse_run(args: &[&str]) -> Result<(RunArgs, Option<Loaded>), CommandLineError> {
+        let argv = std::iter::once("cluster-lb").chain(args.iter().copied());
+        let parsed = parse(argv.map(OsString::from).collect())?;
+        match parsed.cli.command {
+            Command::Run(run) => Ok((run, parsed.file)),
+            other => panic!("not run: {other:?}"),
+        }
+    }
+
+    fn with_file(text: &str, args: &[&str]) -> Result<(RunArgs, Option<Loaded>), CommandLineError> {
+        let path = file(text);
+        let path_text = path.display().to_string();
+        let mut all = vec!["run", "--config", &path_text];
+        all.extend_from_slice(args);
+        let result = parse_run(&all);
+        std::fs::remove_file(&path).unwrap();
+        result
+    }
+
+    const FULL: &str = r#"
+        workers = 3
+        listen = ["127.0.0.1:8080", "udp://127.0.0.1:5353"]
+        strategy = "hash"
+        require_ebpf = true
+        grace = 5
+        ready_delay = 0.5
+        ready_timeout = 10
+        name = "api"
+        control = "/tmp/api.sock"
+        metrics = "127.0.0.1:9100"
+        node = "off"
+        no_seccomp = false
+        log_format = "json"
+        command = ["node", "app.js", "--port", "-1"]
+    "#;
+
+    #[test]
+    fn every_option_is_read_from_the_file() {
+        let (run, file) = with_file(FULL, &[]).unwrap();
+        assert_eq!(run.workers, Some(3));
+        assert_eq!(run.listen.len(), 2);
+        assert!(run.listen[1].is_udp());
+        assert_eq!(run.strategy, Some(crate::kernel::Strategy::Hash));
+        assert!(run.require_ebpf);
+        assert!(!run.no_seccomp);
+        assert_eq!(
+            (run.grace, run.ready_delay, run.ready_timeout),
+            (5.0, 0.5, 10.0)
+        );
+        assert_eq!(run.name.unwrap().as_str(), "api");
+        assert_eq!(run.control.unwrap(), Path::new("/tmp/api.sock"));
+        assert!(run.metrics.is_some());
+        assert_eq!(run.node, crate::protocol::nodejs::detect::NodeMode::Off);
+        assert_eq!(run.log_format, crate::logging::Format::Json);
+        assert_eq!(run.command, ["node", "app.js", "--port", "-1"]);
+        let file = file.unwrap();
+        assert!(file.keys.iter().any(|k| k == "workers"));
+        assert!(file.keys.iter().any(|k| k == "command"));
+    }
+
+    #[test]
+    fn the_command_line_overrides_the_file() {
+        let (run, file) = with_file(
+            FULL,
+            &[
+                "-w",
+                "7",
+                "--listen",
+                "9000",
+                "--strategy",
+                "sticky",
+                "--",
+                "./server",
+            ],
+        )
+        .unwrap();
+        assert_eq!(run.workers, Some(7));
+        // A list given on the command line replaces the file's, it is not added to it.
+        assert_eq!(run.listen, ["9000".parse().unwrap()]);
+        assert_eq!(run.strategy, Some(crate::kernel::Strategy::Sticky));
+        assert_eq!(run.command, ["./server"]);
+        // What was not given still comes from the file.
+        assert_eq!(run.grace, 5.0);
+        assert_eq!(run.name.unwrap().as_str(), "api");
+        let keys = file.unwrap().keys;
+        for overridden in ["workers", "listen", "strategy", "command"] {
+            assert!(
+                !keys.iter().any(|k| k == overridden),
+                "{overridden}: {keys:?}"
+            );
+        }
+        assert!(keys.iter().any(|k| k == "grace"));
+    }
+
+    #[test]
+    fn defaults_stay_when_neither_gives_a_value() {
+        let (run, _) = with_file("command = [\"x\"]", &[]).unwrap();
+        assert_eq!(run.grace, 30.0);
+        assert_eq!(run.workers, None);
+        assert!(run.listen.is_empty());
+    }
+
+    #[test]
+    fn bad_files_name_the_key_and_the_problem_in_one_line() {
+        let cases = [
+            ("workers = 0", Some("workers"), "0 is not in 1..=1024"),
+            ("workers = \"four\"", Some("workers"), "invalid digit"),
+            (
+                "workers = [1]",
+                Some("workers"),
+                "expected a string or a number, found a list",
+            ),
+            ("listen = \"nonsense\"", Some("listen"), "missing port"),
+            (
+                "listen = [80]",
+                Some("listen"),
+                "expected a list of strings",
+            ),
+            (
+                "strategy = \"fast\"",
+                Some("strategy"),
+                "unknown strategy 'fast'",
+            ),
+            (
+                "require_ebpf = \"yes\"",
+                Some("require_ebpf"),
+                "expected true or false",
+            ),
+            ("grace = -1", Some("grace"), "not a number of seconds"),
+            (
+                "ready-delay = 1",
+                Some("ready-delay"),
+                "did you mean `ready_delay`?",
+            ),
+            ("frobnicate = 1", Some("frobnicate"), "unknown key"),
+            (
+                "config = \"other.toml\"",
+                Some("config"),
+                "cannot name another",
+            ),
+            ("command = []", Some("command"), "found an empty list"),
+            (
+                "command = \"node app.js\"",
+                Some("command"),
+                "found a string",
+            ),
+            ("name = \"a/b\"", Some("name"), "is not a cluster name"),
+            ("[section]\nworkers = 1", Some("section"), "unknown key"),
+            ("workers = = 2", None, "line 1:"),
+            ("workers = 2\nlisten = [\"80\"\n", None, "line 2:"),
+        ];
+        for (text, key, expected) in cases {
+            let Err(CommandLineError::File(error)) = with_file(text, &[]) else {
+                panic!("{text:?} was accepted");
+            };
+            assert_eq!(error.key.as_deref(), key, "{text:?}");
+            let line = error.to_string();
+            assert!(line.contains(expected), "{text:?}: {line}");
+            assert!(!line.contains('\n'), "{text:?}: {line}");
+            assert!(line.starts_with("config "), "{line}");
+            if let Some(key) = key {
+                assert!(line.contains(&format!(": key `{key}`: ")), "{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_bad_value_is_reported_even_when_a_flag_overrides_it() {
+        let Err(CommandLineError::File(error)) = with_file("workers = 0", &["-w", "2", "--", "x"])
+        else {
+            panic!("accepted");
+        };
+        assert_eq!(error.key.as_deref(), Some("workers"));
+    }
+
+    #[test]
+    fn a_missing_file_is_one_line() {
+        let Err(CommandLineError::File(error)) =
+            parse_run(&["run", "--config", "/nonexistent/app.toml"])
+        else {
+            panic!("accepted");
+        };
+        let line = error.to_string();
+        assert!(
+            line.starts_with("config /nonexistent/app.toml: cannot read it"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn errors_found_after_merging_blame_the_file_only_for_its_own_values() {
+        let (run, file) =
+            with_file("listen = [\"80\", \"0.0.0.0:80\"]\ncommand = [\"x\"]", &[]).unwrap();
+        let error = run.into_options().unwrap_err();
+        let blamed = file.unwrap().blame(error.key(), &error).unwrap();
+        assert!(blamed
+            .to_string()
+            .contains("key `listen`: --listen 0.0.0.0:80 is given twice"));
+        let (run, file) = with_file(
+            "command = [\"x\"]",
+            &["--listen", "80", "--listen", "0.0.0.0:80"],
+        )
+        .unwrap();
+        let error = run.into_options().unwrap_err();
+        assert!(file.unwrap().blame(error.key(), &error).is_none());
+    }
+
+    #[test]
+    fn every_run_option_is_a_key() {
+        let command = Cli::command();
+        let run = command.find_subcommand("run").unwrap();
+        let keys = known_keys(run);
+        for key in [
+            "workers",
+            "listen",
+            "strategy",
+            "user",
+            "group",
+            "grace",
+            "ready_delay",
+            "ready_timeout",
+            "node",
+            "control",
+            "name",
+            "metrics",
+            "log_format",
+            "require_ebpf",
+        ] {
+            assert!(keys.iter().any(|k| k == key), "{key} missing from {keys:?}");
+        }
+        for not_a_key in ["config", "help", "command"] {
+            assert!(!keys.iter().any(|k| k == not_a_key), "{not_a_key}");
+        }
+    }
+
+    #[test]
+    fn the_documented_config_files_are_valid() {
+        let example = include_str!("../../../docs/app.toml");
+        let readme = include_str!("../../../README.md");
+        let in_readme = readme
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("README.md shows a config file");
+        for text in [example, in_readme] {
+            let (run, _) = with_file(text, &[]).unwrap_or_else(|e| match e {
+                CommandLineError::File(e) => panic!("{e}"),
+                CommandLineError::Args(e) => panic!("{e}"),
+            });
+            assert_eq!(run.name.unwrap().as_str(), "app");
+            assert_eq!(run.workers, Some(4));
+            assert_eq!(run.user.as_deref(), Some("www-data"));
+            assert!(run.command[0].starts_with("/srv/app/"));
+        }
+    }
+
+    #[test]
+    fn without_config_the_command_line_is_parsed_as_it_is() {
+        let (run, file) = parse_run(&["run", "-w", "2", "--", "x"]).unwrap();
+        assert_eq!(run.workers, Some(2));
+        assert!(file.is_none());
+        let Err(CommandLineError::Args(error)) = parse_run(&["run", "-w", "2"]) else {
+            panic!("a run without command was accepted");
+        };
+        assert!(one_line_error(&error).contains("<CMD>"));
+    }
+}

@@ -1,0 +1,441 @@
+//! The control socket: a Unix stream socket (mode 0600) where `cluster-lb status | reload |
+//! scale N | stop` reach a running primary. One JSON [`Request`] line in, one JSON [`Reply`]
+//! line out; both sides use these types, so they cannot drift apart.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::{
+        fs::{FileTypeExt, PermissionsExt},
+        net::UnixStream,
+    },
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+use super::{
+    accept::{Acceptor, REQUEST_TIMEOUT},
+    names::ClusterName,
+};
+use crate::supervisor::{ClusterStatus, Handle};
+
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 4096;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    Reload,
+    Scale { workers: u32 },
+    Stop,
+    Upgrade,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Reply {
+    Status {
+        status: ClusterStatus,
+    },
+    /// The rolling reload completed.
+    Reloaded {
+        replaced: u32,
+    },
+    Scaling {
+        from: u32,
+        to: u32,
+    },
+    Stopping,
+    /// The new binary took over (it sends this reply, on the connection the old one got).
+    Upgraded {
+        from: String,
+        to: String,
+        pid: u32,
+        workers: u32,
+    },
+    /// The request was not carried out; `error` says why in one line.
+    Refused {
+        error: String,
+    },
+}
+
+impl std::fmt::Display for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reply::Status { status } => write!(f, "{} workers", status.workers.len()),
+            Reply::Reloaded { replaced } => {
+                write!(f, "reload complete: {replaced} workers replaced")
+            }
+            Reply::Scaling { from, to } => write!(f, "scaling from {from} to {to} workers"),
+            Reply::Stopping => f.write_str("stopping"),
+            Reply::Upgraded {
+                from,
+                to,
+                pid,
+                workers,
+            } => write!(
+                f,
+                "upgraded from {from} to {to}: primary pid {pid} and its {workers} workers kept"
+            ),
+            Reply::Refused { error } => f.write_str(error),
+        }
+    }
+}
+
+/// Why a control request got no useful answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot reach a cluster-lb primary at {path} ({source}); is it running? is --control right?")]
+    Unreachable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the primary at {path} did not answer within {secs}s", secs = .timeout.as_secs())]
+    Timeout { path: PathBuf, timeout: Duration },
+    #[error("talking to the primary at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the primary at {path} gave an answer this cluster-lb does not understand: {detail}")]
+    BadAnswer { path: PathBuf, detail: String },
+    #[error("{0}")]
+    Refused(String),
+    #[error("cannot create the control socket {path}: {source}")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("control socket {0} is in use by another cluster-lb; pass another --control PATH")]
+    InUse(PathBuf),
+    #[error("a cluster named {name} is already running (control socket {path}); give this one another --name")]
+    NameInUse { name: ClusterName, path: PathBuf },
+    #[error("no cluster named {name} is running (nothing answers at {path}); `cluster-lb status` lists the running ones")]
+    NoSuchName {
+        name: ClusterName,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no cluster-lb is running: no control socket in {0} answers (pass --control PATH for a cluster started with one)")]
+    NoneRunning(PathBuf),
+    #[error("cluster {cluster} is not ready: {ready} of its {wanted} wanted workers are ready; `cluster-lb status` shows the state of each")]
+    NotReady {
+        cluster: String,
+        ready: u32,
+        wanted: u32,
+    },
+    #[error("{} clusters are running ({}); pick one with --name NAME", .0.len(), .0.join(", "))]
+    Several(Vec<String>),
+    #[error(transparent)]
+    RunDir(#[from] crate::app::names::RunDirError),
+    #[error("{0} exists and is not a socket; refusing to remove it (pass another --control PATH)")]
+    NotASocket(PathBuf),
+}
+
+/// Removes the socket file when the primary ends.
+pub struct ControlSocket {
+    path: PathBuf,
+    /// The listening socket, for an upgrade to keep.
+    pub fd: Option<crate::supervisor::saved::Inherited>,
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Where a primary's control socket goes: a path given with `--control`, or its name's socket
+/// in the run directory.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ControlPath {
+    Explicit(PathBuf),
+    Named(PathBuf),
+}
+
+impl ControlPath {
+    pub fn path(&self) -> &Path {
+        match self {
+            ControlPath::Explicit(path) | ControlPath::Named(path) => path,
+        }
+    }
+}
+
+/// Fails when `path` cannot become this primary's control socket because something else is
+/// there: another primary that answers (for a name: a cluster of that name runs), or a file
+/// that is no socket. A socket file nobody answers on is stale and will be replaced.
+pub fn check_free(at: &ControlPath, name: &ClusterName) -> Result<(), ControlError> {
+    let path = at.path();
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            Err(ControlError::NotASocket(path.to_path_buf()))
+        }
+        Ok(_) if UnixStream::connect(path).is_ok() => Err(match at {
+            ControlPath::Explicit(_) => ControlError::InUse(path.to_path_buf()),
+            ControlPath::Named(_) => ControlError::NameInUse {
+                name: name.clone(),
+                path: path.to_path_buf(),
+            },
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Listens at `at` for the cluster called `name` (which `status` reports). A socket file
+/// nobody answers on is stale and replaced; anything else there is an error (see
+/// [`check_free`]). A default path that cannot be created is only a warning, so the cluster
+/// still runs without a control socket; an explicit one is an error.
+///
+/// The socket is created with mode 0600 (umask 0177 around the bind, so it is never reachable
+/// by others, not even for an instant), and a peer's credentials are checked before anything it
+/// asks is done: only root and the primary's own user may control it.
+pub fn serve(
+    at: &ControlPath,
+    name: ClusterName,
+    handle: Handle,
+) -> Result<Option<ControlSocket>, ControlError> {
+    let path = at.path();
+    let explicit = matches!(at, ControlPath::Explicit(_));
+    let create = |source| ControlError::Create {
+        path: path.to_path_buf(),
+        source,
+    };
+    let refuse = |error: ControlError| {
+        if explicit {
+            return Err(error);
+        }
+        log::warn!("no control socket: {error}");
+        Ok(None)
+    };
+    check_free(at, &name)?;
+    if std::fs::symlink_metadata(path).is_ok() {
+        std::fs::remove_file(path).map_err(create)?;
+    }
+    if let Some(parent) = path.parent() {
+        if let Err(e) = std::fs::create_dir_all(parent) {
+            return refuse(create(e));
+        }
+    }
+    let private = nix::sys::stat::Mode::from_bits_truncate(0o177);
+    let previous = nix::sys::stat::umask(private);
+    let bound = tokio::net::UnixListener::bind(path);
+    nix::sys::stat::umask(previous);
+    let listener = match bound {
+        Ok(listener) => listener,
+        Err(e) => return refuse(create(e)),
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(create)?;
+    Ok(Some(accept_loop(listener, path, name, handle)))
+}
+
+/// Serves the control socket an older binary bound at `at`, handed over in an upgrade.
+pub fn adopt(
+    fd: std::os::fd::OwnedFd,
+    at: &ControlPath,
+    name: ClusterName,
+    handle: Handle,
+) -> Result<ControlSocket, ControlError> {
+    let create = |source| ControlError::Create {
+        path: at.path().to_path_buf(),
+        source,
+    };
+    let listener = std::os::unix::net::UnixListener::from(fd);
+    listener.set_nonblocking(true).map_err(create)?;
+    let listener = tokio::net::UnixListener::from_std(listener).map_err(create)?;
+    Ok(accept_loop(listener, at.path(), name, handle))
+}
+
+fn accept_loop(
+    listener: tokio::net::UnixListener,
+    path: &Path,
+    name: ClusterName,
+    handle: Handle,
+) -> ControlSocket {
+    use std::os::fd::AsRawFd;
+    let fd = crate::supervisor::saved::Inherited::of(&listener.as_raw_fd());
+    let owner = nix::unistd::geteuid().as_raw();
+    tokio::spawn(async move {
+        let mut acceptor = Acceptor::new("control socket");
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    acceptor.failed(e).await;
+                    continue;
+                }
+            };
+            let Some(permit) = acceptor.admit() else {
+                continue;
+            };
+            let handle = handle.clone();
+            let name = name.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                if let Err(e) = answer(stream, handle, owner, &name).await {
+                    log::debug!("control connection: {e}");
+                }
+            });
+        }
+    });
+    ControlSocket {
+        path: path.to_path_buf(),
+        fd,
+    }
+}
+
+async fn answer(
+    stream: tokio::net::UnixStream,
+    handle: Handle,
+    owner: u32,
+    name: &ClusterName,
+) -> std::io::Result<()> {
+    let peer = stream.peer_cred()?.uid();
+    // A copy of the connection, for an upgrade: the new binary answers on it.
+    let connection = {
+        use std::os::fd::AsFd;
+        stream.as_fd().try_clone_to_owned()?
+    };
+    let (reader, mut writer) = stream.into_split();
+    // Read the request first, whoever sends it: a client whose request is refused then reads
+    // the refusal, instead of failing to write into a connection already closed.
+    let mut line = String::new();
+    let mut reader = tokio::io::BufReader::new(reader.take(MAX_REQUEST));
+    match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
+        Err(_) => return Ok(()), // an idle client: hang up
+        Ok(result) => {
+            result?;
+        }
+    }
+    let reply = if peer != 0 && peer != owner {
+        log::warn!("control socket: refused a request from uid {peer}");
+        Reply::Refused {
+            error: format!("permission denied: only root and uid {owner} may control this cluster"),
+        }
+    } else {
+        match serde_json::from_str::<Request>(line.trim()) {
+            Err(e) => Reply::Refused {
+                error: format!("bad request: {e}"),
+            },
+            Ok(Request::Upgrade) => match handle.upgrade(Some(connection)).await {
+                Some(error) => Reply::Refused {
+                    error: error.to_string(),
+                },
+                None => Reply::Refused {
+                    error: "the primary is stopping".into(),
+                },
+            },
+            Ok(request) => execute(request, &handle, name).await,
+        }
+    };
+    let mut text = serde_json::to_string(&reply).map_err(std::io::Error::other)?;
+    text.push('\n');
+    writer.write_all(text.as_bytes()).await
+}
+
+async fn execute(request: Request, handle: &Handle, name: &ClusterName) -> Reply {
+    let refused = |error: &dyn std::fmt::Display| Reply::Refused {
+        error: error.to_string(),
+    };
+    match request {
+        Request::Status => match handle.status().await {
+            Some(mut status) => {
+                // The supervisor knows no names; the cluster is named by how it is reached.
+                status.name = Some(name.to_string());
+                Reply::Status { status }
+            }
+            None => refused(&"the primary is stopping"),
+        },
+        Request::Reload => match handle.reload().await {
+            Ok(replaced) => Reply::Reloaded { replaced },
+            Err(error) => refused(&error),
+        },
+        Request::Scale { workers } => {
+            let most = cluster_common::MAX_WORKERS;
+            if workers == 0 || workers > most {
+                return refused(&format!("workers must be 1..={most}"));
+            }
+            match handle.scale(workers).await {
+                Ok(from) => Reply::Scaling { from, to: workers },
+                Err(error) => refused(&error),
+            }
+        }
+        Request::Stop => {
+            handle.stop();
+            Reply::Stopping
+        }
+        Request::Upgrade => refused(&"an upgrade is answered by the connection that asked"),
+    }
+}
+
+/// Writes the answer to an upgrade on the connection that asked for it (the new binary does
+/// this, on the connection the old one handed over).
+pub fn answer_upgrade(connection: std::os::fd::OwnedFd, reply: &Reply) {
+    let mut stream = UnixStream::from(connection);
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+    if let Ok(mut text) = serde_json::to_string(reply) {
+        text.push('\n');
+        let _ = stream.write_all(text.as_bytes());
+    }
+}
+
+/// Client side: sends `request` to the primary at `path` and returns its answer; a refusal is
+/// an error.
+pub fn request(path: &Path, request: &Request, timeout: Duration) -> Result<Reply, ControlError> {
+    let io = |source: std::io::Error| match source.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ControlError::Timeout {
+            path: path.to_path_buf(),
+            timeout,
+        },
+        _ => ControlError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+    };
+    let mut stream = UnixStream::connect(path).map_err(|source| ControlError::Unreachable {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    let mut line = serde_json::to_string(request).map_err(|e| io(std::io::Error::other(e)))?;
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer).map_err(io)?;
+    let reply: Reply =
+        serde_json::from_str(answer.trim()).map_err(|e| ControlError::BadAnswer {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+    match reply {
+        Reply::Refused { error } => Err(ControlError::Refused(error)),
+        reply => Ok(reply),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_replies_have_the_documented_shape() {
+        assert_eq!(
+            serde_json::to_string(&Request::Status).unwrap(),
+            r#"{"cmd":"status"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"scale","workers":3}"#).unwrap(),
+            Request::Scale { workers: 3 }
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"format-disk"}"#).is_err());
+        assert_eq!(
+            serde_json::to_string(&Reply::Scaling { from: 2, to: 3 }).unwrap(),
+            r#"{"reply":"scaling","from":2,"to":3}"#
+        );
+        let refused: Reply = serde_json::from_str(r#"{"reply":"refused","error":"no"}"#).unwrap();
+        assert_eq!(refused.to_string(), "no");
+    }
+}

@@ -1,0 +1,118 @@
+//! `cluster-lb run`: a supervisor, plus the control socket and the metrics server the command
+//! line asked for, both started from its [`Handle`](crate::supervisor::Handle). The supervisor
+//! itself knows nothing of either.
+
+use std::net::SocketAddr;
+
+use super::{
+    control::{self, ControlError, ControlPath, Reply},
+    metrics::{self, MetricsError},
+    names::{self, ClusterName},
+};
+use crate::supervisor::{
+    self,
+    saved::{Inherited, State},
+    upgrade::{Kept, Resumed},
+    Config, Supervisor, SupervisorError,
+};
+
+/// Everything `cluster-lb run` was asked to do.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub supervisor: Config,
+    /// The cluster's name (`--name`, or one made from its first address or its program).
+    pub name: ClusterName,
+    /// The control socket: `--control PATH`, or the name's socket in the run directory.
+    pub control: Option<ControlPath>,
+    /// Where to serve Prometheus metrics.
+    pub metrics: Option<SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+}
+
+/// Runs the cluster on a current-thread runtime until it is stopped.
+pub fn run(options: RunOptions) -> Result<(), RunError> {
+    // A name taken is refused before any socket is bound or program loaded.
+    if let Some(at) = &options.control {
+        control::check_free(at, &options.name)?;
+    }
+    supervisor::block_on(async {
+        let mut supervisor = Supervisor::new(options.supervisor)?;
+        let handle = supervisor.handle();
+        // Both before any worker starts, so a bad path or address is an error, not a surprise.
+        let control = match &options.control {
+            Some(at) => {
+                // Only now, so that a cluster that could not start leaves nothing behind.
+                if let (ControlPath::Named(_), Some(dir)) = (at, at.path().parent()) {
+                    names::ensure_run_dir(dir).map_err(ControlError::from)?;
+                }
+                control::serve(at, options.name.clone(), handle.clone())?
+            }
+            None => None,
+        };
+        let metrics = match options.metrics {
+            Some(addr) => metrics::serve(addr, handle).await?,
+            None => None,
+        };
+        supervisor.keep_on_upgrade(Kept {
+            control: control.as_ref().and_then(|c| c.fd),
+            metrics,
+        });
+        supervisor.run().await;
+        drop(control);
+        Ok(())
+    })?
+}
+
+/// Continues a cluster an older binary handed over in an upgrade (`state`): the same
+/// workers, control socket and metrics listener, now served by this binary.
+pub fn resume(options: RunOptions, state: State) -> Result<(), RunError> {
+    supervisor::block_on(async {
+        let Resumed {
+            mut supervisor,
+            kept,
+            requester,
+            from,
+        } = Supervisor::resume(options.supervisor, state)?;
+        let handle = supervisor.handle();
+        let control = match (kept.control.and_then(Inherited::take), &options.control) {
+            (Some(fd), Some(at)) => Some(control::adopt(
+                fd,
+                at,
+                options.name.clone(),
+                handle.clone(),
+            )?),
+            _ => None,
+        };
+        let metrics = kept
+            .metrics
+            .and_then(Inherited::take)
+            .and_then(|fd| metrics::adopt(fd, handle).ok().flatten());
+        supervisor.keep_on_upgrade(Kept {
+            control: control.as_ref().and_then(|c| c.fd),
+            metrics,
+        });
+        if let Some(connection) = requester {
+            control::answer_upgrade(
+                connection,
+                &Reply::Upgraded {
+                    from,
+                    to: crate::version::version().to_string(),
+                    pid: std::process::id(),
+                    workers: supervisor.worker_count(),
+                },
+            );
+        }
+        supervisor.run().await;
+        drop(control);
+        Ok(())
+    })?
+}

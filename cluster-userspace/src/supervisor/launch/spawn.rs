@@ -1,0 +1,612 @@
+//! Starting one worker process with its listening sockets, by socket activation: the sockets
+//! become fds 3.. and `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES` describe them, as systemd
+//! does, so Node, gunicorn, uvicorn, Go and Rust's listenfd all serve from them unchanged.
+//!
+//! `LISTEN_PID` must be the worker's own pid (libsystemd ignores the fds otherwise), which is
+//! known only after fork. `std::process::Command` builds the environment before forking, so
+//! this module forks and execs itself: everything is prepared in the parent, and the child
+//! only makes async-signal-safe system calls before `execve`.
+
+use std::{
+    env,
+    ffi::{CString, OsStr, OsString},
+    fs,
+    io::Read,
+    os::{
+        fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd},
+        unix::{ffi::OsStrExt, fs::PermissionsExt},
+    },
+    path::{Path, PathBuf},
+    ptr,
+};
+
+use nix::{sys::wait::waitpid, unistd::Pid};
+
+pub use crate::supervisor::launch::seccomp::Filter;
+
+/// Why a worker command cannot be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("no worker command given; put it after --, e.g. -- node server.js")]
+    NoCommand,
+    #[error("the worker command is empty")]
+    EmptyCommand,
+    #[error("the worker command or its environment contains a NUL byte")]
+    NulByte,
+    #[error("cannot run {0}: command not found in PATH")]
+    NotFound(String),
+    #[error("cannot run {0}: it is not an executable file (chmod +x?)")]
+    NotExecutable(String),
+    #[error("cannot run {program}: {source}")]
+    Inaccessible {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Os {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot start {program}: {source}")]
+    Exec {
+        program: String,
+        source: std::io::Error,
+    },
+}
+
+fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> SpawnError {
+    move |source| SpawnError::Os { what, source }
+}
+
+/// Variables that describe the sockets of *this* process; a worker must only see its own.
+const INHERITED_VARIABLES_TO_DROP: &[&str] = &[
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "CLUSTER_LB_WORKER_ID",
+    "CLUSTER_LB_WORKERS",
+    "CLUSTER_LB_IPC_FD",
+    "CLUSTER_LB_PRIMARY",
+    // Node's own cluster variables: a cluster-lb started by a Node primary must not pass that
+    // primary's channel on.
+    "NODE_CHANNEL_FD",
+    "NODE_CHANNEL_SERIALIZATION_MODE",
+    "NODE_UNIQUE_ID",
+];
+
+/// The first fd a socket-activated program looks at (SD_LISTEN_FDS_START).
+const LISTEN_FDS_START: RawFd = 3;
+
+/// The worker program, resolved once, and the environment every worker starts from.
+#[derive(Debug)]
+pub struct WorkerCommand {
+    path: CString,
+    argv: Vec<CString>,
+    base_env: Vec<CString>,
+}
+
+/// What differs from one worker to the next.
+pub struct WorkerSpec<'a> {
+    /// Listening sockets, in `--listen` order; they become fds 3, 4, ...
+    pub sockets: &'a [OwnedFd],
+    /// One name per socket for `LISTEN_FDNAMES` (no ':' allowed).
+    pub socket_names: &'a [String],
+    /// Extra variables (`CLUSTER_LB_WORKER_ID`, ...).
+    pub env: &'a [(String, String)],
+    /// The worker's end of its channel to the primary, if it gets one.
+    pub channel: Option<Channel<'a>>,
+    /// Where the worker's stdout and stderr go (pipes the primary reads), or inherited.
+    pub stdout: Option<BorrowedFd<'a>>,
+    pub stderr: Option<BorrowedFd<'a>>,
+    /// Who the worker runs as, or the primary's own user.
+    pub credentials: Option<&'a Credentials>,
+    /// A seccomp filter installed just before exec.
+    pub filter: Option<&'a Filter>,
+}
+
+/// The worker's end of a channel to the primary: it goes right after the sockets, and
+/// `variable` names its fd number (CLUSTER_LB_IPC_FD, or Node's NODE_CHANNEL_FD).
+pub struct Channel<'a> {
+    pub fd: BorrowedFd<'a>,
+    pub variable: &'static str,
+}
+
+/// A user to switch to before exec, resolved in the parent (the child may not look anything
+/// up: that allocates and reads files).
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// The account's name and home directory, for USER, LOGNAME and HOME.
+    pub name: String,
+    pub home: String,
+    pub uid: libc::uid_t,
+    pub gid: libc::gid_t,
+    pub groups: Vec<libc::gid_t>,
+}
+
+impl WorkerCommand {
+    /// Resolves `command[0]` on PATH now, so a typo is one clear error at start-up rather than
+    /// a crash loop of workers.
+    pub fn new(command: &[String]) -> Result<WorkerCommand, SpawnError> {
+        let (program, _) = command.split_first().ok_or(SpawnError::NoCommand)?;
+        let path = resolve(program)?;
+        let argv = command
+            .iter()
+            .map(|arg| CString::new(arg.as_bytes()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| SpawnError::NulByte)?;
+        let base_env = env::vars_os()
+            .filter(|(key, _)| {
+                !INHERITED_VARIABLES_TO_DROP
+                    .iter()
+                    .any(|drop| key == OsStr::new(drop))
+            })
+            .filter_map(|(key, value)| env_entry(&key, &value))
+            .collect();
+        Ok(WorkerCommand {
+            path: CString::new(path.as_os_str().as_bytes()).map_err(|_| SpawnError::NulByte)?,
+            argv,
+            base_env,
+        })
+    }
+
+    pub fn program(&self) -> String {
+        self.path.to_string_lossy().into_owned()
+    }
+
+    /// Forks and execs one worker. Returns once the worker runs the program (or failed to).
+    pub fn spawn(&self, spec: &WorkerSpec<'_>) -> Result<Pid, SpawnError> {
+        let mut envp_strings: Vec<CString> = self.base_env.clone();
+        if let Some(user) = spec.credentials {
+            // The account's own, not the primary's (HOME=/root must not reach nobody).
+            let account = ["HOME=", "USER=", "LOGNAME="];
+            envp_strings.retain(|entry| {
+                !account
+                    .iter()
+                    .any(|p| entry.as_bytes().starts_with(p.as_bytes()))
+            });
+            for (key, value) in [
+                ("HOME", &user.home),
+                ("USER", &user.name),
+                ("LOGNAME", &user.name),
+            ] {
+                envp_strings
+                    .push(CString::new(format!("{key}={value}")).map_err(|_| SpawnError::NulByte)?);
+            }
+        }
+        let mut set = |entry: String| {
+            CString::new(entry)
+                .map(|entry| envp_strings.push(entry))
+                .map_err(|_| SpawnError::NulByte)
+        };
+        for (key, value) in spec.env {
+            set(format!("{key}={value}"))?;
+        }
+        set(format!("LISTEN_FDS={}", spec.sockets.len()))?;
+        if let Some(channel) = &spec.channel {
+            let fd = LISTEN_FDS_START + spec.sockets.len() as RawFd;
+            set(format!("{}={fd}", channel.variable))?;
+        }
+        set(format!("LISTEN_FDNAMES={}", spec.socket_names.join(":")))?;
+        // Filled in by the child with its own pid; room for any pid_t.
+        let mut listen_pid = *b"LISTEN_PID=\0\0\0\0\0\0\0\0\0\0\0\0";
+        let mut envp: Vec<*const libc::c_char> = envp_strings.iter().map(|s| s.as_ptr()).collect();
+        envp.push(listen_pid.as_ptr().cast());
+        envp.push(ptr::null());
+        let mut argv: Vec<*const libc::c_char> = self.argv.iter().map(|s| s.as_ptr()).collect();
+        argv.push(ptr::null());
+
+        let mut source_fds: Vec<RawFd> = spec.sockets.iter().map(|s| s.as_raw_fd()).collect();
+        source_fds.extend(spec.channel.as_ref().map(|c| c.fd.as_raw_fd()));
+        let dev_null = fs::File::open("/dev/null").map_err(os("opening /dev/null"))?;
+        let (exec_error_reader, exec_error_writer) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| os("creating a pipe")(e.into()))?;
+        let parent = std::process::id() as libc::pid_t;
+
+        // SAFETY: the primary may have other threads (the output writer, an embedder's), so the
+        // child may only call async-signal-safe functions until it execs: it does, on memory
+        // prepared above (no allocation, no lock), then execs or _exits.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(os("fork failed")(std::io::Error::last_os_error()));
+        }
+        if pid == 0 {
+            // SAFETY: in the child of the fork above; every pointer points into memory the
+            // parent prepared and that stays alive, unchanged, until exec (see ChildSetup).
+            unsafe {
+                child_after_fork(ChildSetup {
+                    path: self.path.as_ptr(),
+                    argv: argv.as_ptr(),
+                    envp: envp.as_ptr(),
+                    listen_pid: listen_pid.as_mut_ptr().add(b"LISTEN_PID=".len()),
+                    source_fds: &source_fds,
+                    stdin: dev_null.as_raw_fd(),
+                    stdout: spec.stdout.map(|fd| fd.as_raw_fd()),
+                    stderr: spec.stderr.map(|fd| fd.as_raw_fd()),
+                    credentials: spec.credentials,
+                    exec_error: exec_error_writer.as_raw_fd(),
+                    parent,
+                    filter: spec.filter.map(Filter::program),
+                    nofile: original_nofile_limit(),
+                })
+            }
+        }
+        drop(exec_error_writer);
+        let pid = Pid::from_raw(pid);
+
+        // EOF means the exec succeeded (the pipe was close-on-exec); 4 bytes are its errno.
+        let mut errno = [0u8; 4];
+        let mut reader = fs::File::from(exec_error_reader);
+        match reader.read(&mut errno) {
+            Ok(0) => Ok(pid),
+            Ok(_) => {
+                let _ = waitpid(pid, None);
+                Err(SpawnError::Exec {
+                    program: self.program(),
+                    source: std::io::Error::from_raw_os_error(i32::from_ne_bytes(errno)),
+                })
+            }
+            Err(e) => Err(os("reading the worker's exec status")(e)),
+        }
+    }
+}
+
+struct ChildSetup<'a> {
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    listen_pid: *mut u8,
+    source_fds: &'a [RawFd],
+    stdin: RawFd,
+    stdout: Option<RawFd>,
+    stderr: Option<RawFd>,
+    credentials: Option<&'a Credentials>,
+    exec_error: RawFd,
+    parent: libc::pid_t,
+    filter: Option<&'a libc::sock_fprog>,
+    /// The descriptor limit the primary started with, which the worker gets back.
+    nofile: Option<libc::rlimit>,
+}
+
+/// Runs in the forked child: async-signal-safe calls only, no allocation, never returns.
+unsafe fn child_after_fork(setup: ChildSetup<'_>) -> ! {
+    // SAFETY: we run in the forked child, which calls only async-signal-safe functions on memory
+    // the parent prepared (this function's contract), and every path ends in execve or _exit.
+    unsafe {
+        let fail = |exec_error: RawFd| -> ! {
+            let errno = *libc::__errno_location();
+            libc::write(exec_error, errno.to_ne_bytes().as_ptr().cast(), 4);
+            libc::_exit(127)
+        };
+
+        write_decimal(setup.listen_pid, libc::getpid() as u64);
+
+        // Own session (and so process group): a terminal's Ctrl-C reaches only the primary, which
+        // then stops the workers in order instead of every process receiving SIGINT at once; and
+        // no process of another worker can join this one's session to send READY=1 for it.
+        libc::setsid();
+        // Undo what the primary changed: Rust ignores SIGPIPE, and no signal may stay blocked.
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, ptr::null_mut());
+        // Out of the way of the fds the worker gets (3 .. 3+count), close-on-exec, so an exec
+        // failure can still be reported and a success closes it.
+        let count = setup.source_fds.len() as RawFd;
+        let first_free = LISTEN_FDS_START + count;
+        let exec_error = libc::fcntl(setup.exec_error, libc::F_DUPFD_CLOEXEC, first_free + 1);
+        if exec_error < 0 {
+            fail(setup.exec_error);
+        }
+
+        if libc::dup2(setup.stdin, 0) < 0 {
+            fail(exec_error);
+        }
+        for (target, source) in [(1, setup.stdout), (2, setup.stderr)] {
+            if let Some(source) = source {
+                if libc::dup2(source, target) < 0 {
+                    fail(exec_error);
+                }
+            }
+        }
+        // Supplementary groups, then the gid, then the uid: each step needs the privilege the next
+        // one gives up. no_new_privs so a set-uid binary cannot take the privileges back.
+        if let Some(user) = setup.credentials {
+            if libc::setgroups(user.groups.len(), user.groups.as_ptr()) != 0
+                || libc::setgid(user.gid) != 0
+                || libc::setuid(user.uid) != 0
+                || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            {
+                fail(exec_error);
+            }
+        }
+        // If the primary dies without stopping us, stop too rather than serve unsupervised. After
+        // the credentials changed: the kernel clears the death signal when they do. The primary
+        // may have died before this line; then nobody would send it, so check.
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGTERM as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
+        {
+            fail(exec_error);
+        }
+        if libc::getppid() != setup.parent {
+            libc::_exit(0);
+        }
+        // Move the sockets to 3, 4, ...: first above that range, so no target is still a source.
+        let mut lifted = [0 as RawFd; 64];
+        for (i, &fd) in setup.source_fds.iter().enumerate().take(lifted.len()) {
+            lifted[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, first_free);
+            if lifted[i] < 0 {
+                fail(exec_error);
+            }
+        }
+        for (i, &fd) in lifted.iter().enumerate().take(count as usize) {
+            // dup2 leaves close-on-exec off on the new fd, so the program inherits it.
+            if libc::dup2(fd, LISTEN_FDS_START + i as RawFd) < 0 {
+                fail(exec_error);
+            }
+        }
+        // The exec-error pipe at the first free fd, then nothing above it: a worker starts with
+        // exactly its stdio, its sockets and its channel, whatever the primary had open without
+        // close-on-exec (a descriptor inherited from whoever started cluster-lb, say).
+        if libc::dup3(exec_error, first_free, libc::O_CLOEXEC) < 0 {
+            fail(exec_error);
+        }
+        let exec_error = first_free;
+        if close_from(first_free + 1) != 0 {
+            fail(exec_error);
+        }
+        // The primary raised its own descriptor limit (it holds a few per worker); the worker gets
+        // the limit the primary was started with, as if started by the same shell.
+        if let Some(limit) = setup.nofile {
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+        // Last, as it restricts system calls: the worker may not change its group's program.
+        if let Some(filter) = setup.filter {
+            let install = || {
+                libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER as libc::c_ulong,
+                    filter as *const libc::sock_fprog as libc::c_ulong,
+                    0,
+                    0,
+                )
+            };
+            // Without CAP_SYS_ADMIN the kernel takes a filter only under no_new_privs (a --user
+            // worker has it already; a root one without the capability gets it now).
+            if install() != 0
+                && (*libc::__errno_location() != libc::EACCES
+                    || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                    || install() != 0)
+            {
+                fail(exec_error);
+            }
+        }
+
+        libc::execve(setup.path, setup.argv, setup.envp);
+        fail(exec_error)
+    }
+}
+
+static ORIGINAL_NOFILE: std::sync::OnceLock<Option<libc::rlimit>> = std::sync::OnceLock::new();
+
+fn original_nofile_limit() -> Option<libc::rlimit> {
+    ORIGINAL_NOFILE.get().copied().flatten()
+}
+
+/// Raises this process's soft descriptor limit to its hard limit (the primary holds a few
+/// descriptors per worker: a channel, two output pipes, a pidfd), remembering the original for
+/// the workers. Returns the new soft limit.
+pub fn raise_descriptor_limit() -> u64 {
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        let _ = ORIGINAL_NOFILE.set(Some(limit));
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+            raised.rlim_cur
+        } else {
+            limit.rlim_cur
+        }
+    }
+}
+
+/// Closes every descriptor from `first` up (close_range, Linux 5.9+; one by one before).
+/// Async-signal-safe.
+unsafe fn close_from(first: RawFd) -> libc::c_int {
+    // SAFETY: plain system calls on integers and a local struct; async-signal-safe.
+    unsafe {
+        if libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            0,
+        ) == 0
+        {
+            return 0;
+        }
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return -1;
+        }
+        let last = limit.rlim_cur.min(1 << 20) as RawFd;
+        for fd in first..last {
+            libc::close(fd);
+        }
+        0
+    }
+}
+
+/// Writes `value` in decimal at `out` followed by a NUL; `out` has room for 20 digits + NUL.
+unsafe fn write_decimal(out: *mut u8, mut value: u64) {
+    // SAFETY: the caller gives room for 21 bytes at `out` (this function's contract).
+    unsafe {
+        let mut digits = [0u8; 20];
+        let mut len = 0;
+        loop {
+            digits[len] = b'0' + (value % 10) as u8;
+            len += 1;
+            value /= 10;
+            if value == 0 {
+                break;
+            }
+        }
+        for i in 0..len {
+            *out.add(i) = digits[len - 1 - i];
+        }
+        *out.add(len) = 0;
+    }
+}
+
+fn env_entry(key: &OsStr, value: &OsStr) -> Option<CString> {
+    let mut entry = OsString::from(key);
+    entry.push("=");
+    entry.push(value);
+    CString::new(entry.as_bytes()).ok()
+}
+
+/// `program` as given if it has a '/', else the first executable of that name on PATH.
+fn resolve(program: &str) -> Result<PathBuf, SpawnError> {
+    if program.is_empty() {
+        return Err(SpawnError::EmptyCommand);
+    }
+    if program.contains('/') {
+        let path = PathBuf::from(program);
+        return match is_executable(&path) {
+            Ok(true) => Ok(path),
+            Ok(false) => Err(SpawnError::NotExecutable(program.into())),
+            Err(source) => Err(SpawnError::Inaccessible {
+                program: program.into(),
+                source,
+            }),
+        };
+    }
+    let search = env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    env::split_paths(&search)
+        .map(|dir| dir.join(program))
+        .find(|candidate| is_executable(candidate).unwrap_or(false))
+        .ok_or_else(|| SpawnError::NotFound(program.into()))
+}
+
+fn is_executable(path: &Path) -> std::io::Result<bool> {
+    let meta = fs::metadata(path)?;
+    Ok(meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_pids_are_written_with_a_terminator() {
+        for (value, text) in [
+            (0u64, "0"),
+            (7, "7"),
+            (4194304, "4194304"),
+            (u64::MAX, "18446744073709551615"),
+        ] {
+            let mut buffer = [0xffu8; 21];
+            // SAFETY: the buffer has the 21 bytes write_decimal may write.
+            unsafe { write_decimal(buffer.as_mut_ptr(), value) };
+            assert_eq!(&buffer[..text.len()], text.as_bytes());
+            assert_eq!(buffer[text.len()], 0);
+        }
+    }
+
+    #[test]
+    fn commands_are_resolved_on_path_or_refused_clearly() {
+        assert!(resolve("sh").is_ok());
+        let missing = resolve("no-such-command-cluster-lb")
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("command not found"), "{missing}");
+        let plain_file = tempfile_path("not-executable");
+        fs::write(&plain_file, b"data").unwrap();
+        fs::set_permissions(&plain_file, fs::Permissions::from_mode(0o644)).unwrap();
+        let not_exec = resolve(plain_file.to_str().unwrap())
+            .unwrap_err()
+            .to_string();
+        let _ = fs::remove_file(&plain_file);
+        assert!(not_exec.contains("not an executable"), "{not_exec}");
+        let absent = resolve("./does/not/exist").unwrap_err().to_string();
+        assert!(absent.contains("No such file"), "{absent}");
+    }
+
+    #[test]
+    fn a_worker_sees_its_own_pid_and_its_socket_at_fd_3() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let out = tempfile_path("spawn-env");
+        let script = format!(
+            "echo \"$LISTEN_PID $$ $LISTEN_FDS $LISTEN_FDNAMES $CLUSTER_LB_WORKER_ID\" > {out}; \
+             readlink /proc/self/fd/3 >> {out}",
+            out = out.display()
+        );
+        let command = WorkerCommand::new(&["sh".into(), "-c".into(), script]).unwrap();
+        let sockets = [OwnedFd::from(listener)];
+        let names = ["web".to_string()];
+        let env = [("CLUSTER_LB_WORKER_ID".to_string(), "3".to_string())];
+        let pid = command
+            .spawn(&WorkerSpec {
+                sockets: &sockets,
+                socket_names: &names,
+                env: &env,
+                channel: None,
+                stdout: None,
+                stderr: None,
+                credentials: None,
+                filter: None,
+            })
+            .unwrap();
+        waitpid(pid, None).unwrap();
+        let text = fs::read_to_string(&out).unwrap();
+        let _ = fs::remove_file(&out);
+        let mut lines = text.lines();
+        let fields: Vec<&str> = lines.next().unwrap().split(' ').collect();
+        assert_eq!(fields[0], fields[1], "LISTEN_PID is the worker's own pid");
+        assert_eq!(fields[0], pid.to_string());
+        assert_eq!(&fields[2..], &["1", "web", "3"]);
+        assert!(
+            lines.next().unwrap().starts_with("socket:"),
+            "fd 3 is the socket"
+        );
+    }
+
+    #[test]
+    fn exec_failures_are_reported_not_hidden() {
+        let dir = std::env::temp_dir().join(format!("clb-noexec-{}", std::process::id()));
+        fs::write(&dir, b"\x7fELFgarbage").unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let command = WorkerCommand::new(&[dir.display().to_string()]).unwrap();
+        let error = command
+            .spawn(&WorkerSpec {
+                sockets: &[],
+                socket_names: &[],
+                env: &[],
+                channel: None,
+                stdout: None,
+                stderr: None,
+                credentials: None,
+                filter: None,
+            })
+            .unwrap_err()
+            .to_string();
+        let _ = fs::remove_file(&dir);
+        assert!(error.contains("cannot start"), "{error}");
+        assert!(error.contains("Exec format error"), "{error}");
+    }
+
+    fn tempfile_path(tag: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("clb-{tag}-{}", std::process::id()))
+    }
+}

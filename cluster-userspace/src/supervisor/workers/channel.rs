@@ -1,0 +1,108 @@
+//! A worker's channel to the primary, whichever protocol it speaks: one type the rest of the
+//! primary talks to (ask to stop, send a message, close, hand over in an upgrade) and one event
+//! type its reader reports. Only the two conversations, `cluster_lb` and `nodejs`, know a
+//! protocol; what they heard is said in the words of `heard`.
+
+use serde_json::Value;
+
+use super::{
+    cluster_lb::{IpcConversation, IpcEvent},
+    heard::{Busy, Heard},
+    nodejs::{NodeConversation, NodeEvent},
+};
+use crate::supervisor::saved::ChannelState;
+
+/// Which protocol a cluster's workers speak.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// cluster-lb's own (CLUSTER_LB_IPC_FD, docs/PROTOCOL.md).
+    ClusterLb,
+    /// Node's cluster channel (NODE_CHANNEL_FD): unmodified Node programs are workers.
+    Node,
+}
+
+impl Protocol {
+    /// Whether its workers say when they are ready (Node: `online`, then `listening`), so that
+    /// `--ready-delay` does not apply to them.
+    pub fn signals_readiness(self) -> bool {
+        self == Protocol::Node
+    }
+}
+
+/// What a channel's reader reports, in its protocol.
+#[derive(Debug)]
+pub enum ChannelEvent {
+    ClusterLb(IpcEvent),
+    Node(NodeEvent),
+}
+
+/// A worker's channel.
+pub enum WorkerChannel {
+    /// None was given, or it closed.
+    Closed,
+    ClusterLb(IpcConversation),
+    Node(NodeConversation),
+}
+
+impl WorkerChannel {
+    /// Interprets one event of this channel's reader; an event of another protocol (a reader
+    /// of a channel since replaced) means nothing.
+    pub fn hear(
+        &mut self,
+        event: ChannelEvent,
+        addresses: &[cluster_lb_worker::ListenAddr],
+    ) -> Heard {
+        let heard = match (&mut *self, event) {
+            (WorkerChannel::ClusterLb(ipc), ChannelEvent::ClusterLb(event)) => {
+                ipc.hear(event, addresses)
+            }
+            (WorkerChannel::Node(node), ChannelEvent::Node(event)) => node.hear(event),
+            _ => Heard::Nothing,
+        };
+        if matches!(heard, Heard::Closed) {
+            *self = WorkerChannel::Closed;
+        }
+        heard
+    }
+
+    /// Asks the worker to stop in its protocol (`disconnect`); false if it speaks none (or the
+    /// message cannot be sent), so that the caller sends SIGTERM instead.
+    pub fn ask_to_stop(&mut self) -> bool {
+        match self {
+            WorkerChannel::ClusterLb(ipc) => ipc.ask_to_stop(),
+            WorkerChannel::Node(node) => node.ask_to_stop(),
+            WorkerChannel::Closed => false,
+        }
+    }
+
+    /// A user message to the worker; why not, when it cannot be sent.
+    pub fn send(&mut self, data: Value) -> Result<(), String> {
+        match self {
+            WorkerChannel::ClusterLb(ipc) => ipc.send(data),
+            WorkerChannel::Node(node) => node.send(data),
+            WorkerChannel::Closed => Err("it has no channel".into()),
+        }
+    }
+
+    /// Closes the channel (the worker reads EOF) and forgets it.
+    pub fn close(&mut self) {
+        if let WorkerChannel::Node(node) = self {
+            node.close();
+        }
+        *self = WorkerChannel::Closed;
+    }
+
+    pub fn is_node(&self) -> bool {
+        matches!(self, WorkerChannel::Node(_))
+    }
+
+    /// What the new binary of an upgrade needs to continue the conversation; `Err` while
+    /// part of a message is in flight (it would be lost).
+    pub fn handover(&self) -> Result<ChannelState, Busy> {
+        match self {
+            WorkerChannel::Closed => Ok(ChannelState::Closed),
+            WorkerChannel::ClusterLb(ipc) => Ok(ipc.handover()),
+            WorkerChannel::Node(node) => node.handover(),
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! What a worker's channel said, in words both conversations (`cluster_lb`, `nodejs`) use and
+//! the shell understands without knowing the protocol.
+
+use serde_json::Value;
+
+use crate::{protocol::budget::Held, supervisor::events::Departure};
+
+/// What a worker's channel said, whatever its protocol.
+#[derive(Debug)]
+pub enum Heard {
+    Nothing,
+    /// It runs and speaks the protocol; readiness comes from `Listening` now.
+    Online,
+    /// It accepts on this address: ready.
+    Listening(String),
+    /// A user message, with its room in the message budget until it is dropped.
+    Message(Value, Held),
+    /// It leaves by itself, or stopped serving an address it is in the group of.
+    Leaving(Departure),
+    /// It asks for a listening socket; its conversation answers once the shell found one.
+    Query(Query),
+    /// It broke the protocol.
+    Violation(String),
+    /// Its end of the channel closed.
+    Closed,
+}
+
+/// A request for a listening socket, in the protocol it came in.
+#[derive(Debug)]
+pub enum Query {
+    ClusterLb {
+        index: u32,
+        address: String,
+        protocol: String,
+    },
+    Node(crate::protocol::nodejs::Query),
+}
+
+/// A channel in the middle of a message.
+#[derive(Debug)]
+pub struct Busy;

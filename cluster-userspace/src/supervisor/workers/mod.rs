@@ -1,0 +1,495 @@
+//! The workers' side of the primary's I/O: for every process the lifecycle knows, its slot,
+//! its channel (in either protocol, behind one [`WorkerChannel`]), the sockets it was given
+//! and its output; how a process is started ([`Workers::start`]), asked to stop, killed and
+//! released. Its lifecycle state is not here: that is the lifecycle's.
+
+mod channel;
+mod cluster_lb;
+mod heard;
+pub mod nodejs;
+mod output;
+mod queries;
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::SocketAddr,
+    os::fd::{AsFd, OwnedFd},
+    sync::Arc,
+};
+
+use nix::{
+    sys::signal::{kill, killpg, Signal},
+    unistd::Pid,
+};
+use serde_json::Value;
+use tokio::sync::{mpsc::UnboundedSender, Semaphore};
+
+pub use channel::{ChannelEvent, Protocol, WorkerChannel};
+use cluster_lb::IpcConversation;
+pub use heard::{Busy, Heard, Query};
+use nodejs::{NodeConversation, NodeGroups};
+pub use queries::{Claims, Sockets};
+
+use super::{
+    launch::{
+        seccomp::Filter,
+        spawn::{Channel, Credentials, SpawnError, WorkerCommand, WorkerSpec},
+    },
+    saved::{ChannelState, Inherited, SavedWorker},
+};
+use crate::{
+    kernel::{groups::Groups, slots::SlotTable},
+    logging::Stream,
+    protocol::{
+        budget::Budget, ipc, ipc_channel, nodejs::channel as node_channel, IPC_FD_VARIABLE,
+    },
+};
+
+/// The variable naming a worker's primary (see `former`).
+pub const PRIMARY_VARIABLE: &str = "CLUSTER_LB_PRIMARY";
+
+/// What the primary holds for a running worker process.
+pub struct WorkerIo {
+    pub id: u32,
+    pub channel: WorkerChannel,
+    /// Its slot and the sockets the primary gave it.
+    pub claims: Claims,
+    /// Servers it opened by itself that were reported already (once each).
+    pub reported: HashSet<SocketAddr>,
+    /// Copies of the read ends of its stdout and stderr pipes (the readers own the others),
+    /// so that an upgrade can hand them over: the worker's output must not hit a closed pipe.
+    pub output: [Option<OwnedFd>; 2],
+}
+
+impl WorkerIo {
+    pub fn slot(&self) -> u32 {
+        self.claims.slot
+    }
+}
+
+/// Why a worker could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(
+        "no free slot for another worker (all {} are taken)",
+        cluster_common::MAX_SLOTS
+    )]
+    NoSlot,
+    #[error("{0}")]
+    Sockets(String),
+    #[error("creating its {what}: {source}")]
+    Plumbing {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+}
+
+/// What every worker is started with.
+pub struct Launch {
+    pub command: WorkerCommand,
+    pub protocol: Protocol,
+    /// The seccomp filter (None: `--no-seccomp`).
+    pub filter: Option<Filter>,
+    pub credentials: Option<Credentials>,
+    /// The workers' NOTIFY_SOCKET.
+    pub notify_socket: String,
+}
+
+/// Every worker process's I/O, and what starting one takes.
+pub struct Workers {
+    table: BTreeMap<Pid, WorkerIo>,
+    slots: SlotTable,
+    pub launch: Launch,
+    /// Socket inodes of workers that are gone, while an orphan may still hold them.
+    pub released: HashSet<u64>,
+    /// Where every channel reader reports (the inbox reads it).
+    events: UnboundedSender<(Pid, ChannelEvent)>,
+    /// Bytes of worker messages all channels together may hold (see `protocol::budget`).
+    budget: Arc<Semaphore>,
+    /// What Node workers share.
+    pub node: NodeGroups,
+}
+
+impl Workers {
+    pub fn new(launch: Launch, events: UnboundedSender<(Pid, ChannelEvent)>) -> Workers {
+        Workers {
+            table: BTreeMap::new(),
+            slots: SlotTable::new(),
+            launch,
+            released: HashSet::new(),
+            events,
+            budget: Budget::shared(),
+            node: NodeGroups::default(),
+        }
+    }
+
+    pub fn get(&self, pid: Pid) -> Option<&WorkerIo> {
+        self.table.get(&pid)
+    }
+
+    pub fn contains(&self, pid: Pid) -> bool {
+        self.table.contains_key(&pid)
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&Pid, &WorkerIo)> {
+        self.table.iter()
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&Pid, &mut WorkerIo)> {
+        self.table.iter_mut()
+    }
+
+    /// The active slots, in the order round robin walks them.
+    pub fn active_slots(&self) -> &[u32] {
+        self.slots.active()
+    }
+
+    /// Starts a process for worker `id` (of `wanted`): a free slot, sockets for the --listen
+    /// addresses in it, a channel and output pipes, then the program.
+    pub fn start(
+        &mut self,
+        id: u32,
+        wanted: u32,
+        groups: &mut Groups,
+    ) -> Result<(Pid, u32), StartError> {
+        let slot = self.slots.allocate().ok_or(StartError::NoSlot)?;
+        match self.spawn_in_slot(id, wanted, slot, groups) {
+            Ok(pid) => Ok((pid, slot)),
+            Err(error) => {
+                self.forget_slot(slot, groups);
+                Err(error)
+            }
+        }
+    }
+
+    fn spawn_in_slot(
+        &mut self,
+        id: u32,
+        wanted: u32,
+        slot: u32,
+        groups: &mut Groups,
+    ) -> Result<Pid, StartError> {
+        let sockets = groups
+            .open_activated(slot)
+            .map_err(|e| StartError::Sockets(format!("{e:#}")))?;
+        let names: Vec<String> = (0..sockets.len()).map(|i| format!("listen{i}")).collect();
+        let plumbing = |what| move |source| StartError::Plumbing { what, source };
+        let protocol = self.launch.protocol;
+        let (primary_end, worker_end) = match protocol {
+            Protocol::Node => node_channel::pair().map_err(plumbing("Node channel"))?,
+            Protocol::ClusterLb => ipc_channel::pair().map_err(plumbing("IPC channel"))?,
+        };
+        let (stdout_read, stdout_write) = output_pipe().map_err(plumbing("output pipe"))?;
+        let (stderr_read, stderr_write) = output_pipe().map_err(plumbing("output pipe"))?;
+        let mut env = vec![
+            ("CLUSTER_LB_WORKER_ID".to_string(), id.to_string()),
+            ("CLUSTER_LB_WORKERS".to_string(), wanted.to_string()),
+            (
+                "NOTIFY_SOCKET".to_string(),
+                self.launch.notify_socket.clone(),
+            ),
+            (PRIMARY_VARIABLE.to_string(), std::process::id().to_string()),
+        ];
+        let variable = match protocol {
+            Protocol::Node => {
+                // What Node's cluster.fork() sets: the worker's cluster.worker.id is 1-based.
+                env.push(("NODE_UNIQUE_ID".to_string(), (id + 1).to_string()));
+                env.push((
+                    "NODE_CHANNEL_SERIALIZATION_MODE".to_string(),
+                    "json".to_string(),
+                ));
+                "NODE_CHANNEL_FD"
+            }
+            Protocol::ClusterLb => IPC_FD_VARIABLE,
+        };
+        let pid = self.launch.command.spawn(&WorkerSpec {
+            sockets: &sockets,
+            socket_names: &names,
+            env: &env,
+            channel: Some(Channel {
+                fd: worker_end.as_fd(),
+                variable,
+            }),
+            stdout: Some(stdout_write.as_fd()),
+            stderr: Some(stderr_write.as_fd()),
+            credentials: self.launch.credentials.as_ref(),
+            filter: self.launch.filter.as_ref(),
+        })?;
+        let mut claims = Claims {
+            slot,
+            ..Claims::default()
+        };
+        for (socket, addr) in sockets.iter().zip(groups.addresses()) {
+            claims.record(addr, socket);
+        }
+        // The worker has its copies now; ours close here, so a dead worker's socket closes
+        // with it and its pipes reach EOF.
+        drop((sockets, worker_end, stdout_write, stderr_write));
+        let output = [stdout_read.try_clone().ok(), stderr_read.try_clone().ok()];
+        output::capture(id, pid.as_raw(), Stream::Stdout, stdout_read);
+        output::capture(id, pid.as_raw(), Stream::Stderr, stderr_read);
+        let channel = self
+            .open_channel(protocol, primary_end, pid, false)
+            .unwrap_or_else(|e| {
+                log::warn!("worker {id}: no channel: {e}");
+                WorkerChannel::Closed
+            });
+        self.table.insert(
+            pid,
+            WorkerIo {
+                id,
+                channel,
+                claims,
+                reported: HashSet::new(),
+                output,
+            },
+        );
+        Ok(pid)
+    }
+
+    /// Starts the primary's end of a channel: its reader reports to the inbox.
+    fn open_channel(
+        &self,
+        protocol: Protocol,
+        fd: OwnedFd,
+        pid: Pid,
+        online: bool,
+    ) -> std::io::Result<WorkerChannel> {
+        let events = self.events.clone();
+        Ok(match protocol {
+            Protocol::Node => {
+                let budget = Budget::for_worker(node_channel::MAX_LINE, &self.budget);
+                let sink = move |event| events.send((pid, ChannelEvent::Node(event))).is_ok();
+                WorkerChannel::Node(NodeConversation::start(fd, pid, sink, budget)?)
+            }
+            Protocol::ClusterLb => {
+                let budget = Budget::for_worker(ipc::MAX_MESSAGE, &self.budget);
+                let sink = move |event| events.send((pid, ChannelEvent::ClusterLb(event))).is_ok();
+                WorkerChannel::ClusterLb(IpcConversation::start(fd, sink, budget, online)?)
+            }
+        })
+    }
+
+    /// Takes up one worker's I/O as an older primary left it (an upgrade).
+    pub fn adopt(&mut self, worker: &SavedWorker) {
+        let pid = Pid::from_raw(worker.pid);
+        let mut output = [None, None];
+        for (slot, (stream, fd)) in output.iter_mut().zip([
+            (Stream::Stdout, worker.stdout),
+            (Stream::Stderr, worker.stderr),
+        ]) {
+            if let Some(fd) = fd.and_then(Inherited::take) {
+                *slot = fd.try_clone().ok();
+                output::capture(worker.id, worker.pid, stream, fd);
+            }
+        }
+        let channel = match &worker.channel {
+            ChannelState::Closed => None,
+            ChannelState::ClusterLb { socket, online } => socket.take().and_then(|fd| {
+                self.open_channel(Protocol::ClusterLb, fd, pid, *online)
+                    .ok()
+            }),
+            ChannelState::Node {
+                socket,
+                seq,
+                listens,
+                next_key,
+            } => socket.take().and_then(|fd| {
+                match self.open_channel(Protocol::Node, fd, pid, false) {
+                    Ok(WorkerChannel::Node(node)) => Some(WorkerChannel::Node(
+                        NodeConversation::resume(node, *seq, listens, *next_key),
+                    )),
+                    _ => None,
+                }
+            }),
+        };
+        if channel.is_none() && !matches!(worker.channel, ChannelState::Closed) {
+            log::warn!(
+                "worker {} (pid {}): its channel did not survive the upgrade",
+                worker.id,
+                worker.pid
+            );
+        }
+        self.slots.claim(worker.slot);
+        self.table.insert(
+            pid,
+            WorkerIo {
+                id: worker.id,
+                channel: channel.unwrap_or(WorkerChannel::Closed),
+                claims: Claims {
+                    slot: worker.slot,
+                    addresses: worker.addresses.clone(),
+                    given: worker.given.iter().copied().collect(),
+                    queries: worker.queries,
+                },
+                reported: worker.reported.iter().copied().collect(),
+                output,
+            },
+        );
+    }
+
+    /// Puts `slot` in the active set as an older primary had it (an upgrade).
+    pub fn restore_active(&mut self, slot: u32) {
+        self.slots.activate(slot);
+    }
+
+    /// What the worker's channel said, interpreted: (its id, what it heard).
+    pub fn hear(&mut self, pid: Pid, event: ChannelEvent) -> Option<(u32, Heard)> {
+        let worker = self.table.get_mut(&pid)?;
+        let heard = worker.channel.hear(event, &worker.claims.addresses);
+        Some((worker.id, heard))
+    }
+
+    /// Answers the worker's request for a socket, from `groups` (`low_ports`: whether a port
+    /// below 1024 may be given).
+    pub fn answer(&mut self, pid: Pid, query: Query, groups: &mut Groups, low_ports: bool) {
+        let Some(worker) = self.table.get_mut(&pid) else {
+            return;
+        };
+        let mut sockets = Sockets { groups, low_ports };
+        match (&mut worker.channel, query) {
+            (
+                WorkerChannel::ClusterLb(ipc),
+                Query::ClusterLb {
+                    index,
+                    address,
+                    protocol,
+                },
+            ) => ipc.answer(
+                pid,
+                index,
+                &address,
+                &protocol,
+                &mut worker.claims,
+                &mut sockets,
+            ),
+            (WorkerChannel::Node(node), Query::Node(query)) => node.answer(
+                (worker.id, pid),
+                query,
+                &mut worker.claims,
+                &mut sockets,
+                &mut self.node,
+            ),
+            _ => {}
+        }
+    }
+
+    /// The worker broke its channel's protocol: close the channel. Its id, if it is a worker.
+    pub fn reject(&mut self, pid: Pid, problem: &str) -> Option<u32> {
+        let worker = self.table.get_mut(&pid)?;
+        log::error!(
+            "worker {} (pid {pid}) broke the IPC protocol: {}; disconnecting it",
+            worker.id,
+            crate::logging::quote(problem)
+        );
+        worker.channel.close();
+        Some(worker.id)
+    }
+
+    /// A user message to the worker, over its channel.
+    pub fn send(&mut self, pid: Pid, data: Value) {
+        let sent = match self.table.get_mut(&pid) {
+            Some(worker) => worker.channel.send(data),
+            None => Err("no such worker".into()),
+        };
+        if let Err(why) = sent {
+            log::warn!("message to worker pid {pid} not sent: {why}");
+        }
+    }
+
+    /// `disconnect` over the channel if the worker speaks it, else SIGTERM.
+    pub fn ask_to_stop(&mut self, pid: Pid) {
+        let asked = self
+            .table
+            .get_mut(&pid)
+            .is_some_and(|w| w.channel.ask_to_stop());
+        if !asked {
+            let _ = kill(pid, Signal::SIGTERM);
+        }
+    }
+
+    /// SIGKILL to the worker's process group, so helpers it started die with it.
+    pub fn kill(pid: Pid) {
+        let _ = killpg(pid, Signal::SIGKILL);
+        let _ = kill(pid, Signal::SIGKILL);
+    }
+
+    /// The worker is gone: its slot is free (and out of every map), its channel closed.
+    /// Returns whether it was a worker.
+    pub fn release(&mut self, pid: Pid, groups: &mut Groups) -> bool {
+        let Some(worker) = self.table.remove(&pid) else {
+            return false;
+        };
+        self.forget_slot(worker.slot(), groups);
+        self.released.extend(worker.claims.given.keys());
+        true
+    }
+
+    fn forget_slot(&mut self, slot: u32, groups: &mut Groups) {
+        self.slots.release(slot);
+        groups.clear_slot(slot);
+        self.publish(groups);
+    }
+
+    /// Puts the worker's slot in the active set, or takes it out.
+    pub fn set_active(&mut self, pid: Pid, active: bool, groups: &mut Groups) {
+        let Some(slot) = self.table.get(&pid).map(WorkerIo::slot) else {
+            return;
+        };
+        let changed = if active {
+            self.slots.activate(slot)
+        } else {
+            self.slots.deactivate(slot)
+        };
+        if changed {
+            self.publish(groups);
+        }
+    }
+
+    /// Tells the kernel programs which slots are active, and which worker id each serves.
+    pub fn publish(&self, groups: &mut Groups) {
+        let ids: std::collections::HashMap<u32, u32> =
+            self.table.values().map(|w| (w.slot(), w.id)).collect();
+        let members: Vec<(u32, u32)> = self
+            .slots
+            .active()
+            .iter()
+            .filter_map(|slot| Some((*slot, *ids.get(slot)?)))
+            .collect();
+        groups.publish(self.slots.active(), &members);
+    }
+
+    /// Every worker's I/O as the new binary of an upgrade needs it; `Err` with the id of a
+    /// worker whose channel is in the middle of a message.
+    pub fn handover(&self) -> Result<Vec<SavedWorker>, u32> {
+        self.table
+            .iter()
+            .map(|(pid, io)| {
+                let [stdout, stderr] = &io.output;
+                Ok(SavedWorker {
+                    pid: pid.as_raw(),
+                    id: io.id,
+                    slot: io.slot(),
+                    channel: io.channel.handover().map_err(|Busy| io.id)?,
+                    stdout: stdout.as_ref().and_then(Inherited::of),
+                    stderr: stderr.as_ref().and_then(Inherited::of),
+                    addresses: io.claims.addresses.clone(),
+                    given: io.claims.given.iter().map(|(i, a)| (*i, *a)).collect(),
+                    queries: io.claims.queries,
+                    reported: io.reported.iter().copied().collect(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// A pipe for a worker's output: (our read end, the worker's write end), both close-on-exec.
+fn output_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)
+}

@@ -1,0 +1,210 @@
+//! What /proc says about processes: the sockets they hold (by inode), their children, their
+//! memory, their environment and session. The checks the primary runs every few seconds, the
+//! status it reports and `top` read through here.
+
+use std::{collections::HashSet, fs, net::SocketAddr};
+
+/// Whether this process may list `pid`'s descriptors. A worker of another user needs
+/// CAP_SYS_PTRACE (and CAP_DAC_READ_SEARCH) for that; without them an empty listing would look
+/// like a worker that closed every socket.
+pub fn fds_readable(pid: i32) -> bool {
+    fs::read_dir(format!("/proc/{pid}/fd")).is_ok()
+}
+
+/// The socket inodes process `pid` holds.
+pub fn socket_inodes(pid: i32) -> HashSet<u64> {
+    let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return HashSet::new();
+    };
+    entries
+        .filter_map(|entry| fs::read_link(entry.ok()?.path()).ok())
+        .filter_map(|target| {
+            let text = target.to_string_lossy().into_owned();
+            text.strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// The TCP sockets in LISTEN state in this network namespace: (inode, address); `None` when
+/// the kernel cannot say (inet_diag is a module, and a container or an initramfs may lack
+/// it). Asked of the kernel with a sock_diag dump filtered to LISTEN, so it costs the same
+/// however many connections (or TIME_WAIT entries) the host has; /proc/net/tcp lists them all.
+pub fn listening_tcp() -> Option<Vec<(u64, SocketAddr)>> {
+    let mut found = Vec::new();
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        match super::diag::listening(family as u8) {
+            Ok(sockets) => found.extend(sockets),
+            Err(e) => {
+                log::debug!("sock_diag: {e}");
+                return None;
+            }
+        }
+    }
+    Some(found)
+}
+
+/// The children of this process (all its threads'), from /proc/self/task/*/children.
+pub fn own_children() -> Vec<i32> {
+    children_of(std::process::id() as i32)
+}
+
+fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut children = Vec::new();
+    for task in tasks.flatten() {
+        if let Ok(list) = fs::read_to_string(task.path().join("children")) {
+            children.extend(
+                list.split_whitespace()
+                    .filter_map(|c| c.parse::<i32>().ok()),
+            );
+        }
+    }
+    children
+}
+
+/// `pid` and all its descendants.
+pub fn with_descendants(pid: i32) -> Vec<i32> {
+    let mut all = vec![pid];
+    let mut next = 0;
+    while next < all.len() && all.len() < 4096 {
+        let children = children_of(all[next]);
+        all.extend(children);
+        next += 1;
+    }
+    all
+}
+
+/// The fd number under which `pid` holds the socket `inode`.
+pub fn fd_of_inode(pid: i32, inode: u64) -> Option<i32> {
+    let wanted = format!("socket:[{inode}]");
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .flatten()
+        .find(|entry| fs::read_link(entry.path()).is_ok_and(|t| t.to_string_lossy() == wanted))?
+        .file_name()
+        .to_str()?
+        .parse()
+        .ok()
+}
+
+/// A process's command name (/proc/PID/comm).
+pub fn command_name(pid: i32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// Of `listening`, the sockets `pid` holds that are not in `given`: servers it opened itself.
+pub fn own_listeners(
+    pid: i32,
+    listening: &[(u64, SocketAddr)],
+    given: &HashSet<u64>,
+) -> Vec<SocketAddr> {
+    let held = socket_inodes(pid);
+    listening
+        .iter()
+        .filter(|(inode, _)| held.contains(inode) && !given.contains(inode))
+        .map(|(_, addr)| *addr)
+        .collect()
+}
+
+/// The fields of /proc/PID/stat after the command name (which may hold spaces and
+/// parentheses): the state is the first.
+fn stat_fields(pid: i32) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    Some(after_name.split_whitespace().map(str::to_string).collect())
+}
+
+/// Exists and is not a zombie.
+pub fn alive(pid: i32) -> bool {
+    stat_fields(pid).is_some_and(|fields| fields.first().map(String::as_str) != Some("Z"))
+}
+
+/// The parent of `pid`.
+pub fn parent(pid: i32) -> Option<i32> {
+    stat_fields(pid)?.get(1)?.parse().ok()
+}
+
+/// The session of `pid`.
+pub fn session(pid: i32) -> Option<i32> {
+    stat_fields(pid)?.get(3)?.parse().ok()
+}
+
+/// One variable of `pid`'s environment (as it was at exec).
+pub fn environ_var(pid: i32, name: &str) -> Option<String> {
+    let raw = fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let prefix = format!("{name}=");
+    raw.split(|&b| b == 0)
+        .find_map(|entry| entry.strip_prefix(prefix.as_bytes()))
+        .map(|value| String::from_utf8_lossy(value).into_owned())
+}
+
+/// Every process this one can see.
+pub fn all_pids() -> Vec<i32> {
+    fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Resident pages: the second field of /proc/PID/statm ("size resident shared text lib data dt").
+pub fn resident_pages(statm: &str) -> Option<u64> {
+    statm.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Resident memory of `pid` in bytes (0 when it is gone).
+pub fn rss_bytes(pid: i32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|statm| resident_pages(&statm))
+        .map_or(0, |pages| pages * page_size())
+}
+
+pub fn page_size() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|size| u64::try_from(size).ok())
+        .unwrap_or(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listener_of_this_process_is_seen_and_told_apart_from_given_ones() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pid = std::process::id() as i32;
+        let listening = listening_tcp().expect("sock_diag on the test host");
+        assert!(own_listeners(pid, &listening, &HashSet::new()).contains(&addr));
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+        let given: HashSet<u64> = crate::sys::fds::inode(fd).into_iter().collect();
+        assert!(!own_listeners(pid, &listening, &given).contains(&addr));
+    }
+
+    #[test]
+    fn own_process_is_read_from_proc() {
+        let own = std::process::id() as i32;
+        assert!(alive(own));
+        assert_eq!(
+            session(own),
+            Some(nix::unistd::getsid(None).unwrap().as_raw())
+        );
+        assert_eq!(parent(own), Some(nix::unistd::getppid().as_raw()));
+        assert!(rss_bytes(own) > 0);
+        assert_eq!(session(-5), None);
+        assert!(!alive(-5));
+    }
+}

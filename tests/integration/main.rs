@@ -1,0 +1,19 @@
+//! The integration tests, one binary with one module per area (each test in a network namespace
+//! of its own; see cluster_lb_tests::root_test). One binary links the crates once, and libtest
+//! packs the slow tests of every area together instead of waiting for the slowest of each
+//! binary in turn.
+
+mod balance;
+mod cli_errors;
+mod config_file;
+mod failures;
+mod hardening;
+mod named_clusters;
+mod node;
+mod packaging;
+mod servers;
+mod strategies;
+mod supervision;
+mod top;
+mod upgrade;
+mod zero_downtime;
