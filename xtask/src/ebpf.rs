@@ -15,26 +15,10 @@ const TARGET: &str = "bpfel-unknown-none";
 pub fn build(check: bool) -> Result<()> {
     let channel = setup::ensure_ebpf_toolchain()?;
     setup::ensure_bpf_linker(&channel)?;
-    let crate_dir = root().join("cluster-ebpf");
     // A crate of its own (not a workspace member), built in a subdirectory of the workspace's
     // target directory.
     let target_dir = target_dir()?.join("ebpf");
-    let mut cargo = setup::pinned(&channel, "cargo");
-    cargo
-        .current_dir(&crate_dir)
-        .args([
-            "build",
-            "--release",
-            "--target",
-            TARGET,
-            "-Z",
-            "build-std=core",
-            "--target-dir",
-        ])
-        .arg(&target_dir)
-        // v3: the BPF_ATOMIC fetch-add the round-robin counter needs (kernel 5.12+).
-        .env("CARGO_ENCODED_RUSTFLAGS", "-Ctarget-cpu=v3");
-    run(&mut cargo)?;
+    run(&mut pinned_cargo(&channel, "build", &target_dir))?;
 
     let built: PathBuf = target_dir.join(TARGET).join("release/cluster-lb-ebpf");
     let fresh = fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
@@ -50,4 +34,38 @@ pub fn build(check: bool) -> Result<()> {
     fs::write(&committed_path, &fresh).with_context(|| format!("writing {COMMITTED_OBJECT}"))?;
     eprintln!("xtask: wrote {COMMITTED_OBJECT} ({} bytes)", fresh.len());
     Ok(())
+}
+
+/// clippy on cluster-ebpf, warnings as errors, as the workspace's crates are checked.
+pub fn clippy() -> Result<()> {
+    let channel = setup::ensure_ebpf_toolchain()?;
+    setup::ensure_bpf_linker(&channel)?;
+    let target_dir = target_dir()?.join("ebpf-clippy");
+    let mut cargo = pinned_cargo(&channel, "clippy", &target_dir);
+    cargo.args(["--", "-D", "warnings"]);
+    run(&mut cargo)
+}
+
+/// `cargo +PINNED SUBCOMMAND` for the eBPF crate and target.
+fn pinned_cargo(
+    channel: &str,
+    subcommand: &str,
+    target_dir: &std::path::Path,
+) -> std::process::Command {
+    let mut cargo = setup::pinned(channel, "cargo");
+    cargo
+        .current_dir(root().join("cluster-ebpf"))
+        .args([
+            subcommand,
+            "--release",
+            "--target",
+            TARGET,
+            "-Z",
+            "build-std=core",
+            "--target-dir",
+        ])
+        .arg(target_dir)
+        // v3: the BPF_ATOMIC fetch-add the round-robin counter needs (kernel 5.12+).
+        .env("CARGO_ENCODED_RUSTFLAGS", "-Ctarget-cpu=v3");
+    cargo
 }

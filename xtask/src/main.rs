@@ -224,8 +224,10 @@ fn test(extra: &[String]) -> Result<()> {
     ])?;
     node::ensure()?;
     servers::ensure()?;
-    // The committed object must be what the source builds, or the tests would test old code.
+    // The committed object must be what the source builds, or the tests would test old code;
+    // and the eBPF crate passes clippy as the workspace does.
     ebpf::build(true)?;
+    ebpf::clippy()?;
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     // The packaging the README shows (a release build, once; later runs reuse it), and the
     // schema validator tests/packaging.rs runs on deploy/kubernetes.yaml.

@@ -125,8 +125,8 @@ fn sysroot(channel: &str) -> Result<PathBuf> {
     ))
 }
 
-/// The pinned nightly with rust-src (`-Z build-std=core` needs the standard library's source),
-/// installed when missing. Returns its channel.
+/// The pinned nightly with rust-src (`-Z build-std=core` needs the standard library's source)
+/// and clippy, installed when missing. Returns its channel.
 pub fn ensure_ebpf_toolchain() -> Result<String> {
     let channel = pinned_nightly()?;
     let list = Command::new("rustup")
@@ -148,6 +148,15 @@ pub fn ensure_ebpf_toolchain() -> Result<String> {
             "-c",
             "rust-src",
         ]))?;
+    }
+    // clippy checks the eBPF crate as the workspace's crates are checked (`cargo xtask test`).
+    let clippy = Command::new(sysroot(&channel)?.join("bin/cargo-clippy"))
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !clippy {
+        eprintln!("xtask: adding clippy to {channel}");
+        run(Command::new("rustup").args(["component", "add", "clippy", "--toolchain", &channel]))?;
     }
     if !sysroot(&channel)?
         .join("lib/rustlib/src/rust/library/core")

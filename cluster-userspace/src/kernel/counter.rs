@@ -7,17 +7,7 @@ use std::fs;
 
 use anyhow::{bail, Context, Result};
 use aya::{programs::TracePoint, Ebpf};
-use cluster_common::COUNTER_PROGRAM;
-
-/// The fields the program reads, as tracefs must describe them.
-const EXPECTED_FIELDS: [&str; 6] = [
-    "field:int oldstate;\toffset:16;",
-    "field:int newstate;\toffset:20;",
-    "field:__u16 sport;\toffset:24;",
-    "field:__u16 dport;\toffset:26;",
-    "field:__u16 protocol;\toffset:30;",
-    "field:__u8 daddr_v6[16];\toffset:56;",
-];
+use cluster_common::{set_state, TraceField, COUNTER_PROGRAM};
 
 const FORMAT: &str = "events/sock/inet_sock_set_state/format";
 const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
@@ -40,12 +30,21 @@ pub fn start(ebpf: &mut Ebpf) -> Result<()> {
 
 fn check_layout() -> Result<()> {
     let format = tracefs_format()?;
-    for field in EXPECTED_FIELDS {
-        if !format.contains(field) {
-            bail!("sock:inet_sock_set_state has another layout on this kernel (no '{field}')");
-        }
+    match set_state::ALL
+        .iter()
+        .find(|f| !format.contains(&described(f)))
+    {
+        Some(field) => bail!(
+            "sock:inet_sock_set_state has another layout on this kernel (no '{}')",
+            described(field)
+        ),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// How tracefs's format file describes a field the program reads.
+fn described(field: &TraceField) -> String {
+    format!("field:{};\toffset:{};", field.declaration, field.offset)
 }
 
 /// The tracepoint's format, mounting tracefs if nothing has.
@@ -67,4 +66,19 @@ fn tracefs_format() -> Result<String> {
     }
     fs::read_to_string(format!("{}/{FORMAT}", TRACEFS[0]))
         .context("reading the format of sock:inet_sock_set_state")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// As /sys/kernel/tracing/events/sock/inet_sock_set_state/format says it on 6.x.
+    const FORMAT: &str = "\tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;\n\tfield:int newstate;\toffset:20;\tsize:4;\tsigned:1;\n\tfield:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;\n\tfield:__u16 dport;\toffset:26;\tsize:2;\tsigned:0;\n\tfield:__u16 family;\toffset:28;\tsize:2;\tsigned:0;\n\tfield:__u16 protocol;\toffset:30;\tsize:2;\tsigned:0;\n\tfield:__u8 daddr_v6[16];\toffset:56;\tsize:16;\tsigned:0;\n";
+
+    #[test]
+    fn the_fields_are_described_as_tracefs_writes_them() {
+        for field in set_state::ALL {
+            assert!(FORMAT.contains(&described(&field)), "{field:?}");
+        }
+    }
 }

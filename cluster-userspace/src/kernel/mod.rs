@@ -495,6 +495,50 @@ fn parse_release(release: &str) -> Option<(u32, u32)> {
 mod tests {
     use super::*;
 
+    /// The kernel-user contract without root: every map and program the user side opens by
+    /// name (cluster-common's names) is in the committed object, so a renamed static fails
+    /// here, not only in the root tests.
+    #[test]
+    fn the_committed_object_has_every_map_and_program_the_user_side_opens() {
+        let object = aya_obj::Object::parse(PROGRAM_OBJECT).expect("the committed object parses");
+        let maps = [
+            cluster_common::MAP_SOCKETS,
+            cluster_common::MAP_ACTIVE,
+            cluster_common::MAP_CONFIG,
+            cluster_common::MAP_RR_COUNTER,
+            cluster_common::MAP_STATS,
+            cluster_common::MAP_TABLE,
+            cluster_common::MAP_ID_SLOT,
+            cluster_common::MAP_CONNECTIONS,
+            cluster_common::MAP_OPEN,
+        ];
+        for name in maps {
+            assert!(
+                object.maps.contains_key(name),
+                "map {name} is not in the object"
+            );
+        }
+        for name in [
+            cluster_common::PROGRAM_NAME,
+            cluster_common::COUNTER_PROGRAM,
+        ] {
+            assert!(
+                object.programs.contains_key(name),
+                "program {name} is not in the object"
+            );
+        }
+        // And no other map (besides the loader's: .rodata, aya-log's ring).
+        let others: Vec<&String> = object
+            .maps
+            .keys()
+            .filter(|k| !k.starts_with('.') && *k != "AYA_LOGS" && !maps.contains(&k.as_str()))
+            .collect();
+        assert!(
+            others.is_empty(),
+            "maps cluster-common does not name: {others:?}"
+        );
+    }
+
     #[test]
     fn strategy_names_round_trip() {
         for name in Strategy::NAMES {

@@ -5,6 +5,7 @@
 use std::{fmt, time::Duration};
 
 use log::Level;
+use serde::{ser::SerializeMap, Serialize, Serializer};
 use serde_json::{json, Value};
 
 pub use crate::sys::pidfd::ExitStatus;
@@ -158,56 +159,109 @@ impl fmt::Display for Failure {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
+/// What happens to workers. Its JSON form (`fields`) is derived: `"event"` names the kind
+/// (kebab-case), `"worker"` is the id, durations are seconds (`_s`), and reasons are their
+/// one-line text.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
 pub enum Event {
     /// The process started (with its sockets, if socket-activated).
-    Fork { id: u32, pid: i32, slot: u32 },
-    /// The worker said `online` on its channel: readiness now comes from `listening`.
-    Online { id: u32, pid: i32 },
-    /// The worker said it accepts on `address`.
-    Listening { id: u32, pid: i32, address: String },
-    /// The worker joined the active set: it gets new connections from now on.
-    Ready {
+    Fork {
+        #[serde(rename = "worker")]
         id: u32,
         pid: i32,
+        slot: u32,
+    },
+    /// The worker said `online` on its channel: readiness now comes from `listening`.
+    Online {
+        #[serde(rename = "worker")]
+        id: u32,
+        pid: i32,
+    },
+    /// The worker said it accepts on `address`.
+    Listening {
+        #[serde(rename = "worker")]
+        id: u32,
+        pid: i32,
+        address: String,
+    },
+    /// The worker joined the active set: it gets new connections from now on.
+    Ready {
+        #[serde(rename = "worker")]
+        id: u32,
+        pid: i32,
+        #[serde(serialize_with = "as_text")]
         reason: Readiness,
     },
     /// The worker left the active set (and, unless it is leaving by itself, was asked to stop).
     Disconnect {
+        #[serde(rename = "worker")]
         id: u32,
         pid: i32,
+        #[serde(flatten, serialize_with = "departure_fields")]
         reason: Departure,
     },
     /// The primary sent SIGKILL.
     Kill {
+        #[serde(rename = "worker")]
         id: u32,
         pid: i32,
+        #[serde(serialize_with = "as_text")]
         reason: KillReason,
     },
     /// The process ended.
     Exit {
+        #[serde(rename = "worker")]
         id: u32,
         pid: i32,
+        #[serde(flatten, serialize_with = "exit_fields")]
         status: ExitStatus,
+        #[serde(rename = "uptime_s", serialize_with = "seconds")]
         uptime: Duration,
     },
     /// Starting worker `id` failed before the program ran.
-    StartFailed { id: u32, error: String },
+    StartFailed {
+        #[serde(rename = "worker")]
+        id: u32,
+        error: String,
+    },
     /// Worker `id` will be started again after `delay`.
-    Restart { id: u32, delay: Duration },
+    Restart {
+        #[serde(rename = "worker")]
+        id: u32,
+        #[serde(rename = "delay_s", serialize_with = "seconds")]
+        delay: Duration,
+    },
     /// Worker `id` keeps failing soon after start.
     CrashLoop {
+        #[serde(rename = "worker")]
         id: u32,
         failures: u32,
+        #[serde(serialize_with = "as_text")]
         last: Failure,
     },
     /// A user message from a worker.
-    Message { id: u32, pid: i32, data: Value },
+    Message {
+        #[serde(rename = "worker")]
+        id: u32,
+        pid: i32,
+        data: Value,
+    },
     /// The worker listens on `address` by itself, not through cluster-lb (Node's reusePort or
     /// exclusive): nothing balances that server.
-    OwnListener { id: u32, pid: i32, address: String },
+    OwnListener {
+        #[serde(rename = "worker")]
+        id: u32,
+        pid: i32,
+        address: String,
+    },
     /// A ready worker closed a listening socket it was given (reported, not acted on).
-    ListenerClosed { id: u32, pid: i32, address: String },
+    ListenerClosed {
+        #[serde(rename = "worker")]
+        id: u32,
+        pid: i32,
+        address: String,
+    },
     /// A process a worker left behind was stopped: it held a socket of a worker that is gone,
     /// or the cluster stopped.
     Orphan {
@@ -218,12 +272,16 @@ pub enum Event {
     /// A rolling reload began.
     ReloadStarted { workers: u32 },
     /// A rolling reload completed (workers replaced) or was aborted.
-    ReloadFinished { outcome: Result<u32, ReloadError> },
+    ReloadFinished {
+        #[serde(flatten, serialize_with = "outcome_fields")]
+        outcome: Result<u32, ReloadError>,
+    },
     /// The wanted number of workers changed.
     Scaling { from: u32, to: u32 },
     /// The cluster stops: gracefully within `grace`, or at once (`None`).
     Stopping {
         workers: u32,
+        #[serde(rename = "grace_s", serialize_with = "optional_seconds")]
         grace: Option<Duration>,
     },
     /// This primary took over from `from` by an in-place upgrade (same pid, same workers).
@@ -280,69 +338,8 @@ impl Event {
     /// The event as a JSON object, with "event" naming it (the `--log-format json` line and
     /// what tests read).
     pub fn fields(&self) -> Value {
-        let mut value = match self {
-            Event::Fork { id, pid, slot } => json!({"worker": id, "pid": pid, "slot": slot}),
-            Event::Online { id, pid } => json!({"worker": id, "pid": pid}),
-            Event::Listening { id, pid, address } => {
-                json!({"worker": id, "pid": pid, "address": address})
-            }
-            Event::Ready { id, pid, reason } => {
-                json!({"worker": id, "pid": pid, "reason": reason.to_string()})
-            }
-            Event::Disconnect { id, pid, reason } => {
-                json!({"worker": id, "pid": pid, "reason": reason.to_string(),
-                       "failure": reason.is_failure()})
-            }
-            Event::Kill { id, pid, reason } => {
-                json!({"worker": id, "pid": pid, "reason": reason.to_string()})
-            }
-            Event::Exit {
-                id,
-                pid,
-                status,
-                uptime,
-            } => {
-                let (code, signal) = match status {
-                    ExitStatus::Code(code) => (json!(code), Value::Null),
-                    ExitStatus::Signal(signal) => (Value::Null, json!(signal.as_str())),
-                };
-                json!({"worker": id, "pid": pid, "code": code, "signal": signal,
-                       "uptime_s": uptime.as_secs_f64()})
-            }
-            Event::StartFailed { id, error } => json!({"worker": id, "error": error}),
-            Event::Restart { id, delay } => json!({"worker": id, "delay_s": delay.as_secs_f64()}),
-            Event::CrashLoop { id, failures, last } => {
-                json!({"worker": id, "failures": failures, "last": last.to_string()})
-            }
-            Event::Message { id, pid, data } => json!({"worker": id, "pid": pid, "data": data}),
-            Event::OwnListener { id, pid, address } => {
-                json!({"worker": id, "pid": pid, "address": address})
-            }
-            Event::ListenerClosed { id, pid, address } => {
-                json!({"worker": id, "pid": pid, "address": address})
-            }
-            Event::Orphan {
-                pid,
-                command,
-                held_socket,
-            } => json!({"pid": pid, "command": command, "held_socket": held_socket}),
-            Event::ReloadStarted { workers } => json!({"workers": workers}),
-            Event::ReloadFinished { outcome } => match outcome {
-                Ok(replaced) => json!({"ok": true, "replaced": replaced}),
-                Err(error) => json!({"ok": false, "error": error.to_string()}),
-            },
-            Event::Scaling { from, to } => json!({"from": from, "to": to}),
-            Event::Stopping { workers, grace } => {
-                json!({"workers": workers, "grace_s": grace.map(|g| g.as_secs_f64())})
-            }
-            Event::Upgraded { from, to, workers } => {
-                json!({"from": from, "to": to, "workers": workers})
-            }
-        };
-        if let Some(object) = value.as_object_mut() {
-            object.insert("event".into(), json!(self.name()));
-        }
-        value
+        serde_json::to_value(self)
+            .unwrap_or_else(|e| json!({"event": self.name(), "error": e.to_string()}))
     }
 
     /// Writes the event to the primary's log.
@@ -413,6 +410,257 @@ impl fmt::Display for Event {
                 f,
                 "upgraded in place from {from} to {to}: same pid, {workers} workers kept"
             ),
+        }
+    }
+}
+
+/// A reason as its one-line text.
+fn as_text<S: Serializer>(value: &impl fmt::Display, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
+}
+
+fn seconds<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_f64(duration.as_secs_f64())
+}
+
+fn optional_seconds<S: Serializer>(
+    duration: &Option<Duration>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match duration {
+        Some(duration) => seconds(duration, serializer),
+        None => serializer.serialize_none(),
+    }
+}
+
+/// `"reason"` (text) and `"failure"` (whether the worker, not the primary, chose to leave).
+fn departure_fields<S: Serializer>(why: &Departure, serializer: S) -> Result<S::Ok, S::Error> {
+    let mut map = serializer.serialize_map(Some(2))?;
+    map.serialize_entry("reason", &why.to_string())?;
+    map.serialize_entry("failure", &why.is_failure())?;
+    map.end()
+}
+
+/// `"code"` and `"signal"`, one of them null.
+fn exit_fields<S: Serializer>(status: &ExitStatus, serializer: S) -> Result<S::Ok, S::Error> {
+    let (code, signal) = match status {
+        ExitStatus::Code(code) => (Some(*code), None),
+        ExitStatus::Signal(signal) => (None, Some(signal.as_str())),
+    };
+    let mut map = serializer.serialize_map(Some(2))?;
+    map.serialize_entry("code", &code)?;
+    map.serialize_entry("signal", &signal)?;
+    map.end()
+}
+
+/// `"ok"`, and `"replaced"` or `"error"`.
+fn outcome_fields<S: Serializer>(
+    outcome: &Result<u32, ReloadError>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    let mut map = serializer.serialize_map(Some(2))?;
+    match outcome {
+        Ok(replaced) => {
+            map.serialize_entry("ok", &true)?;
+            map.serialize_entry("replaced", replaced)?;
+        }
+        Err(error) => {
+            map.serialize_entry("ok", &false)?;
+            map.serialize_entry("error", &error.to_string())?;
+        }
+    }
+    map.end()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::signal::Signal;
+
+    /// One event of every kind and the JSON object it is logged as (`--log-format json`, and
+    /// what the tests and users' scripts read): these keys and values are the contract.
+    fn golden() -> Vec<(Event, Value)> {
+        let secs = Duration::from_millis;
+        vec![
+            (
+                Event::Fork {
+                    id: 1,
+                    pid: 10,
+                    slot: 2,
+                },
+                json!({"event": "fork", "worker": 1, "pid": 10, "slot": 2}),
+            ),
+            (
+                Event::Online { id: 1, pid: 10 },
+                json!({"event": "online", "worker": 1, "pid": 10}),
+            ),
+            (
+                Event::Listening {
+                    id: 1,
+                    pid: 10,
+                    address: "127.0.0.1:80".into(),
+                },
+                json!({"event": "listening", "worker": 1, "pid": 10, "address": "127.0.0.1:80"}),
+            ),
+            (
+                Event::Ready {
+                    id: 1,
+                    pid: 10,
+                    reason: Readiness::Notify,
+                },
+                json!({"event": "ready", "worker": 1, "pid": 10, "reason": "READY=1"}),
+            ),
+            (
+                Event::Disconnect {
+                    id: 1,
+                    pid: 10,
+                    reason: Departure::ListenerClosed("[::]:80".into()),
+                },
+                json!({"event": "disconnect", "worker": 1, "pid": 10, "failure": true,
+                       "reason": "it closed its listening socket for [::]:80"}),
+            ),
+            (
+                Event::Disconnect {
+                    id: 1,
+                    pid: 10,
+                    reason: Departure::Replaced,
+                },
+                json!({"event": "disconnect", "worker": 1, "pid": 10, "failure": false,
+                       "reason": "replaced by reload"}),
+            ),
+            (
+                Event::Kill {
+                    id: 1,
+                    pid: 10,
+                    reason: KillReason::GraceOver(secs(1500)),
+                },
+                json!({"event": "kill", "worker": 1, "pid": 10,
+                       "reason": "it did not exit within the grace period of 1.5s"}),
+            ),
+            (
+                Event::Exit {
+                    id: 1,
+                    pid: 10,
+                    status: ExitStatus::Code(3),
+                    uptime: secs(2500),
+                },
+                json!({"event": "exit", "worker": 1, "pid": 10, "code": 3, "signal": null,
+                       "uptime_s": 2.5}),
+            ),
+            (
+                Event::Exit {
+                    id: 1,
+                    pid: 10,
+                    status: ExitStatus::Signal(Signal::SIGKILL),
+                    uptime: secs(0),
+                },
+                json!({"event": "exit", "worker": 1, "pid": 10, "code": null, "signal": "SIGKILL",
+                       "uptime_s": 0.0}),
+            ),
+            (
+                Event::StartFailed {
+                    id: 1,
+                    error: "no".into(),
+                },
+                json!({"event": "start-failed", "worker": 1, "error": "no"}),
+            ),
+            (
+                Event::Restart {
+                    id: 1,
+                    delay: secs(200),
+                },
+                json!({"event": "restart", "worker": 1, "delay_s": 0.2}),
+            ),
+            (
+                Event::CrashLoop {
+                    id: 1,
+                    failures: 5,
+                    last: Failure::NotReady,
+                },
+                json!({"event": "crash-loop", "worker": 1, "failures": 5,
+                       "last": "was not ready in time"}),
+            ),
+            (
+                Event::Message {
+                    id: 1,
+                    pid: 10,
+                    data: json!({"a": [1]}),
+                },
+                json!({"event": "message", "worker": 1, "pid": 10, "data": {"a": [1]}}),
+            ),
+            (
+                Event::OwnListener {
+                    id: 1,
+                    pid: 10,
+                    address: "0.0.0.0:81".into(),
+                },
+                json!({"event": "own-listener", "worker": 1, "pid": 10, "address": "0.0.0.0:81"}),
+            ),
+            (
+                Event::ListenerClosed {
+                    id: 1,
+                    pid: 10,
+                    address: "0.0.0.0:81".into(),
+                },
+                json!({"event": "listener-closed", "worker": 1, "pid": 10, "address": "0.0.0.0:81"}),
+            ),
+            (
+                Event::Orphan {
+                    pid: 11,
+                    command: "sleep".into(),
+                    held_socket: true,
+                },
+                json!({"event": "orphan", "pid": 11, "command": "sleep", "held_socket": true}),
+            ),
+            (
+                Event::ReloadStarted { workers: 4 },
+                json!({"event": "reload-started", "workers": 4}),
+            ),
+            (
+                Event::ReloadFinished { outcome: Ok(4) },
+                json!({"event": "reload-finished", "ok": true, "replaced": 4}),
+            ),
+            (
+                Event::ReloadFinished {
+                    outcome: Err(ReloadError::Stopping),
+                },
+                json!({"event": "reload-finished", "ok": false,
+                       "error": "reload aborted: the cluster is stopping"}),
+            ),
+            (
+                Event::Scaling { from: 2, to: 3 },
+                json!({"event": "scaling", "from": 2, "to": 3}),
+            ),
+            (
+                Event::Stopping {
+                    workers: 2,
+                    grace: Some(secs(30_000)),
+                },
+                json!({"event": "stopping", "workers": 2, "grace_s": 30.0}),
+            ),
+            (
+                Event::Stopping {
+                    workers: 2,
+                    grace: None,
+                },
+                json!({"event": "stopping", "workers": 2, "grace_s": null}),
+            ),
+            (
+                Event::Upgraded {
+                    from: "0.1.0".into(),
+                    to: "0.1.1".into(),
+                    workers: 2,
+                },
+                json!({"event": "upgraded", "from": "0.1.0", "to": "0.1.1", "workers": 2}),
+            ),
+        ]
+    }
+
+    #[test]
+    fn every_event_is_logged_as_its_golden_json_and_named_by_its_tag() {
+        for (event, expected) in golden() {
+            assert_eq!(event.fields(), expected, "{event:?}");
+            assert_eq!(expected["event"], event.name(), "{event:?}");
         }
     }
 }

@@ -2,13 +2,13 @@
 //! ready, answers their channels, restarts failed ones with backoff, and stops them all in
 //! order.
 //!
-//! Every decision is the lifecycle state machine's ([`lifecycle`]); the rest is its I/O shell,
-//! split by what each part owns: the [`inbox`] turns what happens (a reaped child, a message, a
-//! signal, a control request, a timer) into one stream, the [`workers`] hold every process's I/O
-//! and start new ones (with [`launch`]), the listen groups are the kernel's
-//! ([`crate::kernel::groups`]), and the [`outputs`] say what happened. [`Supervisor`] only
-//! carries out the lifecycle's actions with them. Everything runs as one task of a
-//! current-thread runtime, so the tables need no locks.
+//! Every decision is the lifecycle state machine's (`lifecycle`); the rest is its I/O shell,
+//! split by what each part owns: the `inbox` turns what happens (a reaped child, a message, a
+//! signal, a control request, a timer) into one stream, the `workers` hold every process's I/O
+//! and start new ones (with `launch`), the listen groups are the kernel's (`kernel::groups`),
+//! and the `outputs` say what happened. [`Supervisor`] only carries out the lifecycle's
+//! actions with them. Everything runs as one task of a current-thread runtime, so the tables
+//! need no locks.
 //!
 //! What a [`Supervisor`] does to its process, so that an embedder knows:
 //! - with [`SignalPolicy::Handle`] it installs handlers for TERM, INT, QUIT, HUP, TTIN and TTOU
@@ -26,7 +26,7 @@ mod former;
 mod handle;
 mod inbox;
 pub(crate) mod launch;
-pub mod lifecycle;
+pub(crate) mod lifecycle;
 mod notify;
 mod outputs;
 mod reaper;
@@ -34,7 +34,7 @@ pub(crate) mod saved;
 mod signals;
 mod status;
 mod systemd;
-pub mod upgrade;
+pub(crate) mod upgrade;
 mod workers;
 
 use std::time::Instant;
@@ -175,8 +175,8 @@ impl Supervisor {
     }
 
     /// Descriptors of the embedder (a control socket, a metrics listener) that an upgrade is to
-    /// keep open for the new binary, which finds them in [`upgrade::Resumed::kept`].
-    pub fn keep_on_upgrade(&mut self, kept: upgrade::Kept) {
+    /// keep open for the new binary, which finds them in `upgrade::Resumed::kept`.
+    pub(crate) fn keep_on_upgrade(&mut self, kept: upgrade::Kept) {
         self.kept = kept;
     }
 

@@ -86,7 +86,7 @@ pub enum FromWorker {
 
 /// Why a line from the worker cannot be understood.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum ParseError {
+pub enum LineError {
     #[error("a line that is not JSON: {0}")]
     NotJson(String),
     #[error("a line that is not UTF-8")]
@@ -105,10 +105,9 @@ fn internal_command(value: &Value) -> Option<&str> {
 }
 
 /// Parses one line (without its newline).
-pub fn parse_line(line: &[u8]) -> Result<FromWorker, ParseError> {
-    let text = std::str::from_utf8(line).map_err(|_| ParseError::NotUtf8)?;
-    let value: Value =
-        serde_json::from_str(text).map_err(|e| ParseError::NotJson(e.to_string()))?;
+pub fn parse_line(line: &[u8]) -> Result<FromWorker, LineError> {
+    let text = std::str::from_utf8(line).map_err(|_| LineError::NotUtf8)?;
+    let value: Value = serde_json::from_str(text).map_err(|e| LineError::NotJson(e.to_string()))?;
     let Some(cmd) = internal_command(&value) else {
         return Ok(FromWorker::User(value));
     };
@@ -121,7 +120,7 @@ pub fn parse_line(line: &[u8]) -> Result<FromWorker, ParseError> {
     }
 }
 
-fn parse_cluster(value: Value) -> Result<FromWorker, ParseError> {
+fn parse_cluster(value: Value) -> Result<FromWorker, LineError> {
     let act = value.get("act").and_then(Value::as_str).unwrap_or("");
     let seq = value.get("seq").and_then(Value::as_u64);
     match act {
@@ -132,7 +131,7 @@ fn parse_cluster(value: Value) -> Result<FromWorker, ParseError> {
             let key = value
                 .get("key")
                 .and_then(Value::as_str)
-                .ok_or(ParseError::Missing {
+                .ok_or(LineError::Missing {
                     act: "close",
                     field: "key",
                 })?;
@@ -141,7 +140,7 @@ fn parse_cluster(value: Value) -> Result<FromWorker, ParseError> {
             })
         }
         "exitedAfterDisconnect" => Ok(FromWorker::ExitedAfterDisconnect {
-            seq: seq.ok_or(ParseError::Missing {
+            seq: seq.ok_or(LineError::Missing {
                 act: "exitedAfterDisconnect",
                 field: "seq",
             })?,
@@ -150,8 +149,8 @@ fn parse_cluster(value: Value) -> Result<FromWorker, ParseError> {
     }
 }
 
-fn parse_query(value: &Value, act: &'static str) -> Result<Query, ParseError> {
-    let missing = |field| ParseError::Missing { act, field };
+fn parse_query(value: &Value, act: &'static str) -> Result<Query, LineError> {
+    let missing = |field| LineError::Missing { act, field };
     let seq = value
         .get("seq")
         .and_then(Value::as_u64)
@@ -338,12 +337,12 @@ mod tests {
     fn broken_lines_are_named() {
         assert!(matches!(
             parse_line(b"not json"),
-            Err(ParseError::NotJson(_))
+            Err(LineError::NotJson(_))
         ));
-        assert_eq!(parse_line(b"\xff\xfe"), Err(ParseError::NotUtf8));
+        assert_eq!(parse_line(b"\xff\xfe"), Err(LineError::NotUtf8));
         assert!(matches!(
             parse_line(br#"{"cmd":"NODE_CLUSTER","act":"close"}"#),
-            Err(ParseError::Missing { .. })
+            Err(LineError::Missing { .. })
         ));
         assert!(matches!(
             parse_line(br#"{"cmd":"NODE_CLUSTER","act":"weird","seq":9}"#),

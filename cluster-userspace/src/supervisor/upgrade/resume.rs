@@ -38,7 +38,7 @@ pub struct Resumed {
 
 impl Supervisor {
     /// Takes over from the primary that wrote `state` (this process, before its exec).
-    pub fn resume(config: Config, state: State) -> Result<Resumed, SupervisorError> {
+    pub(crate) fn resume(config: Config, state: State) -> Result<Resumed, SupervisorError> {
         let now = Instant::now();
         let command = WorkerCommand::new(&config.command)?;
         launch::spawn::raise_descriptor_limit();
