@@ -137,17 +137,32 @@ pub fn event(level: Level, text: impl FnOnce() -> String, fields: impl FnOnce() 
 }
 
 /// One line a worker printed, prefixed with who printed it.
-pub fn worker_line(id: u32, pid: i32, stream: Stream, line: &str) {
-    if json_mode() {
-        write_json(
+/// Whose output a line is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Worker(u32),
+    /// The program's own primary process (a Node program's primary branch).
+    Primary,
+}
+
+pub fn worker_line(source: Source, pid: i32, stream: Stream, line: &str) {
+    match (json_mode(), source) {
+        (true, Source::Worker(id)) => write_json(
             stream,
             json!({"worker": id, "pid": pid, "stream": stream.name(), "line": line}),
-        );
-    } else {
-        write_line(
+        ),
+        (true, Source::Primary) => write_json(
+            stream,
+            json!({"primary": true, "pid": pid, "stream": stream.name(), "line": line}),
+        ),
+        (false, Source::Worker(id)) => write_line(
             stream,
             &format!("[worker {id} pid {pid}] {}", escape_controls(line)),
-        );
+        ),
+        (false, Source::Primary) => write_line(
+            stream,
+            &format!("[primary pid {pid}] {}", escape_controls(line)),
+        ),
     }
 }
 

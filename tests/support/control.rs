@@ -52,18 +52,37 @@ pub struct ClusterStatus {
     pub strategy: String,
     pub listen: Vec<String>,
     pub desired: u32,
+    #[serde(default)]
+    pub wanted_ids: Vec<u32>,
+    /// The program's own primary process (a Node program's primary branch).
+    #[serde(default)]
+    pub program_primary: Option<ProgramPrimary>,
     pub reloads: u64,
     pub reloading: bool,
     pub workers: Vec<WorkerStatus>,
 }
 
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct ProgramPrimary {
+    pub pid: i32,
+}
+
 impl ClusterStatus {
+    /// Whether worker `id` is wanted.
+    pub fn wants(&self, id: u32) -> bool {
+        if self.wanted_ids.is_empty() {
+            id < self.desired
+        } else {
+            self.wanted_ids.contains(&id)
+        }
+    }
+
     /// How many of the wanted worker ids have a ready process.
     pub fn ready_of_wanted(&self) -> u32 {
         let ready: BTreeSet<u32> = self
             .workers
             .iter()
-            .filter(|w| w.state == WorkerState::Ready && w.id < self.desired)
+            .filter(|w| w.state == WorkerState::Ready && self.wants(w.id))
             .map(|w| w.id)
             .collect();
         ready.len() as u32

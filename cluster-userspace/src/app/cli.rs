@@ -79,7 +79,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Start the workers and supervise them in the foreground until TERM or INT.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List the running clusters (exit 1 when none answers); with --name or --control, show
     /// one cluster's workers: id, pid, state, uptime, restarts, connections the kernel gave
     /// each, memory.
@@ -225,6 +225,28 @@ pub struct RunArgs {
     #[arg(long, value_name = "WHEN", default_value = "auto")]
     pub node: NodeMode,
 
+    /// Run a Node program's primary branch (cluster.isPrimary) too, with cluster.fork(),
+    /// worker.send() and every cluster event backed by cluster-lb: auto (once a worker reads
+    /// cluster.isPrimary, isMaster or isWorker; a plain server never does), on (from the start:
+    /// the program's forks start the workers), or off
+    #[arg(long, value_name = "WHEN", default_value = "auto")]
+    pub node_primary: crate::supervisor::PrimaryMode,
+
+    /// Who restarts a worker that failed: cluster (cluster-lb, with growing delays) or program
+    /// (nobody but the program's own primary, as in Node's cluster)
+    #[arg(long, value_name = "WHO", default_value = "cluster")]
+    pub restart: crate::supervisor::Restart,
+
+    /// The longest message a Node worker or primary may send, in bytes (suffixes K, M, G); a
+    /// longer one is dropped with one line, and the worker goes on
+    #[arg(long, value_name = "BYTES", default_value = "64M", value_parser = parse_bytes)]
+    pub max_message: usize,
+
+    /// Log every message a worker sends with its payload (at info); by default only its size
+    /// and first bytes, at debug
+    #[arg(long)]
+    pub log_messages: bool,
+
     /// Start workers without the seccomp filter that keeps them from replacing or detaching
     /// the eBPF program of their listen group (SO_ATTACH_REUSEPORT_*BPF, SO_DETACH_REUSEPORT_BPF)
     #[arg(long)]
@@ -258,6 +280,31 @@ pub struct RunArgs {
     /// The worker program and its arguments
     #[arg(last = true, required_unless_present = "config", value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+fn parse_bytes(text: &str) -> Result<usize, String> {
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        _ => {
+            return Err(format!(
+                "'{text}' is not a size; write e.g. 65536, 512K or 64M"
+            ))
+        }
+    };
+    let bytes = digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_shl(shift))
+        .filter(|n| (1024..=(4u64 << 30)).contains(n))
+        .ok_or_else(|| format!("'{text}' is not a size between 1K and 4G"))?;
+    usize::try_from(bytes).map_err(|_| format!("'{text}' is too large here"))
 }
 
 fn parse_seconds(text: &str) -> Result<f64, String> {
@@ -320,6 +367,7 @@ impl RunArgs {
         };
         let supervisor = Config {
             workers,
+            workers_given: self.workers.is_some(),
             listen: self.listen,
             strategy: self.strategy.unwrap_or_default(),
             require_ebpf: self.require_ebpf,
@@ -331,6 +379,10 @@ impl RunArgs {
             credentials,
             command: self.command,
             node: self.node,
+            node_primary: self.node_primary,
+            restart: self.restart,
+            max_message: self.max_message,
+            log_messages: self.log_messages,
             seccomp: !self.no_seccomp,
             allow_io_uring: self.allow_io_uring,
             allow_low_ports: self.allow_low_ports,

@@ -317,7 +317,7 @@ mod tests {
         let argv = std::iter::once("cluster-lb").chain(args.iter().copied());
         let parsed = parse(argv.map(OsString::from).collect())?;
         match parsed.cli.command {
-            Command::Run(run) => Ok((run, parsed.file)),
+            Command::Run(run) => Ok((*run, parsed.file)),
             other => panic!("not run: {other:?}"),
         }
     }

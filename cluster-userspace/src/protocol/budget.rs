@@ -37,9 +37,12 @@ impl Budget {
         }
     }
 
-    /// The semaphore all workers' budgets share.
-    pub fn shared() -> Arc<Semaphore> {
-        Arc::new(Semaphore::new(SHARED))
+    /// The semaphore all workers' budgets share, for messages of up to `max_message` bytes:
+    /// [`SHARED`], or room for two of the longest messages if that is more, so that one
+    /// worker's longest message never waits for another's to be handled.
+    pub fn shared(max_message: usize) -> Arc<Semaphore> {
+        let room = SHARED.max(2 * (max_message + 2 * READ));
+        Arc::new(Semaphore::new(room.min(Semaphore::MAX_PERMITS)))
     }
 
     /// Waits for `bytes` more room in both budgets. `None` once they are closed (never here).

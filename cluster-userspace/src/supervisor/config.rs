@@ -7,6 +7,7 @@ use cluster_lb_worker::ListenAddr;
 use super::{launch::spawn::Credentials, signals::SignalPolicy};
 use crate::{kernel::Strategy, protocol::nodejs::detect::NodeMode};
 
+pub use super::lifecycle::Restart;
 use super::lifecycle::Timing;
 
 /// The default of `--ready-timeout`.
@@ -34,6 +35,46 @@ impl std::str::FromStr for ClosedListener {
     }
 }
 
+/// `--node-primary`: whether a Node program's own primary branch runs too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PrimaryMode {
+    /// Once a worker reads `cluster.isPrimary`, `isMaster` or `isWorker` (a plain server never
+    /// does).
+    #[default]
+    Auto,
+    /// From the start: the program's primary forks the workers.
+    On,
+    /// Never: only workers run.
+    Off,
+}
+
+impl std::str::FromStr for PrimaryMode {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "auto" => Ok(PrimaryMode::Auto),
+            "on" => Ok(PrimaryMode::On),
+            "off" => Ok(PrimaryMode::Off),
+            _ => Err(format!(
+                "unknown --node-primary value '{text}'; use auto, on or off"
+            )),
+        }
+    }
+}
+
+impl std::str::FromStr for Restart {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "cluster" => Ok(Restart::Cluster),
+            "program" => Ok(Restart::Program),
+            _ => Err(format!(
+                "unknown --restart value '{text}'; use cluster or program"
+            )),
+        }
+    }
+}
+
 /// What to re-execute in an upgrade: the binary's path when it started, and its arguments.
 #[derive(Debug, Clone)]
 pub struct UpgradeSource {
@@ -55,6 +96,8 @@ impl UpgradeSource {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub workers: u32,
+    /// `-w` was given: it decides how many workers run, not the program's primary.
+    pub workers_given: bool,
     pub listen: Vec<ListenAddr>,
     pub strategy: Strategy,
     pub require_ebpf: bool,
@@ -63,6 +106,15 @@ pub struct Config {
     pub command: Vec<String>,
     /// Whether workers get Node's cluster channel (so unmodified Node programs are workers).
     pub node: NodeMode,
+    /// Whether a Node program's primary branch runs too (`--node-primary`).
+    pub node_primary: PrimaryMode,
+    /// Who restarts a failed worker (`--restart`).
+    pub restart: Restart,
+    /// The longest message on a Node channel (`--max-message`); a longer one is dropped.
+    pub max_message: usize,
+    /// Log the messages workers send with their payload (at info), not only their size (at
+    /// debug).
+    pub log_messages: bool,
     pub signals: SignalPolicy,
     /// Start workers under a seccomp filter that keeps them from replacing or detaching their
     /// reuseport group's program (see `seccomp`).
@@ -95,6 +147,7 @@ impl Config {
         command.extend(std::env::args().skip(1));
         Ok(Config {
             workers,
+            workers_given: true,
             listen: Vec::new(),
             strategy: Strategy::RoundRobin,
             require_ebpf: false,
@@ -106,6 +159,10 @@ impl Config {
             credentials: None,
             command,
             node: NodeMode::Auto,
+            node_primary: PrimaryMode::Off,
+            restart: Restart::Cluster,
+            max_message: crate::protocol::nodejs::channel::MAX_LINE,
+            log_messages: false,
             signals: SignalPolicy::Handle,
             seccomp: true,
             allow_io_uring: false,

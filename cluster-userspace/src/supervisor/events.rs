@@ -73,6 +73,11 @@ pub enum Departure {
     ProtocolViolation(String),
     /// It closed its listening socket: the kernel gives it nothing any more.
     ListenerClosed(String),
+    /// The program's primary let it go (`worker.kill()`, `worker.disconnect()`,
+    /// `cluster.disconnect()`): the program signals or disconnects it itself.
+    LetGo,
+    /// The program's primary, started after it, did not fork it (its forks decide the count).
+    NotForked,
 }
 
 impl Departure {
@@ -90,7 +95,7 @@ impl Departure {
     /// Whether the primary asks the worker to stop. A worker that said it leaves is already
     /// closing its servers (Node's own `disconnect` path); a signal would cut that short.
     pub fn asks_to_stop(&self) -> bool {
-        !matches!(self, Departure::WorkerDisconnected)
+        !matches!(self, Departure::WorkerDisconnected | Departure::LetGo)
     }
 }
 
@@ -106,6 +111,8 @@ impl fmt::Display for Departure {
             Departure::ListenerClosed(address) => {
                 write!(f, "it closed its listening socket for {address}")
             }
+            Departure::LetGo => f.write_str("the program's primary let it go"),
+            Departure::NotForked => f.write_str("the program's primary did not fork it"),
         }
     }
 }
@@ -284,6 +291,31 @@ pub enum Event {
         #[serde(rename = "grace_s", serialize_with = "optional_seconds")]
         grace: Option<Duration>,
     },
+    /// The program's primary process (its `cluster.isPrimary` branch) runs.
+    PrimaryStarted { pid: i32 },
+    /// The program's primary process could not be started; again after `delay`.
+    PrimaryFailed {
+        error: String,
+        #[serde(rename = "delay_s", serialize_with = "seconds")]
+        delay: Duration,
+    },
+    /// The program's primary process ended: it is started again after `restart`, or (`None`)
+    /// it was done (status 0: the cluster stops) or asked to stop.
+    PrimaryExit {
+        pid: i32,
+        #[serde(flatten, serialize_with = "exit_fields")]
+        status: ExitStatus,
+        #[serde(rename = "restart_s", serialize_with = "optional_seconds")]
+        restart: Option<Duration>,
+    },
+    /// The program's primary process, started because a worker read `cluster.isPrimary`,
+    /// ended without forking a worker: the program has no primary branch after all, and it is
+    /// not started again.
+    PrimaryUnused {
+        pid: i32,
+        #[serde(flatten, serialize_with = "exit_fields")]
+        status: ExitStatus,
+    },
     /// This primary took over from `from` by an in-place upgrade (same pid, same workers).
     Upgraded {
         from: String,
@@ -314,11 +346,16 @@ impl Event {
             Event::Scaling { .. } => "scaling",
             Event::Stopping { .. } => "stopping",
             Event::Upgraded { .. } => "upgraded",
+            Event::PrimaryStarted { .. } => "primary-started",
+            Event::PrimaryFailed { .. } => "primary-failed",
+            Event::PrimaryExit { .. } => "primary-exit",
+            Event::PrimaryUnused { .. } => "primary-unused",
         }
     }
 
     fn level(&self) -> Level {
         match self {
+            Event::Message { .. } => Level::Debug,
             Event::Exit {
                 status: ExitStatus::Code(0),
                 ..
@@ -329,7 +366,13 @@ impl Event {
             | Event::ListenerClosed { .. }
             | Event::Orphan { .. } => Level::Warn,
             Event::Disconnect { reason, .. } if reason.is_failure() => Level::Warn,
-            Event::StartFailed { .. } | Event::CrashLoop { .. } => Level::Error,
+            Event::StartFailed { .. } | Event::CrashLoop { .. } | Event::PrimaryFailed { .. } => {
+                Level::Error
+            }
+            Event::PrimaryExit {
+                restart: Some(_), ..
+            }
+            | Event::PrimaryUnused { .. } => Level::Warn,
             Event::ReloadFinished { outcome: Err(_) } => Level::Error,
             _ => Level::Info,
         }
@@ -376,7 +419,18 @@ impl fmt::Display for Event {
                 f,
                 "worker {id} is crash-looping: it {last}, {failures} times in a row, each soon after starting; restarts continue with growing delays"
             ),
-            Event::Message { id, pid, data } => write!(f, "message from worker {id} (pid {pid}): {data}"),
+            Event::Message { id, pid, data } => {
+                // Its size and first bytes only: payloads are the program's data (--log-messages
+                // logs them whole).
+                let text = data.to_string();
+                let prefix: String = text.chars().take(60).collect();
+                write!(
+                    f,
+                    "message from worker {id} (pid {pid}): {} bytes, {prefix}{}",
+                    text.len(),
+                    if prefix.len() < text.len() { "..." } else { "" }
+                )
+            }
             Event::OwnListener { id, pid, address } => write!(
                 f,
                 "worker {id} (pid {pid}) listens on {address} by itself (reusePort or exclusive), not through cluster-lb: nothing balances that server, and disconnect does not close it"
@@ -409,6 +463,30 @@ impl fmt::Display for Event {
             Event::Upgraded { from, to, workers } => write!(
                 f,
                 "upgraded in place from {from} to {to}: same pid, {workers} workers kept"
+            ),
+            Event::PrimaryStarted { pid } => {
+                write!(f, "the program's primary (its cluster.isPrimary branch) runs as pid {pid}")
+            }
+            Event::PrimaryFailed { error, delay } => write!(
+                f,
+                "starting the program's primary failed: {error}; again in {:.1}s",
+                delay.as_secs_f64()
+            ),
+            Event::PrimaryExit { pid, status, restart: Some(delay) } => write!(
+                f,
+                "the program's primary (pid {pid}) {status}; it is started again in {:.1}s, and the workers keep serving meanwhile",
+                delay.as_secs_f64()
+            ),
+            Event::PrimaryExit { pid, status: ExitStatus::Code(0), restart: None } => write!(
+                f,
+                "the program's primary (pid {pid}) is done (exited with status 0)"
+            ),
+            Event::PrimaryExit { pid, status, restart: None } => {
+                write!(f, "the program's primary (pid {pid}) {status}")
+            }
+            Event::PrimaryUnused { pid, status } => write!(
+                f,
+                "the program's primary (pid {pid}) {status} without forking a worker: the program reads cluster.isPrimary but has no primary branch, so it is not started again (--node-primary off skips it, on insists)"
             ),
         }
     }
@@ -652,6 +730,42 @@ mod tests {
                     workers: 2,
                 },
                 json!({"event": "upgraded", "from": "0.1.0", "to": "0.1.1", "workers": 2}),
+            ),
+            (
+                Event::PrimaryStarted { pid: 9 },
+                json!({"event": "primary-started", "pid": 9}),
+            ),
+            (
+                Event::PrimaryFailed {
+                    error: "no".into(),
+                    delay: secs(100),
+                },
+                json!({"event": "primary-failed", "error": "no", "delay_s": 0.1}),
+            ),
+            (
+                Event::PrimaryExit {
+                    pid: 9,
+                    status: ExitStatus::Code(1),
+                    restart: Some(secs(200)),
+                },
+                json!({"event": "primary-exit", "pid": 9, "code": 1, "signal": null,
+                       "restart_s": 0.2}),
+            ),
+            (
+                Event::PrimaryUnused {
+                    pid: 9,
+                    status: ExitStatus::Code(1),
+                },
+                json!({"event": "primary-unused", "pid": 9, "code": 1, "signal": null}),
+            ),
+            (
+                Event::PrimaryExit {
+                    pid: 9,
+                    status: ExitStatus::Code(0),
+                    restart: None,
+                },
+                json!({"event": "primary-exit", "pid": 9, "code": 0, "signal": null,
+                       "restart_s": null}),
             ),
         ]
     }

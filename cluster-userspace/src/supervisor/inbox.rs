@@ -13,8 +13,10 @@ use tokio::{
 
 use super::{
     handle::Control,
+    program::RpcLine,
     reaper::{Exited, Reaper},
     signals::{Signalled, Signals},
+    workers::output::Forwarded,
     workers::ChannelEvent,
 };
 
@@ -27,6 +29,10 @@ pub enum Happened {
     /// A datagram of the notify socket that says READY=1: (sender pid, text).
     Notify(i32, String),
     Control(Control),
+    /// A request of the program's primary process (it waits for the answer).
+    Request(RpcLine),
+    /// Output of a `silent` worker, for the program's primary.
+    Output(Forwarded),
     /// The lifecycle's deadline passed.
     Due,
     /// Time for the periodic checks.
@@ -38,6 +44,8 @@ pub struct Feeds {
     pub channels: UnboundedSender<(Pid, ChannelEvent)>,
     pub notify: UnboundedSender<(i32, String)>,
     pub control: UnboundedSender<Control>,
+    pub requests: UnboundedSender<RpcLine>,
+    pub forwarded: UnboundedSender<Forwarded>,
 }
 
 pub struct Inbox {
@@ -46,6 +54,8 @@ pub struct Inbox {
     channels: UnboundedReceiver<(Pid, ChannelEvent)>,
     notify: UnboundedReceiver<(i32, String)>,
     control: UnboundedReceiver<Control>,
+    requests: UnboundedReceiver<RpcLine>,
+    forwarded: UnboundedReceiver<Forwarded>,
     checks: Interval,
 }
 
@@ -55,18 +65,24 @@ impl Inbox {
         let (channels_tx, channels) = unbounded_channel();
         let (notify_tx, notify) = unbounded_channel();
         let (control_tx, control) = unbounded_channel();
+        let (requests_tx, requests) = unbounded_channel();
+        let (forwarded_tx, forwarded) = unbounded_channel();
         let inbox = Inbox {
             signals,
             reaper: Reaper::new(),
             channels,
             notify,
             control,
+            requests,
+            forwarded,
             checks: tokio::time::interval(checks),
         };
         let feeds = Feeds {
             channels: channels_tx,
             notify: notify_tx,
             control: control_tx,
+            requests: requests_tx,
+            forwarded: forwarded_tx,
         };
         (inbox, feeds)
     }
@@ -84,6 +100,8 @@ impl Inbox {
             Some((pid, event)) = self.channels.recv() => Happened::Channel(pid, event),
             Some((sender, text)) = self.notify.recv() => Happened::Notify(sender, text),
             Some(control) = self.control.recv() => Happened::Control(control),
+            Some(request) = self.requests.recv() => Happened::Request(request),
+            Some(output) = self.forwarded.recv() => Happened::Output(output),
             _ = sleep_until_or_forever(deadline) => Happened::Due,
             _ = self.checks.tick() => Happened::Checks,
         }

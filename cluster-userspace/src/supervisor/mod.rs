@@ -29,6 +29,7 @@ pub(crate) mod launch;
 pub(crate) mod lifecycle;
 mod notify;
 mod outputs;
+mod program;
 mod reaper;
 pub(crate) mod saved;
 mod signals;
@@ -42,13 +43,13 @@ use std::time::Instant;
 use nix::unistd::Pid;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-pub use config::{ClosedListener, Config, UpgradeSource, READY_TIMEOUT};
+pub use config::{ClosedListener, Config, PrimaryMode, Restart, UpgradeSource, READY_TIMEOUT};
 pub use events::{Departure, Event, ExitStatus, Failure, KillReason, Readiness, ReloadError};
 pub use handle::{Control, Handle, ReloadReply, ScaleError, UpgradeError};
 use inbox::{Feeds, Happened, Inbox};
 pub use launch::spawn::{Credentials, SpawnError};
 use launch::{seccomp::Filter, spawn::WorkerCommand};
-use lifecycle::{Action, Input, Lifecycle};
+use lifecycle::{Action, Count, Input, Lifecycle, Policy};
 pub use lifecycle::{Timing, WorkerState};
 use outputs::Outputs;
 pub use signals::SignalPolicy;
@@ -57,7 +58,7 @@ use signals::{Signalled, Signals};
 pub(crate) use status::fixture;
 pub use status::{ClusterStatus, WorkerStatus};
 pub use workers::StartError;
-use workers::{ChannelEvent, Heard, Launch, Protocol, Workers};
+use workers::{ChannelEvent, Heard, Launch, Protocol, Start, Workers};
 
 use crate::{
     kernel::groups::{GroupError, Groups},
@@ -101,6 +102,8 @@ pub struct Supervisor {
     started: Instant,
     /// Taken over from an older binary (not started afresh).
     resumed: bool,
+    /// The program's own primary process (a Node program's primary branch), when it has one.
+    program: program::Program,
 }
 
 impl Supervisor {
@@ -128,7 +131,13 @@ impl Supervisor {
             log::warn!("workers will run as root; use --user to drop privileges");
         }
         let protocol = protocol_wanted(&config, &command);
-        let lifecycle = Lifecycle::new(config.workers, config.timing, Instant::now());
+        let policy = policy(&config, protocol);
+        // With --node-primary on and no -w, the program's forks start the workers.
+        let first = match (config.node_primary, policy.count) {
+            (PrimaryMode::On, Count::Program) => 0,
+            _ => config.workers,
+        };
+        let lifecycle = Lifecycle::with(first, policy, config.timing, Instant::now());
         Ok(Supervisor::assemble(
             config,
             command,
@@ -158,9 +167,15 @@ impl Supervisor {
                 .then(|| Filter::reuseport_guard(config.allow_io_uring)),
             credentials: config.credentials.clone(),
             notify_socket: notify.name.clone(),
+            max_message: config.max_message,
         };
+        let program = program::Program::new(
+            config.node_primary,
+            install_preload(&config, protocol, &notify.name),
+        );
         Supervisor {
-            workers: Workers::new(launch, feeds.channels.clone()),
+            program,
+            workers: Workers::new(launch, feeds.channels.clone(), feeds.forwarded.clone()),
             lifecycle,
             config,
             groups,
@@ -209,6 +224,9 @@ impl Supervisor {
             self.log_start();
         }
         self.step(Input::Tick);
+        if self.program.mode == PrimaryMode::On && self.program.preload.is_some() {
+            self.step(Input::StartPrimary { detected: false });
+        }
         while !self.lifecycle.is_finished() {
             let happened = self.inbox.next(self.lifecycle.next_deadline()).await;
             if let Some(input) = self.on(happened) {
@@ -244,10 +262,19 @@ impl Supervisor {
         match happened {
             Happened::Exited(exited) => {
                 let status = exited.reap()?;
-                self.workers.contains(exited.pid).then_some(Input::Exited {
+                let ours = self.workers.contains(exited.pid) || self.program.is(exited.pid);
+                ours.then_some(Input::Exited {
                     pid: exited.pid,
                     status,
                 })
+            }
+            Happened::Request(request) => {
+                self.on_request(request);
+                None
+            }
+            Happened::Output(output) => {
+                self.output_to_program(output);
+                None
             }
             Happened::Signal(signal) => self.on_signal(signal),
             Happened::Channel(pid, event) => self.on_channel(pid, event),
@@ -276,23 +303,19 @@ impl Supervisor {
     /// Carries out one action; a spawn answers with its outcome.
     fn execute(&mut self, action: Action) -> Option<Input> {
         match action {
-            Action::Spawn { id } => {
-                let wanted = self.lifecycle.wanted();
-                Some(match self.workers.start(id, wanted, &mut self.groups) {
-                    Ok((pid, slot)) => {
-                        self.inbox.watch(pid);
-                        Input::Spawned {
-                            id,
-                            pid,
-                            slot,
-                            signals_readiness: self.workers.launch.protocol.signals_readiness(),
-                        }
-                    }
-                    Err(error) => Input::SpawnFailed {
-                        id,
-                        error: error.to_string(),
-                    },
-                })
+            Action::Spawn { id } => Some(self.spawn(id)),
+            Action::SpawnPrimary => Some(self.spawn_program_primary()),
+            Action::Offer { id, pid } => {
+                self.offer_to_program(id, pid);
+                None
+            }
+            Action::ForkAnswer(answer) => {
+                self.program.answers.push(answer);
+                None
+            }
+            Action::ExitToPrimary { id, pid, status } => {
+                self.exit_to_program(id, pid, status);
+                None
             }
             Action::Activate { pid } => {
                 self.workers.set_active(pid, true, &mut self.groups);
@@ -315,6 +338,9 @@ impl Supervisor {
                 None
             }
             Action::Release { pid } => {
+                if self.release_program_primary(pid) {
+                    return None;
+                }
                 if self.workers.release(pid, &mut self.groups) {
                     self.stop_orphans_holding_sockets();
                 }
@@ -340,6 +366,41 @@ impl Supervisor {
         }
     }
 
+    /// Starts a process for worker `id`: as the program's primary forked it, or the command
+    /// line's program.
+    fn spawn(&mut self, id: u32) -> Input {
+        let preload = match (&self.program.preload, self.program.mode) {
+            // Whether the program has a primary branch is still to learn.
+            (Some(preload), PrimaryMode::Auto) if !self.lifecycle.has_primary() => {
+                let user = self.workers.launch.command.base_variable("NODE_OPTIONS");
+                program::node_options(preload, user.as_deref())
+            }
+            _ => Vec::new(),
+        };
+        let start = Start {
+            id,
+            wanted: self.lifecycle.wanted(),
+            node_id: id + 1 - self.lifecycle.first_id().min(1),
+            fork: self.program.variants.get(self.lifecycle.variant(id)),
+            preload: &preload,
+        };
+        match self.workers.start(&start, &mut self.groups) {
+            Ok((pid, slot)) => {
+                self.inbox.watch(pid);
+                Input::Spawned {
+                    id,
+                    pid,
+                    slot,
+                    signals_readiness: self.workers.launch.protocol.signals_readiness(),
+                }
+            }
+            Err(error) => Input::SpawnFailed {
+                id,
+                error: error.to_string(),
+            },
+        }
+    }
+
     fn on_signal(&mut self, signal: Signalled) -> Option<Input> {
         let wanted = self.lifecycle.wanted();
         match signal {
@@ -361,7 +422,7 @@ impl Supervisor {
             Signalled::Child => {
                 // Orphans are reaped and forgotten; a worker collected on the way is an exit.
                 for (pid, status) in reaper::collect_children() {
-                    if self.workers.contains(pid) {
+                    if self.workers.contains(pid) || self.program.is(pid) {
                         self.step(Input::Exited { pid, status });
                     } else {
                         log::debug!("reaped pid {pid}, an orphan of a worker: {status}");
@@ -372,13 +433,27 @@ impl Supervisor {
         }
     }
 
-    /// What a worker's channel said.
+    /// What a worker's channel said (or the program's primary's).
     fn on_channel(&mut self, pid: Pid, event: ChannelEvent) -> Option<Input> {
+        if self.program.is(pid) {
+            if let ChannelEvent::Node(event) = event {
+                self.on_program_channel(event);
+            }
+            return None;
+        }
         let (id, heard) = self.workers.hear(pid, event)?;
         match heard {
             Heard::Nothing => None,
-            Heard::Online => Some(Input::Online { pid }),
-            Heard::Listening(address) => {
+            Heard::Online => {
+                if self.workers.get(pid).is_some_and(|w| w.channel.is_node()) {
+                    self.worker_said(id, pid, program::online());
+                }
+                Some(Input::Online { pid })
+            }
+            Heard::Listening(address, node) => {
+                if let Some(message) = node {
+                    self.worker_said(id, pid, message);
+                }
                 self.outputs.emit(Event::Listening {
                     id,
                     pid: pid.as_raw(),
@@ -389,23 +464,51 @@ impl Supervisor {
                     how: Readiness::Listening,
                 })
             }
-            // The message's room in the budget goes back once it is handed on.
-            Heard::Message(data, _room) => {
-                self.outputs.emit(Event::Message {
-                    id,
-                    pid: pid.as_raw(),
-                    data,
-                });
+            Heard::Message(data, room) => {
+                if self.config.log_messages {
+                    log::info!("message from worker {id} (pid {pid}): {data}");
+                }
+                // Its room in the budget goes back once it is handed on (written to the
+                // program's primary, or emitted).
+                if let Err(_room) = self.message_to_program(id, pid, &data, room) {
+                    self.outputs.emit(Event::Message {
+                        id,
+                        pid: pid.as_raw(),
+                        data,
+                    });
+                }
                 None
             }
-            Heard::Leaving(why) => Some(Input::Leaving { pid, why }),
+            Heard::Leaving(why) => {
+                if why == Departure::WorkerDisconnected
+                    && self.workers.get(pid).is_some_and(|w| w.channel.is_node())
+                {
+                    self.worker_said(id, pid, program::exited_after_disconnect());
+                }
+                Some(Input::Leaving { pid, why })
+            }
             Heard::Query(query) => {
                 let low_ports = self.config.credentials.is_none() || self.config.allow_low_ports;
                 self.workers.answer(pid, query, &mut self.groups, low_ports);
                 None
             }
+            Heard::ReadsRole => {
+                if self.program.mode == PrimaryMode::Auto
+                    && self.program.preload.is_some()
+                    && !self.lifecycle.has_primary()
+                {
+                    log::info!(
+                        "worker {id} (pid {pid}) reads cluster.isPrimary: the program has a primary branch, which runs now (--node-primary off to keep it from running)"
+                    );
+                    return Some(Input::StartPrimary { detected: true });
+                }
+                None
+            }
             Heard::Violation(problem) => self.reject(pid, &problem),
-            Heard::Closed => Some(Input::ChannelClosed { pid }),
+            Heard::Closed => {
+                self.disconnect_to_program(id, pid);
+                Some(Input::ChannelClosed { pid })
+            }
         }
     }
 
@@ -521,6 +624,45 @@ impl Supervisor {
                     );
                 }
             }
+        }
+    }
+}
+
+/// Ids, restarts and the count, from the command line: Node workers count from 1, as
+/// `cluster.worker.id` does; the program's forks decide how many unless `-w` was given.
+fn policy(config: &Config, protocol: Protocol) -> Policy {
+    let node = protocol == Protocol::Node;
+    Policy {
+        first_id: u32::from(node),
+        restart: config.restart,
+        count: if node && config.node_primary != PrimaryMode::Off && !config.workers_given {
+            Count::Program
+        } else {
+            Count::Fixed
+        },
+    }
+}
+
+/// Writes the Node preload next to the workers' notify socket, when the program's primary may
+/// run; `None` (with a line saying why) when it cannot.
+fn install_preload(
+    config: &Config,
+    protocol: Protocol,
+    notify_socket: &str,
+) -> Option<std::path::PathBuf> {
+    if protocol != Protocol::Node || config.node_primary == PrimaryMode::Off {
+        if config.node_primary == PrimaryMode::On {
+            log::warn!("--node-primary on: the workers are not Node programs (see --node), so no primary process runs");
+        }
+        return None;
+    }
+    let dir = std::path::Path::new(notify_socket).parent()?;
+    let gid = config.credentials.as_ref().map(|c| c.gid);
+    match program::install_preload(dir, gid) {
+        Ok(path) => Some(path),
+        Err(e) => {
+            log::warn!("cannot write cluster-lb's Node preload to {}: {e}; the program's primary branch does not run", dir.display());
+            None
         }
     }
 }

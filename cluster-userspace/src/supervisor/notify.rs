@@ -133,7 +133,7 @@ pub fn open(
 
 /// Runs `make` with `gid` (when given) as this thread's filesystem group, so that what it
 /// creates belongs to that group.
-fn with_group<T>(
+pub(super) fn with_group<T>(
     gid: Option<libc::gid_t>,
     make: impl FnOnce() -> std::io::Result<T>,
 ) -> std::io::Result<T> {

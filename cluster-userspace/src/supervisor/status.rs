@@ -24,6 +24,12 @@ pub struct WorkerStatus {
     pub rss_bytes: u64,
 }
 
+/// The program's primary process.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ProgramPrimaryStatus {
+    pub pid: i32,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ClusterStatus {
     /// The cluster's name (`cluster-lb run --name`); set by the control socket, which is what
@@ -41,20 +47,36 @@ pub struct ClusterStatus {
     pub listen: Vec<String>,
     /// Workers wanted (scale).
     pub desired: u32,
+    /// Their ids (0 to desired - 1, or from 1 for Node programs, whose primary may also
+    /// leave gaps); empty from an older binary, meaning 0 to desired - 1.
+    #[serde(default)]
+    pub wanted_ids: Vec<u32>,
+    /// The program's own primary process (a Node program's primary branch), when one runs.
+    #[serde(default)]
+    pub program_primary: Option<ProgramPrimaryStatus>,
     pub reloads: u64,
     pub reloading: bool,
     pub workers: Vec<WorkerStatus>,
 }
 
 impl ClusterStatus {
-    /// How many of the wanted worker ids (0 to desired - 1) have a ready process. During a
+    /// Whether worker `id` is wanted.
+    pub fn wants(&self, id: u32) -> bool {
+        if self.wanted_ids.is_empty() {
+            id < self.desired
+        } else {
+            self.wanted_ids.contains(&id)
+        }
+    }
+
+    /// How many of the wanted worker ids have a ready process. During a
     /// rolling reload an id's old process stays ready until its replacement is, so this stays
     /// at `desired`; an id whose only process is starting, draining or gone does not count.
     pub fn ready_of_wanted(&self) -> u32 {
         let ready: std::collections::BTreeSet<u32> = self
             .workers
             .iter()
-            .filter(|w| w.state == WorkerState::Ready && w.id < self.desired)
+            .filter(|w| w.state == WorkerState::Ready && self.wants(w.id))
             .map(|w| w.id)
             .collect();
         ready.len() as u32
@@ -109,6 +131,11 @@ impl Supervisor {
                 .map(ToString::to_string)
                 .collect(),
             desired: self.lifecycle.wanted(),
+            wanted_ids: self.lifecycle.wanted_ids().collect(),
+            program_primary: self
+                .lifecycle
+                .primary_pid()
+                .map(|pid| ProgramPrimaryStatus { pid: pid.as_raw() }),
             reloads: self.lifecycle.reloads(),
             reloading: self.lifecycle.is_reloading(),
             workers,
@@ -147,6 +174,8 @@ pub(crate) mod fixture {
             strategy: "round-robin".into(),
             listen: vec!["127.0.0.1:8080".into()],
             desired,
+            wanted_ids: Vec::new(),
+            program_primary: None,
             reloads: 0,
             reloading: false,
             workers,

@@ -42,8 +42,9 @@ use tokio::{
 use super::{parse_line, FromWorker, ToWorker};
 use crate::protocol::budget::{self, Budget, Held};
 
-/// A line longer than this is a broken or hostile worker (Node itself has no limit).
-pub const MAX_LINE: usize = 1024 * 1024;
+/// The longest message by default (`--max-message`); Node itself has no limit. A longer one is
+/// dropped, and the worker goes on.
+pub const MAX_LINE: usize = 64 * 1024 * 1024;
 /// Messages waiting to be written to one worker; beyond that they are dropped.
 const QUEUE: usize = 1024;
 /// How long a socket in flight may wait for the worker's acknowledgement.
@@ -66,10 +67,13 @@ pub enum NodeEvent {
     Closed,
 }
 
-/// A message to write, with the socket it carries.
+/// A message to write, with the socket it carries, and the room in the budget of the worker
+/// it came from (a relayed message), given back once it is written: a reader that does not
+/// keep up holds the sender back instead of growing the queue.
 struct Outgoing {
     message: ToWorker,
     fd: Option<OwnedFd>,
+    _room: Held,
 }
 
 /// Why a message was not queued.
@@ -116,12 +120,14 @@ struct Busy {
 
 impl NodeChannel {
     /// Starts reading and writing `fd` (the primary's end of worker `pid`'s channel); every
-    /// event goes to `sink`, which says whether anyone still listens.
+    /// event goes to `sink`, which says whether anyone still listens. A message longer than
+    /// `max_line` bytes is dropped (with a warning), and reading goes on after it.
     pub fn start(
         fd: OwnedFd,
         pid: Pid,
         sink: impl Fn(NodeEvent) -> bool + Send + Sync + 'static,
         budget: Budget,
+        max_line: usize,
     ) -> io::Result<NodeChannel> {
         // SAFETY: the AsyncFd owns the descriptor for as long as it is registered.
         let socket =
@@ -134,6 +140,7 @@ impl NodeChannel {
         let busy = Arc::new(Busy::default());
         let reader = Reader {
             pid,
+            max_line,
             sink: Box::new(sink),
             urgent: urgent_tx,
             acks: acks_tx,
@@ -167,7 +174,16 @@ impl NodeChannel {
 
     /// Queues a message without a socket.
     pub fn send(&self, message: ToWorker) -> Result<(), SendError> {
-        self.queue(Outgoing { message, fd: None })
+        self.send_held(message, Held::default())
+    }
+
+    /// Queues a message that holds `room` in another worker's budget until it is written.
+    pub fn send_held(&self, message: ToWorker, room: Held) -> Result<(), SendError> {
+        self.queue(Outgoing {
+            message,
+            fd: None,
+            _room: room,
+        })
     }
 
     /// Queues a `queryServer` answer that carries `socket`; the primary's copy closes once the
@@ -176,6 +192,7 @@ impl NodeChannel {
         self.queue(Outgoing {
             message,
             fd: Some(socket),
+            _room: Held::default(),
         })
     }
 
@@ -203,6 +220,7 @@ enum Ack {
 /// Where the reader sends what it read.
 struct Reader {
     pid: Pid,
+    max_line: usize,
     sink: Box<dyn Fn(NodeEvent) -> bool + Send + Sync>,
     urgent: mpsc::UnboundedSender<Outgoing>,
     acks: mpsc::UnboundedSender<Ack>,
@@ -228,6 +246,7 @@ struct Attached {
 async fn read_lines(socket: &AsyncFd<OwnedFd>, reader: &Reader) -> Result<(), String> {
     let Reader {
         pid,
+        max_line,
         sink,
         urgent,
         acks,
@@ -239,6 +258,8 @@ async fn read_lines(socket: &AsyncFd<OwnedFd>, reader: &Reader) -> Result<(), St
     let mut room = Held::default();
     let mut attached: Vec<Attached> = Vec::new();
     let mut buffer = vec![0u8; budget::READ];
+    // Bytes of a line over `max_line` skipped so far (it is being dropped).
+    let mut dropping: Option<usize> = None;
     loop {
         // Room for this read first: a worker that sends faster than the primary handles its
         // messages waits here, its bytes in its own socket buffer.
@@ -269,8 +290,30 @@ async fn read_lines(socket: &AsyncFd<OwnedFd>, reader: &Reader) -> Result<(), St
         if received.is_eof() {
             return Ok(());
         }
+        let mut data = &buffer[..received.len];
+        if let Some(skipped) = dropping.as_mut() {
+            // The rest of a message too long to keep: up to its newline.
+            if !received.fds.is_empty() {
+                return Err("descriptors sent in the middle of a line (closed)".into());
+            }
+            match data.iter().position(|&b| b == b'\n') {
+                None => {
+                    *skipped += data.len();
+                    room.keep(0);
+                    continue;
+                }
+                Some(end) => {
+                    log::warn!(
+                        "worker pid {pid} sent a message of {} bytes, over --max-message ({max_line}); it was dropped",
+                        *skipped + end + 1
+                    );
+                    dropping = None;
+                    data = &data[end + 1..];
+                }
+            }
+        }
         let base = pending.len();
-        pending.extend_from_slice(&buffer[..received.len]);
+        pending.extend_from_slice(data);
         if !received.fds.is_empty() {
             // The last line that begins in this read.
             let start = (base..pending.len())
@@ -307,6 +350,7 @@ async fn read_lines(socket: &AsyncFd<OwnedFd>, reader: &Reader) -> Result<(), St
                         .send(Outgoing {
                             message: answer,
                             fd: None,
+                            _room: Held::default(),
                         })
                         .is_err()
                     {
@@ -337,12 +381,16 @@ async fn read_lines(socket: &AsyncFd<OwnedFd>, reader: &Reader) -> Result<(), St
         for entry in &mut attached {
             entry.start -= start;
         }
+        if pending.len() > *max_line {
+            // Too long to keep: dropped, with whatever came with it; reading goes on after
+            // its newline.
+            dropping = Some(pending.len());
+            pending.clear();
+            attached.clear();
+        }
         room.keep(pending.len());
         busy.partial_line
-            .store(!pending.is_empty(), Ordering::Relaxed);
-        if pending.len() > MAX_LINE {
-            return Err(format!("a line longer than {MAX_LINE} bytes"));
-        }
+            .store(!pending.is_empty() || dropping.is_some(), Ordering::Relaxed);
     }
 }
 
@@ -443,10 +491,10 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     fn start(primary: OwnedFd, sink: mpsc::UnboundedSender<(Pid, NodeEvent)>) -> NodeChannel {
-        let budget = Budget::for_worker(MAX_LINE, &Budget::shared());
+        let budget = Budget::for_worker(MAX_LINE, &Budget::shared(MAX_LINE));
         let pid = Pid::from_raw(1);
         let sink = move |event| sink.send((pid, event)).is_ok();
-        NodeChannel::start(primary, pid, sink, budget).unwrap()
+        NodeChannel::start(primary, pid, sink, budget, 1024 * 1024).unwrap()
     }
 
     fn describe(event: &NodeEvent) -> String {
@@ -546,28 +594,38 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn garbage_and_endless_lines_are_violations() {
-        for (bytes, expected) in [
-            (b"not json\n".to_vec(), "not JSON"),
-            (vec![b'x'; MAX_LINE + 10], "longer than"),
-        ] {
-            let (primary, worker) = pair().unwrap();
-            let (sink, mut events) = mpsc::unbounded_channel();
-            let channel = start(primary, sink);
-            let mut worker = worker_end(worker);
-            let writer = std::thread::spawn(move || {
-                let _ = worker.write_all(&bytes);
-                worker
-            });
-            let (_, event) = events.recv().await.unwrap();
-            match event {
-                NodeEvent::Violation(why) => assert!(why.contains(expected), "{why}"),
-                other => panic!("{other:?}"),
-            }
-            // Shutting our end down lets a writer blocked on a full socket fail and finish.
-            channel.close();
-            drop(writer.join());
+    async fn garbage_is_a_violation() {
+        let (primary, worker) = pair().unwrap();
+        let (sink, mut events) = mpsc::unbounded_channel();
+        let channel = start(primary, sink);
+        let mut worker = worker_end(worker);
+        worker.write_all(b"not json\n").unwrap();
+        let (_, event) = events.recv().await.unwrap();
+        match event {
+            NodeEvent::Violation(why) => assert!(why.contains("not JSON"), "{why}"),
+            other => panic!("{other:?}"),
         }
+        channel.close();
+    }
+
+    /// Node delivers messages of any size; over the limit, that message is dropped (in pieces
+    /// as it arrives, never held whole) and the next one arrives as usual.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_over_the_limit_is_dropped_and_the_next_arrives() {
+        let (primary, worker) = pair().unwrap();
+        let (sink, mut events) = mpsc::unbounded_channel();
+        let _channel = start(primary, sink);
+        let mut worker = worker_end(worker);
+        let writer = std::thread::spawn(move || {
+            let mut long = b"\"".to_vec();
+            long.extend(vec![b'x'; 3 * 1024 * 1024]);
+            long.extend(b"\"\n\"after\"\n");
+            worker.write_all(&long).unwrap();
+            worker
+        });
+        let (_, event) = events.recv().await.unwrap();
+        assert_eq!(describe(&event), "Message(User(String(\"after\")))");
+        drop(writer.join());
     }
 
     /// A pipe whose write end is sent as the descriptors: once every copy of it is closed,

@@ -7,10 +7,12 @@
 //! returned as such, to be ignored. Every line built here is valid JSON ending in one newline,
 //! because a worker dies on anything else (node-ipc.md §2.1).
 //!
-//! `channel` is the primary's end of the socket; `detect` tells whether a program is Node.
+//! `channel` is the primary's end of the socket; `detect` tells whether a program is Node;
+//! `primary` is what cluster-lb and a Node program's own primary process say.
 
 pub mod channel;
 pub mod detect;
+pub mod primary;
 
 use serde_json::{json, Value};
 
@@ -82,6 +84,9 @@ pub enum FromWorker {
     OtherInternal(String),
     /// A user message: `process.send(value)`.
     User(Value),
+    /// A message of cluster-lb's own Node preload (`cmd` starts with `NODE_CLB`): a worker says
+    /// the program reads `cluster.isPrimary`, or the program's primary asks for something.
+    Clb(Value),
 }
 
 /// Why a line from the worker cannot be understood.
@@ -116,6 +121,7 @@ pub fn parse_line(line: &[u8]) -> Result<FromWorker, LineError> {
         "NODE_HANDLE" => Ok(FromWorker::Handle),
         "NODE_HANDLE_ACK" => Ok(FromWorker::HandleAck),
         "NODE_HANDLE_NACK" => Ok(FromWorker::HandleNack),
+        clb if clb.starts_with("NODE_CLB") => Ok(FromWorker::Clb(value)),
         other => Ok(FromWorker::OtherInternal(other.to_string())),
     }
 }
@@ -209,6 +215,9 @@ pub enum ToWorker {
     HandleNack,
     /// A user message: `process.on('message')` in the worker.
     User(Value),
+    /// To the program's primary process: what its workers did (`{"cmd":"NODE_CLB",...}`),
+    /// which cluster-lb's preload there turns into Node's own worker events.
+    Clb(Value),
 }
 
 impl ToWorker {
@@ -240,7 +249,7 @@ impl ToWorker {
             ToWorker::Ack { ack, seq } => json!({"cmd": "NODE_CLUSTER", "ack": ack, "seq": seq}),
             ToWorker::HandleAck => json!({"cmd": "NODE_HANDLE_ACK"}),
             ToWorker::HandleNack => json!({"cmd": "NODE_HANDLE_NACK"}),
-            ToWorker::User(value) => value.clone(),
+            ToWorker::User(value) | ToWorker::Clb(value) => value.clone(),
         };
         let mut line = value.to_string().into_bytes();
         line.push(b'\n');

@@ -84,6 +84,8 @@ pub struct WorkerCommand {
     path: CString,
     argv: Vec<CString>,
     base_env: Vec<CString>,
+    /// The directory it starts in (the primary's own when `None`).
+    cwd: Option<CString>,
 }
 
 /// What differs from one worker to the next.
@@ -94,8 +96,9 @@ pub struct WorkerSpec<'a> {
     pub socket_names: &'a [String],
     /// Extra variables (`CLUSTER_LB_WORKER_ID`, ...).
     pub env: &'a [(String, String)],
-    /// The worker's end of its channel to the primary, if it gets one.
-    pub channel: Option<Channel<'a>>,
+    /// The worker's ends of its channels to the primary (its channel, if it gets one; the
+    /// program's primary process also gets its fork requests' channel).
+    pub channels: &'a [Channel<'a>],
     /// Where the worker's stdout and stderr go (pipes the primary reads), or inherited.
     pub stdout: Option<BorrowedFd<'a>>,
     pub stderr: Option<BorrowedFd<'a>>,
@@ -105,8 +108,9 @@ pub struct WorkerSpec<'a> {
     pub filter: Option<&'a Filter>,
 }
 
-/// The worker's end of a channel to the primary: it goes right after the sockets, and
-/// `variable` names its fd number (CLUSTER_LB_IPC_FD, or Node's NODE_CHANNEL_FD).
+/// The worker's end of a channel to the primary: channels go right after the sockets, in
+/// order, and `variable` names each one's fd number (CLUSTER_LB_IPC_FD, or Node's
+/// NODE_CHANNEL_FD).
 pub struct Channel<'a> {
     pub fd: BorrowedFd<'a>,
     pub variable: &'static str,
@@ -147,6 +151,35 @@ impl WorkerCommand {
             path: CString::new(path.as_os_str().as_bytes()).map_err(|_| SpawnError::NulByte)?,
             argv,
             base_env,
+            cwd: None,
+        })
+    }
+
+    /// `command` with exactly the environment `env` (minus what describes another process's
+    /// sockets and channels), started in `cwd`: a worker as the program's own primary forks it.
+    pub fn with_env(
+        command: &[String],
+        env: &[(String, String)],
+        cwd: Option<&str>,
+    ) -> Result<WorkerCommand, SpawnError> {
+        let mut made = WorkerCommand::new(command)?;
+        made.base_env = env
+            .iter()
+            .filter(|(key, _)| !INHERITED_VARIABLES_TO_DROP.contains(&key.as_str()))
+            .filter_map(|(key, value)| env_entry(OsStr::new(key), OsStr::new(value)))
+            .collect();
+        made.cwd = cwd
+            .map(|dir| CString::new(dir).map_err(|_| SpawnError::NulByte))
+            .transpose()?;
+        Ok(made)
+    }
+
+    /// The value of `key` in the environment every worker starts from.
+    pub fn base_variable(&self, key: &str) -> Option<String> {
+        let prefix = format!("{key}=");
+        self.base_env.iter().find_map(|entry| {
+            let entry = entry.to_str().ok()?;
+            entry.strip_prefix(&prefix).map(str::to_string)
         })
     }
 
@@ -174,6 +207,15 @@ impl WorkerCommand {
                     .push(CString::new(format!("{key}={value}")).map_err(|_| SpawnError::NulByte)?);
             }
         }
+        // The spec's variables replace the same ones of the base environment.
+        envp_strings.retain(|entry| {
+            !spec.env.iter().any(|(key, _)| {
+                entry
+                    .as_bytes()
+                    .strip_prefix(key.as_bytes())
+                    .is_some_and(|rest| rest.first() == Some(&b'='))
+            })
+        });
         let mut set = |entry: String| {
             CString::new(entry)
                 .map(|entry| envp_strings.push(entry))
@@ -183,8 +225,8 @@ impl WorkerCommand {
             set(format!("{key}={value}"))?;
         }
         set(format!("LISTEN_FDS={}", spec.sockets.len()))?;
-        if let Some(channel) = &spec.channel {
-            let fd = LISTEN_FDS_START + spec.sockets.len() as RawFd;
+        for (i, channel) in spec.channels.iter().enumerate() {
+            let fd = LISTEN_FDS_START + (spec.sockets.len() + i) as RawFd;
             set(format!("{}={fd}", channel.variable))?;
         }
         set(format!("LISTEN_FDNAMES={}", spec.socket_names.join(":")))?;
@@ -197,7 +239,7 @@ impl WorkerCommand {
         argv.push(ptr::null());
 
         let mut source_fds: Vec<RawFd> = spec.sockets.iter().map(|s| s.as_raw_fd()).collect();
-        source_fds.extend(spec.channel.as_ref().map(|c| c.fd.as_raw_fd()));
+        source_fds.extend(spec.channels.iter().map(|c| c.fd.as_raw_fd()));
         let dev_null = fs::File::open("/dev/null").map_err(os("opening /dev/null"))?;
         let (exec_error_reader, exec_error_writer) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
@@ -225,6 +267,7 @@ impl WorkerCommand {
                     stdout: spec.stdout.map(|fd| fd.as_raw_fd()),
                     stderr: spec.stderr.map(|fd| fd.as_raw_fd()),
                     credentials: spec.credentials,
+                    cwd: self.cwd.as_ref().map(|dir| dir.as_ptr()),
                     exec_error: exec_error_writer.as_raw_fd(),
                     parent,
                     filter: spec.filter.map(Filter::program),
@@ -262,6 +305,8 @@ struct ChildSetup<'a> {
     stdout: Option<RawFd>,
     stderr: Option<RawFd>,
     credentials: Option<&'a Credentials>,
+    /// The directory to start in, entered as the worker's user.
+    cwd: Option<*const libc::c_char>,
     exec_error: RawFd,
     parent: libc::pid_t,
     filter: Option<&'a libc::sock_fprog>,
@@ -336,6 +381,11 @@ unsafe fn child_after_fork(setup: ChildSetup<'_>) -> ! {
         }
         if libc::getppid() != setup.parent {
             libc::_exit(0);
+        }
+        if let Some(dir) = setup.cwd {
+            if libc::chdir(dir) != 0 {
+                fail(exec_error);
+            }
         }
         // Move the sockets to 3, 4, ...: first above that range, so no target is still a source.
         let mut lifted = [0 as RawFd; 64];
@@ -561,7 +611,7 @@ mod tests {
                 sockets: &sockets,
                 socket_names: &names,
                 env: &env,
-                channel: None,
+                channels: &[],
                 stdout: None,
                 stderr: None,
                 credentials: None,
@@ -593,7 +643,7 @@ mod tests {
                 sockets: &[],
                 socket_names: &[],
                 env: &[],
-                channel: None,
+                channels: &[],
                 stdout: None,
                 stderr: None,
                 credentials: None,

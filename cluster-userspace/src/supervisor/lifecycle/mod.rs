@@ -10,9 +10,15 @@
 //! clock, so the model test drives it through random sequences of inputs and checks the
 //! invariant that matters most:
 //!
-//! > once no input arrives for the longest backoff plus the ready time, exactly the ids
-//! > `0..wanted` are served, one ready process each (unless the cluster stops); a worker that
-//! > keeps failing is reported by a crash-loop event while it is retried.
+//! > once no input arrives for the longest backoff plus the ready time, exactly the wanted ids
+//! > are served, one ready process each (unless the cluster stops), and the program's primary
+//! > process runs if it was asked for; a worker that keeps failing is reported by a crash-loop
+//! > event while it is retried.
+//!
+//! The wanted ids are a set: `--workers N` and `scale` make it the N lowest ids, and a Node
+//! program's own primary adds and removes ids as it forks and kills workers (`Want`, `Unwant`).
+//! With [`Restart::Program`] a failed worker's id leaves the set, as a Node primary's worker
+//! does: the program forks another if it wants one.
 //!
 //! How the invariant is kept: instead of remembering why each process is there, every handled
 //! input ends in [`Lifecycle::reconcile`], which compares what runs with what is wanted. A wanted
@@ -22,6 +28,7 @@
 
 #[cfg(test)]
 mod model;
+mod primary;
 #[cfg(test)]
 mod scenarios;
 mod snapshot;
@@ -29,7 +36,7 @@ mod snapshot;
 mod world;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     time::{Duration, Instant},
 };
 
@@ -38,6 +45,10 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use super::events::{Departure, Event, ExitStatus, Failure, KillReason, Readiness, ReloadError};
+use primary::PrimaryPhase;
+#[cfg(test)]
+use primary::SETTLE;
+pub use primary::{Claim, Count, ForkAnswer, Policy};
 pub use snapshot::{NotCalm, Snapshot};
 
 /// First restart delay after a failure; doubles per consecutive failure up to [`MAX_BACKOFF`].
@@ -62,6 +73,17 @@ pub struct Timing {
     /// How long any new worker may take to become ready before it is killed. When it is not
     /// longer than `ready_delay`, only workers that signal readiness can be ready in time.
     pub ready_timeout: Duration,
+}
+
+/// Who restarts a worker that failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Restart {
+    /// cluster-lb, with growing delays (the default).
+    #[default]
+    Cluster,
+    /// Nobody: its id is no longer wanted, as in Node's cluster, whose primary forks another
+    /// if it wants one (`--restart program`).
+    Program,
 }
 
 /// A worker's state, as `status` shows it.
@@ -177,6 +199,8 @@ pub struct Process {
     /// The reload generation it was started in.
     generation: u64,
     phase: Phase,
+    /// Whether the program's primary has a `Worker` object for it.
+    claim: Claim,
 }
 
 impl Process {
@@ -203,6 +227,10 @@ struct IdRecord {
     failures: u32,
     restarts: u32,
     started_before: bool,
+    /// Its spawn answers a fork of the program's primary.
+    answer_fork: bool,
+    /// What it runs (see [`Lifecycle::variant`]).
+    variant: u32,
 }
 
 /// A rolling reload under way.
@@ -282,8 +310,36 @@ pub enum Input {
     Scale {
         workers: u32,
     },
+    /// The program's primary let worker `id` go (killed or disconnected it): it is no longer
+    /// wanted (unless `-w` fixes the count), and its processes leave.
+    Unwant {
+        id: u32,
+        why: Departure,
+    },
     Stop {
         fast: bool,
+    },
+    /// The program has a primary branch: run its primary process (once; it is restarted when
+    /// it fails). `detected`: the shell guessed so from a worker (see `primary`).
+    StartPrimary {
+        detected: bool,
+    },
+    /// The program's primary called `cluster.fork()` for a worker of `variant` (see
+    /// [`Lifecycle::variant`]): answered by a `ForkAnswer`.
+    Fork {
+        variant: u32,
+    },
+    /// The program's primary takes the worker it was offered: answered by a `ForkAnswer`.
+    Adopt {
+        pid: Pid,
+    },
+    /// A `SpawnPrimary` succeeded.
+    PrimarySpawned {
+        pid: Pid,
+    },
+    /// A `SpawnPrimary` failed before the program ran.
+    PrimarySpawnFailed {
+        error: String,
     },
 }
 
@@ -294,6 +350,9 @@ pub enum Action {
     Spawn {
         id: u32,
     },
+    /// Start the program's primary process and answer with `PrimarySpawned` or
+    /// `PrimarySpawnFailed`.
+    SpawnPrimary,
     /// Put the process's slot in the active set.
     Activate {
         pid: Pid,
@@ -306,17 +365,31 @@ pub enum Action {
     AskToStop {
         pid: Pid,
     },
-    /// SIGTERM it.
+    /// SIGTERM it (a worker, or the primary process).
     Terminate {
         pid: Pid,
     },
-    /// SIGKILL it (and its process group).
+    /// SIGKILL it (and its process group; a worker, or the primary process).
     Kill {
         pid: Pid,
     },
-    /// It was reaped: free its slot and channels.
+    /// It was reaped: free its slot and channels (a worker's, or the primary process's).
     Release {
         pid: Pid,
+    },
+    /// Tell the program's primary about a worker it did not fork (it sees a `fork` event if it
+    /// takes it with `Adopt`).
+    Offer {
+        id: u32,
+        pid: Pid,
+    },
+    /// Answer the program's primary's fork.
+    ForkAnswer(ForkAnswer),
+    /// Tell the program's primary that its worker `id` (process `pid`) exited.
+    ExitToPrimary {
+        id: u32,
+        pid: Pid,
+        status: ExitStatus,
     },
     /// Tell the primary's own supervisor.
     Notify(Announced),
@@ -329,7 +402,12 @@ pub enum Action {
 #[derive(Clone, Debug)]
 pub struct Lifecycle {
     timing: Timing,
-    wanted: u32,
+    /// The worker ids that should be served.
+    wanted: BTreeSet<u32>,
+    /// Ids, restarts and who decides the count.
+    policy: Policy,
+    /// The program's primary process (Node programs with a primary branch).
+    primary: PrimaryPhase,
     processes: BTreeMap<Pid, Process>,
     ids: BTreeMap<u32, IdRecord>,
     intent: Intent,
@@ -342,11 +420,15 @@ pub struct Lifecycle {
 }
 
 impl Lifecycle {
-    /// A cluster of `wanted` workers; the first input (a `Tick`) starts them.
-    pub fn new(wanted: u32, timing: Timing, now: Instant) -> Lifecycle {
+    /// A cluster of `wanted` workers (0 while a program's primary has yet to fork any), as
+    /// `policy` says.
+    pub fn with(wanted: u32, policy: Policy, timing: Timing, now: Instant) -> Lifecycle {
+        let first = policy.first_id;
         Lifecycle {
             timing,
-            wanted: wanted.clamp(1, MAX_WORKERS),
+            wanted: (first..first + wanted.min(MAX_WORKERS)).collect(),
+            policy,
+            primary: PrimaryPhase::Off,
             processes: BTreeMap::new(),
             ids: BTreeMap::new(),
             intent: Intent::Serve,
@@ -377,7 +459,13 @@ impl Lifecycle {
             Input::Tick => {}
             Input::Reload => self.begin_reload(),
             Input::Scale { workers } => self.scale(workers),
+            Input::Unwant { id, why } => self.unwant(id, why),
             Input::Stop { fast } => self.stop(fast),
+            Input::StartPrimary { detected } => self.start_primary(detected),
+            Input::Fork { variant } => self.fork(variant),
+            Input::Adopt { pid } => self.adopt(pid),
+            Input::PrimarySpawned { pid } => self.primary_spawned(pid),
+            Input::PrimarySpawnFailed { error } => self.primary_spawn_failed(error),
         }
         self.reconcile();
         std::mem::take(&mut self.out)
@@ -390,7 +478,10 @@ impl Lifecycle {
             Plan::RestartAt(at) => Some(at),
             _ => None,
         });
-        processes.chain(restarts).min()
+        processes
+            .chain(restarts)
+            .chain(self.primary.deadline())
+            .min()
     }
 
     pub fn processes(&self) -> impl Iterator<Item = &Process> {
@@ -401,8 +492,19 @@ impl Lifecycle {
         self.processes.get(&pid)
     }
 
+    /// How many workers are wanted.
     pub fn wanted(&self) -> u32 {
-        self.wanted
+        self.wanted.len() as u32
+    }
+
+    /// Which worker ids are wanted.
+    pub fn wanted_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.wanted.iter().copied()
+    }
+
+    /// The lowest worker id.
+    pub fn first_id(&self) -> u32 {
+        self.policy.first_id
     }
 
     pub fn reloads(&self) -> u64 {
@@ -417,9 +519,9 @@ impl Lifecycle {
         matches!(self.intent, Intent::Stop)
     }
 
-    /// Stopping, and every process has been reaped.
+    /// Stopping, and every process (the primary's too) has been reaped.
     pub fn is_finished(&self) -> bool {
-        self.is_stopping() && self.processes.is_empty()
+        self.is_stopping() && self.processes.is_empty() && self.primary == PrimaryPhase::Off
     }
 
     /// Restarts of worker `id` so far (not counting reload replacements).
@@ -443,8 +545,10 @@ impl Lifecycle {
                 started: self.now,
                 generation: self.generation,
                 phase,
+                claim: Claim::No,
             },
         );
+        self.fork_spawned(id, Ok(pid));
         self.emit(Event::Fork {
             id,
             pid: pid.as_raw(),
@@ -457,6 +561,7 @@ impl Lifecycle {
 
     fn spawn_failed(&mut self, id: u32, error: String) {
         self.ids.entry(id).or_default().plan = Plan::Idle;
+        self.fork_spawned(id, Err(&error));
         self.emit(Event::StartFailed {
             id,
             error: error.clone(),
@@ -539,6 +644,10 @@ impl Lifecycle {
     }
 
     fn exited(&mut self, pid: Pid, status: ExitStatus) {
+        if self.primary_pid() == Some(pid) {
+            self.primary_exited(pid, status);
+            return;
+        }
         let Some(process) = self.processes.get(&pid) else {
             return;
         };
@@ -547,6 +656,13 @@ impl Lifecycle {
         let Some(process) = self.processes.remove(&pid) else {
             return;
         };
+        if process.claim == Claim::Claimed {
+            self.out.push(Action::ExitToPrimary {
+                id: process.id,
+                pid,
+                status,
+            });
+        }
         self.out.push(Action::Release { pid });
         self.emit(Event::Exit {
             id: process.id,
@@ -595,24 +711,64 @@ impl Lifecycle {
         }
     }
 
+    /// N workers: the lowest free ids are added, the highest wanted ones leave.
     fn scale(&mut self, workers: u32) {
         let workers = workers.clamp(1, MAX_WORKERS);
-        if self.is_stopping() || workers == self.wanted {
+        let from = self.wanted();
+        if self.is_stopping() || workers == from {
             return;
         }
-        self.emit(Event::Scaling {
-            from: self.wanted,
-            to: workers,
-        });
-        self.wanted = workers;
-        // Records of ids no longer wanted go: scaling up again starts them afresh.
-        self.ids.split_off(&workers);
+        self.emit(Event::Scaling { from, to: workers });
+        let mut next = self.policy.first_id;
+        while self.wanted() < workers {
+            if self.wanted.insert(next) {
+                self.ids.remove(&next);
+            }
+            next += 1;
+        }
+        while self.wanted() > workers {
+            if let Some(highest) = self.wanted.pop_last() {
+                // Its record goes: wanting it again starts it afresh.
+                self.ids.remove(&highest);
+            }
+        }
+    }
+
+    fn want(&mut self, id: u32) {
+        if self.is_stopping() || self.wanted.contains(&id) || self.wanted() >= MAX_WORKERS {
+            return;
+        }
+        // No `scaling` event: a program's fork is how its cluster starts, not a change.
+        self.wanted.insert(id);
+        self.ids.remove(&id);
+    }
+
+    fn unwant(&mut self, id: u32, why: Departure) {
+        if self.policy.count == Count::Fixed && why == Departure::LetGo {
+            // `-w` decides: the process goes (the program signals or disconnects it), and its
+            // id is served again, as after a failure.
+            return;
+        }
+        if self.is_stopping() || !self.wanted.remove(&id) {
+            return;
+        }
+        self.ids.remove(&id);
+        let serving: Vec<Pid> = self
+            .processes
+            .values()
+            .filter(|p| p.id == id && p.phase.is_candidate())
+            .map(|p| p.pid)
+            .collect();
+        for pid in serving {
+            self.depart(pid, why.clone());
+        }
     }
 
     fn stop(&mut self, fast: bool) {
         if self.is_stopping() {
             // A second request does not wait any longer.
             self.kill_all(KillReason::StopNow);
+            self.stop_primary(true);
             return;
         }
         let previous = std::mem::replace(&mut self.intent, Intent::Stop);
@@ -629,6 +785,7 @@ impl Lifecycle {
             workers: self.processes.len() as u32,
             grace: (!fast).then_some(self.timing.grace),
         });
+        self.stop_primary(fast);
         if fast {
             self.kill_all(KillReason::StopNow);
             return;
@@ -655,17 +812,22 @@ impl Lifecycle {
         let surplus: Vec<Pid> = self
             .processes
             .values()
-            .filter(|p| p.id >= self.wanted && p.phase.is_candidate())
+            .filter(|p| !self.wanted.contains(&p.id) && p.phase.is_candidate())
             .map(|p| p.pid)
             .collect();
         for pid in surplus {
             self.depart(pid, Departure::ScaledDown);
         }
-        for id in 0..self.wanted {
+        let wanted: Vec<u32> = self.wanted_ids().collect();
+        for id in wanted {
             self.keep_served(id);
         }
         self.advance_reload();
-        if self.announced == Announced::Nothing && self.ready_ids() >= self.wanted {
+        self.offer();
+        if self.announced == Announced::Nothing
+            && !self.wanted.is_empty()
+            && self.ready_ids() >= self.wanted()
+        {
             self.announce(Announced::Ready);
         }
     }
@@ -710,7 +872,7 @@ impl Lifecycle {
             return;
         };
         let (generation, replacing) = (reload.generation, reload.replacing);
-        if let Some(id) = replacing.filter(|id| *id < self.wanted) {
+        if let Some(id) = replacing.filter(|id| self.wanted.contains(id)) {
             if self.ids.get(&id).is_some_and(|r| r.plan == Plan::Spawning) {
                 return;
             }
@@ -738,7 +900,7 @@ impl Lifecycle {
                 None => {} // gone (asked to leave); its id is served afresh by the rules above
             }
         }
-        let next = (0..self.wanted).find(|&id| {
+        let next = self.wanted.iter().copied().find(|&id| {
             let idle = self.ids.get(&id).is_none_or(|r| r.plan == Plan::Idle);
             let candidates = || {
                 self.processes
@@ -758,7 +920,7 @@ impl Lifecycle {
             None => {
                 let outcome = match reload.replaced {
                     0 => Err(ReloadError::NothingRunning {
-                        wanted: self.wanted,
+                        wanted: self.wanted(),
                     }),
                     replaced => Ok(replaced),
                 };
@@ -783,6 +945,7 @@ impl Lifecycle {
 
     /// Ready by delay, not ready in time, or grace over.
     fn fire_timers(&mut self) {
+        self.fire_primary_timer();
         let now = self.now;
         let due: Vec<(Pid, Phase)> = self
             .processes
@@ -837,7 +1000,13 @@ impl Lifecycle {
     /// A failure of worker `id` (a process exited or left unasked, or never got going):
     /// count it, report a crash loop, and restart after the backoff if nothing serves the id.
     fn failed(&mut self, id: u32, ready_for: Duration, last: Failure) {
-        if self.is_stopping() || id >= self.wanted {
+        if self.is_stopping() || !self.wanted.contains(&id) {
+            return;
+        }
+        if self.policy.restart == Restart::Program {
+            // The program's primary decides: Node's cluster restarts nothing by itself.
+            self.wanted.remove(&id);
+            self.ids.remove(&id);
             return;
         }
         let served = self.has_candidate(id);
@@ -945,7 +1114,7 @@ impl Lifecycle {
         let mut ids: Vec<u32> = self
             .processes
             .values()
-            .filter(|p| p.phase.is_ready() && p.id < self.wanted)
+            .filter(|p| p.phase.is_ready() && self.wanted.contains(&p.id))
             .map(|p| p.id)
             .collect();
         ids.sort_unstable();

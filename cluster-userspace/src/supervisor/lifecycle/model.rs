@@ -11,7 +11,7 @@ use proptest::prelude::*;
 
 use super::{
     world::{timing, World},
-    Input, Lifecycle, Snapshot, Timing,
+    Count, Input, Lifecycle, Policy, Restart, Snapshot, Timing,
 };
 use crate::supervisor::events::{Departure, ExitStatus, Readiness};
 
@@ -48,6 +48,26 @@ enum Op {
     FailSpawns(u32),
     /// An exit of a pid that is no worker (an orphan reaped by the subreaper).
     Stranger,
+    /// The shell learns the program has a primary branch.
+    StartPrimary {
+        detected: bool,
+    },
+    /// The program's primary forks (a worker of variant 0, 1 or 2).
+    Fork {
+        variant: u32,
+    },
+    /// It takes a worker it was offered (or one gone since).
+    Adopt {
+        pick: usize,
+    },
+    /// It lets a worker go (`worker.kill()`, `disconnect()`).
+    LetGo {
+        pick: usize,
+    },
+    /// It exits (0: the program is done).
+    PrimaryExit {
+        code: i32,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -64,7 +84,25 @@ fn op() -> impl Strategy<Value = Op> {
         6 => prop_oneof![0..200u64, 200..5_000u64, 5_000..40_000u64].prop_map(Op::Advance),
         1 => (1..8u32).prop_map(Op::FailSpawns),
         1 => Just(Op::Stranger),
+        1 => any::<bool>().prop_map(|detected| Op::StartPrimary { detected }),
+        3 => (0..3u32).prop_map(|variant| Op::Fork { variant }),
+        2 => any::<usize>().prop_map(|pick| Op::Adopt { pick }),
+        1 => any::<usize>().prop_map(|pick| Op::LetGo { pick }),
+        1 => (0..3i32).prop_map(|code| Op::PrimaryExit { code }),
     ]
+}
+
+fn policies() -> impl Strategy<Value = Policy> {
+    (
+        0..2u32,
+        prop_oneof![Just(Restart::Cluster), Just(Restart::Program)],
+        prop_oneof![Just(Count::Fixed), Just(Count::Program)],
+    )
+        .prop_map(|(first_id, restart, count)| Policy {
+            first_id,
+            restart,
+            count,
+        })
 }
 
 fn timings() -> impl Strategy<Value = Timing> {
@@ -135,6 +173,25 @@ fn play(world: &mut World, op: Op) {
             pid: Pid::from_raw(1),
             status: ExitStatus::Code(0),
         }),
+        Op::StartPrimary { detected } => world.apply(Input::StartPrimary { detected }),
+        Op::Fork { variant } => world.apply(Input::Fork { variant }),
+        Op::Adopt { pick } => {
+            if !world.offers.is_empty() {
+                let pid = world.offers.remove(pick % world.offers.len());
+                world.apply(Input::Adopt { pid });
+            }
+        }
+        Op::LetGo { pick } => {
+            if let Some(pid) = picked(world, pick) {
+                if let Some(id) = world.lifecycle.process(pid).map(|p| p.id) {
+                    world.apply(Input::Unwant {
+                        id,
+                        why: Departure::LetGo,
+                    });
+                }
+            }
+        }
+        Op::PrimaryExit { code } => world.primary_exit(ExitStatus::Code(code)),
     }
 }
 
@@ -146,11 +203,12 @@ proptest! {
     #[test]
     fn after_any_events_and_a_calm_period_exactly_the_wanted_workers_are_ready(
         workers in 1..6u32,
+        policy in policies(),
         timing in timings(),
         signals in any::<bool>(),
         ops in proptest::collection::vec(op(), 0..80),
     ) {
-        let mut world = World::with_signals(workers, timing, signals);
+        let mut world = World::with_policy(workers, policy, timing, signals);
         for op in ops {
             play(&mut world, op);
         }
@@ -167,12 +225,13 @@ proptest! {
     #[test]
     fn a_machine_resumed_from_a_snapshot_behaves_as_the_original(
         workers in 1..6u32,
+        policy in policies(),
         timing in timings(),
         signals in any::<bool>(),
         before in proptest::collection::vec(op(), 0..40),
         after in proptest::collection::vec(op(), 0..40),
     ) {
-        let mut world = World::with_signals(workers, timing, signals);
+        let mut world = World::with_policy(workers, policy, timing, signals);
         for op in before {
             play(&mut world, op);
         }
@@ -190,7 +249,7 @@ proptest! {
         let read: Snapshot = serde_json::from_str(&json).unwrap();
         prop_assert_eq!(&read, &snapshot);
         let mut resumed = world.clone();
-        resumed.lifecycle = Lifecycle::resume(&read, timing, world.now);
+        resumed.lifecycle = Lifecycle::resume(&read, policy, timing, world.now);
         prop_assert_eq!(resumed.lifecycle.snapshot(world.now), Ok(snapshot));
         prop_assert_eq!(resumed.lifecycle.next_deadline(), world.lifecycle.next_deadline());
         for op in after {

@@ -397,3 +397,133 @@ fn a_reload_with_no_worker_running_reports_that_it_replaced_nothing() {
     world.settle();
     world.assert_converged();
 }
+
+// ---- the program's primary ----------------------------------------------------------------
+
+fn node_primary(count: super::Count, workers: u32) -> World {
+    let policy = super::Policy {
+        first_id: 1,
+        restart: super::Restart::Cluster,
+        count,
+    };
+    let mut world = World::with_policy(workers, policy, timing(30_000, 1_000, 30_000), true);
+    world.apply(Input::StartPrimary { detected: false });
+    world
+}
+
+fn bound(world: &World) -> Vec<u32> {
+    world
+        .answers
+        .iter()
+        .filter_map(|a| match a {
+            super::ForkAnswer::Bound { id, .. } => Some(*id),
+            super::ForkAnswer::Refused(_) => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_programs_forks_start_its_workers_numbered_from_one() {
+    let mut world = node_primary(super::Count::Program, 0);
+    assert!(world.alive.is_empty(), "a worker before the program forked");
+    for _ in 0..3 {
+        world.apply(Input::Fork { variant: 0 });
+    }
+    assert_eq!(bound(&world), [1, 2, 3]);
+    world.settle();
+    world.assert_converged();
+}
+
+#[test]
+fn a_fork_from_an_exit_handler_takes_the_replacement_and_the_count_stays() {
+    let mut world = node_primary(super::Count::Program, 0);
+    for _ in 0..2 {
+        world.apply(Input::Fork { variant: 0 });
+    }
+    world.settle();
+    for _ in 0..10 {
+        let pid = world.pid(1, WorkerState::Ready);
+        world.exit(pid, KILLED);
+        // The program's exit handler forks at once, before cluster-lb's restart is due.
+        world.apply(Input::Fork { variant: 0 });
+        world.settle();
+    }
+    assert_eq!(world.lifecycle.wanted_ids().collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(world.alive.len(), 2);
+    world.assert_converged();
+}
+
+#[test]
+fn workers_started_before_the_primary_are_taken_by_its_forks_and_the_rest_leave() {
+    // Three workers ran before a worker's read of cluster.isPrimary started the primary,
+    // which forks two: those take two of them; the third leaves once the primary settled.
+    let policy = super::Policy {
+        first_id: 1,
+        restart: super::Restart::Cluster,
+        count: super::Count::Program,
+    };
+    let mut world = World::with_policy(3, policy, timing(30_000, 1_000, 30_000), true);
+    world.settle();
+    world.apply(Input::StartPrimary { detected: true });
+    world.apply(Input::Fork { variant: 0 });
+    world.apply(Input::Fork { variant: 0 });
+    assert_eq!(bound(&world), [1, 2]);
+    assert_eq!(world.alive.len(), 3, "a fork started a process of its own");
+    world.advance(super::SETTLE);
+    world.settle();
+    assert_eq!(world.lifecycle.wanted_ids().collect::<Vec<_>>(), [1, 2]);
+    world.assert_converged();
+}
+
+#[test]
+fn with_w_the_count_is_cluster_lbs_and_a_fork_beyond_it_is_refused() {
+    let mut world = node_primary(super::Count::Fixed, 2);
+    world.settle();
+    world.apply(Input::Fork { variant: 0 });
+    world.apply(Input::Fork { variant: 0 });
+    world.apply(Input::Fork { variant: 0 });
+    assert_eq!(bound(&world), [1, 2]);
+    assert!(
+        matches!(world.answers.last(), Some(super::ForkAnswer::Refused(why)) if why.contains("-w 2")),
+        "{:?}",
+        world.answers
+    );
+    // A worker the program lets go is served again: -w decides.
+    world.apply(Input::Unwant {
+        id: 1,
+        why: Departure::LetGo,
+    });
+    let pid = world.pid(1, WorkerState::Ready);
+    world.exit(pid, KILLED);
+    world.settle();
+    world.assert_converged();
+}
+
+#[test]
+fn the_primary_done_with_status_0_stops_the_cluster_and_one_that_crashes_comes_back() {
+    let mut world = node_primary(super::Count::Program, 0);
+    world.apply(Input::Fork { variant: 0 });
+    world.settle();
+    world.primary_exit(ExitStatus::Code(1));
+    assert!(world.primary.is_none());
+    assert_eq!(world.alive.len(), 1, "the workers keep serving");
+    world.settle();
+    assert!(world.primary.is_some(), "not restarted");
+    world.primary_exit(ExitStatus::Code(0));
+    world.settle();
+    assert!(world.lifecycle.is_finished());
+    world.assert_converged();
+}
+
+#[test]
+fn a_primary_started_on_a_guess_that_forks_nothing_is_not_started_again() {
+    let mut world = World::new(2, timing(30_000, 1_000, 30_000));
+    world.settle();
+    world.apply(Input::StartPrimary { detected: true });
+    world.primary_exit(ExitStatus::Code(1));
+    world.settle();
+    assert!(world.primary.is_none());
+    assert!(!world.lifecycle.has_primary());
+    assert_eq!(world.events_named("primary-unused").len(), 1);
+    world.assert_converged();
+}

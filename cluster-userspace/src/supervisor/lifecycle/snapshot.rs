@@ -10,17 +10,51 @@ use std::time::{Duration, Instant};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use super::{Announced, IdRecord, Intent, Lifecycle, Phase, Plan, Process, Timing};
-use cluster_common::MAX_WORKERS;
+use super::{
+    Announced, Claim, IdRecord, Intent, Lifecycle, Phase, Plan, Policy, PrimaryPhase, Process,
+    Timing,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
-    pub wanted: u32,
+    pub wanted: Wanted,
+    /// The program's primary process.
+    #[serde(default)]
+    pub primary: PrimarySnapshot,
     pub generation: u64,
     pub reloads: u64,
     pub announced: Announced,
     pub processes: Vec<ProcessSnapshot>,
     pub ids: Vec<IdSnapshot>,
+}
+
+/// The wanted worker ids; a count (ids from the first) as an older binary wrote it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Wanted {
+    Ids(Vec<u32>),
+    Count(u32),
+}
+
+/// The program's primary process, with its timers as delays.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "kebab-case")]
+pub enum PrimarySnapshot {
+    #[default]
+    Off,
+    Running {
+        pid: i32,
+        age_ms: u64,
+        failures: u32,
+        detected: bool,
+        forked: bool,
+        settled: bool,
+    },
+    RestartAt {
+        in_ms: u64,
+        failures: u32,
+        detected: bool,
+    },
 }
 
 /// A worker process.
@@ -32,6 +66,9 @@ pub struct ProcessSnapshot {
     /// How long ago it was started.
     pub age_ms: u64,
     pub phase: PhaseSnapshot,
+    /// Whether the program's primary has a `Worker` for it.
+    #[serde(default)]
+    pub claim: Claim,
 }
 
 /// A [`Phase`] with its timers as delays from the snapshot's time (ages for the past).
@@ -117,6 +154,9 @@ pub struct IdSnapshot {
     pub started_before: bool,
     /// A restart planned after a backoff, this far ahead.
     pub restart_in_ms: Option<u64>,
+    /// What it runs (0: the command line's program).
+    #[serde(default)]
+    pub variant: u32,
 }
 
 /// Why the lifecycle cannot be handed over now.
@@ -129,6 +169,8 @@ pub enum NotCalm {
     /// Never seen between two inputs (a spawn is answered within the same step).
     #[error("worker {id} is being started; try again in a moment")]
     Spawning { id: u32 },
+    #[error("the program's primary is being started or stopped; try again in a moment")]
+    PrimaryBusy,
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -156,6 +198,7 @@ impl Lifecycle {
                 generation: p.generation,
                 age_ms: millis(now.saturating_duration_since(p.started)),
                 phase: PhaseSnapshot::of(p.phase, now),
+                claim: p.claim,
             })
             .collect();
         let ids = self
@@ -173,11 +216,43 @@ impl Lifecycle {
                     restarts: record.restarts,
                     started_before: record.started_before,
                     restart_in_ms,
+                    variant: record.variant,
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let primary = match self.primary {
+            PrimaryPhase::Off => PrimarySnapshot::Off,
+            PrimaryPhase::Running {
+                pid,
+                since,
+                failures,
+                detected,
+                forked,
+                settled,
+            } => PrimarySnapshot::Running {
+                pid: pid.as_raw(),
+                age_ms: millis(now.saturating_duration_since(since)),
+                failures,
+                detected,
+                forked,
+                settled,
+            },
+            PrimaryPhase::RestartAt {
+                at,
+                failures,
+                detected,
+            } => PrimarySnapshot::RestartAt {
+                in_ms: millis(at.saturating_duration_since(now)),
+                failures,
+                detected,
+            },
+            PrimaryPhase::Spawning { .. }
+            | PrimaryPhase::Stopping { .. }
+            | PrimaryPhase::Killed { .. } => return Err(NotCalm::PrimaryBusy),
+        };
         Ok(Snapshot {
-            wanted: self.wanted,
+            wanted: Wanted::Ids(self.wanted_ids().collect()),
+            primary,
             generation: self.generation,
             reloads: self.reloads,
             announced: self.announced,
@@ -186,10 +261,46 @@ impl Lifecycle {
         })
     }
 
-    /// The machine a snapshot describes, at `now`. Its first input (a `Tick`) asks for nothing
-    /// the snapshot's primary would not have asked for.
-    pub fn resume(snapshot: &Snapshot, timing: Timing, now: Instant) -> Lifecycle {
-        let mut lifecycle = Lifecycle::new(snapshot.wanted.clamp(1, MAX_WORKERS), timing, now);
+    /// The machine a snapshot describes, at `now`, under `policy` (from the command line). Its
+    /// first input (a `Tick`) asks for nothing the snapshot's primary would not have asked for.
+    pub fn resume(snapshot: &Snapshot, policy: Policy, timing: Timing, now: Instant) -> Lifecycle {
+        let mut lifecycle = Lifecycle::with(0, policy, timing, now);
+        lifecycle.wanted = match &snapshot.wanted {
+            Wanted::Ids(ids) => ids.iter().copied().collect(),
+            // An older binary counted every cluster's ids from 0.
+            Wanted::Count(count) => (0..*count).collect(),
+        };
+        if let Some(first) = lifecycle.wanted.first() {
+            // Ids already running keep their numbering.
+            lifecycle.policy.first_id = lifecycle.policy.first_id.min(*first);
+        }
+        lifecycle.primary = match snapshot.primary {
+            PrimarySnapshot::Off => PrimaryPhase::Off,
+            PrimarySnapshot::Running {
+                pid,
+                age_ms,
+                failures,
+                detected,
+                forked,
+                settled,
+            } => PrimaryPhase::Running {
+                pid: Pid::from_raw(pid),
+                since: before(now, age_ms),
+                failures,
+                detected,
+                forked,
+                settled,
+            },
+            PrimarySnapshot::RestartAt {
+                in_ms,
+                failures,
+                detected,
+            } => PrimaryPhase::RestartAt {
+                at: now + Duration::from_millis(in_ms),
+                failures,
+                detected,
+            },
+        };
         lifecycle.generation = snapshot.generation;
         lifecycle.reloads = snapshot.reloads;
         lifecycle.announced = snapshot.announced;
@@ -203,6 +314,7 @@ impl Lifecycle {
                     started: before(now, p.age_ms),
                     generation: p.generation,
                     phase: p.phase.phase(now),
+                    claim: p.claim,
                 },
             );
         }
@@ -216,6 +328,8 @@ impl Lifecycle {
                     failures: id.failures,
                     restarts: id.restarts,
                     started_before: id.started_before,
+                    answer_fork: false,
+                    variant: id.variant,
                 },
             );
         }

@@ -9,7 +9,9 @@ use std::{
 
 use nix::unistd::Pid;
 
-use super::{Action, Announced, Input, Lifecycle, ReloadError, Timing, WorkerState};
+use super::{
+    Action, Announced, ForkAnswer, Input, Lifecycle, Policy, ReloadError, Timing, WorkerState,
+};
 use crate::supervisor::events::{Event, ExitStatus, Readiness};
 
 /// A process of the simulated world.
@@ -35,6 +37,12 @@ pub struct World {
     pub notified: Vec<Announced>,
     pub events: Vec<Event>,
     pub reload_replies: Vec<Result<u32, ReloadError>>,
+    /// The program's primary process, when one exists.
+    pub primary: Option<(Pid, Alive)>,
+    /// Workers offered to the primary, not yet taken.
+    pub offers: Vec<Pid>,
+    /// Every fork answer.
+    pub answers: Vec<ForkAnswer>,
     /// Every input given, for the failure message of a property test.
     pub history: Vec<Input>,
 }
@@ -55,9 +63,14 @@ impl World {
 
     /// As `new`, the workers signalling readiness (or not) as `signals` says.
     pub fn with_signals(wanted: u32, timing: Timing, signals: bool) -> World {
+        World::with_policy(wanted, Policy::default(), timing, signals)
+    }
+
+    /// As `with_signals`, under `policy`.
+    pub fn with_policy(wanted: u32, policy: Policy, timing: Timing, signals: bool) -> World {
         let now = Instant::now();
         let mut world = World {
-            lifecycle: Lifecycle::new(wanted, timing, now),
+            lifecycle: Lifecycle::with(wanted, policy, timing, now),
             now,
             next_pid: 100,
             fail_spawns: 0,
@@ -67,6 +80,9 @@ impl World {
             notified: Vec::new(),
             events: Vec::new(),
             reload_replies: Vec::new(),
+            primary: None,
+            offers: Vec::new(),
+            answers: Vec::new(),
             history: Vec::new(),
         };
         world.apply(Input::Tick);
@@ -112,11 +128,52 @@ impl World {
                 Action::Deactivate { pid } => {
                     assert!(self.active.remove(&pid), "deactivated inactive {pid}");
                 }
+                Action::SpawnPrimary => {
+                    assert!(
+                        self.primary.is_none(),
+                        "a second primary: {:?}",
+                        self.history
+                    );
+                    let reply = if self.fail_spawns > 0 {
+                        self.fail_spawns -= 1;
+                        Input::PrimarySpawnFailed {
+                            error: "injected failure".into(),
+                        }
+                    } else {
+                        let pid = Pid::from_raw(self.next_pid);
+                        self.next_pid += 1;
+                        self.primary = Some((pid, Alive::default()));
+                        Input::PrimarySpawned { pid }
+                    };
+                    self.history.push(reply.clone());
+                    queue.extend(self.lifecycle.handle(reply, self.now));
+                }
+                Action::Offer { pid, .. } => {
+                    assert!(self.primary.is_some(), "an offer with no primary");
+                    assert!(self.alive.contains_key(&pid), "offered a dead {pid}");
+                    self.offers.push(pid);
+                }
+                Action::ForkAnswer(answer) => {
+                    if let ForkAnswer::Bound { pid, .. } = &answer {
+                        assert!(self.alive.contains_key(pid), "a fork bound to a dead {pid}");
+                    }
+                    self.answers.push(answer);
+                }
+                Action::ExitToPrimary { pid, .. } => {
+                    assert!(
+                        !self.alive.contains_key(&pid),
+                        "told the exit of a live {pid}"
+                    );
+                }
                 Action::AskToStop { pid } => self.process(pid).asked_to_stop = true,
                 Action::Terminate { pid } => self.process(pid).terminated = true,
                 Action::Kill { pid } => self.process(pid).killed = true,
                 Action::Release { pid } => {
                     assert!(!self.alive.contains_key(&pid), "released live {pid}");
+                    assert!(
+                        self.primary.is_none_or(|(p, _)| p != pid),
+                        "released the live primary"
+                    );
                     self.active.remove(&pid);
                 }
                 Action::Notify(announced) => self.notified.push(announced),
@@ -135,15 +192,27 @@ impl World {
     }
 
     fn process(&mut self, pid: Pid) -> &mut Alive {
-        self.alive
-            .get_mut(&pid)
-            .unwrap_or_else(|| panic!("an action for {pid}, which does not exist"))
+        match &mut self.primary {
+            Some((primary, alive)) if *primary == pid => alive,
+            _ => self
+                .alive
+                .get_mut(&pid)
+                .unwrap_or_else(|| panic!("an action for {pid}, which does not exist")),
+        }
     }
 
     /// The process ends; the machine hears of it.
     pub fn exit(&mut self, pid: Pid, status: ExitStatus) {
         assert!(self.alive.remove(&pid).is_some(), "{pid} is not alive");
         self.apply(Input::Exited { pid, status });
+    }
+
+    /// The primary process ends; the machine hears of it.
+    pub fn primary_exit(&mut self, status: ExitStatus) {
+        if let Some((pid, _)) = self.primary.take() {
+            self.offers.clear();
+            self.apply(Input::Exited { pid, status });
+        }
     }
 
     pub fn advance(&mut self, by: Duration) {
@@ -197,6 +266,22 @@ impl World {
             for (pid, status) in &going {
                 self.exit(*pid, *status);
             }
+            let primary_goes = self
+                .primary
+                .as_ref()
+                .is_some_and(|(_, p)| p.terminated || p.killed);
+            if primary_goes {
+                self.primary_exit(ExitStatus::Signal(nix::sys::signal::Signal::SIGTERM));
+                continue;
+            }
+            // The primary takes every worker it is offered.
+            let offers = std::mem::take(&mut self.offers);
+            for pid in &offers {
+                self.apply(Input::Adopt { pid: *pid });
+            }
+            if !offers.is_empty() {
+                continue;
+            }
             let starting: Vec<Pid> = self
                 .lifecycle
                 .processes()
@@ -235,8 +320,20 @@ impl World {
         }
         let mut ids: Vec<u32> = lifecycle.processes().map(|p| p.id).collect();
         ids.sort_unstable();
-        let wanted: Vec<u32> = (0..lifecycle.wanted()).collect();
+        let wanted: Vec<u32> = lifecycle.wanted_ids().collect();
         assert_eq!(ids, wanted, "processes by id; history: {:?}", self.history);
+        if lifecycle.has_primary() {
+            assert!(
+                lifecycle.primary_pid().is_some() && self.primary.is_some(),
+                "the primary does not run; history: {:?}",
+                self.history
+            );
+            assert!(
+                lifecycle.processes().all(|p| lifecycle.is_claimed(p.pid)),
+                "the primary does not have every worker; history: {:?}",
+                self.history
+            );
+        }
         assert!(
             lifecycle
                 .processes()
@@ -245,7 +342,15 @@ impl World {
             lifecycle.processes().collect::<Vec<_>>()
         );
         assert!(!lifecycle.is_reloading(), "a reload never ended");
-        assert_eq!(self.notified.last(), Some(&Announced::Ready));
+        if lifecycle.wanted() > 0 {
+            assert_eq!(self.notified.last(), Some(&Announced::Ready));
+        } else {
+            // No worker is wanted (the program let them all go): ready only if it was once.
+            assert!(matches!(
+                self.notified.last(),
+                None | Some(Announced::Ready)
+            ));
+        }
     }
 
     /// What holds after every step.
@@ -266,6 +371,26 @@ impl World {
         let known: BTreeSet<Pid> = lifecycle.processes().map(|p| p.pid).collect();
         let alive: BTreeSet<Pid> = self.alive.keys().copied().collect();
         assert_eq!(known, alive, "processes; history: {:?}", self.history);
+        assert_eq!(
+            lifecycle.primary_pid(),
+            self.primary.map(|(pid, _)| pid),
+            "the primary process; history: {:?}",
+            self.history
+        );
+        // The primary has one Worker per id at most, and only while it runs.
+        let mut claimed = BTreeSet::new();
+        for process in lifecycle
+            .processes()
+            .filter(|p| lifecycle.is_claimed(p.pid))
+        {
+            assert!(self.primary.is_some(), "claimed with no primary");
+            assert!(
+                claimed.insert(process.id),
+                "two claimed processes of worker {}; history: {:?}",
+                process.id,
+                self.history
+            );
+        }
         // At most one process serves an id, two while a reload replaces it; none above the
         // wanted count, none at all once stopping.
         let mut candidates: BTreeMap<u32, u32> = BTreeMap::new();
@@ -283,8 +408,8 @@ impl World {
                 "worker {id} serves while stopping"
             );
             assert!(
-                *id < lifecycle.wanted(),
-                "worker {id} above the wanted count"
+                lifecycle.wanted_ids().any(|w| w == *id),
+                "worker {id} is not wanted"
             );
             assert!(
                 *count == 1 || (*count == 2 && lifecycle.is_reloading()),

@@ -72,7 +72,8 @@ impl Supervisor {
         } else {
             Protocol::ClusterLb
         };
-        let lifecycle = Lifecycle::resume(&state.lifecycle, config.timing, now);
+        let policy = super::super::policy(&config, protocol);
+        let lifecycle = Lifecycle::resume(&state.lifecycle, policy, config.timing, now);
         let mut supervisor = Supervisor::assemble(
             config,
             command,

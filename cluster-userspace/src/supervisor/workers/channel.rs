@@ -84,6 +84,18 @@ impl WorkerChannel {
         }
     }
 
+    /// A message of the program's primary to this (Node) worker, as it sent it.
+    pub fn relay(
+        &mut self,
+        message: Value,
+        room: crate::protocol::budget::Held,
+    ) -> Result<(), String> {
+        match self {
+            WorkerChannel::Node(node) => node.relay(message, room),
+            _ => Err("it has no Node channel".into()),
+        }
+    }
+
     /// Closes the channel (the worker reads EOF) and forgets it.
     pub fn close(&mut self) {
         if let WorkerChannel::Node(node) = self {

@@ -91,7 +91,7 @@ impl IpcConversation {
                     .parse::<ListenAddr>()
                     .is_ok_and(|a| addresses.contains(&a));
                 if known {
-                    Heard::Listening(address)
+                    Heard::Listening(address, None)
                 } else {
                     Heard::Violation(format!(
                         "`listening` on {address}, which it has no socket for"

@@ -11,14 +11,18 @@ pub enum Heard {
     Nothing,
     /// It runs and speaks the protocol; readiness comes from `Listening` now.
     Online,
-    /// It accepts on this address: ready.
-    Listening(String),
+    /// It accepts on this address: ready. A Node worker's own message comes along, for the
+    /// program's primary.
+    Listening(String, Option<Value>),
     /// A user message, with its room in the message budget until it is dropped.
     Message(Value, Held),
     /// It leaves by itself, or stopped serving an address it is in the group of.
     Leaving(Departure),
     /// It asks for a listening socket; its conversation answers once the shell found one.
     Query(Query),
+    /// A Node worker's program read `cluster.isPrimary` (or `isMaster`, `isWorker`): it has a
+    /// primary branch.
+    ReadsRole,
     /// It broke the protocol.
     Violation(String),
     /// Its end of the channel closed.

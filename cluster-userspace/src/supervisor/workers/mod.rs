@@ -7,7 +7,7 @@ mod channel;
 mod cluster_lb;
 mod heard;
 pub mod nodejs;
-mod output;
+pub(super) mod output;
 mod queries;
 
 use std::{
@@ -39,9 +39,12 @@ use super::{
 };
 use crate::{
     kernel::{groups::Groups, slots::SlotTable},
-    logging::Stream,
+    logging::{Source, Stream},
     protocol::{
-        budget::Budget, ipc, ipc_channel, nodejs::channel as node_channel, IPC_FD_VARIABLE,
+        budget::{Budget, Held},
+        ipc, ipc_channel,
+        nodejs::{channel as node_channel, primary::ForkSpec},
+        IPC_FD_VARIABLE,
     },
 };
 
@@ -59,6 +62,9 @@ pub struct WorkerIo {
     /// Copies of the read ends of its stdout and stderr pipes (the readers own the others),
     /// so that an upgrade can hand them over: the worker's output must not hit a closed pipe.
     pub output: [Option<OwnedFd>; 2],
+    /// What a Node worker said about itself (`online`, `listening`), for a primary process
+    /// that takes it later.
+    pub said: Vec<Value>,
 }
 
 impl WorkerIo {
@@ -88,6 +94,7 @@ pub enum StartError {
 
 /// What every worker is started with.
 pub struct Launch {
+    /// The command line's program (what a fork's variant 0 runs, and the program's primary).
     pub command: WorkerCommand,
     pub protocol: Protocol,
     /// The seccomp filter (None: `--no-seccomp`).
@@ -95,6 +102,22 @@ pub struct Launch {
     pub credentials: Option<Credentials>,
     /// The workers' NOTIFY_SOCKET.
     pub notify_socket: String,
+    /// The longest message on a Node channel.
+    pub max_message: usize,
+}
+
+/// How one worker process is to be started.
+pub struct Start<'a> {
+    pub id: u32,
+    /// How many are wanted (CLUSTER_LB_WORKERS).
+    pub wanted: u32,
+    /// Its `cluster.worker.id` (NODE_UNIQUE_ID), for a Node worker.
+    pub node_id: u32,
+    /// What the program's primary forked it with, when not the command line's program.
+    pub fork: Option<&'a ForkSpec>,
+    /// Variables that load cluster-lb's Node preload (to learn whether the program has a
+    /// primary branch), if wanted.
+    pub preload: &'a [(String, String)],
 }
 
 /// Every worker process's I/O, and what starting one takes.
@@ -106,6 +129,8 @@ pub struct Workers {
     pub released: HashSet<u64>,
     /// Where every channel reader reports (the inbox reads it).
     events: UnboundedSender<(Pid, ChannelEvent)>,
+    /// Where the output of `silent` workers goes (the inbox reads it).
+    forwarded: UnboundedSender<output::Forwarded>,
     /// Bytes of worker messages all channels together may hold (see `protocol::budget`).
     budget: Arc<Semaphore>,
     /// What Node workers share.
@@ -113,20 +138,34 @@ pub struct Workers {
 }
 
 impl Workers {
-    pub fn new(launch: Launch, events: UnboundedSender<(Pid, ChannelEvent)>) -> Workers {
+    pub fn new(
+        launch: Launch,
+        events: UnboundedSender<(Pid, ChannelEvent)>,
+        forwarded: UnboundedSender<output::Forwarded>,
+    ) -> Workers {
         Workers {
+            forwarded,
+            budget: Budget::shared(launch.max_message),
             table: BTreeMap::new(),
             slots: SlotTable::new(),
             launch,
             released: HashSet::new(),
             events,
-            budget: Budget::shared(),
             node: NodeGroups::default(),
         }
     }
 
     pub fn get(&self, pid: Pid) -> Option<&WorkerIo> {
         self.table.get(&pid)
+    }
+
+    pub fn get_mut(&mut self, pid: Pid) -> Option<&mut WorkerIo> {
+        self.table.get_mut(&pid)
+    }
+
+    /// The message budget all channels share.
+    pub fn shared_budget(&self) -> Arc<Semaphore> {
+        Arc::clone(&self.budget)
     }
 
     pub fn contains(&self, pid: Pid) -> bool {
@@ -150,16 +189,15 @@ impl Workers {
         self.slots.active()
     }
 
-    /// Starts a process for worker `id` (of `wanted`): a free slot, sockets for the --listen
-    /// addresses in it, a channel and output pipes, then the program.
+    /// Starts a process for a worker: a free slot, sockets for the --listen addresses in it, a
+    /// channel and output pipes, then the program.
     pub fn start(
         &mut self,
-        id: u32,
-        wanted: u32,
+        start: &Start<'_>,
         groups: &mut Groups,
     ) -> Result<(Pid, u32), StartError> {
         let slot = self.slots.allocate().ok_or(StartError::NoSlot)?;
-        match self.spawn_in_slot(id, wanted, slot, groups) {
+        match self.spawn_in_slot(start, slot, groups) {
             Ok(pid) => Ok((pid, slot)),
             Err(error) => {
                 self.forget_slot(slot, groups);
@@ -170,11 +208,11 @@ impl Workers {
 
     fn spawn_in_slot(
         &mut self,
-        id: u32,
-        wanted: u32,
+        start: &Start<'_>,
         slot: u32,
         groups: &mut Groups,
     ) -> Result<Pid, StartError> {
+        let (id, wanted) = (start.id, start.wanted);
         let sockets = groups
             .open_activated(slot)
             .map_err(|e| StartError::Sockets(format!("{e:#}")))?;
@@ -198,24 +236,37 @@ impl Workers {
         ];
         let variable = match protocol {
             Protocol::Node => {
-                // What Node's cluster.fork() sets: the worker's cluster.worker.id is 1-based.
-                env.push(("NODE_UNIQUE_ID".to_string(), (id + 1).to_string()));
+                // What Node's cluster.fork() sets: the worker's cluster.worker.id.
+                env.push(("NODE_UNIQUE_ID".to_string(), start.node_id.to_string()));
                 env.push((
                     "NODE_CHANNEL_SERIALIZATION_MODE".to_string(),
                     "json".to_string(),
                 ));
+                env.extend(start.preload.iter().cloned());
                 "NODE_CHANNEL_FD"
             }
             Protocol::ClusterLb => IPC_FD_VARIABLE,
         };
-        let pid = self.launch.command.spawn(&WorkerSpec {
+        let forked = match start.fork {
+            Some(spec) => {
+                let env: Vec<(String, String)> = spec.env.clone().into_iter().collect();
+                Some(WorkerCommand::with_env(
+                    &spec.command(),
+                    &env,
+                    spec.cwd.as_deref(),
+                )?)
+            }
+            None => None,
+        };
+        let command = forked.as_ref().unwrap_or(&self.launch.command);
+        let pid = command.spawn(&WorkerSpec {
             sockets: &sockets,
             socket_names: &names,
             env: &env,
-            channel: Some(Channel {
+            channels: &[Channel {
                 fd: worker_end.as_fd(),
                 variable,
-            }),
+            }],
             stdout: Some(stdout_write.as_fd()),
             stderr: Some(stderr_write.as_fd()),
             credentials: self.launch.credentials.as_ref(),
@@ -232,8 +283,23 @@ impl Workers {
         // with it and its pipes reach EOF.
         drop((sockets, worker_end, stdout_write, stderr_write));
         let output = [stdout_read.try_clone().ok(), stderr_read.try_clone().ok()];
-        output::capture(id, pid.as_raw(), Stream::Stdout, stdout_read);
-        output::capture(id, pid.as_raw(), Stream::Stderr, stderr_read);
+        if start.fork.is_some_and(|spec| spec.silent) {
+            output::forward(pid, 1, stdout_read, self.forwarded.clone());
+            output::forward(pid, 2, stderr_read, self.forwarded.clone());
+        } else {
+            output::capture(
+                Source::Worker(id),
+                pid.as_raw(),
+                Stream::Stdout,
+                stdout_read,
+            );
+            output::capture(
+                Source::Worker(id),
+                pid.as_raw(),
+                Stream::Stderr,
+                stderr_read,
+            );
+        }
         let channel = self
             .open_channel(protocol, primary_end, pid, false)
             .unwrap_or_else(|e| {
@@ -248,6 +314,7 @@ impl Workers {
                 claims,
                 reported: HashSet::new(),
                 output,
+                said: Vec::new(),
             },
         );
         Ok(pid)
@@ -264,9 +331,10 @@ impl Workers {
         let events = self.events.clone();
         Ok(match protocol {
             Protocol::Node => {
-                let budget = Budget::for_worker(node_channel::MAX_LINE, &self.budget);
+                let max = self.launch.max_message;
+                let budget = Budget::for_worker(max, &self.budget);
                 let sink = move |event| events.send((pid, ChannelEvent::Node(event))).is_ok();
-                WorkerChannel::Node(NodeConversation::start(fd, pid, sink, budget)?)
+                WorkerChannel::Node(NodeConversation::start(fd, pid, sink, (budget, max))?)
             }
             Protocol::ClusterLb => {
                 let budget = Budget::for_worker(ipc::MAX_MESSAGE, &self.budget);
@@ -286,7 +354,7 @@ impl Workers {
         ]) {
             if let Some(fd) = fd.and_then(Inherited::take) {
                 *slot = fd.try_clone().ok();
-                output::capture(worker.id, worker.pid, stream, fd);
+                output::capture(Source::Worker(worker.id), worker.pid, stream, fd);
             }
         }
         let channel = match &worker.channel {
@@ -330,6 +398,7 @@ impl Workers {
                 },
                 reported: worker.reported.iter().copied().collect(),
                 output,
+                said: Vec::new(),
             },
         );
     }
@@ -400,6 +469,27 @@ impl Workers {
         };
         if let Err(why) = sent {
             log::warn!("message to worker pid {pid} not sent: {why}");
+        }
+    }
+
+    /// A message of the program's primary to a Node worker, as it sent it; `room` is held
+    /// until it is written.
+    pub fn relay(&mut self, pid: Pid, message: Value, room: Held) {
+        let sent = match self.table.get_mut(&pid) {
+            Some(worker) => worker.channel.relay(message, room),
+            None => Err("it is gone".into()),
+        };
+        if let Err(why) = sent {
+            log::debug!(
+                "a message of the program's primary to worker pid {pid} was not sent: {why}"
+            );
+        }
+    }
+
+    /// Closes the worker's channel (the program's primary disconnected it): it reads EOF.
+    pub fn disconnect(&mut self, pid: Pid) {
+        if let Some(worker) = self.table.get_mut(&pid) {
+            worker.channel.close();
         }
     }
 

@@ -21,11 +21,11 @@ use super::{
 pub use crate::protocol::nodejs::channel::NodeEvent;
 use crate::{
     protocol::{
-        budget::Budget,
+        budget::{Budget, Held},
         nodejs::{
             self as protocol,
             channel::{NodeChannel, SendError},
-            AddressType, FromWorker, Query, ToWorker,
+            primary, AddressType, FromWorker, Query, ToWorker,
         },
     },
     supervisor::{
@@ -42,6 +42,9 @@ pub struct NodeConversation {
     /// Its open listens, by the key we gave each.
     listens: BTreeMap<String, ListenAddr>,
     next_key: u64,
+    /// It was asked to disconnect, or said it does: no `queryServer` is answered any more (as
+    /// Node's primary does), since a socket arriving after its channel closed kills it.
+    leaving: bool,
 }
 
 impl NodeConversation {
@@ -51,13 +54,14 @@ impl NodeConversation {
         fd: OwnedFd,
         pid: Pid,
         sink: impl Fn(NodeEvent) -> bool + Send + Sync + 'static,
-        budget: Budget,
+        (budget, max_message): (Budget, usize),
     ) -> std::io::Result<NodeConversation> {
         Ok(NodeConversation {
-            channel: NodeChannel::start(fd, pid, sink, budget)?,
+            channel: NodeChannel::start(fd, pid, sink, budget, max_message)?,
             seq: 0,
             listens: BTreeMap::new(),
             next_key: 0,
+            leaving: false,
         })
     }
 
@@ -98,7 +102,13 @@ impl NodeConversation {
                     .values()
                     .find(|a| Some(a.socket_addr().port() as i64) == query.port)
                     .map_or_else(|| describe(&query), ToString::to_string);
-                Heard::Listening(address)
+                let message = primary::to_primary::listening(
+                    address_type_value(query.address_type),
+                    query.address.as_deref(),
+                    query.port,
+                    query.fd,
+                );
+                Heard::Listening(address, Some(message))
             }
             FromWorker::Close { key } => match self.listens.remove(&key) {
                 // While draining, closing is what it was asked to do; otherwise it no longer
@@ -107,6 +117,7 @@ impl NodeConversation {
                 None => Heard::Nothing,
             },
             FromWorker::ExitedAfterDisconnect { seq } => {
+                self.leaving = true;
                 let ack = ToWorker::Ack {
                     ack: seq,
                     seq: self.next_seq(),
@@ -121,6 +132,12 @@ impl NodeConversation {
                     "ignored a cluster message {}",
                     crate::logging::quote(&value.to_string())
                 );
+                Heard::Nothing
+            }
+            FromWorker::Clb(value) => {
+                if value.get("cmd").and_then(Value::as_str) == Some("NODE_CLB_ROLE") {
+                    return Heard::ReadsRole;
+                }
                 Heard::Nothing
             }
             FromWorker::OtherInternal(cmd) => {
@@ -139,9 +156,29 @@ impl NodeConversation {
     }
 
     /// Asks the worker to close its servers and exit once idle; false if that cannot be sent.
+    /// Once asked (by the program's primary too), it is not asked again: Node's worker would
+    /// take a second `disconnect` for a broken channel.
     pub fn ask_to_stop(&mut self) -> bool {
+        if self.leaving {
+            return true;
+        }
+        self.leaving = true;
         let seq = self.next_seq();
         self.channel.send(ToWorker::Disconnect { seq }).is_ok()
+    }
+
+    /// A message of the program's primary, as it sent it (Node's own internal ones too); its
+    /// `disconnect` counts as asking the worker to stop. `room` is held until it is written.
+    pub fn relay(&mut self, message: Value, room: Held) -> Result<(), String> {
+        if primary::is_disconnect(&message) {
+            if self.leaving {
+                return Ok(());
+            }
+            self.leaving = true;
+        }
+        self.channel
+            .send_held(ToWorker::User(message), room)
+            .map_err(|e: SendError| e.to_string())
     }
 
     /// A user message (`process.on('message')` in the worker).
@@ -187,6 +224,12 @@ impl NodeConversation {
         sockets: &mut Sockets<'_>,
         shared: &mut NodeGroups,
     ) {
+        if self.leaving {
+            log::debug!(
+                "worker {id} (pid {pid}) asked to listen while disconnecting: not answered"
+            );
+            return;
+        }
         let outcome = socket_for(pid, &query, claims, sockets, shared);
         let key = format!("cluster-lb:{id}:{}", self.next_key);
         self.next_key += 1;
@@ -323,6 +366,18 @@ fn port_socket(
             .insert(ephemeral_key, addr.socket_addr().port());
     }
     Ok((addr, socket))
+}
+
+/// `addressType` as Node writes it.
+fn address_type_value(kind: AddressType) -> Value {
+    match kind {
+        AddressType::Tcp4 => Value::from(4),
+        AddressType::Tcp6 => Value::from(6),
+        AddressType::Udp4 => Value::from("udp4"),
+        AddressType::Udp6 => Value::from("udp6"),
+        AddressType::Pipe => Value::from(-1),
+        AddressType::Fd => Value::Null,
+    }
 }
 
 /// How a query names its address, for log lines.
