@@ -10,6 +10,7 @@ mod failures;
 mod hardening;
 mod named_clusters;
 mod node;
+mod node_primary;
 mod packaging;
 mod servers;
 mod strategies;

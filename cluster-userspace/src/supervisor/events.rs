@@ -124,6 +124,8 @@ pub enum KillReason {
     GraceOver(Duration),
     /// It did not become ready within `--ready-timeout`.
     NotReadyInTime(Duration),
+    /// A Node worker said `online` but never called `listen()` within `--ready-timeout`.
+    NeverListened(Duration),
     /// A fast stop (QUIT, or a second TERM/INT).
     StopNow,
 }
@@ -139,6 +141,11 @@ impl fmt::Display for KillReason {
             KillReason::NotReadyInTime(timeout) => write!(
                 f,
                 "it was not ready within --ready-timeout {}s",
+                timeout.as_secs_f64()
+            ),
+            KillReason::NeverListened(timeout) => write!(
+                f,
+                "it was online for {}s but never called listen() (a Node worker is ready once it listens; one that serves nothing runs under the program's own primary, see --node-primary)",
                 timeout.as_secs_f64()
             ),
             KillReason::StopNow => f.write_str("stopping now"),
@@ -225,6 +232,9 @@ pub enum Event {
         status: ExitStatus,
         #[serde(rename = "uptime_s", serialize_with = "seconds")]
         uptime: Duration,
+        /// It had been asked to stop (a Node worker that a timer kept a little after its
+        /// disconnect, then SIGTERM, is no news).
+        asked: bool,
     },
     /// Starting worker `id` failed before the program ran.
     StartFailed {
@@ -291,6 +301,16 @@ pub enum Event {
         #[serde(rename = "grace_s", serialize_with = "optional_seconds")]
         grace: Option<Duration>,
     },
+    /// A worker of the program's primary has been online for `after` without calling
+    /// `listen()`: it serves nothing (Node allows that), keeps running, and gets no
+    /// connections.
+    Quiet {
+        #[serde(rename = "worker")]
+        id: u32,
+        pid: i32,
+        #[serde(rename = "after_s", serialize_with = "seconds")]
+        after: Duration,
+    },
     /// The program's primary process (its `cluster.isPrimary` branch) runs.
     PrimaryStarted { pid: i32 },
     /// The program's primary process could not be started; again after `delay`.
@@ -346,6 +366,7 @@ impl Event {
             Event::Scaling { .. } => "scaling",
             Event::Stopping { .. } => "stopping",
             Event::Upgraded { .. } => "upgraded",
+            Event::Quiet { .. } => "quiet",
             Event::PrimaryStarted { .. } => "primary-started",
             Event::PrimaryFailed { .. } => "primary-failed",
             Event::PrimaryExit { .. } => "primary-exit",
@@ -359,7 +380,8 @@ impl Event {
             Event::Exit {
                 status: ExitStatus::Code(0),
                 ..
-            } => Level::Info,
+            }
+            | Event::Exit { asked: true, .. } => Level::Info,
             Event::Exit { .. }
             | Event::Kill { .. }
             | Event::OwnListener { .. }
@@ -406,7 +428,7 @@ impl fmt::Display for Event {
             Event::Kill { id, pid, reason } => {
                 write!(f, "killing worker {id} (pid {pid}): {reason}")
             }
-            Event::Exit { id, pid, status, uptime } => write!(
+            Event::Exit { id, pid, status, uptime, .. } => write!(
                 f,
                 "worker {id} (pid {pid}) {status} after {:.1}s",
                 uptime.as_secs_f64()
@@ -463,6 +485,11 @@ impl fmt::Display for Event {
             Event::Upgraded { from, to, workers } => write!(
                 f,
                 "upgraded in place from {from} to {to}: same pid, {workers} workers kept"
+            ),
+            Event::Quiet { id, pid, after } => write!(
+                f,
+                "worker {id} (pid {pid}) has been online for {:.0}s and never called listen(): it serves nothing and gets no connections; it keeps running, as its primary forked it",
+                after.as_secs_f64()
             ),
             Event::PrimaryStarted { pid } => {
                 write!(f, "the program's primary (its cluster.isPrimary branch) runs as pid {pid}")
@@ -621,9 +648,10 @@ mod tests {
                     pid: 10,
                     status: ExitStatus::Code(3),
                     uptime: secs(2500),
+                    asked: false,
                 },
                 json!({"event": "exit", "worker": 1, "pid": 10, "code": 3, "signal": null,
-                       "uptime_s": 2.5}),
+                       "uptime_s": 2.5, "asked": false}),
             ),
             (
                 Event::Exit {
@@ -631,9 +659,10 @@ mod tests {
                     pid: 10,
                     status: ExitStatus::Signal(Signal::SIGKILL),
                     uptime: secs(0),
+                    asked: true,
                 },
                 json!({"event": "exit", "worker": 1, "pid": 10, "code": null, "signal": "SIGKILL",
-                       "uptime_s": 0.0}),
+                       "uptime_s": 0.0, "asked": true}),
             ),
             (
                 Event::StartFailed {
@@ -730,6 +759,10 @@ mod tests {
                     workers: 2,
                 },
                 json!({"event": "upgraded", "from": "0.1.0", "to": "0.1.1", "workers": 2}),
+            ),
+            (
+                Event::Quiet { id: 2, pid: 9, after: secs(30_000) },
+                json!({"event": "quiet", "worker": 2, "pid": 9, "after_s": 30.0}),
             ),
             (
                 Event::PrimaryStarted { pid: 9 },

@@ -37,6 +37,25 @@
   function watchRole() {
     const cluster = require('cluster');
     let told = false;
+    // Primary-only calls in a worker: a program that calls cluster.setupPrimary({ exec }) or
+    // fork() without checking isPrimary is only ever a primary under Node (its workers run
+    // another file). Its primary branch runs in cluster-lb's primary process from now on, and
+    // this process has nothing to do: it says so and exits.
+    for (const name of ['setupPrimary', 'setupMaster', 'fork']) {
+      if (typeof cluster[name] === 'function') continue;
+      Object.defineProperty(cluster, name, {
+        configurable: true,
+        enumerable: true,
+        writable: true,
+        value: function primaryOnly() {
+          if (typeof process.send === 'function' && process.connected) {
+            process.send({ cmd: 'NODE_CLB_ROLE', call: name });
+          }
+          process.stderr.write(`cluster-lb: this program calls cluster.${name}() in a worker: its primary branch runs in its own primary process, and this worker leaves\n`);
+          process.exit(0);
+        },
+      });
+    }
     for (const name of ['isPrimary', 'isMaster', 'isWorker']) {
       const descriptor = Object.getOwnPropertyDescriptor(cluster, name);
       if (!descriptor || !('value' in descriptor)) continue;
@@ -238,6 +257,13 @@
       throw error;
     }
 
+    // 'pipe', 'inherit' or 'ignore' for stdin, stdout and stderr, and the channel.
+    function plainStdio(stdio) {
+      if (typeof stdio === 'string') return ['pipe', 'inherit', 'ignore'].includes(stdio);
+      if (!Array.isArray(stdio) || stdio.length > 4) return false;
+      return stdio.every((entry, i) => (i === 3 ? entry === 'ipc' : entry === i || [undefined, null, 'pipe', 'inherit', 'ignore'].includes(entry)));
+    }
+
     function sameArray(a, b) {
       return Array.isArray(a) && Array.isArray(b) && a.length === b.length && a.every((x, i) => x === b[i]);
     }
@@ -262,6 +288,11 @@
       if (options.uid != null || options.gid != null) {
         throw clbError('cluster.settings uid and gid are not supported: workers run as the user cluster-lb runs them as (--user)', 'ERR_CLUSTER_LB_USER');
       }
+      const stdio = options.stdio;
+      if (stdio !== undefined && stdio !== null && !plainStdio(stdio)) {
+        throw clbError('cluster.settings.stdio beyond stdin, stdout and stderr (extra pipes, streams, descriptors) is not supported: a worker has its channel and its output only', 'ERR_CLUSTER_LB_STDIO');
+      }
+      const piped = Array.isArray(stdio) ? stdio[1] === 'pipe' || stdio[2] === 'pipe' : stdio === 'pipe';
       const spec = {
         execPath: options.execPath || process.execPath,
         execArgv: options.execArgv || process.execArgv,
@@ -269,14 +300,14 @@
         args: (args || []).map(String),
         env: Object.fromEntries(Object.entries(options.env || process.env).map(([k, v]) => [k, String(v)])),
         cwd: options.cwd ? path.resolve(String(options.cwd)) : null,
-        silent: !!options.silent,
-        stdio: options.stdio ? String(options.stdio) : null,
+        silent: !!options.silent || piped,
+        stdio: null,
       };
       spec.default = spec.execPath === process.execPath
         && sameArray(spec.execArgv, process.execArgv)
         && spec.exec === path.resolve(process.argv[1] || '')
         && sameArray(spec.args, process.argv.slice(2))
-        && !spec.cwd && !spec.silent && !spec.stdio
+        && !spec.cwd && !spec.silent
         && sameEnv(spec.env);
       const answer = rpc({ op: 'fork', spec });
       if (answer.error) throw clbError(answer.error, answer.code || 'ERR_CLUSTER_LB_FORK');

@@ -139,8 +139,9 @@ enum Phase {
     },
     /// Waits for `listening` or READY=1; killed at `give_up_at`.
     Online { give_up_at: Instant },
-    /// In the active set since `since`.
-    Ready { since: Instant },
+    /// Ready since `since`: in the active set (`active`), or a worker of the program's primary
+    /// that never listened (it serves nothing, as a Node worker may: it keeps running).
+    Ready { since: Instant, active: bool },
     /// Asked to stop (or stopping by itself); SIGTERM at `term_at` if its channel closed and it
     /// lingers, SIGKILL at `kill_at`.
     Draining {
@@ -172,6 +173,11 @@ impl Phase {
 
     fn is_ready(self) -> bool {
         matches!(self, Phase::Ready { .. })
+    }
+
+    /// In the kernel's active set.
+    fn is_active(self) -> bool {
+        matches!(self, Phase::Ready { active: true, .. })
     }
 
     /// When a timer fires for this process.
@@ -206,6 +212,12 @@ pub struct Process {
 impl Process {
     pub fn state(&self) -> WorkerState {
         self.phase.state()
+    }
+
+    /// In the kernel's active set: it gets new connections.
+    #[cfg(test)]
+    pub fn is_active(&self) -> bool {
+        self.phase.is_active()
     }
 }
 
@@ -593,10 +605,23 @@ impl Lifecycle {
         let Some(process) = self.processes.get_mut(&pid) else {
             return;
         };
+        if let Phase::Ready {
+            active: active @ false,
+            ..
+        } = &mut process.phase
+        {
+            // A quiet worker listens after all: it gets connections from now on.
+            *active = true;
+            self.out.push(Action::Activate { pid });
+            return;
+        }
         if !matches!(process.phase, Phase::Starting { .. } | Phase::Online { .. }) {
             return;
         }
-        process.phase = Phase::Ready { since: self.now };
+        process.phase = Phase::Ready {
+            since: self.now,
+            active: true,
+        };
         let id = process.id;
         self.out.push(Action::Activate { pid });
         self.emit(Event::Ready {
@@ -669,6 +694,7 @@ impl Lifecycle {
             pid: pid.as_raw(),
             status,
             uptime: self.now.saturating_duration_since(process.started),
+            asked: !process.phase.is_candidate(),
         });
         if !process.phase.is_candidate() {
             return; // asked to go, and went
@@ -959,6 +985,7 @@ impl Lifecycle {
                     ready_at: Some(ready_at),
                     ..
                 } if ready_at <= now => self.ready(pid, Readiness::Delay),
+                Phase::Online { .. } if self.is_claimed(pid) => self.quiet(pid),
                 Phase::Starting { .. } | Phase::Online { .. } => self.not_ready_in_time(pid),
                 Phase::Draining { kill_at, .. } if kill_at <= now => {
                     self.kill(pid, KillReason::GraceOver(self.timing.grace))
@@ -979,6 +1006,25 @@ impl Lifecycle {
         }
     }
 
+    /// A worker the program's primary forked that is online but never listened: it serves
+    /// nothing (a scheduler, a queue consumer), as Node allows. It stays, out of the active
+    /// set, and counts as ready.
+    fn quiet(&mut self, pid: Pid) {
+        let Some(process) = self.processes.get_mut(&pid) else {
+            return;
+        };
+        process.phase = Phase::Ready {
+            since: self.now,
+            active: false,
+        };
+        let (id, after) = (process.id, self.timing.ready_timeout);
+        self.emit(Event::Quiet {
+            id,
+            pid: pid.as_raw(),
+            after,
+        });
+    }
+
     fn not_ready_in_time(&mut self, pid: Pid) {
         let Some(process) = self.processes.get(&pid) else {
             return;
@@ -986,7 +1032,11 @@ impl Lifecycle {
         let id = process.id;
         let pending_replacement = self.is_pending_replacement(process);
         let timeout = self.timing.ready_timeout;
-        self.kill(pid, KillReason::NotReadyInTime(timeout));
+        let reason = match process.phase {
+            Phase::Online { .. } => KillReason::NeverListened(timeout),
+            _ => KillReason::NotReadyInTime(timeout),
+        };
+        self.kill(pid, reason);
         if pending_replacement {
             self.end_reload(Err(ReloadError::NotReadyInTime {
                 id,
@@ -1042,13 +1092,13 @@ impl Lifecycle {
         if !process.phase.is_candidate() {
             return;
         }
-        let was_ready = process.phase.is_ready();
+        let was_active = process.phase.is_active();
         process.phase = Phase::Draining {
             term_at: None,
             kill_at: now + grace,
         };
         let id = process.id;
-        if was_ready {
+        if was_active {
             self.out.push(Action::Deactivate { pid });
         }
         if why.asks_to_stop() {
@@ -1068,10 +1118,10 @@ impl Lifecycle {
         if process.phase == Phase::Killed {
             return;
         }
-        let was_ready = process.phase.is_ready();
+        let was_active = process.phase.is_active();
         process.phase = Phase::Killed;
         let id = process.id;
-        if was_ready {
+        if was_active {
             self.out.push(Action::Deactivate { pid });
         }
         self.out.push(Action::Kill { pid });
@@ -1134,7 +1184,7 @@ impl Lifecycle {
     /// the backoff afresh, one that never got ready does not.
     fn ready_for(&self, process: &Process) -> Duration {
         match process.phase {
-            Phase::Ready { since } => self.now.saturating_duration_since(since),
+            Phase::Ready { since, .. } => self.now.saturating_duration_since(since),
             _ => Duration::ZERO,
         }
     }

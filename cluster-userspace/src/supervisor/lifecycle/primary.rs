@@ -272,7 +272,7 @@ impl Lifecycle {
                 if let PrimaryPhase::Running { settled, .. } = &mut self.primary {
                     *settled = true;
                 }
-                self.settle_unforked();
+                self.settle_unforked(since);
             }
             PrimaryPhase::Stopping { pid, kill_at } if kill_at <= now => {
                 self.primary = PrimaryPhase::Killed { pid };
@@ -282,16 +282,17 @@ impl Lifecycle {
         }
     }
 
-    /// The primary has had its time to fork: with [`Count::Program`], workers it did not fork
-    /// leave (the program decides how many); the rest are offered by [`Lifecycle::offer`].
-    fn settle_unforked(&mut self) {
+    /// The primary has had its time to fork: with [`Count::Program`], workers that ran before
+    /// it started and that it did not fork leave (the program decides how many); the rest, and
+    /// every replacement started since, are offered by [`Lifecycle::offer`].
+    fn settle_unforked(&mut self, since: Instant) {
         if self.policy.count != Count::Program {
             return;
         }
         let unforked: Vec<u32> = self
             .processes
             .values()
-            .filter(|p| p.claim == Claim::No && p.phase.is_candidate())
+            .filter(|p| p.claim == Claim::No && p.phase.is_candidate() && p.started < since)
             .map(|p| p.id)
             .collect();
         for id in unforked {

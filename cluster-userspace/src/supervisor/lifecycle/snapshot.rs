@@ -84,6 +84,9 @@ pub enum PhaseSnapshot {
     },
     Ready {
         ready_ms: u64,
+        /// In the active set (a quiet worker of the program's primary is not).
+        #[serde(default = "yes")]
+        active: bool,
     },
     Draining {
         term_in_ms: Option<u64>,
@@ -106,8 +109,9 @@ impl PhaseSnapshot {
             Phase::Online { give_up_at } => PhaseSnapshot::Online {
                 give_up_in_ms: until(give_up_at),
             },
-            Phase::Ready { since } => PhaseSnapshot::Ready {
+            Phase::Ready { since, active } => PhaseSnapshot::Ready {
                 ready_ms: millis(now.saturating_duration_since(since)),
+                active,
             },
             Phase::Draining { term_at, kill_at } => PhaseSnapshot::Draining {
                 term_in_ms: term_at.map(until),
@@ -130,8 +134,9 @@ impl PhaseSnapshot {
             PhaseSnapshot::Online { give_up_in_ms } => Phase::Online {
                 give_up_at: at(give_up_in_ms),
             },
-            PhaseSnapshot::Ready { ready_ms } => Phase::Ready {
+            PhaseSnapshot::Ready { ready_ms, active } => Phase::Ready {
                 since: before(now, ready_ms),
+                active,
             },
             PhaseSnapshot::Draining {
                 term_in_ms,
@@ -171,6 +176,10 @@ pub enum NotCalm {
     Spawning { id: u32 },
     #[error("the program's primary is being started or stopped; try again in a moment")]
     PrimaryBusy,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn millis(duration: Duration) -> u64 {

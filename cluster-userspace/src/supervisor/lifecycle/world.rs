@@ -359,7 +359,7 @@ impl World {
         // The kernel's active set is exactly the ready processes.
         let ready: BTreeSet<Pid> = lifecycle
             .processes()
-            .filter(|p| p.state() == WorkerState::Ready)
+            .filter(|p| p.is_active())
             .map(|p| p.pid)
             .collect();
         assert_eq!(
