@@ -398,7 +398,7 @@ impl Workers {
                 },
                 reported: worker.reported.iter().copied().collect(),
                 output,
-                said: Vec::new(),
+                said: worker.said.clone(),
             },
         );
     }
@@ -573,6 +573,7 @@ impl Workers {
                     given: io.claims.given.iter().map(|(i, a)| (*i, *a)).collect(),
                     queries: io.claims.queries,
                     reported: io.reported.iter().copied().collect(),
+                    said: io.said.clone(),
                 })
             })
             .collect()
