@@ -17,10 +17,11 @@ fn exact_round_robin(server: &[&str]) {
     ];
     args.extend_from_slice(server);
     let cluster = Cluster::start(&args);
-    cluster.wait_until_ready(4);
+    let ready = cluster.wait_until_ready(4);
 
     let seen = distribution(addr(), 400);
-    let expected: Vec<(u32, usize)> = (0..4).map(|id| (id, 100)).collect();
+    // Ids from 0, or from 1 for Node workers (cluster.worker.id).
+    let expected: Vec<(u32, usize)> = ready.wanted_ids.iter().map(|id| (*id, 100)).collect();
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), expected);
 
     let status = cluster.status();

@@ -387,40 +387,58 @@ fn reload_under_load(major: u32, node: &str, app: &str) {
 }
 
 /// Worker 0 misbehaves on its channel in the way `mode` names, in its listen callback.
-fn hostile(node: &str, mode: &str) -> Cluster {
-    let cluster = Cluster::start_with(
-        &["run", "-w", "3", "--", node, &test_app("hostile.js"), mode],
-        |command| {
-            command.env("PORT", PORT.to_string());
-        },
-    );
-    cluster
+fn hostile(node: &str, mode: &str, options: &[&str]) -> Cluster {
+    let app = test_app("hostile.js");
+    let mut args = vec!["run", "--log-format", "json", "-w", "3"];
+    args.extend_from_slice(options);
+    args.extend(["--", node, &app, mode]);
+    Cluster::start_with(&args, |command| {
+        // Debug: worker messages are events at debug level (their payloads are the program's).
+        command
+            .env("PORT", PORT.to_string())
+            .env("CLUSTER_LB_LOG", "debug");
+    })
 }
 
 #[test]
-fn garbage_and_endless_lines_on_the_node_channel_disconnect_only_their_sender() {
+fn garbage_on_the_node_channel_disconnects_only_its_sender() {
     each_node("node_channel_garbage", |major, node| {
-        for mode in ["garbage", "endless"] {
-            let cluster = hostile(node, mode);
-            let disconnect =
-                cluster.wait_for_event("disconnect", Duration::from_secs(10), |e| e["worker"] == 0);
-            assert_eq!(
-                disconnect["failure"], true,
-                "Node {major} {mode}: {disconnect}"
-            );
-            let others =
-                cluster.wait_until("workers 1 and 2 ready", Duration::from_secs(10), |s| {
-                    s.workers
-                        .iter()
-                        .filter(|w| w.id != 0 && w.state == WorkerState::Ready)
-                        .count()
-                        == 2
-                });
-            let seen: BTreeMap<u32, usize> = distribution(addr(), 60);
-            assert!(seen.contains_key(&1) && seen.contains_key(&2), "{seen:?}");
-            assert_eq!(others.primary_pid, cluster.status().primary_pid);
-            assert!(cluster.stop().status.success(), "Node {major} {mode}");
-        }
+        let cluster = hostile(node, "garbage", &[]);
+        let disconnect =
+            cluster.wait_for_event("disconnect", Duration::from_secs(10), |e| e["worker"] == 1);
+        assert_eq!(disconnect["failure"], true, "Node {major}: {disconnect}");
+        let others = cluster.wait_until("workers 2 and 3 ready", Duration::from_secs(10), |s| {
+            s.workers
+                .iter()
+                .filter(|w| w.id != 1 && w.state == WorkerState::Ready)
+                .count()
+                == 2
+        });
+        let seen: BTreeMap<u32, usize> = distribution(addr(), 60);
+        assert!(seen.contains_key(&2) && seen.contains_key(&3), "{seen:?}");
+        assert_eq!(others.primary_pid, cluster.status().primary_pid);
+        assert!(cluster.stop().status.success(), "Node {major}");
+    });
+}
+
+/// Node delivers messages of any size; one over --max-message is dropped with one line, and
+/// its sender goes on (its next message arrives) and keeps serving.
+#[test]
+fn a_line_over_max_message_is_dropped_and_its_sender_keeps_serving() {
+    each_node("node_channel_endless", |major, node| {
+        let cluster = hostile(node, "endless", &["--max-message", "1M"]);
+        let message = cluster.wait_for_event("message", Duration::from_secs(10), |e| {
+            e["data"]["after"] == "endless"
+        });
+        assert_eq!(message["worker"], 1, "Node {major}");
+        let status = cluster.wait_until_ready(3);
+        assert!(status.workers.iter().all(|w| w.restarts == 0), "{status:?}");
+        assert!(
+            cluster.events_named("disconnect").is_empty(),
+            "Node {major}"
+        );
+        assert_eq!(distribution(addr(), 30).len(), 3, "Node {major}");
+        assert!(cluster.stop().status.success(), "Node {major}");
     });
 }
 
@@ -428,12 +446,12 @@ fn garbage_and_endless_lines_on_the_node_channel_disconnect_only_their_sender() 
 fn handles_and_unknown_acts_from_a_node_worker_are_answered_or_ignored_and_it_keeps_serving() {
     each_node("node_channel_handles", |major, node| {
         for (mode, after) in [("handle", "handle"), ("unknown-act", "unknown-act")] {
-            let cluster = hostile(node, mode);
+            let cluster = hostile(node, mode, &[]);
             // The message sent after the handle arrives only if the primary acknowledged it.
             let message = cluster.wait_for_event("message", Duration::from_secs(10), |e| {
                 e["data"]["after"] == after
             });
-            assert_eq!(message["worker"], 0, "Node {major} {mode}");
+            assert_eq!(message["worker"], 1, "Node {major} {mode}");
             let status = cluster.wait_until_ready(3);
             assert!(status.workers.iter().all(|w| w.restarts == 0), "{status:?}");
             assert!(cluster.events_named("disconnect").is_empty());

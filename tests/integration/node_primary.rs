@@ -86,7 +86,10 @@ fn http_get(port: u16, path: &str) -> std::io::Result<String> {
         return Err(std::io::Error::other(format!("not 200: {head}")));
     }
     // A chunked body (Express): the chunks' contents only.
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         return Ok(dechunk(body));
     }
     Ok(body.to_string())
@@ -173,7 +176,11 @@ fn the_primary_branch_runs_with_fork_env_requests_broadcasts_and_10_mb_messages_
         let cluster = start(&["--node-primary", "on"], node, "messages.js", &[]);
         let status = wait_for_program(&cluster, 2);
         let ids: Vec<u32> = status.workers.iter().map(|w| w.id).collect();
-        assert_eq!(ids, [1, 2], "Node {major}: workers numbered as cluster.worker.id");
+        assert_eq!(
+            ids,
+            [1, 2],
+            "Node {major}: workers numbered as cluster.worker.id"
+        );
         wait_for_whole_cluster_workers(&cluster);
         // Round robin: two requests reach both workers.
         let mut seen = BTreeSet::new();
@@ -183,7 +190,10 @@ fn the_primary_branch_runs_with_fork_env_requests_broadcasts_and_10_mb_messages_
             // fork({ ROLE }) per worker, and the configuration asked for before listen().
             assert_eq!(info["role"], format!("role-{id}"), "Node {major}: {info}");
             assert_eq!(info["config"]["greeting"], "hello from the primary");
-            assert!(info["ticks"].as_u64() > Some(0), "Node {major}: no broadcast: {info}");
+            assert!(
+                info["ticks"].as_u64() > Some(0),
+                "Node {major}: no broadcast: {info}"
+            );
             seen.insert(id);
         }
         assert_eq!(seen.len(), 2, "Node {major}: {seen:?}");
@@ -197,12 +207,21 @@ fn the_primary_branch_runs_with_fork_env_requests_broadcasts_and_10_mb_messages_
         }
         let ten_mb = 10 * 1024 * 1024;
         let path = format!("/big-to-primary?size={ten_mb}");
-        assert_eq!(http_get(PORT, &path).expect("to the primary"), ten_mb.to_string());
+        assert_eq!(
+            http_get(PORT, &path).expect("to the primary"),
+            ten_mb.to_string()
+        );
         let path = format!("/big-from-primary?size={ten_mb}");
-        assert_eq!(http_get(PORT, &path).expect("from the primary"), ten_mb.to_string());
+        assert_eq!(
+            http_get(PORT, &path).expect("from the primary"),
+            ten_mb.to_string()
+        );
         // No payload in the log by default (the configuration was sent to every worker).
         assert!(
-            !cluster.lines().iter().any(|l| l.contains("hello from the primary")),
+            !cluster
+                .lines()
+                .iter()
+                .any(|l| l.contains("hello from the primary")),
             "Node {major}: a message payload was logged"
         );
         let stopped = cluster.stop();
@@ -231,9 +250,16 @@ fn the_primary_killed_with_sigkill_comes_back_whole_and_no_request_fails() {
         thread::sleep(Duration::from_millis(300));
         let (answered, failures) = load.finish();
         assert!(failures.is_empty(), "Node {major}: {failures:?}");
-        assert!(answered.values().sum::<u64>() > 20, "Node {major}: {answered:?}");
+        assert!(
+            answered.values().sum::<u64>() > 20,
+            "Node {major}: {answered:?}"
+        );
         let pids = |s: &ClusterStatus| s.workers.iter().map(|w| w.pid).collect::<Vec<_>>();
-        assert_eq!(pids(&after), pids(&before), "Node {major}: workers were replaced");
+        assert_eq!(
+            pids(&after),
+            pids(&before),
+            "Node {major}: workers were replaced"
+        );
         cluster.wait_for_event("primary-exit", Duration::from_secs(1), |e| {
             e["signal"] == "SIGKILL" && e["restart_s"].is_number()
         });
@@ -252,7 +278,9 @@ fn an_exit_handler_that_reforks_keeps_the_count_under_10_sigkills() {
             signal(victim as u32, Signal::SIGKILL);
             cluster.wait_until("the victim replaced", Duration::from_secs(20), |s| {
                 s.workers.len() == 2
-                    && s.workers.iter().all(|w| w.pid != victim && w.state == WorkerState::Ready)
+                    && s.workers
+                        .iter()
+                        .all(|w| w.pid != victim && w.state == WorkerState::Ready)
             });
         }
         let status = cluster.wait_until_ready(2);
@@ -270,15 +298,22 @@ fn a_worker_that_reads_is_primary_starts_the_primary_which_takes_the_running_wor
         cluster.wait_for_events("primary-started", 1, Duration::from_secs(20));
         // Its forks take workers with its env (new ones, since the first ones run without
         // ROLE); the first ones, not forked, leave once it settled.
-        let status = cluster.wait_until("the program's workers only", Duration::from_secs(40), |s| {
-            s.workers.len() == 2 && s.workers.iter().all(|w| w.state == WorkerState::Ready)
-                && s.wanted_ids.len() == 2
-                && s.program_primary.is_some()
-        });
+        let status =
+            cluster.wait_until("the program's workers only", Duration::from_secs(40), |s| {
+                s.workers.len() == 2
+                    && s.workers.iter().all(|w| w.state == WorkerState::Ready)
+                    && s.wanted_ids.len() == 2
+                    && s.program_primary.is_some()
+            });
         wait_for_whole_cluster_workers(&cluster);
         for _ in 0..2 {
             let info = json_get(PORT, "/info");
-            assert!(info["role"].as_str().is_some_and(|r| r.starts_with("role-")), "{info}");
+            assert!(
+                info["role"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("role-")),
+                "{info}"
+            );
         }
         assert_eq!(status.workers.len(), 2);
         assert!(cluster.stop().status.success());
@@ -320,7 +355,16 @@ fn a_plain_server_and_an_express_app_start_no_primary_and_run_their_start_up_cod
             let _ = std::fs::remove_file(&starts);
             let counter = app("count-starts.js");
             let node = node20();
-            let all = ["run", "--log-format", "json", "-w", "2", "--", &node, &program];
+            let all = [
+                "run",
+                "--log-format",
+                "json",
+                "-w",
+                "2",
+                "--",
+                &node,
+                &program,
+            ];
             let cluster = Cluster::start_with(&all, |command| {
                 command
                     .env("PORT", PORT.to_string())
@@ -333,7 +377,10 @@ fn a_plain_server_and_an_express_app_start_no_primary_and_run_their_start_up_cod
             thread::sleep(Duration::from_millis(500));
             let status = cluster.status();
             assert!(status.program_primary.is_none(), "{program}: {status:?}");
-            assert!(cluster.events_named("primary-started").is_empty(), "{program}");
+            assert!(
+                cluster.events_named("primary-started").is_empty(),
+                "{program}"
+            );
             let lines = std::fs::read_to_string(&starts).expect("the start-up log");
             assert_eq!(
                 lines.lines().count(),
@@ -374,12 +421,20 @@ fn socket_io_with_the_cluster_adapter_reaches_every_client_from_every_worker() {
             .iter()
             .filter_map(Value::as_u64)
             .collect();
-        assert_eq!(workers.len(), 2, "sticky spread the clients over both workers: {seen}");
+        assert_eq!(
+            workers.len(),
+            2,
+            "sticky spread the clients over both workers: {seen}"
+        );
         assert_eq!(seen["echoes"].as_array().map(Vec::len), Some(8), "{seen}");
         // Every client got all 8 broadcasts, made on both workers, and fetchSockets() counts
         // the sockets of the whole cluster.
         assert!(
-            seen["received"].as_array().expect("received").iter().all(|n| n == 8),
+            seen["received"]
+                .as_array()
+                .expect("received")
+                .iter()
+                .all(|n| n == 8),
             "{seen}"
         );
         assert_eq!(seen["from"].as_array().map(Vec::len), Some(2), "{seen}");

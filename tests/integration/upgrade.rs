@@ -337,6 +337,12 @@ fn node_workers_keep_their_channel_across_an_upgrade() {
             },
         );
         cluster.wait_until_ready(2);
+        // The example has a primary branch: its primary runs too, and is handed over as is.
+        let primary = cluster
+            .wait_until("the program's primary", Duration::from_secs(20), |s| {
+                s.program_primary.is_some()
+            })
+            .program_primary;
         let workers = pids(&cluster);
         let node_addr: SocketAddr = "127.0.0.1:3000".parse().expect("address");
         let load = RequestLoop::start(node_addr, 2);
@@ -349,6 +355,11 @@ fn node_workers_keep_their_channel_across_an_upgrade() {
         );
         assert_eq!(pids(&cluster), workers);
         assert_eq!(cluster.status().version, new_version);
+        assert_eq!(
+            cluster.status().program_primary,
+            primary,
+            "the primary was replaced"
+        );
         thread::sleep(Duration::from_millis(500));
         let reply = request(cluster.control(), &Request::Reload, Duration::from_secs(60));
         assert_eq!(
@@ -356,6 +367,9 @@ fn node_workers_keep_their_channel_across_an_upgrade() {
             Reply::Reloaded { replaced: 2 },
             "Node {major}"
         );
+        // The new binary still talks to the primary: it got the replacements as forks.
+        assert_eq!(cluster.status().program_primary, primary);
+        assert!(cluster.events_named("primary-exit").is_empty());
         thread::sleep(Duration::from_millis(300));
         let (answered, failures) = load.finish();
         assert!(failures.is_empty(), "Node {major}: {failures:?}");

@@ -1,4 +1,4 @@
-// Test app: worker 0 misbehaves on Node's cluster channel in the way argv[2] names, after it
+// Test app: worker 1 (the first: Node workers count from 1) misbehaves on Node's cluster channel in the way argv[2] names, after it
 // listens; every worker serves "worker ID pid PID" on PORT.
 'use strict';
 const fs = require('node:fs');
@@ -11,13 +11,16 @@ const CHANNEL_FD = 3;
 
 const server = http.createServer((req, res) => res.end(`worker ${worker} pid ${process.pid}\n`));
 server.listen(Number(process.env.PORT ?? 3000), () => {
-  if (worker !== '0') return;
+  if (worker !== '1') return;
   switch (mode) {
     case 'garbage':
       fs.writeSync(CHANNEL_FD, 'this is not json\n');
       break;
     case 'endless':
-      fs.writeSync(CHANNEL_FD, 'x'.repeat(2 * 1024 * 1024));
+      // A 2 MB message (Node sends it whole), over --max-message, then an ordinary one: the
+      // long one is dropped, the one after arrives.
+      process.send('x'.repeat(2 * 1024 * 1024));
+      process.send({ after: 'endless' });
       break;
     case 'handle':
       // A handle the primary must acknowledge, or every later message stays queued in Node.

@@ -8,4 +8,5 @@ const handler = (req, res) => res.end(`worker ${worker} pid ${process.pid}\n`);
 http.createServer(handler).listen(Number(process.env.PORT ?? 3000));
 const major = Number(process.versions.node.split('.')[0]);
 const bypass = major >= 22 ? { reusePort: true } : { exclusive: true };
-http.createServer(handler).listen({ port: 3001 + Number(worker), host: '127.0.0.1', ...bypass });
+// Node workers are numbered from 1 (cluster.worker.id): 3001, 3002, ...
+http.createServer(handler).listen({ port: 3000 + Number(worker), host: '127.0.0.1', ...bypass });

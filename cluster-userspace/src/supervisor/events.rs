@@ -761,7 +761,11 @@ mod tests {
                 json!({"event": "upgraded", "from": "0.1.0", "to": "0.1.1", "workers": 2}),
             ),
             (
-                Event::Quiet { id: 2, pid: 9, after: secs(30_000) },
+                Event::Quiet {
+                    id: 2,
+                    pid: 9,
+                    after: secs(30_000),
+                },
                 json!({"event": "quiet", "worker": 2, "pid": 9, "after_s": 30.0}),
             ),
             (

@@ -180,6 +180,8 @@ pub enum UpgradeError {
     NotCalm(#[from] super::lifecycle::NotCalm),
     #[error("upgrade refused: worker {id}'s Node channel is in the middle of a message; try again in a moment")]
     ChannelBusy { id: u32 },
+    #[error("upgrade refused: a message to the program's primary is half written; try again in a moment")]
+    PrimaryBusy,
     #[error("upgrade refused: {0}")]
     State(#[from] super::saved::StateError),
     #[error("upgrade refused: the new binary {path} {problem}; the running primary (version {version}) stays in charge")]

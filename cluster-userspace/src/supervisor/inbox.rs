@@ -113,6 +113,9 @@ impl Inbox {
         if let Ok((pid, event)) = self.channels.try_recv() {
             return Some(Happened::Channel(pid, event));
         }
+        if let Ok(request) = self.requests.try_recv() {
+            return Some(Happened::Request(request));
+        }
         self.notify
             .try_recv()
             .ok()

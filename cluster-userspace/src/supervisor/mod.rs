@@ -298,6 +298,7 @@ impl Supervisor {
                 queue.extend(self.lifecycle.handle(reply, Instant::now()));
             }
         }
+        self.awaited_to_program();
     }
 
     /// Carries out one action; a spawn answers with its outcome.
@@ -369,9 +370,12 @@ impl Supervisor {
     /// Starts a process for worker `id`: as the program's primary forked it, or the command
     /// line's program.
     fn spawn(&mut self, id: u32) -> Input {
-        let preload = match (&self.program.preload, self.program.mode) {
-            // Whether the program has a primary branch is still to learn.
-            (Some(preload), PrimaryMode::Auto) if !self.lifecycle.has_primary() => {
+        let fork = self.program.variants.get(self.lifecycle.variant(id));
+        // Workers of the command line's program load the preload: it tells whether the
+        // program has a primary branch, and a worker that calls a primary-only function (a
+        // program that is only ever a primary under Node) leaves quietly.
+        let preload = match (&self.program.preload, fork) {
+            (Some(preload), None) => {
                 let user = self.workers.launch.command.base_variable("NODE_OPTIONS");
                 program::node_options(preload, user.as_deref())
             }
@@ -381,7 +385,7 @@ impl Supervisor {
             id,
             wanted: self.lifecycle.wanted(),
             node_id: id + 1 - self.lifecycle.first_id().min(1),
-            fork: self.program.variants.get(self.lifecycle.variant(id)),
+            fork,
             preload: &preload,
         };
         match self.workers.start(&start, &mut self.groups) {

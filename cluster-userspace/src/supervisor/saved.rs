@@ -16,7 +16,7 @@ use serde_json::Value;
 use cluster_lb_worker::ListenAddr;
 
 use super::lifecycle::Snapshot;
-use crate::protocol::nodejs::AddressType;
+use crate::protocol::nodejs::{primary::ForkSpec, AddressType};
 pub use crate::{
     kernel::groups::{SavedGroup, SavedMaps, SlotCounters},
     sys::fds::Inherited,
@@ -55,6 +55,30 @@ pub struct State {
     pub control: Option<Inherited>,
     pub metrics: Option<Inherited>,
     pub requester: Option<Inherited>,
+    /// The program's own primary process and what its forks started (absent from an older
+    /// binary: none ran).
+    #[serde(default)]
+    pub program: SavedProgram,
+}
+
+/// The program's primary (a Node program's primary branch), as an older binary held it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SavedProgram {
+    pub process: Option<SavedPrimary>,
+    /// What the workers its forks started run, by variant (see `program::Variants`).
+    pub variants: Vec<ForkSpec>,
+}
+
+/// The running primary process's descriptors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SavedPrimary {
+    pub pid: i32,
+    /// Its Node channel.
+    pub channel: Inherited,
+    /// Its request channel.
+    pub requests: Inherited,
+    pub stdout: Option<Inherited>,
+    pub stderr: Option<Inherited>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -71,6 +95,9 @@ pub struct SavedWorker {
     pub given: Vec<(u64, ListenAddr)>,
     pub queries: u32,
     pub reported: Vec<std::net::SocketAddr>,
+    /// What a Node worker said about itself (`online`, `listening`), for the program's primary.
+    #[serde(default)]
+    pub said: Vec<Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -170,6 +197,11 @@ impl State {
         for group in &self.groups {
             all.extend(group.maps.sockets);
             all.extend(group.maps.stats);
+        }
+        if let Some(primary) = &self.program.process {
+            all.extend([primary.channel, primary.requests]);
+            all.extend(primary.stdout);
+            all.extend(primary.stderr);
         }
         for worker in &self.workers {
             all.extend(worker.stdout);

@@ -135,9 +135,12 @@
     // ---- the child processes under Node's Worker objects ----
     const children = new Map(); // worker id -> WorkerProcess
     let adoption = null;        // set while cluster.fork() takes an offered worker
+    // Workers cluster-lb is starting or will offer (a restart, a reload's replacement): like a
+    // child process of its own, they keep the primary up while it has no Worker left.
+    let awaited = 0;
 
     function refChannel() {
-      let live = 0;
+      let live = awaited;
       for (const child of children.values()) if (child._refed) live++;
       if (live > 0) process.channel.ref(); else process.channel.unref();
     }
@@ -324,8 +327,13 @@
     process.on('internalMessage', (message) => {
       if (!message || message.cmd !== 'NODE_CLB') return;
       if (message.ev === 'offer') return adopt(message);
+      if (message.ev === 'awaited') {
+        awaited = message.count;
+        return refChannel();
+      }
+      if (message.ev === 'exit' && typeof message.awaited === 'number') awaited = message.awaited;
       const child = children.get(message.id);
-      if (!child || child.pid !== message.pid) return;
+      if (!child || child.pid !== message.pid) return refChannel();
       switch (message.ev) {
         case 'internal': child.emit('internalMessage', message.msg); break;
         case 'message': child.emit('message', message.msg); break;

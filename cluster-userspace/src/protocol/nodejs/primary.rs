@@ -247,10 +247,18 @@ pub mod to_primary {
         json!({"cmd": "NODE_CLB", "ev": "disconnect", "id": id, "pid": pid})
     }
 
-    /// `code` or `signal` (a name such as `SIGKILL`), the other null.
-    pub fn exit(id: u32, pid: i32, code: Option<i32>, signal: Option<&str>) -> Value {
+    /// `code` or `signal` (a name such as `SIGKILL`), the other null; `awaited` as in
+    /// [`awaited`], as of this exit.
+    pub fn exit(id: u32, pid: i32, code: Option<i32>, signal: Option<&str>, awaited: u32) -> Value {
         json!({"cmd": "NODE_CLB", "ev": "exit", "id": id, "pid": pid, "code": code,
-               "signal": signal})
+               "signal": signal, "awaited": awaited})
+    }
+
+    /// How many workers cluster-lb is starting or will offer that the primary has no Worker
+    /// for: while any are, the primary stays up with no Worker left (a reload's replacement is
+    /// offered right after the exit of the worker it replaces).
+    pub fn awaited(count: u32) -> Value {
+        json!({"cmd": "NODE_CLB", "ev": "awaited", "count": count})
     }
 
     /// Output of a `silent` worker (`fd` 1 or 2), base64.

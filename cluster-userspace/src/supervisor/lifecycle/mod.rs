@@ -243,6 +243,8 @@ struct IdRecord {
     answer_fork: bool,
     /// What it runs (see [`Lifecycle::variant`]).
     variant: u32,
+    /// The running primary process forked it (or took it when offered).
+    forked: bool,
 }
 
 /// A rolling reload under way.

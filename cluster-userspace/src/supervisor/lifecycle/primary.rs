@@ -181,6 +181,9 @@ impl Lifecycle {
         for process in self.processes.values_mut() {
             process.claim = Claim::No;
         }
+        for record in self.ids.values_mut() {
+            record.forked = false;
+        }
         let pid = pid.as_raw();
         let PrimaryPhase::Running {
             since,
@@ -272,7 +275,7 @@ impl Lifecycle {
                 if let PrimaryPhase::Running { settled, .. } = &mut self.primary {
                     *settled = true;
                 }
-                self.settle_unforked(since);
+                self.settle_unforked();
             }
             PrimaryPhase::Stopping { pid, kill_at } if kill_at <= now => {
                 self.primary = PrimaryPhase::Killed { pid };
@@ -282,18 +285,19 @@ impl Lifecycle {
         }
     }
 
-    /// The primary has had its time to fork: with [`Count::Program`], workers that ran before
-    /// it started and that it did not fork leave (the program decides how many); the rest, and
-    /// every replacement started since, are offered by [`Lifecycle::offer`].
-    fn settle_unforked(&mut self, since: Instant) {
+    /// The primary has had its time to fork: with [`Count::Program`], the worker ids it did
+    /// not fork leave (the program decides how many: workers that ran before it, of its
+    /// command line's program, are not its); replacements of ids it forked are offered by
+    /// [`Lifecycle::offer`].
+    fn settle_unforked(&mut self) {
         if self.policy.count != Count::Program {
             return;
         }
         let unforked: Vec<u32> = self
-            .processes
-            .values()
-            .filter(|p| p.claim == Claim::No && p.phase.is_candidate() && p.started < since)
-            .map(|p| p.id)
+            .wanted
+            .iter()
+            .copied()
+            .filter(|id| !self.ids.get(id).is_some_and(|r| r.forked))
             .collect();
         for id in unforked {
             self.unwant(id, Departure::NotForked);
@@ -461,6 +465,7 @@ impl Lifecycle {
         if let Some(process) = self.processes.get_mut(&pid) {
             process.claim = Claim::Claimed;
         }
+        self.ids.entry(id).or_default().forked = true;
         self.answer(ForkAnswer::Bound { id, pid });
     }
 
@@ -492,6 +497,16 @@ impl Lifecycle {
         self.processes
             .get(&pid)
             .is_some_and(|p| p.claim == Claim::Claimed)
+    }
+
+    /// Wanted workers the primary has no Worker for yet (being started, restarted, or to be
+    /// offered): while there are any, it is to stay up even with no Worker left, as a Node
+    /// primary does while a child process of its runs.
+    pub fn awaited_by_primary(&self) -> u32 {
+        self.wanted
+            .iter()
+            .filter(|id| !self.id_claimed(**id))
+            .count() as u32
     }
 
     /// Whether the program's primary may still get a fork answered or events relayed.

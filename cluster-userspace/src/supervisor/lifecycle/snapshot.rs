@@ -162,6 +162,9 @@ pub struct IdSnapshot {
     /// What it runs (0: the command line's program).
     #[serde(default)]
     pub variant: u32,
+    /// The running primary process forked it.
+    #[serde(default)]
+    pub forked: bool,
 }
 
 /// Why the lifecycle cannot be handed over now.
@@ -226,6 +229,7 @@ impl Lifecycle {
                     started_before: record.started_before,
                     restart_in_ms,
                     variant: record.variant,
+                    forked: record.forked,
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -339,6 +343,7 @@ impl Lifecycle {
                     started_before: id.started_before,
                     answer_fork: false,
                     variant: id.variant,
+                    forked: id.forked,
                 },
             );
         }

@@ -22,6 +22,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::{
     launch::spawn::{Channel, SpawnError, WorkerSpec},
+    saved::{Inherited, SavedPrimary},
     workers::{output, Launch, PRIMARY_VARIABLE},
 };
 use crate::{
@@ -42,6 +43,12 @@ pub const PRELOAD: &str = include_str!("../../protocol/nodejs/preload.cjs");
 const PRELOAD_FILE: &str = "cluster-lb-node.cjs";
 /// The longest request line (a fork's whole environment).
 const MAX_REQUEST: u64 = 16 * 1024 * 1024;
+
+/// Where a primary's channel events and requests go (the inbox).
+type Feeds = (
+    UnboundedSender<(Pid, super::workers::ChannelEvent)>,
+    UnboundedSender<RpcLine>,
+);
 
 /// A request of the running primary: its pid (a request of one since replaced is dropped),
 /// and what it asked, or why it could not be read.
@@ -89,6 +96,8 @@ pub struct ProgramPrimary {
     channel: NodeChannel,
     /// Our end of the blocking request channel (a reader thread has a copy).
     rpc: UnixStream,
+    /// Copies of the read ends of its output pipes, for an upgrade to hand over.
+    output: [Option<OwnedFd>; 2],
 }
 
 /// What the workers forks started run, by variant: variant N runs `specs[N - 1]`, 0 the
@@ -120,6 +129,16 @@ impl Variants {
     pub fn get(&self, n: u32) -> Option<&ForkSpec> {
         n.checked_sub(1)
             .and_then(|index| self.specs.get(index as usize))
+    }
+
+    /// All of them, in order (for an upgrade).
+    pub fn all(&self) -> &[ForkSpec] {
+        &self.specs
+    }
+
+    /// As an older binary had them.
+    pub fn restore(specs: Vec<ForkSpec>) -> Variants {
+        Variants { specs }
     }
 }
 
@@ -173,23 +192,93 @@ impl ProgramPrimary {
             filter: launch.filter.as_ref(),
         })?;
         drop((theirs, rpc_fd, stdout_write, stderr_write));
-        output::capture(Source::Primary, pid.as_raw(), Stream::Stdout, stdout_read);
-        output::capture(Source::Primary, pid.as_raw(), Stream::Stderr, stderr_read);
+        ProgramPrimary::attach(
+            pid,
+            (ours, rpc, [Some(stdout_read), Some(stderr_read)]),
+            (events, requests),
+            (budget, max_message),
+        )
+        .map_err(os("reading the primary's channels"))
+    }
+
+    /// Reads and writes a running primary's channels and output (a new one, or one an older
+    /// binary handed over).
+    fn attach(
+        pid: Pid,
+        (channel, rpc, output): (OwnedFd, UnixStream, [Option<OwnedFd>; 2]),
+        (events, requests): Feeds,
+        (budget, max_message): (Budget, usize),
+    ) -> std::io::Result<ProgramPrimary> {
+        let mut copies = [None, None];
+        for ((copy, fd), stream) in copies
+            .iter_mut()
+            .zip(output)
+            .zip([Stream::Stdout, Stream::Stderr])
+        {
+            if let Some(fd) = fd {
+                *copy = fd.try_clone().ok();
+                output::capture(Source::Primary, pid.as_raw(), stream, fd);
+            }
+        }
         let sink = move |event| {
             events
                 .send((pid, super::workers::ChannelEvent::Node(event)))
                 .is_ok()
         };
-        let channel = NodeChannel::start(ours, pid, sink, budget, max_message)
-            .map_err(os("reading the primary's channel"))?;
-        let reader = rpc
-            .try_clone()
-            .map_err(os("reading the primary's requests"))?;
+        let channel = NodeChannel::start(channel, pid, sink, budget, max_message)?;
+        let reader = rpc.try_clone()?;
         std::thread::Builder::new()
             .name("primary-requests".into())
-            .spawn(move || read_requests(pid, reader, requests))
-            .map_err(os("reading the primary's requests"))?;
-        Ok(ProgramPrimary { pid, channel, rpc })
+            .spawn(move || read_requests(pid, reader, requests))?;
+        Ok(ProgramPrimary {
+            pid,
+            channel,
+            rpc,
+            output: copies,
+        })
+    }
+
+    /// Its descriptors for the new binary of an upgrade; `None` while a message to it is half
+    /// written (it would be lost).
+    pub fn handover(&self) -> Option<SavedPrimary> {
+        if !self.channel.is_idle() {
+            return None;
+        }
+        let [stdout, stderr] = &self.output;
+        Some(SavedPrimary {
+            pid: self.pid.as_raw(),
+            channel: Inherited::of(&self.channel.raw_fd())?,
+            requests: Inherited::of(&self.rpc)?,
+            stdout: stdout.as_ref().and_then(Inherited::of),
+            stderr: stderr.as_ref().and_then(Inherited::of),
+        })
+    }
+
+    /// Takes over the primary an older binary ran.
+    pub fn resume(
+        saved: &SavedPrimary,
+        feeds: Feeds,
+        budget: (Budget, usize),
+    ) -> std::io::Result<ProgramPrimary> {
+        let lost = |what| std::io::Error::other(format!("its {what} was not inherited"));
+        let channel = saved.channel.take().ok_or_else(|| lost("channel"))?;
+        let rpc = saved
+            .requests
+            .take()
+            .ok_or_else(|| lost("request channel"))?;
+        ProgramPrimary::attach(
+            Pid::from_raw(saved.pid),
+            (
+                channel,
+                UnixStream::from(rpc),
+                [
+                    saved.stdout.and_then(Inherited::take),
+                    saved.stderr.and_then(Inherited::take),
+                ],
+            ),
+            feeds,
+            budget,
+        )
     }
 
     /// What its Node channel said.
@@ -280,6 +369,8 @@ pub struct Program {
     pub variants: Variants,
     /// The lifecycle's answers to the request being handled.
     pub answers: Vec<crate::supervisor::lifecycle::ForkAnswer>,
+    /// The workers the running primary was last told to wait for.
+    pub awaited: Option<u32>,
 }
 
 impl Program {
@@ -290,6 +381,7 @@ impl Program {
             process: None,
             variants: Variants::default(),
             answers: Vec::new(),
+            awaited: None,
         }
     }
 

@@ -4,7 +4,7 @@
 use nix::{sys::signal::Signal, unistd::Pid};
 use serde_json::Value;
 
-use super::{ProgramPrimary, RpcLine, Said};
+use super::{ProgramPrimary, RpcLine, Said, Variants};
 use crate::{
     logging::{Source, Stream},
     protocol::{
@@ -21,6 +21,7 @@ use crate::{
     supervisor::{
         events::{Departure, ExitStatus},
         lifecycle::{ForkAnswer, Input},
+        saved::SavedProgram,
         Supervisor,
     },
 };
@@ -51,6 +52,33 @@ impl Supervisor {
             Err(error) => Input::PrimarySpawnFailed {
                 error: error.to_string(),
             },
+        }
+    }
+
+    /// Takes over the program's primary an older binary ran (an upgrade).
+    pub(in crate::supervisor) fn resume_program(&mut self, saved: &SavedProgram) {
+        self.program.variants = Variants::restore(saved.variants.clone());
+        let Some(primary) = &saved.process else {
+            return;
+        };
+        let max = self.config.max_message;
+        let budget = Budget::for_worker(max, &self.workers.shared_budget());
+        let feeds = (self.feeds.channels.clone(), self.feeds.requests.clone());
+        match ProgramPrimary::resume(primary, feeds, (budget, max)) {
+            Ok(process) => {
+                self.inbox.watch(process.pid);
+                self.program.process = Some(process);
+            }
+            Err(e) => {
+                // Its channels are gone: it cannot fork any more. It is stopped, and the
+                // lifecycle starts another once it is reaped (its workers keep serving).
+                log::warn!(
+                    "the program's primary (pid {}) could not be taken over: {e}; it is restarted",
+                    primary.pid
+                );
+                self.inbox.watch(Pid::from_raw(primary.pid));
+                let _ = nix::sys::signal::kill(Pid::from_raw(primary.pid), Signal::SIGTERM);
+            }
         }
     }
 
@@ -242,15 +270,31 @@ impl Supervisor {
     }
 
     /// A worker of the primary exited.
-    pub(in crate::supervisor) fn exit_to_program(&self, id: u32, pid: Pid, status: ExitStatus) {
+    pub(in crate::supervisor) fn exit_to_program(&mut self, id: u32, pid: Pid, status: ExitStatus) {
         let (code, signal) = match status {
             ExitStatus::Code(code) => (Some(code), None),
             ExitStatus::Signal(signal) => (None, Some(signal.as_str())),
         };
+        let awaited = self.lifecycle.awaited_by_primary();
+        self.program.awaited = Some(awaited);
         self.program.tell(
-            to_primary::exit(id, pid.as_raw(), code, signal),
+            to_primary::exit(id, pid.as_raw(), code, signal, awaited),
             Held::default(),
         );
+    }
+
+    /// Tells the primary how many workers it is to wait for, when that changed.
+    pub(in crate::supervisor) fn awaited_to_program(&mut self) {
+        if self.program.process.is_none() {
+            self.program.awaited = None;
+            return;
+        }
+        let awaited = self.lifecycle.awaited_by_primary();
+        if self.program.awaited != Some(awaited) {
+            self.program.awaited = Some(awaited);
+            self.program
+                .tell(to_primary::awaited(awaited), Held::default());
+        }
     }
 
     /// A worker the primary did not fork: it may take it.

@@ -32,7 +32,8 @@ use std::{
 };
 
 use super::saved::{
-    Inherited, SavedGroup, SavedMaps, SlotCounters, State, CHECK_VARIABLE, FORMAT, STATE_VARIABLE,
+    Inherited, SavedGroup, SavedMaps, SavedProgram, SlotCounters, State, CHECK_VARIABLE, FORMAT,
+    STATE_VARIABLE,
 };
 pub use resume::Resumed;
 
@@ -108,6 +109,14 @@ impl Supervisor {
             .workers
             .handover()
             .map_err(|id| UpgradeError::ChannelBusy { id })?;
+        let process = match &self.program.process {
+            None => None,
+            Some(process) => Some(process.handover().ok_or(UpgradeError::PrimaryBusy)?),
+        };
+        let program = SavedProgram {
+            process,
+            variants: self.program.variants.all().to_vec(),
+        };
         let groups = self
             .groups
             .iter()
@@ -145,6 +154,7 @@ impl Supervisor {
             control: self.kept.control,
             metrics: self.kept.metrics,
             requester: requester.and_then(Inherited::of),
+            program,
         })
     }
 

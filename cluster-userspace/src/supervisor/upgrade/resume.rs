@@ -98,6 +98,7 @@ impl Supervisor {
             workers.restore_active(*slot);
         }
         workers.publish(&mut supervisor.groups);
+        supervisor.resume_program(&state.program);
         // Everything is in the new maps: the new programs take over from the old, group by group.
         supervisor.groups.swap_in(&sockets);
         let to = crate::version::version().to_string();

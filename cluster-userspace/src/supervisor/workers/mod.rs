@@ -404,7 +404,7 @@ impl Workers {
                 },
                 reported: worker.reported.iter().copied().collect(),
                 output,
-                said: Vec::new(),
+                said: worker.said.clone(),
                 drops: Drops::default(),
             },
         );
@@ -587,6 +587,7 @@ impl Workers {
                     given: io.claims.given.iter().map(|(i, a)| (*i, *a)).collect(),
                     queries: io.claims.queries,
                     reported: io.reported.iter().copied().collect(),
+                    said: io.said.clone(),
                 })
             })
             .collect()
