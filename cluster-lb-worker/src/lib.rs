@@ -7,6 +7,24 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Workers talk to each other through the primary, which relays what a worker addresses to
+//! other workers ([`send_to`] with a [`To`]); the receivers get it as
+//! [`Incoming::FromWorker`], with the sender's id:
+//!
+//! ```no_run
+//! use cluster_lb_worker::{self as worker, Incoming, To};
+//! # async fn chat() -> std::io::Result<()> {
+//! worker::send_to(To::Others, serde_json::json!({"cache": "flush"})).await?;
+//! while let Some(incoming) = worker::recv().await {
+//!     match incoming {
+//!         Incoming::FromWorker { from, data } => println!("worker {from} says {data}"),
+//!         Incoming::Message(data) => println!("the primary says {data}"),
+//!         Incoming::Disconnect => break,
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
 //! The crate also holds what both ends of a worker's channel share: the IPC wire protocol
 //! ([`protocol`], docs/PROTOCOL.md), its transport ([`channel`]), listen addresses
 //! ([`ListenAddr`]) and the one receive that takes descriptors safely ([`unix`]). It depends on
@@ -42,6 +60,7 @@ pub mod protocol;
 pub mod unix;
 
 pub use listen_addr::{ListenAddr, Transport};
+pub use protocol::To;
 
 use channel::Endpoint;
 use protocol::{PrimaryMessage, WorkerMessage, VERSION};
@@ -57,8 +76,11 @@ const LISTEN_FDS_START: RawFd = 3;
 /// What the primary sends a worker.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Incoming {
-    /// A user message.
+    /// A user message from the primary (`cluster-lb send`, or an embedding program).
     Message(Value),
+    /// A message another worker addressed to this one ([`send_to`]), relayed by the primary;
+    /// `from` is the sender's worker id.
+    FromWorker { from: u32, data: Value },
     /// Stop accepting, finish in-flight work and exit.
     Disconnect,
 }
@@ -113,7 +135,27 @@ pub async fn listen(address: &str) -> io::Result<TcpListener> {
 pub async fn send(data: Value) -> io::Result<()> {
     channel()
         .ok_or_else(not_a_worker)?
-        .send(&WorkerMessage::Message { v: VERSION, data })
+        .send(&WorkerMessage::Message {
+            v: VERSION,
+            data,
+            to: None,
+        })
+        .await
+}
+
+/// Sends a user message to other workers, through the primary: a worker id (every process
+/// of that id), all of them or the others. They receive it as [`Incoming::FromWorker`]. The
+/// primary delivers it to those running now and drops it for one whose channel is full;
+/// nothing comes back to say so. Fails when this is not a worker with a channel, or the
+/// message is over the protocol's 64 KiB.
+pub async fn send_to(to: To, data: Value) -> io::Result<()> {
+    channel()
+        .ok_or_else(not_a_worker)?
+        .send(&WorkerMessage::Message {
+            v: VERSION,
+            data,
+            to: Some(to),
+        })
         .await
 }
 
@@ -217,8 +259,12 @@ fn open_channel() -> Option<Channel> {
                         let _ = waiter.send((reply, datagram.fds));
                     }
                 }
-                Ok(PrimaryMessage::Message { data, .. }) => {
-                    let _ = incoming_tx.send(Incoming::Message(data));
+                Ok(PrimaryMessage::Message { data, from, .. }) => {
+                    let incoming = match from {
+                        Some(from) => Incoming::FromWorker { from, data },
+                        None => Incoming::Message(data),
+                    };
+                    let _ = incoming_tx.send(incoming);
                 }
                 Ok(PrimaryMessage::Disconnect { .. }) => {
                     let _ = incoming_tx.send(Incoming::Disconnect);

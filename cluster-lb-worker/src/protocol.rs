@@ -3,6 +3,9 @@
 //! One message per SOCK_SEQPACKET datagram, UTF-8 JSON, at most [`MAX_MESSAGE`] bytes, with
 //! `"v": 1` and a `"type"`. Decoding never panics: anything else is a [`DecodeError`] that names
 //! what was wrong, and the primary disconnects a worker that sends one.
+//!
+//! A worker's `message` goes to the primary, or, with `to` ([`To`]), to other workers: the
+//! primary relays it to each of them as a `message` with `from`, the sender's worker id.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -28,8 +31,14 @@ pub enum WorkerMessage {
     },
     /// The worker now accepts on `address`: it is ready for connections.
     Listening { v: u32, address: String },
-    /// A user message for the primary.
-    Message { v: u32, data: Value },
+    /// A user message: for the primary, or with `to`, for other workers (relayed by the
+    /// primary).
+    Message {
+        v: u32,
+        data: Value,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<To>,
+    },
     /// The worker closes its channel on purpose and will exit; take it out of rotation.
     Disconnect { v: u32 },
 }
@@ -49,10 +58,66 @@ pub enum PrimaryMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
-    /// A user message for the worker.
-    Message { v: u32, data: Value },
+    /// A user message for the worker: from the primary, or with `from`, relayed from that
+    /// worker.
+    Message {
+        v: u32,
+        data: Value,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<u32>,
+    },
     /// Stop accepting, finish in-flight work, exit.
     Disconnect { v: u32 },
+}
+
+/// Which workers a worker's message is for (its `to`): on the wire a worker id (a number),
+/// `"all"` or `"others"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "Value", into = "Value")]
+pub enum To {
+    /// Every process of this worker id (two while a reload replaces it).
+    Worker(u32),
+    /// Every worker, the sender included.
+    All,
+    /// Every worker but those of the sender's id.
+    Others,
+}
+
+impl TryFrom<Value> for To {
+    type Error = &'static str;
+
+    fn try_from(value: Value) -> Result<To, Self::Error> {
+        let to = match &value {
+            Value::Number(n) => n
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .map(To::Worker),
+            Value::String(s) if s == "all" => Some(To::All),
+            Value::String(s) if s == "others" => Some(To::Others),
+            _ => None,
+        };
+        to.ok_or("\"to\" must be a worker id (a number), \"all\" or \"others\"")
+    }
+}
+
+impl From<To> for Value {
+    fn from(to: To) -> Value {
+        match to {
+            To::Worker(id) => Value::from(id),
+            To::All => Value::from("all"),
+            To::Others => Value::from("others"),
+        }
+    }
+}
+
+impl std::fmt::Display for To {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            To::Worker(id) => write!(f, "worker {id}"),
+            To::All => f.write_str("all workers"),
+            To::Others => f.write_str("the other workers"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,8 +242,67 @@ mod tests {
         let too_big = WorkerMessage::Message {
             v: 1,
             data: json!("x".repeat(MAX_MESSAGE)),
+            to: None,
         };
         assert_eq!(encode(&too_big), None);
+    }
+
+    #[test]
+    fn addressed_messages_have_the_documented_shape() {
+        let to = |text: &str| decode::<WorkerMessage>(text.as_bytes());
+        let message = |to| WorkerMessage::Message {
+            v: 1,
+            data: json!({"hi": 1}),
+            to,
+        };
+        assert_eq!(
+            to(r#"{"v":1,"type":"message","data":{"hi":1}}"#),
+            Ok(message(None))
+        );
+        assert_eq!(
+            to(r#"{"v":1,"type":"message","data":{"hi":1},"to":3}"#),
+            Ok(message(Some(To::Worker(3))))
+        );
+        assert_eq!(
+            to(r#"{"v":1,"type":"message","data":{"hi":1},"to":"all"}"#),
+            Ok(message(Some(To::All)))
+        );
+        assert_eq!(
+            to(r#"{"v":1,"type":"message","data":{"hi":1},"to":"others"}"#),
+            Ok(message(Some(To::Others)))
+        );
+        assert_eq!(
+            String::from_utf8(encode(&message(Some(To::Others))).unwrap()).unwrap(),
+            r#"{"type":"message","v":1,"data":{"hi":1},"to":"others"}"#
+        );
+        assert_eq!(
+            String::from_utf8(encode(&message(None)).unwrap()).unwrap(),
+            r#"{"type":"message","v":1,"data":{"hi":1}}"#,
+            "a message for the primary is written as before"
+        );
+        for bad in [r#""everyone""#, "-1", "1.5", "4294967296", "[1]", r#""3""#] {
+            let text = format!(r#"{{"v":1,"type":"message","data":0,"to":{bad}}}"#);
+            match to(&text) {
+                Err(DecodeError::Invalid(why)) => assert!(why.contains("\"to\" must be"), "{why}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        let relayed = PrimaryMessage::Message {
+            v: 1,
+            data: json!("x"),
+            from: Some(2),
+        };
+        let text = String::from_utf8(encode(&relayed).unwrap()).unwrap();
+        assert_eq!(text, r#"{"type":"message","v":1,"data":"x","from":2}"#);
+        assert_eq!(decode::<PrimaryMessage>(text.as_bytes()), Ok(relayed));
+        assert_eq!(
+            decode::<PrimaryMessage>(br#"{"v":1,"type":"message","data":"x"}"#),
+            Ok(PrimaryMessage::Message {
+                v: 1,
+                data: json!("x"),
+                from: None
+            })
+        );
     }
 
     /// The committed seed corpus (cluster-userspace/fuzz-seeds/ipc): hand-made hostile and valid
@@ -197,6 +321,7 @@ mod tests {
                 "query-server.json",
                 "listening-v6.json",
                 "message-nested.json",
+                "message-to-others.json",
             ];
             match decode::<WorkerMessage>(&bytes) {
                 Ok(message) => {
@@ -234,7 +359,7 @@ mod tests {
 
         #[test]
         fn user_messages_round_trip(s in "[ -~]{0,64}", n in any::<i64>()) {
-            let message = WorkerMessage::Message { v: 1, data: json!({"s": s, "n": n}) };
+            let message = WorkerMessage::Message { v: 1, data: json!({"s": s, "n": n}), to: None };
             prop_assert_eq!(decode::<WorkerMessage>(&encode(&message).unwrap()), Ok(message));
         }
     }

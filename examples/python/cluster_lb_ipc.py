@@ -5,8 +5,9 @@
     sock = channel.query_server("127.0.0.1:8080")
     ...  # serve on sock
     channel.listening("127.0.0.1:8080")
+    channel.send({"hello": 1}, to="others")     # to other workers, through the primary
     for message in channel.messages():          # {"type": "message", ...} or {"type": "disconnect"}
-        ...
+        ...                                     # a worker's message has "from": its worker id
 """
 import array
 import json
@@ -15,6 +16,8 @@ import socket
 
 VERSION = 1
 MAX_MESSAGE = 64 * 1024
+# Who a message is for besides the primary: a worker id, or one of these.
+GROUPS = ("all", "others")
 
 
 class ProtocolError(Exception):
@@ -72,14 +75,22 @@ class Channel:
     def listening(self, address):
         self._send({"type": "listening", "address": address})
 
-    def send(self, data):
-        self._send({"type": "message", "data": data})
+    def send(self, data, to=None):
+        """A user message: for the primary, or with `to` (a worker id, "all" or "others") for
+        those workers, which get it with "from": this worker's id."""
+        message = {"type": "message", "data": data}
+        if to is not None:
+            valid_id = isinstance(to, int) and not isinstance(to, bool) and 0 <= to < 2**32
+            if not valid_id and to not in GROUPS:
+                raise ValueError(f'to must be a worker id, "all" or "others", not {to!r}')
+            message["to"] = to
+        self._send(message)
 
     def disconnect(self):
         self._send({"type": "disconnect"})
 
     def messages(self):
-        """Yields what the primary sends ("message" or "disconnect") until the channel closes."""
+        """Yields what comes ("message", with "from" if a worker sent it, or "disconnect")."""
         while True:
             message, fds = self._receive()
             for fd in fds:

@@ -8,6 +8,7 @@ mod cli_errors;
 mod config_file;
 mod failures;
 mod hardening;
+mod messages;
 mod named_clusters;
 mod node;
 mod node_primary;

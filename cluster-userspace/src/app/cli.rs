@@ -117,6 +117,18 @@ pub enum Command {
         #[command(flatten)]
         control: ControlArg,
     },
+    /// Send a message (one JSON value) to a worker, or to every worker, on its channel: a
+    /// Node worker gets it in process.on('message'), a cluster-lb-worker (Rust) or Python
+    /// client as a message from the primary. Exit 1 when a worker did not get it.
+    Send {
+        #[command(flatten)]
+        to: SendTo,
+        /// The message, as JSON (quote it for the shell: '{"cmd":"reload-config"}')
+        #[arg(value_name = "JSON")]
+        message: String,
+        #[command(flatten)]
+        control: ControlArg,
+    },
     /// Replace the running primary with the binary now at its path, in place: same pid, same
     /// workers, no connection dropped (also: SIGUSR2 to the primary). Refused while a reload
     /// is under way; a new binary that cannot take over leaves the old one in charge.
@@ -131,6 +143,27 @@ pub enum Command {
         #[arg(value_name = "DIR")]
         dir: std::path::PathBuf,
     },
+}
+
+/// Which workers `send` is for.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct SendTo {
+    /// Every process of this worker id that is not being stopped (ids as `status` shows them)
+    #[arg(long, value_name = "ID", allow_negative_numbers = true)]
+    pub worker: Option<u32>,
+    /// Every worker that is not being stopped
+    #[arg(long)]
+    pub all: bool,
+}
+
+impl SendTo {
+    pub fn recipients(&self) -> crate::supervisor::Recipients {
+        match self.worker {
+            Some(id) => crate::supervisor::Recipients::Worker(id),
+            None => crate::supervisor::Recipients::All,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -524,6 +557,42 @@ mod tests {
         assert!(both.unwrap_err().contains("cannot be used with"));
         let bad = target(&["cluster-lb", "stop", "--name", "../etc"]);
         assert!(bad.unwrap_err().contains("is not a cluster name"));
+    }
+
+    #[test]
+    fn send_names_a_worker_or_all_and_takes_one_message() {
+        use crate::supervisor::Recipients;
+        let send = |args: &[&str]| match Cli::try_parse_from(args).map(|cli| cli.command) {
+            Ok(Command::Send {
+                to,
+                message,
+                control,
+            }) => Ok((to.recipients(), message, control.target())),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(one_line_error(&e)),
+        };
+        let (to, message, _) = send(&["cluster-lb", "send", "--worker", "2", "{}"]).unwrap();
+        assert_eq!((to, message.as_str()), (Recipients::Worker(2), "{}"));
+        let (to, _, target) = send(&["cluster-lb", "send", "--all", "--name", "api", "1"]).unwrap();
+        assert_eq!(to, Recipients::All);
+        assert_eq!(
+            target,
+            crate::app::client::Target::Name("api".parse().unwrap())
+        );
+        let neither = send(&["cluster-lb", "send", "{}"]).unwrap_err();
+        assert!(
+            neither.contains("--worker") && neither.contains("--all"),
+            "{neither}"
+        );
+        let both = send(&["cluster-lb", "send", "--worker", "1", "--all", "{}"]).unwrap_err();
+        assert!(both.contains("cannot be used with"), "{both}");
+        let no_message = send(&["cluster-lb", "send", "--all"]).unwrap_err();
+        assert!(no_message.contains("JSON"), "{no_message}");
+        let bad_id = send(&["cluster-lb", "send", "--worker", "-1", "{}"]).unwrap_err();
+        assert!(
+            bad_id.contains("invalid value '-1' for '--worker"),
+            "{bad_id}"
+        );
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The `status`, `reload`, `scale` and `stop` subcommands: find the cluster meant (by
+//! The `status`, `reload`, `scale`, `stop` and `send` subcommands: find the cluster meant (by
 //! `--control PATH`, by `--name`, or the only one running), talk to its primary over its
 //! control socket and print what it says.
 
@@ -8,10 +8,10 @@ use std::{
 };
 
 use super::{
-    control::{request, ControlError, Reply, Request},
+    control::{request, ControlError, Reply, Request, MAX_SEND},
     names::{self, ClusterName},
 };
-use crate::supervisor::ClusterStatus;
+use crate::supervisor::{ClusterStatus, Recipients};
 
 /// A reload waits for every replacement to become ready, so it may take a while.
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(600);
@@ -177,6 +177,30 @@ pub fn stop(target: &Target) -> Result<(), ControlError> {
     say(target.request(&Request::Stop, QUICK_TIMEOUT)?)
 }
 
+/// `cluster-lb send`: `data` (see [`parse_message`]) to the workers `to` names.
+pub fn send(target: &Target, to: Recipients, data: serde_json::Value) -> Result<(), ControlError> {
+    say(target.request(&Request::Send { to, data }, QUICK_TIMEOUT)?)
+}
+
+/// Why the message given to `cluster-lb send` cannot be sent: a usage error (exit 2).
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    #[error("the message is not JSON ({0}); give one JSON value, quoted for the shell: cluster-lb send --all '{{\"cmd\":\"reload-config\"}}'")]
+    NotJson(serde_json::Error),
+    #[error("the message is {0} bytes of JSON; send takes at most {MAX_SEND}")]
+    TooLarge(usize),
+}
+
+/// The JSON value `cluster-lb send` was given.
+pub fn parse_message(text: &str) -> Result<serde_json::Value, MessageError> {
+    let data: serde_json::Value = serde_json::from_str(text).map_err(MessageError::NotJson)?;
+    let size = data.to_string().len();
+    if size > MAX_SEND {
+        return Err(MessageError::TooLarge(size));
+    }
+    Ok(data)
+}
+
 fn say(reply: Reply) -> Result<(), ControlError> {
     println!("{reply}");
     Ok(())
@@ -254,4 +278,26 @@ pub fn table(status: &ClusterStatus) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_must_be_one_json_value_of_bounded_size() {
+        assert_eq!(
+            parse_message(r#" {"cmd": "reload-config"} "#).unwrap(),
+            serde_json::json!({"cmd": "reload-config"})
+        );
+        assert_eq!(parse_message("42").unwrap(), serde_json::json!(42));
+        for bad in ["", "{cmd: 1}", "hello", r#"{"a":1} {"b":2}"#, "{\n\"a\":"] {
+            let error = parse_message(bad).unwrap_err().to_string();
+            assert!(error.starts_with("the message is not JSON ("), "{error}");
+            assert!(!error.contains('\n'), "one line: {error}");
+        }
+        let long = serde_json::Value::from("x".repeat(MAX_SEND)).to_string();
+        let error = parse_message(&long).unwrap_err().to_string();
+        assert!(error.contains("send takes at most"), "{error}");
+    }
 }

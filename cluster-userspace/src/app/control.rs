@@ -1,5 +1,5 @@
 //! The control socket: a Unix stream socket (mode 0600) where `cluster-lb status | reload |
-//! scale N | stop` reach a running primary. One JSON [`Request`] line in, one JSON [`Reply`]
+//! scale N | stop | send` reach a running primary. One JSON [`Request`] line in, one JSON [`Reply`]
 //! line out; both sides use these types, so they cannot drift apart.
 
 use std::{
@@ -19,19 +19,30 @@ use super::{
     accept::{Acceptor, REQUEST_TIMEOUT},
     names::ClusterName,
 };
-use crate::supervisor::{ClusterStatus, Handle};
+use crate::supervisor::{ClusterStatus, Handle, Recipients};
 
-/// Longest request line accepted.
-const MAX_REQUEST: u64 = 4096;
+/// Longest request line accepted: room for a `send` of the longest message that fits a
+/// datagram of cluster-lb's IPC, and its envelope.
+const MAX_REQUEST: u64 = 2 * crate::protocol::ipc::MAX_MESSAGE as u64;
+
+/// The longest message `send` takes, as compact JSON.
+pub const MAX_SEND: usize = crate::protocol::ipc::MAX_MESSAGE;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Request {
     Status,
     Reload,
-    Scale { workers: u32 },
+    Scale {
+        workers: u32,
+    },
     Stop,
     Upgrade,
+    /// A user message to a worker id's processes or to every worker, on their channels.
+    Send {
+        to: Recipients,
+        data: serde_json::Value,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,6 +65,10 @@ pub enum Reply {
         from: String,
         to: String,
         pid: u32,
+        workers: u32,
+    },
+    /// A message reached this many worker processes (every one it was for).
+    Sent {
         workers: u32,
     },
     /// The request was not carried out; `error` says why in one line.
@@ -80,6 +95,8 @@ impl std::fmt::Display for Reply {
                 f,
                 "upgraded from {from} to {to}: primary pid {pid} and its {workers} workers kept"
             ),
+            Reply::Sent { workers: 1 } => f.write_str("sent to 1 worker"),
+            Reply::Sent { workers } => write!(f, "sent to {workers} workers"),
             Reply::Refused { error } => f.write_str(error),
         }
     }
@@ -366,6 +383,10 @@ async fn execute(request: Request, handle: &Handle, name: &ClusterName) -> Reply
             handle.stop();
             Reply::Stopping
         }
+        Request::Send { to, data } => match handle.deliver(to, data).await {
+            Ok(workers) => Reply::Sent { workers },
+            Err(error) => refused(&error),
+        },
         Request::Upgrade => refused(&"an upgrade is answered by the connection that asked"),
     }
 }
@@ -437,5 +458,38 @@ mod tests {
         );
         let refused: Reply = serde_json::from_str(r#"{"reply":"refused","error":"no"}"#).unwrap();
         assert_eq!(refused.to_string(), "no");
+    }
+
+    #[test]
+    fn a_send_names_a_worker_or_all() {
+        let send = |to| Request::Send {
+            to,
+            data: serde_json::json!({"cmd": "reload-config"}),
+        };
+        assert_eq!(
+            serde_json::to_string(&send(Recipients::Worker(2))).unwrap(),
+            r#"{"cmd":"send","to":2,"data":{"cmd":"reload-config"}}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&send(Recipients::All)).unwrap(),
+            r#"{"cmd":"send","to":"all","data":{"cmd":"reload-config"}}"#
+        );
+        for text in [
+            r#"{"cmd":"send","to":2,"data":{"cmd":"reload-config"}}"#,
+            r#"{"cmd":"send","to":"all","data":{"cmd":"reload-config"}}"#,
+        ] {
+            let request: Request = serde_json::from_str(text).unwrap();
+            assert_eq!(serde_json::to_string(&request).unwrap(), text);
+        }
+        assert!(
+            serde_json::from_str::<Request>(r#"{"cmd":"send","to":"others","data":1}"#).is_err()
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"send","to":"all"}"#).is_err());
+        assert_eq!(Reply::Sent { workers: 1 }.to_string(), "sent to 1 worker");
+        assert_eq!(Reply::Sent { workers: 3 }.to_string(), "sent to 3 workers");
+        // The longest message fits a request line.
+        let longest = send(Recipients::Worker(u32::MAX));
+        let envelope = serde_json::to_string(&longest).unwrap().len();
+        assert!(envelope + MAX_SEND < MAX_REQUEST as usize);
     }
 }

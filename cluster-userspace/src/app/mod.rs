@@ -1,7 +1,7 @@
 //! The front end: the `cluster-lb` command line (`cli`, `config_file`), what `run` starts
 //! around a supervisor (the control socket and the metrics server), and the client commands
-//! (`status`, `top`, `reload`, `scale`, `stop`, `upgrade`). Nothing here decides about workers:
-//! that is the supervisor's; `run` starts it from its `Handle`, as any embedder would.
+//! (`status`, `top`, `reload`, `scale`, `stop`, `send`, `upgrade`). Nothing here decides about
+//! workers: that is the supervisor's; `run` starts it from its `Handle`, as any embedder would.
 
 mod accept;
 pub mod cli;
@@ -82,7 +82,7 @@ pub fn main() -> ExitCode {
         Err(CommandLineError::Args(error))
             if error.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
         {
-            eprintln!("cluster-lb: error: no command given; use run, status, top, reload, scale or stop (see cluster-lb --help)");
+            eprintln!("cluster-lb: error: no command given; use run, status, top, reload, scale, stop or send (see cluster-lb --help)");
             return ExitCode::from(2);
         }
         Err(CommandLineError::Args(error)) if !error.use_stderr() => {
@@ -142,6 +142,18 @@ pub fn main() -> ExitCode {
             client::scale(&control.target(), workers).map_err(Into::into)
         }
         Command::Stop { control } => client::stop(&control.target()).map_err(Into::into),
+        Command::Send {
+            to,
+            message,
+            control,
+        } => match client::parse_message(&message) {
+            Ok(data) => client::send(&control.target(), to.recipients(), data).map_err(Into::into),
+            Err(error) => {
+                // A message that is no JSON is a usage error, as a bad argument is.
+                eprintln!("cluster-lb: error: {error}");
+                return ExitCode::from(2);
+            }
+        },
         Command::Upgrade { control } => client::upgrade(&control.target()).map_err(Into::into),
         Command::GenerateDist { dir } => dist::generate(&dir).map_err(Into::into),
     };

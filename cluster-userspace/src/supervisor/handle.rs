@@ -20,11 +20,77 @@ pub enum ScaleError {
     Gone,
 }
 
+/// Which workers a message from outside the workers (`cluster-lb send`, an embedder) is for.
+/// In JSON as in cluster-lb's IPC `to`: a worker id (a number), or `"all"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "Value", into = "Value")]
+pub enum Recipients {
+    /// Every process of this worker id that is not being stopped.
+    Worker(u32),
+    /// Every worker process that is not being stopped.
+    All,
+}
+
+impl TryFrom<Value> for Recipients {
+    type Error = &'static str;
+
+    fn try_from(value: Value) -> Result<Recipients, Self::Error> {
+        let to = match &value {
+            Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
+            Value::String(s) if s == "all" => return Ok(Recipients::All),
+            _ => None,
+        };
+        to.map(Recipients::Worker)
+            .ok_or("\"to\" must be a worker id (a number) or \"all\"")
+    }
+}
+
+impl From<Recipients> for Value {
+    fn from(to: Recipients) -> Value {
+        match to {
+            Recipients::Worker(id) => Value::from(id),
+            Recipients::All => Value::from("all"),
+        }
+    }
+}
+
+/// Why a message was not delivered to every worker it was for. Each is one line.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    #[error("no worker {0}; status shows the workers")]
+    NoSuchWorker(u32),
+    #[error("worker {0} has no process running now (it is being restarted); nothing sent")]
+    NotRunning(u32),
+    #[error("no worker is running; nothing sent")]
+    NoWorkers,
+    #[error("a message whose \"cmd\" starts with NODE_ would be taken by Node for one of its own internal messages; nothing sent (use another \"cmd\")")]
+    NodeInternal,
+    #[error("the message is {0} bytes in cluster-lb's IPC protocol, over the {max} bytes of its datagram; nothing sent", max = crate::protocol::ipc::MAX_MESSAGE)]
+    TooLarge(usize),
+    #[error("sent to {sent} of {of} workers; not to {missed}")]
+    Partly {
+        sent: u32,
+        of: u32,
+        /// Who did not get it, and why: "worker 1 (pid 42): its channel is full ...".
+        missed: String,
+    },
+    #[error("the cluster is stopping; nothing sent")]
+    Stopping,
+    #[error("the primary is gone")]
+    Gone,
+}
+
 /// Requests to a running primary, from an embedder or the control socket.
 #[derive(Debug)]
 pub enum Control {
     /// A user message to the worker with this pid.
     Send { pid: i32, data: Value },
+    /// A user message to the workers `to` names; the reply is how many got it.
+    Deliver {
+        to: Recipients,
+        data: Value,
+        reply: oneshot::Sender<Result<u32, SendError>>,
+    },
     /// Take the worker out of rotation, ask it to finish and exit, and start a fresh one.
     Disconnect { pid: i32 },
     /// Send a signal to the worker.
@@ -60,6 +126,13 @@ pub struct Handle {
 impl Handle {
     pub fn send(&self, pid: i32, data: Value) {
         let _ = self.control.send(Control::Send { pid, data });
+    }
+    /// A user message to every process of a worker id, or to every worker (those not being
+    /// stopped), on each one's channel; resolves to how many got it.
+    pub async fn deliver(&self, to: Recipients, data: Value) -> Result<u32, SendError> {
+        let (reply, answer) = oneshot::channel();
+        let _ = self.control.send(Control::Deliver { to, data, reply });
+        answer.await.unwrap_or(Err(SendError::Gone))
     }
     pub fn disconnect(&self, pid: i32) {
         let _ = self.control.send(Control::Disconnect { pid });

@@ -45,7 +45,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 pub use config::{ClosedListener, Config, PrimaryMode, Restart, UpgradeSource, READY_TIMEOUT};
 pub use events::{Departure, Event, ExitStatus, Failure, KillReason, Readiness, ReloadError};
-pub use handle::{Control, Handle, ReloadReply, ScaleError, UpgradeError};
+pub use handle::{Control, Handle, Recipients, ReloadReply, ScaleError, SendError, UpgradeError};
 use inbox::{Feeds, Happened, Inbox};
 pub use launch::spawn::{Credentials, SpawnError};
 use launch::{seccomp::Filter, spawn::WorkerCommand};
@@ -556,6 +556,23 @@ impl Supervisor {
         match control {
             Control::Send { pid, data } => {
                 self.workers.send(Pid::from_raw(pid), data);
+                None
+            }
+            Control::Deliver { to, data, reply } => {
+                // The lifecycle knows which processes are being stopped: a message is for
+                // those that serve their id, or are about to.
+                let serving: Vec<(u32, Pid)> = self
+                    .lifecycle
+                    .processes()
+                    .filter(|p| !matches!(p.state(), WorkerState::Draining | WorkerState::Killed))
+                    .map(|p| (p.id, p.pid))
+                    .collect();
+                let wanted: Vec<u32> = self.lifecycle.wanted_ids().collect();
+                let outcome = match self.lifecycle.is_stopping() {
+                    true => Err(SendError::Stopping),
+                    false => self.workers.deliver(to, data, &serving, &wanted),
+                };
+                let _ = reply.send(outcome);
                 None
             }
             Control::Disconnect { pid } => Some(Input::Leaving {

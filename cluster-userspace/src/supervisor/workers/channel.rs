@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::{
     cluster_lb::{IpcConversation, IpcEvent},
-    heard::{Busy, Heard},
+    heard::{Busy, Heard, Said},
     nodejs::{NodeConversation, NodeEvent},
 };
 use crate::supervisor::saved::ChannelState;
@@ -51,18 +51,18 @@ impl WorkerChannel {
         &mut self,
         event: ChannelEvent,
         addresses: &[cluster_lb_worker::ListenAddr],
-    ) -> Heard {
-        let heard = match (&mut *self, event) {
+    ) -> Said {
+        let said = match (&mut *self, event) {
             (WorkerChannel::ClusterLb(ipc), ChannelEvent::ClusterLb(event)) => {
                 ipc.hear(event, addresses)
             }
-            (WorkerChannel::Node(node), ChannelEvent::Node(event)) => node.hear(event),
-            _ => Heard::Nothing,
+            (WorkerChannel::Node(node), ChannelEvent::Node(event)) => node.hear(event).into(),
+            _ => Heard::Nothing.into(),
         };
-        if matches!(heard, Heard::Closed) {
+        if matches!(said, Said::Heard(Heard::Closed)) {
             *self = WorkerChannel::Closed;
         }
-        heard
+        said
     }
 
     /// Asks the worker to stop in its protocol (`disconnect`); false if it speaks none (or the
@@ -81,6 +81,32 @@ impl WorkerChannel {
             WorkerChannel::ClusterLb(ipc) => ipc.send(data),
             WorkerChannel::Node(node) => node.send(data),
             WorkerChannel::Closed => Err("it has no channel".into()),
+        }
+    }
+
+    /// A datagram of cluster-lb's protocol as it is (a message another worker addressed to
+    /// this one, encoded once for all its recipients). The workers of a cluster all speak
+    /// one protocol, so a Node worker never is a recipient.
+    pub fn send_datagram(&mut self, datagram: &[u8]) -> Result<(), String> {
+        match self {
+            WorkerChannel::ClusterLb(ipc) => ipc.send_datagram(datagram),
+            WorkerChannel::Node(_) => Err("it speaks Node's protocol".into()),
+            WorkerChannel::Closed => Err("it has no channel".into()),
+        }
+    }
+
+    /// Why messages for workers are not for it, if they are not: its channel is closed, it
+    /// does not read cluster-lb's (it never said `online`), or it leaves (asked to stop, or
+    /// said so).
+    pub fn refuses_messages(&self) -> Option<&'static str> {
+        match self {
+            WorkerChannel::Closed => Some("it has no channel"),
+            WorkerChannel::ClusterLb(ipc) if !ipc.is_online() => {
+                Some("it never said `online` on cluster-lb's IPC channel, so it does not read it")
+            }
+            WorkerChannel::ClusterLb(ipc) if ipc.is_leaving() => Some("it is leaving"),
+            WorkerChannel::Node(node) if node.is_leaving() => Some("it is leaving"),
+            WorkerChannel::ClusterLb(_) | WorkerChannel::Node(_) => None,
         }
     }
 

@@ -1,7 +1,8 @@
 //! A worker's conversation in cluster-lb's own protocol (docs/PROTOCOL.md): one JSON message
 //! per SOCK_SEQPACKET datagram. The reader checks and decodes each datagram within the worker's
 //! byte budget; `hear` says what a message means (it must say `online` first, and `listening`
-//! only for an address it has a socket for); `answer` sends a `queryServer` its socket.
+//! only for an address it has a socket for; a `message` with `to` is for other workers);
+//! `answer` sends a `queryServer` its socket.
 
 use std::{
     os::fd::{AsFd, OwnedFd},
@@ -13,7 +14,7 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 use super::{
-    heard::{Heard, Query},
+    heard::{Heard, Query, Relay, Said},
     queries::{Claims, Refusal, Sockets},
 };
 use crate::{
@@ -42,6 +43,8 @@ pub struct IpcConversation {
     endpoint: Arc<Endpoint>,
     /// The worker said `online`; it understands `disconnect` from then on.
     online: bool,
+    /// It was asked to stop, or said it leaves: messages for workers pass it by.
+    leaving: bool,
 }
 
 impl IpcConversation {
@@ -55,20 +58,24 @@ impl IpcConversation {
     ) -> std::io::Result<IpcConversation> {
         let endpoint = Arc::new(Endpoint::new(fd)?);
         read(Arc::clone(&endpoint), sink, budget);
-        Ok(IpcConversation { endpoint, online })
+        Ok(IpcConversation {
+            endpoint,
+            online,
+            leaving: false,
+        })
     }
 
-    pub fn hear(&mut self, event: IpcEvent, addresses: &[ListenAddr]) -> Heard {
+    pub fn hear(&mut self, event: IpcEvent, addresses: &[ListenAddr]) -> Said {
         let message = match event {
             IpcEvent::Message(message, room) => (message, room),
-            IpcEvent::Closed => return Heard::Closed,
-            IpcEvent::Violation(problem) => return Heard::Violation(problem),
+            IpcEvent::Closed => return Heard::Closed.into(),
+            IpcEvent::Violation(problem) => return Heard::Violation(problem).into(),
         };
         let (message, room) = message;
         if !self.online && !matches!(message, WorkerMessage::Online { .. }) {
-            return Heard::Violation("a message before `online`".into());
+            return Heard::Violation("a message before `online`".into()).into();
         }
-        match message {
+        let heard = match message {
             WorkerMessage::Online { .. } if self.online => {
                 Heard::Violation("`online` sent twice".into())
             }
@@ -98,23 +105,61 @@ impl IpcConversation {
                     ))
                 }
             }
-            WorkerMessage::Message { data, .. } => Heard::Message(data, room),
-            WorkerMessage::Disconnect { .. } => Heard::Leaving(Departure::WorkerDisconnected),
-        }
+            WorkerMessage::Message {
+                data, to: Some(to), ..
+            } => return Said::Relay(Relay { to, data, room }),
+            WorkerMessage::Message { data, to: None, .. } => Heard::Message(data, room),
+            WorkerMessage::Disconnect { .. } => {
+                self.leaving = true;
+                Heard::Leaving(Departure::WorkerDisconnected)
+            }
+        };
+        heard.into()
     }
 
     /// `disconnect`, once the worker said `online`.
-    pub fn ask_to_stop(&self) -> bool {
+    pub fn ask_to_stop(&mut self) -> bool {
+        self.leaving = true;
         self.online && self.try_send(&PrimaryMessage::Disconnect { v: VERSION }, None)
     }
 
+    /// Whether it said `online`: it reads its channel.
+    pub fn is_online(&self) -> bool {
+        self.online
+    }
+
+    /// Whether it is leaving (asked to stop, or said `disconnect`).
+    pub fn is_leaving(&self) -> bool {
+        self.leaving
+    }
+
+    /// A user message from the primary.
     pub fn send(&self, data: Value) -> Result<(), String> {
-        let message = PrimaryMessage::Message { v: VERSION, data };
-        let bytes =
-            ipc::encode(&message).ok_or_else(|| format!("over {} bytes", ipc::MAX_MESSAGE))?;
+        let message = PrimaryMessage::Message {
+            v: VERSION,
+            data,
+            from: None,
+        };
+        let datagram = ipc::encode(&message).ok_or_else(|| {
+            format!(
+                "the message is over the {} bytes of a datagram of cluster-lb's IPC",
+                ipc::MAX_MESSAGE
+            )
+        })?;
+        self.send_datagram(&datagram)
+    }
+
+    /// One encoded datagram, straight into the worker's socket buffer, never waiting: a worker
+    /// that does not read its channel loses messages, it does not hold the primary up.
+    pub fn send_datagram(&self, datagram: &[u8]) -> Result<(), String> {
         self.endpoint
-            .try_send(&bytes, None)
-            .map_err(|e| e.to_string())
+            .try_send(datagram, None)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::WouldBlock => {
+                    "its channel is full (it does not read it)".into()
+                }
+                _ => format!("its channel failed: {e}"),
+            })
     }
 
     fn try_send(&self, message: &PrimaryMessage, socket: Option<&OwnedFd>) -> bool {

@@ -3,7 +3,33 @@
 
 use serde_json::Value;
 
-use crate::{protocol::budget::Held, supervisor::events::Departure};
+use crate::{
+    protocol::{budget::Held, ipc::To},
+    supervisor::events::Departure,
+};
+
+/// What one event of a channel comes to: something for the shell, or a message a worker
+/// addressed to other workers, which `Workers` relays without the shell.
+#[derive(Debug)]
+pub enum Said {
+    Heard(Heard),
+    Relay(Relay),
+}
+
+impl From<Heard> for Said {
+    fn from(heard: Heard) -> Said {
+        Said::Heard(heard)
+    }
+}
+
+/// A message of cluster-lb's protocol with `to`, with its room in the sender's budget until
+/// it has been relayed.
+#[derive(Debug)]
+pub struct Relay {
+    pub to: To,
+    pub data: Value,
+    pub room: Held,
+}
 
 /// What a worker's channel said, whatever its protocol.
 #[derive(Debug)]

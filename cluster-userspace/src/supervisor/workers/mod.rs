@@ -6,6 +6,7 @@
 mod channel;
 mod cluster_lb;
 mod heard;
+mod messages;
 pub mod nodejs;
 pub(super) mod output;
 mod queries;
@@ -26,7 +27,9 @@ use tokio::sync::{mpsc::UnboundedSender, Semaphore};
 
 pub use channel::{ChannelEvent, Protocol, WorkerChannel};
 use cluster_lb::IpcConversation;
+use heard::Said;
 pub use heard::{Busy, Heard, Query};
+use messages::Drops;
 use nodejs::{NodeConversation, NodeGroups};
 pub use queries::{Claims, Sockets};
 
@@ -65,6 +68,8 @@ pub struct WorkerIo {
     /// What a Node worker said about itself (`online`, `listening`), for a primary process
     /// that takes it later.
     pub said: Vec<Value>,
+    /// Relayed messages dropped on the way to or from it (see `messages`).
+    drops: Drops,
 }
 
 impl WorkerIo {
@@ -315,6 +320,7 @@ impl Workers {
                 reported: HashSet::new(),
                 output,
                 said: Vec::new(),
+                drops: Drops::default(),
             },
         );
         Ok(pid)
@@ -399,6 +405,7 @@ impl Workers {
                 reported: worker.reported.iter().copied().collect(),
                 output,
                 said: worker.said.clone(),
+                drops: Drops::default(),
             },
         );
     }
@@ -408,11 +415,18 @@ impl Workers {
         self.slots.activate(slot);
     }
 
-    /// What the worker's channel said, interpreted: (its id, what it heard).
+    /// What the worker's channel said, interpreted: (its id, what it heard). A message it
+    /// addressed to other workers is relayed here, and is nothing for the shell.
     pub fn hear(&mut self, pid: Pid, event: ChannelEvent) -> Option<(u32, Heard)> {
         let worker = self.table.get_mut(&pid)?;
-        let heard = worker.channel.hear(event, &worker.claims.addresses);
-        Some((worker.id, heard))
+        let id = worker.id;
+        match worker.channel.hear(event, &worker.claims.addresses) {
+            Said::Heard(heard) => Some((id, heard)),
+            Said::Relay(relay) => {
+                self.relay_addressed(pid, relay);
+                Some((id, Heard::Nothing))
+            }
+        }
     }
 
     /// Answers the worker's request for a socket, from `groups` (`low_ports`: whether a port

@@ -167,6 +167,11 @@ impl NodeConversation {
         self.channel.send(ToWorker::Disconnect { seq }).is_ok()
     }
 
+    /// Whether it was asked to disconnect, or said it does.
+    pub fn is_leaving(&self) -> bool {
+        self.leaving
+    }
+
     /// A message of the program's primary, as it sent it (Node's own internal ones too); its
     /// `disconnect` counts as asking the worker to stop. `room` is held until it is written.
     pub fn relay(&mut self, message: Value, room: Held) -> Result<(), String> {

@@ -63,6 +63,8 @@ async fn serve(address: String) -> std::io::Result<()> {
                 Incoming::Message(data) => {
                     let _ = worker::send(json!({ "reply": data, "from": worker::id() })).await;
                 }
+                // Its workers do not address each other.
+                Incoming::FromWorker { .. } => {}
             }
         }
     })

@@ -4,10 +4,17 @@
 //! gracefully when the primary says `disconnect`. Outside cluster-lb it simply binds.
 //!
 //!   sudo cluster-lb run -w 4 -- target/debug/handshake-server 127.0.0.1:8080
+//!
+//! Messages, to show workers talking through the primary:
+//!
+//!   cluster-lb send --worker 1 '{"hi":1}'                       worker 1 answers {"echo": ...}
+//!   cluster-lb send --worker 1 '{"forward":{"hi":1},"to":"others"}'
+//!                            worker 1 sends {"hi":1} to the others, who each tell the primary
+//!                            {"heard": {"hi":1}, "from": 1, "worker": ID}
 
 use std::process::ExitCode;
 
-use cluster_lb_worker::{self as worker, Incoming};
+use cluster_lb_worker::{self as worker, Incoming, To};
 use example_rust_server::{run, serve_http};
 use serde_json::json;
 
@@ -36,18 +43,34 @@ async fn serve(address: String) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Answers user messages with an echo until the primary says `disconnect` (or goes away).
+/// Answers messages until the primary says `disconnect` (or goes away): the primary's with an
+/// echo, or by passing `forward` on to the workers `to` names; another worker's by telling the
+/// primary what it heard from whom.
 async fn until_disconnected() {
     if worker::is_primary() {
         // Run on its own: serve until killed.
         return std::future::pending().await;
     }
     while let Some(incoming) = worker::recv().await {
-        match incoming {
+        let sent = match incoming {
             Incoming::Disconnect => return,
-            Incoming::Message(data) => {
-                let _ = worker::send(json!({ "echo": data, "worker": worker::id() })).await;
+            Incoming::Message(data) => match forward(&data) {
+                Some((to, message)) => worker::send_to(to, message).await,
+                None => worker::send(json!({ "echo": data, "worker": worker::id() })).await,
+            },
+            Incoming::FromWorker { from, data } => {
+                let heard = json!({ "heard": data, "from": from, "worker": worker::id() });
+                worker::send(heard).await
             }
+        };
+        if let Err(e) = sent {
+            eprintln!("handshake-server: a message was not sent: {e}");
         }
     }
+}
+
+/// `{"forward": MESSAGE, "to": ID | "all" | "others"}`: what to send to which workers.
+fn forward(data: &serde_json::Value) -> Option<(To, serde_json::Value)> {
+    let to = To::try_from(data.get("to")?.clone()).ok()?;
+    Some((to, data.get("forward")?.clone()))
 }
