@@ -2029,7 +2029,8 @@ fn bad_ticket_keys_from_one_worker_reach_no_other() {
         let scratch = Scratch::new("tickets");
         let abuse = scratch.copy(&hardening_worker("channel_abuse.py"));
         let app = format!("{}/node/https-app.js", env!("CARGO_MANIFEST_DIR"));
-        // Worker 1 starts its https server a second after worker 0 sent bad keys for the port.
+        // Worker 2 starts its https server a second after worker 1 (the first: Node workers are
+        // numbered from 1) sent bad keys for the port.
         let later = format!("sleep 1; exec {} {app}", node.display());
         let command = [
             PYTHON.to_string(),
@@ -2047,14 +2048,14 @@ fn bad_ticket_keys_from_one_worker_reach_no_other() {
         let mut problems = Vec::new();
         cluster.wait_for_line("abuse: bad-tickets: answered", Duration::from_secs(20));
         match find_event(&cluster, "listening", Duration::from_secs(20), |e| {
-            e["worker"] == 1
+            e["worker"] == 2
         }) {
-            None => problems.push("worker 1's https server never listened".into()),
+            None => problems.push("worker 2's https server never listened".into()),
             Some(_) => {
                 thread::sleep(Duration::from_secs(2));
                 let restarts = cluster.events_named("restart");
-                if restarts.iter().any(|e| e["worker"] == 1) {
-                    problems.push(format!("worker 1 was restarted: {restarts:?}"));
+                if restarts.iter().any(|e| e["worker"] == 2) {
+                    problems.push(format!("worker 2 was restarted: {restarts:?}"));
                 }
             }
         }

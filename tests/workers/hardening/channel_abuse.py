@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Test worker, `channel_abuse.py MODE [ARG...] -- SERVER...`: worker 0 abuses its channel to the
-primary in the way MODE names; every other worker execs SERVER (a socket-activated one that says
-READY=1). Worker 0 prints
+"""Test worker, `channel_abuse.py MODE [ARG...] -- SERVER...`: the first worker (id 0, or 1 with
+Node's channel: Node workers are numbered from 1) abuses its channel to the primary in the way
+MODE names; every other worker execs SERVER (a socket-activated one that says READY=1). The
+first worker prints
 `abuse: ...` lines saying what it did, then stays alive (like a worker that hangs on) unless
 the mode says otherwise.
 
@@ -19,7 +20,8 @@ SEPARATOR = sys.argv.index("--")
 ARGS = sys.argv[2:SEPARATOR]
 SERVER = sys.argv[SEPARATOR + 1:]
 
-if os.environ.get("CLUSTER_LB_WORKER_ID") != "0":
+FIRST = 1 if "NODE_CHANNEL_FD" in os.environ else 0
+if os.environ.get("CLUSTER_LB_WORKER_ID") != str(FIRST):
     os.execvp(SERVER[0], SERVER)
 
 
@@ -119,14 +121,15 @@ elif MODE == "forge-node":
     channel.sendall(json.dumps({"cmd": "NODE_" + FORGED}).encode() + b"\n")
     say("forge-node: sent")
 elif MODE == "join-sibling":
-    # Worker 1's pid (same user: its environment is readable), then join its process group.
+    # The next worker's pid (same user: its environment is readable), then join its process
+    # group.
     sibling = None
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
             with open(f"/proc/{entry}/environ", "rb") as env:
-                if b"CLUSTER_LB_WORKER_ID=1\0" in env.read() + b"\0":
+                if f"CLUSTER_LB_WORKER_ID={FIRST + 1}\0".encode() in env.read() + b"\0":
                     sibling = int(entry)
                     break
         except OSError:
