@@ -11,6 +11,7 @@ mod hardening;
 mod messages;
 mod named_clusters;
 mod node;
+mod node_conformance;
 mod node_primary;
 mod packaging;
 mod servers;

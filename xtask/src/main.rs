@@ -20,6 +20,7 @@ mod distribution;
 mod ebpf;
 mod kube;
 mod node;
+mod node_tests;
 mod servers;
 mod setup;
 mod test_counts;
@@ -223,6 +224,8 @@ fn test(extra: &[String]) -> Result<()> {
         ("wrk", "wrk"),
     ])?;
     node::ensure()?;
+    // Node's own cluster tests, for the conformance test (from Debian's nodejs sources).
+    node_tests::ensure()?;
     servers::ensure()?;
     // The committed object must be what the source builds, or the tests would test old code;
     // and the eBPF crate passes clippy as the workspace does.

@@ -49,7 +49,7 @@
         writable: true,
         value: function primaryOnly() {
           if (typeof process.send === 'function' && process.connected) {
-            process.send({ cmd: 'NODE_CLB_ROLE', call: name });
+            process.send({ cmd: 'NODE_CLB_ROLE', call: name }, ignoreSendError);
           }
           process.stderr.write(`cluster-lb: this program calls cluster.${name}() in a worker: its primary branch runs in its own primary process, and this worker leaves\n`);
           process.exit(0);
@@ -67,7 +67,7 @@
           if (!told && readByProgram(this)) {
             told = true;
             if (typeof process.send === 'function' && process.connected) {
-              process.send({ cmd: 'NODE_CLB_ROLE', read: name });
+              process.send({ cmd: 'NODE_CLB_ROLE', read: name }, ignoreSendError);
             }
           }
           return value;
@@ -78,6 +78,11 @@
       });
     }
   }
+
+  // A note to cluster-lb that cannot be sent (the primary just closed the channel: the
+  // worker is leaving) is of no use to anyone. Without a callback, Node would emit the write
+  // error on process, and so on cluster.worker, where the program never expects one.
+  function ignoreSendError() {}
 
   // A read from the program's code (its own files or its packages), not from Node's: Node reads
   // every export of a built-in when it builds its ES module facade.
@@ -101,6 +106,8 @@
     const EventEmitter = require('events');
     const { PassThrough } = require('stream');
     const os = require('os');
+    // The directory cluster-lb started this process in, which is also where it starts workers.
+    const startCwd = currentCwd();
 
     if (typeof process.send !== 'function' || !process.channel) {
       process.emitWarning('cluster-lb: no channel to cluster-lb; cluster.fork() will not work');
@@ -267,6 +274,17 @@
       return stdio.every((entry, i) => (i === 3 ? entry === 'ipc' : entry === i || [undefined, null, 'pipe', 'inherit', 'ignore'].includes(entry)));
     }
 
+    function currentCwd() {
+      try { return process.cwd(); } catch { return null; }
+    }
+
+    // Without settings.cwd, child_process.fork starts the worker in the primary's current
+    // directory, which the program may have changed (process.chdir) since it started.
+    function movedCwd() {
+      const now = currentCwd();
+      return now !== startCwd ? now : null;
+    }
+
     function sameArray(a, b) {
       return Array.isArray(a) && Array.isArray(b) && a.length === b.length && a.every((x, i) => x === b[i]);
     }
@@ -302,7 +320,7 @@
         exec: path.resolve(String(modulePath)),
         args: (args || []).map(String),
         env: Object.fromEntries(Object.entries(options.env || process.env).map(([k, v]) => [k, String(v)])),
-        cwd: options.cwd ? path.resolve(String(options.cwd)) : null,
+        cwd: options.cwd ? path.resolve(String(options.cwd)) : movedCwd(),
         silent: !!options.silent || piped,
         stdio: null,
       };
