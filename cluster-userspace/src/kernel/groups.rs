@@ -9,7 +9,7 @@ use cluster_lb_worker::ListenAddr;
 use tokio::io::unix::AsyncFd;
 
 use super::{
-    sockets::{self, ListenError},
+    sockets::{self, ListenError, Stack},
     Balancer, OldInstance, Strategy, Unavailable,
 };
 use serde::{Deserialize, Serialize};
@@ -21,16 +21,15 @@ pub struct Group {
     pub addr: ListenAddr,
     /// `None` under strategy `kernel` (chosen, or fallen back to).
     pub balancer: Option<Balancer>,
-    /// An IPv6 wildcard that takes IPv4 too (what Node binds for a listen without a host).
-    dual_stack: bool,
+    /// Whether its IPv6 sockets take IPv4 too (Node binds a listen without a host dual-stack).
+    stack: Stack,
     /// The instance an older binary attached, until this one's replaced it (an upgrade).
     old: Option<OldInstance>,
 }
 
 impl Group {
-    /// An IPv6 wildcard that takes IPv4 too.
-    pub fn dual_stack(&self) -> bool {
-        self.dual_stack
+    pub fn stack(&self) -> Stack {
+        self.stack
     }
 }
 
@@ -81,7 +80,7 @@ impl Groups {
             fell_back: false,
         };
         for addr in listen {
-            groups.create(*addr, false)?;
+            groups.create(*addr, Stack::System)?;
         }
         Ok(groups)
     }
@@ -104,7 +103,7 @@ impl Groups {
             fell_back,
         };
         for state in states {
-            let index = groups.create(state.addr, state.dual_stack)?;
+            let index = groups.create(state.addr, state.stack())?;
             let group = &mut groups.groups[index];
             let Some(balancer) = &mut group.balancer else {
                 continue;
@@ -251,7 +250,7 @@ impl Groups {
         }
     }
 
-    fn create(&mut self, addr: ListenAddr, dual_stack: bool) -> Result<usize, GroupError> {
+    fn create(&mut self, addr: ListenAddr, stack: Stack) -> Result<usize, GroupError> {
         let balancer = if self.strategy == Strategy::Kernel || self.fell_back {
             None
         } else {
@@ -283,7 +282,7 @@ impl Groups {
         self.groups.push(Group {
             addr,
             balancer,
-            dual_stack,
+            stack,
             old: None,
         });
         Ok(self.groups.len() - 1)
@@ -302,7 +301,7 @@ impl Groups {
     pub fn open_at(
         &mut self,
         addr: ListenAddr,
-        dual_stack: bool,
+        stack: Stack,
         slot: u32,
     ) -> Result<(ListenAddr, OwnedFd), GroupError> {
         let port = addr.socket_addr().port();
@@ -313,7 +312,7 @@ impl Groups {
             Some(index) => index,
             None if port == 0 => {
                 // The first socket decides the port; its group is created around it.
-                let socket = sockets::reuseport_listener(addr, dual_stack)?;
+                let socket = sockets::reuseport_listener(addr, stack)?;
                 let bound = socket
                     .local_addr()
                     .ok()
@@ -322,14 +321,14 @@ impl Groups {
                         addr,
                         source: std::io::Error::other("the kernel did not say which port"),
                     })?;
-                let index = self.create(addr.with_port(bound.port()), dual_stack)?;
+                let index = self.create(addr.with_port(bound.port()), stack)?;
                 let group = &mut self.groups[index];
                 Self::register(group, slot, &socket)?;
                 return Ok((group.addr, OwnedFd::from(socket)));
             }
             None => {
-                sockets::ensure_address_free(addr, dual_stack)?;
-                self.create(addr, dual_stack)?
+                sockets::ensure_address_free(addr, stack)?;
+                self.create(addr, stack)?
             }
         };
         let group = &mut self.groups[index];
@@ -337,7 +336,7 @@ impl Groups {
     }
 
     fn open_in(group: &mut Group, slot: u32) -> Result<OwnedFd, GroupError> {
-        let socket = sockets::reuseport_listener(group.addr, group.dual_stack)?;
+        let socket = sockets::reuseport_listener(group.addr, group.stack)?;
         Self::register(group, slot, &socket)?;
         Ok(OwnedFd::from(socket))
     }
@@ -415,11 +414,24 @@ fn drain_program_log(balancer: &mut Balancer) {
     });
 }
 
+impl SavedGroup {
+    pub fn stack(&self) -> Stack {
+        match (self.dual_stack, self.v6_only) {
+            (true, _) => Stack::Dual,
+            (false, true) => Stack::V6Only,
+            (false, false) => Stack::System,
+        }
+    }
+}
+
 /// A group as an older binary handed it over (an in-place upgrade).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SavedGroup {
     pub addr: ListenAddr,
     pub dual_stack: bool,
+    /// IPv6 only (Node's ipv6Only); absent from an older binary.
+    #[serde(default)]
+    pub v6_only: bool,
     /// A `--listen` address (else created by a worker's request).
     pub activated: bool,
     /// By slot: what instances before the running one counted, and the open connections.

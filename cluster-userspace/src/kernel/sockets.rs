@@ -54,9 +54,9 @@ impl std::error::Error for ListenError {
 /// sets it join an existing group. Without this check cluster-lb (as root) would silently share
 /// a port with another root server instead of reporting that the port is taken. A socket without
 /// SO_REUSEPORT cannot bind while anything listens there, so one bind tells.
-pub fn ensure_address_free(addr: ListenAddr, dual_stack: bool) -> Result<(), ListenError> {
+pub fn ensure_address_free(addr: ListenAddr, stack: Stack) -> Result<(), ListenError> {
     let error = |source| ListenError { addr, source };
-    let probe = new_socket(addr, dual_stack).map_err(error)?;
+    let probe = new_socket(addr, stack).map_err(error)?;
     probe
         .bind(&SockAddr::from(addr.socket_addr()))
         .map_err(error)
@@ -64,11 +64,9 @@ pub fn ensure_address_free(addr: ListenAddr, dual_stack: bool) -> Result<(), Lis
 
 /// A new listening socket (for UDP, a bound socket) for one worker, bound with SO_REUSEPORT
 /// into the group of `addr`.
-/// `dual_stack`: an IPv6 wildcard that also takes IPv4 (Node's default for a listen without a
-/// host); otherwise the system's default applies.
-pub fn reuseport_listener(addr: ListenAddr, dual_stack: bool) -> Result<Socket, ListenError> {
+pub fn reuseport_listener(addr: ListenAddr, stack: Stack) -> Result<Socket, ListenError> {
     let error = |source| ListenError { addr, source };
-    let socket = new_socket(addr, dual_stack).map_err(error)?;
+    let socket = new_socket(addr, stack).map_err(error)?;
     socket.set_reuse_port(true).map_err(error)?;
     socket
         .bind(&SockAddr::from(addr.socket_addr()))
@@ -79,7 +77,19 @@ pub fn reuseport_listener(addr: ListenAddr, dual_stack: bool) -> Result<Socket, 
     Ok(socket)
 }
 
-fn new_socket(addr: ListenAddr, dual_stack: bool) -> io::Result<Socket> {
+/// Whether an IPv6 socket takes IPv4 too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Stack {
+    /// The system's default (net.ipv6.bindv6only), for `--listen` addresses.
+    #[default]
+    System,
+    /// IPv4 too: Node's default for a listen without a host.
+    Dual,
+    /// IPv6 only: Node's `ipv6Only: true`.
+    V6Only,
+}
+
+fn new_socket(addr: ListenAddr, stack: Stack) -> io::Result<Socket> {
     let (kind, protocol) = match addr.transport() {
         Transport::Tcp => (Type::STREAM, Protocol::TCP),
         Transport::Udp => (Type::DGRAM, Protocol::UDP),
@@ -93,8 +103,12 @@ fn new_socket(addr: ListenAddr, dual_stack: bool) -> io::Result<Socket> {
     if !addr.is_udp() {
         socket.set_reuse_address(true)?;
     }
-    if dual_stack && addr.socket_addr().is_ipv6() {
-        socket.set_only_v6(false)?;
+    if addr.socket_addr().is_ipv6() {
+        match stack {
+            Stack::System => {}
+            Stack::Dual => socket.set_only_v6(false)?,
+            Stack::V6Only => socket.set_only_v6(true)?,
+        }
     }
     Ok(socket)
 }

@@ -36,14 +36,14 @@ pub enum ClaimError {
 /// Makes sure `addr` is free for a new cluster: former workers of a primary that is gone are
 /// stopped; any other holder is named in the error.
 pub fn claim(addr: ListenAddr, grace: Duration) -> Result<(), ClaimError> {
-    let error = match sockets::ensure_address_free(addr, false) {
+    let error = match sockets::ensure_address_free(addr, sockets::Stack::System) {
         Err(error) if error.errno() == libc::EADDRINUSE => error,
         other => return Ok(other?),
     };
     let found = holders(addr);
     if found.iter().any(|h| h.former_worker_of.is_some()) {
         stop(&found, addr, grace);
-        if sockets::ensure_address_free(addr, false).is_ok() {
+        if sockets::ensure_address_free(addr, sockets::Stack::System).is_ok() {
             return Ok(());
         }
     }

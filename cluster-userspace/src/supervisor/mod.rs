@@ -483,6 +483,18 @@ impl Supervisor {
                 }
                 None
             }
+            Heard::Leaving(Departure::ListenerClosed(address))
+                if self.keeps_closed_listeners(pid) =>
+            {
+                // A Node program's worker closing one of its servers is ordinary Node: its
+                // primary (or --on-closed-listener report) decides, not cluster-lb.
+                self.outputs.emit(Event::ListenerClosed {
+                    id,
+                    pid: pid.as_raw(),
+                    address,
+                });
+                None
+            }
             Heard::Leaving(why) => {
                 if why == Departure::WorkerDisconnected
                     && self.workers.get(pid).is_some_and(|w| w.channel.is_node())
@@ -514,6 +526,15 @@ impl Supervisor {
                 Some(Input::ChannelClosed { pid })
             }
         }
+    }
+
+    /// Whether a worker that closed a listening socket stays (reported only): with
+    /// `--on-closed-listener report`, and for a Node program that runs its own primary or its
+    /// own restarts, where a server closed and opened again is the program's business.
+    fn keeps_closed_listeners(&self, pid: Pid) -> bool {
+        self.config.closed_listener == ClosedListener::Report
+            || self.config.restart == Restart::Program
+            || self.lifecycle.is_claimed(pid)
     }
 
     /// A worker broke its channel's protocol: log it, close the channel; the lifecycle drains

@@ -14,6 +14,14 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+/// Variables that name one process, not what a worker runs.
+const PER_PROCESS: &[&str] = &[
+    "NODE_UNIQUE_ID",
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+];
+
 /// A request on the blocking channel.
 #[derive(Debug, PartialEq)]
 pub enum Request {
@@ -56,11 +64,15 @@ impl ForkSpec {
         command
     }
 
-    /// Equal as what runs: the same but for Node's worker id.
+    /// Equal as what runs: the same but for what differs from one process to the next (Node's
+    /// worker id; the primary process's own socket-activation variables, which a restarted
+    /// primary has anew).
     pub fn same_as(&self, other: &ForkSpec) -> bool {
         let without_id = |spec: &ForkSpec| {
             let mut spec = spec.clone();
-            spec.env.remove("NODE_UNIQUE_ID");
+            for key in PER_PROCESS {
+                spec.env.remove(*key);
+            }
             spec.default = false;
             spec
         };
@@ -276,15 +288,20 @@ pub mod to_primary {
         json!({"cmd": "NODE_CLUSTER", "act": "exitedAfterDisconnect"})
     }
 
-    /// Node's `listening` message, as its `worker.on('listening', address)` reads it.
+    /// Node's `listening` message, as its `worker.on('listening', address)` reads it (`fd`
+    /// only when the listen named one: Node's JSON leaves an undefined one out).
     pub fn listening(
         address_type: Value,
         address: Option<&str>,
         port: Option<i64>,
         fd: Option<i64>,
     ) -> Value {
-        json!({"cmd": "NODE_CLUSTER", "act": "listening", "addressType": address_type,
-               "address": address, "port": port, "fd": fd})
+        let mut message = json!({"cmd": "NODE_CLUSTER", "act": "listening",
+                                 "addressType": address_type, "address": address, "port": port});
+        if let (Some(fd), Some(object)) = (fd, message.as_object_mut()) {
+            object.insert("fd".into(), fd.into());
+        }
+        message
     }
 }
 
@@ -301,7 +318,8 @@ mod tests {
         assert_eq!(spec.command(), ["/usr/bin/node", "/app/w.js", "a"]);
         let mut other = spec.clone();
         other.env.insert("NODE_UNIQUE_ID".into(), "4".into());
-        assert!(spec.same_as(&other));
+        other.env.insert("LISTEN_PID".into(), "99".into());
+        assert!(spec.same_as(&other), "another process of the same worker");
         other.env.insert("ROLE".into(), "scheduler".into());
         assert!(!spec.same_as(&other));
         assert_eq!(

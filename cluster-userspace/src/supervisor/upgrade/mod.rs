@@ -38,7 +38,7 @@ use super::saved::{
 pub use resume::Resumed;
 
 use super::{config::UpgradeSource, handle::UpgradeError, signals, workers::Protocol, Supervisor};
-use crate::kernel::groups::Group;
+use crate::kernel::{groups::Group, sockets::Stack};
 
 /// How long the new binary's check may take (it loads and verifies the eBPF programs).
 const CHECK_TIMEOUT: Duration = Duration::from_secs(20);
@@ -123,7 +123,8 @@ impl Supervisor {
             .enumerate()
             .map(|(index, group)| SavedGroup {
                 addr: group.addr,
-                dual_stack: group.dual_stack(),
+                dual_stack: group.stack() == Stack::Dual,
+                v6_only: group.stack() == Stack::V6Only,
                 activated: index < self.groups.activated(),
                 counters: self.counters_of(group),
                 maps: group

@@ -194,7 +194,7 @@ impl IpcConversation {
                 libc::EACCES,
                 format!("{addr} is not one of the --listen addresses this cluster was started with"),
             )),
-            Ok(addr) => sockets.open(claims, addr, false),
+            Ok(addr) => sockets.open(claims, addr, crate::kernel::sockets::Stack::System),
         };
         let (reply, socket) = match outcome {
             Ok((addr, socket)) => (

@@ -20,6 +20,7 @@ use super::{
 };
 pub use crate::protocol::nodejs::channel::NodeEvent;
 use crate::{
+    kernel::sockets::Stack,
     protocol::{
         budget::{Budget, Held},
         nodejs::{
@@ -352,8 +353,15 @@ fn port_socket(
         ));
     }
     // No host (TCP only; dgram always names one): all addresses, IPv6 and IPv4 on one socket,
-    // as Node's own primary binds.
-    let dual_stack = ip.is_none();
+    // as Node's own primary binds; `ipv6Only: true` (flag 1 for TCP and UDP alike) keeps an
+    // IPv6 address to IPv6.
+    let stack = if query.flags & IPV6_ONLY != 0 {
+        Stack::V6Only
+    } else if ip.is_none() {
+        Stack::Dual
+    } else {
+        Stack::System
+    };
     let socket_addr = SocketAddr::new(ip.unwrap_or(Ipv6Addr::UNSPECIFIED.into()), port);
     let wanted = match transport {
         Transport::Tcp => ListenAddr::from(socket_addr),
@@ -364,7 +372,7 @@ fn port_socket(
         Some(chosen) if port == 0 => wanted.with_port(*chosen),
         _ => wanted,
     };
-    let (addr, socket) = sockets.open(claims, wanted, dual_stack)?;
+    let (addr, socket) = sockets.open(claims, wanted, stack)?;
     if port == 0 {
         shared
             .ephemeral
@@ -372,6 +380,9 @@ fn port_socket(
     }
     Ok((addr, socket))
 }
+
+/// libuv's UV_TCP_IPV6ONLY and UV_UDP_IPV6ONLY, in a query's `flags`.
+const IPV6_ONLY: u64 = 1;
 
 /// `addressType` as Node writes it.
 fn address_type_value(kind: AddressType) -> Value {

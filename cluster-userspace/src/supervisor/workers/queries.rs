@@ -12,7 +12,10 @@ use std::{
 use cluster_lb_worker::ListenAddr;
 use nix::unistd::Pid;
 
-use crate::{kernel::groups::Groups, sys};
+use crate::{
+    kernel::{groups::Groups, sockets::Stack},
+    sys,
+};
 
 /// Addresses the workers of one cluster may ask for (groups besides the --listen ones).
 pub const MAX_QUERY_GROUPS: usize = 16;
@@ -72,7 +75,7 @@ impl Sockets<'_> {
         &mut self,
         claims: &mut Claims,
         addr: ListenAddr,
-        dual_stack: bool,
+        stack: Stack,
     ) -> Result<(ListenAddr, OwnedFd), Refusal> {
         claims.queries += 1;
         if claims.queries > MAX_QUERIES_PER_WORKER {
@@ -96,7 +99,7 @@ impl Sockets<'_> {
         }
         let (addr, socket) = self
             .groups
-            .open_at(addr, dual_stack, claims.slot)
+            .open_at(addr, stack, claims.slot)
             .map_err(|e| Refusal::new(e.errno(), e.to_string()))?;
         claims.record(addr, &socket);
         Ok((addr, socket))
