@@ -20,7 +20,7 @@ fn group(balancer: &mut Balancer, workers: u32) -> Vec<TcpListener> {
     let addr: ListenAddr = ADDR.parse().expect("address");
     (0..workers)
         .map(|slot| {
-            let socket = reuseport_listener(addr, false).expect("listener");
+            let socket = reuseport_listener(addr, super::sockets::Stack::System).expect("listener");
             balancer.attach(&socket).expect("attach");
             balancer.set_slot(slot, &socket).expect("slot");
             let listener: TcpListener = socket.into();
