@@ -1072,6 +1072,109 @@ fn the_metrics_and_control_servers_survive_running_out_of_descriptors() {
     });
 }
 
+/// Keeps `count` connections open against a server, opening a new one every millisecond and
+/// dropping the oldest, until `stop` is set: an idle flood that renews itself, as an attacker's
+/// would. Returns how many connections it opened.
+fn idle_flood<S>(count: usize, stop: Arc<AtomicBool>, connect: impl Fn() -> Option<S>) -> usize {
+    let mut held = std::collections::VecDeque::with_capacity(count);
+    let mut opened = 0;
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(stream) = connect() {
+            opened += 1;
+            held.push_back(stream);
+        }
+        if held.len() > count {
+            held.pop_front();
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    opened
+}
+
+#[test]
+fn metrics_and_status_answer_within_a_second_under_an_idle_flood_of_1000_connections() {
+    root_test("idle_flood", || {
+        // Room for both floods in this process.
+        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 8192, 8192)
+            .expect("raise RLIMIT_NOFILE");
+        let metrics: SocketAddr = "127.0.0.1:9100".parse().expect("metrics address");
+        let server = python_server();
+        let cluster = Cluster::start(&[
+            "run",
+            "-w",
+            "1",
+            "--metrics",
+            "127.0.0.1:9100",
+            READY_BY_NOTIFY[0],
+            READY_BY_NOTIFY[1],
+            "--listen",
+            ADDR,
+            "--",
+            PYTHON,
+            &server,
+        ]);
+        cluster.wait_until_ready(1);
+        let stop = Arc::new(AtomicBool::new(false));
+        let tcp = {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                idle_flood(1000, stop, || {
+                    TcpStream::connect_timeout(&metrics, Duration::from_secs(1)).ok()
+                })
+            })
+        };
+        let unix = {
+            let stop = Arc::clone(&stop);
+            let path = cluster.control().to_path_buf();
+            thread::spawn(move || {
+                idle_flood(1000, stop, || {
+                    std::os::unix::net::UnixStream::connect(&path).ok()
+                })
+            })
+        };
+        // Let both floods reach 1,000 held connections and keep renewing them.
+        thread::sleep(Duration::from_secs(3));
+
+        let mut problems = Vec::new();
+        let (mut slowest_scrape, mut slowest_status) = (Duration::ZERO, Duration::ZERO);
+        for round in 0..10 {
+            let started = Instant::now();
+            match http_get(metrics, "/metrics", Duration::from_secs(1)) {
+                Ok(r) if r.contains(" 200 ") && r.contains("cluster_lb_") => {}
+                other => problems.push(format!("scrape {round}: {other:?}")),
+            }
+            slowest_scrape = slowest_scrape.max(started.elapsed());
+            let started = Instant::now();
+            match request(cluster.control(), &Request::Status, Duration::from_secs(1)) {
+                Ok(Reply::Status { .. }) => {}
+                other => problems.push(format!("status {round}: {other:?}")),
+            }
+            slowest_status = slowest_status.max(started.elapsed());
+            thread::sleep(Duration::from_millis(200));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let opened = (
+            tcp.join().expect("tcp flood"),
+            unix.join().expect("unix flood"),
+        );
+        println!(
+            "idle flood: {} TCP and {} control connections opened; slowest scrape {slowest_scrape:?}, slowest status {slowest_status:?}",
+            opened.0, opened.1
+        );
+        for (what, slowest) in [("scrape", slowest_scrape), ("status", slowest_status)] {
+            if slowest >= Duration::from_secs(1) {
+                problems.push(format!("the slowest {what} took {slowest:?}"));
+            }
+        }
+        assert!(
+            opened.0 >= 1000 && opened.1 >= 1000,
+            "the floods held 1,000: {opened:?}"
+        );
+        let stopped = cluster.stop();
+        assert_no_problems(&problems, &stopped.lines);
+    });
+}
+
 // ---- 9. a reader that stops reading does not stop supervision ----
 
 #[test]

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 use super::{
-    accept::{Acceptor, REQUEST_TIMEOUT},
+    accept::{Acceptor, Ticket, REPLY_DEADLINE},
     names::ClusterName,
 };
 use crate::supervisor::{ClusterStatus, Handle, Recipients};
@@ -284,14 +284,11 @@ fn accept_loop(
                     continue;
                 }
             };
-            let Some(permit) = acceptor.admit() else {
-                continue;
-            };
+            let ticket = acceptor.admit().await;
             let handle = handle.clone();
             let name = name.clone();
             tokio::spawn(async move {
-                let _permit = permit;
-                if let Err(e) = answer(stream, handle, owner, &name).await {
+                if let Err(e) = answer(stream, ticket, handle, owner, &name).await {
                     log::debug!("control connection: {e}");
                 }
             });
@@ -303,8 +300,11 @@ fn accept_loop(
     }
 }
 
+/// Reads one request on `stream` within its ticket's deadline, carries it out and writes the
+/// reply; the slot is held until this returns.
 async fn answer(
     stream: tokio::net::UnixStream,
+    mut ticket: Ticket,
     handle: Handle,
     owner: u32,
     name: &ClusterName,
@@ -320,9 +320,9 @@ async fn answer(
     // the refusal, instead of failing to write into a connection already closed.
     let mut line = String::new();
     let mut reader = tokio::io::BufReader::new(reader.take(MAX_REQUEST));
-    match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
-        Err(_) => return Ok(()), // an idle client: hang up
-        Ok(result) => {
+    match ticket.request(reader.read_line(&mut line)).await {
+        None => return Ok(()), // idle past the deadline, or evicted by newer ones: hang up
+        Some(result) => {
             result?;
         }
     }
@@ -349,7 +349,10 @@ async fn answer(
     };
     let mut text = serde_json::to_string(&reply).map_err(std::io::Error::other)?;
     text.push('\n');
-    writer.write_all(text.as_bytes()).await
+    // A client that does not read its reply (a long status) gives its slot back after this.
+    tokio::time::timeout(REPLY_DEADLINE, writer.write_all(text.as_bytes()))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
 }
 
 async fn execute(request: Request, handle: &Handle, name: &ClusterName) -> Reply {

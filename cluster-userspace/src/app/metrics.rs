@@ -9,7 +9,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use super::accept::{Acceptor, REQUEST_TIMEOUT};
+use super::accept::{Acceptor, Ticket, REPLY_DEADLINE};
 use crate::supervisor::{saved::Inherited, ClusterStatus, Handle, WorkerState, WorkerStatus};
 
 /// The metrics address could not be bound.
@@ -49,29 +49,23 @@ fn accept_loop(listener: TcpListener, handle: Handle) -> Option<Inherited> {
                     continue;
                 }
             };
-            let Some(permit) = acceptor.admit() else {
-                continue;
-            };
+            let ticket = acceptor.admit().await;
             let handle = handle.clone();
             tokio::spawn(async move {
-                let _permit = permit;
-                let _ = tokio::time::timeout(REQUEST_TIMEOUT, respond(stream, handle)).await;
+                let _ = respond(stream, ticket, handle).await;
             });
         }
     });
     fd
 }
 
-async fn respond(mut stream: TcpStream, handle: Handle) -> std::io::Result<()> {
-    let mut request = Vec::new();
-    let mut chunk = [0u8; 1024];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-        let read = stream.read(&mut chunk).await?;
-        if read == 0 {
-            break;
-        }
-        request.extend_from_slice(&chunk[..read]);
-    }
+/// Answers one GET on `stream`, whose head must arrive within its ticket's deadline; the slot
+/// is held until this returns.
+async fn respond(mut stream: TcpStream, mut ticket: Ticket, handle: Handle) -> std::io::Result<()> {
+    let Some(request) = ticket.request(read_head(&mut stream)).await else {
+        return Ok(()); // idle past the deadline, or evicted by newer ones: hang up
+    };
+    let request = request?;
     let first_line = String::from_utf8_lossy(&request)
         .lines()
         .next()
@@ -88,8 +82,29 @@ async fn respond(mut stream: TcpStream, handle: Handle) -> std::io::Result<()> {
         "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    // A client that does not read the answer gives its slot back after this.
+    let written = async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    tokio::time::timeout(REPLY_DEADLINE, written)
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+}
+
+/// A request's head: up to its blank line, 8 KiB at most, or whatever came before the client
+/// stopped sending.
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut request = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+        let read = stream.read(&mut chunk).await?;
+        if read == 0 {
+            break;
+        }
+        request.extend_from_slice(&chunk[..read]);
+    }
+    Ok(request)
 }
 
 /// The exposition text for one snapshot.
