@@ -24,6 +24,7 @@ mod config;
 mod events;
 mod former;
 mod handle;
+mod health;
 mod inbox;
 pub(crate) mod launch;
 pub(crate) mod lifecycle;
@@ -46,6 +47,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 pub use config::{ClosedListener, Config, PrimaryMode, Restart, UpgradeSource, READY_TIMEOUT};
 pub use events::{Departure, Event, ExitStatus, Failure, KillReason, Readiness, ReloadError};
 pub use handle::{Control, Handle, Recipients, ReloadReply, ScaleError, SendError, UpgradeError};
+pub use health::{HealthLimits, DEFAULT_HANG_TIMEOUT};
 use inbox::{Feeds, Happened, Inbox};
 pub use launch::spawn::{Credentials, SpawnError};
 use launch::{seccomp::Filter, spawn::WorkerCommand};
@@ -104,6 +106,8 @@ pub struct Supervisor {
     resumed: bool,
     /// The program's own primary process (a Node program's primary branch), when it has one.
     program: program::Program,
+    /// What the health sampler watches and last read.
+    health: health::Health,
 }
 
 impl Supervisor {
@@ -119,7 +123,11 @@ impl Supervisor {
             former::claim(*addr, config.timing.grace)?;
         }
         let groups = Groups::new(&config.listen, config.strategy, config.require_ebpf)?;
-        let (inbox, feeds) = Inbox::new(signals, checks::CHECK_EVERY);
+        let (inbox, feeds) = Inbox::new(
+            signals,
+            checks::CHECK_EVERY,
+            config.health.any().then_some(health::SAMPLE_EVERY),
+        );
         let senders = notify::Senders::of(config.credentials.as_ref());
         let notify =
             notify::open(feeds.notify.clone(), senders).map_err(SupervisorError::Notify)?;
@@ -175,6 +183,7 @@ impl Supervisor {
         );
         Supervisor {
             program,
+            health: health::Health::new(config.health),
             workers: Workers::new(launch, feeds.channels.clone(), feeds.forwarded.clone()),
             lifecycle,
             config,
@@ -283,6 +292,10 @@ impl Supervisor {
             Happened::Due => Some(Input::Tick),
             Happened::Checks => {
                 self.periodic_checks();
+                None
+            }
+            Happened::Health => {
+                self.sample_health();
                 None
             }
         }
