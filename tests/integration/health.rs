@@ -357,3 +357,58 @@ fn status_shows_each_workers_accept_queue_and_backlog() {
         assert!(cluster.stop().status.success());
     });
 }
+
+#[test]
+fn every_worker_sigkilled_three_times_in_a_row_refuses_no_connection() {
+    root_test("health_reserve", || {
+        let server = cluster_lb_tests::example("python/server.py");
+        let cluster = Cluster::start(&[
+            "run",
+            "-w",
+            "4",
+            "--ready-delay",
+            "30",
+            "--listen",
+            "127.0.0.1:8080",
+            "--",
+            "/usr/bin/python3",
+            &server,
+        ]);
+        cluster.wait_until_ready(4);
+        let load = cluster_lb_tests::RequestLoop::start(addr(), 4);
+        thread::sleep(Duration::from_millis(500));
+        // A bad deploy or an OOM storm: every worker killed at once, three times 0.6 s apart,
+        // so the restart backoff grows while nothing serves.
+        for _ in 0..3 {
+            let status = cluster.status();
+            for worker in &status.workers {
+                cluster_lb_tests::signal(worker.pid as u32, nix::sys::signal::Signal::SIGKILL);
+            }
+            thread::sleep(Duration::from_millis(600));
+        }
+        cluster.wait_until_ready(4);
+        thread::sleep(Duration::from_secs(1));
+        let (answered, failures) = load.finish();
+        let total: u64 = answered.values().sum();
+        // A connection a worker had accepted dies with it (reset, or a cut answer); one that
+        // could not even connect was refused.
+        let (refused, in_flight): (Vec<&String>, Vec<&String>) =
+            failures.iter().partition(|f| f.starts_with("connecting"));
+        println!(
+            "every worker SIGKILLed 3 times: {total} answered by {} processes, {} refused, {} in flight when killed",
+            answered.len(),
+            refused.len(),
+            in_flight.len()
+        );
+        assert!(refused.is_empty(), "{refused:?}");
+        assert!(
+            in_flight.len() <= 12,
+            "only connections in flight on the 12 killed workers failed: {in_flight:?}"
+        );
+        assert!(
+            answered.len() > 4,
+            "the killed workers' replacements served: {answered:?}"
+        );
+        assert!(cluster.stop().status.success());
+    });
+}

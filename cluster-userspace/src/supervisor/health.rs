@@ -16,6 +16,9 @@
 //!   `--max-age` (the last two with a random jitter per worker, so workers started together do
 //!   not all reach their limit together).
 //!
+//! Each round also hands connections that wait in the idle reserve (see
+//! `workers::reserve`) to the workers.
+//!
 //! UDP groups are not watched for hangs: a datagram socket has no accept queue, and its receive
 //! queue holds bytes, not connections, so "accepted none" has no kernel figure to read.
 
@@ -262,7 +265,9 @@ impl Supervisor {
         let limits = self.health.limits;
         if !self.health.migrate_set {
             self.health.migrate_set = true;
-            if limits.hang_timeout.is_some() {
+            // Both the reserve and hung workers' queues move by migration; without a program
+            // (strategy kernel) nothing would pick where to.
+            if self.groups.iter().any(|g| g.balancer.is_some()) {
                 enable_migration();
             }
         }
@@ -281,11 +286,11 @@ impl Supervisor {
         self.health
             .watched
             .retain(|pid, _| watched.iter().any(|(p, ..)| p == pid));
-        let found = limits
-            .hang_timeout
-            .is_some()
-            .then(procfs::accept_queues)
-            .flatten();
+        let found = procfs::accept_queues();
+        if let Some(found) = &found {
+            let waiting = |inode| found.get(&inode).is_some_and(|l| l.queue > 0);
+            self.workers.drain_reserve_if(waiting, &mut self.groups);
+        }
         let check_limits = limits.limited()
             && self
                 .health
@@ -366,23 +371,23 @@ impl Supervisor {
 }
 
 /// Sets net.ipv4.tcp_migrate_req in this network namespace, so that when a hung worker is
-/// killed, the connections waiting in its accept queue move to another worker of its group
-/// (the program is attached as SELECT_OR_MIGRATE and picks a live one) instead of being reset.
-/// It applies only to sockets in reuseport groups, which migrate nowhere else.
+/// killed, or the reserve closes, the connections waiting in its accept queue move to another
+/// socket of its group (the program is attached as SELECT_OR_MIGRATE and picks a live worker)
+/// instead of being reset. It applies only to sockets in reuseport groups.
 fn enable_migration() {
     const PATH: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
     match std::fs::read_to_string(PATH) {
         Ok(value) if value.trim() == "1" => {}
         Ok(_) => match std::fs::write(PATH, "1") {
             Ok(()) => log::info!(
-                "set net.ipv4.tcp_migrate_req=1: connections queued on a worker killed as hung move to live workers"
+                "set net.ipv4.tcp_migrate_req=1: connections queued on a closing listener (a worker killed as hung, the reserve) move to live workers"
             ),
             Err(e) => log::warn!(
-                "cannot set net.ipv4.tcp_migrate_req=1 ({e}): connections queued on a worker killed as hung will be reset; set it with sysctl"
+                "cannot set net.ipv4.tcp_migrate_req=1 ({e}): connections queued on a closing listener (a worker killed as hung, the reserve) will be reset; set it with sysctl"
             ),
         },
         Err(e) => log::warn!(
-            "cannot read net.ipv4.tcp_migrate_req ({e}; kernel older than 5.14?): connections queued on a worker killed as hung will be reset"
+            "cannot read net.ipv4.tcp_migrate_req ({e}; kernel older than 5.14?): connections queued on a closing listener (a worker killed as hung, the reserve) will be reset"
         ),
     }
 }

@@ -123,11 +123,7 @@ impl Supervisor {
             former::claim(*addr, config.timing.grace)?;
         }
         let groups = Groups::new(&config.listen, config.strategy, config.require_ebpf)?;
-        let (inbox, feeds) = Inbox::new(
-            signals,
-            checks::CHECK_EVERY,
-            config.health.any().then_some(health::SAMPLE_EVERY),
-        );
+        let (inbox, feeds) = Inbox::new(signals, checks::CHECK_EVERY, Some(health::SAMPLE_EVERY));
         let senders = notify::Senders::of(config.credentials.as_ref());
         let notify =
             notify::open(feeds.notify.clone(), senders).map_err(SupervisorError::Notify)?;
@@ -366,7 +362,10 @@ impl Supervisor {
             }
             Action::Emit(event) => {
                 match event {
-                    Event::Stopping { .. } => self.log_counters(),
+                    Event::Stopping { .. } => {
+                        self.log_counters();
+                        self.workers.close_reserve(&mut self.groups);
+                    }
                     Event::ReloadStarted { .. } => self.workers.node.rotate_server_data(),
                     _ => {}
                 }

@@ -58,10 +58,7 @@ impl Supervisor {
         let (inbox, feeds) = Inbox::new(
             signals,
             CHECK_EVERY,
-            config
-                .health
-                .any()
-                .then_some(crate::supervisor::health::SAMPLE_EVERY),
+            Some(crate::supervisor::health::SAMPLE_EVERY),
         );
         let fd = state
             .notify
