@@ -232,6 +232,7 @@ mod tests {
             credentials: None,
             notify_socket: String::new(),
             max_message: 1 << 20,
+            watchdog: None,
         };
         Workers::new(launch, events, forwarded)
     }

@@ -110,6 +110,8 @@ pub struct Launch {
     pub notify_socket: String,
     /// The longest message on a Node channel.
     pub max_message: usize,
+    /// `--watchdog`: workers get WATCHDOG_USEC.
+    pub watchdog: Option<std::time::Duration>,
 }
 
 /// How one worker process is to be started.
@@ -243,6 +245,14 @@ impl Workers {
             ),
             (PRIMARY_VARIABLE.to_string(), std::process::id().to_string()),
         ];
+        if let Some(watchdog) = self.launch.watchdog {
+            // Without WATCHDOG_PID: it would have to be the worker's own pid, which is not
+            // known before the fork; libsystemd then lets whoever sees the variable ping.
+            env.push((
+                "WATCHDOG_USEC".to_string(),
+                watchdog.as_micros().to_string(),
+            ));
+        }
         let variable = match protocol {
             Protocol::Node => {
                 // What Node's cluster.fork() sets: the worker's cluster.worker.id.
