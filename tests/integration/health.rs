@@ -457,3 +457,53 @@ fn a_worker_that_stops_sending_watchdog_pings_is_replaced_and_killed() {
         assert!(cluster.stop().status.success());
     });
 }
+
+#[test]
+fn a_hung_rust_worker_is_found_from_its_accept_queue_and_replaced() {
+    root_test("health_hung_rust", || {
+        let server = cluster_lb_tests::workspace_binary("handshake-server")
+            .display()
+            .to_string();
+        let cluster = Cluster::start(&[
+            "run",
+            "-w",
+            "3",
+            "--hang-timeout",
+            "2",
+            "--",
+            &server,
+            "127.0.0.1:8080",
+        ]);
+        let before = cluster.wait_until_ready(3);
+        let hung_pid = cluster_lb_tests::pid_of(&before, 1);
+        let hung_at = Instant::now();
+        let reply = cluster_lb::control::request(
+            cluster.control(),
+            &cluster_lb::control::Request::Send {
+                to: cluster_lb::supervisor::Recipients::Worker(1),
+                data: serde_json::json!({"hang": true}),
+            },
+            Duration::from_secs(5),
+        );
+        assert!(reply.is_ok(), "{reply:?}");
+        let mut failures = Vec::new();
+        for i in 0..120 {
+            if let Err(e) = get("/", Duration::from_secs(10)) {
+                failures.push(format!("connection {i}: {e:#}"));
+            }
+        }
+        let hung = cluster.wait_for_events("hung", 1, Duration::from_secs(15));
+        let recycled = cluster.wait_for_events("recycled", 1, Duration::from_secs(15));
+        println!(
+            "hung Rust worker: replaced {:.1}s after the hang; 120 connections: {} failed",
+            hung_at.elapsed().as_secs_f64(),
+            failures.len()
+        );
+        assert_eq!(hung[0]["pid"], hung_pid);
+        assert_eq!(recycled[0]["pid"], hung_pid);
+        assert!(failures.is_empty(), "{failures:?}");
+        let after = cluster.wait_until_ready(3);
+        assert!(after.workers.iter().all(|w| w.pid != hung_pid));
+        assert!(cluster.stop().status.success());
+    });
+}

@@ -57,6 +57,7 @@ const VM_TESTS: &[(&str, &[&str])] = &[
             "supervision::a_handshake_worker_is_ready_only_after_listening_and_events_come_in_order",
             "supervision::a_program_that_exits_at_once_is_restarted_with_growing_delays",
             "supervision::a_program_can_be_its_own_primary",
+            "health::a_hung_rust_worker_is_found_from_its_accept_queue_and_replaced",
         ],
     ),
 ];

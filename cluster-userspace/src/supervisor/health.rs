@@ -39,7 +39,8 @@ use super::{
 };
 use crate::sys::procfs;
 
-/// How often accept queues are read.
+/// How often accept queues are read (always: the reserve is watched too; one sock_diag dump
+/// of the listening sockets, which costs the same however many connections the host has).
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// How long a worker may leave connections waiting without accepting any before it gets no
 /// new ones: long enough that a pause of a few hundred milliseconds (a GC, a slow request on
@@ -87,11 +88,6 @@ impl Default for HealthLimits {
 }
 
 impl HealthLimits {
-    /// Whether anything is watched at all (otherwise nothing is sampled).
-    pub fn any(&self) -> bool {
-        self.hang_timeout.is_some() || self.limited()
-    }
-
     /// Whether a limit other than the hang timeout is set.
     fn limited(&self) -> bool {
         self.watchdog.is_some()

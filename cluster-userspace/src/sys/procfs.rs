@@ -46,20 +46,75 @@ pub fn listening_tcp() -> Option<Vec<(u64, SocketAddr)>> {
     Some(found)
 }
 
-/// The accept queue of every listening TCP socket in this network namespace, by inode; `None`
-/// when the kernel cannot say (see [`listening_tcp`]).
+/// The accept queue of every listening TCP socket in this network namespace, by inode. From
+/// sock_diag; where the kernel lacks it (inet_diag is a module, which a container or an
+/// initramfs may not have), from /proc/net/tcp and tcp6, which list every TCP socket but say
+/// the same of listening ones (their rx_queue is the accept queue; the backlog is not there,
+/// so it reads 0). `None` when neither can be read.
 pub fn accept_queues() -> Option<std::collections::HashMap<u64, super::diag::Listener>> {
     let mut found = std::collections::HashMap::new();
     for family in [libc::AF_INET, libc::AF_INET6] {
         match super::diag::listeners(family as u8) {
             Ok(sockets) => found.extend(sockets.into_iter().map(|l| (l.inode, l))),
             Err(e) => {
-                log::debug!("sock_diag: {e}");
-                return None;
+                log::debug!("sock_diag: {e}; reading /proc/net/tcp");
+                return accept_queues_from_proc();
             }
         }
     }
     Some(found)
+}
+
+fn accept_queues_from_proc() -> Option<std::collections::HashMap<u64, super::diag::Listener>> {
+    let mut found = std::collections::HashMap::new();
+    let mut read_any = false;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = fs::read_to_string(table) else {
+            continue;
+        };
+        read_any = true;
+        found.extend(
+            text.lines()
+                .skip(1)
+                .filter_map(listener_of_proc_line)
+                .map(|l| (l.inode, l)),
+        );
+    }
+    read_any.then_some(found)
+}
+
+/// A LISTEN line of /proc/net/tcp: "sl local rem st tx_queue:rx_queue tr:when retrnsmt uid
+/// timeout inode ...", hexadecimal but for the uid, timeout and inode.
+fn listener_of_proc_line(line: &str) -> Option<super::diag::Listener> {
+    const LISTEN: &str = "0A";
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    if fields.get(3)? != &LISTEN {
+        return None;
+    }
+    let (_, rx_queue) = fields.get(4)?.split_once(':')?;
+    Some(super::diag::Listener {
+        inode: fields.get(9)?.parse().ok()?,
+        addr: proc_address(fields.get(1)?)?,
+        queue: u32::from_str_radix(rx_queue, 16).ok()?,
+        backlog: 0,
+    })
+}
+
+/// "0100007F:1F90" (IPv4, the address as the kernel's u32 in host order) or 32 hex digits of
+/// four such words (IPv6), then the port.
+fn proc_address(text: &str) -> Option<SocketAddr> {
+    let (ip, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Option<Vec<u32>> = (0..ip.len() / 8)
+        .map(|i| u32::from_str_radix(ip.get(i * 8..i * 8 + 8)?, 16).ok())
+        .collect();
+    let bytes: Vec<u8> = words?.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let ip: std::net::IpAddr = match bytes.len() {
+        4 => std::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).into(),
+        16 => std::net::Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?).into(),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
 }
 
 /// The children of this process (all its threads'), from /proc/self/task/*/children.
@@ -235,6 +290,31 @@ pub fn page_size() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listening_sockets_and_their_queues_are_read_from_proc_net_tcp() {
+        let line = "   3: 0100007F:1F90 00000000:0000 0A 00000000:00000003 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0";
+        let listener = listener_of_proc_line(line).unwrap();
+        assert_eq!(listener.inode, 4242);
+        assert_eq!(listener.queue, 3);
+        assert_eq!(listener.addr, "127.0.0.1:8080".parse().unwrap());
+        let established = line.replace(" 0A ", " 01 ");
+        assert!(listener_of_proc_line(&established).is_none());
+        // A real listener of this process, found with its queue.
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        let _waiting = std::net::TcpStream::connect(addr).unwrap();
+        let inode = crate::sys::fds::inode(std::os::fd::AsRawFd::as_raw_fd(&socket)).unwrap();
+        let found = accept_queues_from_proc().unwrap();
+        assert_eq!(found[&inode].addr, addr);
+        assert_eq!(found[&inode].queue, 1);
+        let v6 = std::net::TcpListener::bind("[::1]:0").unwrap();
+        let inode = crate::sys::fds::inode(std::os::fd::AsRawFd::as_raw_fd(&v6)).unwrap();
+        assert_eq!(
+            accept_queues_from_proc().unwrap()[&inode].addr,
+            v6.local_addr().unwrap()
+        );
+    }
 
     #[test]
     fn pss_is_read_from_smaps_rollup() {

@@ -11,6 +11,9 @@
 //!   cluster-lb send --worker 1 '{"forward":{"hi":1},"to":"others"}'
 //!                            worker 1 sends {"hi":1} to the others, who each tell the primary
 //!                            {"heard": {"hi":1}, "from": 1, "worker": ID}
+//!   cluster-lb send --worker 1 '{"hang":true}'
+//!                            worker 1 blocks its only thread for good, as a deadlock would:
+//!                            connections wait in its queue, and `--hang-timeout` finds it
 
 use std::process::ExitCode;
 
@@ -54,6 +57,13 @@ async fn until_disconnected() {
     while let Some(incoming) = worker::recv().await {
         let sent = match incoming {
             Incoming::Disconnect => return,
+            Incoming::Message(data) if data.get("hang") == Some(&json!(true)) => {
+                eprintln!("handshake-server: hanging, as asked");
+                // The runtime has one thread: this stops the accept loop too.
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(3600));
+                }
+            }
             Incoming::Message(data) => match forward(&data) {
                 Some((to, message)) => worker::send_to(to, message).await,
                 None => worker::send(json!({ "echo": data, "worker": worker::id() })).await,
