@@ -47,6 +47,9 @@ pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// an event loop, a busy host's scheduler) costs nothing, short enough that a hung worker is
 /// given few connections (and those move to live workers when it is killed).
 pub const STALL_AFTER: Duration = Duration::from_secs(1);
+/// How often the accept queues are read from /proc/net/tcp where sock_diag is missing (it
+/// lists every connection of the namespace, so it is not read every sample).
+pub const PROC_QUEUES_EVERY: Duration = Duration::from_secs(1);
 /// How often memory, connection counts and ages are compared with their limits.
 pub const LIMITS_EVERY: Duration = Duration::from_secs(1);
 /// `--hang-timeout`'s default: gunicorn's `--timeout`. Only a worker that accepts nothing for
@@ -189,7 +192,11 @@ pub struct Health {
     watched: HashMap<Pid, Watched>,
     limits_checked: Option<Instant>,
     migrate_set: bool,
+    /// The accept queues last read (status shows them), when, and whether from /proc.
+    queues: Option<(Instant, Listeners, bool)>,
 }
+
+type Listeners = HashMap<u64, crate::sys::diag::Listener>;
 
 impl Health {
     pub fn new(limits: HealthLimits) -> Health {
@@ -198,7 +205,29 @@ impl Health {
             watched: HashMap::new(),
             limits_checked: None,
             migrate_set: false,
+            queues: None,
         }
+    }
+
+    /// Reads every listener's accept queue: sock_diag each time, /proc/net/tcp at most every
+    /// [`PROC_QUEUES_EVERY`] where sock_diag is missing.
+    fn read_queues(&mut self, now: Instant) -> Option<&Listeners> {
+        let fresh = match procfs::accept_queues() {
+            Some(found) => Some((now, found, false)),
+            None => match &self.queues {
+                Some((at, _, true)) if now.duration_since(*at) < PROC_QUEUES_EVERY => None,
+                _ => procfs::accept_queues_from_proc().map(|found| (now, found, true)),
+            },
+        };
+        if fresh.is_some() {
+            self.queues = fresh;
+        }
+        self.queues.as_ref().map(|(_, found, _)| found)
+    }
+
+    /// The accept queues the sampler read last (at most a sample old).
+    pub fn last_queues(&self) -> Option<&Listeners> {
+        self.queues.as_ref().map(|(_, found, _)| found)
     }
 
     fn watch(&mut self, pid: Pid) -> &mut Watched {
@@ -300,7 +329,7 @@ impl Supervisor {
         self.health
             .watched
             .retain(|pid, _| watched.iter().any(|(p, ..)| p == pid));
-        let found = procfs::accept_queues();
+        let found = self.health.read_queues(now).cloned();
         if let Some(found) = &found {
             let waiting = |inode| found.get(&inode).is_some_and(|l| l.queue > 0);
             self.workers.drain_reserve_if(waiting, &mut self.groups);

@@ -106,7 +106,8 @@ impl ClusterStatus {
 
 impl Supervisor {
     pub(super) fn status(&self) -> ClusterStatus {
-        let queues = crate::sys::procfs::accept_queues();
+        // The health sampler's last reading (at most 100 ms old): status costs no dump.
+        let queues = self.health.last_queues();
         let workers = self
             .lifecycle
             .processes()
@@ -121,7 +122,7 @@ impl Supervisor {
                         open += balancer.open_connections(worker.slot());
                     }
                 }
-                let waiting = self.queues_of(process.pid, queues.as_ref());
+                let waiting = self.queues_of(process.pid, queues);
                 WorkerStatus {
                     id: process.id,
                     pid: process.pid.as_raw(),

@@ -46,26 +46,28 @@ pub fn listening_tcp() -> Option<Vec<(u64, SocketAddr)>> {
     Some(found)
 }
 
-/// The accept queue of every listening TCP socket in this network namespace, by inode. From
-/// sock_diag; where the kernel lacks it (inet_diag is a module, which a container or an
-/// initramfs may not have), from /proc/net/tcp and tcp6, which list every TCP socket but say
-/// the same of listening ones (their rx_queue is the accept queue; the backlog is not there,
-/// so it reads 0). `None` when neither can be read.
+/// The accept queue of every listening TCP socket in this network namespace, by inode, from
+/// sock_diag; `None` where the kernel lacks it (inet_diag is a module, which a container or an
+/// initramfs may not have): then [`accept_queues_from_proc`] says the same, dearer.
 pub fn accept_queues() -> Option<std::collections::HashMap<u64, super::diag::Listener>> {
     let mut found = std::collections::HashMap::new();
     for family in [libc::AF_INET, libc::AF_INET6] {
         match super::diag::listeners(family as u8) {
             Ok(sockets) => found.extend(sockets.into_iter().map(|l| (l.inode, l))),
             Err(e) => {
-                log::debug!("sock_diag: {e}; reading /proc/net/tcp");
-                return accept_queues_from_proc();
+                log::debug!("sock_diag: {e}");
+                return None;
             }
         }
     }
     Some(found)
 }
 
-fn accept_queues_from_proc() -> Option<std::collections::HashMap<u64, super::diag::Listener>> {
+/// The accept queues from /proc/net/tcp and tcp6, which list every TCP socket of the
+/// namespace (so their cost grows with its connections and TIME_WAIT entries, unlike
+/// sock_diag's filtered dump) but say the same of listening ones: their rx_queue is the accept
+/// queue. The backlog is not there: it reads 0. `None` when neither file can be read.
+pub fn accept_queues_from_proc() -> Option<std::collections::HashMap<u64, super::diag::Listener>> {
     let mut found = std::collections::HashMap::new();
     let mut read_any = false;
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
