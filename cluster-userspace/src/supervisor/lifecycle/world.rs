@@ -293,6 +293,13 @@ impl World {
                     pid: *pid,
                     how: Readiness::Listening,
                 });
+                // Under --wait-ready, a behaving worker sends 'ready' after it listens.
+                if self.lifecycle.policy.wait_ready {
+                    self.apply(Input::Ready {
+                        pid: *pid,
+                        how: Readiness::Message,
+                    });
+                }
             }
             if !going.is_empty() || !starting.is_empty() {
                 continue;

@@ -109,6 +109,50 @@ pub struct Launch {
     pub notify_socket: String,
     /// The longest message on a Node channel.
     pub max_message: usize,
+    /// What asks a worker that has no `disconnect` to stop (`--stop-signal`).
+    pub stop_signal: Signal,
+    /// The variable that gives a Node worker its instance number (`--instance-var`).
+    pub instance_var: String,
+    /// `--increment-var`: the variable, and its value in the workers' environment (each
+    /// worker gets that plus its instance number).
+    pub increment: Option<(String, f64)>,
+}
+
+impl Launch {
+    /// The variables that number a worker of instance `instance` (0 .. N-1): PM2's
+    /// `NODE_APP_INSTANCE` for a Node worker, and the `--increment-var` for any.
+    fn numbering(&self, instance: u32) -> Vec<(String, String)> {
+        let mut env = Vec::new();
+        if self.protocol == Protocol::Node {
+            env.push((self.instance_var.clone(), instance.to_string()));
+        }
+        if let Some((name, base)) = &self.increment {
+            env.push((name.clone(), js_number(base + f64::from(instance))));
+        }
+        env
+    }
+}
+
+/// A number as JavaScript's `String(n)` writes it for the values a variable holds (3001,
+/// not 3001.0), since PM2 computes `increment_var` in JavaScript.
+pub fn js_number(n: f64) -> String {
+    if n.fract() == 0.0 && n.abs() < 1e15 {
+        format!("{}", n as i64)
+    } else {
+        n.to_string()
+    }
+}
+
+/// PM2's `Number(value) || 0`: the value of an `increment_var` as a number to count from.
+pub fn increment_base(value: Option<&str>) -> f64 {
+    let text = value.unwrap_or("").trim();
+    if text.is_empty() {
+        return 0.0;
+    }
+    text.parse::<f64>()
+        .ok()
+        .filter(|n| n.is_finite())
+        .unwrap_or(0.0)
 }
 
 /// How one worker process is to be started.
@@ -118,6 +162,8 @@ pub struct Start<'a> {
     pub wanted: u32,
     /// Its `cluster.worker.id` (NODE_UNIQUE_ID), for a Node worker.
     pub node_id: u32,
+    /// Its instance number, 0 .. N-1 whatever the first id (PM2's `NODE_APP_INSTANCE`).
+    pub instance: u32,
     /// What the program's primary forked it with, when not the command line's program.
     pub fork: Option<&'a ForkSpec>,
     /// Variables that load cluster-lb's Node preload (to learn whether the program has a
@@ -239,6 +285,7 @@ impl Workers {
             ),
             (PRIMARY_VARIABLE.to_string(), std::process::id().to_string()),
         ];
+        env.extend(self.launch.numbering(start.instance));
         let variable = match protocol {
             Protocol::Node => {
                 // What Node's cluster.fork() sets: the worker's cluster.worker.id.
@@ -507,14 +554,15 @@ impl Workers {
         }
     }
 
-    /// `disconnect` over the channel if the worker speaks it, else SIGTERM.
+    /// `disconnect` over the channel if the worker speaks it, else the stop signal (SIGTERM,
+    /// or `--stop-signal`).
     pub fn ask_to_stop(&mut self, pid: Pid) {
         let asked = self
             .table
             .get_mut(&pid)
             .is_some_and(|w| w.channel.ask_to_stop());
         if !asked {
-            let _ = kill(pid, Signal::SIGTERM);
+            let _ = kill(pid, self.launch.stop_signal);
         }
     }
 
