@@ -120,8 +120,7 @@ pub fn parse(argv: Vec<OsString>) -> Result<Parsed, CommandLineError> {
                     .unwrap_or(1),
                 pm2_kill_signal: kill_signal.as_deref(),
             };
-            let mut mapped =
-                ecosystem::map(&value, &context).map_err(|e| fail(e.key, e.detail))?;
+            let mut mapped = ecosystem::map(&value, &context).map_err(|e| fail(e.key, e.detail))?;
             (std::mem::take(&mut mapped.table), Some(mapped))
         }
         None => {

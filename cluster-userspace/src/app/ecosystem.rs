@@ -183,9 +183,7 @@ pub fn evaluate(path: &Path, kind: Kind, env_name: Option<&str>) -> Result<Value
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -359,7 +357,10 @@ fn apps(config: &Value) -> Result<Vec<&Map<String, Value>>, MapError> {
         other => vec![other],
     };
     if items.is_empty() {
-        return Err(bad("apps", "the list is empty; add an app ({ name: 'api', script: './server.js', instances: 4 })"));
+        return Err(bad(
+            "apps",
+            "the list is empty; add an app ({ name: 'api', script: './server.js', instances: 4 })",
+        ));
     }
     items
         .into_iter()
@@ -435,15 +436,17 @@ pub fn map(config: &Value, context: &Context<'_>) -> Result<Mapped, MapError> {
         Some(Value::String(dir)) => {
             let dir = context.base.join(dir);
             if !dir.is_dir() {
-                return Err(bad(
-                    "cwd",
-                    format!("{} is not a directory", dir.display()),
-                ));
+                return Err(bad("cwd", format!("{} is not a directory", dir.display())));
             }
             Some(dir)
         }
         Some(Value::Null) | None => None,
-        Some(other) => return Err(bad("cwd", format!("expected a directory, found {}", kind_of(other)))),
+        Some(other) => {
+            return Err(bad(
+                "cwd",
+                format!("expected a directory, found {}", kind_of(other)),
+            ))
+        }
     };
     let dir = cwd.clone().unwrap_or_else(|| context.base.to_path_buf());
     mapped.cwd = cwd;
@@ -458,7 +461,10 @@ pub fn map(config: &Value, context: &Context<'_>) -> Result<Mapped, MapError> {
         Some(other) => {
             return Err(bad(
                 "script",
-                format!("expected the path of the app's file, found {}", kind_of(other)),
+                format!(
+                    "expected the path of the app's file, found {}",
+                    kind_of(other)
+                ),
             ))
         }
     };
@@ -692,10 +698,7 @@ fn instances(value: Option<&Value>, cpus: u32) -> Result<u32, MapError> {
         Some(other) => {
             return Err(bad(
                 "instances",
-                format!(
-                    "expected a number or 'max', found {}",
-                    kind_of(other)
-                ),
+                format!("expected a number or 'max', found {}", kind_of(other)),
             ))
         }
     };
@@ -968,7 +971,10 @@ mod tests {
             "name": "api-app", "script": "./api.js", "instances": 4, "exec_mode": "cluster"
         }]});
         let error = map(&file, &context(&base, Some("production"), None)).unwrap_err();
-        assert!(error.detail.contains("2 apps (worker-app, api-app)"), "{error:?}");
+        assert!(
+            error.detail.contains("2 apps (worker-app, api-app)"),
+            "{error:?}"
+        );
         assert!(error.detail.contains("--app NAME"), "{error:?}");
         let api = map(&file, &context(&base, None, Some("api-app"))).unwrap();
         assert_eq!(api.table["workers"].as_integer(), Some(4));
@@ -981,14 +987,21 @@ mod tests {
             .map(|v| v.as_str().unwrap())
             .collect();
         assert_eq!(command, ["node", base.join("api.js").to_str().unwrap()]);
-        let worker = map(&file, &context(&base, Some("production"), Some("worker-app"))).unwrap();
+        let worker = map(
+            &file,
+            &context(&base, Some("production"), Some("worker-app")),
+        )
+        .unwrap();
         assert_eq!(env(&worker)["NODE_ENV"], "production");
         // No instances: one, as PM2 runs it; watch is named.
         assert_eq!(worker.table["workers"].as_integer(), Some(1));
         assert_eq!(worker.warnings.len(), 1, "{:?}", worker.warnings);
         assert!(worker.warnings[0].contains("not honoured by cluster-lb: watch"));
         let unknown = map(&file, &context(&base, None, Some("web"))).unwrap_err();
-        assert!(unknown.detail.contains("no app of that name"), "{unknown:?}");
+        assert!(
+            unknown.detail.contains("no app of that name"),
+            "{unknown:?}"
+        );
     }
 
     #[test]
@@ -1030,7 +1043,11 @@ mod tests {
         let plain = map(&file, &context(&base, None, None)).unwrap();
         assert_eq!(super::super::ecosystem::tests::env(&plain)["PORT"], "5555");
         let missing = map(&file, &context(&base, Some("production"), None)).unwrap();
-        assert!(missing.warnings[0].contains("has no env_production"), "{:?}", missing.warnings);
+        assert!(
+            missing.warnings[0].contains("has no env_production"),
+            "{:?}",
+            missing.warnings
+        );
     }
 
     #[test]
@@ -1086,15 +1103,51 @@ mod tests {
             (json!({"apps": []}), "apps", "empty"),
             (json!({"apps": [1]}), "apps", "found a number"),
             (json!({"apps": [{"name": "x"}]}), "script", "missing"),
-            (json!({"apps": [{"script": "gone.js"}]}), "script", "neither in"),
-            (json!({"apps": [{"script": "npm run start"}]}), "script", "shell command"),
-            (json!({"apps": [{"script": "app.js", "cwd": "nowhere"}]}), "cwd", "not a directory"),
-            (json!({"apps": [{"script": "app.js", "kill_timeout": -1}]}), "kill_timeout", "milliseconds"),
-            (json!({"apps": [{"script": "app.js", "listen_timeout": 0}]}), "listen_timeout", "more than 0"),
-            (json!({"apps": [{"script": "app.js", "env": "A=1"}]}), "env", "object of variables"),
-            (json!({"apps": [{"script": "app.js", "env": {"A=B": 1}}]}), "env", "not a variable name"),
-            (json!({"apps": [{"script": "app.js", "exec_mode": "turbo"}]}), "exec_mode", "not cluster or fork"),
-            (json!({"apps": [{"script": "app.js", "args": {"a": 1}}]}), "args", "list of strings"),
+            (
+                json!({"apps": [{"script": "gone.js"}]}),
+                "script",
+                "neither in",
+            ),
+            (
+                json!({"apps": [{"script": "npm run start"}]}),
+                "script",
+                "shell command",
+            ),
+            (
+                json!({"apps": [{"script": "app.js", "cwd": "nowhere"}]}),
+                "cwd",
+                "not a directory",
+            ),
+            (
+                json!({"apps": [{"script": "app.js", "kill_timeout": -1}]}),
+                "kill_timeout",
+                "milliseconds",
+            ),
+            (
+                json!({"apps": [{"script": "app.js", "listen_timeout": 0}]}),
+                "listen_timeout",
+                "more than 0",
+            ),
+            (
+                json!({"apps": [{"script": "app.js", "env": "A=1"}]}),
+                "env",
+                "object of variables",
+            ),
+            (
+                json!({"apps": [{"script": "app.js", "env": {"A=B": 1}}]}),
+                "env",
+                "not a variable name",
+            ),
+            (
+                json!({"apps": [{"script": "app.js", "exec_mode": "turbo"}]}),
+                "exec_mode",
+                "not cluster or fork",
+            ),
+            (
+                json!({"apps": [{"script": "app.js", "args": {"a": 1}}]}),
+                "args",
+                "list of strings",
+            ),
         ];
         for (file, key, expected) in cases {
             let error = map(&file, &context(&base, None, None)).unwrap_err();
@@ -1119,9 +1172,15 @@ mod tests {
         let file = json!({"apps": [{"script": "app.js"}]});
         let mut ctx = context(&base, None, None);
         ctx.pm2_kill_signal = Some("SIGTERM");
-        assert_eq!(map(&file, &ctx).unwrap().table["stop_signal"].as_str(), Some("SIGTERM"));
+        assert_eq!(
+            map(&file, &ctx).unwrap().table["stop_signal"].as_str(),
+            Some("SIGTERM")
+        );
         let file = json!({"apps": [{"script": "app.js", "kill_signal": "SIGQUIT"}]});
-        assert_eq!(map(&file, &ctx).unwrap().table["stop_signal"].as_str(), Some("SIGQUIT"));
+        assert_eq!(
+            map(&file, &ctx).unwrap().table["stop_signal"].as_str(),
+            Some("SIGQUIT")
+        );
     }
 
     #[test]

@@ -43,7 +43,6 @@ use std::time::Instant;
 use nix::unistd::Pid;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-pub use workers::js_number;
 pub use config::{
     ClosedListener, Config, PrimaryMode, Restart, UpgradeSource, INSTANCE_VAR, READY_TIMEOUT,
 };
@@ -60,6 +59,7 @@ use signals::{Signalled, Signals};
 #[cfg(test)]
 pub(crate) use status::fixture;
 pub use status::{ClusterStatus, WorkerStatus};
+pub use workers::js_number;
 pub use workers::StartError;
 use workers::{ChannelEvent, Heard, Launch, Protocol, Start, Workers};
 
@@ -491,12 +491,11 @@ impl Supervisor {
                 }
                 // PM2's readiness signal, `process.send('ready')`: the lifecycle decides
                 // whether it counts (--wait-ready); it is also a message like any other.
-                let ready = (data == serde_json::Value::String("ready".into())).then_some(
-                    Input::Ready {
+                let ready =
+                    (data == serde_json::Value::String("ready".into())).then_some(Input::Ready {
                         pid,
                         how: Readiness::Message,
-                    },
-                );
+                    });
                 // Its room in the budget goes back once it is handed on (written to the
                 // program's primary, or emitted).
                 if let Err(_room) = self.message_to_program(id, pid, &data, room) {

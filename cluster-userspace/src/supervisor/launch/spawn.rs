@@ -188,7 +188,8 @@ impl WorkerCommand {
                     .strip_prefix(key.as_bytes())
                     .is_none_or(|rest| rest.first() != Some(&b'='))
             });
-            made.base_env.extend(env_entry(OsStr::new(key), OsStr::new(value)));
+            made.base_env
+                .extend(env_entry(OsStr::new(key), OsStr::new(value)));
         }
         if let Some(dir) = &config.cwd {
             made.cwd =

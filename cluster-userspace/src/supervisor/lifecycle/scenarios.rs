@@ -79,7 +79,10 @@ fn under_wait_ready_a_worker_is_active_only_once_it_sends_ready() {
             pid,
             how: Readiness::Listening,
         });
-        assert_eq!(world.lifecycle.process(pid).unwrap().state(), WorkerState::Online);
+        assert_eq!(
+            world.lifecycle.process(pid).unwrap().state(),
+            WorkerState::Online
+        );
     }
     assert!(world.active.is_empty(), "active before 'ready'");
     world.advance(Duration::from_secs(2));
@@ -102,7 +105,11 @@ fn under_wait_ready_a_worker_is_active_only_once_it_sends_ready() {
         pid,
         how: Readiness::Message,
     });
-    assert_eq!(plain.pid(0, WorkerState::Online), pid, "'ready' counted without --wait-ready");
+    assert_eq!(
+        plain.pid(0, WorkerState::Online),
+        pid,
+        "'ready' counted without --wait-ready"
+    );
 }
 
 /// A Node worker that takes longer than the delay to say `online` (a loaded machine) is still

@@ -1,0 +1,360 @@
+//! A PM2 user's app under cluster-lb (docs/PM2.md): PM2's own ecosystem file with
+//! `--env production`, the instance numbers PM2-era code reads (NODE_APP_INSTANCE), SIGINT
+//! cleanup on stop (`--stop-signal INT`), and `--wait-ready` (`process.send('ready')`). The
+//! apps and the file are in tests/node/pm2, shaped as PM2's documentation shows them; every
+//! test plays each Node major, whose `node` is first on PATH: it evaluates the file and runs
+//! the app, as a PM2 user's `node` would.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use cluster_lb::control::{request, Reply, Request};
+use cluster_lb_tests::{
+    node_binaries, pid_of, root_test, signal, Cluster, RequestLoop, WorkerState,
+};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+/// tests/node/pm2: the ecosystem file and the apps; cluster-lb runs there, as `pm2 start`
+/// runs where the file is.
+fn pm2_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("node/pm2")
+}
+
+/// Runs `body` with each Node major's directory first on PATH, in one network namespace.
+fn each_node(test: &str, body: impl Fn(u32, &dyn Fn(&mut Command)) + Send + 'static) {
+    root_test(test, move || {
+        for (major, node) in node_binaries() {
+            eprintln!("---- Node {major}");
+            let bin = node.parent().expect("node's directory").to_path_buf();
+            let path = std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(
+                &std::env::var_os("PATH").unwrap_or_default(),
+            )))
+            .expect("a PATH");
+            let setup = move |command: &mut Command| {
+                command.current_dir(pm2_dir()).env("PATH", &path);
+            };
+            body(major, &setup);
+        }
+    });
+}
+
+/// One request on a new connection; the app's JSON answer.
+fn ask(addr: SocketAddr) -> Value {
+    let mut stream = TcpStream::connect(addr).expect("connecting");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("a timeout");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("sending");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("reading");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body)
+        .unwrap_or_else(|| panic!("no HTTP answer: {response:?}"));
+    serde_json::from_str(body.trim()).unwrap_or_else(|e| panic!("{e}: {body:?}"))
+}
+
+/// Each worker's answer (by worker id), from enough requests to reach every one of
+/// `workers` in round robin.
+fn answers(addr: SocketAddr, workers: usize) -> BTreeMap<u64, Value> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..workers * 2 {
+        let answer = ask(addr);
+        let id = answer["worker"].as_u64().expect("a worker id");
+        seen.insert(id, answer);
+    }
+    seen
+}
+
+/// PM2's documented file, run as `pm2 start ecosystem.config.js --env production` runs it:
+/// its 4 instances, env_production over env (PORT 80, NODE_ENV production), each worker
+/// seeing NODE_APP_INSTANCE 0..3 (one minus its Node worker id), kept by a worker that crashed
+/// and was restarted; the key cluster-lb cannot honour yet (max_memory_restart) named in the
+/// one warning line; and a stop where every worker exits 0.
+#[test]
+fn pm2s_documented_ecosystem_file_runs_with_env_production() {
+    each_node("pm2_ecosystem", |major, setup| {
+        let cluster = Cluster::start_with(
+            &[
+                "run",
+                "--config",
+                "ecosystem.config.js",
+                "--env",
+                "production",
+            ],
+            setup,
+        );
+        let status = cluster.wait_until_ready(4);
+        assert_eq!(status.name.as_deref(), Some("api"), "Node {major}");
+        assert_eq!(
+            status.listen,
+            ["[::]:80"],
+            "Node {major}: env_production's PORT"
+        );
+        let addr = SocketAddr::from(([127, 0, 0, 1], 80));
+        let seen = answers(addr, 4);
+        let ids: Vec<u64> = seen.keys().copied().collect();
+        assert_eq!(ids, [1, 2, 3, 4], "Node {major}: {seen:?}");
+        for (id, answer) in &seen {
+            assert_eq!(
+                answer["instance"],
+                (id - 1).to_string(),
+                "Node {major}: {answer}"
+            );
+            assert_eq!(answer["nodeEnv"], "production", "Node {major}: {answer}");
+            assert_eq!(answer["port"], "80", "Node {major}: {answer}");
+        }
+        // The cron idiom runs on exactly one instance.
+        let crons = seen.values().filter(|a| a["cron"] == true).count();
+        assert_eq!(crons, 1, "Node {major}: {seen:?}");
+
+        // Instance 0 crashes; its replacement is instance 0 again.
+        let old = pid_of(&status, 1);
+        signal(old as u32, Signal::SIGKILL);
+        let status = cluster.wait_until("worker 1 replaced", Duration::from_secs(30), |s| {
+            s.workers.len() == 4
+                && s.workers.iter().all(|w| w.state == WorkerState::Ready)
+                && s.workers.iter().any(|w| w.id == 1 && w.pid != old)
+        });
+        let seen = answers(addr, 4);
+        assert_eq!(
+            seen[&1]["pid"],
+            pid_of(&status, 1),
+            "Node {major}: {seen:?}"
+        );
+        assert_eq!(seen[&1]["instance"], "0", "Node {major}: {seen:?}");
+        let instances: BTreeSet<&str> = seen
+            .values()
+            .filter_map(|a| a["instance"].as_str())
+            .collect();
+        assert_eq!(
+            instances,
+            BTreeSet::from(["0", "1", "2", "3"]),
+            "Node {major}"
+        );
+
+        let warnings: Vec<String> = cluster
+            .lines()
+            .into_iter()
+            .filter(|l| l.contains("\"warn") && l.contains("not honoured"))
+            .collect();
+        assert_eq!(warnings.len(), 1, "Node {major}: {warnings:?}");
+        assert!(warnings[0].contains("max_memory_restart"), "{warnings:?}");
+
+        let stopped = cluster.stop();
+        assert!(stopped.status.success(), "Node {major}");
+        let exits: Vec<Value> = stopped
+            .events()
+            .into_iter()
+            .filter(|e| e["event"] == "exit" && e["asked"] == true)
+            .collect();
+        assert_eq!(exits.len(), 4, "Node {major}: {exits:?}");
+        assert!(
+            exits.iter().all(|e| e["code"] == 0),
+            "Node {major}: {exits:?}"
+        );
+    });
+}
+
+/// A file of several apps: cluster-lb runs one per primary, and says so (exit 2, one line
+/// naming the apps and --app); `--app` picks one.
+#[test]
+fn a_file_of_several_apps_needs_app() {
+    each_node("pm2_several_apps", |major, setup| {
+        let dir = std::env::temp_dir().join(format!("clb-pm2-apps-{}-{major}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a directory");
+        let file = dir.join("ecosystem.config.js");
+        let app = pm2_dir().join("app.js");
+        std::fs::write(
+            &file,
+            format!(
+                "module.exports = {{ apps: [\n  {{ name: 'api', script: '{}', instances: 2, env: {{ PORT: 3000 }} }},\n  {{ name: 'jobs', script: '{}', env: {{ PORT: 3001 }} }},\n] }};\n",
+                app.display(),
+                app.display()
+            ),
+        )
+        .expect("writing the file");
+        let path = file.display().to_string();
+        let mut both = Command::new(cluster_lb_tests::workspace_binary("cluster-lb"));
+        both.args(["run", "--config", &path]);
+        setup(&mut both);
+        let output = both.output().expect("running cluster-lb");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "Node {major}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "Node {major}: {stderr}");
+        assert!(
+            stderr.contains("2 apps (api, jobs)") && stderr.contains("--app NAME"),
+            "Node {major}: {stderr}"
+        );
+
+        let cluster = Cluster::start_with(&["run", "--config", &path, "--app", "jobs"], setup);
+        let status = cluster.wait_until_ready(1);
+        assert_eq!(status.name.as_deref(), Some("jobs"));
+        assert_eq!(status.listen, ["[::]:3001"]);
+        assert_eq!(
+            ask(SocketAddr::from(([127, 0, 0, 1], 3001)))["instance"],
+            "0"
+        );
+        assert!(cluster.stop().status.success());
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}
+
+/// The files an app's SIGINT handler left (one per worker pid that cleaned up).
+fn cleaned(dir: &Path) -> BTreeSet<i64> {
+    std::fs::read_dir(dir)
+        .expect("the cleanup directory")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix("cleaned-")?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// PM2's graceful shutdown: an app that cleans up on SIGINT (and has an open handle, a
+/// connection pool, that keeps it alive after its server closed) gets SIGINT on stop with
+/// `--stop-signal INT`, runs its handler and exits 0: as a worker without Node's channel
+/// (socket-activated, `--node off`), where SIGINT is the stop request itself, and as a Node
+/// worker, where it follows Node's `disconnect` once the worker closed its server.
+#[test]
+fn sigint_cleanup_runs_on_stop_with_stop_signal_int() {
+    each_node("pm2_stop_signal", |major, setup| {
+        for node_channel in [false, true] {
+            let dir = std::env::temp_dir().join(format!(
+                "clb-pm2-cleanup-{}-{major}-{node_channel}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("a directory");
+            let mut args = vec!["run", "-w", "2", "--stop-signal", "INT", "--grace", "10"];
+            if !node_channel {
+                args.extend(["--node", "off", "--listen", "127.0.0.1:3000"]);
+            }
+            args.extend(["--", "node", "cleanup-app.js"]);
+            let cluster = Cluster::start_with(&args, |command| {
+                setup(command);
+                command.env("CLEANUP_DIR", &dir);
+            });
+            let status = cluster.wait_until_ready(2);
+            let pids: BTreeSet<i64> = status.workers.iter().map(|w| i64::from(w.pid)).collect();
+            cluster_lb_tests::get(SocketAddr::from(([127, 0, 0, 1], 3000))).expect("it serves");
+            let stopped = cluster.stop();
+            assert!(stopped.status.success());
+            assert_eq!(
+                cleaned(&dir),
+                pids,
+                "Node {major}, channel {node_channel}: every worker ran its SIGINT handler"
+            );
+            let exits: Vec<Value> = stopped
+                .events()
+                .into_iter()
+                .filter(|e| e["event"] == "exit")
+                .collect();
+            assert_eq!(exits.len(), 2);
+            assert!(
+                exits.iter().all(|e| e["code"] == 0),
+                "Node {major}, channel {node_channel}: {exits:?}"
+            );
+            // Nobody was killed: the handler's exit came well within --grace.
+            assert!(stopped.events().iter().all(|e| e["event"] != "kill"));
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    });
+}
+
+/// `--wait-ready`: a worker that listens, then sends 'ready' 2 s later, is kept out of the
+/// kernel's active set until it does (the app answers 500 to any request before). With one
+/// worker serving under load, a second one (scale 2) and every replacement of a rolling
+/// reload get no connection before their 'ready': the kernel's counter for the newcomer stays
+/// 0 while it is online, and no request fails.
+#[test]
+fn wait_ready_keeps_a_worker_out_of_rotation_until_it_sends_ready() {
+    each_node("pm2_wait_ready", |major, setup| {
+        let cluster = Cluster::start_with(
+            &[
+                "run",
+                "-w",
+                "1",
+                "--wait-ready",
+                "--",
+                "node",
+                "wait-ready-app.js",
+            ],
+            setup,
+        );
+        cluster.wait_until_ready(1);
+        let ready = cluster.events_named("ready");
+        assert_eq!(ready.len(), 1);
+        assert_eq!(
+            ready[0]["reason"], "sent 'ready'",
+            "Node {major}: {ready:?}"
+        );
+        let addr = SocketAddr::from(([127, 0, 0, 1], 3000));
+        let load = RequestLoop::start(addr, 4);
+        thread::sleep(Duration::from_millis(300));
+
+        request(
+            cluster.control(),
+            &Request::Scale { workers: 2 },
+            Duration::from_secs(5),
+        )
+        .expect("scale");
+        // From its `listening` until its 'ready', the newcomer is online, out of rotation.
+        cluster.wait_for_event("listening", Duration::from_secs(20), |e| e["worker"] == 2);
+        let listened = Instant::now();
+        let mut online_seen = 0;
+        let status = loop {
+            let status = cluster.status();
+            let newcomer = status.workers.iter().find(|w| w.id == 2).cloned();
+            match newcomer {
+                Some(w) if w.state == WorkerState::Ready => break status,
+                Some(w) => {
+                    assert_eq!(w.state, WorkerState::Online, "Node {major}: {status:?}");
+                    assert_eq!(w.selected, 0, "Node {major}: a connection before 'ready'");
+                    online_seen += 1;
+                }
+                None => panic!("Node {major}: worker 2 is gone: {status:?}"),
+            }
+            assert!(listened.elapsed() < Duration::from_secs(20));
+            thread::sleep(Duration::from_millis(50));
+        };
+        assert!(
+            listened.elapsed() >= Duration::from_millis(1500),
+            "Node {major}: ready {:?} after listening",
+            listened.elapsed()
+        );
+        assert!(
+            online_seen > 10,
+            "Node {major}: {online_seen} online samples"
+        );
+        assert_eq!(status.workers.len(), 2);
+
+        let reply =
+            request(cluster.control(), &Request::Reload, Duration::from_secs(60)).expect("reload");
+        assert_eq!(reply, Reply::Reloaded { replaced: 2 }, "Node {major}");
+        thread::sleep(Duration::from_millis(300));
+        let (answered, failures) = load.finish();
+        assert!(
+            failures.is_empty(),
+            "Node {major}: {} failed requests, e.g. {:?}",
+            failures.len(),
+            &failures[..failures.len().min(3)]
+        );
+        assert!(answered.len() >= 3, "Node {major}: {answered:?}");
+        assert!(cluster.stop().status.success());
+    });
+}
