@@ -1184,6 +1184,72 @@ mod tests {
     }
 
     #[test]
+    fn users_and_names_map_too() {
+        let base = dir_with(&["app.js"]);
+        let file = json!({"apps": [{"script": "app.js", "name": "web", "user": "www-data",
+            "gid": 33, "append_env_to_name": true}]});
+        let mapped = map(&file, &context(&base, Some("production"), None)).unwrap();
+        assert_eq!(mapped.table["user"].as_str(), Some("www-data"));
+        assert_eq!(mapped.table["group"].as_str(), Some("33"));
+        assert_eq!(mapped.table["name"].as_str(), Some("web-production"));
+    }
+
+    /// docs/PM2.md has a row for every key this module knows, honoured or not.
+    #[test]
+    fn every_pm2_key_is_in_the_table() {
+        const NAMED: &[&str] = &[
+            "max_memory_restart",
+            "shutdown_with_message",
+            "autorestart",
+            "max_restarts",
+            "min_uptime",
+            "restart_delay",
+            "exp_backoff_restart_delay",
+            "stop_exit_codes",
+            "cron_restart",
+            "watch",
+            "ignore_watch",
+            "watch_delay",
+            "watch_options",
+            "out_file",
+            "error_file",
+            "log_file",
+            "pid_file",
+            "log_date_format",
+            "time",
+            "log_type",
+            "disable_logs",
+            "source_map_support",
+            "disable_source_map_support",
+            "filter_env",
+            "autostart",
+            "treekill",
+        ];
+        let doc = include_str!("../../../docs/PM2.md");
+        let camel = |key: &str| {
+            let mut out = String::new();
+            let mut upper = false;
+            for c in key.chars() {
+                if c == '_' {
+                    upper = true;
+                } else if upper {
+                    out.push(c.to_ascii_uppercase());
+                    upper = false;
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        };
+        for key in HONOURED.iter().chain(PM2_BOOKKEEPING).chain(NAMED) {
+            let found = [key.to_string(), camel(key)]
+                .iter()
+                .any(|k| doc.contains(&format!("`{k}`")));
+            assert!(found, "docs/PM2.md has no row for `{key}`");
+        }
+    }
+
+    #[test]
     fn words_split_as_pm2_splits_them() {
         assert_eq!(split_words("a  'b c' \"d e\" f"), ["a", "b c", "d e", "f"]);
         assert_eq!(split_words(""), Vec::<String>::new());
