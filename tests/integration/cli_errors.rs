@@ -135,3 +135,28 @@ fn help_exits_zero() {
     let (code, _) = run(&["run", "--help"]);
     assert_eq!(code, Some(0));
 }
+
+#[test]
+fn bad_health_limits_are_named_in_one_line() {
+    for (flag, value, expected) in [
+        ("--max-memory", "lots", "'lots' is not a size"),
+        ("--max-age", "1y", "'1y' is not a duration"),
+        ("--max-age", "0", "'0' is not a duration"),
+        ("--recycle-jitter", "2", "'2' is not a fraction from 0 to 1"),
+        ("--max-connections", "0", "--max-connections"),
+    ] {
+        assert_one_line_error(&["run", "-w", "1", flag, value, "--", "true"], expected);
+    }
+    assert_one_line_error(
+        &[
+            "run",
+            "--max-memory",
+            "512M",
+            "--max-memory-hard",
+            "256M",
+            "--",
+            "true",
+        ],
+        "--max-memory-hard 256M is below --max-memory 512M",
+    );
+}

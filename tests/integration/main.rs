@@ -8,6 +8,7 @@ mod cli_errors;
 mod config_file;
 mod failures;
 mod hardening;
+mod health;
 mod messages;
 mod named_clusters;
 mod node;

@@ -39,6 +39,13 @@ pub struct WorkerStatus {
     pub migrated: u64,
     pub open: u64,
     pub rss_bytes: u64,
+    /// Connections waiting in its accept queues, and the most they hold.
+    pub queue: u64,
+    pub backlog: u64,
+    pub stalled: bool,
+    /// Why it is being replaced while it serves (`{"reason": "memory", ...}`), if it is.
+    #[serde(default)]
+    pub retiring: Option<serde_json::Value>,
 }
 
 /// A status reply.

@@ -19,7 +19,7 @@ use crate::{
     supervisor::{
         launch::privileges::{self, UserError},
         lifecycle::Timing,
-        Config, SignalPolicy, INSTANCE_VAR,
+        Config, HealthLimits, SignalPolicy, INSTANCE_VAR,
     },
 };
 use nix::sys::signal::Signal;
@@ -44,6 +44,8 @@ pub enum ConfigError {
     MetricsOnListen(ListenAddr),
     #[error("--strategy round-robin would split UDP flows between workers (it picks a worker per datagram); use --strategy hash or sticky with {0}")]
     RoundRobinUdp(ListenAddr),
+    #[error("--max-memory-hard {hard} is below --max-memory {soft}: a worker would be killed before it could be replaced; make the hard ceiling the higher one")]
+    MemoryCeilingBelowLimit { soft: String, hard: String },
     #[error("no command to run: give it after -- (cluster-lb run [OPTIONS] -- CMD [ARGS]...) or as `command` in the --config file")]
     NoCommand,
     #[error(transparent)]
@@ -59,6 +61,7 @@ impl ConfigError {
             ConfigError::MetricsOnListen(_) => "metrics",
             ConfigError::RoundRobinUdp(_) => "strategy",
             ConfigError::NoCommand => "command",
+            ConfigError::MemoryCeilingBelowLimit { .. } => "max_memory_hard",
             ConfigError::User(UserError::GroupWithoutUser | UserError::NoSuchGroup(_)) => "group",
             ConfigError::User(_) => "user",
         }
@@ -302,6 +305,38 @@ pub struct RunArgs {
     #[arg(long, value_name = "WHAT", default_value = "restart")]
     pub on_closed_listener: crate::supervisor::ClosedListener,
 
+    /// A worker that leaves connections waiting in its accept queue and accepts none of them
+    /// for this long is hung: it is replaced (its replacement started first), then killed, and
+    /// what was queued on it moves to live workers. 0 turns hang detection off. After a second
+    /// without an accept it already gets no new connections, until it accepts again
+    #[arg(long, value_name = "SECONDS", default_value = "30")]
+    pub hang_timeout: f64,
+
+    /// Replace a worker whose memory (PSS: pages shared with its siblings count once) goes
+    /// above this (suffixes K, M, G): its replacement is ready first, then it drains within
+    /// --grace; one worker at a time
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+    pub max_memory: Option<usize>,
+
+    /// Kill a worker whose memory (PSS) goes above this at once (suffixes K, M, G)
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+    pub max_memory_hard: Option<usize>,
+
+    /// Replace a worker once the kernel gave it this many connections (plus up to
+    /// --recycle-jitter more), its replacement ready first; one worker at a time
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: Option<u64>,
+
+    /// Replace a worker once it ran this long (plus up to --recycle-jitter more): 3600, 90s,
+    /// 30m, 12h, 7d; its replacement ready first, one worker at a time
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub max_age: Option<Duration>,
+
+    /// Each worker's --max-connections and --max-age are up to this fraction higher, at random,
+    /// so that workers started together are not replaced together
+    #[arg(long, value_name = "FRACTION", default_value = "0.1", value_parser = parse_fraction)]
+    pub recycle_jitter: f64,
+
     /// Log lines as text or as JSON objects, one per line
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     pub log_format: Format,
@@ -353,6 +388,40 @@ pub struct RunArgs {
     /// The worker program and its arguments
     #[arg(last = true, required_unless_present = "config", value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (digits, unit) = match text
+        .char_indices()
+        .find(|(_, c)| !c.is_ascii_digit() && *c != '.')
+    {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let seconds = match unit {
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        _ => f64::NAN,
+    };
+    match digits.parse::<f64>() {
+        Ok(n) if n > 0.0 && n.is_finite() && seconds.is_finite() => {
+            Ok(Duration::from_secs_f64(n * seconds))
+        }
+        _ => Err(format!(
+            "'{text}' is not a duration; write e.g. 3600, 90s, 30m, 12h or 7d"
+        )),
+    }
+}
+
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!(
+            "'{text}' is not a fraction from 0 to 1; write e.g. 0.1 for up to 10% more"
+        )),
+    }
 }
 
 fn parse_bytes(text: &str) -> Result<usize, String> {
@@ -452,6 +521,14 @@ impl RunArgs {
                 self.ready_delay
             );
         }
+        if let (Some(soft), Some(hard)) = (self.max_memory, self.max_memory_hard) {
+            if hard < soft {
+                return Err(ConfigError::MemoryCeilingBelowLimit {
+                    soft: format!("{}M", soft >> 20),
+                    hard: format!("{}M", hard >> 20),
+                });
+            }
+        }
         let workers = match self.workers {
             Some(n) => n,
             None => std::thread::available_parallelism()
@@ -490,6 +567,15 @@ impl RunArgs {
             allow_io_uring: self.allow_io_uring,
             allow_low_ports: self.allow_low_ports,
             closed_listener: self.on_closed_listener,
+            health: HealthLimits {
+                hang_timeout: (self.hang_timeout > 0.0)
+                    .then(|| Duration::from_secs_f64(self.hang_timeout)),
+                max_memory: self.max_memory.map(|b| b as u64),
+                max_memory_hard: self.max_memory_hard.map(|b| b as u64),
+                max_connections: self.max_connections,
+                max_age: self.max_age,
+                jitter: self.recycle_jitter,
+            },
             // The command-line primary owns its process: signals are its interface, and it
             // may be PID 1 in a container, where orphans must be reaped.
             signals: SignalPolicy::Handle,

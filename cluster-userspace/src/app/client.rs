@@ -260,20 +260,28 @@ pub fn table(status: &ClusterStatus) -> String {
         if status.reloading { " (reloading)" } else { "" },
     );
     out.push_str(&format!(
-        "{:>6} {:>8} {:<9} {:>9} {:>8} {:>10} {:>10}\n",
-        "WORKER", "PID", "STATE", "UPTIME", "RESTARTS", "SELECTED", "RSS"
+        "{:>6} {:>8} {:<9} {:>9} {:>8} {:>10} {:>9} {:>10}\n",
+        "WORKER", "PID", "STATE", "UPTIME", "RESTARTS", "SELECTED", "QUEUE", "RSS"
     ));
     let mut workers = status.workers.clone();
     workers.sort_by_key(|w| (w.id, w.pid));
     for w in workers {
+        let mut note = String::new();
+        if w.stalled {
+            note.push_str("  stalled: not accepting, gets no new connections");
+        }
+        if let Some(why) = &w.retiring {
+            note.push_str(&format!("  being replaced: {why}"));
+        }
         out.push_str(&format!(
-            "{:>6} {:>8} {:<9} {:>8.1}s {:>8} {:>10} {:>7.1}MiB\n",
+            "{:>6} {:>8} {:<9} {:>8.1}s {:>8} {:>10} {:>9} {:>7.1}MiB{note}\n",
             w.id,
             w.pid,
             w.state,
             w.uptime_s,
             w.restarts,
             w.selected,
+            format!("{}/{}", w.queue, w.backlog),
             w.rss_bytes as f64 / (1024.0 * 1024.0)
         ));
     }

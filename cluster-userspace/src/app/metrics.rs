@@ -162,6 +162,27 @@ pub fn render(cluster: &ClusterStatus) -> String {
         "Resident memory of each worker process.",
         per_worker(|w| w.rss_bytes),
     );
+    family(
+        &mut out,
+        "worker_accept_queue",
+        "gauge",
+        "Connections waiting in each worker's accept queues, not yet accepted.",
+        per_worker(|w| w.queue),
+    );
+    family(
+        &mut out,
+        "worker_accept_backlog",
+        "gauge",
+        "The most each worker's accept queues hold (listen backlog).",
+        per_worker(|w| w.backlog),
+    );
+    family(
+        &mut out,
+        "worker_stalled",
+        "gauge",
+        "1 while a worker is out of the active set because its accept queue does not drain.",
+        per_worker(|w| u64::from(w.stalled)),
+    );
     let states = WorkerState::ALL.map(|state| {
         let count = cluster.workers.iter().filter(|w| w.state == state).count() as u64;
         (format!("state=\"{state}\""), count)

@@ -341,6 +341,19 @@ impl Groups {
         Ok(OwnedFd::from(socket))
     }
 
+    /// A socket for the reserve (`supervisor::workers::reserve`) in `addr`'s group, in `slot`;
+    /// `None` when the group has no program (the kernel's hashing would give it connections).
+    pub fn open_reserve(
+        &mut self,
+        addr: ListenAddr,
+        slot: u32,
+    ) -> Result<Option<OwnedFd>, GroupError> {
+        match self.groups.iter_mut().find(|g| g.addr == addr) {
+            Some(group) if group.balancer.is_some() => Self::open_in(group, slot).map(Some),
+            _ => Ok(None),
+        }
+    }
+
     /// Attaches the group's program and puts the socket in `slot`.
     fn register(group: &mut Group, slot: u32, socket: &socket2::Socket) -> Result<(), GroupError> {
         let addr = group.addr;

@@ -222,6 +222,7 @@ impl Supervisor {
             .workers
             .iter()
             .flat_map(|(_, w)| w.claims.given.keys().copied())
+            .chain(self.workers.reserve_inodes())
             .collect();
         if listening.iter().all(|(inode, _)| given_out.contains(inode)) {
             return;

@@ -125,6 +125,8 @@ pub struct Config {
     pub allow_io_uring: bool,
     /// What to do with a ready worker that closed a listening socket it was given.
     pub closed_listener: ClosedListener,
+    /// Hang detection and the memory, connection and age limits (see `supervisor::health`).
+    pub health: super::HealthLimits,
     /// Let `--user` workers get ports below 1024 through queryServer without `--listen`.
     pub allow_low_ports: bool,
     /// Make this process a child subreaper (PR_SET_CHILD_SUBREAPER), so orphans of workers (a
@@ -191,6 +193,7 @@ impl Config {
             allow_io_uring: false,
             allow_low_ports: false,
             closed_listener: ClosedListener::Restart,
+            health: super::HealthLimits::default(),
             subreaper: false,
             upgrade: None,
             stop_signal: Signal::SIGTERM,

@@ -5,7 +5,7 @@
 use std::{fmt, time::Duration};
 
 use log::Level;
-use serde::{ser::SerializeMap, Serialize, Serializer};
+use serde::{ser::SerializeMap, Deserialize, Serialize, Serializer};
 use serde_json::{json, Value};
 
 pub use crate::sys::pidfd::ExitStatus;
@@ -77,6 +77,9 @@ pub enum Departure {
     ProtocolViolation(String),
     /// It closed its listening socket: the kernel gives it nothing any more.
     ListenerClosed(String),
+    /// It is replaced while it serves (`--max-memory`, `--max-connections`, `--max-age`): its
+    /// replacement is ready.
+    Recycled(String),
     /// The program's primary let it go (`worker.kill()`, `worker.disconnect()`,
     /// `cluster.disconnect()`): the program signals or disconnects it itself.
     LetGo,
@@ -116,6 +119,7 @@ impl fmt::Display for Departure {
                 write!(f, "it closed its listening socket for {address}")
             }
             Departure::LetGo => f.write_str("the program's primary let it go"),
+            Departure::Recycled(why) => write!(f, "recycled: {why}"),
             Departure::NotForked => f.write_str("the program's primary did not fork it"),
         }
     }
@@ -134,6 +138,10 @@ pub enum KillReason {
     NeverSentReady(Duration),
     /// A fast stop (QUIT, or a second TERM/INT).
     StopNow,
+    /// It was hung (its accept queue did not drain for this long) and its replacement is ready.
+    Hung(Duration),
+    /// Its memory (PSS) went over `--max-memory-hard`.
+    MemoryHard { bytes: u64, limit: u64 },
 }
 
 impl fmt::Display for KillReason {
@@ -160,6 +168,17 @@ impl fmt::Display for KillReason {
                 timeout.as_secs_f64()
             ),
             KillReason::StopNow => f.write_str("stopping now"),
+            KillReason::Hung(stalled) => write!(
+                f,
+                "it was hung (its accept queue did not drain for {:.1}s) and its replacement is ready",
+                stalled.as_secs_f64()
+            ),
+            KillReason::MemoryHard { bytes, limit } => write!(
+                f,
+                "its memory ({} MiB) went over --max-memory-hard ({} MiB)",
+                bytes >> 20,
+                limit >> 20
+            ),
         }
     }
 }
@@ -171,6 +190,8 @@ pub enum Failure {
     StartFailed(String),
     NotReady,
     Departed(Departure),
+    /// Killed by the primary while it served (`--max-memory-hard`).
+    Killed(KillReason),
 }
 
 impl fmt::Display for Failure {
@@ -180,6 +201,7 @@ impl fmt::Display for Failure {
             Failure::StartFailed(error) => write!(f, "could not start ({error})"),
             Failure::NotReady => f.write_str("was not ready in time"),
             Failure::Departed(why) => write!(f, "left ({why})"),
+            Failure::Killed(reason) => write!(f, "was killed ({reason})"),
         }
     }
 }
@@ -322,6 +344,45 @@ pub enum Event {
         #[serde(rename = "after_s", serialize_with = "seconds")]
         after: Duration,
     },
+    /// Its accept queue stopped draining: it is out of the active set until it drains again.
+    Stalled {
+        #[serde(rename = "worker")]
+        id: u32,
+        pid: i32,
+    },
+    /// Its accept queue drains again: it is back in the active set.
+    Unstalled {
+        #[serde(rename = "worker")]
+        id: u32,
+        pid: i32,
+    },
+    /// Its accept queue did not drain for `stalled` (`--hang-timeout`): it is replaced, and
+    /// killed once its replacement is ready.
+    Hung {
+        #[serde(rename = "worker")]
+        id: u32,
+        pid: i32,
+        #[serde(rename = "stalled_s", serialize_with = "seconds")]
+        stalled: Duration,
+    },
+    /// Its memory (PSS) is over the limit: replaced (`--max-memory`) or killed
+    /// (`--max-memory-hard`, `hard`).
+    MemoryLimit {
+        #[serde(rename = "worker")]
+        id: u32,
+        pid: i32,
+        bytes: u64,
+        limit: u64,
+        hard: bool,
+    },
+    /// It was replaced while it served, its replacement ready first.
+    Recycled {
+        #[serde(rename = "worker")]
+        id: u32,
+        pid: i32,
+        #[serde(serialize_with = "as_text")]
+        why: Retire,
+    },
     /// The program's primary process (its `cluster.isPrimary` branch) runs.
     PrimaryStarted { pid: i32 },
     /// The program's primary process could not be started; again after `delay`.
@@ -378,6 +439,11 @@ impl Event {
             Event::Stopping { .. } => "stopping",
             Event::Upgraded { .. } => "upgraded",
             Event::Quiet { .. } => "quiet",
+            Event::Stalled { .. } => "stalled",
+            Event::Unstalled { .. } => "unstalled",
+            Event::Hung { .. } => "hung",
+            Event::MemoryLimit { .. } => "memory-limit",
+            Event::Recycled { .. } => "recycled",
             Event::PrimaryStarted { .. } => "primary-started",
             Event::PrimaryFailed { .. } => "primary-failed",
             Event::PrimaryExit { .. } => "primary-exit",
@@ -405,7 +471,10 @@ impl Event {
             Event::PrimaryExit {
                 restart: Some(_), ..
             }
-            | Event::PrimaryUnused { .. } => Level::Warn,
+            | Event::PrimaryUnused { .. }
+            | Event::Stalled { .. }
+            | Event::Hung { .. }
+            | Event::MemoryLimit { .. } => Level::Warn,
             Event::ReloadFinished { outcome: Err(_) } => Level::Error,
             _ => Level::Info,
         }
@@ -497,6 +566,30 @@ impl fmt::Display for Event {
                 f,
                 "upgraded in place from {from} to {to}: same pid, {workers} workers kept"
             ),
+            Event::Unstalled { id, pid } => write!(
+                f,
+                "worker {id} (pid {pid}) accepts again: back in the active set"
+            ),
+            Event::Stalled { id, pid } => write!(
+                f,
+                "worker {id} (pid {pid}) stopped accepting (its accept queue does not drain): out of the active set until it does"
+            ),
+            Event::Hung { id, pid, stalled } => write!(
+                f,
+                "worker {id} (pid {pid}) is hung: its accept queue did not drain for {:.1}s (--hang-timeout); it is replaced, and killed once its replacement is ready",
+                stalled.as_secs_f64()
+            ),
+            Event::MemoryLimit { id, pid, bytes, limit, hard } => write!(
+                f,
+                "worker {id} (pid {pid}) uses {} MiB (PSS), over {} {} MiB: {}",
+                bytes >> 20,
+                if *hard { "--max-memory-hard" } else { "--max-memory" },
+                limit >> 20,
+                if *hard { "killed" } else { "replaced, its replacement ready first" }
+            ),
+            Event::Recycled { id, pid, why } => {
+                write!(f, "worker {id} (pid {pid}) recycled, its replacement ready: {why}")
+            }
             Event::Quiet { id, pid, after } => write!(
                 f,
                 "worker {id} (pid {pid}) has been online for {:.0}s and never called listen(): it serves nothing and gets no connections; it keeps running, as its primary forked it",
@@ -586,6 +679,64 @@ fn outcome_fields<S: Serializer>(
         }
     }
     map.end()
+}
+
+/// Why a process is to be replaced while it still serves (its replacement is started first,
+/// one at a time, so capacity never drops).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reason", rename_all = "kebab-case")]
+pub enum Retire {
+    /// Its accept queue did not drain for `stalled` (`--hang-timeout`): killed once its
+    /// replacement is ready.
+    Hung {
+        #[serde(with = "millis_duration")]
+        stalled: Duration,
+    },
+    /// Its memory (PSS) is over `--max-memory`.
+    Memory { bytes: u64, limit: u64 },
+    /// It was given `count` connections (`--max-connections`, with jitter).
+    Connections { count: u64, limit: u64 },
+    /// It ran `age` (`--max-age`, with jitter).
+    Age {
+        #[serde(with = "millis_duration")]
+        age: Duration,
+    },
+}
+
+impl std::fmt::Display for Retire {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Retire::Hung { stalled } => write!(
+                f,
+                "hung: its accept queue did not drain for {:.1}s",
+                stalled.as_secs_f64()
+            ),
+            Retire::Memory { bytes, limit } => write!(
+                f,
+                "memory {} MiB over --max-memory {} MiB",
+                bytes >> 20,
+                limit >> 20
+            ),
+            Retire::Connections { count, limit } => {
+                write!(f, "{count} connections (--max-connections {limit})")
+            }
+            Retire::Age { age } => write!(f, "up {:.0}s (--max-age)", age.as_secs_f64()),
+        }
+    }
+}
+
+mod millis_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(duration: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
 }
 
 #[cfg(test)]

@@ -37,6 +37,8 @@ pub enum Happened {
     Due,
     /// Time for the periodic checks.
     Checks,
+    /// Time to sample the workers' health.
+    Health,
 }
 
 /// The senders of the inbox's queues, for whoever feeds them.
@@ -57,11 +59,13 @@ pub struct Inbox {
     requests: UnboundedReceiver<RpcLine>,
     forwarded: UnboundedReceiver<Forwarded>,
     checks: Interval,
+    health: Option<Interval>,
 }
 
 impl Inbox {
-    /// An inbox around `signals` (installed before any child exists), checks every `checks`.
-    pub fn new(signals: Signals, checks: Duration) -> (Inbox, Feeds) {
+    /// An inbox around `signals` (installed before any child exists), checks every `checks`
+    /// and health samples every `health` (if any).
+    pub fn new(signals: Signals, checks: Duration, health: Option<Duration>) -> (Inbox, Feeds) {
         let (channels_tx, channels) = unbounded_channel();
         let (notify_tx, notify) = unbounded_channel();
         let (control_tx, control) = unbounded_channel();
@@ -76,6 +80,12 @@ impl Inbox {
             requests,
             forwarded,
             checks: tokio::time::interval(checks),
+            health: health.map(|every| {
+                let mut interval = tokio::time::interval(every);
+                // A late sample is taken once, not in a burst: the figures are rates.
+                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                interval
+            }),
         };
         let feeds = Feeds {
             channels: channels_tx,
@@ -104,6 +114,7 @@ impl Inbox {
             Some(output) = self.forwarded.recv() => Happened::Output(output),
             _ = sleep_until_or_forever(deadline) => Happened::Due,
             _ = self.checks.tick() => Happened::Checks,
+            _ = tick_or_forever(self.health.as_mut()) => Happened::Health,
         }
     }
 
@@ -120,6 +131,15 @@ impl Inbox {
             .try_recv()
             .ok()
             .map(|(sender, text)| Happened::Notify(sender, text))
+    }
+}
+
+async fn tick_or_forever(interval: Option<&mut Interval>) {
+    match interval {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -24,6 +24,7 @@ mod config;
 mod events;
 mod former;
 mod handle;
+mod health;
 mod inbox;
 pub(crate) mod launch;
 pub(crate) mod lifecycle;
@@ -48,6 +49,7 @@ pub use config::{
 };
 pub use events::{Departure, Event, ExitStatus, Failure, KillReason, Readiness, ReloadError};
 pub use handle::{Control, Handle, Recipients, ReloadReply, ScaleError, SendError, UpgradeError};
+pub use health::{HealthLimits, DEFAULT_HANG_TIMEOUT};
 use inbox::{Feeds, Happened, Inbox};
 pub use launch::spawn::{Credentials, SpawnError};
 use launch::{seccomp::Filter, spawn::WorkerCommand};
@@ -107,6 +109,8 @@ pub struct Supervisor {
     resumed: bool,
     /// The program's own primary process (a Node program's primary branch), when it has one.
     program: program::Program,
+    /// What the health sampler watches and last read.
+    health: health::Health,
 }
 
 impl Supervisor {
@@ -122,7 +126,7 @@ impl Supervisor {
             former::claim(*addr, config.timing.grace)?;
         }
         let groups = Groups::new(&config.listen, config.strategy, config.require_ebpf)?;
-        let (inbox, feeds) = Inbox::new(signals, checks::CHECK_EVERY);
+        let (inbox, feeds) = Inbox::new(signals, checks::CHECK_EVERY, Some(health::SAMPLE_EVERY));
         let senders = notify::Senders::of(config.credentials.as_ref());
         let notify =
             notify::open(feeds.notify.clone(), senders).map_err(SupervisorError::Notify)?;
@@ -184,6 +188,7 @@ impl Supervisor {
         );
         Supervisor {
             program,
+            health: health::Health::new(config.health),
             workers: Workers::new(launch, feeds.channels.clone(), feeds.forwarded.clone()),
             lifecycle,
             config,
@@ -294,6 +299,10 @@ impl Supervisor {
                 self.periodic_checks();
                 None
             }
+            Happened::Health => {
+                self.sample_health();
+                None
+            }
         }
     }
 
@@ -369,7 +378,10 @@ impl Supervisor {
             }
             Action::Emit(event) => {
                 match event {
-                    Event::Stopping { .. } => self.log_counters(),
+                    Event::Stopping { .. } => {
+                        self.log_counters();
+                        self.workers.close_reserve(&mut self.groups);
+                    }
                     Event::ReloadStarted { .. } => self.workers.node.rotate_server_data(),
                     _ => {}
                 }

@@ -2,7 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{lifecycle::WorkerState, Supervisor};
+use super::{
+    lifecycle::{Retire, WorkerState},
+    Supervisor,
+};
 
 /// One running worker process.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -22,6 +25,19 @@ pub struct WorkerStatus {
     pub open: u64,
     /// Resident memory in bytes (0 when unknown).
     pub rss_bytes: u64,
+    /// Connections waiting in its accept queues now: established by the kernel, not yet
+    /// accepted by the worker (the figure that says it is behind).
+    #[serde(default)]
+    pub queue: u64,
+    /// The most its accept queues hold (listen backlog); 0 when unknown.
+    #[serde(default)]
+    pub backlog: u64,
+    /// Out of the active set because its accept queue stopped draining.
+    #[serde(default)]
+    pub stalled: bool,
+    /// Why it is being replaced while it serves (hung, memory, connections, age).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retiring: Option<Retire>,
 }
 
 /// The program's primary process.
@@ -90,6 +106,7 @@ impl ClusterStatus {
 
 impl Supervisor {
     pub(super) fn status(&self) -> ClusterStatus {
+        let queues = crate::sys::procfs::accept_queues();
         let workers = self
             .lifecycle
             .processes()
@@ -104,6 +121,7 @@ impl Supervisor {
                         open += balancer.open_connections(worker.slot());
                     }
                 }
+                let waiting = self.queues_of(process.pid, queues.as_ref());
                 WorkerStatus {
                     id: process.id,
                     pid: process.pid.as_raw(),
@@ -115,6 +133,10 @@ impl Supervisor {
                     migrated: stats.migrated,
                     open,
                     rss_bytes: crate::sys::procfs::rss_bytes(process.pid.as_raw()),
+                    queue: waiting.queue,
+                    backlog: waiting.backlog,
+                    stalled: process.is_stalled(),
+                    retiring: process.retiring(),
                 }
             })
             .collect();
@@ -161,6 +183,10 @@ pub(crate) mod fixture {
             migrated: 0,
             open: 0,
             rss_bytes: 0,
+            queue: 0,
+            backlog: 0,
+            stalled: false,
+            retiring: None,
         }
     }
 

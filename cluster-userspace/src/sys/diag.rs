@@ -1,5 +1,5 @@
 //! A minimal sock_diag (NETLINK_SOCK_DIAG) client: the listening TCP sockets of this network
-//! namespace, with their inodes (linux/inet_diag.h).
+//! namespace, with their inodes and accept queues (linux/inet_diag.h).
 
 use std::{
     io,
@@ -61,8 +61,28 @@ struct Message {
     inode: u32,
 }
 
+/// A listening TCP socket as the kernel reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listener {
+    pub inode: u64,
+    pub addr: SocketAddr,
+    /// Connections in its accept queue now: established, not yet accepted (for a listening
+    /// socket, inet_diag's rqueue is sk_ack_backlog).
+    pub queue: u32,
+    /// The most its accept queue holds (wqueue: sk_max_ack_backlog, the listen backlog).
+    pub backlog: u32,
+}
+
 /// Listening TCP sockets of `family` (AF_INET or AF_INET6): (inode, local address).
 pub fn listening(family: u8) -> io::Result<Vec<(u64, SocketAddr)>> {
+    Ok(listeners(family)?
+        .into_iter()
+        .map(|l| (l.inode, l.addr))
+        .collect())
+}
+
+/// Listening TCP sockets of `family` (AF_INET or AF_INET6), with their queues.
+pub fn listeners(family: u8) -> io::Result<Vec<Listener>> {
     // SAFETY: a plain socket call; the descriptor is owned at once.
     let fd = unsafe {
         libc::socket(
@@ -128,7 +148,12 @@ pub fn listening(family: u8) -> io::Result<Vec<(u64, SocketAddr)>> {
                 NLMSG_ERROR => return Err(io::Error::other("sock_diag answered with an error")),
                 SOCK_DIAG_BY_FAMILY if length >= size_of::<NlMsgHdr>() + size_of::<Message>() => {
                     let message: Message = read(&data[size_of::<NlMsgHdr>()..]);
-                    found.push((u64::from(message.inode), address(&message)));
+                    found.push(Listener {
+                        inode: u64::from(message.inode),
+                        addr: address(&message),
+                        queue: message.rqueue,
+                        backlog: message.wqueue,
+                    });
                 }
                 _ => {}
             }
@@ -177,5 +202,29 @@ mod tests {
         let v6 = std::net::TcpListener::bind("[::1]:0").unwrap();
         let listed = listening(libc::AF_INET6 as u8).unwrap();
         assert!(listed.iter().any(|(_, a)| *a == v6.local_addr().unwrap()));
+    }
+
+    #[test]
+    fn a_listeners_accept_queue_and_backlog_are_read() {
+        // std listens with a backlog of 128; two connections wait, accepted by nobody.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let inode = crate::sys::fds::inode(std::os::fd::AsRawFd::as_raw_fd(&listener)).unwrap();
+        let _waiting: Vec<_> = (0..2)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let found = listeners(libc::AF_INET as u8)
+            .unwrap()
+            .into_iter()
+            .find(|l| l.inode == inode)
+            .unwrap();
+        assert_eq!((found.queue, found.backlog), (2, 128));
+        drop(listener.accept().unwrap());
+        let found = listeners(libc::AF_INET as u8)
+            .unwrap()
+            .into_iter()
+            .find(|l| l.inode == inode)
+            .unwrap();
+        assert_eq!(found.queue, 1);
     }
 }

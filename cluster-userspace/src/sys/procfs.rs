@@ -46,6 +46,22 @@ pub fn listening_tcp() -> Option<Vec<(u64, SocketAddr)>> {
     Some(found)
 }
 
+/// The accept queue of every listening TCP socket in this network namespace, by inode; `None`
+/// when the kernel cannot say (see [`listening_tcp`]).
+pub fn accept_queues() -> Option<std::collections::HashMap<u64, super::diag::Listener>> {
+    let mut found = std::collections::HashMap::new();
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        match super::diag::listeners(family as u8) {
+            Ok(sockets) => found.extend(sockets.into_iter().map(|l| (l.inode, l))),
+            Err(e) => {
+                log::debug!("sock_diag: {e}");
+                return None;
+            }
+        }
+    }
+    Some(found)
+}
+
 /// The children of this process (all its threads'), from /proc/self/task/*/children.
 pub fn own_children() -> Vec<i32> {
     children_of(std::process::id() as i32)
@@ -170,6 +186,32 @@ pub fn rss_bytes(pid: i32) -> u64 {
         .map_or(0, |pages| pages * page_size())
 }
 
+/// The "Pss:" line of /proc/PID/smaps_rollup, in bytes: the process's share of the memory it
+/// maps, each page shared with others counted as a fraction. Pages a worker shares
+/// copy-on-write with its siblings (a preforked app) count once over all of them, so a limit
+/// on it does not restart workers for memory they do not own.
+pub fn pss_of(smaps_rollup: &str) -> Option<u64> {
+    let line = smaps_rollup.lines().find(|l| l.starts_with("Pss:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The memory (PSS) of `pid` and its descendants together (a worker may be a wrapper whose
+/// child does the work), in bytes; `None` when it cannot be read (gone, or another user's
+/// without CAP_SYS_PTRACE).
+pub fn pss_bytes(pid: i32) -> Option<u64> {
+    let mut total = None;
+    for process in with_descendants(pid) {
+        if let Some(pss) = fs::read_to_string(format!("/proc/{process}/smaps_rollup"))
+            .ok()
+            .and_then(|text| pss_of(&text))
+        {
+            total = Some(total.unwrap_or(0) + pss);
+        }
+    }
+    total
+}
+
 pub fn page_size() -> u64 {
     nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
         .ok()
@@ -181,6 +223,13 @@ pub fn page_size() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pss_is_read_from_smaps_rollup() {
+        let text = "55d0c5a4c000-7ffd1b5f1000 ---p 00000000 00:00 0 [rollup]\nRss:  8844 kB\nPss:  2301 kB\nPss_Dirty: 1000 kB\n";
+        assert_eq!(pss_of(text), Some(2301 * 1024));
+        assert_eq!(pss_of("Rss: 1 kB\n"), None);
+    }
 
     #[test]
     fn a_listener_of_this_process_is_seen_and_told_apart_from_given_ones() {
@@ -204,6 +253,7 @@ mod tests {
         );
         assert_eq!(parent(own), Some(nix::unistd::getppid().as_raw()));
         assert!(rss_bytes(own) > 0);
+        assert!(pss_bytes(own).expect("own smaps_rollup") > 0);
         assert_eq!(session(-5), None);
         assert!(!alive(-5));
     }

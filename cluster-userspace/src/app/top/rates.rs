@@ -20,6 +20,10 @@ pub struct Row {
     pub conns_per_s: Option<f64>,
     /// New connections the kernel gave this process since it started.
     pub selected: u64,
+    /// Connections waiting in its accept queues.
+    pub queue: u64,
+    /// Out of the active set: its queue stopped draining.
+    pub stalled: bool,
     pub restarts: u32,
     pub rss_bytes: u64,
     pub cpu_percent: Option<f64>,
@@ -74,6 +78,8 @@ impl Sampler {
                 state: worker.state,
                 conns_per_s,
                 selected: worker.selected,
+                queue: worker.queue,
+                stalled: worker.stalled,
                 restarts: worker.restarts,
                 // The primary's own reading when this process cannot see the worker's /proc
                 // (another pid namespace).

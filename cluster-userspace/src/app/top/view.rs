@@ -27,12 +27,13 @@ pub enum Screen {
     Unreachable { error: String },
 }
 
-const COLUMNS: [(&str, u16); 9] = [
+const COLUMNS: [(&str, u16); 10] = [
     ("WORKER", 6),
     ("PID", 8),
     ("STATE", 9),
     ("CONN/S", 9),
     ("CONNS", 10),
+    ("QUEUE", 9),
     ("RESTARTS", 8),
     ("RSS", 9),
     ("CPU%", 6),
@@ -133,7 +134,7 @@ fn worker_table(rows: &[Row]) -> Table<'static> {
 }
 
 /// A row's cells as text, in COLUMNS order.
-pub fn cells(row: &Row) -> [String; 9] {
+pub fn cells(row: &Row) -> [String; 10] {
     [
         row.id.to_string(),
         row.pid.to_string(),
@@ -141,6 +142,11 @@ pub fn cells(row: &Row) -> [String; 9] {
         row.conns_per_s
             .map_or("-".into(), |rate| format!("{rate:.1}")),
         row.selected.to_string(),
+        if row.stalled {
+            format!("{}!", row.queue)
+        } else {
+            row.queue.to_string()
+        },
         row.restarts.to_string(),
         mebibytes(row.rss_bytes),
         row.cpu_percent
@@ -175,6 +181,8 @@ mod tests {
             state: WorkerState::Draining,
             conns_per_s: None,
             selected: 12,
+            queue: 7,
+            stalled: true,
             restarts: 2,
             rss_bytes: 3 * 1024 * 1024 / 2,
             cpu_percent: Some(12.345),
@@ -182,7 +190,7 @@ mod tests {
         };
         assert_eq!(
             cells(&row),
-            ["3", "4242", "draining", "-", "12", "2", "1.5M", "12.3", "1h02m"]
+            ["3", "4242", "draining", "-", "12", "7!", "2", "1.5M", "12.3", "1h02m"]
         );
     }
 

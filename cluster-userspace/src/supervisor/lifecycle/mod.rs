@@ -26,6 +26,7 @@
 //! backoff; a candidate above the wanted count is drained. A rolling reload is one more rule: an
 //! id served only by processes of an older generation gets one replacement at a time.
 
+mod health;
 #[cfg(test)]
 mod model;
 mod primary;
@@ -44,7 +45,9 @@ use cluster_common::MAX_WORKERS;
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
+pub use super::events::Retire;
 use super::events::{Departure, Event, ExitStatus, Failure, KillReason, Readiness, ReloadError};
+use health::Recycling;
 use primary::PrimaryPhase;
 #[cfg(test)]
 use primary::SETTLE;
@@ -139,9 +142,8 @@ enum Phase {
     },
     /// Waits for `listening` or READY=1; killed at `give_up_at`.
     Online { give_up_at: Instant },
-    /// Ready since `since`: in the active set (`active`), or a worker of the program's primary
-    /// that never listened (it serves nothing, as a Node worker may: it keeps running).
-    Ready { since: Instant, active: bool },
+    /// Ready since `since`; whether it gets connections says `serving`.
+    Ready { since: Instant, serving: Serving },
     /// Asked to stop (or stopping by itself); SIGTERM at `term_at` if its channel closed and it
     /// lingers, SIGKILL at `kill_at`.
     Draining {
@@ -177,7 +179,13 @@ impl Phase {
 
     /// In the kernel's active set.
     fn is_active(self) -> bool {
-        matches!(self, Phase::Ready { active: true, .. })
+        matches!(
+            self,
+            Phase::Ready {
+                serving: Serving::Active,
+                ..
+            }
+        )
     }
 
     /// When a timer fires for this process.
@@ -196,6 +204,21 @@ impl Phase {
     }
 }
 
+/// Whether a ready process gets new connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Serving {
+    /// In the kernel's active set.
+    #[default]
+    Active,
+    /// A worker of the program's primary that never listened: it serves nothing, as a Node
+    /// worker may, and keeps running.
+    Quiet,
+    /// Its accept queue stopped draining: out of the active set until it drains again (or it
+    /// is found hung and replaced).
+    Stalled,
+}
+
 /// A worker process.
 #[derive(Clone, Debug)]
 pub struct Process {
@@ -207,6 +230,8 @@ pub struct Process {
     phase: Phase,
     /// Whether the program's primary has a `Worker` object for it.
     claim: Claim,
+    /// It is to be replaced while it serves (see [`Retire`]).
+    retire: Option<Retire>,
 }
 
 impl Process {
@@ -218,6 +243,22 @@ impl Process {
     #[cfg(test)]
     pub fn is_active(&self) -> bool {
         self.phase.is_active()
+    }
+
+    /// Why it is being replaced while it serves, if it is.
+    pub fn retiring(&self) -> Option<Retire> {
+        self.retire
+    }
+
+    /// Out of the active set because its accept queue stalled.
+    pub fn is_stalled(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Ready {
+                serving: Serving::Stalled,
+                ..
+            }
+        )
     }
 }
 
@@ -338,6 +379,24 @@ pub enum Input {
     StartPrimary {
         detected: bool,
     },
+    /// Its accept queue stopped draining: out of the active set.
+    Stalled {
+        pid: Pid,
+    },
+    /// Its accept queue drains again: back in the active set.
+    Unstalled {
+        pid: Pid,
+    },
+    /// Replace it while it serves (replacement first, one at a time).
+    Retire {
+        pid: Pid,
+        why: Retire,
+    },
+    /// Kill it now (`--max-memory-hard`); its id is restarted as after any failure.
+    KillNow {
+        pid: Pid,
+        reason: KillReason,
+    },
     /// The program's primary called `cluster.fork()` for a worker of `variant` (see
     /// [`Lifecycle::variant`]): answered by a `ForkAnswer`.
     Fork {
@@ -420,6 +479,8 @@ pub struct Lifecycle {
     wanted: BTreeSet<u32>,
     /// Ids, restarts and who decides the count.
     policy: Policy,
+    /// The one replacement of a process marked to retire under way.
+    recycling: Option<Recycling>,
     /// The program's primary process (Node programs with a primary branch).
     primary: PrimaryPhase,
     processes: BTreeMap<Pid, Process>,
@@ -442,6 +503,7 @@ impl Lifecycle {
             timing,
             wanted: (first..first + wanted.min(MAX_WORKERS)).collect(),
             policy,
+            recycling: None,
             primary: PrimaryPhase::Off,
             processes: BTreeMap::new(),
             ids: BTreeMap::new(),
@@ -477,6 +539,10 @@ impl Lifecycle {
             Input::Stop { fast } => self.stop(fast),
             Input::StartPrimary { detected } => self.start_primary(detected),
             Input::Fork { variant } => self.fork(variant),
+            Input::Stalled { pid } => self.stalled(pid),
+            Input::Unstalled { pid } => self.unstalled(pid),
+            Input::Retire { pid, why } => self.retire(pid, why),
+            Input::KillNow { pid, reason } => self.kill_now(pid, reason),
             Input::Adopt { pid } => self.adopt(pid),
             Input::PrimarySpawned { pid } => self.primary_spawned(pid),
             Input::PrimarySpawnFailed { error } => self.primary_spawn_failed(error),
@@ -495,6 +561,7 @@ impl Lifecycle {
         processes
             .chain(restarts)
             .chain(self.primary.deadline())
+            .chain(self.recycling.as_ref().and_then(|r| r.retry_at))
             .min()
     }
 
@@ -560,6 +627,7 @@ impl Lifecycle {
                 generation: self.generation,
                 phase,
                 claim: Claim::No,
+                retire: None,
             },
         );
         self.fork_spawned(id, Ok(pid));
@@ -622,12 +690,12 @@ impl Lifecycle {
             return;
         };
         if let Phase::Ready {
-            active: active @ false,
+            serving: serving @ Serving::Quiet,
             ..
         } = &mut process.phase
         {
             // A quiet worker listens after all: it gets connections from now on.
-            *active = true;
+            *serving = Serving::Active;
             self.out.push(Action::Activate { pid });
             return;
         }
@@ -636,7 +704,7 @@ impl Lifecycle {
         }
         process.phase = Phase::Ready {
             since: self.now,
-            active: true,
+            serving: Serving::Active,
         };
         let id = process.id;
         self.out.push(Action::Activate { pid });
@@ -814,6 +882,8 @@ impl Lifecycle {
             return;
         }
         let previous = std::mem::replace(&mut self.intent, Intent::Stop);
+        // Every process goes: nothing is replaced any more.
+        self.recycling = None;
         if let Intent::Reload(_) = previous {
             let outcome = Err(ReloadError::Stopping);
             self.emit(Event::ReloadFinished {
@@ -865,6 +935,7 @@ impl Lifecycle {
             self.keep_served(id);
         }
         self.advance_reload();
+        self.advance_retirement();
         self.offer();
         if self.announced == Announced::Nothing
             && !self.wanted.is_empty()
@@ -949,15 +1020,19 @@ impl Lifecycle {
                     .values()
                     .filter(move |p| p.id == id && p.phase.is_candidate())
             };
-            idle && candidates().any(|p| p.generation < generation)
+            idle && !self.is_recycling(id)
+                && candidates().any(|p| p.generation < generation)
                 && !candidates().any(|p| p.generation == generation)
         });
+        let retiring = self.recycling.is_some();
         let Intent::Reload(reload) = &mut self.intent else {
             return;
         };
         reload.replacing = next;
         match next {
             Some(id) => self.spawn(id),
+            // The id being replaced for a health limit is the reload's once that is done.
+            None if retiring => {}
             // A reload that replaced nothing did not do what it was asked: say so.
             None => {
                 let outcome = match reload.replaced {
@@ -1031,7 +1106,7 @@ impl Lifecycle {
         };
         process.phase = Phase::Ready {
             since: self.now,
-            active: false,
+            serving: Serving::Quiet,
         };
         let (id, after) = (process.id, self.timing.ready_timeout);
         self.emit(Event::Quiet {

@@ -11,9 +11,9 @@ use proptest::prelude::*;
 
 use super::{
     world::{timing, World},
-    Count, Input, Lifecycle, Policy, Restart, Snapshot, Timing,
+    Count, Input, Lifecycle, NotCalm, Policy, Restart, Retire, Snapshot, Timing,
 };
-use crate::supervisor::events::{Departure, ExitStatus, Readiness};
+use crate::supervisor::events::{Departure, ExitStatus, KillReason, Readiness};
 
 /// One thing that happens. `pick` chooses among the live processes (modulo their number).
 #[derive(Clone, Debug)]
@@ -69,6 +69,23 @@ enum Op {
     PrimaryExit {
         code: i32,
     },
+    /// A worker's accept queue stops draining.
+    Stall {
+        pick: usize,
+    },
+    /// It drains again.
+    Unstall {
+        pick: usize,
+    },
+    /// A health limit: hung, memory, connections or age.
+    Retire {
+        pick: usize,
+        why: u8,
+    },
+    /// Over the hard memory ceiling.
+    KillNow {
+        pick: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -90,6 +107,10 @@ fn op() -> impl Strategy<Value = Op> {
         2 => any::<usize>().prop_map(|pick| Op::Adopt { pick }),
         1 => any::<usize>().prop_map(|pick| Op::LetGo { pick }),
         1 => (0..3i32).prop_map(|code| Op::PrimaryExit { code }),
+        2 => any::<usize>().prop_map(|pick| Op::Stall { pick }),
+        1 => any::<usize>().prop_map(|pick| Op::Unstall { pick }),
+        2 => (any::<usize>(), 0..4u8).prop_map(|(pick, why)| Op::Retire { pick, why }),
+        1 => any::<usize>().prop_map(|pick| Op::KillNow { pick }),
     ]
 }
 
@@ -195,6 +216,48 @@ fn play(world: &mut World, op: Op) {
             }
         }
         Op::PrimaryExit { code } => world.primary_exit(ExitStatus::Code(code)),
+        Op::Stall { pick } => {
+            if let Some(pid) = picked(world, pick) {
+                world.apply(Input::Stalled { pid });
+            }
+        }
+        Op::Unstall { pick } => {
+            if let Some(pid) = picked(world, pick) {
+                world.apply(Input::Unstalled { pid });
+            }
+        }
+        Op::Retire { pick, why } => {
+            if let Some(pid) = picked(world, pick) {
+                let why = match why {
+                    0 => Retire::Hung {
+                        stalled: Duration::from_secs(30),
+                    },
+                    1 => Retire::Memory {
+                        bytes: 600 << 20,
+                        limit: 512 << 20,
+                    },
+                    2 => Retire::Connections {
+                        count: 1000,
+                        limit: 1000,
+                    },
+                    _ => Retire::Age {
+                        age: Duration::from_secs(3600),
+                    },
+                };
+                world.apply(Input::Retire { pid, why });
+            }
+        }
+        Op::KillNow { pick } => {
+            if let Some(pid) = picked(world, pick) {
+                world.apply(Input::KillNow {
+                    pid,
+                    reason: KillReason::MemoryHard {
+                        bytes: 2 << 30,
+                        limit: 1 << 30,
+                    },
+                });
+            }
+        }
     }
 }
 
@@ -238,8 +301,11 @@ proptest! {
         for op in before {
             play(&mut world, op);
         }
-        // A reload under way is refused; the calm period ends it.
-        if world.lifecycle.is_reloading() {
+        // A reload or a retirement under way is refused; the calm period ends it.
+        if matches!(
+            world.lifecycle.snapshot(world.now),
+            Err(NotCalm::Reloading | NotCalm::Recycling { .. })
+        ) {
             world.fail_spawns = 0;
             world.settle();
         }

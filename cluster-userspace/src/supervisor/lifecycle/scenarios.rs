@@ -8,7 +8,7 @@ use nix::sys::signal::Signal;
 use super::{
     backoff,
     world::{timing, World},
-    Announced, Input, ReloadError, WorkerState,
+    Announced, Input, ReloadError, Retire, WorkerState,
 };
 use crate::supervisor::events::{Departure, Event, ExitStatus, Failure, KillReason, Readiness};
 
@@ -582,4 +582,186 @@ fn a_primary_started_on_a_guess_that_forks_nothing_is_not_started_again() {
     assert!(!world.lifecycle.has_primary());
     assert_eq!(world.events_named("primary-unused").len(), 1);
     world.assert_converged();
+}
+
+// ---- health: stalls, hangs and limits ----
+
+fn ready_count(world: &World) -> usize {
+    world.in_state(WorkerState::Ready).len()
+}
+
+#[test]
+fn a_stalled_worker_leaves_the_active_set_and_comes_back_when_it_drains() {
+    let mut world = ready_cluster(3);
+    let slow = world.pid(1, WorkerState::Ready);
+    world.apply(Input::Stalled { pid: slow });
+    assert!(
+        !world.active.contains(&slow),
+        "a stalled worker gets nothing new"
+    );
+    assert_eq!(world.active.len(), 2);
+    assert_eq!(world.events_named("stalled").len(), 1);
+    // A stall is no failure: nothing is started or stopped.
+    assert_eq!(world.alive.len(), 3);
+    world.apply(Input::Unstalled { pid: slow });
+    assert!(world.active.contains(&slow));
+    assert_eq!(world.events_named("unstalled").len(), 1);
+    world.settle();
+    world.assert_converged();
+}
+
+#[test]
+fn a_hung_worker_is_replaced_first_then_killed_and_gets_nothing_meanwhile() {
+    let mut world = ready_cluster(2);
+    let hung = world.pid(0, WorkerState::Ready);
+    world.apply(Input::Stalled { pid: hung });
+    world.apply(Input::Retire {
+        pid: hung,
+        why: Retire::Hung {
+            stalled: Duration::from_secs(30),
+        },
+    });
+    assert_eq!(world.events_named("hung").len(), 1);
+    let replacement = world.pid(0, WorkerState::Starting);
+    // Draining its queue does not bring a hung worker back.
+    world.apply(Input::Unstalled { pid: hung });
+    assert!(!world.active.contains(&hung));
+    assert!(
+        !world.alive[&hung].killed,
+        "killed before its replacement is ready"
+    );
+    world.apply(Input::Ready {
+        pid: replacement,
+        how: Readiness::Listening,
+    });
+    assert!(
+        world.alive[&hung].killed,
+        "killed once its replacement is ready"
+    );
+    assert!(world.active.contains(&replacement));
+    assert_eq!(world.events_named("recycled").len(), 1);
+    world.exit(hung, KILLED);
+    assert_eq!(
+        world.lifecycle.restarts(0),
+        0,
+        "a replacement is not a restart"
+    );
+    world.settle();
+    world.assert_converged();
+}
+
+#[test]
+fn workers_over_a_limit_are_replaced_one_at_a_time_and_capacity_never_drops() {
+    let mut world = ready_cluster(3);
+    let old: Vec<_> = world.in_state(WorkerState::Ready);
+    for (_, pid) in &old {
+        world.apply(Input::Retire {
+            pid: *pid,
+            why: Retire::Memory {
+                bytes: 600 << 20,
+                limit: 512 << 20,
+            },
+        });
+    }
+    assert_eq!(world.events_named("memory-limit").len(), 3);
+    for _ in 0..3 {
+        assert_eq!(
+            world.in_state(WorkerState::Starting).len(),
+            1,
+            "one replacement at a time"
+        );
+        assert_eq!(ready_count(&world), 3, "every old worker serves meanwhile");
+        let (id, replacement) = world.in_state(WorkerState::Starting)[0];
+        world.apply(Input::Ready {
+            pid: replacement,
+            how: Readiness::Notify,
+        });
+        // The old one drains only now, and is not killed.
+        let draining = world.pid(id, WorkerState::Draining);
+        assert!(old.contains(&(id, draining)));
+        assert!(!world.alive[&draining].killed);
+        assert_eq!(ready_count(&world), 3);
+        world.exit(draining, ExitStatus::Code(0));
+    }
+    assert_eq!(world.events_named("recycled").len(), 3);
+    world.settle();
+    world.assert_converged();
+    assert!(world
+        .lifecycle
+        .processes()
+        .all(|p| !old.iter().any(|(_, pid)| *pid == p.pid)));
+}
+
+#[test]
+fn a_replacement_that_fails_is_tried_again_while_the_old_worker_serves() {
+    let mut world = ready_cluster(1);
+    let old = world.pid(0, WorkerState::Ready);
+    world.apply(Input::Retire {
+        pid: old,
+        why: Retire::Connections {
+            count: 1000,
+            limit: 1000,
+        },
+    });
+    let first = world.pid(0, WorkerState::Starting);
+    world.exit(first, ExitStatus::Code(1));
+    assert_eq!(
+        world.pid(0, WorkerState::Ready),
+        old,
+        "the old one still serves"
+    );
+    assert!(world.active.contains(&old));
+    world.settle();
+    world.assert_converged();
+    assert!(!world.alive.contains_key(&old), "replaced in the end");
+}
+
+#[test]
+fn over_the_hard_memory_ceiling_a_worker_is_killed_at_once_and_restarted() {
+    let mut world = ready_cluster(2);
+    let big = world.pid(1, WorkerState::Ready);
+    world.apply(Input::KillNow {
+        pid: big,
+        reason: KillReason::MemoryHard {
+            bytes: 3 << 30,
+            limit: 2 << 30,
+        },
+    });
+    assert!(world.alive[&big].killed);
+    assert!(!world.active.contains(&big));
+    let limits: Vec<_> = world.events_named("memory-limit");
+    assert!(matches!(
+        limits[..],
+        [Event::MemoryLimit { hard: true, .. }]
+    ));
+    world.exit(big, KILLED);
+    world.settle();
+    world.assert_converged();
+    assert_eq!(world.lifecycle.restarts(1), 1);
+}
+
+#[test]
+fn a_retirement_under_way_finishes_before_a_reload_takes_its_worker() {
+    let mut world = ready_cluster(2);
+    let old = world.pid(0, WorkerState::Ready);
+    world.apply(Input::Retire {
+        pid: old,
+        why: Retire::Age {
+            age: Duration::from_secs(3600),
+        },
+    });
+    world.apply(Input::Reload);
+    // Worker 0 has its retirement's replacement starting; the reload waits for it.
+    let candidates = |world: &World, id: u32| {
+        world
+            .lifecycle
+            .processes()
+            .filter(|p| p.id == id)
+            .filter(|p| matches!(p.state(), WorkerState::Starting | WorkerState::Ready))
+            .count()
+    };
+    assert!(candidates(&world, 0) <= 2);
+    world.settle();
+    world.assert_converged();
+    assert_eq!(world.reload_replies, [Ok(2)]);
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Announced, Claim, IdRecord, Intent, Lifecycle, Phase, Plan, Policy, PrimaryPhase, Process,
-    Timing,
+    Retire, Serving, Timing,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +69,9 @@ pub struct ProcessSnapshot {
     /// Whether the program's primary has a `Worker` for it.
     #[serde(default)]
     pub claim: Claim,
+    /// It is to be replaced while it serves.
+    #[serde(default)]
+    pub retire: Option<Retire>,
 }
 
 /// A [`Phase`] with its timers as delays from the snapshot's time (ages for the past).
@@ -84,9 +87,9 @@ pub enum PhaseSnapshot {
     },
     Ready {
         ready_ms: u64,
-        /// In the active set (a quiet worker of the program's primary is not).
-        #[serde(default = "yes")]
-        active: bool,
+        /// Whether it gets connections (absent from an older binary: it does).
+        #[serde(default)]
+        serving: Serving,
     },
     Draining {
         term_in_ms: Option<u64>,
@@ -109,9 +112,9 @@ impl PhaseSnapshot {
             Phase::Online { give_up_at } => PhaseSnapshot::Online {
                 give_up_in_ms: until(give_up_at),
             },
-            Phase::Ready { since, active } => PhaseSnapshot::Ready {
+            Phase::Ready { since, serving } => PhaseSnapshot::Ready {
                 ready_ms: millis(now.saturating_duration_since(since)),
-                active,
+                serving,
             },
             Phase::Draining { term_at, kill_at } => PhaseSnapshot::Draining {
                 term_in_ms: term_at.map(until),
@@ -134,9 +137,9 @@ impl PhaseSnapshot {
             PhaseSnapshot::Online { give_up_in_ms } => Phase::Online {
                 give_up_at: at(give_up_in_ms),
             },
-            PhaseSnapshot::Ready { ready_ms, active } => Phase::Ready {
+            PhaseSnapshot::Ready { ready_ms, serving } => Phase::Ready {
                 since: before(now, ready_ms),
-                active,
+                serving,
             },
             PhaseSnapshot::Draining {
                 term_in_ms,
@@ -179,10 +182,10 @@ pub enum NotCalm {
     Spawning { id: u32 },
     #[error("the program's primary is being started or stopped; try again in a moment")]
     PrimaryBusy,
-}
-
-fn yes() -> bool {
-    true
+    #[error(
+        "worker {id} is being replaced while it serves (a health limit); try again in a moment"
+    )]
+    Recycling { id: u32 },
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -196,6 +199,9 @@ fn before(now: Instant, ms: u64) -> Instant {
 impl Lifecycle {
     /// The machine as data, if it is calm at `now`.
     pub fn snapshot(&self, now: Instant) -> Result<Snapshot, NotCalm> {
+        if let Some(recycling) = &self.recycling {
+            return Err(NotCalm::Recycling { id: recycling.id });
+        }
         match self.intent {
             Intent::Serve => {}
             Intent::Reload(_) => return Err(NotCalm::Reloading),
@@ -211,6 +217,7 @@ impl Lifecycle {
                 age_ms: millis(now.saturating_duration_since(p.started)),
                 phase: PhaseSnapshot::of(p.phase, now),
                 claim: p.claim,
+                retire: p.retire,
             })
             .collect();
         let ids = self
@@ -328,6 +335,7 @@ impl Lifecycle {
                     generation: p.generation,
                     phase: p.phase.phase(now),
                     claim: p.claim,
+                    retire: p.retire,
                 },
             );
         }

@@ -45,6 +45,8 @@ pub struct World {
     pub answers: Vec<ForkAnswer>,
     /// Every input given, for the failure message of a property test.
     pub history: Vec<Input>,
+    /// Stalled processes `settle` has told that their queue drains again.
+    unstalled: BTreeSet<Pid>,
 }
 
 pub fn timing(grace_ms: u64, ready_delay_ms: u64, ready_timeout_ms: u64) -> Timing {
@@ -84,6 +86,7 @@ impl World {
             offers: Vec::new(),
             answers: Vec::new(),
             history: Vec::new(),
+            unstalled: BTreeSet::new(),
         };
         world.apply(Input::Tick);
         world
@@ -301,7 +304,18 @@ impl World {
                     });
                 }
             }
-            if !going.is_empty() || !starting.is_empty() {
+            // A stalled queue drains again (a hung one stays out: it is being replaced).
+            let stalled: Vec<Pid> = self
+                .lifecycle
+                .processes()
+                .filter(|p| p.is_stalled() && !self.unstalled.contains(&p.pid))
+                .map(|p| p.pid)
+                .collect();
+            for pid in &stalled {
+                self.unstalled.insert(*pid);
+                self.apply(Input::Unstalled { pid: *pid });
+            }
+            if !going.is_empty() || !starting.is_empty() || !stalled.is_empty() {
                 continue;
             }
             match self.lifecycle.next_deadline() {
@@ -419,7 +433,8 @@ impl World {
                 "worker {id} is not wanted"
             );
             assert!(
-                *count == 1 || (*count == 2 && lifecycle.is_reloading()),
+                *count == 1
+                    || (*count == 2 && (lifecycle.is_reloading() || lifecycle.is_recycling(*id))),
                 "{count} processes serve worker {id}; history: {:?}",
                 self.history
             );

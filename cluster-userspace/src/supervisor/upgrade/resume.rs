@@ -55,7 +55,11 @@ impl Supervisor {
         // primary held none of them.
         let sockets = worker_sockets(&state);
         let groups = Groups::resume(&state.groups, strategy, state.fell_back)?;
-        let (inbox, feeds) = Inbox::new(signals, CHECK_EVERY);
+        let (inbox, feeds) = Inbox::new(
+            signals,
+            CHECK_EVERY,
+            Some(crate::supervisor::health::SAMPLE_EVERY),
+        );
         let fd = state
             .notify
             .take()

@@ -10,6 +10,7 @@ mod messages;
 pub mod nodejs;
 pub(super) mod output;
 mod queries;
+mod reserve;
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -186,6 +187,8 @@ pub struct Workers {
     budget: Arc<Semaphore>,
     /// What Node workers share.
     pub node: NodeGroups,
+    /// Takes connections while no worker can.
+    reserve: reserve::Reserve,
 }
 
 impl Workers {
@@ -203,6 +206,7 @@ impl Workers {
             released: HashSet::new(),
             events,
             node: NodeGroups::default(),
+            reserve: reserve::Reserve::default(),
         }
     }
 
@@ -586,7 +590,7 @@ impl Workers {
     fn forget_slot(&mut self, slot: u32, groups: &mut Groups) {
         self.slots.release(slot);
         groups.clear_slot(slot);
-        self.publish(groups);
+        self.rebalance(groups);
     }
 
     /// Puts the worker's slot in the active set, or takes it out.
@@ -600,6 +604,53 @@ impl Workers {
             self.slots.deactivate(slot)
         };
         if changed {
+            self.rebalance(groups);
+        }
+    }
+
+    /// Publishes the active set after it changed, with the reserve standing in while no
+    /// worker is in it, and handing what waited in it to the workers once one is.
+    fn rebalance(&mut self, groups: &mut Groups) {
+        let reserve = self.reserve.open(&mut self.slots, groups);
+        if self.slots.active().is_empty() {
+            if let Some(slot) = reserve {
+                if !self.reserve.in_use {
+                    log::info!(
+                        "no worker can take connections: they wait in the reserve until one is ready"
+                    );
+                }
+                self.reserve.in_use = true;
+                groups.publish(&[slot], &[]);
+                return;
+            }
+        }
+        self.publish(groups);
+        if self.reserve.in_use {
+            self.reserve.renew(&mut self.slots, groups);
+        }
+    }
+
+    /// Connections wait in the idle reserve (the program's last resort put them there while
+    /// every active worker had just died): they go to the workers now.
+    pub fn drain_reserve_if(&mut self, waiting: impl Fn(u64) -> bool, groups: &mut Groups) {
+        if self.reserve.in_use || self.slots.active().is_empty() {
+            return;
+        }
+        if self.reserve.inodes().into_iter().any(waiting) {
+            self.reserve.renew(&mut self.slots, groups);
+        }
+    }
+
+    /// The inodes of the reserve's sockets (the primary's own listeners).
+    pub fn reserve_inodes(&self) -> Vec<u64> {
+        self.reserve.inodes()
+    }
+
+    /// The cluster stops: no reserve any more (see `reserve::Reserve::close`).
+    pub fn close_reserve(&mut self, groups: &mut Groups) {
+        let was_in_use = self.reserve.in_use;
+        self.reserve.close(&mut self.slots, groups);
+        if was_in_use {
             self.publish(groups);
         }
     }
