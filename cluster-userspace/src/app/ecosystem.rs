@@ -280,6 +280,9 @@ const HONOURED: &[&str] = &[
     // One stream already: every worker's lines go to the primary's stderr, each prefixed
     // with its worker id.
     "merge_logs",
+    // --max-memory: PM2 reloads an instance whose RSS is above it (checked every 30 s);
+    // cluster-lb replaces a worker whose PSS is, its replacement ready first.
+    "max_memory_restart",
     "uid",
     "gid",
     "append_env_to_name",
@@ -597,6 +600,10 @@ pub fn map(config: &Value, context: &Context<'_>) -> Result<Mapped, MapError> {
         }
     }
 
+    if let Some(bytes) = memory_limit(app.get("max_memory_restart").copied())? {
+        table.insert("max_memory".into(), toml::Value::String(bytes.to_string()));
+    }
+
     // The environment, in PM2's order (Common.mergeEnvironmentVariables): env, then port,
     // then deploy.NAME.env, then env_NAME, each over the last.
     let mut env: Vec<(String, String)> = Vec::new();
@@ -668,10 +675,7 @@ pub fn map(config: &Value, context: &Context<'_>) -> Result<Mapped, MapError> {
         {
             continue;
         }
-        unhonoured.push(match key.as_str() {
-            "max_memory_restart" => "max_memory_restart (no --max-memory yet)".to_string(),
-            other => other.to_string(),
-        });
+        unhonoured.push(key.clone());
     }
     if !unhonoured.is_empty() {
         mapped.warnings.push(format!(
@@ -718,6 +722,49 @@ fn instances(value: Option<&Value>, cpus: u32) -> Result<u32, MapError> {
         ));
     }
     Ok(n.max(1) as u32)
+}
+
+/// `max_memory_restart` in bytes, as PM2 reads it: a number of bytes, or digits with one
+/// upper-case K, M or G (powers of 1024); PM2 refuses anything else (`200MB`, `1.5G`) and so
+/// does this, naming the key. Within what `--max-memory` takes (1K to 4G).
+fn memory_limit(value: Option<&Value>) -> Result<Option<u64>, MapError> {
+    let text = match value {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Number(n)) => n.to_string(),
+        Some(Value::String(text)) => text.clone(),
+        Some(other) => {
+            return Err(bad(
+                "max_memory_restart",
+                format!("expected a size such as '200M', found {}", kind_of(other)),
+            ))
+        }
+    };
+    let (digits, shift) = match text.strip_suffix(['K', 'M', 'G']) {
+        Some(digits) => (
+            digits,
+            match text.chars().last() {
+                Some('K') => 10,
+                Some('M') => 20,
+                _ => 30,
+            },
+        ),
+        None => (text.as_str(), 0),
+    };
+    let bytes = (!digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit()))
+        .then(|| digits.parse::<u64>().ok())
+        .flatten()
+        .and_then(|n| n.checked_shl(shift).filter(|b| b >> shift == n));
+    match bytes {
+        Some(bytes) if (1024..=(4u64 << 30)).contains(&bytes) => Ok(Some(bytes)),
+        Some(_) => Err(bad(
+            "max_memory_restart",
+            format!("{text} is not between 1K and 4G, the sizes --max-memory takes"),
+        )),
+        None => Err(bad(
+            "max_memory_restart",
+            format!("'{text}' is not a size: write bytes, or a number with K, M or G ('200M'), as PM2 does"),
+        )),
+    }
 }
 
 /// JavaScript's `parseInt(text, 10)`: an optional sign and the leading digits.
@@ -1092,8 +1139,9 @@ mod tests {
         assert_eq!(mapped.warnings.len(), 1);
         assert_eq!(
             mapped.warnings[0],
-            "app Business News: not honoured by cluster-lb: cron_restart, foo_bar, max_memory_restart (no --max-memory yet), out_file (see docs/PM2.md)"
+            "app Business News: not honoured by cluster-lb: cron_restart, foo_bar, out_file (see docs/PM2.md)"
         );
+        assert_eq!(t["max_memory"].as_str(), Some("209715200"));
     }
 
     #[test]
@@ -1184,6 +1232,31 @@ mod tests {
     }
 
     #[test]
+    fn memory_limits_are_read_as_pm2_reads_them() {
+        for (value, bytes) in [
+            (json!("200M"), 200 << 20),
+            (json!("1G"), 1 << 30),
+            (json!("512K"), 512 << 10),
+            (json!(104857600), 104857600),
+            (json!("104857600"), 104857600),
+        ] {
+            assert_eq!(memory_limit(Some(&value)), Ok(Some(bytes)), "{value}");
+        }
+        for bad in [
+            json!("200MB"),
+            json!("1.5G"),
+            json!("512m"),
+            json!("8G"),
+            json!(10),
+            json!([1]),
+        ] {
+            let error = memory_limit(Some(&bad)).unwrap_err();
+            assert_eq!(error.key.as_deref(), Some("max_memory_restart"), "{bad}");
+        }
+        assert_eq!(memory_limit(None), Ok(None));
+    }
+
+    #[test]
     fn users_and_names_map_too() {
         let base = dir_with(&["app.js"]);
         let file = json!({"apps": [{"script": "app.js", "name": "web", "user": "www-data",
@@ -1198,7 +1271,6 @@ mod tests {
     #[test]
     fn every_pm2_key_is_in_the_table() {
         const NAMED: &[&str] = &[
-            "max_memory_restart",
             "shutdown_with_message",
             "autorestart",
             "max_restarts",

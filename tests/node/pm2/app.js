@@ -14,8 +14,13 @@ const seen = () => ({
   cron: process.env.NODE_APP_INSTANCE === '0',
 });
 
+// GET /leak keeps 8 MiB (written, so resident) for good: memory that only a restart frees,
+// which max_memory_restart is for.
+const kept = [];
+
 http
   .createServer((req, res) => {
+    if (req.url === '/leak') kept.push(Buffer.alloc(8 << 20, 1));
     res.setHeader('Connection', 'close');
     res.end(JSON.stringify(seen()) + '\n');
   })

@@ -10,7 +10,7 @@ module.exports = {
     instances: 4,
     exec_mode: "cluster",
     kill_timeout: 3000,
-    max_memory_restart: "200M",
+    max_memory_restart: "100M",
     env: {
       "PORT": 3000,
       "NODE_ENV": "development"

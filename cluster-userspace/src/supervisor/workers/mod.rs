@@ -512,6 +512,13 @@ impl Workers {
             ),
             _ => {}
         }
+        // The answer may have made a group (a Node worker's first listen on a port). While no
+        // worker is ready, the reserve stands in for it too: otherwise the program finds no
+        // active slot and the kernel's fallback hands connections to a socket that is not ready
+        // (a worker that listened but has yet to send 'ready' under --wait-ready).
+        if self.slots.active().is_empty() {
+            self.rebalance(groups);
+        }
     }
 
     /// The worker broke its channel's protocol: close the channel. Its id, if it is a worker.
