@@ -404,3 +404,63 @@ fn wait_ready_keeps_a_worker_out_of_rotation_until_it_sends_ready() {
         assert!(cluster.stop().status.success());
     });
 }
+
+/// A file that cannot be run is one line naming the file, the key if one is to blame, and
+/// what is wrong (exit 2, nothing started): node's own error for a file that does not
+/// evaluate, and cluster-lb's for an app it cannot map.
+#[test]
+fn bad_ecosystem_files_are_one_line() {
+    let Some((_, node)) = node_binaries().into_iter().last() else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("clb-pm2-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a directory");
+    std::fs::write(dir.join("app.js"), "").expect("an app");
+    let cases = [
+        (
+            "syntax.config.js",
+            "module.exports = { apps: [ { script: 'app.js' } }\n",
+            "node could not evaluate it: SyntaxError",
+        ),
+        (
+            "throws.config.js",
+            "\nthrow new Error('no database url');\n",
+            "Error: no database url (line 2)",
+        ),
+        (
+            "process.json",
+            "{ // PM2's JSON takes comments\n apps: [{ script: 'app.js', instances: 'lots', max_memory_restart: '200MB' }] }",
+            "key `max_memory_restart`: '200MB' is not a size",
+        ),
+        (
+            "missing.config.js",
+            "module.exports = { apps: [{ name: 'api', script: './server.js' }] };",
+            "key `script`: ./server.js is neither in",
+        ),
+        ("app.yml", "apps:\n  - script: app.js\n", "YAML"),
+    ];
+    let path = std::env::join_paths(
+        std::iter::once(node.parent().expect("node's directory").to_path_buf()).chain(
+            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+        ),
+    )
+    .expect("a PATH");
+    for (name, text, expected) in cases {
+        std::fs::write(dir.join(name), text).expect("writing the file");
+        let output = Command::new(cluster_lb_tests::workspace_binary("cluster-lb"))
+            .args(["run", "--config", name])
+            .current_dir(&dir)
+            .env("PATH", &path)
+            .output()
+            .expect("running cluster-lb");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{name}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{name}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("cluster-lb: error: config {name}: ")),
+            "{name}: {stderr}"
+        );
+        assert!(stderr.contains(expected), "{name}: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
