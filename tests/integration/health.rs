@@ -412,3 +412,48 @@ fn every_worker_sigkilled_three_times_in_a_row_refuses_no_connection() {
         assert!(cluster.stop().status.success());
     });
 }
+
+#[test]
+fn a_worker_that_stops_sending_watchdog_pings_is_replaced_and_killed() {
+    root_test("health_watchdog", || {
+        let scratch = std::env::temp_dir().join(format!("clb-watchdog-{}", std::process::id()));
+        std::fs::write(&scratch, b"").expect("marker");
+        let worker = format!("{}/workers/watchdog.py", env!("CARGO_MANIFEST_DIR"));
+        let cluster = Cluster::start_with(
+            &[
+                "run",
+                "-w",
+                "3",
+                "--watchdog",
+                "1",
+                "--ready-delay",
+                "30",
+                "--listen",
+                "127.0.0.1:8080",
+                "--",
+                "/usr/bin/python3",
+                &worker,
+            ],
+            |command| {
+                command.env("SILENT_MARKER", &scratch);
+            },
+        );
+        cluster.wait_until_ready(3);
+        let missed = cluster.wait_for_events("watchdog-missed", 1, Duration::from_secs(15));
+        let recycled = cluster.wait_for_events("recycled", 1, Duration::from_secs(15));
+        assert_eq!(recycled[0]["pid"], missed[0]["pid"]);
+        assert!(reason(&recycled[0]).contains("WATCHDOG=1"), "{recycled:?}");
+        let silent = missed[0]["pid"].as_i64().expect("pid") as i32;
+        let after = cluster.wait_until_ready(3);
+        assert!(after.workers.iter().all(|w| w.pid != silent));
+        assert!(cluster
+            .events_named("kill")
+            .iter()
+            .any(|k| k["pid"] == missed[0]["pid"]));
+        // The workers that keep pinging are left alone.
+        thread::sleep(Duration::from_secs(3));
+        assert_eq!(cluster.events_named("watchdog-missed").len(), 1);
+        let _ = std::fs::remove_file(scratch.with_extension("taken"));
+        assert!(cluster.stop().status.success());
+    });
+}

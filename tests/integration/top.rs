@@ -143,16 +143,17 @@ struct ScreenRow {
 fn row_of(screen: &str, pid: i32) -> Option<ScreenRow> {
     screen.lines().find_map(|line| {
         let cells: Vec<&str> = line.split_whitespace().collect();
-        if cells.len() != 9 || cells[1] != pid.to_string() {
+        // WORKER PID STATE CONN/S CONNS QUEUE RESTARTS RSS CPU% UPTIME
+        if cells.len() != 10 || cells[1] != pid.to_string() {
             return None;
         }
         Some(ScreenRow {
             id: cells[0].parse().ok()?,
             state: cells[2].to_string(),
             conns_per_s: cells[3].parse().ok(),
-            restarts: cells[5].parse().ok()?,
-            rss_mib: cells[6].strip_suffix('M')?.parse().ok()?,
-            cpu_percent: cells[7].parse().ok(),
+            restarts: cells[6].parse().ok()?,
+            rss_mib: cells[7].strip_suffix('M')?.parse().ok()?,
+            cpu_percent: cells[8].parse().ok(),
         })
     })
 }

@@ -312,6 +312,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECONDS", default_value = "30")]
     pub hang_timeout: f64,
 
+    /// Give workers WATCHDOG_USEC (systemd's watchdog): a ready worker that sends no
+    /// WATCHDOG=1 to NOTIFY_SOCKET for this long is hung, replaced and killed as above
+    #[arg(long, value_name = "SECONDS", value_parser = parse_duration)]
+    pub watchdog: Option<Duration>,
+
     /// Replace a worker whose memory (PSS: pages shared with its siblings count once) goes
     /// above this (suffixes K, M, G): its replacement is ready first, then it drains within
     /// --grace; one worker at a time
@@ -575,6 +580,7 @@ impl RunArgs {
                 max_connections: self.max_connections,
                 max_age: self.max_age,
                 jitter: self.recycle_jitter,
+                watchdog: self.watchdog,
             },
             // The command-line primary owns its process: signals are its interface, and it
             // may be PID 1 in a container, where orphans must be reaped.

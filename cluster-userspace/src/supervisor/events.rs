@@ -140,6 +140,8 @@ pub enum KillReason {
     StopNow,
     /// It was hung (its accept queue did not drain for this long) and its replacement is ready.
     Hung(Duration),
+    /// It sent no WATCHDOG=1 for this long (`--watchdog`) and its replacement is ready.
+    Silent(Duration),
     /// Its memory (PSS) went over `--max-memory-hard`.
     MemoryHard { bytes: u64, limit: u64 },
 }
@@ -172,6 +174,11 @@ impl fmt::Display for KillReason {
                 f,
                 "it was hung (its accept queue did not drain for {:.1}s) and its replacement is ready",
                 stalled.as_secs_f64()
+            ),
+            KillReason::Silent(silent) => write!(
+                f,
+                "it sent no WATCHDOG=1 for {:.1}s (--watchdog) and its replacement is ready",
+                silent.as_secs_f64()
             ),
             KillReason::MemoryHard { bytes, limit } => write!(
                 f,
@@ -365,6 +372,15 @@ pub enum Event {
         #[serde(rename = "stalled_s", serialize_with = "seconds")]
         stalled: Duration,
     },
+    /// It sent no WATCHDOG=1 for `silent` (`--watchdog`): it is replaced, and killed once its
+    /// replacement is ready.
+    WatchdogMissed {
+        #[serde(rename = "worker")]
+        id: u32,
+        pid: i32,
+        #[serde(rename = "silent_s", serialize_with = "seconds")]
+        silent: Duration,
+    },
     /// Its memory (PSS) is over the limit: replaced (`--max-memory`) or killed
     /// (`--max-memory-hard`, `hard`).
     MemoryLimit {
@@ -442,6 +458,7 @@ impl Event {
             Event::Stalled { .. } => "stalled",
             Event::Unstalled { .. } => "unstalled",
             Event::Hung { .. } => "hung",
+            Event::WatchdogMissed { .. } => "watchdog-missed",
             Event::MemoryLimit { .. } => "memory-limit",
             Event::Recycled { .. } => "recycled",
             Event::PrimaryStarted { .. } => "primary-started",
@@ -474,6 +491,7 @@ impl Event {
             | Event::PrimaryUnused { .. }
             | Event::Stalled { .. }
             | Event::Hung { .. }
+            | Event::WatchdogMissed { .. }
             | Event::MemoryLimit { .. } => Level::Warn,
             Event::ReloadFinished { outcome: Err(_) } => Level::Error,
             _ => Level::Info,
@@ -573,6 +591,11 @@ impl fmt::Display for Event {
             Event::Stalled { id, pid } => write!(
                 f,
                 "worker {id} (pid {pid}) stopped accepting (its accept queue does not drain): out of the active set until it does"
+            ),
+            Event::WatchdogMissed { id, pid, silent } => write!(
+                f,
+                "worker {id} (pid {pid}) sent no WATCHDOG=1 for {:.1}s (--watchdog); it is replaced, and killed once its replacement is ready",
+                silent.as_secs_f64()
             ),
             Event::Hung { id, pid, stalled } => write!(
                 f,
@@ -692,6 +715,12 @@ pub enum Retire {
         #[serde(with = "millis_duration")]
         stalled: Duration,
     },
+    /// It sent no WATCHDOG=1 for `silent` (`--watchdog`): killed once its replacement is
+    /// ready.
+    Watchdog {
+        #[serde(with = "millis_duration")]
+        silent: Duration,
+    },
     /// Its memory (PSS) is over `--max-memory`.
     Memory { bytes: u64, limit: u64 },
     /// It was given `count` connections (`--max-connections`, with jitter).
@@ -703,9 +732,20 @@ pub enum Retire {
     },
 }
 
+impl Retire {
+    /// The process does not respond: it gets nothing new while it waits for its replacement,
+    /// and is killed, not drained, once that is ready.
+    pub fn unresponsive(self) -> bool {
+        matches!(self, Retire::Hung { .. } | Retire::Watchdog { .. })
+    }
+}
+
 impl std::fmt::Display for Retire {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Retire::Watchdog { silent } => {
+                write!(f, "hung: no WATCHDOG=1 for {:.1}s", silent.as_secs_f64())
+            }
             Retire::Hung { stalled } => write!(
                 f,
                 "hung: its accept queue did not drain for {:.1}s",

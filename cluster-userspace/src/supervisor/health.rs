@@ -16,6 +16,9 @@
 //!   `--max-age` (the last two with a random jitter per worker, so workers started together do
 //!   not all reach their limit together).
 //!
+//! With `--watchdog`, workers get WATCHDOG_USEC and a ready one that sends no WATCHDOG=1 to
+//! NOTIFY_SOCKET for that long is hung too (systemd's protocol, for programs that ping).
+//!
 //! Each round also hands connections that wait in the idle reserve (see
 //! `workers::reserve`) to the workers.
 //!
@@ -64,6 +67,9 @@ pub struct HealthLimits {
     pub max_age: Option<Duration>,
     /// Each worker's connection and age limits are this fraction higher at most, at random.
     pub jitter: f64,
+    /// Workers get WATCHDOG_USEC and must send WATCHDOG=1 at least this often once ready
+    /// (systemd's watchdog protocol), or they are hung.
+    pub watchdog: Option<Duration>,
 }
 
 impl Default for HealthLimits {
@@ -75,6 +81,7 @@ impl Default for HealthLimits {
             max_connections: None,
             max_age: None,
             jitter: 0.1,
+            watchdog: None,
         }
     }
 }
@@ -87,7 +94,8 @@ impl HealthLimits {
 
     /// Whether a limit other than the hang timeout is set.
     fn limited(&self) -> bool {
-        self.max_memory.is_some()
+        self.watchdog.is_some()
+            || self.max_memory.is_some()
             || self.max_memory_hard.is_some()
             || self.max_connections.is_some()
             || self.max_age.is_some()
@@ -174,6 +182,8 @@ struct Watched {
     max_age: Option<Duration>,
     /// A limit was reported (the lifecycle replaces it; it is not reported again).
     reported: bool,
+    /// Its last WATCHDOG=1, or when it was first seen ready.
+    alive_at: Option<Instant>,
 }
 
 /// The sampler's state: every worker it watches, and its last readings for status.
@@ -207,7 +217,15 @@ impl Health {
                 .max_age
                 .map(|age| age.mul_f64(1.0 + limits.jitter * random_fraction())),
             reported: false,
+            alive_at: None,
         })
+    }
+
+    /// A worker sent WATCHDOG=1.
+    pub fn watchdog_ping(&mut self, pid: Pid) {
+        if self.limits.watchdog.is_some() {
+            self.watch(pid).alive_at = Some(Instant::now());
+        }
     }
 }
 
@@ -320,6 +338,18 @@ impl Supervisor {
                         pid,
                         why: Retire::Hung { stalled },
                     }),
+                }
+            }
+            if let (Some(watchdog), false) = (limits.watchdog, watch.reported) {
+                let alive_at = *watch.alive_at.get_or_insert(now);
+                let silent = now.saturating_duration_since(alive_at);
+                if silent > watchdog {
+                    watch.reported = true;
+                    inputs.push(Input::Retire {
+                        pid,
+                        why: Retire::Watchdog { silent },
+                    });
+                    continue;
                 }
             }
             if !check_limits || watch.reported {

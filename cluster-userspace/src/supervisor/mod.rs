@@ -88,6 +88,14 @@ pub enum SupervisorError {
     Runtime(std::io::Error),
 }
 
+/// How a supervisor came to run.
+struct Origin {
+    /// When the cluster started (before any in-place upgrade), for its uptime.
+    started: Instant,
+    /// Taken over from an older binary (not started afresh).
+    resumed: bool,
+}
+
 /// A primary. Build it inside a tokio runtime, take a [`Handle`] and the event stream if you
 /// want them, then `run` it. See the module documentation for what it does to the process.
 pub struct Supervisor {
@@ -103,10 +111,8 @@ pub struct Supervisor {
     notify: notify::NotifySocket,
     /// The embedder's descriptors an upgrade keeps (see [`Supervisor::keep_on_upgrade`]).
     kept: upgrade::Kept,
-    /// When the supervisor was created, for the cluster's uptime.
-    started: Instant,
-    /// Taken over from an older binary (not started afresh).
-    resumed: bool,
+    /// Since when the cluster runs, and whether this binary took it over.
+    origin: Origin,
     /// The program's own primary process (a Node program's primary branch), when it has one.
     program: program::Program,
     /// What the health sampler watches and last read.
@@ -174,6 +180,7 @@ impl Supervisor {
             credentials: config.credentials.clone(),
             notify_socket: notify.name.clone(),
             max_message: config.max_message,
+            watchdog: config.health.watchdog,
             stop_signal: config.stop_signal,
             instance_var: config.instance_var.clone(),
             increment: config.increment_var.as_ref().map(|name| {
@@ -198,8 +205,10 @@ impl Supervisor {
             outputs: Outputs::new(),
             notify,
             kept: upgrade::Kept::default(),
-            started: Instant::now(),
-            resumed: false,
+            origin: Origin {
+                started: Instant::now(),
+                resumed: false,
+            },
         }
     }
 
@@ -227,7 +236,7 @@ impl Supervisor {
 
     /// Starts the workers and supervises them until stopped. Returns once all have exited.
     pub async fn run(mut self) {
-        if self.resumed {
+        if self.origin.resumed {
             log::info!(
                 "cluster-lb {} took over {} workers (pid {})",
                 crate::version::version(),
@@ -584,9 +593,6 @@ impl Supervisor {
     }
 
     fn on_notify(&mut self, sender: i32, text: &str) -> Option<Input> {
-        if !notify::says_ready(text) {
-            return None;
-        }
         // The worker itself, or a process of its session: every worker leads a session of its
         // own, so READY=1 from a worker's helper processes (a shell wrapper's child) counts for
         // it, and no process of another worker can join that session to speak for it (a
@@ -597,16 +603,17 @@ impl Supervisor {
                 .map(Pid::from_raw)
                 .filter(|session| self.workers.contains(*session)),
         };
-        match worker {
-            Some(pid) => Some(Input::Ready {
-                pid,
-                how: Readiness::Notify,
-            }),
-            None => {
-                log::debug!("READY=1 from pid {sender}, which is not a worker");
-                None
-            }
+        let Some(pid) = worker else {
+            log::debug!("{text:?} from pid {sender}, which is not a worker");
+            return None;
+        };
+        if notify::says_watchdog(text) {
+            self.health.watchdog_ping(pid);
         }
+        notify::says_ready(text).then_some(Input::Ready {
+            pid,
+            how: Readiness::Notify,
+        })
     }
 
     fn on_control(&mut self, control: Control) -> Option<Input> {

@@ -168,7 +168,7 @@ pub fn serve(
             };
             match guard.try_io(|inner| receive(inner.get_ref().as_fd())) {
                 Ok(Ok(Some((pid, uid, text)))) => {
-                    if !senders.allows(uid) || !says_ready(&text) {
+                    if !senders.allows(uid) || !(says_ready(&text) || says_watchdog(&text)) {
                         continue;
                     }
                     if second.elapsed() >= std::time::Duration::from_secs(1) {
@@ -209,6 +209,11 @@ pub fn says_ready(text: &str) -> bool {
     text.lines().any(|line| line.trim() == "READY=1")
 }
 
+/// Whether a notify message says `WATCHDOG=1` (the sender is alive; see `--watchdog`).
+pub fn says_watchdog(text: &str) -> bool {
+    text.lines().any(|line| line.trim() == "WATCHDOG=1")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,5 +224,7 @@ mod tests {
         assert!(says_ready("STATUS=warming up\nREADY=1\n"));
         assert!(!says_ready("READY=0"));
         assert!(!says_ready("STATUS=READY=1"));
+        assert!(says_watchdog("WATCHDOG=1\n"));
+        assert!(!says_watchdog("READY=1"));
     }
 }

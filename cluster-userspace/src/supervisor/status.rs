@@ -144,7 +144,7 @@ impl Supervisor {
             name: None,
             primary_pid: std::process::id(),
             version: crate::version::version().to_string(),
-            uptime_s: self.started.elapsed().as_secs_f64(),
+            uptime_s: self.origin.started.elapsed().as_secs_f64(),
             strategy: self.groups.strategy_in_effect().to_string(),
             listen: self
                 .groups

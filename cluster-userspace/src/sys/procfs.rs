@@ -142,6 +142,18 @@ pub fn alive(pid: i32) -> bool {
     stat_fields(pid).is_some_and(|fields| fields.first().map(String::as_str) != Some("Z"))
 }
 
+/// Exists, is not a zombie, and is not on its way out: the kernel sets PF_EXITING (the
+/// `flags` field of /proc/PID/stat) before it closes a dying process's descriptors, so a
+/// process whose channel closed because it was killed is `exiting` even before it is a zombie.
+pub fn running(pid: i32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    stat_fields(pid).is_some_and(|fields| {
+        let state = fields.first().map(String::as_str);
+        let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
+        state != Some("Z") && state != Some("X") && flags & PF_EXITING == 0
+    })
+}
+
 /// The parent of `pid`.
 pub fn parent(pid: i32) -> Option<i32> {
     stat_fields(pid)?.get(1)?.parse().ok()
@@ -247,6 +259,7 @@ mod tests {
     fn own_process_is_read_from_proc() {
         let own = std::process::id() as i32;
         assert!(alive(own));
+        assert!(running(own));
         assert_eq!(
             session(own),
             Some(nix::unistd::getsid(None).unwrap().as_raw())

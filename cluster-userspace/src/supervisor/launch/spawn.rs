@@ -64,6 +64,9 @@ const INHERITED_VARIABLES_TO_DROP: &[&str] = &[
     "LISTEN_PID",
     "LISTEN_FDNAMES",
     "NOTIFY_SOCKET",
+    // The primary's own systemd watchdog is not the workers' (see --watchdog).
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
     "CLUSTER_LB_WORKER_ID",
     "CLUSTER_LB_WORKERS",
     "CLUSTER_LB_IPC_FD",

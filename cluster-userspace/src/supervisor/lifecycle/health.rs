@@ -53,10 +53,7 @@ impl Lifecycle {
         let Some(process) = self.processes.get_mut(&pid) else {
             return;
         };
-        if process
-            .retire
-            .is_some_and(|r| matches!(r, Retire::Hung { .. }))
-        {
+        if process.retire.is_some_and(Retire::unresponsive) {
             return; // being replaced: it stays out
         }
         if let Phase::Ready {
@@ -92,6 +89,11 @@ impl Lifecycle {
                 pid: pid.as_raw(),
                 stalled,
             }),
+            Retire::Watchdog { silent } => Some(Event::WatchdogMissed {
+                id,
+                pid: pid.as_raw(),
+                silent,
+            }),
             Retire::Memory { bytes, limit } => Some(Event::MemoryLimit {
                 id,
                 pid: pid.as_raw(),
@@ -104,7 +106,7 @@ impl Lifecycle {
         if let Some(event) = event {
             self.emit(event);
         }
-        if matches!(why, Retire::Hung { .. }) {
+        if why.unresponsive() {
             // It gets nothing new while it waits for its replacement.
             self.stalled(pid);
         }
@@ -220,6 +222,7 @@ impl Lifecycle {
         });
         match why {
             Retire::Hung { stalled } => self.kill(old, KillReason::Hung(stalled)),
+            Retire::Watchdog { silent } => self.kill(old, KillReason::Silent(silent)),
             _ => self.depart(old, Departure::Recycled(why.to_string())),
         }
     }

@@ -262,12 +262,13 @@ impl Supervisor {
     }
 
     /// A worker's channel closed: the primary's Worker disconnects. Not for a worker that has
-    /// exited already (its channel closed because it died): its `exit` follows at once and
+    /// exited already or is exiting (its channel closed because it died): its `exit` follows at once and
     /// says both, as Node sees a killed child's channel close and its exit together. A
     /// `disconnect` alone would leave the program a moment in which `worker.send()` to a worker
     /// still in `cluster.workers` throws.
     pub(in crate::supervisor) fn disconnect_to_program(&self, id: u32, pid: Pid) {
-        if self.lifecycle.is_claimed(pid) && crate::sys::procfs::alive(pid.as_raw()) {
+        // Not `alive`: a killed process closes its descriptors before it is a zombie.
+        if self.lifecycle.is_claimed(pid) && crate::sys::procfs::running(pid.as_raw()) {
             self.program
                 .tell(to_primary::disconnect(id, pid.as_raw()), Held::default());
         }

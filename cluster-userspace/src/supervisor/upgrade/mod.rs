@@ -140,7 +140,7 @@ impl Supervisor {
         Ok(State {
             format: FORMAT,
             from: crate::version::version().to_string(),
-            uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            uptime_ms: u64::try_from(self.origin.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             lifecycle,
             strategy: self.config.strategy.to_string(),
             fell_back: self.groups.fell_back(),

@@ -87,8 +87,8 @@ impl Supervisor {
             notify,
             lifecycle,
         );
-        supervisor.resumed = true;
-        supervisor.started = now
+        supervisor.origin.resumed = true;
+        supervisor.origin.started = now
             .checked_sub(Duration::from_millis(state.uptime_ms))
             .unwrap_or(now);
         let workers = &mut supervisor.workers;

@@ -235,6 +235,7 @@ mod tests {
             stop_signal: nix::sys::signal::Signal::SIGTERM,
             instance_var: crate::supervisor::INSTANCE_VAR.to_string(),
             increment: None,
+            watchdog: None,
         };
         Workers::new(launch, events, forwarded)
     }

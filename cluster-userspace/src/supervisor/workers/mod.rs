@@ -117,6 +117,8 @@ pub struct Launch {
     /// `--increment-var`: the variable, and its value in the workers' environment (each
     /// worker gets that plus its instance number).
     pub increment: Option<(String, f64)>,
+    /// `--watchdog`: workers get WATCHDOG_USEC.
+    pub watchdog: Option<std::time::Duration>,
 }
 
 impl Launch {
@@ -290,6 +292,14 @@ impl Workers {
             (PRIMARY_VARIABLE.to_string(), std::process::id().to_string()),
         ];
         env.extend(self.launch.numbering(start.instance));
+        if let Some(watchdog) = self.launch.watchdog {
+            // Without WATCHDOG_PID: it would have to be the worker's own pid, which is not
+            // known before the fork; libsystemd then lets whoever sees the variable ping.
+            env.push((
+                "WATCHDOG_USEC".to_string(),
+                watchdog.as_micros().to_string(),
+            ));
+        }
         let variable = match protocol {
             Protocol::Node => {
                 // What Node's cluster.fork() sets: the worker's cluster.worker.id.

@@ -65,16 +65,15 @@ impl Reserve {
         (!self.sockets.is_empty()).then_some(slot)
     }
 
-    /// Closes the sockets (what waits in them migrates to the active workers) and opens
-    /// fresh ones, idle.
+    /// Opens fresh sockets, idle, in the same slot, then closes the old ones: what waited in
+    /// them migrates to the active workers. New before old, so the group is never without a
+    /// socket: should the "active" workers have just died (their exits not yet handled), the
+    /// kernel's fallback puts what migrates into the fresh reserve instead of resetting it.
     pub fn renew(&mut self, slots: &mut SlotTable, groups: &mut Groups) {
         self.in_use = false;
         let waited = std::mem::take(&mut self.sockets);
-        if let Some(slot) = self.slot {
-            groups.clear_slot(slot);
-        }
-        drop(waited);
         self.open(slots, groups);
+        drop(waited);
     }
 
     /// The cluster stops: the reserve closes and is not opened again.
