@@ -15,6 +15,7 @@ mod node;
 mod node_conformance;
 mod node_primary;
 mod packaging;
+mod pm2;
 mod servers;
 mod strategies;
 mod supervision;

@@ -19,9 +19,10 @@ use crate::{
     supervisor::{
         launch::privileges::{self, UserError},
         lifecycle::Timing,
-        Config, HealthLimits, SignalPolicy,
+        Config, HealthLimits, SignalPolicy, INSTANCE_VAR,
     },
 };
+use nix::sys::signal::Signal;
 
 /// Most --listen addresses (each worker gets one socket per address).
 pub const MAX_LISTEN: usize = 32;
@@ -345,10 +346,49 @@ pub struct RunArgs {
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     pub log_format: Format,
 
-    /// Read these options from a TOML file (keys as the long options, with _ for -, and
-    /// `command = [...]`); options given here override the file's
+    /// The signal that asks a worker to stop when it has no `disconnect` to hear (not a Node
+    /// or cluster-lb channel), and that a Node worker lingering after `disconnect` gets: TERM,
+    /// or e.g. INT for apps written for PM2, which clean up on SIGINT [default: TERM; INT for
+    /// a PM2 ecosystem file]
+    #[arg(long, value_name = "SIGNAL", value_parser = parse_signal)]
+    pub stop_signal: Option<Signal>,
+
+    /// A worker is ready (gets connections) when it sends the message "ready" (Node:
+    /// process.send('ready'), PM2's wait_ready), not when it listens
+    #[arg(long)]
+    pub wait_ready: bool,
+
+    /// The variable that gives each Node worker its instance number, 0 .. N-1, kept by a
+    /// restarted worker (PM2's instance_var)
+    #[arg(long, value_name = "NAME", default_value = INSTANCE_VAR, value_parser = parse_variable)]
+    pub instance_var: String,
+
+    /// A variable each worker gets as its value in the workers' environment (0 if unset) plus
+    /// its instance number: PORT=3000 gives 3000, 3001, ... (PM2's increment_var)
+    #[arg(long, value_name = "NAME", value_parser = parse_variable)]
+    pub increment_var: Option<String>,
+
+    /// Read these options from a file: TOML (keys as the long options, with _ for -, and
+    /// `command = [...]`), or a PM2 ecosystem file (*.config.js, *.config.cjs, *.json: see
+    /// docs/PM2.md); options given here override the file's
     #[arg(long, value_name = "FILE")]
     pub config: Option<std::path::PathBuf>,
+
+    /// With a PM2 ecosystem file: merge the app's env_NAME over its env (pm2 start --env NAME)
+    #[arg(long = "env", value_name = "NAME", requires = "config")]
+    pub env_name: Option<String>,
+
+    /// With a PM2 ecosystem file of several apps: the one to run (one cluster per app)
+    #[arg(long, visible_alias = "only", value_name = "NAME", requires = "config")]
+    pub app: Option<String>,
+
+    /// Variables the workers get over the primary's environment (from an ecosystem file)
+    #[arg(skip)]
+    pub worker_env: Vec<(String, String)>,
+
+    /// The directory the workers start in (from an ecosystem file's cwd)
+    #[arg(skip)]
+    pub cwd: Option<std::path::PathBuf>,
 
     /// The worker program and its arguments
     #[arg(last = true, required_unless_present = "config", value_name = "CMD")]
@@ -412,6 +452,36 @@ fn parse_bytes(text: &str) -> Result<usize, String> {
         .filter(|n| (1024..=(4u64 << 30)).contains(n))
         .ok_or_else(|| format!("'{text}' is not a size between 1K and 4G"))?;
     usize::try_from(bytes).map_err(|_| format!("'{text}' is too large here"))
+}
+
+/// A signal by name (INT, SIGINT, int) that can ask a process to stop.
+pub fn parse_signal(text: &str) -> Result<Signal, String> {
+    let upper = text.trim().to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    match name.parse::<Signal>() {
+        Ok(Signal::SIGKILL | Signal::SIGSTOP) => Err(format!(
+            "{text} cannot be caught, so it is no graceful stop (--grace already ends in SIGKILL); use TERM or INT"
+        )),
+        Ok(signal) => Ok(signal),
+        Err(_) => Err(format!(
+            "'{text}' is not a signal; write e.g. TERM, INT or SIGQUIT"
+        )),
+    }
+}
+
+/// An environment variable's name.
+pub fn parse_variable(text: &str) -> Result<String, String> {
+    if text.is_empty() || text.contains(['=', '\0']) {
+        Err(format!(
+            "'{text}' is not a variable name (it must be non-empty, without '=')"
+        ))
+    } else {
+        Ok(text.to_string())
+    }
 }
 
 fn parse_seconds(text: &str) -> Result<f64, String> {
@@ -517,6 +587,12 @@ impl RunArgs {
             signals: SignalPolicy::Handle,
             subreaper: true,
             upgrade: crate::supervisor::UpgradeSource::current(),
+            stop_signal: self.stop_signal.unwrap_or(Signal::SIGTERM),
+            wait_ready: self.wait_ready,
+            instance_var: self.instance_var,
+            increment_var: self.increment_var,
+            env: self.worker_env,
+            cwd: self.cwd,
         };
         Ok(RunOptions {
             supervisor,

@@ -16,12 +16,15 @@ use std::{
 
 use clap::{parser::ValueSource, ArgAction, ArgMatches, CommandFactory, FromArgMatches};
 
-use crate::app::cli::{one_line_error, Cli};
+use crate::app::{
+    cli::{one_line_error, Cli},
+    ecosystem,
+};
 
 /// The key holding the worker program and its arguments.
 const COMMAND_KEY: &str = "command";
-/// Options of `run` that are no file key.
-const NOT_KEYS: [&str; 3] = ["config", "help", "version"];
+/// Options of `run` that are no file key (`env` and `app` pick from a PM2 file).
+const NOT_KEYS: [&str; 5] = ["config", "help", "version", "env", "app"];
 /// Largest config file read (a run configuration is a few hundred bytes).
 const MAX_FILE: u64 = 1 << 20;
 
@@ -47,6 +50,8 @@ pub enum CommandLineError {
 pub struct Parsed {
     pub cli: Cli,
     pub file: Option<Loaded>,
+    /// What to warn about once logging runs (keys of a PM2 file that are not honoured).
+    pub warnings: Vec<String>,
 }
 
 /// A config file that was read, and the keys whose values were taken from it.
@@ -84,17 +89,68 @@ pub fn parse(argv: Vec<OsString>) -> Result<Parsed, CommandLineError> {
     };
     let Some((given, run, path)) = with_file else {
         let cli = Cli::from_arg_matches(&matches).map_err(CommandLineError::Args)?;
-        return Ok(Parsed { cli, file: None });
+        return Ok(Parsed {
+            cli,
+            file: None,
+            warnings: Vec::new(),
+        });
     };
-    let table = read(&path).map_err(CommandLineError::File)?;
+    let fail = |key: Option<String>, detail: String| {
+        CommandLineError::File(FileError {
+            path: path.clone(),
+            key,
+            detail,
+        })
+    };
+    let env_name = given.get_one::<String>("env_name").map(String::as_str);
+    let app = given.get_one::<String>("app").map(String::as_str);
+    let (table, pm2) = match ecosystem::kind(&path).map_err(|detail| fail(None, detail))? {
+        Some(kind) => {
+            let value =
+                ecosystem::evaluate(&path, kind, env_name).map_err(|detail| fail(None, detail))?;
+            let base = std::env::current_dir()
+                .map_err(|e| fail(None, format!("the current directory: {e}")))?;
+            let kill_signal = std::env::var("PM2_KILL_SIGNAL").ok();
+            let context = ecosystem::Context {
+                env_name,
+                app,
+                base: &base,
+                cpus: std::thread::available_parallelism()
+                    .map(|n| n.get() as u32)
+                    .unwrap_or(1),
+                pm2_kill_signal: kill_signal.as_deref(),
+            };
+            let mut mapped = ecosystem::map(&value, &context).map_err(|e| fail(e.key, e.detail))?;
+            (std::mem::take(&mut mapped.table), Some(mapped))
+        }
+        None => {
+            if let Some(option) = [("--env", env_name), ("--app", app)]
+                .iter()
+                .find_map(|(option, value)| value.map(|_| option))
+            {
+                return Err(fail(
+                    None,
+                    format!("{option} picks from a PM2 ecosystem file (ecosystem.config.js, .config.cjs or .json), and this file is read as TOML"),
+                ));
+            }
+            (read(&path).map_err(CommandLineError::File)?, None)
+        }
+    };
     let (merged, keys) = merge(&argv, &table, given, run, &path).map_err(CommandLineError::File)?;
-    let cli = Cli::command()
+    let mut cli = Cli::command()
         .try_get_matches_from(merged)
         .and_then(|matches| Cli::from_arg_matches(&matches))
         .map_err(CommandLineError::Args)?;
+    let mut warnings = Vec::new();
+    if let (Some(mapped), crate::app::cli::Command::Run(run)) = (pm2, &mut cli.command) {
+        run.worker_env = mapped.env;
+        run.cwd = mapped.cwd;
+        warnings = mapped.warnings;
+    }
     Ok(Parsed {
         cli,
         file: Some(Loaded { path, keys }),
+        warnings,
     })
 }
 

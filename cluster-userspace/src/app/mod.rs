@@ -9,6 +9,7 @@ pub mod client;
 pub mod config_file;
 pub mod control;
 mod dist;
+pub mod ecosystem;
 mod metrics;
 pub mod names;
 mod run;
@@ -73,7 +74,11 @@ fn check_takeover(options: &run::RunOptions, state: Result<State, StateError>) -
 
 /// The `cluster-lb` command: parses the command line and dispatches.
 pub fn main() -> ExitCode {
-    let Parsed { cli, file } = match config_file::parse(std::env::args_os().collect()) {
+    let Parsed {
+        cli,
+        file,
+        warnings,
+    } = match config_file::parse(std::env::args_os().collect()) {
         Ok(parsed) => parsed,
         Err(CommandLineError::File(error)) => {
             eprintln!("cluster-lb: error: {error}");
@@ -103,6 +108,9 @@ pub fn main() -> ExitCode {
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Run(args) => {
             logging::init(args.log_format);
+            for warning in &warnings {
+                log::warn!("{warning}");
+            }
             match args.into_options() {
                 Ok(options) => match upgrade {
                     Handover::None => run::run(options).map_err(Into::into),

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use cluster_lb_worker::ListenAddr;
+use nix::sys::signal::Signal;
 
 use super::{launch::spawn::Credentials, signals::SignalPolicy};
 use crate::{kernel::Strategy, protocol::nodejs::detect::NodeMode};
@@ -136,7 +137,29 @@ pub struct Config {
     /// What `cluster-lb upgrade` re-executes (`None`: upgrades are refused, as for a program
     /// that embeds the supervisor).
     pub upgrade: Option<UpgradeSource>,
+    /// The signal that asks a worker without a channel's `disconnect` to stop, and that
+    /// follows a Node worker's `disconnect` when it lingers (`--stop-signal`; SIGTERM).
+    pub stop_signal: Signal,
+    /// A worker is ready when it sends the message `"ready"`, not at `listening`
+    /// (`--wait-ready`, PM2's `wait_ready`).
+    pub wait_ready: bool,
+    /// The variable that tells a Node worker its instance number, 0 .. N-1 (`--instance-var`,
+    /// PM2's `NODE_APP_INSTANCE`).
+    pub instance_var: String,
+    /// A variable whose value (from the workers' environment, 0 if unset) each worker gets
+    /// plus its instance number (`--increment-var`, PM2's `increment_var`: `PORT` gives
+    /// 3000, 3001, ...).
+    pub increment_var: Option<String>,
+    /// Variables every worker gets on top of the primary's environment (an ecosystem file's
+    /// `env`, `env_NAME`).
+    pub env: Vec<(String, String)>,
+    /// The directory workers start in (the primary's own when `None`).
+    pub cwd: Option<std::path::PathBuf>,
 }
+
+/// The default of `--instance-var`: PM2's name, which PM2-era code tests
+/// (`process.env.NODE_APP_INSTANCE === '0'`) and node-config reads.
+pub const INSTANCE_VAR: &str = "NODE_APP_INSTANCE";
 
 impl Config {
     /// For a program that is its own primary (the Node `cluster` idiom): `workers` copies of
@@ -173,6 +196,12 @@ impl Config {
             health: super::HealthLimits::default(),
             subreaper: false,
             upgrade: None,
+            stop_signal: Signal::SIGTERM,
+            wait_ready: false,
+            instance_var: INSTANCE_VAR.to_string(),
+            increment_var: None,
+            env: Vec::new(),
+            cwd: None,
         })
     }
 }

@@ -44,6 +44,9 @@ pub enum Readiness {
     Notify,
     /// It signals nothing, and `--ready-delay` passed.
     Delay,
+    /// It sent the message `"ready"` on its channel (Node's `process.send('ready')`); the
+    /// readiness signal under `--wait-ready`, PM2's `wait_ready`.
+    Message,
 }
 
 impl fmt::Display for Readiness {
@@ -52,6 +55,7 @@ impl fmt::Display for Readiness {
             Readiness::Listening => "listening",
             Readiness::Notify => "READY=1",
             Readiness::Delay => "after --ready-delay",
+            Readiness::Message => "sent 'ready'",
         })
     }
 }
@@ -130,6 +134,8 @@ pub enum KillReason {
     NotReadyInTime(Duration),
     /// A Node worker said `online` but never called `listen()` within `--ready-timeout`.
     NeverListened(Duration),
+    /// Under `--wait-ready`, a worker did not send `'ready'` within `--ready-timeout`.
+    NeverSentReady(Duration),
     /// A fast stop (QUIT, or a second TERM/INT).
     StopNow,
     /// It was hung (its accept queue did not drain for this long) and its replacement is ready.
@@ -156,6 +162,11 @@ impl fmt::Display for KillReason {
             KillReason::NeverListened(timeout) => write!(
                 f,
                 "it was online for {}s but never called listen() (a Node worker is ready once it listens; one that serves nothing runs under the program's own primary, see --node-primary)",
+                timeout.as_secs_f64()
+            ),
+            KillReason::NeverSentReady(timeout) => write!(
+                f,
+                "it did not send 'ready' within --ready-timeout {}s (--wait-ready: a worker is ready once it calls process.send('ready'))",
                 timeout.as_secs_f64()
             ),
             KillReason::StopNow => f.write_str("stopping now"),

@@ -44,7 +44,9 @@ use std::time::Instant;
 use nix::unistd::Pid;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-pub use config::{ClosedListener, Config, PrimaryMode, Restart, UpgradeSource, READY_TIMEOUT};
+pub use config::{
+    ClosedListener, Config, PrimaryMode, Restart, UpgradeSource, INSTANCE_VAR, READY_TIMEOUT,
+};
 pub use events::{Departure, Event, ExitStatus, Failure, KillReason, Readiness, ReloadError};
 pub use handle::{Control, Handle, Recipients, ReloadReply, ScaleError, SendError, UpgradeError};
 pub use health::{HealthLimits, DEFAULT_HANG_TIMEOUT};
@@ -59,6 +61,7 @@ use signals::{Signalled, Signals};
 #[cfg(test)]
 pub(crate) use status::fixture;
 pub use status::{ClusterStatus, WorkerStatus};
+pub use workers::js_number;
 pub use workers::StartError;
 use workers::{ChannelEvent, Heard, Launch, Protocol, Start, Workers};
 
@@ -119,7 +122,7 @@ pub struct Supervisor {
 impl Supervisor {
     /// Checks the command and the addresses and loads the programs; starts no worker yet.
     pub fn new(config: Config) -> Result<Supervisor, SupervisorError> {
-        let command = WorkerCommand::new(&config.command)?;
+        let command = WorkerCommand::for_config(&config)?;
         launch::spawn::raise_descriptor_limit();
         // Before any child exists, so no exit goes unnoticed.
         let signals =
@@ -170,7 +173,6 @@ impl Supervisor {
         lifecycle: Lifecycle,
     ) -> Supervisor {
         let launch = Launch {
-            command,
             protocol,
             filter: config
                 .seccomp
@@ -179,6 +181,13 @@ impl Supervisor {
             notify_socket: notify.name.clone(),
             max_message: config.max_message,
             watchdog: config.health.watchdog,
+            stop_signal: config.stop_signal,
+            instance_var: config.instance_var.clone(),
+            increment: config.increment_var.as_ref().map(|name| {
+                let base = command.base_variable(name);
+                (name.clone(), workers::increment_base(base.as_deref()))
+            }),
+            command,
         };
         let program = program::Program::new(
             config.node_primary,
@@ -349,7 +358,14 @@ impl Supervisor {
                 None
             }
             Action::Terminate { pid } => {
-                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+                // A worker lingering after `disconnect` gets the stop signal (an app written
+                // for PM2 cleans up on SIGINT); the program's primary process, SIGTERM.
+                let signal = if self.workers.contains(pid) {
+                    self.workers.launch.stop_signal
+                } else {
+                    nix::sys::signal::Signal::SIGTERM
+                };
+                let _ = nix::sys::signal::kill(pid, signal);
                 None
             }
             Action::Kill { pid } => {
@@ -406,6 +422,7 @@ impl Supervisor {
             id,
             wanted: self.lifecycle.wanted(),
             node_id: id + 1 - self.lifecycle.first_id().min(1),
+            instance: id.saturating_sub(self.lifecycle.first_id()),
             fork,
             preload: &preload,
         };
@@ -493,6 +510,13 @@ impl Supervisor {
                 if self.config.log_messages {
                     log::info!("message from worker {id} (pid {pid}): {data}");
                 }
+                // PM2's readiness signal, `process.send('ready')`: the lifecycle decides
+                // whether it counts (--wait-ready); it is also a message like any other.
+                let ready =
+                    (data == serde_json::Value::String("ready".into())).then_some(Input::Ready {
+                        pid,
+                        how: Readiness::Message,
+                    });
                 // Its room in the budget goes back once it is handed on (written to the
                 // program's primary, or emitted).
                 if let Err(_room) = self.message_to_program(id, pid, &data, room) {
@@ -502,7 +526,7 @@ impl Supervisor {
                         data,
                     });
                 }
-                None
+                ready
             }
             Heard::Leaving(Departure::ListenerClosed(address))
                 if self.keeps_closed_listeners(pid) =>
@@ -695,6 +719,7 @@ fn policy(config: &Config, protocol: Protocol) -> Policy {
     let node = protocol == Protocol::Node;
     Policy {
         first_id: u32::from(node),
+        wait_ready: config.wait_ready,
         restart: config.restart,
         count: if node && config.node_primary != PrimaryMode::Off && !config.workers_given {
             Count::Program

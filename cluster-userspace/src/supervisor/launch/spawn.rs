@@ -177,6 +177,30 @@ impl WorkerCommand {
         Ok(made)
     }
 
+    /// The command for `config`: its program, with the configured variables over the
+    /// primary's environment, started in the configured directory.
+    pub fn for_config(config: &crate::supervisor::Config) -> Result<WorkerCommand, SpawnError> {
+        let mut made = WorkerCommand::new(&config.command)?;
+        for (key, value) in &config.env {
+            if INHERITED_VARIABLES_TO_DROP.contains(&key.as_str()) {
+                continue;
+            }
+            made.base_env.retain(|entry| {
+                entry
+                    .as_bytes()
+                    .strip_prefix(key.as_bytes())
+                    .is_none_or(|rest| rest.first() != Some(&b'='))
+            });
+            made.base_env
+                .extend(env_entry(OsStr::new(key), OsStr::new(value)));
+        }
+        if let Some(dir) = &config.cwd {
+            made.cwd =
+                Some(CString::new(dir.as_os_str().as_bytes()).map_err(|_| SpawnError::NulByte)?);
+        }
+        Ok(made)
+    }
+
     /// The value of `key` in the environment every worker starts from.
     pub fn base_variable(&self, key: &str) -> Option<String> {
         let prefix = format!("{key}=");

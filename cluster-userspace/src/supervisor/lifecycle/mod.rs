@@ -671,7 +671,21 @@ impl Lifecycle {
         }
     }
 
+    /// Whether `how` makes a worker ready under this policy: with `--wait-ready` only its
+    /// `'ready'` message does, not `listening`; without it, that message is a message like any
+    /// other (an app written for PM2 may send it right after it listens).
+    fn counts(&self, how: Readiness) -> bool {
+        match how {
+            Readiness::Listening => !self.policy.wait_ready,
+            Readiness::Message => self.policy.wait_ready,
+            Readiness::Notify | Readiness::Delay => true,
+        }
+    }
+
     fn ready(&mut self, pid: Pid, how: Readiness) {
+        if !self.counts(how) {
+            return;
+        }
         let Some(process) = self.processes.get_mut(&pid) else {
             return;
         };
@@ -1110,6 +1124,7 @@ impl Lifecycle {
         let pending_replacement = self.is_pending_replacement(process);
         let timeout = self.timing.ready_timeout;
         let reason = match process.phase {
+            Phase::Online { .. } if self.policy.wait_ready => KillReason::NeverSentReady(timeout),
             Phase::Online { .. } => KillReason::NeverListened(timeout),
             _ => KillReason::NotReadyInTime(timeout),
         };

@@ -30,7 +30,8 @@ enum Op {
     },
     Ready {
         pick: usize,
-        notify: bool,
+        /// 0: `listening`, 1: READY=1, 2: the message `'ready'`.
+        how: u8,
     },
     Leave {
         pick: usize,
@@ -92,7 +93,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (any::<usize>(), 0..3i32).prop_map(|(pick, code)| Op::Exit { pick, code }),
         3 => any::<usize>().prop_map(|pick| Op::Killed { pick }),
         3 => any::<usize>().prop_map(|pick| Op::Online { pick }),
-        5 => (any::<usize>(), any::<bool>()).prop_map(|(pick, notify)| Op::Ready { pick, notify }),
+        5 => (any::<usize>(), 0..3u8).prop_map(|(pick, how)| Op::Ready { pick, how }),
         2 => (any::<usize>(), 0..4u8).prop_map(|(pick, why)| Op::Leave { pick, why }),
         2 => any::<usize>().prop_map(|pick| Op::ChannelClosed { pick }),
         3 => Just(Op::Reload),
@@ -118,11 +119,13 @@ fn policies() -> impl Strategy<Value = Policy> {
         0..2u32,
         prop_oneof![Just(Restart::Cluster), Just(Restart::Program)],
         prop_oneof![Just(Count::Fixed), Just(Count::Program)],
+        any::<bool>(),
     )
-        .prop_map(|(first_id, restart, count)| Policy {
+        .prop_map(|(first_id, restart, count, wait_ready)| Policy {
             first_id,
             restart,
             count,
+            wait_ready,
         })
 }
 
@@ -159,12 +162,12 @@ fn play(world: &mut World, op: Op) {
                 world.apply(Input::Online { pid });
             }
         }
-        Op::Ready { pick, notify } => {
+        Op::Ready { pick, how } => {
             if let Some(pid) = picked(world, pick) {
-                let how = if notify {
-                    Readiness::Notify
-                } else {
-                    Readiness::Listening
+                let how = match how {
+                    0 => Readiness::Listening,
+                    1 => Readiness::Notify,
+                    _ => Readiness::Message,
                 };
                 world.apply(Input::Ready { pid, how });
             }

@@ -46,6 +46,10 @@ pub struct Policy {
     pub first_id: u32,
     pub restart: Restart,
     pub count: Count,
+    /// `--wait-ready` (PM2's `wait_ready`): a worker is ready when it sends the message
+    /// `"ready"`, not when it says `listening` (an app that listens before it can serve: it
+    /// warms a cache, opens its database).
+    pub wait_ready: bool,
 }
 
 /// Whether the program's primary has a `Worker` object for a process.

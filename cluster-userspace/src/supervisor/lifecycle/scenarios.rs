@@ -58,6 +58,60 @@ fn a_worker_that_said_online_waits_for_listening_not_for_the_delay() {
     assert_eq!(world.pid(0, WorkerState::Ready), pid);
 }
 
+/// `--wait-ready` (PM2's `wait_ready`): `listening` does not put a worker in the active set,
+/// its `'ready'` message does; one that never sends it is killed at the ready timeout, with a
+/// reason that names the message. Without it, `'ready'` changes nothing.
+#[test]
+fn under_wait_ready_a_worker_is_active_only_once_it_sends_ready() {
+    let policy = super::Policy {
+        first_id: 1,
+        wait_ready: true,
+        ..super::Policy::default()
+    };
+    let mut world = World::with_policy(2, policy, timing(30_000, 1_000, 10_000), true);
+    let (warm, cold) = (
+        world.pid(1, WorkerState::Starting),
+        world.pid(2, WorkerState::Starting),
+    );
+    for pid in [warm, cold] {
+        world.apply(Input::Online { pid });
+        world.apply(Input::Ready {
+            pid,
+            how: Readiness::Listening,
+        });
+        assert_eq!(
+            world.lifecycle.process(pid).unwrap().state(),
+            WorkerState::Online
+        );
+    }
+    assert!(world.active.is_empty(), "active before 'ready'");
+    world.advance(Duration::from_secs(2));
+    world.apply(Input::Ready {
+        pid: warm,
+        how: Readiness::Message,
+    });
+    assert_eq!(world.pid(1, WorkerState::Ready), warm);
+    assert_eq!(world.active.iter().copied().collect::<Vec<_>>(), [warm]);
+    world.advance(Duration::from_secs(8));
+    assert_eq!(world.pid(2, WorkerState::Killed), cold);
+    assert!(world.events.iter().any(|e| matches!(e,
+        Event::Kill { pid, reason: crate::supervisor::events::KillReason::NeverSentReady(_), .. }
+            if *pid == cold.as_raw())));
+
+    let mut plain = World::with_signals(1, timing(30_000, 1_000, 10_000), true);
+    let pid = plain.pid(0, WorkerState::Starting);
+    plain.apply(Input::Online { pid });
+    plain.apply(Input::Ready {
+        pid,
+        how: Readiness::Message,
+    });
+    assert_eq!(
+        plain.pid(0, WorkerState::Online),
+        pid,
+        "'ready' counted without --wait-ready"
+    );
+}
+
 /// A Node worker that takes longer than the delay to say `online` (a loaded machine) is still
 /// ready only when it listens; one that never listens is killed at the ready timeout.
 #[test]
@@ -405,6 +459,7 @@ fn node_primary(count: super::Count, workers: u32) -> World {
         first_id: 1,
         restart: super::Restart::Cluster,
         count,
+        wait_ready: false,
     };
     let mut world = World::with_policy(workers, policy, timing(30_000, 1_000, 30_000), true);
     world.apply(Input::StartPrimary { detected: false });
@@ -461,6 +516,7 @@ fn workers_started_before_the_primary_are_taken_by_its_forks_and_the_rest_leave(
         first_id: 1,
         restart: super::Restart::Cluster,
         count: super::Count::Program,
+        wait_ready: false,
     };
     let mut world = World::with_policy(3, policy, timing(30_000, 1_000, 30_000), true);
     world.settle();

@@ -296,6 +296,13 @@ impl World {
                     pid: *pid,
                     how: Readiness::Listening,
                 });
+                // Under --wait-ready, a behaving worker sends 'ready' after it listens.
+                if self.lifecycle.policy.wait_ready {
+                    self.apply(Input::Ready {
+                        pid: *pid,
+                        how: Readiness::Message,
+                    });
+                }
             }
             // A stalled queue drains again (a hung one stays out: it is being replaced).
             let stalled: Vec<Pid> = self

@@ -184,7 +184,7 @@ impl Supervisor {
 /// The new binary's half of the check: can it take over the cluster `state` describes with
 /// this command line? Everything that would fail after the exec is tried here instead.
 pub fn check_takeover(config: &super::Config, state: &State) -> Result<(), String> {
-    super::launch::spawn::WorkerCommand::new(&config.command).map_err(|e| e.to_string())?;
+    super::launch::spawn::WorkerCommand::for_config(config).map_err(|e| e.to_string())?;
     let running: Vec<_> = state
         .groups
         .iter()

@@ -40,7 +40,7 @@ impl Supervisor {
     /// Takes over from the primary that wrote `state` (this process, before its exec).
     pub(crate) fn resume(config: Config, state: State) -> Result<Resumed, SupervisorError> {
         let now = Instant::now();
-        let command = WorkerCommand::new(&config.command)?;
+        let command = WorkerCommand::for_config(&config)?;
         launch::spawn::raise_descriptor_limit();
         let signals = signals::Signals::new(config.signals, config.subreaper)
             .map_err(SupervisorError::Signals)?;

@@ -232,6 +232,9 @@ mod tests {
             credentials: None,
             notify_socket: String::new(),
             max_message: 1 << 20,
+            stop_signal: nix::sys::signal::Signal::SIGTERM,
+            instance_var: crate::supervisor::INSTANCE_VAR.to_string(),
+            increment: None,
             watchdog: None,
         };
         Workers::new(launch, events, forwarded)

@@ -110,8 +110,52 @@ pub struct Launch {
     pub notify_socket: String,
     /// The longest message on a Node channel.
     pub max_message: usize,
+    /// What asks a worker that has no `disconnect` to stop (`--stop-signal`).
+    pub stop_signal: Signal,
+    /// The variable that gives a Node worker its instance number (`--instance-var`).
+    pub instance_var: String,
+    /// `--increment-var`: the variable, and its value in the workers' environment (each
+    /// worker gets that plus its instance number).
+    pub increment: Option<(String, f64)>,
     /// `--watchdog`: workers get WATCHDOG_USEC.
     pub watchdog: Option<std::time::Duration>,
+}
+
+impl Launch {
+    /// The variables that number a worker of instance `instance` (0 .. N-1): PM2's
+    /// `NODE_APP_INSTANCE` for a Node worker, and the `--increment-var` for any.
+    fn numbering(&self, instance: u32) -> Vec<(String, String)> {
+        let mut env = Vec::new();
+        if self.protocol == Protocol::Node {
+            env.push((self.instance_var.clone(), instance.to_string()));
+        }
+        if let Some((name, base)) = &self.increment {
+            env.push((name.clone(), js_number(base + f64::from(instance))));
+        }
+        env
+    }
+}
+
+/// A number as JavaScript's `String(n)` writes it for the values a variable holds (3001,
+/// not 3001.0), since PM2 computes `increment_var` in JavaScript.
+pub fn js_number(n: f64) -> String {
+    if n.fract() == 0.0 && n.abs() < 1e15 {
+        format!("{}", n as i64)
+    } else {
+        n.to_string()
+    }
+}
+
+/// PM2's `Number(value) || 0`: the value of an `increment_var` as a number to count from.
+pub fn increment_base(value: Option<&str>) -> f64 {
+    let text = value.unwrap_or("").trim();
+    if text.is_empty() {
+        return 0.0;
+    }
+    text.parse::<f64>()
+        .ok()
+        .filter(|n| n.is_finite())
+        .unwrap_or(0.0)
 }
 
 /// How one worker process is to be started.
@@ -121,6 +165,8 @@ pub struct Start<'a> {
     pub wanted: u32,
     /// Its `cluster.worker.id` (NODE_UNIQUE_ID), for a Node worker.
     pub node_id: u32,
+    /// Its instance number, 0 .. N-1 whatever the first id (PM2's `NODE_APP_INSTANCE`).
+    pub instance: u32,
     /// What the program's primary forked it with, when not the command line's program.
     pub fork: Option<&'a ForkSpec>,
     /// Variables that load cluster-lb's Node preload (to learn whether the program has a
@@ -245,6 +291,7 @@ impl Workers {
             ),
             (PRIMARY_VARIABLE.to_string(), std::process::id().to_string()),
         ];
+        env.extend(self.launch.numbering(start.instance));
         if let Some(watchdog) = self.launch.watchdog {
             // Without WATCHDOG_PID: it would have to be the worker's own pid, which is not
             // known before the fork; libsystemd then lets whoever sees the variable ping.
@@ -475,6 +522,13 @@ impl Workers {
             ),
             _ => {}
         }
+        // The answer may have made a group (a Node worker's first listen on a port). While no
+        // worker is ready, the reserve stands in for it too: otherwise the program finds no
+        // active slot and the kernel's fallback hands connections to a socket that is not ready
+        // (a worker that listened but has yet to send 'ready' under --wait-ready).
+        if self.slots.active().is_empty() {
+            self.rebalance(groups);
+        }
     }
 
     /// The worker broke its channel's protocol: close the channel. Its id, if it is a worker.
@@ -521,14 +575,15 @@ impl Workers {
         }
     }
 
-    /// `disconnect` over the channel if the worker speaks it, else SIGTERM.
+    /// `disconnect` over the channel if the worker speaks it, else the stop signal (SIGTERM,
+    /// or `--stop-signal`).
     pub fn ask_to_stop(&mut self, pid: Pid) {
         let asked = self
             .table
             .get_mut(&pid)
             .is_some_and(|w| w.channel.ask_to_stop());
         if !asked {
-            let _ = kill(pid, Signal::SIGTERM);
+            let _ = kill(pid, self.launch.stop_signal);
         }
     }
 
