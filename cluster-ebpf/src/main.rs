@@ -19,12 +19,10 @@ use aya_ebpf::{
     maps::{Array, LruHashMap, PerCpuArray, ReusePortSockArray},
     programs::{SkReuseportContext, TracePointContext},
 };
-use aya_log_ebpf::warn;
 use cluster_common::{
-    set_state, ActiveSet, ConnKey, ConnSlot, SlotStats, CONFIG_ACTIVE_BUFFER, CONFIG_ENTRIES,
-    CONFIG_STRATEGY, CONFIG_TABLE_BUFFER, CONNECTIONS_ENTRIES, MAX_SLOTS, MAX_TRIES, MAX_WORKERS,
-    NO_SLOT_STATS, STATS_ENTRIES, STRATEGY_HASH, STRATEGY_LEAST_LOADED, STRATEGY_STICKY,
-    TABLE_SIZE,
+    set_state, ActiveSet, ConnKey, ConnSlot, SlotStats, SlotTable, CONFIG_ACTIVE_BUFFER,
+    CONFIG_ENTRIES, CONFIG_TABLE_BUFFER, CONNECTIONS_ENTRIES, MAX_SLOTS, MAX_TRIES, NO_SLOT_STATS,
+    STATS_ENTRIES, STRATEGY_HASH, STRATEGY_LEAST_LOADED, STRATEGY_STICKY,
 };
 
 // The slot mask below relies on this.
@@ -46,10 +44,7 @@ static CLB_RR: Array<u64> = Array::with_max_entries(1, 0);
 static CLB_STATS: PerCpuArray<SlotStats> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
 
 #[map]
-static CLB_TABLE: Array<u32> = Array::with_max_entries(2 * TABLE_SIZE, 0);
-
-#[map]
-static CLB_ID_SLOT: Array<u32> = Array::with_max_entries(MAX_WORKERS, 0);
+static CLB_TABLE: Array<SlotTable> = Array::with_max_entries(2, 0);
 
 #[map]
 static CLB_CONNECTIONS: LruHashMap<ConnKey, ConnSlot> =
@@ -58,85 +53,131 @@ static CLB_CONNECTIONS: LruHashMap<ConnKey, ConnSlot> =
 #[map]
 static CLB_OPEN: Array<u64> = Array::with_max_entries(MAX_SLOTS, 0);
 
+/// The strategy this instance runs, one of cluster-common's `STRATEGY_*` ids, set by the
+/// loader before the program is verified (aya's `override_global`). It lives in .rodata, which
+/// the loader freezes, so the verifier knows its value: it walks, and the JIT emits, only the
+/// chosen strategy's code, and no run reads a map to learn it. A change of strategy is a new
+/// instance.
+#[unsafe(no_mangle)]
+static STRATEGY: u32 = 0;
+
 /// Attached as SELECT_OR_MIGRATE (kernel 5.14+): the kernel also calls us when a listener closes
 /// with requests still queued, so they move to a live worker instead of being reset.
 #[sk_reuseport(migrate)]
 pub fn select_worker(ctx: SkReuseportContext) -> u32 {
-    let migrating = ctx.migrating_sk().is_some();
+    // SAFETY: a plain read of a static; volatile, so that LLVM does not fold the default in.
+    let strategy = unsafe { core::ptr::read_volatile(&STRATEGY) };
+    match strategy {
+        STRATEGY_HASH => by_table(&ctx, ctx.hash()),
+        STRATEGY_STICKY => by_table(&ctx, client_address_hash(&ctx)),
+        STRATEGY_LEAST_LOADED => least_loaded(&ctx),
+        _ => round_robin(&ctx),
+    }
+    SK_PASS
+}
 
-    let Some(set) = current_active_set() else {
-        return SK_PASS;
+/// The next active slot in the shared rotation.
+#[inline(always)]
+fn round_robin(ctx: &SkReuseportContext) {
+    let Some((set, count)) = active_set() else {
+        return;
     };
-    let count = if set.count > MAX_SLOTS {
-        MAX_SLOTS
-    } else {
-        set.count
+    select_from(ctx, set, count, next_round_robin() % count);
+}
+
+/// Consistent hashing: the table names the worker, its ready process's slot takes it; without
+/// one (no table yet, or that socket is gone), the active set by the same key.
+#[inline(always)]
+fn by_table(ctx: &SkReuseportContext, key: u32) {
+    if let Some(slot) = table_slot(key) {
+        if CLB_SOCKETS.select_reuseport(ctx, slot).is_ok() {
+            count_selected(ctx, slot);
+            return;
+        }
+        count_fallback(slot);
+    }
+    let Some((set, count)) = active_set() else {
+        return;
     };
+    select_from(ctx, set, count, key % count);
+}
+
+/// The least loaded worker (see least_loaded_position); the connection is remembered for the
+/// counter program.
+#[inline(always)]
+fn least_loaded(ctx: &SkReuseportContext) {
+    let Some((set, count)) = active_set() else {
+        return;
+    };
+    if let Some(slot) = select_from(ctx, set, count, least_loaded_position(set, count)) {
+        remember_connection(ctx, slot);
+    }
+}
+
+/// The current active set and its count (at most MAX_SLOTS), or None when no slot may receive
+/// connections, which is counted: the kernel's hash then decides.
+#[inline(always)]
+fn active_set() -> Option<(&'static ActiveSet, u32)> {
+    let set = current_active_set()?;
+    let count = set.count;
     if count == 0 {
         count_fallback(NO_SLOT_STATS);
-        return SK_PASS;
+        return None;
     }
+    Some((set, count.min(MAX_SLOTS)))
+}
 
-    let key = match config(CONFIG_STRATEGY) {
-        STRATEGY_HASH => Some(ctx.hash()),
-        STRATEGY_STICKY => Some(client_address_hash(&ctx)),
-        _ => None,
-    };
-    // Consistent hashing: the table names the worker, its ready process's slot takes it.
-    if let Some(key) = key {
-        if let Some(slot) = table_slot(key) {
-            if CLB_SOCKETS.select_reuseport(&ctx, slot).is_ok() {
-                count_selected(slot, migrating);
-                return SK_PASS;
-            }
-            count_fallback(slot);
-        }
+/// Gives the connection to the active slot at `start`, or to the next one whose socket is
+/// alive. The slot that took it, if any.
+#[inline(always)]
+fn select_from(ctx: &SkReuseportContext, set: &ActiveSet, count: u32, start: u32) -> Option<u32> {
+    // `start < count <= MAX_SLOTS`, but the verifier does not follow a modulo, and LLVM drops a
+    // mask it can prove redundant; black_box keeps the mask for the verifier.
+    let slot = set.slots[(core::hint::black_box(start) & (MAX_SLOTS - 1)) as usize];
+    if CLB_SOCKETS.select_reuseport(ctx, slot).is_ok() {
+        count_selected(ctx, slot);
+        return Some(slot);
     }
-    let least_loaded = config(CONFIG_STRATEGY) == STRATEGY_LEAST_LOADED;
-    let start = match key {
-        Some(key) => key % count,
-        None if least_loaded => least_loaded_position(set, count),
-        None => next_round_robin() % count,
-    };
+    count_fallback(slot);
+    walk(ctx, set, count, start)
+}
 
-    // The chosen slot may be empty: its worker died and the kernel removed the closed socket
-    // from the array, but the primary has not yet taken the slot out of the active set. Walk on
-    // through the active set so a live worker gets the connection; never strand it. The walk is
-    // bounded by MAX_TRIES, not by the number of workers, so its cost stays flat.
-    let mut tried: u32 = 0;
+/// The chosen slot was empty: its worker died and the kernel removed the closed socket from the
+/// array, but the primary has not yet taken the slot out of the active set. Walk on through the
+/// active set so a live worker gets the connection; never strand it. The walk is bounded by
+/// MAX_TRIES, not by the number of workers, so its cost stays flat. Out of line: a connection
+/// that finds its worker alive never runs it.
+#[inline(never)]
+fn walk(ctx: &SkReuseportContext, set: &ActiveSet, count: u32, start: u32) -> Option<u32> {
+    let mut tried: u32 = 1;
     while tried < count && tried < MAX_TRIES {
         let position = (start + tried) % count;
-        // `position < count <= MAX_SLOTS`, but the verifier does not follow a modulo, and LLVM
-        // drops a mask it can prove redundant; black_box keeps the mask for the verifier.
-        let index = core::hint::black_box(position) & (MAX_SLOTS - 1);
-        let slot = set.slots[index as usize];
-        if CLB_SOCKETS.select_reuseport(&ctx, slot).is_ok() {
-            count_selected(slot, migrating);
-            if least_loaded {
-                remember_connection(&ctx, slot);
-            }
-            return SK_PASS;
-        }
-        if tried == 0 {
-            count_fallback(slot);
+        let slot = set.slots[(core::hint::black_box(position) & (MAX_SLOTS - 1)) as usize];
+        if CLB_SOCKETS.select_reuseport(ctx, slot).is_ok() {
+            count_selected(ctx, slot);
+            return Some(slot);
         }
         tried += 1;
     }
-
     // No active slot holds a live socket: let the kernel hash over whatever sockets the group
-    // has, which is better than refusing the connection.
+    // has, which is better than refusing the connection. Counted, and reported by the primary.
     count_fallback(NO_SLOT_STATS);
-    warn!(&ctx, "cluster-lb: no live socket in {} active slots", count);
-    SK_PASS
+    None
 }
 
 /// The slot of the worker the consistent-hashing table gives `key` to, if it has a ready one.
 #[inline(always)]
 fn table_slot(key: u32) -> Option<u32> {
-    let half = config(CONFIG_TABLE_BUFFER) & 1;
-    let id_plus_one = *CLB_TABLE.get(half * TABLE_SIZE + key % TABLE_SIZE)?;
-    let id = id_plus_one.checked_sub(1)?;
-    let slot_plus_one = *CLB_ID_SLOT.get(id)?;
+    let current = config(CONFIG_TABLE_BUFFER);
+    let size = current >> 1;
+    if size == 0 {
+        return None;
+    }
+    let table = CLB_TABLE.get(current & 1)?;
+    // The verifier does not follow a modulo: the bounds check of `get` keeps the index inside
+    // the table for it (black_box stops LLVM from dropping the check once it proves it).
+    let index = core::hint::black_box(key % size) as usize;
+    let slot_plus_one = u32::from(*table.slots.get(index)?);
     slot_plus_one.checked_sub(1)
 }
 
@@ -144,8 +185,11 @@ fn table_slot(key: u32) -> Option<u32> {
 /// same for every connection of that client, whatever its source port.
 #[inline(always)]
 fn client_address_hash(ctx: &SkReuseportContext) -> u32 {
-    let mut address = [0u32; 4];
-    let (offset, length) = if ctx.eth_protocol() == u32::from(0x86ddu16.to_be()) {
+    // The helper fills the buffer or fails, so it starts uninitialized: zeroing 16 bytes was a
+    // call to memset on every run. An IPv4 address is hashed as the first of four words.
+    let mut address = core::mem::MaybeUninit::<[u32; 4]>::uninit();
+    let v6 = ctx.eth_protocol() == u32::from(0x86ddu16.to_be());
+    let (offset, length) = if v6 {
         (8, 16) // IPv6 source address
     } else {
         (12, 4) // IPv4 source address
@@ -163,9 +207,19 @@ fn client_address_hash(ctx: &SkReuseportContext) -> u32 {
     if loaded != 0 {
         return ctx.hash();
     }
-    // A multiply-xorshift mix of the four words (an IPv4 address uses the first).
+    let address = address.as_ptr().cast::<u32>();
+    // SAFETY: the helper succeeded, so the first `length` bytes are written: one word for
+    // IPv4, four for IPv6.
+    let words = unsafe {
+        if v6 {
+            [*address, *address.add(1), *address.add(2), *address.add(3)]
+        } else {
+            [*address, 0, 0, 0]
+        }
+    };
+    // A multiply-xorshift mix of the four words.
     let mut hash: u32 = 0x9e37_79b9;
-    for word in address {
+    for word in words {
         hash = (hash ^ word).wrapping_mul(0x85eb_ca6b);
         hash ^= hash >> 13;
     }
@@ -389,12 +443,12 @@ fn next_round_robin() -> u32 {
 }
 
 #[inline(always)]
-fn count_selected(slot: u32, migrating: bool) {
+fn count_selected(ctx: &SkReuseportContext, slot: u32) {
     if let Some(stats) = CLB_STATS.get_ptr_mut(slot) {
         // SAFETY: per-CPU value, and a BPF program is not preempted on its CPU.
         unsafe {
             (*stats).selected += 1;
-            if migrating {
+            if ctx.migrating_sk().is_some() {
                 (*stats).migrated += 1;
             }
         }

@@ -112,17 +112,18 @@ pub fn measure(
     reference: &Path,
     scratch: &Path,
 ) -> Result<ProgramSample> {
-    let addr = ([127, 0, 0, 1], PORT).into();
     match selector {
         Selector::Reference => {
             let running = Reference::start(reference, workers)?;
-            let result = measure::wait_for_all_workers(addr, workers)
+            let result = measure::wait_for_all_workers(([127, 0, 0, 1], PORT).into(), workers)
                 .and_then(|()| load(std::process::id(), seconds));
             running.stop();
             result
         }
         Selector::ClusterLb(strategy) => {
             let control = scratch.join(CONTROL_SOCKET);
+            // One left by a run that was killed would look like this one's.
+            let _ = fs::remove_file(&control);
             let mut primary = Command::new(cluster_lb)
                 .args(["run", "-w", &workers.to_string(), "-l"])
                 .arg(format!("127.0.0.1:{PORT}"))
@@ -136,13 +137,31 @@ pub fn measure(
                 .stderr(Stdio::null())
                 .spawn()
                 .context("starting cluster-lb")?;
-            let result = measure::wait_for_all_workers(addr, workers)
+            // Not by asking each worker to answer: under sticky every connection from this
+            // one client address goes to one worker.
+            let result = wait_for_control(&control)
                 .and_then(|()| measure::wait_until_ready(&control, workers))
-                .and_then(|()| load(primary.id(), seconds));
+                .and_then(|()| {
+                    // As wait_for_all_workers: let late starters finish their start-up work.
+                    std::thread::sleep(Duration::from_millis(500));
+                    load(primary.id(), seconds)
+                });
             stop(&mut primary);
             result
         }
     }
+}
+
+/// Waits for cluster-lb's control socket to appear.
+fn wait_for_control(control: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !control.exists() {
+        if Instant::now() > deadline {
+            bail!("cluster-lb made no control socket within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
 }
 
 /// wrk with `Connection: close` against the running selector; the programs `pid` holds,
