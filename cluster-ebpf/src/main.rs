@@ -293,59 +293,82 @@ fn add_open(slot: u32, delta: u64) {
 }
 
 /// Records where this connection went, for the counter program. A request moved off a
-/// closing listener that was counted already moves its count along.
+/// closing listener that was counted already moves its count along; only such a request looks
+/// its entry up (a lookup of the LRU hash on every new connection was a third of its cost).
 #[inline(always)]
 fn remember_connection(ctx: &SkReuseportContext, slot: u32) {
     let Some(key) = connection_key(ctx) else {
         return;
     };
     let mut entry = ConnSlot { slot, counted: 0 };
-    // SAFETY: reading a value of the map, copied at once.
-    if let Some(previous) = unsafe { CLB_CONNECTIONS.get(&key) }.copied() {
-        if previous.counted != 0 && previous.slot != slot {
-            add_open(previous.slot, u64::MAX);
-            add_open(slot, 1);
-            entry.counted = 1;
+    if ctx.migrating_sk().is_some() {
+        // SAFETY: reading a value of the map, copied at once.
+        if let Some(previous) = unsafe { CLB_CONNECTIONS.get(&key) }.copied() {
+            if previous.counted != 0 && previous.slot != slot {
+                add_open(previous.slot, u64::MAX);
+                add_open(slot, 1);
+                entry.counted = 1;
+            }
         }
     }
     let _ = CLB_CONNECTIONS.insert(&key, &entry, 0);
 }
 
-/// The connection's client address (v4-mapped for IPv4) and ports, from the packet: the IP
-/// header's source, the TCP header's ports.
+/// The connection's client address (v4-mapped for IPv4) and ports: the address from the IP
+/// header (one helper call), the ports from the TCP header, where the packet's data starts when
+/// the kernel selects a listener (read in place, no helper call).
 #[inline(always)]
 fn connection_key(ctx: &SkReuseportContext) -> Option<ConnKey> {
-    let mut key = ConnKey::default();
-    let mut first = [0u8; 1];
-    load_network(ctx, 0, &mut first)?;
-    let transport = if ctx.eth_protocol() == u32::from(0x86ddu16.to_be()) {
-        load_network(ctx, 8, &mut key.client)?;
-        40
-    } else {
-        key.client[10] = 0xff;
-        key.client[11] = 0xff;
-        let mut v4 = [0u8; 4];
-        load_network(ctx, 12, &mut v4)?;
-        key.client[12..].copy_from_slice(&v4);
-        u32::from(first[0] & 0x0f) * 4
-    };
-    let mut ports = [0u8; 4];
-    load_network(ctx, transport, &mut ports)?;
-    key.client_port = u16::from_be_bytes([ports[0], ports[1]]);
-    key.server_port = u16::from_be_bytes([ports[2], ports[3]]);
-    Some(key)
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + 4 > end {
+        return None; // no packet (a request moved off a closing listener's accept queue)
+    }
+    // SAFETY: the four bytes are inside the packet, as checked above (and by the verifier).
+    let ports = unsafe { *(start as *const [u8; 4]) };
+    // Written field by field, never zeroed as a whole: LLVM turns zeroing the 16-byte address
+    // into a call to memset, a subprogram of its own.
+    let mut key = core::mem::MaybeUninit::<ConnKey>::uninit();
+    let at = key.as_mut_ptr();
+    // SAFETY: every write below is inside `key`, and each of its fields is written once
+    // before it is read: the address by the helper (IPv6) or by hand and the helper (IPv4).
+    unsafe {
+        let client = core::ptr::addr_of_mut!((*at).client).cast::<u8>();
+        if ctx.eth_protocol() == u32::from(0x86ddu16.to_be()) {
+            load_network(ctx, 8, client, 16)?;
+        } else {
+            // ::ffff:a.b.c.d, in u16 stores (ConnKey is 2-aligned), volatile so that LLVM
+            // does not merge the zeros back into a memset call.
+            let halves = client.cast::<u16>();
+            for i in 0..5 {
+                core::ptr::write_volatile(halves.add(i), 0);
+            }
+            core::ptr::write_volatile(halves.add(5), 0xffff);
+            load_network(ctx, 12, client.add(12), 4)?;
+        }
+        core::ptr::addr_of_mut!((*at).client_port).write(u16::from_be_bytes([ports[0], ports[1]]));
+        core::ptr::addr_of_mut!((*at).server_port).write(u16::from_be_bytes([ports[2], ports[3]]));
+        Some(key.assume_init())
+    }
 }
 
-/// Copies `into.len()` bytes from `offset` past the network header's start.
+/// Copies `length` bytes from `offset` past the network header's start into `into`.
+///
+/// # Safety
+/// `into` must have room for `length` bytes.
 #[inline(always)]
-fn load_network(ctx: &SkReuseportContext, offset: u32, into: &mut [u8]) -> Option<()> {
-    // SAFETY: the helper writes at most `into.len()` bytes into `into`.
+unsafe fn load_network(
+    ctx: &SkReuseportContext,
+    offset: u32,
+    into: *mut u8,
+    length: u32,
+) -> Option<()> {
+    // SAFETY: the caller gives room for `length` bytes.
     let loaded = unsafe {
         bpf_skb_load_bytes_relative(
             ctx.md as *const core::ffi::c_void,
             offset,
-            into.as_mut_ptr().cast(),
-            into.len() as u32,
+            into.cast(),
+            length,
             BPF_HDR_START_NET,
         )
     };
