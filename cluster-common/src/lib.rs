@@ -26,8 +26,6 @@ pub const MAP_SOCKETS: &str = "CLB_SOCKETS";
 pub const MAP_ACTIVE: &str = "CLB_ACTIVE";
 /// ARRAY of u32 settings, indexed by the `CONFIG_*` constants.
 pub const MAP_CONFIG: &str = "CLB_CONFIG";
-/// ARRAY with one u64: the round-robin position, advanced with an atomic fetch-add.
-pub const MAP_RR_COUNTER: &str = "CLB_RR";
 /// PERCPU_ARRAY of [`SlotStats`], indexed by slot; index [`NO_SLOT_STATS`] counts connections
 /// that arrived while the active set was empty.
 pub const MAP_STATS: &str = "CLB_STATS";
@@ -49,8 +47,16 @@ pub const CONFIG_ACTIVE_BUFFER: u32 = 0;
 /// Index in [`MAP_CONFIG`]: which half of [`MAP_TABLE`] is current (bit 0) and how many of its
 /// entries are in use (the rest, `size << 1`), in one u32 so that both flip at once.
 pub const CONFIG_TABLE_BUFFER: u32 = 1;
+/// Index in [`MAP_CONFIG`]: the round-robin position, advanced by the program with an atomic
+/// fetch-add (the user side never writes it). Next to the two entries above, so a round-robin
+/// run reads and writes one cache line for all three, as the C reference does.
+pub const CONFIG_RR_COUNTER: u32 = 2;
 /// Entries in [`MAP_CONFIG`].
-pub const CONFIG_ENTRIES: u32 = 2;
+pub const CONFIG_ENTRIES: u32 = 3;
+/// BPF_F_MMAPABLE, which [`MAP_CONFIG`] is created with. Nothing maps it: the flag makes the
+/// kernel put the values at the start of a page, so all entries share one cache line, where
+/// a plain array's values start wherever its header ends (mid-line on 6.18).
+pub const CONFIG_MAP_FLAGS: u32 = 1 << 10;
 
 /// ARRAY of two [`SlotTable`]s: the consistent-hashing (Maglev) table, from a hash to the slot
 /// of the ready process of the worker id that owns the entry. The primary writes the whole

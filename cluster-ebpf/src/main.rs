@@ -21,8 +21,9 @@ use aya_ebpf::{
 };
 use cluster_common::{
     set_state, ActiveSet, ConnKey, ConnSlot, SlotStats, SlotTable, CONFIG_ACTIVE_BUFFER,
-    CONFIG_ENTRIES, CONFIG_TABLE_BUFFER, CONNECTIONS_ENTRIES, MAX_SLOTS, MAX_TRIES, NO_SLOT_STATS,
-    STATS_ENTRIES, STRATEGY_HASH, STRATEGY_LEAST_LOADED, STRATEGY_STICKY,
+    CONFIG_ENTRIES, CONFIG_MAP_FLAGS, CONFIG_RR_COUNTER, CONFIG_TABLE_BUFFER, CONNECTIONS_ENTRIES,
+    MAX_SLOTS, MAX_TRIES, NO_SLOT_STATS, STATS_ENTRIES, STRATEGY_HASH, STRATEGY_LEAST_LOADED,
+    STRATEGY_STICKY,
 };
 
 // The slot mask below relies on this.
@@ -35,10 +36,7 @@ static CLB_SOCKETS: ReusePortSockArray = ReusePortSockArray::with_max_entries(MA
 static CLB_ACTIVE: Array<ActiveSet> = Array::with_max_entries(2, 0);
 
 #[map]
-static CLB_CONFIG: Array<u32> = Array::with_max_entries(CONFIG_ENTRIES, 0);
-
-#[map]
-static CLB_RR: Array<u64> = Array::with_max_entries(1, 0);
+static CLB_CONFIG: Array<u32> = Array::with_max_entries(CONFIG_ENTRIES, CONFIG_MAP_FLAGS);
 
 #[map]
 static CLB_STATS: PerCpuArray<SlotStats> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
@@ -451,15 +449,15 @@ fn current_active_set() -> Option<&'static ActiveSet> {
 /// One shared counter for all CPUs, so the rotation is exact whichever CPU runs us. The BPF
 /// target has no compare-and-swap, so this is the BPF_ATOMIC fetch-add instruction (needs
 /// `-C target-cpu=v3`, kernel 5.12+); SeqCst because LLVM 20+ miscompiles a Relaxed fetch-add
-/// whose result is used.
+/// whose result is used. 32 bits, as the position always was: it wraps after 2^32 connections.
 #[inline(always)]
 fn next_round_robin() -> u32 {
-    match CLB_RR.get_ptr_mut(0) {
+    match CLB_CONFIG.get_ptr_mut(CONFIG_RR_COUNTER) {
         // SAFETY: the pointer comes from the map lookup and stays valid for this run.
         Some(counter) => unsafe {
-            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::SeqCst }>(
+            core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::SeqCst }>(
                 counter, 1,
-            ) as u32
+            )
         },
         None => 0,
     }

@@ -525,7 +525,6 @@ mod tests {
             cluster_common::MAP_SOCKETS,
             cluster_common::MAP_ACTIVE,
             cluster_common::MAP_CONFIG,
-            cluster_common::MAP_RR_COUNTER,
             cluster_common::MAP_STATS,
             cluster_common::MAP_TABLE,
             cluster_common::MAP_CONNECTIONS,
