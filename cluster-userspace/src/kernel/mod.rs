@@ -313,7 +313,8 @@ impl Balancer {
         }
         let spare = self.table_half & 1 ^ 1;
         self.tables
-            .set(spare, &*table, 0)
+            // By reference: the value is 128 KiB, too big to copy onto the stack.
+            .set(spare, table.as_ref(), 0)
             .context("writing the consistent-hashing table")?;
         // One u32 flips the half and its size together.
         let current = (self.id_table.len() as u32) << 1 | spare;

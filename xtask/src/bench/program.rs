@@ -14,10 +14,7 @@ use std::{
     fmt::Write as _,
     fs,
     net::TcpListener,
-    os::{
-        fd::{AsRawFd, OwnedFd},
-        unix::process::CommandExt,
-    },
+    os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -337,7 +334,7 @@ fn reuseport_listener() -> Result<TcpListener> {
     bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, PORT))
         .with_context(|| format!("binding 127.0.0.1:{PORT}"))?;
     listen(&fd, Backlog::new(1024).context("backlog")?).context("listening")?;
-    Ok(TcpListener::from(OwnedFd::from(fd)))
+    Ok(TcpListener::from(fd))
 }
 
 /// `node server.js` with `fd` as its fd 3 (socket activation, as cluster-lb does it).
