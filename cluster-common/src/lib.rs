@@ -26,8 +26,6 @@ pub const MAP_SOCKETS: &str = "CLB_SOCKETS";
 pub const MAP_ACTIVE: &str = "CLB_ACTIVE";
 /// ARRAY of u32 settings, indexed by the `CONFIG_*` constants.
 pub const MAP_CONFIG: &str = "CLB_CONFIG";
-/// ARRAY with one u64: the round-robin position, advanced with an atomic fetch-add.
-pub const MAP_RR_COUNTER: &str = "CLB_RR";
 /// PERCPU_ARRAY of [`SlotStats`], indexed by slot; index [`NO_SLOT_STATS`] counts connections
 /// that arrived while the active set was empty.
 pub const MAP_STATS: &str = "CLB_STATS";
@@ -39,25 +37,55 @@ pub const STATS_ENTRIES: u32 = MAX_SLOTS + 1;
 /// The [`MAP_STATS`] entry for fallbacks that had no slot to blame.
 pub const NO_SLOT_STATS: u32 = MAX_SLOTS;
 
-/// Index in [`MAP_CONFIG`]: the strategy, one of the `STRATEGY_*` ids.
-pub const CONFIG_STRATEGY: u32 = 0;
+/// The program's global (in .rodata, set by the loader before verification) that holds the
+/// strategy, one of the `STRATEGY_*` ids: fixed for the life of a program instance, so the
+/// verifier keeps only that strategy's code and no run looks it up.
+pub const GLOBAL_STRATEGY: &str = "STRATEGY";
+
 /// Index in [`MAP_CONFIG`]: which of the two [`MAP_ACTIVE`] buffers is current (0 or 1).
-pub const CONFIG_ACTIVE_BUFFER: u32 = 1;
-/// Index in [`MAP_CONFIG`]: which half of [`MAP_TABLE`] is current (0 or 1).
-pub const CONFIG_TABLE_BUFFER: u32 = 2;
+pub const CONFIG_ACTIVE_BUFFER: u32 = 0;
+/// Index in [`MAP_CONFIG`]: which half of [`MAP_TABLE`] is current (bit 0) and how many of its
+/// entries are in use (the rest, `size << 1`), in one u32 so that both flip at once.
+pub const CONFIG_TABLE_BUFFER: u32 = 1;
+/// Index in [`MAP_CONFIG`]: the round-robin position, advanced by the program with an atomic
+/// fetch-add (the user side never writes it). Next to the two entries above, so a round-robin
+/// run reads and writes one cache line for all three, as the C reference does.
+pub const CONFIG_RR_COUNTER: u32 = 2;
 /// Entries in [`MAP_CONFIG`].
 pub const CONFIG_ENTRIES: u32 = 3;
+/// BPF_F_MMAPABLE, which [`MAP_CONFIG`] is created with. Nothing maps it: the flag makes the
+/// kernel put the values at the start of a page, so all entries share one cache line, where
+/// a plain array's values start wherever its header ends (mid-line on 6.18).
+pub const CONFIG_MAP_FLAGS: u32 = 1 << 10;
 
-/// ARRAY of u32, two halves of [`TABLE_SIZE`]: the consistent-hashing (Maglev) table, from a
-/// hash to `worker id + 1` (0: no worker). The primary writes the half not in use, then flips
-/// [`CONFIG_TABLE_BUFFER`].
+/// ARRAY of two [`SlotTable`]s: the consistent-hashing (Maglev) table, from a hash to the slot
+/// of the ready process of the worker id that owns the entry. The primary writes the whole
+/// table not in use (one system call), then flips [`CONFIG_TABLE_BUFFER`]. Slots, not ids, so
+/// that a run needs one lookup; a reload rewrites the replaced worker's entries with its
+/// replacement's slot, so the replacement takes its predecessor's clients as they are.
 pub const MAP_TABLE: &str = "CLB_TABLE";
-/// Entries in one half of [`MAP_TABLE`]: a prime well above the most workers, so every worker
-/// gets within about 1% of its fair share of the table.
+/// Entries of a [`SlotTable`]: the largest of [`TABLE_SIZES`].
 pub const TABLE_SIZE: u32 = 65537;
-/// ARRAY of u32 indexed by worker id: `slot + 1` of that worker's ready process (0: none). A
-/// reload changes one entry, so a replacement takes its predecessor's clients as they are.
-pub const MAP_ID_SLOT: &str = "CLB_ID_SLOT";
+/// How many entries of the table are used, by the number of workers (see [`table_size`]):
+/// primes, each at least 64 entries per worker of its range, so every worker gets within about
+/// 1.6% of its fair share. A small cluster's table is a few KiB that stay in the CPU's cache,
+/// where a random entry of 128 KiB cost a cache and TLB miss per connection (about 140 ns on
+/// the machine of issue 21).
+pub const TABLE_SIZES: [u32; 4] = [1031, 4099, 16411, TABLE_SIZE];
+
+/// The table size for `workers` worker ids: the smallest of [`TABLE_SIZES`] with 64 entries
+/// per worker. Crossing 16, 64 or 256 workers changes the size, which moves most flows once
+/// (any other change of the workers moves only the flows of the workers that came or went).
+pub const fn table_size(workers: u32) -> u32 {
+    let mut i = 0;
+    while i < TABLE_SIZES.len() {
+        if TABLE_SIZES[i] >= workers.saturating_mul(64) {
+            return TABLE_SIZES[i];
+        }
+        i += 1;
+    }
+    TABLE_SIZE
+}
 
 /// Exact round robin over the active slots (one shared counter for all CPUs).
 pub const STRATEGY_ROUND_ROBIN: u32 = 0;
@@ -157,6 +185,25 @@ impl ActiveSet {
     };
 }
 
+/// One consistent-hashing table: per entry, `slot + 1` (0: no ready worker). u16, since slots
+/// are below [`MAX_SLOTS`]: half the cache lines and pages a random entry falls in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotTable {
+    pub slots: [u16; TABLE_SIZE as usize],
+    /// Makes the size a multiple of 4, so the layout has no implicit padding.
+    pub _pad: u16,
+}
+
+impl SlotTable {
+    pub const EMPTY: SlotTable = SlotTable {
+        slots: [0; TABLE_SIZE as usize],
+        _pad: 0,
+    };
+}
+
+const _: () = assert!(MAX_SLOTS < u16::MAX as u32);
+
 /// Per-CPU, per-slot counters kept by the program.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -176,6 +223,8 @@ mod pod {
     // pattern; each of these is one.
     // SAFETY: repr(C), u32 and [u32; N]: no padding.
     unsafe impl aya::Pod for super::ActiveSet {}
+    // SAFETY: repr(C), [u16; N] and a u16 (alignment 2, size a multiple of it): no padding.
+    unsafe impl aya::Pod for super::SlotTable {}
     // SAFETY: repr(C), three u64: no padding.
     unsafe impl aya::Pod for super::SlotStats {}
     // SAFETY: repr(C), [u8; 16] and two u16 (20 bytes, alignment 2): no padding.

@@ -19,12 +19,11 @@ use aya_ebpf::{
     maps::{Array, LruHashMap, PerCpuArray, ReusePortSockArray},
     programs::{SkReuseportContext, TracePointContext},
 };
-use aya_log_ebpf::warn;
 use cluster_common::{
-    set_state, ActiveSet, ConnKey, ConnSlot, SlotStats, CONFIG_ACTIVE_BUFFER, CONFIG_ENTRIES,
-    CONFIG_STRATEGY, CONFIG_TABLE_BUFFER, CONNECTIONS_ENTRIES, MAX_SLOTS, MAX_TRIES, MAX_WORKERS,
-    NO_SLOT_STATS, STATS_ENTRIES, STRATEGY_HASH, STRATEGY_LEAST_LOADED, STRATEGY_STICKY,
-    TABLE_SIZE,
+    set_state, ActiveSet, ConnKey, ConnSlot, SlotStats, SlotTable, CONFIG_ACTIVE_BUFFER,
+    CONFIG_ENTRIES, CONFIG_MAP_FLAGS, CONFIG_RR_COUNTER, CONFIG_TABLE_BUFFER, CONNECTIONS_ENTRIES,
+    MAX_SLOTS, MAX_TRIES, NO_SLOT_STATS, STATS_ENTRIES, STRATEGY_HASH, STRATEGY_LEAST_LOADED,
+    STRATEGY_STICKY,
 };
 
 // The slot mask below relies on this.
@@ -37,19 +36,13 @@ static CLB_SOCKETS: ReusePortSockArray = ReusePortSockArray::with_max_entries(MA
 static CLB_ACTIVE: Array<ActiveSet> = Array::with_max_entries(2, 0);
 
 #[map]
-static CLB_CONFIG: Array<u32> = Array::with_max_entries(CONFIG_ENTRIES, 0);
-
-#[map]
-static CLB_RR: Array<u64> = Array::with_max_entries(1, 0);
+static CLB_CONFIG: Array<u32> = Array::with_max_entries(CONFIG_ENTRIES, CONFIG_MAP_FLAGS);
 
 #[map]
 static CLB_STATS: PerCpuArray<SlotStats> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
 
 #[map]
-static CLB_TABLE: Array<u32> = Array::with_max_entries(2 * TABLE_SIZE, 0);
-
-#[map]
-static CLB_ID_SLOT: Array<u32> = Array::with_max_entries(MAX_WORKERS, 0);
+static CLB_TABLE: Array<SlotTable> = Array::with_max_entries(2, 0);
 
 #[map]
 static CLB_CONNECTIONS: LruHashMap<ConnKey, ConnSlot> =
@@ -58,85 +51,131 @@ static CLB_CONNECTIONS: LruHashMap<ConnKey, ConnSlot> =
 #[map]
 static CLB_OPEN: Array<u64> = Array::with_max_entries(MAX_SLOTS, 0);
 
+/// The strategy this instance runs, one of cluster-common's `STRATEGY_*` ids, set by the
+/// loader before the program is verified (aya's `override_global`). It lives in .rodata, which
+/// the loader freezes, so the verifier knows its value: it walks, and the JIT emits, only the
+/// chosen strategy's code, and no run reads a map to learn it. A change of strategy is a new
+/// instance.
+#[unsafe(no_mangle)]
+static STRATEGY: u32 = 0;
+
 /// Attached as SELECT_OR_MIGRATE (kernel 5.14+): the kernel also calls us when a listener closes
 /// with requests still queued, so they move to a live worker instead of being reset.
 #[sk_reuseport(migrate)]
 pub fn select_worker(ctx: SkReuseportContext) -> u32 {
-    let migrating = ctx.migrating_sk().is_some();
+    // SAFETY: a plain read of a static; volatile, so that LLVM does not fold the default in.
+    let strategy = unsafe { core::ptr::read_volatile(&STRATEGY) };
+    match strategy {
+        STRATEGY_HASH => by_table(&ctx, ctx.hash()),
+        STRATEGY_STICKY => by_table(&ctx, client_address_hash(&ctx)),
+        STRATEGY_LEAST_LOADED => least_loaded(&ctx),
+        _ => round_robin(&ctx),
+    }
+    SK_PASS
+}
 
-    let Some(set) = current_active_set() else {
-        return SK_PASS;
+/// The next active slot in the shared rotation.
+#[inline(always)]
+fn round_robin(ctx: &SkReuseportContext) {
+    let Some((set, count)) = active_set() else {
+        return;
     };
-    let count = if set.count > MAX_SLOTS {
-        MAX_SLOTS
-    } else {
-        set.count
+    select_from(ctx, set, count, next_round_robin() % count);
+}
+
+/// Consistent hashing: the table names the worker, its ready process's slot takes it; without
+/// one (no table yet, or that socket is gone), the active set by the same key.
+#[inline(always)]
+fn by_table(ctx: &SkReuseportContext, key: u32) {
+    if let Some(slot) = table_slot(key) {
+        if CLB_SOCKETS.select_reuseport(ctx, slot).is_ok() {
+            count_selected(ctx, slot);
+            return;
+        }
+        count_fallback(slot);
+    }
+    let Some((set, count)) = active_set() else {
+        return;
     };
+    select_from(ctx, set, count, key % count);
+}
+
+/// The least loaded worker (see least_loaded_position); the connection is remembered for the
+/// counter program.
+#[inline(always)]
+fn least_loaded(ctx: &SkReuseportContext) {
+    let Some((set, count)) = active_set() else {
+        return;
+    };
+    if let Some(slot) = select_from(ctx, set, count, least_loaded_position(set, count)) {
+        remember_connection(ctx, slot);
+    }
+}
+
+/// The current active set and its count (at most MAX_SLOTS), or None when no slot may receive
+/// connections, which is counted: the kernel's hash then decides.
+#[inline(always)]
+fn active_set() -> Option<(&'static ActiveSet, u32)> {
+    let set = current_active_set()?;
+    let count = set.count;
     if count == 0 {
         count_fallback(NO_SLOT_STATS);
-        return SK_PASS;
+        return None;
     }
+    Some((set, count.min(MAX_SLOTS)))
+}
 
-    let key = match config(CONFIG_STRATEGY) {
-        STRATEGY_HASH => Some(ctx.hash()),
-        STRATEGY_STICKY => Some(client_address_hash(&ctx)),
-        _ => None,
-    };
-    // Consistent hashing: the table names the worker, its ready process's slot takes it.
-    if let Some(key) = key {
-        if let Some(slot) = table_slot(key) {
-            if CLB_SOCKETS.select_reuseport(&ctx, slot).is_ok() {
-                count_selected(slot, migrating);
-                return SK_PASS;
-            }
-            count_fallback(slot);
-        }
+/// Gives the connection to the active slot at `start`, or to the next one whose socket is
+/// alive. The slot that took it, if any.
+#[inline(always)]
+fn select_from(ctx: &SkReuseportContext, set: &ActiveSet, count: u32, start: u32) -> Option<u32> {
+    // `start < count <= MAX_SLOTS`, but the verifier does not follow a modulo, and LLVM drops a
+    // mask it can prove redundant; black_box keeps the mask for the verifier.
+    let slot = set.slots[(core::hint::black_box(start) & (MAX_SLOTS - 1)) as usize];
+    if CLB_SOCKETS.select_reuseport(ctx, slot).is_ok() {
+        count_selected(ctx, slot);
+        return Some(slot);
     }
-    let least_loaded = config(CONFIG_STRATEGY) == STRATEGY_LEAST_LOADED;
-    let start = match key {
-        Some(key) => key % count,
-        None if least_loaded => least_loaded_position(set, count),
-        None => next_round_robin() % count,
-    };
+    count_fallback(slot);
+    walk(ctx, set, count, start)
+}
 
-    // The chosen slot may be empty: its worker died and the kernel removed the closed socket
-    // from the array, but the primary has not yet taken the slot out of the active set. Walk on
-    // through the active set so a live worker gets the connection; never strand it. The walk is
-    // bounded by MAX_TRIES, not by the number of workers, so its cost stays flat.
-    let mut tried: u32 = 0;
+/// The chosen slot was empty: its worker died and the kernel removed the closed socket from the
+/// array, but the primary has not yet taken the slot out of the active set. Walk on through the
+/// active set so a live worker gets the connection; never strand it. The walk is bounded by
+/// MAX_TRIES, not by the number of workers, so its cost stays flat. Out of line: a connection
+/// that finds its worker alive never runs it.
+#[inline(never)]
+fn walk(ctx: &SkReuseportContext, set: &ActiveSet, count: u32, start: u32) -> Option<u32> {
+    let mut tried: u32 = 1;
     while tried < count && tried < MAX_TRIES {
         let position = (start + tried) % count;
-        // `position < count <= MAX_SLOTS`, but the verifier does not follow a modulo, and LLVM
-        // drops a mask it can prove redundant; black_box keeps the mask for the verifier.
-        let index = core::hint::black_box(position) & (MAX_SLOTS - 1);
-        let slot = set.slots[index as usize];
-        if CLB_SOCKETS.select_reuseport(&ctx, slot).is_ok() {
-            count_selected(slot, migrating);
-            if least_loaded {
-                remember_connection(&ctx, slot);
-            }
-            return SK_PASS;
-        }
-        if tried == 0 {
-            count_fallback(slot);
+        let slot = set.slots[(core::hint::black_box(position) & (MAX_SLOTS - 1)) as usize];
+        if CLB_SOCKETS.select_reuseport(ctx, slot).is_ok() {
+            count_selected(ctx, slot);
+            return Some(slot);
         }
         tried += 1;
     }
-
     // No active slot holds a live socket: let the kernel hash over whatever sockets the group
-    // has, which is better than refusing the connection.
+    // has, which is better than refusing the connection. Counted, and reported by the primary.
     count_fallback(NO_SLOT_STATS);
-    warn!(&ctx, "cluster-lb: no live socket in {} active slots", count);
-    SK_PASS
+    None
 }
 
 /// The slot of the worker the consistent-hashing table gives `key` to, if it has a ready one.
 #[inline(always)]
 fn table_slot(key: u32) -> Option<u32> {
-    let half = config(CONFIG_TABLE_BUFFER) & 1;
-    let id_plus_one = *CLB_TABLE.get(half * TABLE_SIZE + key % TABLE_SIZE)?;
-    let id = id_plus_one.checked_sub(1)?;
-    let slot_plus_one = *CLB_ID_SLOT.get(id)?;
+    let current = config(CONFIG_TABLE_BUFFER);
+    let size = current >> 1;
+    if size == 0 {
+        return None;
+    }
+    let table = CLB_TABLE.get(current & 1)?;
+    // The verifier does not follow a modulo: the bounds check of `get` keeps the index inside
+    // the table for it (black_box stops LLVM from dropping the check once it proves it).
+    let index = core::hint::black_box(key % size) as usize;
+    let slot_plus_one = u32::from(*table.slots.get(index)?);
     slot_plus_one.checked_sub(1)
 }
 
@@ -144,8 +183,11 @@ fn table_slot(key: u32) -> Option<u32> {
 /// same for every connection of that client, whatever its source port.
 #[inline(always)]
 fn client_address_hash(ctx: &SkReuseportContext) -> u32 {
-    let mut address = [0u32; 4];
-    let (offset, length) = if ctx.eth_protocol() == u32::from(0x86ddu16.to_be()) {
+    // The helper fills the buffer or fails, so it starts uninitialized: zeroing 16 bytes was a
+    // call to memset on every run. An IPv4 address is hashed as the first of four words.
+    let mut address = core::mem::MaybeUninit::<[u32; 4]>::uninit();
+    let v6 = ctx.eth_protocol() == u32::from(0x86ddu16.to_be());
+    let (offset, length) = if v6 {
         (8, 16) // IPv6 source address
     } else {
         (12, 4) // IPv4 source address
@@ -163,9 +205,19 @@ fn client_address_hash(ctx: &SkReuseportContext) -> u32 {
     if loaded != 0 {
         return ctx.hash();
     }
-    // A multiply-xorshift mix of the four words (an IPv4 address uses the first).
+    let address = address.as_ptr().cast::<u32>();
+    // SAFETY: the helper succeeded, so the first `length` bytes are written: one word for
+    // IPv4, four for IPv6.
+    let words = unsafe {
+        if v6 {
+            [*address, *address.add(1), *address.add(2), *address.add(3)]
+        } else {
+            [*address, 0, 0, 0]
+        }
+    };
+    // A multiply-xorshift mix of the four words.
     let mut hash: u32 = 0x9e37_79b9;
-    for word in address {
+    for word in words {
         hash = (hash ^ word).wrapping_mul(0x85eb_ca6b);
         hash ^= hash >> 13;
     }
@@ -239,59 +291,82 @@ fn add_open(slot: u32, delta: u64) {
 }
 
 /// Records where this connection went, for the counter program. A request moved off a
-/// closing listener that was counted already moves its count along.
+/// closing listener that was counted already moves its count along; only such a request looks
+/// its entry up (a lookup of the LRU hash on every new connection was a third of its cost).
 #[inline(always)]
 fn remember_connection(ctx: &SkReuseportContext, slot: u32) {
     let Some(key) = connection_key(ctx) else {
         return;
     };
     let mut entry = ConnSlot { slot, counted: 0 };
-    // SAFETY: reading a value of the map, copied at once.
-    if let Some(previous) = unsafe { CLB_CONNECTIONS.get(&key) }.copied() {
-        if previous.counted != 0 && previous.slot != slot {
-            add_open(previous.slot, u64::MAX);
-            add_open(slot, 1);
-            entry.counted = 1;
+    if ctx.migrating_sk().is_some() {
+        // SAFETY: reading a value of the map, copied at once.
+        if let Some(previous) = unsafe { CLB_CONNECTIONS.get(&key) }.copied() {
+            if previous.counted != 0 && previous.slot != slot {
+                add_open(previous.slot, u64::MAX);
+                add_open(slot, 1);
+                entry.counted = 1;
+            }
         }
     }
     let _ = CLB_CONNECTIONS.insert(&key, &entry, 0);
 }
 
-/// The connection's client address (v4-mapped for IPv4) and ports, from the packet: the IP
-/// header's source, the TCP header's ports.
+/// The connection's client address (v4-mapped for IPv4) and ports: the address from the IP
+/// header (one helper call), the ports from the TCP header, where the packet's data starts when
+/// the kernel selects a listener (read in place, no helper call).
 #[inline(always)]
 fn connection_key(ctx: &SkReuseportContext) -> Option<ConnKey> {
-    let mut key = ConnKey::default();
-    let mut first = [0u8; 1];
-    load_network(ctx, 0, &mut first)?;
-    let transport = if ctx.eth_protocol() == u32::from(0x86ddu16.to_be()) {
-        load_network(ctx, 8, &mut key.client)?;
-        40
-    } else {
-        key.client[10] = 0xff;
-        key.client[11] = 0xff;
-        let mut v4 = [0u8; 4];
-        load_network(ctx, 12, &mut v4)?;
-        key.client[12..].copy_from_slice(&v4);
-        u32::from(first[0] & 0x0f) * 4
-    };
-    let mut ports = [0u8; 4];
-    load_network(ctx, transport, &mut ports)?;
-    key.client_port = u16::from_be_bytes([ports[0], ports[1]]);
-    key.server_port = u16::from_be_bytes([ports[2], ports[3]]);
-    Some(key)
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + 4 > end {
+        return None; // no packet (a request moved off a closing listener's accept queue)
+    }
+    // SAFETY: the four bytes are inside the packet, as checked above (and by the verifier).
+    let ports = unsafe { *(start as *const [u8; 4]) };
+    // Written field by field, never zeroed as a whole: LLVM turns zeroing the 16-byte address
+    // into a call to memset, a subprogram of its own.
+    let mut key = core::mem::MaybeUninit::<ConnKey>::uninit();
+    let at = key.as_mut_ptr();
+    // SAFETY: every write below is inside `key`, and each of its fields is written once
+    // before it is read: the address by the helper (IPv6) or by hand and the helper (IPv4).
+    unsafe {
+        let client = core::ptr::addr_of_mut!((*at).client).cast::<u8>();
+        if ctx.eth_protocol() == u32::from(0x86ddu16.to_be()) {
+            load_network(ctx, 8, client, 16)?;
+        } else {
+            // ::ffff:a.b.c.d, in u16 stores (ConnKey is 2-aligned), volatile so that LLVM
+            // does not merge the zeros back into a memset call.
+            let halves = client.cast::<u16>();
+            for i in 0..5 {
+                core::ptr::write_volatile(halves.add(i), 0);
+            }
+            core::ptr::write_volatile(halves.add(5), 0xffff);
+            load_network(ctx, 12, client.add(12), 4)?;
+        }
+        core::ptr::addr_of_mut!((*at).client_port).write(u16::from_be_bytes([ports[0], ports[1]]));
+        core::ptr::addr_of_mut!((*at).server_port).write(u16::from_be_bytes([ports[2], ports[3]]));
+        Some(key.assume_init())
+    }
 }
 
-/// Copies `into.len()` bytes from `offset` past the network header's start.
+/// Copies `length` bytes from `offset` past the network header's start into `into`.
+///
+/// # Safety
+/// `into` must have room for `length` bytes.
 #[inline(always)]
-fn load_network(ctx: &SkReuseportContext, offset: u32, into: &mut [u8]) -> Option<()> {
-    // SAFETY: the helper writes at most `into.len()` bytes into `into`.
+unsafe fn load_network(
+    ctx: &SkReuseportContext,
+    offset: u32,
+    into: *mut u8,
+    length: u32,
+) -> Option<()> {
+    // SAFETY: the caller gives room for `length` bytes.
     let loaded = unsafe {
         bpf_skb_load_bytes_relative(
             ctx.md as *const core::ffi::c_void,
             offset,
-            into.as_mut_ptr().cast(),
-            into.len() as u32,
+            into.cast(),
+            length,
             BPF_HDR_START_NET,
         )
     };
@@ -374,27 +449,27 @@ fn current_active_set() -> Option<&'static ActiveSet> {
 /// One shared counter for all CPUs, so the rotation is exact whichever CPU runs us. The BPF
 /// target has no compare-and-swap, so this is the BPF_ATOMIC fetch-add instruction (needs
 /// `-C target-cpu=v3`, kernel 5.12+); SeqCst because LLVM 20+ miscompiles a Relaxed fetch-add
-/// whose result is used.
+/// whose result is used. 32 bits, as the position always was: it wraps after 2^32 connections.
 #[inline(always)]
 fn next_round_robin() -> u32 {
-    match CLB_RR.get_ptr_mut(0) {
+    match CLB_CONFIG.get_ptr_mut(CONFIG_RR_COUNTER) {
         // SAFETY: the pointer comes from the map lookup and stays valid for this run.
         Some(counter) => unsafe {
-            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::SeqCst }>(
+            core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::SeqCst }>(
                 counter, 1,
-            ) as u32
+            )
         },
         None => 0,
     }
 }
 
 #[inline(always)]
-fn count_selected(slot: u32, migrating: bool) {
+fn count_selected(ctx: &SkReuseportContext, slot: u32) {
     if let Some(stats) = CLB_STATS.get_ptr_mut(slot) {
         // SAFETY: per-CPU value, and a BPF program is not preempted on its CPU.
         unsafe {
             (*stats).selected += 1;
-            if migrating {
+            if ctx.migrating_sk().is_some() {
                 (*stats).migrated += 1;
             }
         }

@@ -5,8 +5,9 @@
 //!   cargo xtask test [ARGS]            everything the test suite needs, then the whole suite
 //!   cargo xtask demo [--lang L] [--port P] [--workers N]
 //!                                      cluster-lb serving a bundled example server
-//!   cargo xtask bench [--rounds N] [--seconds S] [--workers 2,8]
-//!                                      cluster-lb against Node cluster, PM2, plain SO_REUSEPORT
+//!   cargo xtask bench [--rounds N] [--seconds S] [--workers 2,8] [--suite main|mixed|program]
+//!                                      cluster-lb against Node cluster, PM2, plain SO_REUSEPORT;
+//!                                      each strategy's program cost next to a minimal C one
 //!   cargo xtask vm-test [--kernel 6.1|6.12|all]
 //!                                      the integration tests on Debian's 6.1 and 6.12 under qemu
 //!   cargo xtask distribution [--connections N]

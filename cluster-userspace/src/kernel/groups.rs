@@ -6,7 +6,6 @@
 use std::os::fd::OwnedFd;
 
 use cluster_lb_worker::ListenAddr;
-use tokio::io::unix::AsyncFd;
 
 use super::{
     sockets::{self, ListenError, Stack},
@@ -255,10 +254,7 @@ impl Groups {
             None
         } else {
             match Balancer::load(self.strategy_for(addr)) {
-                Ok(mut balancer) => {
-                    drain_program_log(&mut balancer);
-                    Some(balancer)
-                }
+                Ok(balancer) => Some(balancer),
                 Err(why) if self.require_ebpf => return Err(GroupError::EbpfRequired(why)),
                 // Once programs load, a later failure (out of descriptors, say) is this
                 // group's problem: it must not silently turn every group into a plain hash.
@@ -401,30 +397,6 @@ impl Groups {
             }
         }
     }
-}
-
-/// Forwards the program's aya-log records to our log, from a task of their own.
-fn drain_program_log(balancer: &mut Balancer) {
-    let logger = match balancer.take_logger() {
-        Ok(logger) => logger,
-        Err(e) => {
-            log::debug!("no eBPF log channel: {e:#}");
-            return;
-        }
-    };
-    // SAFETY: the logger owns its ring-buffer map fd, which stays open and the same for as long
-    // as the logger lives, and the AsyncFd owns the logger.
-    let registered =
-        unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
-    let Ok(mut logger) = registered else {
-        return;
-    };
-    tokio::spawn(async move {
-        while let Ok(mut guard) = logger.readable_mut().await {
-            guard.get_inner_mut().flush();
-            guard.clear_ready();
-        }
-    });
 }
 
 impl SavedGroup {

@@ -108,7 +108,7 @@ fn a_closed_socket_in_the_active_set_is_skipped_and_counted_as_fallback() {
 }
 
 #[test]
-fn only_active_slots_receive_connections_and_strategy_switches_at_run_time() {
+fn only_active_slots_receive_connections_whatever_the_strategy() {
     root_test("kernel_active_set", || {
         let mut balancer = Balancer::load(Strategy::RoundRobin).expect("loading the program");
         let listeners: Vec<Option<TcpListener>> =
@@ -116,8 +116,23 @@ fn only_active_slots_receive_connections_and_strategy_switches_at_run_time() {
 
         balancer.set_active(&[1, 3]).expect("active set");
         assert_eq!(place(&listeners, 40), vec![0, 20, 0, 20]);
+        // A socket can be in one socket array only: out of this one before the next takes it.
+        for slot in 0..4 {
+            balancer.clear_slot(slot).expect("clearing a slot");
+        }
+        drop(balancer);
 
-        balancer.set_strategy(Strategy::Hash).expect("strategy");
+        // The strategy is fixed when an instance is loaded (the verifier sees it as a
+        // constant): another strategy is another instance, attached over the first.
+        let mut balancer = Balancer::load(Strategy::Hash).expect("loading the program");
+        balancer
+            .attach(listeners[0].as_ref().expect("listener"))
+            .expect("attach");
+        for (slot, listener) in listeners.iter().enumerate() {
+            balancer
+                .set_slot(slot as u32, listener.as_ref().expect("listener"))
+                .expect("slot");
+        }
         balancer.set_active(&[0, 1, 2, 3]).expect("active set");
         let hashed = place(&listeners, 200);
         assert!(

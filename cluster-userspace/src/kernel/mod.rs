@@ -24,10 +24,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use cluster_common::{
-    ActiveSet, SlotStats, CONFIG_ACTIVE_BUFFER, CONFIG_STRATEGY, CONFIG_TABLE_BUFFER, MAP_ACTIVE,
-    MAP_CONFIG, MAP_ID_SLOT, MAP_OPEN, MAP_SOCKETS, MAP_STATS, MAP_TABLE, MAX_SLOTS, MAX_WORKERS,
-    NO_SLOT_STATS, PROGRAM_NAME, STRATEGY_HASH, STRATEGY_LEAST_LOADED, STRATEGY_ROUND_ROBIN,
-    STRATEGY_STICKY, TABLE_SIZE,
+    table_size, ActiveSet, SlotStats, SlotTable, CONFIG_ACTIVE_BUFFER, CONFIG_TABLE_BUFFER,
+    GLOBAL_STRATEGY, MAP_ACTIVE, MAP_CONFIG, MAP_OPEN, MAP_SOCKETS, MAP_STATS, MAP_TABLE,
+    MAX_SLOTS, MAX_WORKERS, NO_SLOT_STATS, PROGRAM_NAME, STRATEGY_HASH, STRATEGY_LEAST_LOADED,
+    STRATEGY_ROUND_ROBIN, STRATEGY_STICKY,
 };
 
 pub use handover::{MapFds, OldInstance};
@@ -113,18 +113,16 @@ pub struct Balancer {
     active: Array<MapData, ActiveSet>,
     config: Array<MapData, u32>,
     stats: PerCpuArray<MapData, SlotStats>,
-    table: Array<MapData, u32>,
-    id_slot: Array<MapData, u32>,
+    tables: Array<MapData, SlotTable>,
     /// Which of the two active-set buffers the program reads now.
     active_buffer: u32,
-    /// What each half of the table holds (so only changed entries are written), and which half
-    /// the program reads now.
-    table_halves: [Vec<u32>; 2],
-    table_half: u32,
-    /// The worker ids the table was built for.
+    /// The worker ids the Maglev table was built for, and that table (`id + 1` per entry).
     table_ids: Vec<u32>,
-    /// What CLB_ID_SLOT holds, by id (`slot + 1`, 0: none).
-    id_slots: Vec<u32>,
+    id_table: Vec<u32>,
+    /// The slot table the program reads now (built from the above and the members), and what
+    /// CLB_CONFIG says of it (its half of CLB_TABLE, its size; 0 until the first is written).
+    table: Box<SlotTable>,
+    table_half: u32,
     /// Open connections per slot (kept by the counter program, for least-loaded).
     open: Array<MapData, u64>,
     /// The strategy the program runs (least-loaded degrades to round robin when its counter
@@ -156,9 +154,36 @@ impl Balancer {
             }
         }
         raise_memlock_limit();
-        let mut ebpf = EbpfLoader::new().load(PROGRAM_OBJECT).map_err(|e| {
-            Unavailable::classify(anyhow::Error::new(e).context("loading the eBPF object"))
-        })?;
+        match Balancer::load_as(strategy) {
+            Ok(balancer) => Ok(balancer),
+            Err(LoadError::Unavailable(why)) => Err(why),
+            Err(LoadError::Counter(why)) => {
+                log::warn!(
+                    "least-loaded needs connections counted by a tracepoint program, which cannot run here: {why:#}; balancing by round robin instead"
+                );
+                Balancer::load_as(Strategy::RoundRobin).map_err(LoadError::into_unavailable)
+            }
+        }
+    }
+
+    /// Loads an instance that runs `strategy`, which the verifier sees as a constant (see
+    /// GLOBAL_STRATEGY): the counter program first, for least-loaded, so that an instance whose
+    /// counter cannot run is never the one attached.
+    fn load_as(strategy: Strategy) -> Result<Balancer, LoadError> {
+        let id = strategy
+            .program_id()
+            .ok_or_else(|| Unavailable::other(anyhow!("strategy 'kernel' runs no program")))?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_STRATEGY, &id, true)
+            .load(PROGRAM_OBJECT)
+            .map_err(|e| {
+                LoadError::from(Unavailable::classify(
+                    anyhow::Error::new(e).context("loading the eBPF object"),
+                ))
+            })?;
+        if strategy == Strategy::LeastLoaded {
+            counter::start(&mut ebpf).map_err(LoadError::Counter)?;
+        }
         let program: &mut SkReuseport = ebpf
             .program_mut(PROGRAM_NAME)
             .ok_or_else(|| {
@@ -167,9 +192,9 @@ impl Balancer {
             .try_into()
             .map_err(|e| Unavailable::other(anyhow::Error::new(e)))?;
         program.load().map_err(|e| {
-            Unavailable::classify(
+            LoadError::from(Unavailable::classify(
                 anyhow::Error::new(e).context("verifying the sk_reuseport program"),
-            )
+            ))
         })?;
 
         let build = || -> Result<Balancer> {
@@ -178,45 +203,29 @@ impl Balancer {
             let active = take_map(&mut ebpf, MAP_ACTIVE)?;
             let config = take_map(&mut ebpf, MAP_CONFIG)?;
             let stats = take_map(&mut ebpf, MAP_STATS)?;
-            let table = take_map(&mut ebpf, MAP_TABLE)?;
-            let id_slot = take_map(&mut ebpf, MAP_ID_SLOT)?;
+            let tables = take_map(&mut ebpf, MAP_TABLE)?;
             let open = take_map(&mut ebpf, MAP_OPEN)?;
             let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
-            let mut balancer = Balancer {
+            Ok(Balancer {
                 ebpf,
                 sockets,
                 active,
                 config,
                 stats,
-                table,
-                id_slot,
+                tables,
                 active_buffer: 0,
-                table_halves: [vec![0; TABLE_SIZE as usize], vec![0; TABLE_SIZE as usize]],
-                table_half: 0,
                 table_ids: Vec::new(),
-                id_slots: vec![0; MAX_WORKERS as usize],
+                id_table: Vec::new(),
+                table: Box::new(SlotTable::EMPTY),
+                table_half: 0,
                 open,
                 strategy,
                 cpus,
                 map_fds,
                 base: std::collections::HashMap::new(),
-            };
-            if strategy == Strategy::LeastLoaded {
-                if let Err(why) = counter::start(&mut balancer.ebpf) {
-                    log::warn!(
-                        "least-loaded needs connections counted by a tracepoint program, which cannot run here: {why:#}; balancing by round robin instead"
-                    );
-                    balancer.strategy = Strategy::RoundRobin;
-                }
-            }
-            let id = balancer
-                .strategy
-                .program_id()
-                .context("a program strategy")?;
-            balancer.set_config(CONFIG_STRATEGY, id)?;
-            Ok(balancer)
+            })
         };
-        build().map_err(Unavailable::other)
+        build().map_err(|e| Unavailable::other(e).into())
     }
 
     /// Makes the program the selector of the group `socket` belongs to. The socket must already
@@ -283,60 +292,36 @@ impl Balancer {
         Ok(())
     }
 
-    /// Publishes which worker id each active slot serves, for the consistent-hashing strategies:
-    /// the id -> slot entries of new ids first, then the table (rebuilt only when the set of
-    /// ids changed, and only its changed entries written, into the half the program is not
-    /// reading, then flipped), then the entries of ids that left.
+    /// Publishes which worker id each active slot serves, for the consistent-hashing
+    /// strategies: the Maglev table of the ids (rebuilt only when the set of ids changed), each
+    /// entry given its id's slot, written whole into the half the program is not reading, then
+    /// flipped; nothing is written when no entry changed.
     pub fn set_members(&mut self, members: &[(u32, u32)]) -> Result<()> {
-        let mut wanted = vec![0u32; MAX_WORKERS as usize];
-        for &(slot, id) in members {
-            if let Some(entry) = wanted.get_mut(id as usize) {
-                *entry = slot + 1;
-            }
+        if self.strategy != Strategy::Hash && self.strategy != Strategy::Sticky {
+            return Ok(());
         }
-        let write_ids = |this: &mut Balancer, leaving: bool| -> Result<()> {
-            for (id, &next) in wanted.iter().enumerate() {
-                let now = this.id_slots[id];
-                if now == next || (next == 0) != leaving {
-                    continue;
-                }
-                this.id_slot
-                    .set(id as u32, next, 0)
-                    .with_context(|| format!("writing the slot of worker {id}"))?;
-                this.id_slots[id] = next;
-            }
-            Ok(())
-        };
-        write_ids(self, false)?;
         let mut ids: Vec<u32> = members.iter().map(|&(_, id)| id).collect();
         ids.sort_unstable();
         ids.dedup();
         if ids != self.table_ids {
-            let table = maglev::table(&ids, TABLE_SIZE);
-            let spare = self.table_half ^ 1;
-            let base = spare * TABLE_SIZE;
-            for (index, &entry) in table.iter().enumerate() {
-                if self.table_halves[spare as usize][index] != entry {
-                    self.table
-                        .set(base + index as u32, entry, 0)
-                        .context("writing the consistent-hashing table")?;
-                }
-            }
-            self.set_config(CONFIG_TABLE_BUFFER, spare)?;
-            self.table_halves[spare as usize] = table;
-            self.table_half = spare;
+            self.id_table = maglev::table(&ids, table_size(ids.len() as u32));
             self.table_ids = ids;
         }
-        write_ids(self, true)
-    }
-
-    /// Switches between the program's strategies at run time (only the layer tests do).
-    #[cfg(test)]
-    pub fn set_strategy(&mut self, strategy: Strategy) -> Result<()> {
-        let id = strategy
-            .program_id()
-            .context("strategy 'kernel' means detaching the program, not switching it")?;
-        self.set_config(CONFIG_STRATEGY, id)
+        let table = slot_table(&self.id_table, members);
+        if table == self.table && self.table_half >> 1 == self.id_table.len() as u32 {
+            return Ok(());
+        }
+        let spare = self.table_half & 1 ^ 1;
+        self.tables
+            // By reference: the value is 128 KiB, too big to copy onto the stack.
+            .set(spare, table.as_ref(), 0)
+            .context("writing the consistent-hashing table")?;
+        // One u32 flips the half and its size together.
+        let current = (self.id_table.len() as u32) << 1 | spare;
+        self.set_config(CONFIG_TABLE_BUFFER, current)?;
+        self.table = table;
+        self.table_half = current;
+        Ok(())
     }
 
     /// The maps an upgrade hands over (see [`OldInstance`]).
@@ -395,15 +380,51 @@ impl Balancer {
         Ok(self.slot_stats(NO_SLOT_STATS)?.fallback)
     }
 
-    /// The program's log channel (aya-log), for the caller to drain.
-    pub fn take_logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
-        aya_log::EbpfLogger::init(&mut self.ebpf).context("opening the eBPF log channel")
-    }
-
     fn set_config(&mut self, index: u32, value: u32) -> Result<()> {
         self.config
             .set(index, value, 0)
             .with_context(|| format!("writing config entry {index}"))
+    }
+}
+
+/// The program's table: each entry of the Maglev table of ids (`id + 1`) as `slot + 1` of that
+/// id's member, 0 where the id has none.
+fn slot_table(id_table: &[u32], members: &[(u32, u32)]) -> Box<SlotTable> {
+    let mut slot_of = vec![0u16; MAX_WORKERS as usize];
+    for &(slot, id) in members {
+        if let (Some(entry), Ok(slot)) = (slot_of.get_mut(id as usize), u16::try_from(slot + 1)) {
+            *entry = slot;
+        }
+    }
+    let mut table = Box::new(SlotTable::EMPTY);
+    for (entry, &id_plus_one) in table.slots.iter_mut().zip(id_table) {
+        *entry = match id_plus_one.checked_sub(1) {
+            Some(id) => slot_of.get(id as usize).copied().unwrap_or(0),
+            None => 0,
+        };
+    }
+    table
+}
+
+/// Why an instance did not load: least-loaded's counter program could not run (round robin
+/// can), or eBPF balancing is unavailable.
+enum LoadError {
+    Counter(anyhow::Error),
+    Unavailable(Unavailable),
+}
+
+impl LoadError {
+    fn into_unavailable(self) -> Unavailable {
+        match self {
+            LoadError::Counter(why) => Unavailable::other(why),
+            LoadError::Unavailable(why) => why,
+        }
+    }
+}
+
+impl From<Unavailable> for LoadError {
+    fn from(why: Unavailable) -> LoadError {
+        LoadError::Unavailable(why)
     }
 }
 
@@ -505,10 +526,8 @@ mod tests {
             cluster_common::MAP_SOCKETS,
             cluster_common::MAP_ACTIVE,
             cluster_common::MAP_CONFIG,
-            cluster_common::MAP_RR_COUNTER,
             cluster_common::MAP_STATS,
             cluster_common::MAP_TABLE,
-            cluster_common::MAP_ID_SLOT,
             cluster_common::MAP_CONNECTIONS,
             cluster_common::MAP_OPEN,
         ];
@@ -527,16 +546,33 @@ mod tests {
                 "program {name} is not in the object"
             );
         }
-        // And no other map (besides the loader's: .rodata, aya-log's ring).
+        // And no other map (besides the loader's: .rodata, which holds GLOBAL_STRATEGY).
         let others: Vec<&String> = object
             .maps
             .keys()
-            .filter(|k| !k.starts_with('.') && *k != "AYA_LOGS" && !maps.contains(&k.as_str()))
+            .filter(|k| !k.starts_with('.') && !maps.contains(&k.as_str()))
             .collect();
         assert!(
             others.is_empty(),
             "maps cluster-common does not name: {others:?}"
         );
+    }
+
+    #[test]
+    fn the_program_table_gives_each_entry_its_ids_slot() {
+        let ids = maglev::table(&[0, 1, 2], table_size(3));
+        // Worker 1 has no ready process; worker 2's replacement is in slot 7.
+        let table = slot_table(&ids, &[(4, 0), (7, 2)]);
+        for (entry, id_plus_one) in table.slots.iter().zip(&ids) {
+            let expected = match id_plus_one {
+                1 => 5,
+                3 => 8,
+                _ => 0,
+            };
+            assert_eq!(*entry, expected);
+        }
+        assert!(table.slots.contains(&5) && table.slots.contains(&8));
+        assert_eq!(*slot_table(&ids, &[]), SlotTable::EMPTY);
     }
 
     #[test]

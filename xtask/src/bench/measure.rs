@@ -195,14 +195,14 @@ pub(super) fn bpf_stats(pid: u32) -> Option<(u64, u64)> {
     total
 }
 
-struct WrkResult {
-    per_second: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    errors: f64,
+pub(super) struct WrkResult {
+    pub per_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub errors: f64,
 }
 
-fn wrk(seconds: u32, close: bool) -> Result<WrkResult> {
+pub(super) fn wrk(seconds: u32, close: bool) -> Result<WrkResult> {
     let mut command = Command::new("wrk");
     command
         .args(["-t2", "-c64", "--latency", "-d"])

@@ -6,6 +6,7 @@ mod closed_loop;
 mod contenders;
 pub mod measure;
 mod mixed;
+mod program;
 mod report;
 
 use std::{fs, process::Command, time::Instant};
@@ -30,8 +31,9 @@ pub struct Options {
     #[arg(long, value_name = "N,N", value_delimiter = ',', default_value = "2,8", value_parser = clap::value_parser!(u32).range(1..))]
     workers: Vec<u32>,
     /// Which suites: main (every balancer with the plain Node worker), mixed (mixed-cost
-    /// workers under each strategy), or all
-    #[arg(long, value_name = "SUITE", default_value = "all", value_parser = ["all", "main", "mixed"])]
+    /// workers under each strategy), program (each strategy's program cost next to a minimal
+    /// C program), or all
+    #[arg(long, value_name = "SUITE", default_value = "all", value_parser = ["all", "main", "mixed", "program"])]
     suite: String,
 }
 
@@ -51,19 +53,43 @@ pub fn bench(options: &Options) -> Result<()> {
     let target = target_dir()?;
     let scratch = target.join("bench-scratch");
     fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let main_suite = options.suite == "all" || options.suite == "main";
     let paths = Paths {
         cluster_lb: target.join("release/cluster-lb"),
         rust_worker: target.join("release/example-rust-server"),
-        pm2_runtime: install_pm2(&target.join("bench-cache"))?,
+        // Only the main suite runs PM2.
+        pm2_runtime: if main_suite {
+            install_pm2(&target.join("bench-cache"))?
+        } else {
+            std::path::PathBuf::new()
+        },
         scratch,
     };
     let _stats = BpfStats::enable();
 
     let started = Instant::now();
+    let program = if options.suite == "all" || options.suite == "program" {
+        program::suite(
+            options.rounds,
+            options.seconds,
+            &options.workers,
+            &paths.cluster_lb,
+            &paths.scratch,
+        )?
+    } else {
+        String::new()
+    };
+    println!("{program}");
+    let dir = root().join("bench/results");
+    if options.suite == "program" {
+        let written = report::write_extra(&dir, "program", &program)?;
+        eprintln!("xtask bench: wrote {}", written.display());
+        return Ok(());
+    }
+
     let mut samples: Vec<(Contender, u32, Sample)> = Vec::new();
     // Rounds outermost, contenders innermost: drift over the run (thermal, other load)
     // spreads over every contender instead of favouring whoever ran first.
-    let main_suite = options.suite != "mixed";
     for round in (1..=options.rounds).filter(|_| main_suite) {
         for &workers in &options.workers {
             for contender in ALL {
@@ -106,7 +132,6 @@ pub fn bench(options: &Options) -> Result<()> {
         mixed_suite(options, &paths)?
     };
     println!("{mixed}");
-    let dir = root().join("bench/results");
     if !main_suite {
         let written = report::write_extra(&dir, "mixed", &mixed)?;
         eprintln!("xtask bench: wrote {}", written.display());
@@ -120,7 +145,12 @@ pub fn bench(options: &Options) -> Result<()> {
         started.elapsed(),
     );
     println!("{}", report.table());
-    let written = report.write(&dir, &mixed)?;
+    let extra = [program, mixed]
+        .into_iter()
+        .filter(|text| !text.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let written = report.write(&dir, &extra)?;
     eprintln!("xtask bench: wrote {}", written.display());
     Ok(())
 }

@@ -65,6 +65,11 @@ impl Spread {
     }
 }
 
+/// The median of `values` (NaN left out), None when there is none.
+pub fn median(values: Vec<f64>) -> Option<f64> {
+    Spread::of(values).map(|s| s.median)
+}
+
 /// "median (min–max)" of `values` with `decimals` decimals, "-" when there are none: a table
 /// cell of every suite.
 pub fn spread(values: Vec<f64>, decimals: usize) -> String {

@@ -1,0 +1,48 @@
+// The floor `cargo xtask bench --suite program` measures cluster-lb's programs against: the
+// least an sk_reuseport round robin can do. One REUSEPORT_SOCKARRAY filled densely (socket i
+// at index i), one array value holding the socket count next to an atomic counter, one
+// bpf_sk_select_reuseport. No active set, no statistics, no fallback: it cannot skip a dead
+// socket or drain one, which is what cluster-lb's programs pay for.
+//
+// Built by xtask with Debian's clang and libbpf-dev:
+//   clang -O2 -g -target bpf -mcpu=v3 -c round_robin.c
+// (-mcpu=v3 for the BPF_ATOMIC fetch-add, as cluster-ebpf is built.)
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#define MAX_SOCKETS 64
+
+struct {
+	__uint(type, BPF_MAP_TYPE_REUSEPORT_SOCKARRAY);
+	__uint(max_entries, MAX_SOCKETS);
+	__type(key, __u32);
+	__type(value, __u32);
+} REF_SOCKETS SEC(".maps");
+
+// Written once by the loader (count), advanced by the program (next). One cache line.
+struct state {
+	__u64 next;
+	__u32 count;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct state);
+} REF_STATE SEC(".maps");
+
+SEC("sk_reuseport")
+int reference_round_robin(struct sk_reuseport_md *md)
+{
+	__u32 zero = 0;
+	struct state *state = bpf_map_lookup_elem(&REF_STATE, &zero);
+	if (!state || state->count == 0)
+		return SK_PASS;
+	__u32 index = (__u32)__sync_fetch_and_add(&state->next, 1) % state->count;
+	bpf_sk_select_reuseport(md, &REF_SOCKETS, &index, 0);
+	return SK_PASS;
+}
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";

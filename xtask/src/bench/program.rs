@@ -1,0 +1,516 @@
+//! `cargo xtask bench --suite program`: what the sk_reuseport program costs per new connection,
+//! for each strategy, next to a minimal C round robin (bench/reference/round_robin.c) built and
+//! run in the same invocation, so the machine's state on the day is in both.
+//!
+//! The kernel counts each program's run time and runs while kernel.bpf_stats_enabled=1
+//! (`run_time_ns`, `run_cnt` in the program's fdinfo); ns per run is their difference over a
+//! wrk load that opens a new connection per request. The verifier's `verified_insns` (also in
+//! fdinfo, 5.16+) says how much program it had to walk. Every contender serves with the same
+//! Node workers (examples/node/server.js), each on its own SO_REUSEPORT socket, so the caches
+//! the program runs with are the same; only the program and who loaded it differ.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    fs,
+    net::TcpListener,
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::{
+    maps::{Array, ReusePortSockArray},
+    programs::SkReuseport,
+    Ebpf,
+};
+
+use super::{
+    contenders::{CONTROL_SOCKET, PORT},
+    measure,
+    report::median,
+};
+use crate::{root, setup};
+
+/// What runs the selection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Selector {
+    /// bench/reference/round_robin.c, loaded by the benchmark itself.
+    Reference,
+    /// `cluster-lb run -s STRATEGY`.
+    ClusterLb(&'static str),
+}
+
+pub const ALL: [Selector; 5] = [
+    Selector::Reference,
+    Selector::ClusterLb("round-robin"),
+    Selector::ClusterLb("hash"),
+    Selector::ClusterLb("sticky"),
+    Selector::ClusterLb("least-loaded"),
+];
+
+impl Selector {
+    pub fn name(self) -> String {
+        match self {
+            Selector::Reference => "C reference round robin".into(),
+            Selector::ClusterLb(strategy) => format!("cluster-lb {strategy}"),
+        }
+    }
+}
+
+/// One measurement of one selector.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProgramSample {
+    /// Mean run time of the sk_reuseport program.
+    pub ns_per_run: f64,
+    /// What the verifier walked (None before 5.16).
+    pub verified_insns: Option<u64>,
+    /// Run time of the selector's other programs (least-loaded's counter) per selection.
+    pub others_ns_per_selection: Option<f64>,
+    pub conn_per_s: f64,
+}
+
+/// sk_reuseport in `enum bpf_prog_type`.
+const PROG_TYPE_SK_REUSEPORT: u64 = 21;
+const REFERENCE_SOURCE: &str = "bench/reference/round_robin.c";
+const REFERENCE_PROGRAM: &str = "reference_round_robin";
+
+/// clang and libbpf's headers, then the reference object, into `scratch`.
+pub fn build_reference(scratch: &Path) -> Result<PathBuf> {
+    setup::ensure_packages(&[("clang", "clang")])?;
+    if !Path::new("/usr/include/bpf/bpf_helpers.h").is_file() {
+        setup::install_packages(&["libbpf-dev"])?;
+    }
+    let object = scratch.join("reference_round_robin.o");
+    // linux/bpf.h includes asm/types.h, which Debian keeps under the host's multiarch folder;
+    // clang looks there only when it compiles for the host.
+    let multiarch = format!("/usr/include/{}-linux-gnu", std::env::consts::ARCH);
+    crate::run(
+        Command::new("clang")
+            .args(["-O2", "-g", "-target", "bpf", "-mcpu=v3", "-I"])
+            .arg(multiarch)
+            .arg("-c")
+            .arg(root().join(REFERENCE_SOURCE))
+            .arg("-o")
+            .arg(&object),
+    )?;
+    Ok(object)
+}
+
+/// Starts `selector` with `workers` Node workers, loads it with wrk (a new connection per
+/// request) for `seconds`, stops it.
+pub fn measure(
+    selector: Selector,
+    workers: u32,
+    seconds: u32,
+    cluster_lb: &Path,
+    reference: &Path,
+    scratch: &Path,
+) -> Result<ProgramSample> {
+    match selector {
+        Selector::Reference => {
+            let running = Reference::start(reference, workers)?;
+            let result = measure::wait_for_all_workers(([127, 0, 0, 1], PORT).into(), workers)
+                .and_then(|()| load(std::process::id(), seconds));
+            running.stop();
+            result
+        }
+        Selector::ClusterLb(strategy) => {
+            let control = scratch.join(CONTROL_SOCKET);
+            // One left by a run that was killed would look like this one's.
+            let _ = fs::remove_file(&control);
+            let mut primary = Command::new(cluster_lb)
+                .args(["run", "-w", &workers.to_string(), "-l"])
+                .arg(format!("127.0.0.1:{PORT}"))
+                .args(["-s", strategy, "--control"])
+                .arg(&control)
+                .arg("--")
+                .arg("node")
+                .arg(root().join("examples/node/server.js"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting cluster-lb")?;
+            // Not by asking each worker to answer: under sticky every connection from this
+            // one client address goes to one worker.
+            let result = wait_for_control(&control)
+                .and_then(|()| measure::wait_until_ready(&control, workers))
+                .and_then(|()| {
+                    // As wait_for_all_workers: let late starters finish their start-up work.
+                    std::thread::sleep(Duration::from_millis(500));
+                    load(primary.id(), seconds)
+                });
+            stop(&mut primary);
+            result
+        }
+    }
+}
+
+/// Waits for cluster-lb's control socket to appear.
+fn wait_for_control(control: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !control.exists() {
+        if Instant::now() > deadline {
+            bail!("cluster-lb made no control socket within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// wrk with `Connection: close` against the running selector; the programs `pid` holds,
+/// before and after.
+fn load(pid: u32, seconds: u32) -> Result<ProgramSample> {
+    let before = programs(pid)?;
+    let wrk = measure::wrk(seconds, true)?;
+    let after = programs(pid)?;
+    let delta = |id: &u64| -> Option<(u64, u64, &Program)> {
+        let (old, new) = (before.get(id)?, after.get(id)?);
+        Some((
+            new.run_time_ns.saturating_sub(old.run_time_ns),
+            new.run_cnt.saturating_sub(old.run_cnt),
+            new,
+        ))
+    };
+    let mut selection: Option<(u64, u64, &Program)> = None;
+    let mut others_ns = 0;
+    let mut has_others = false;
+    for id in after.keys() {
+        let Some((time, runs, program)) = delta(id) else {
+            continue;
+        };
+        if program.prog_type == PROG_TYPE_SK_REUSEPORT {
+            if selection.is_some() {
+                bail!("process {pid} holds more than one sk_reuseport program");
+            }
+            selection = Some((time, runs, program));
+        } else {
+            others_ns += time;
+            has_others = true;
+        }
+    }
+    let Some((time, runs, program)) = selection else {
+        bail!("process {pid} holds no sk_reuseport program");
+    };
+    if runs == 0 {
+        bail!("the sk_reuseport program never ran: is kernel.bpf_stats_enabled 1?");
+    }
+    Ok(ProgramSample {
+        ns_per_run: time as f64 / runs as f64,
+        verified_insns: program.verified_insns,
+        others_ns_per_selection: has_others.then(|| others_ns as f64 / runs as f64),
+        conn_per_s: wrk.per_second,
+    })
+}
+
+/// A BPF program as its fdinfo shows it.
+struct Program {
+    prog_type: u64,
+    run_time_ns: u64,
+    run_cnt: u64,
+    verified_insns: Option<u64>,
+}
+
+/// The BPF programs `pid` holds descriptors of, by program id (several descriptors of one
+/// program count once).
+fn programs(pid: u32) -> Result<BTreeMap<u64, Program>> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut found = BTreeMap::new();
+    for entry in fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let Ok(info) = fs::read_to_string(entry?.path()) else {
+            continue; // closed meanwhile
+        };
+        let value = |key: &str| -> Option<u64> {
+            info.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        let (Some(id), Some(prog_type), Some(run_time_ns), Some(run_cnt)) = (
+            value("prog_id:"),
+            value("prog_type:"),
+            value("run_time_ns:"),
+            value("run_cnt:"),
+        ) else {
+            continue;
+        };
+        found.insert(
+            id,
+            Program {
+                prog_type,
+                run_time_ns,
+                run_cnt,
+                verified_insns: value("verified_insns:"),
+            },
+        );
+    }
+    Ok(found)
+}
+
+/// The reference program serving Node workers: a listener per worker in one reuseport group,
+/// socket i at index i of the program's array, each worker given its own as fd 3.
+struct Reference {
+    // Keeps the program attached (with the listeners below) while the workers run.
+    _ebpf: Ebpf,
+    _listeners: Vec<TcpListener>,
+    workers: Vec<Child>,
+}
+
+impl Reference {
+    fn start(object: &Path, workers: u32) -> Result<Reference> {
+        let bytes = fs::read(object).with_context(|| format!("reading {}", object.display()))?;
+        let mut ebpf = Ebpf::load(&bytes).context("loading the reference object")?;
+        let program: &mut SkReuseport = ebpf
+            .program_mut(REFERENCE_PROGRAM)
+            .context("no reference program in the object")?
+            .try_into()?;
+        program.load().context("verifying the reference program")?;
+        let listeners = (0..workers)
+            .map(|_| reuseport_listener())
+            .collect::<Result<Vec<_>>>()?;
+        let mut sockets = ReusePortSockArray::try_from(
+            ebpf.map_mut("REF_SOCKETS")
+                .context("no REF_SOCKETS map in the reference object")?,
+        )?;
+        for (index, listener) in listeners.iter().enumerate() {
+            sockets
+                .set(index as u32, listener, 0)
+                .context("putting a listener in the reference's array")?;
+        }
+        // struct state { u64 next; u32 count; u32 pad; } as four u32s.
+        let mut state: Array<_, [u32; 4]> = Array::try_from(
+            ebpf.map_mut("REF_STATE")
+                .context("no REF_STATE map in the reference object")?,
+        )?;
+        state
+            .set(0, [0, 0, workers, 0], 0)
+            .context("writing the reference's socket count")?;
+        let program: &mut SkReuseport = ebpf
+            .program_mut(REFERENCE_PROGRAM)
+            .context("no reference program in the object")?
+            .try_into()?;
+        program
+            .attach(&listeners[0])
+            .context("attaching the reference program")?;
+        let server = root().join("examples/node/server.js");
+        let mut children = Vec::new();
+        for (id, listener) in listeners.iter().enumerate() {
+            match spawn_worker(id, listener.as_raw_fd(), &server) {
+                Ok(child) => children.push(child),
+                Err(error) => {
+                    stop_all(&mut children);
+                    return Err(error);
+                }
+            }
+        }
+        Ok(Reference {
+            _ebpf: ebpf,
+            _listeners: listeners,
+            workers: children,
+        })
+    }
+
+    fn stop(mut self) {
+        stop_all(&mut self.workers);
+    }
+}
+
+/// A listener on the benchmark's port with SO_REUSEPORT, so all of them form one group.
+fn reuseport_listener() -> Result<TcpListener> {
+    use nix::sys::socket::{
+        bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+        SockaddrIn,
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("creating a listener")?;
+    setsockopt(&fd, sockopt::ReusePort, &true).context("setting SO_REUSEPORT")?;
+    bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, PORT))
+        .with_context(|| format!("binding 127.0.0.1:{PORT}"))?;
+    listen(&fd, Backlog::new(1024).context("backlog")?).context("listening")?;
+    Ok(TcpListener::from(fd))
+}
+
+/// `node server.js` with `fd` as its fd 3 (socket activation, as cluster-lb does it).
+fn spawn_worker(id: usize, fd: i32, server: &Path) -> Result<Child> {
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(format!(
+            "export LISTEN_PID=$$; exec node {}",
+            server.display()
+        ))
+        .env("LISTEN_FDS", "1")
+        .env("CLUSTER_LB_WORKER_ID", id.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: dup2 and fcntl are async-signal-safe; this runs between fork and exec only.
+    unsafe {
+        command.pre_exec(move || {
+            // dup2 onto itself would leave close-on-exec set, so clear it by hand then.
+            let ok = if fd == 3 {
+                libc::fcntl(fd, libc::F_SETFD, 0) >= 0
+            } else {
+                libc::dup2(fd, 3) >= 0
+            };
+            if !ok {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command.spawn().context("starting a Node worker")
+}
+
+fn stop(child: &mut Child) {
+    stop_all(std::slice::from_mut(child));
+}
+
+/// SIGTERM to each, then SIGKILL to whoever is left after 10 s.
+fn stop_all(children: &mut [Child]) {
+    for child in children.iter() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for child in children.iter_mut() {
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// The suite's Markdown table: per selector, the median of each figure over the rounds, and
+/// ns per run as a multiple of the reference's median.
+pub fn table(
+    samples: &[(Selector, ProgramSample)],
+    workers: u32,
+    rounds: u32,
+    seconds: u32,
+) -> String {
+    let of = |selector: Selector, figure: fn(&ProgramSample) -> Option<f64>| -> Vec<f64> {
+        samples
+            .iter()
+            .filter(|(s, _)| *s == selector)
+            .filter_map(|(_, sample)| figure(sample))
+            .collect()
+    };
+    let reference = median(of(Selector::Reference, |s| Some(s.ns_per_run)));
+    let mut out = format!(
+        "## What the program costs, {workers} workers\n\n{workers} Node workers (examples/node/server.js), each on its own SO_REUSEPORT socket; wrk -t2 -c64 with `Connection: close` (a new connection per request) for {seconds} s; {rounds} rounds, interleaved. ns per run: the kernel's run_time_ns / run_cnt of the sk_reuseport program (kernel.bpf_stats_enabled=1), median (min–max) over the rounds; × reference: median over the reference's median. verified_insns: what the verifier walked. Other programs: run time of the selector's other programs (least-loaded's connection counter) per selection.\n\n| program | ns per run | × reference | verified_insns | other programs ns per selection | conn/s |\n| --- | ---: | ---: | ---: | ---: | ---: |\n"
+    );
+    for selector in ALL {
+        let runs = of(selector, |s| Some(s.ns_per_run));
+        let times = match (median(runs.clone()), reference) {
+            (Some(ns), Some(reference)) if reference > 0.0 => format!("{:.2}", ns / reference),
+            _ => "-".into(),
+        };
+        let insns = of(selector, |s| s.verified_insns.map(|n| n as f64));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} |",
+            selector.name(),
+            super::report::spread(runs, 0),
+            times,
+            super::report::spread(insns, 0),
+            super::report::spread(of(selector, |s| s.others_ns_per_selection), 0),
+            super::report::spread(of(selector, |s| Some(s.conn_per_s)), 0),
+        );
+    }
+    out
+}
+
+/// Runs the suite: every selector for each worker count, rounds outermost, each measurement in
+/// a network namespace of its own. Its tables.
+pub fn suite(
+    rounds: u32,
+    seconds: u32,
+    worker_counts: &[u32],
+    cluster_lb: &Path,
+    scratch: &Path,
+) -> Result<String> {
+    let reference = build_reference(scratch)?;
+    let mut tables = Vec::new();
+    for &workers in worker_counts {
+        let mut samples = Vec::new();
+        for round in 1..=rounds {
+            for selector in ALL {
+                eprintln!(
+                    "xtask bench: program cost, {workers} workers, round {round}/{rounds}, {}",
+                    selector.name()
+                );
+                let (cluster_lb, reference, scratch) = (
+                    cluster_lb.to_path_buf(),
+                    reference.clone(),
+                    scratch.to_path_buf(),
+                );
+                let sample = cluster_lb_tests::in_network_namespace("bench-program", move || {
+                    measure(
+                        selector,
+                        workers,
+                        seconds,
+                        &cluster_lb,
+                        &reference,
+                        &scratch,
+                    )
+                    .map_err(|e| format!("{e:#}"))
+                })
+                .map_err(|_| anyhow!("{} panicked", selector.name()))?;
+                match sample {
+                    Ok(sample) => samples.push((selector, sample)),
+                    Err(error) => eprintln!(
+                        "xtask bench: program cost of {} failed: {error}",
+                        selector.name()
+                    ),
+                }
+            }
+        }
+        tables.push(table(&samples, workers, rounds, seconds));
+    }
+    Ok(tables.join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_gives_multiples_of_the_reference_median() {
+        let sample = |ns| ProgramSample {
+            ns_per_run: ns,
+            verified_insns: Some(20),
+            others_ns_per_selection: None,
+            conn_per_s: 1000.0,
+        };
+        let samples = [
+            (Selector::Reference, sample(100.0)),
+            (Selector::Reference, sample(300.0)),
+            (Selector::Reference, sample(200.0)),
+            (Selector::ClusterLb("hash"), sample(250.0)),
+        ];
+        let table = table(&samples, 2, 3, 1);
+        assert!(
+            table.contains("| C reference round robin | 200 (100–300) | 1.00 | 20 | - | 1000 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| cluster-lb hash | 250 | 1.25 | 20 | - | 1000 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| cluster-lb sticky | - | - | - | - | - |"),
+            "{table}"
+        );
+    }
+}
