@@ -49,7 +49,7 @@ pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 pub const STALL_AFTER: Duration = Duration::from_secs(1);
 /// How often the accept queues are read from /proc/net/tcp where sock_diag is missing (it
 /// lists every connection of the namespace, so it is not read every sample).
-pub const PROC_QUEUES_EVERY: Duration = Duration::from_secs(1);
+pub const PROC_QUEUES_EVERY: Duration = Duration::from_secs(2);
 /// How often memory, connection counts and ages are compared with their limits.
 pub const LIMITS_EVERY: Duration = Duration::from_secs(1);
 /// `--hang-timeout`'s default: gunicorn's `--timeout`. Only a worker that accepts nothing for
@@ -194,7 +194,14 @@ pub struct Health {
     migrate_set: bool,
     /// The accept queues last read (status shows them), when, and whether from /proc.
     queues: Option<(Instant, Listeners, bool)>,
+    /// When sock_diag last failed. Each failed request makes the kernel try to load the
+    /// inet_diag module, running modprobe and waiting for it: asked every sample, that would
+    /// keep the primary busy, so it is asked again only after [`DIAG_RETRY`].
+    diag_failed: Option<Instant>,
 }
+
+/// How long after a failure sock_diag is not asked again.
+const DIAG_RETRY: Duration = Duration::from_secs(60);
 
 type Listeners = HashMap<u64, crate::sys::diag::Listener>;
 
@@ -206,23 +213,37 @@ impl Health {
             limits_checked: None,
             migrate_set: false,
             queues: None,
+            diag_failed: None,
         }
     }
 
     /// Reads every listener's accept queue: sock_diag each time, /proc/net/tcp at most every
-    /// [`PROC_QUEUES_EVERY`] where sock_diag is missing.
-    fn read_queues(&mut self, now: Instant) -> Option<&Listeners> {
-        let fresh = match procfs::accept_queues() {
-            Some(found) => Some((now, found, false)),
-            None => match &self.queues {
-                Some((at, _, true)) if now.duration_since(*at) < PROC_QUEUES_EVERY => None,
-                _ => procfs::accept_queues_from_proc().map(|found| (now, found, true)),
-            },
+    /// [`PROC_QUEUES_EVERY`] where sock_diag is missing. Whether this round read them afresh.
+    fn read_queues(&mut self, now: Instant) -> bool {
+        let ask_diag = self
+            .diag_failed
+            .is_none_or(|at| now.duration_since(at) >= DIAG_RETRY);
+        let diag = ask_diag.then(procfs::accept_queues).flatten();
+        let fresh = match diag {
+            Some(found) => {
+                self.diag_failed = None;
+                Some((now, found, false))
+            }
+            None => {
+                if ask_diag {
+                    self.diag_failed = Some(now);
+                }
+                match &self.queues {
+                    Some((at, _, true)) if now.duration_since(*at) < PROC_QUEUES_EVERY => None,
+                    _ => procfs::accept_queues_from_proc().map(|found| (now, found, true)),
+                }
+            }
         };
-        if fresh.is_some() {
+        let read = fresh.is_some();
+        if read {
             self.queues = fresh;
         }
-        self.queues.as_ref().map(|(_, found, _)| found)
+        read
     }
 
     /// The accept queues the sampler read last (at most a sample old).
@@ -329,7 +350,10 @@ impl Supervisor {
         self.health
             .watched
             .retain(|pid, _| watched.iter().any(|(p, ..)| p == pid));
-        let found = self.health.read_queues(now).cloned();
+        // Queues are compared sample to sample only when read afresh: a stale reading next to
+        // a growing count would look like accepts.
+        let fresh = self.health.read_queues(now);
+        let found = self.health.last_queues().cloned();
         if let Some(found) = &found {
             let waiting = |inode| found.get(&inode).is_some_and(|l| l.queue > 0);
             self.workers.drain_reserve_if(waiting, &mut self.groups);
@@ -350,7 +374,7 @@ impl Supervisor {
             if state != WorkerState::Ready {
                 continue;
             }
-            if let (Some(hang), true) = (limits.hang_timeout, queues.listening) {
+            if let (Some(hang), true, true) = (limits.hang_timeout, queues.listening, fresh) {
                 let stall = limits.stall_after().unwrap_or(STALL_AFTER);
                 match watch
                     .queue
