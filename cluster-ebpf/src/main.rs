@@ -143,9 +143,10 @@ fn select_from(ctx: &SkReuseportContext, set: &ActiveSet, count: u32, start: u32
 /// The chosen slot was empty: its worker died and the kernel removed the closed socket from the
 /// array, but the primary has not yet taken the slot out of the active set. Walk on through the
 /// active set so a live worker gets the connection; never strand it. The walk is bounded by
-/// MAX_TRIES, not by the number of workers, so its cost stays flat. Out of line: a connection
-/// that finds its worker alive never runs it.
-#[inline(never)]
+/// MAX_TRIES, not by the number of workers, so its cost stays flat. Inlined, as every function
+/// here: an out-of-line function is a symbol whose mangled name hashes the crate's path, so the
+/// object would differ by checkout and `build-ebpf --check` could not compare it.
+#[inline(always)]
 fn walk(ctx: &SkReuseportContext, set: &ActiveSet, count: u32, start: u32) -> Option<u32> {
     let mut tried: u32 = 1;
     while tried < count && tried < MAX_TRIES {
