@@ -676,7 +676,7 @@ fn query_server_refuses_low_ports_to_user_workers_and_bounds_the_groups() {
                 ));
             }
             // Bounded by the group cap: 16 groups of at most 13 descriptors each (the program's
-            // maps, the program, its log channel) plus the primary's own stay well under 300;
+            // maps and the program) plus the primary's own stay well under 300;
             // unbounded, 300 queries took it to 2429.
             let fds = fd_count(cluster.pid() as i32);
             if fds >= 300 {

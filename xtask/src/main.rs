@@ -414,7 +414,7 @@ mod tests {
         };
         assert_eq!(
             format!("{bench:?}"),
-            "Options { rounds: 1, seconds: 2, workers: [2, 4, 8], suite: \"all\" }"
+            "Options { rounds: 1, seconds: 2, workers: [2, 4, 8], suite: \"all\", cluster_lb: None }"
         );
         assert!(matches!(
             parse(&["vm-test", "--kernel", "6.12"]),

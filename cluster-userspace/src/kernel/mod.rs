@@ -482,7 +482,7 @@ fn raise_memlock_limit() {
 pub fn missing_features(release: (u32, u32)) -> Vec<&'static str> {
     const NEEDS: [((u32, u32), &str); 4] = [
         ((4, 19), "no sk_reuseport programs before 4.19"),
-        ((5, 8), "no BPF ring buffer (program log) before 5.8"),
+        ((5, 5), "no page-aligned (mmapable) BPF arrays before 5.5"),
         (
             (5, 12),
             "no BPF atomic fetch-add (exact round robin) before 5.12",

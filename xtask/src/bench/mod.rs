@@ -35,6 +35,10 @@ pub struct Options {
     /// C program), or all
     #[arg(long, value_name = "SUITE", default_value = "all", value_parser = ["all", "main", "mixed", "program"])]
     suite: String,
+    /// The cluster-lb binary to measure instead of this workspace's release build (say, an
+    /// older commit's, to compare programs before and after a change)
+    #[arg(long, value_name = "PATH")]
+    cluster_lb: Option<std::path::PathBuf>,
 }
 
 pub fn bench(options: &Options) -> Result<()> {
@@ -55,7 +59,11 @@ pub fn bench(options: &Options) -> Result<()> {
     fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let main_suite = options.suite == "all" || options.suite == "main";
     let paths = Paths {
-        cluster_lb: target.join("release/cluster-lb"),
+        cluster_lb: match &options.cluster_lb {
+            Some(path) if path.is_file() => path.clone(),
+            Some(path) => bail!("--cluster-lb {}: no such file", path.display()),
+            None => target.join("release/cluster-lb"),
+        },
         rust_worker: target.join("release/example-rust-server"),
         // Only the main suite runs PM2.
         pm2_runtime: if main_suite {
@@ -69,13 +77,17 @@ pub fn bench(options: &Options) -> Result<()> {
 
     let started = Instant::now();
     let program = if options.suite == "all" || options.suite == "program" {
-        program::suite(
+        let tables = program::suite(
             options.rounds,
             options.seconds,
             &options.workers,
             &paths.cluster_lb,
             &paths.scratch,
-        )?
+        )?;
+        match &options.cluster_lb {
+            Some(path) => format!("cluster-lb measured: `{}`\n\n{tables}", path.display()),
+            None => tables,
+        }
     } else {
         String::new()
     };
