@@ -181,40 +181,48 @@ fn shared_socket(workers: u32, server: &Path) -> Result<Running> {
     let fd = listener.as_raw_fd();
     let mut children = Vec::new();
     for id in 0..workers {
-        let mut command = Command::new("sh");
-        command
-            .arg("-c")
-            .arg(format!(
-                "export LISTEN_PID=$$; exec node {}",
-                server.display()
-            ))
-            .env("LISTEN_FDS", "1")
-            .env("CLUSTER_LB_WORKER_ID", id.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // SAFETY: dup2 and fcntl are async-signal-safe; this runs between fork and exec only.
-        unsafe {
-            command.pre_exec(move || {
-                // dup2 onto itself would leave close-on-exec set, so clear it by hand then.
-                let ok = if fd == 3 {
-                    libc::fcntl(fd, libc::F_SETFD, 0) >= 0
-                } else {
-                    libc::dup2(fd, 3) >= 0
-                };
-                if !ok {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        children.push(command.spawn().context("starting a shared-socket worker")?);
+        children.push(
+            socket_activated_node(id, fd, server).context("starting a shared-socket worker")?,
+        );
     }
     let primary = children.remove(0);
     Ok(Running {
         primary,
         others: children,
     })
+}
+
+/// `node server.js` as worker `id`, with the listening socket `fd` as its fd 3 (socket
+/// activation, as cluster-lb starts workers).
+pub fn socket_activated_node(id: impl ToString, fd: i32, server: &Path) -> Result<Child> {
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(format!(
+            "export LISTEN_PID=$$; exec node {}",
+            server.display()
+        ))
+        .env("LISTEN_FDS", "1")
+        .env("CLUSTER_LB_WORKER_ID", id.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: dup2 and fcntl are async-signal-safe; this runs between fork and exec only.
+    unsafe {
+        command.pre_exec(move || {
+            // dup2 onto itself would leave close-on-exec set, so clear it by hand then.
+            let ok = if fd == 3 {
+                libc::fcntl(fd, libc::F_SETFD, 0) >= 0
+            } else {
+                libc::dup2(fd, 3) >= 0
+            };
+            if !ok {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(command.spawn()?)
 }
 
 impl Running {

@@ -14,7 +14,7 @@ use std::{
     fmt::Write as _,
     fs,
     net::TcpListener,
-    os::{fd::AsRawFd, unix::process::CommandExt},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -28,7 +28,7 @@ use aya::{
 };
 
 use super::{
-    contenders::{CONTROL_SOCKET, PORT},
+    contenders::{self, CONTROL_SOCKET, PORT},
     measure,
     report::median,
 };
@@ -297,7 +297,9 @@ impl Reference {
         let server = root().join("examples/node/server.js");
         let mut children = Vec::new();
         for (id, listener) in listeners.iter().enumerate() {
-            match spawn_worker(id, listener.as_raw_fd(), &server) {
+            match contenders::socket_activated_node(id, listener.as_raw_fd(), &server)
+                .context("starting a Node worker")
+            {
                 Ok(child) => children.push(child),
                 Err(error) => {
                     stop_all(&mut children);
@@ -335,38 +337,6 @@ fn reuseport_listener() -> Result<TcpListener> {
         .with_context(|| format!("binding 127.0.0.1:{PORT}"))?;
     listen(&fd, Backlog::new(1024).context("backlog")?).context("listening")?;
     Ok(TcpListener::from(fd))
-}
-
-/// `node server.js` with `fd` as its fd 3 (socket activation, as cluster-lb does it).
-fn spawn_worker(id: usize, fd: i32, server: &Path) -> Result<Child> {
-    let mut command = Command::new("sh");
-    command
-        .arg("-c")
-        .arg(format!(
-            "export LISTEN_PID=$$; exec node {}",
-            server.display()
-        ))
-        .env("LISTEN_FDS", "1")
-        .env("CLUSTER_LB_WORKER_ID", id.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    // SAFETY: dup2 and fcntl are async-signal-safe; this runs between fork and exec only.
-    unsafe {
-        command.pre_exec(move || {
-            // dup2 onto itself would leave close-on-exec set, so clear it by hand then.
-            let ok = if fd == 3 {
-                libc::fcntl(fd, libc::F_SETFD, 0) >= 0
-            } else {
-                libc::dup2(fd, 3) >= 0
-            };
-            if !ok {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    command.spawn().context("starting a Node worker")
 }
 
 fn stop(child: &mut Child) {
