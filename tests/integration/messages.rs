@@ -4,11 +4,7 @@
 //! the bound on what a worker that floods others makes the primary hold. The workers answer
 //! what they get with a message to the primary, which the tests read as `message` events.
 
-use std::{
-    collections::BTreeSet,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{collections::BTreeSet, process::Command, time::Duration};
 
 use cluster_lb::{
     control::{request, Reply, Request},
@@ -31,22 +27,13 @@ fn start(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Cluster {
 
 /// `cluster-lb send --control PATH ARGS...`: its exit code, stdout, and stderr lines.
 fn send(cluster: &Cluster, args: &[&str]) -> (Option<i32>, String, Vec<String>) {
-    let output = Command::new(workspace_binary("cluster-lb"))
+    let mut command = Command::new(workspace_binary("cluster-lb"));
+    command
         .arg("send")
         .arg("--control")
         .arg(cluster.control())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running cluster-lb send");
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr)
-            .lines()
-            .map(str::to_string)
-            .collect(),
-    )
+        .args(args);
+    cluster_lb_tests::run_to_end(command)
 }
 
 /// `cluster-lb send` that must succeed.

@@ -232,9 +232,14 @@ pub fn run_dir() -> RunDir {
 /// `cluster-lb ARGS` (status, reload, scale, stop, or a run that fails) run to its end with
 /// the clusters of `run_dir`: its exit code, stdout, and stderr lines.
 pub fn cluster_lb_in(run_dir: &Path, args: &[&str]) -> (Option<i32>, String, Vec<String>) {
-    let output = Command::new(workspace_binary("cluster-lb"))
-        .args(args)
-        .env(control::RUN_DIR_ENV, run_dir)
+    let mut command = Command::new(workspace_binary("cluster-lb"));
+    command.args(args).env(control::RUN_DIR_ENV, run_dir);
+    run_to_end(command)
+}
+
+/// Runs `command` to its end with no stdin: its exit code, stdout, and stderr lines.
+pub fn run_to_end(mut command: Command) -> (Option<i32>, String, Vec<String>) {
+    let output = command
         .stdin(Stdio::null())
         .output()
         .expect("running cluster-lb");

@@ -33,9 +33,19 @@ pub fn socket_inodes(pid: i32) -> HashSet<u64> {
 /// it). Asked of the kernel with a sock_diag dump filtered to LISTEN, so it costs the same
 /// however many connections (or TIME_WAIT entries) the host has; /proc/net/tcp lists them all.
 pub fn listening_tcp() -> Option<Vec<(u64, SocketAddr)>> {
+    Some(
+        listeners()?
+            .into_iter()
+            .map(|l| (l.inode, l.addr))
+            .collect(),
+    )
+}
+
+/// The listening TCP sockets of both families, from sock_diag; `None` when it cannot say.
+fn listeners() -> Option<Vec<super::diag::Listener>> {
     let mut found = Vec::new();
     for family in [libc::AF_INET, libc::AF_INET6] {
-        match super::diag::listening(family as u8) {
+        match super::diag::listeners(family as u8) {
             Ok(sockets) => found.extend(sockets),
             Err(e) => {
                 log::debug!("sock_diag: {e}");
@@ -50,17 +60,7 @@ pub fn listening_tcp() -> Option<Vec<(u64, SocketAddr)>> {
 /// sock_diag; `None` where the kernel lacks it (inet_diag is a module, which a container or an
 /// initramfs may not have): then [`accept_queues_from_proc`] says the same, dearer.
 pub fn accept_queues() -> Option<std::collections::HashMap<u64, super::diag::Listener>> {
-    let mut found = std::collections::HashMap::new();
-    for family in [libc::AF_INET, libc::AF_INET6] {
-        match super::diag::listeners(family as u8) {
-            Ok(sockets) => found.extend(sockets.into_iter().map(|l| (l.inode, l))),
-            Err(e) => {
-                log::debug!("sock_diag: {e}");
-                return None;
-            }
-        }
-    }
-    Some(found)
+    Some(listeners()?.into_iter().map(|l| (l.inode, l)).collect())
 }
 
 /// The accept queues from /proc/net/tcp and tcp6, which list every TCP socket of the
