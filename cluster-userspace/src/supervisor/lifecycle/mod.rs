@@ -863,6 +863,11 @@ impl Lifecycle {
             return;
         }
         self.ids.remove(&id);
+        self.depart_id(id, &why);
+    }
+
+    /// Every process that serves worker `id` (starting or ready) leaves.
+    fn depart_id(&mut self, id: u32, why: &Departure) {
         let serving: Vec<Pid> = self
             .processes
             .values()
@@ -934,8 +939,10 @@ impl Lifecycle {
         for id in wanted {
             self.keep_served(id);
         }
-        self.advance_reload();
+        // A retirement under way first: when it ends (done, or its process gone), a reload
+        // waiting for its id goes on in this same pass rather than at some later input.
         self.advance_retirement();
+        self.advance_reload();
         self.offer();
         if self.announced == Announced::Nothing
             && !self.wanted.is_empty()

@@ -388,15 +388,7 @@ impl Lifecycle {
                         "cluster-lb keeps -w {workers} workers and the program has forked all {workers}; start cluster-lb without -w to let the program decide how many"
                     )));
                 };
-                let serving: Vec<Pid> = self
-                    .processes
-                    .values()
-                    .filter(|p| p.id == id && p.phase.is_candidate())
-                    .map(|p| p.pid)
-                    .collect();
-                for pid in serving {
-                    self.depart(pid, Departure::Replaced);
-                }
+                self.depart_id(id, &Departure::Replaced);
                 self.spawn_for_fork(id, variant);
             }
             Count::Program => {
