@@ -1,13 +1,19 @@
 //! Bad input gets one clear line and a non-zero exit, never a panic or a backtrace.
 
-use std::{net::TcpListener, process::Command};
+use std::{net::TcpListener, path::Path, process::Command};
 
 use cluster_lb_tests::{root_test, workspace_binary};
 
 /// Runs cluster-lb to completion; returns (exit code, stderr lines).
 fn run(args: &[&str]) -> (Option<i32>, Vec<String>) {
+    run_in(Path::new("."), args)
+}
+
+/// As run, with cluster-lb started in `dir`.
+fn run_in(dir: &Path, args: &[&str]) -> (Option<i32>, Vec<String>) {
     let output = Command::new(workspace_binary("cluster-lb"))
         .args(args)
+        .current_dir(dir)
         .output()
         .expect("running cluster-lb");
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -18,7 +24,12 @@ fn run(args: &[&str]) -> (Option<i32>, Vec<String>) {
 }
 
 fn assert_one_line_error(args: &[&str], expected: &str) {
-    let (code, lines) = run(args);
+    assert_one_line_error_in(Path::new("."), args, expected);
+}
+
+/// As assert_one_line_error, with cluster-lb started in `dir`.
+fn assert_one_line_error_in(dir: &Path, args: &[&str], expected: &str) {
+    let (code, lines) = run_in(dir, args);
     assert!(
         matches!(code, Some(c) if c != 0),
         "{args:?} exited {code:?}"
@@ -159,4 +170,32 @@ fn bad_health_limits_are_named_in_one_line() {
         ],
         "--max-memory-hard 256M is below --max-memory 512M",
     );
+}
+
+/// A launcher that would start the app as a child without the cluster channel (its listen()
+/// would bind alone and the other workers crash-loop) is refused before anything starts.
+#[test]
+fn launchers_that_would_take_the_channel_are_refused_in_one_line() {
+    let dir = std::env::temp_dir().join(format!("clb-launchers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a scratch directory");
+    std::fs::write(
+        dir.join("package.json"),
+        r#"{"scripts": {"start": "node migrate.js && node server.js", "dev": "node --watch server.js"}}"#,
+    )
+    .expect("writing package.json");
+    for (command, expected) in [
+        (
+            &["npm", "start"][..],
+            "`npm start` runs `node migrate.js && node server.js` (package.json's scripts.start), which is not a plain node command",
+        ),
+        (&["yarn", "run", "dev"], "node --watch restarts the app"),
+        (&["node", "--watch", "server.js"], "drop --watch"),
+        (&["nodemon", "server.js"], "nodemon restarts the app"),
+        (&["pnpm", "run", "build"], "has no script \"build\""),
+    ] {
+        let mut args = vec!["run", "-w", "2", "--"];
+        args.extend(command);
+        assert_one_line_error_in(&dir, &args, expected);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

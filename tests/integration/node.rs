@@ -179,6 +179,52 @@ fn a_shell_wrapper_that_execs_node_works_with_node_on() {
     });
 }
 
+/// `npm start` (and `npm run X -- ARGS`): npm would start the app as a child without the
+/// cluster channel; cluster-lb runs the package script's plain node command itself, so every
+/// worker is a cluster worker and round robin gives them exactly equal shares. npm is not run.
+#[test]
+fn npm_start_runs_the_package_scripts_node_command_in_every_worker() {
+    root_test("npm_start", || {
+        let dir = std::env::temp_dir().join(format!("clb-npm-start-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a scratch directory");
+        let server = example("node/server.js");
+        let package = serde_json::json!({
+            "name": "app",
+            "scripts": {
+                "start": format!("NODE_ENV=production node {server}"),
+                "serve": format!("node {server}"),
+            },
+        });
+        std::fs::write(dir.join("package.json"), package.to_string()).expect("package.json");
+        // PM2's way of writing it: script 'npm', args 'start'.
+        std::fs::write(
+            dir.join("ecosystem.config.js"),
+            "module.exports = { apps: [{ name: 'app', script: 'npm', args: 'run serve', instances: 2 }] };",
+        )
+        .expect("ecosystem.config.js");
+        for launch in [
+            &["-w", "2", "--", "npm", "start"][..],
+            &["-w", "2", "--", "npm", "run", "serve", "--", "--flag"],
+            &["--config", "ecosystem.config.js"],
+        ] {
+            let mut args = vec!["run"];
+            args.extend(launch);
+            let cluster = Cluster::start_with(&args, |command| {
+                command.current_dir(&dir).env("PORT", PORT.to_string());
+            });
+            cluster.wait_until_ready(2);
+            let seen = distribution(addr(), 20);
+            assert_eq!(
+                seen.into_iter().collect::<Vec<_>>(),
+                [(1, 10), (2, 10)],
+                "{launch:?}"
+            );
+            assert!(cluster.stop().status.success(), "{launch:?}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}
+
 #[test]
 fn listen_0_gives_every_worker_the_same_port() {
     each_node("node_listen_0", |major, node| {

@@ -49,6 +49,8 @@ pub enum ConfigError {
     #[error("no command to run: give it after -- (cluster-lb run [OPTIONS] -- CMD [ARGS]...) or as `command` in the --config file")]
     NoCommand,
     #[error(transparent)]
+    Launcher(#[from] super::launcher::LauncherError),
+    #[error(transparent)]
     User(#[from] UserError),
 }
 
@@ -60,7 +62,7 @@ impl ConfigError {
             ConfigError::ReadyTimeoutZero => "ready_timeout",
             ConfigError::MetricsOnListen(_) => "metrics",
             ConfigError::RoundRobinUdp(_) => "strategy",
-            ConfigError::NoCommand => "command",
+            ConfigError::NoCommand | ConfigError::Launcher(_) => "command",
             ConfigError::MemoryCeilingBelowLimit { .. } => "max_memory_hard",
             ConfigError::User(UserError::GroupWithoutUser | UserError::NoSuchGroup(_)) => "group",
             ConfigError::User(_) => "user",
@@ -495,9 +497,20 @@ fn parse_seconds(text: &str) -> Result<f64, String> {
 
 impl RunArgs {
     /// Checks what clap cannot see one argument at a time, and fills in defaults.
-    pub fn into_options(self) -> Result<RunOptions, ConfigError> {
+    pub fn into_options(mut self) -> Result<RunOptions, ConfigError> {
         if self.command.is_empty() {
             return Err(ConfigError::NoCommand);
+        }
+        if self.node != NodeMode::Off {
+            // `npm start` and the like: the package script's node command, run directly.
+            let dir = match &self.cwd {
+                Some(dir) => dir.clone(),
+                None => std::env::current_dir().unwrap_or_else(|_| ".".into()),
+            };
+            let resolved = super::launcher::resolve(std::mem::take(&mut self.command), &dir)?;
+            self.command = resolved.command;
+            // The script's own assignments first, so an ecosystem file's env overrides them.
+            self.worker_env.splice(0..0, resolved.env);
         }
         let mut seen = HashSet::new();
         for addr in &self.listen {

@@ -10,6 +10,7 @@ pub mod config_file;
 pub mod control;
 mod dist;
 pub mod ecosystem;
+mod launcher;
 mod metrics;
 pub mod names;
 mod run;
@@ -127,7 +128,7 @@ pub fn main() -> ExitCode {
                         eprintln!("cluster-lb: error: {blamed}");
                         return ExitCode::from(2);
                     }
-                    if matches!(error, ConfigError::NoCommand) {
+                    if matches!(error, ConfigError::NoCommand | ConfigError::Launcher(_)) {
                         eprintln!("cluster-lb: error: {error}");
                         return ExitCode::from(2);
                     }

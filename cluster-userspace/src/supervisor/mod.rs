@@ -773,7 +773,7 @@ fn protocol_wanted(config: &Config, command: &WorkerCommand) -> Protocol {
             }
             Verdict::Launcher(name) => {
                 log::warn!(
-                    "{name} starts the app as a child of its own, which takes Node's cluster channel away from it; run node directly (-- node app.js), or pass --node on if {name} execs node"
+                    "{name} starts the app as a child of its own, which takes Node's cluster channel away from it: its listen() binds alone; run node directly (-- node app.js; `npm start` and `npm run SCRIPT` are run that way when the script is a plain node command)"
                 );
                 false
             }

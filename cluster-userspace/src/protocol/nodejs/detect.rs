@@ -71,7 +71,7 @@ fn file_name(path: &Path) -> String {
 }
 
 /// `node`, `nodejs`, or a versioned name such as `node20`.
-fn is_node_name(name: &str) -> bool {
+pub(crate) fn is_node_name(name: &str) -> bool {
     let rest = name
         .strip_prefix("nodejs")
         .or_else(|| name.strip_prefix("node"));
