@@ -1,7 +1,8 @@
 // The program every Node cluster tutorial starts from, unchanged: run alone (`node
-// cluster-app.js`), its primary forks one worker per CPU; run under cluster-lb
-// (`cluster-lb run -w 4 -- node cluster-app.js`), every process is a worker, and cluster-lb is
-// the primary.
+// cluster-app.js`), its primary forks one worker per CPU (WORKERS to say how many); run under
+// cluster-lb (`cluster-lb run -- node cluster-app.js`), its primary branch runs too, in a
+// process of its own, and each cluster.fork() starts a cluster-lb worker with its own socket in
+// the port's reuseport group (with -w N, cluster-lb keeps N: docs/NODE.md, "Who decides").
 'use strict';
 const cluster = require('node:cluster');
 const http = require('node:http');

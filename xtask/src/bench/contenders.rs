@@ -1,7 +1,8 @@
 //! The balancers compared, each started the way its users start it, all serving the same
 //! Node worker program (examples/node/server.js), plus cluster-lb with the Rust worker, and the
 //! same unmodified Node cluster program (examples/node/cluster-app.js) under cluster-lb (Node's
-//! own cluster protocol) and under Node's own primary (SCHED_RR and SCHED_NONE).
+//! own cluster protocol, its primary branch running too) and under Node's own primary (SCHED_RR
+//! and SCHED_NONE).
 
 use std::{
     net::TcpListener,
@@ -124,6 +125,8 @@ pub fn start(contender: Contender, workers: u32, paths: &Paths) -> Result<Runnin
                 .arg("--")
                 .arg("node")
                 .arg(root().join("examples/node/cluster-app.js"))
+                // Its primary branch runs under cluster-lb too: its forks ask for the same N.
+                .env("WORKERS", &n)
                 .env("PORT", PORT.to_string());
             c
         }
