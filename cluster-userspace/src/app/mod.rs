@@ -1,6 +1,6 @@
 //! The front end: the `cluster-lb` command line (`cli`, `config_file`), what `run` starts
 //! around a supervisor (the control socket and the metrics server), and the client commands
-//! (`status`, `top`, `reload`, `scale`, `stop`, `send`, `upgrade`). Nothing here decides about
+//! (`status`, `logs`, `top`, `reload`, `scale`, `stop`, `send`, `upgrade`). Nothing here decides about
 //! workers: that is the supervisor's; `run` starts it from its `Handle`, as any embedder would.
 
 mod accept;
@@ -87,7 +87,7 @@ pub fn main() -> ExitCode {
         Err(CommandLineError::Args(error))
             if error.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
         {
-            eprintln!("cluster-lb: error: no command given; use run, status, top, reload, scale, stop or send (see cluster-lb --help)");
+            eprintln!("cluster-lb: error: no command given; use run, status, logs, top, reload, scale, stop or send (see cluster-lb --help)");
             return ExitCode::from(2);
         }
         Err(CommandLineError::Args(error)) if !error.use_stderr() => {
@@ -162,6 +162,22 @@ pub fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
+        Command::Logs {
+            worker,
+            follow,
+            lines,
+            json,
+            control,
+        } => client::logs(
+            &control.target(),
+            &client::LogsOptions {
+                lines,
+                worker,
+                follow,
+                json,
+            },
+        )
+        .map_err(Into::into),
         Command::Upgrade { control } => client::upgrade(&control.target()).map_err(Into::into),
         Command::GenerateDist { dir } => dist::generate(&dir).map_err(Into::into),
     };

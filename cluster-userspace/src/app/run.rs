@@ -67,6 +67,8 @@ pub fn run(options: RunOptions) -> Result<(), RunError> {
             metrics,
         });
         supervisor.run().await;
+        // `logs -f` clients get the last lines and an end, not a connection reset.
+        control::end_followers(std::time::Duration::from_secs(1)).await;
         drop(control);
         Ok(())
     })?
@@ -112,6 +114,8 @@ pub fn resume(options: RunOptions, state: State) -> Result<(), RunError> {
             );
         }
         supervisor.run().await;
+        // `logs -f` clients get the last lines and an end, not a connection reset.
+        control::end_followers(std::time::Duration::from_secs(1)).await;
         drop(control);
         Ok(())
     })?
