@@ -22,25 +22,48 @@ fn chatty() -> String {
     format!("{}/workers/chatty.py", env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `cluster-lb logs --control PATH ARGS...`: its exit code, stdout, and stderr lines.
-fn logs(control: &Path, args: &[&str]) -> (Option<i32>, String, Vec<String>) {
+/// The cluster `logs` asks: by name in a run directory (as the README's commands), or by its
+/// control socket.
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    Named(&'a Path, &'a str),
+    Control(&'a Path),
+}
+
+/// `cluster-lb logs ARGS...` for `target`, not yet started.
+fn logs_command(target: Target<'_>, args: &[&str]) -> Command {
     let mut command = Command::new(workspace_binary("cluster-lb"));
-    command.arg("logs").arg("--control").arg(control).args(args);
-    cluster_lb_tests::run_to_end(command)
+    command.arg("logs").args(args);
+    match target {
+        Target::Named(run_dir, name) => {
+            command
+                .args(["--name", name])
+                .env(cluster_lb_tests::control::RUN_DIR_ENV, run_dir);
+        }
+        Target::Control(path) => {
+            command.arg("--control").arg(path);
+        }
+    }
+    command
+}
+
+/// `cluster-lb logs ARGS...`: its exit code, stdout, and stderr lines.
+fn logs(target: Target<'_>, args: &[&str]) -> (Option<i32>, String, Vec<String>) {
+    cluster_lb_tests::run_to_end(logs_command(target, args))
 }
 
 /// `logs` that must succeed: its stdout lines.
-fn log_lines(control: &Path, args: &[&str]) -> Vec<String> {
-    let (code, out, err) = logs(control, args);
+fn log_lines(target: Target<'_>, args: &[&str]) -> Vec<String> {
+    let (code, out, err) = logs(target, args);
     assert_eq!(code, Some(0), "logs {args:?}: {out} {err:?}");
     out.lines().map(str::to_string).collect()
 }
 
 /// Waits until `logs --json -n 1000` has a line that `check` accepts.
-fn wait_for_log(control: &Path, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+fn wait_for_log(target: Target<'_>, what: &str, check: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let lines = log_lines(control, &["--json", "-n", "1000"]);
+        let lines = log_lines(target, &["--json", "-n", "1000"]);
         if let Some(found) = lines
             .iter()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
@@ -65,11 +88,20 @@ fn wait_for_log(control: &Path, what: &str, check: impl Fn(&Value) -> bool) -> V
 fn logs_shows_the_last_lines_one_workers_and_json() {
     root_test("logs_last_lines", || {
         let chatty = chatty();
-        let cluster = Cluster::serving(2, ADDR, &["python3", &chatty]);
+        let run_dir = cluster_lb_tests::run_dir();
+        let cluster = Cluster::start_named(
+            &run_dir,
+            "api",
+            &[
+                "run", "--name", "api", "-w", "2", "--listen", ADDR, "--", "python3", &chatty,
+            ],
+        );
+        cluster.wait_until_ready(2);
         let control = cluster.control().to_path_buf();
+        let api = Target::Named(&run_dir, "api");
         let primary = cluster.pid();
         let served = get(addr()).expect("a request").worker;
-        wait_for_log(&control, "the request's line", |v| {
+        wait_for_log(api, "the request's line", |v| {
             v["text"] == format!("request 1 to worker {served}")
         });
         // Then an event after the workers' lines: a third worker starts.
@@ -79,17 +111,29 @@ fn logs_shows_the_last_lines_one_workers_and_json() {
         assert_eq!(code, Some(0), "scale: {out} {err:?}");
         let status = cluster.wait_until_ready(3);
         let third = cluster_lb_tests::pid_of(&status, 2);
-        wait_for_log(&control, "the third worker's line", |v| {
+        wait_for_log(api, "the third worker's line", |v| {
             v["worker"] == 2 && v["text"] == format!("python worker 2 pid {third} serving")
         });
 
-        let all = log_lines(&control, &["-n", "1000"]);
-        let last = log_lines(&control, &["-n", "5"]);
+        let all = log_lines(api, &["-n", "1000"]);
+        let last = log_lines(api, &["-n", "5"]);
         assert_eq!(last.len(), 5, "{last:#?}");
         assert_eq!(
             last[..],
             all[all.len() - 5..],
             "-n 5 is the last five of the log"
+        );
+        // Without --name: the only cluster running.
+        let mut unnamed = Command::new(workspace_binary("cluster-lb"));
+        unnamed
+            .args(["logs", "-n", "5"])
+            .env(cluster_lb_tests::control::RUN_DIR_ENV, &*run_dir);
+        let (code, out, err) = cluster_lb_tests::run_to_end(unnamed);
+        assert_eq!(code, Some(0), "{err:?}");
+        assert_eq!(
+            out.lines().collect::<Vec<_>>(),
+            last,
+            "the only cluster's log"
         );
         assert!(
             last.iter().any(
@@ -104,7 +148,7 @@ fn logs_shows_the_last_lines_one_workers_and_json() {
             "the primary's event among the last lines: {last:#?}"
         );
         // The default (100 lines) has the request's lines; the stderr one arrives escaped.
-        let recent = log_lines(&control, &[]);
+        let recent = log_lines(api, &[]);
         let worker_pid = cluster_lb_tests::pid_of(&status, served);
         let prefix = format!("[worker {served} pid {worker_pid}] ");
         assert!(
@@ -123,7 +167,7 @@ fn logs_shows_the_last_lines_one_workers_and_json() {
         );
 
         // One worker's output only.
-        let one = log_lines(&control, &["--worker", &served.to_string(), "-n", "1000"]);
+        let one = log_lines(api, &["--worker", &served.to_string(), "-n", "1000"]);
         assert!(one.len() >= 3, "{one:#?}");
         assert!(
             one.iter()
@@ -136,7 +180,7 @@ fn logs_shows_the_last_lines_one_workers_and_json() {
         );
 
         // JSON: one object per line, with its source, pid, stream and the text as written.
-        let json = log_lines(&control, &["--json", "-n", "1000"]);
+        let json = log_lines(api, &["--json", "-n", "1000"]);
         let parsed: Vec<Value> = json
             .iter()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
@@ -165,12 +209,12 @@ fn logs_shows_the_last_lines_one_workers_and_json() {
             && v["text"] == "\u{1b}[31mred\r1 fake line"));
 
         // Errors: an unknown worker, a cluster that is not there (as `status` says it).
-        let (code, out, err) = logs(&control, &["--worker", "7"]);
+        let (code, out, err) = logs(api, &["--worker", "7"]);
         assert_eq!(code, Some(1), "{out} {err:?}");
         assert_eq!(err.len(), 1, "{err:?}");
         assert!(err[0].contains("no worker 7"), "{err:?}");
         let gone = Path::new("/nonexistent/clb.sock");
-        let (code, _, err) = logs(gone, &[]);
+        let (code, _, err) = logs(Target::Control(gone), &[]);
         let mut status = Command::new(workspace_binary("cluster-lb"));
         status.args(["status", "--control", "/nonexistent/clb.sock"]);
         let (status_code, _, status_err) = cluster_lb_tests::run_to_end(status);
@@ -187,10 +231,16 @@ fn logs_shows_the_last_lines_one_workers_and_json() {
 fn logs_follow_shows_new_lines_as_they_come() {
     root_test("logs_follow", || {
         let chatty = chatty();
-        let cluster = Cluster::serving(2, ADDR, &["python3", &chatty]);
-        let mut follower = Command::new(workspace_binary("cluster-lb"))
-            .args(["logs", "-f", "-n", "1", "--control"])
-            .arg(cluster.control())
+        let run_dir = cluster_lb_tests::run_dir();
+        let cluster = Cluster::start_named(
+            &run_dir,
+            "api",
+            &[
+                "run", "--name", "api", "-w", "2", "--listen", ADDR, "--", "python3", &chatty,
+            ],
+        );
+        cluster.wait_until_ready(2);
+        let mut follower = logs_command(Target::Named(&run_dir, "api"), &["-f", "-n", "1"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -397,7 +447,7 @@ fn a_follower_that_never_reads_costs_the_primary_no_memory() {
         drop(more);
 
         // The ring is bounded in lines and bytes; binary output is escaped in text.
-        let json = log_lines(&control, &["--json", "-n", "1000000"]);
+        let json = log_lines(Target::Control(&control), &["--json", "-n", "1000000"]);
         assert!(json.len() <= 1000, "{} lines", json.len());
         let text_bytes: usize = json
             .iter()
@@ -407,7 +457,7 @@ fn a_follower_that_never_reads_costs_the_primary_no_memory() {
             })
             .sum();
         assert!(text_bytes <= 4 * 1024 * 1024, "{text_bytes} bytes of text");
-        let text = log_lines(&control, &["-n", "200", "--worker", "0"]);
+        let text = log_lines(Target::Control(&control), &["-n", "200", "--worker", "0"]);
         assert!(
             text.iter().any(|l| l.contains("\\x1b")),
             "binary output escaped"
