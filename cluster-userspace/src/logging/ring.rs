@@ -23,6 +23,9 @@ use super::Stream;
 pub const MOST_LINES: usize = 1000;
 /// The most bytes of text (plus [`OVERHEAD`] per line) the ring keeps: 4 MiB.
 pub const MOST_BYTES: usize = 4 * 1024 * 1024;
+/// The longest text a line keeps (a worker's longest line; the primary's own lines can quote
+/// a message of up to 64 MiB): the rest is cut, and the line says how long it was.
+pub const LONGEST_LINE: usize = 16 * 1024;
 /// What a line costs beyond its text (its fields, its place in the ring), for the byte bound.
 const OVERHEAD: usize = 96;
 
@@ -140,9 +143,18 @@ impl Ring {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Keeps `line`, and lets the oldest lines go past either bound (the newest line always
-    /// stays: a single line is at most a worker's longest line, 16 KiB).
-    pub fn record(&self, line: LogLine) {
+    /// Keeps `line` (cut to [`LONGEST_LINE`]), and lets the oldest lines go past either bound
+    /// (the newest line always stays).
+    pub fn record(&self, mut line: LogLine) {
+        if line.text.len() > LONGEST_LINE {
+            let mut cut = LONGEST_LINE;
+            while !line.text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let length = line.text.len();
+            line.text.truncate(cut);
+            line.text.push_str(&format!("... ({length} bytes)"));
+        }
         let next = {
             let mut inner = self.inner();
             inner.bytes += line.cost();
@@ -307,8 +319,24 @@ mod tests {
         assert!(lines.len() < 10 && lines.len() > 5, "{}", lines.len());
         assert!(lines.last().is_some_and(|l| l.starts_with("0099")));
         // A line larger than the bound is still kept, alone.
-        ring.record(line(Some(0), &"y".repeat(2 * bound)));
+        ring.record(line(Some(0), &"y".repeat(bound + 100)));
         assert_eq!(ring.held().0, 1);
+    }
+
+    #[test]
+    fn a_line_longer_than_the_longest_is_cut_and_says_how_long_it_was() {
+        let ring = Ring::new(10, usize::MAX);
+        let long = format!("{}é{}", "a".repeat(LONGEST_LINE - 1), "b".repeat(1 << 20));
+        ring.record(line(None, &long));
+        let kept = last(&ring, 1, None);
+        let suffix = format!("... ({} bytes)", long.len());
+        assert!(
+            kept[0].ends_with(&suffix),
+            "{}",
+            &kept[0][LONGEST_LINE - 8..]
+        );
+        assert_eq!(kept[0].len(), LONGEST_LINE - 1 + suffix.len());
+        assert!(ring.held().1 < LONGEST_LINE + 200);
     }
 
     #[test]
