@@ -471,3 +471,100 @@ fn a_follower_that_never_reads_costs_the_primary_no_memory() {
         drop(primary);
     });
 }
+
+/// `run --log-file FILE --log-file-size 16K`: the log goes to FILE, not to stdout or stderr;
+/// at 16 KiB it becomes FILE.1 and a new FILE begins (neither much larger than 16 KiB);
+/// after FILE is moved away (as logrotate does), SIGUSR1 makes the primary write a new FILE.
+/// `logs` reads the same lines from the primary either way.
+#[test]
+fn the_log_file_rotates_at_its_size_and_reopens_on_sigusr1() {
+    root_test("logs_log_file", || {
+        let dir = cluster_lb_tests::run_dir();
+        let file = dir.join("cluster.log");
+        let rotated = dir.join("cluster.log.1");
+        let chatty = chatty();
+        let file_arg = file.display().to_string();
+        let cluster = Cluster::start(&[
+            "run",
+            "--log-file",
+            &file_arg,
+            "--log-file-size",
+            "16K",
+            "-w",
+            "2",
+            "--listen",
+            ADDR,
+            "--",
+            "python3",
+            &chatty,
+        ]);
+        cluster.wait_until_ready(2);
+        let control = cluster.control().to_path_buf();
+        let read = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
+        let mut requests = 0;
+        while !rotated.exists() {
+            assert!(requests < 2000, "no rotation after {requests} requests");
+            get(addr()).expect("a request");
+            requests += 1;
+        }
+        // A few more, so the new file has lines too.
+        for _ in 0..5 {
+            get(addr()).expect("a request");
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !read(&file).contains("\"line\":\"request ") {
+            assert!(Instant::now() < deadline, "no request line in the new file");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (now, before) = (read(&file), read(&rotated));
+        eprintln!(
+            "rotated after {requests} requests: {} bytes in FILE.1, {} in FILE",
+            before.len(),
+            now.len()
+        );
+        let most = 16 * 1024 + 1024;
+        assert!(
+            before.len() <= most && now.len() <= most,
+            "{} {}",
+            before.len(),
+            now.len()
+        );
+        assert!(
+            before.contains("\"event\":\"ready\""),
+            "the first events: {before}"
+        );
+        assert!(
+            before.lines().chain(now.lines()).all(|l| l.ends_with('}')),
+            "whole lines"
+        );
+        assert!(
+            !cluster.lines().iter().any(|l| l.contains("request ")),
+            "nothing on stdout or stderr: {:#?}",
+            cluster.lines()
+        );
+
+        // logrotate moves it; SIGUSR1; the next lines are in a new FILE.
+        let moved = dir.join("moved.log");
+        std::fs::rename(&file, &moved).expect("moving the log file");
+        cluster_lb_tests::signal(cluster.pid(), nix::sys::signal::Signal::SIGUSR1);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !read(&file).contains("SIGUSR1: reopened the log file") {
+            assert!(Instant::now() < deadline, "no new log file after SIGUSR1");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let served = get(addr()).expect("a request after SIGUSR1").worker;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !read(&file).contains(&format!("to worker {served}\"")) {
+            assert!(Instant::now() < deadline, "no request line after SIGUSR1");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            !read(&moved).contains("SIGUSR1"),
+            "the moved file got nothing more"
+        );
+        assert_eq!(fetch_status(&control).expect("status").workers.len(), 2);
+        let last = log_lines(Target::Control(&control), &["-n", "3"]);
+        assert!(last.iter().any(|l| l.contains("request ")), "{last:#?}");
+        assert!(cluster.stop().status.success());
+    });
+}

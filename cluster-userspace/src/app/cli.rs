@@ -369,6 +369,17 @@ pub struct RunArgs {
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     pub log_format: Format,
 
+    /// Append the log (the primary's lines and its workers') to FILE instead of writing it to
+    /// stdout and stderr. At --log-file-size, FILE becomes FILE.1 (replacing the one before)
+    /// and a new FILE begins; SIGUSR1 reopens FILE (after logrotate moved it). A symbolic link
+    /// at FILE is refused. `cluster-lb logs` works either way
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<std::path::PathBuf>,
+
+    /// The size at which --log-file is rotated [default: 10M]
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+    pub log_file_size: Option<usize>,
+
     /// The signal that asks a worker to stop when it has no `disconnect` to hear (not a Node
     /// or cluster-lb channel), and that a Node worker lingering after `disconnect` gets: TERM,
     /// or e.g. INT for apps written for PM2, which clean up on SIGINT [default: TERM; INT for
@@ -617,11 +628,15 @@ impl RunArgs {
             env: self.worker_env,
             cwd: self.cwd,
         };
+        let log_file_size = self
+            .log_file_size
+            .map_or(crate::logging::file::DEFAULT_SIZE, |size| size as u64);
         Ok(RunOptions {
             supervisor,
             name,
             control: Some(control),
             metrics: self.metrics.map(|addr| addr.socket_addr()),
+            log_file: self.log_file.map(|path| (path, log_file_size)),
         })
     }
 }

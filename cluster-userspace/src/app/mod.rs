@@ -72,6 +72,24 @@ fn check_takeover(options: &run::RunOptions, state: Result<State, StateError>) -
     }
 }
 
+/// `--log-file`: from now on the log goes there. False (and one line on stderr) when it cannot
+/// be opened.
+fn open_log_file(options: &run::RunOptions) -> bool {
+    let Some((path, size)) = &options.log_file else {
+        return true;
+    };
+    match logging::file::start(path, *size) {
+        Ok(()) => true,
+        Err(error) => {
+            eprintln!(
+                "cluster-lb: error: cannot open the log file {}: {error}",
+                path.display()
+            );
+            false
+        }
+    }
+}
+
 /// The `cluster-lb` command: parses the command line and dispatches.
 pub fn main() -> ExitCode {
     let Parsed {
@@ -113,6 +131,7 @@ pub fn main() -> ExitCode {
             }
             match args.into_options() {
                 Ok(options) => match upgrade {
+                    _ if !open_log_file(&options) => return ExitCode::FAILURE,
                     Handover::None => run::run(options).map_err(Into::into),
                     Handover::Check(state) => return check_takeover(&options, state),
                     Handover::Resume(state) => match state {

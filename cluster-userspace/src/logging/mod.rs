@@ -15,6 +15,7 @@
 //! Every line is also kept in a bounded ring ([`ring`]) for `cluster-lb logs`, before and
 //! whatever becomes of it on stdout and stderr.
 
+pub mod file;
 pub mod ring;
 
 use std::{
@@ -326,8 +327,12 @@ fn write_line(stream: Stream, line: &str) {
     }
 }
 
-/// One write_all on a locked handle: whole lines, never interleaved.
+/// One write_all on a locked handle: whole lines, never interleaved. With --log-file, to the
+/// file.
 fn write_now(stream: Stream, bytes: &[u8]) {
+    if file::write(bytes) {
+        return;
+    }
     let _ = match stream {
         Stream::Stdout => std::io::stdout().lock().write_all(bytes),
         Stream::Stderr => std::io::stderr().lock().write_all(bytes),
