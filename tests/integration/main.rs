@@ -9,6 +9,7 @@ mod config_file;
 mod failures;
 mod hardening;
 mod health;
+mod logs;
 mod messages;
 mod named_clusters;
 mod node;

@@ -207,7 +207,9 @@ fn check_binary(binary: &Path) -> Result<()> {
         );
     }
     let help = output(Command::new(binary).arg("--help"))?;
-    for subcommand in ["run", "status", "top", "reload", "scale", "stop", "send"] {
+    for subcommand in [
+        "run", "status", "logs", "top", "reload", "scale", "stop", "send",
+    ] {
         if !help.lines().any(|l| l.trim_start().starts_with(subcommand)) {
             bail!("{} --help does not list {subcommand}", binary.display());
         }

@@ -192,6 +192,11 @@ impl Acceptor {
         }
     }
 
+    /// How many connections this server holds at once.
+    pub fn slots(&self) -> usize {
+        self.limits.slots
+    }
+
     /// After a successful accept: a slot for the connection, held until the [`Ticket`] is
     /// dropped. When every slot is held, the connection that has waited longest for its
     /// request is closed to make room; when every one has sent its request, this waits until

@@ -135,6 +135,29 @@ pub enum Command {
         #[command(flatten)]
         control: ControlArg,
     },
+    /// Show the primary's recent log: its own events and every worker's stdout and stderr
+    /// lines, as its text log shows them (control characters escaped), wherever its own output
+    /// goes. The primary keeps the last 1000 lines, at most 4 MiB, in memory; -f then shows new
+    /// lines as they come, until the cluster stops or Ctrl-C. A reader that falls behind by
+    /// more than that is told how many lines it missed ("... N lines dropped").
+    Logs {
+        /// Only the output of this worker id (ids as `status` shows them)
+        #[arg(long, value_name = "ID")]
+        worker: Option<u32>,
+        /// Keep showing new lines as they come (as tail -f)
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// How many of the last lines to show first (0: none, only new ones with -f)
+        #[arg(short = 'n', long, value_name = "LINES", default_value_t = 100,
+              value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+        lines: u32,
+        /// One JSON object per line: time, source (event, worker or primary: the program's
+        /// own primary process), worker, pid, level (events), stream (stdout or stderr), text
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        control: ControlArg,
+    },
     /// Replace the running primary with the binary now at its path, in place: same pid, same
     /// workers, no connection dropped (also: SIGUSR2 to the primary). Refused while a reload
     /// is under way; a new binary that cannot take over leaves the old one in charge.
@@ -347,6 +370,17 @@ pub struct RunArgs {
     /// Log lines as text or as JSON objects, one per line
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     pub log_format: Format,
+
+    /// Append the log (the primary's lines and its workers') to FILE instead of writing it to
+    /// stdout and stderr. At --log-file-size, FILE becomes FILE.1 (replacing the one before)
+    /// and a new FILE begins; SIGUSR1 reopens FILE (after logrotate moved it). A symbolic link
+    /// at FILE is refused. `cluster-lb logs` works either way
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<std::path::PathBuf>,
+
+    /// The size at which --log-file is rotated [default: 10M]
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+    pub log_file_size: Option<usize>,
 
     /// The signal that asks a worker to stop when it has no `disconnect` to hear (not a Node
     /// or cluster-lb channel), and that a Node worker lingering after `disconnect` gets: TERM,
@@ -607,11 +641,15 @@ impl RunArgs {
             env: self.worker_env,
             cwd: self.cwd,
         };
+        let log_file_size = self
+            .log_file_size
+            .map_or(crate::logging::file::DEFAULT_SIZE, |size| size as u64);
         Ok(RunOptions {
             supervisor,
             name,
             control: Some(control),
             metrics: self.metrics.map(|addr| addr.socket_addr()),
+            log_file: self.log_file.map(|path| (path, log_file_size)),
         })
     }
 }
@@ -738,6 +776,72 @@ mod tests {
         assert!(both.unwrap_err().contains("cannot be used with"));
         let bad = target(&["cluster-lb", "stop", "--name", "../etc"]);
         assert!(bad.unwrap_err().contains("is not a cluster name"));
+    }
+
+    #[test]
+    fn logs_takes_a_worker_follow_lines_and_json() {
+        let logs = |args: &[&str]| match Cli::try_parse_from(args).map(|cli| cli.command) {
+            Ok(Command::Logs {
+                worker,
+                follow,
+                lines,
+                json,
+                control,
+            }) => Ok((worker, follow, lines, json, control.target())),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(one_line_error(&e)),
+        };
+        use crate::app::client::Target;
+        assert_eq!(
+            logs(&["cluster-lb", "logs"]).unwrap(),
+            (None, false, 100, false, Target::Unnamed)
+        );
+        assert_eq!(
+            logs(&[
+                "cluster-lb",
+                "logs",
+                "-f",
+                "-n",
+                "5",
+                "--worker",
+                "2",
+                "--json"
+            ])
+            .unwrap(),
+            (Some(2), true, 5, true, Target::Unnamed)
+        );
+        let (_, follow, lines, _, target) = logs(&[
+            "cluster-lb",
+            "logs",
+            "--follow",
+            "--lines",
+            "0",
+            "--name",
+            "api",
+        ])
+        .unwrap();
+        assert_eq!((follow, lines), (true, 0));
+        assert_eq!(target, Target::Name("api".parse().unwrap()));
+        for bad in [
+            &["cluster-lb", "logs", "-n", "-1"][..],
+            &["cluster-lb", "logs", "-n", "many"],
+            &["cluster-lb", "logs", "--worker", "x"],
+        ] {
+            let error = logs(bad).unwrap_err();
+            assert!(!error.contains('\n'), "one line: {error}");
+        }
+        // The help states the ring's bounds as they are.
+        let help = <Cli as clap::CommandFactory>::command()
+            .find_subcommand_mut("logs")
+            .map(|c| c.render_long_help().to_string())
+            .unwrap_or_default();
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        let bounds = format!(
+            "the last {} lines, at most {} MiB",
+            crate::logging::ring::MOST_LINES,
+            crate::logging::ring::MOST_BYTES / (1024 * 1024)
+        );
+        assert!(help.contains(&bounds), "{help}");
     }
 
     #[test]

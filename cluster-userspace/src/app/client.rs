@@ -1,4 +1,4 @@
-//! The `status`, `reload`, `scale`, `stop` and `send` subcommands: find the cluster meant (by
+//! The `status`, `logs`, `reload`, `scale`, `stop` and `send` subcommands: find the cluster meant (by
 //! `--control PATH`, by `--name`, or the only one running), talk to its primary over its
 //! control socket and print what it says.
 
@@ -56,7 +56,12 @@ impl Target {
     /// Sends `what` to the cluster meant; a name nobody answers for says so.
     fn request(&self, what: &Request, timeout: Duration) -> Result<Reply, ControlError> {
         let path = self.socket()?;
-        request(&path, what, timeout).map_err(|error| match (self, error) {
+        request(&path, what, timeout).map_err(|error| self.named(error))
+    }
+
+    /// `error`, saying that no cluster of the name answers when it is that.
+    fn named(&self, error: ControlError) -> ControlError {
+        match (self, error) {
             (Target::Name(name), ControlError::Unreachable { path, source }) => {
                 ControlError::NoSuchName {
                     name: name.clone(),
@@ -65,7 +70,7 @@ impl Target {
                 }
             }
             (_, error) => error,
-        })
+        }
     }
 }
 
@@ -201,6 +206,115 @@ pub fn parse_message(text: &str) -> Result<serde_json::Value, MessageError> {
     Ok(data)
 }
 
+/// What `cluster-lb logs` was asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogsOptions {
+    pub lines: u32,
+    pub worker: Option<u32>,
+    pub follow: bool,
+    pub json: bool,
+}
+
+/// `cluster-lb logs`: prints the last lines of the primary's log, and with `follow` every new
+/// one until the primary stops (or this process is interrupted). A reader of stdout that goes
+/// away (`| head`) ends it quietly.
+pub fn logs(target: &Target, options: &LogsOptions) -> Result<(), ControlError> {
+    let path = target.socket()?;
+    let io = |source: std::io::Error| match source.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ControlError::Timeout {
+            path: path.clone(),
+            timeout: QUICK_TIMEOUT,
+        },
+        _ => ControlError::Io {
+            path: path.clone(),
+            source,
+        },
+    };
+    let mut stream = std::os::unix::net::UnixStream::connect(&path).map_err(|source| {
+        target.named(ControlError::Unreachable {
+            path: path.clone(),
+            source,
+        })
+    })?;
+    // A follower waits for lines as long as they take; a plain request gets them at once.
+    let timeout = (!options.follow).then_some(QUICK_TIMEOUT);
+    stream.set_read_timeout(timeout).map_err(io)?;
+    let request = Request::Logs {
+        lines: options.lines,
+        worker: options.worker,
+        follow: options.follow,
+    };
+    let mut line = serde_json::to_string(&request).map_err(|e| io(std::io::Error::other(e)))?;
+    line.push('\n');
+    std::io::Write::write_all(&mut stream, line.as_bytes()).map_err(io)?;
+    let mut reader = std::io::BufReader::new(stream);
+    let stdout = std::io::stdout();
+    let mut answer = String::new();
+    loop {
+        answer.clear();
+        if std::io::BufRead::read_line(&mut reader, &mut answer).map_err(io)? == 0 {
+            if options.follow {
+                // Killed, or replaced by `cluster-lb upgrade`: the log goes on without us.
+                eprintln!(
+                    "cluster-lb: the primary at {} closed the log (stopped or upgraded)",
+                    path.display()
+                );
+                return Ok(());
+            }
+            return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        let reply: Reply =
+            serde_json::from_str(answer.trim()).map_err(|e| ControlError::BadAnswer {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?;
+        let printed = match &reply {
+            Reply::Log { line } if options.json => serde_json::to_string(line).map(json_safe),
+            Reply::Dropped { lines } if options.json => Ok(json_safe(
+                serde_json::json!({"dropped": lines, "text": reply.to_string()}).to_string(),
+            )),
+            Reply::Log { .. } | Reply::Dropped { .. } => Ok(reply.to_string()),
+            Reply::End => return Ok(()),
+            Reply::Refused { error } => return Err(ControlError::Refused(error.clone())),
+            other => return Err(unexpected(&path, other)),
+        };
+        let printed = printed.map_err(|e| ControlError::BadAnswer {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        let mut out = stdout.lock();
+        let written = std::io::Write::write_all(&mut out, printed.as_bytes())
+            .and_then(|()| std::io::Write::write_all(&mut out, b"\n"))
+            .and_then(|()| std::io::Write::flush(&mut out));
+        match written {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(source) => {
+                return Err(ControlError::Io {
+                    path: PathBuf::from("stdout"),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// JSON with the C1 control characters (U+0080 to U+009F, which serde_json leaves as they
+/// are, and some terminals obey) escaped too: a worker's text cannot reach the terminal as an
+/// escape sequence in --json either. Outside strings JSON is ASCII, so this only touches
+/// strings, and the value read back is the same.
+fn json_safe(json: String) -> String {
+    if !json.chars().any(|c| ('\u{80}'..='\u{9f}').contains(&c)) {
+        return json;
+    }
+    json.chars()
+        .map(|c| match c {
+            '\u{80}'..='\u{9f}' => format!("\\u{:04x}", c as u32),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
 fn say(reply: Reply) -> Result<(), ControlError> {
     println!("{reply}");
     Ok(())
@@ -291,6 +405,23 @@ pub fn table(status: &ClusterStatus) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_output_escapes_c1_controls_and_reads_back_the_same() {
+        let line = serde_json::json!({"text": "a\u{1b}[31m b\u{9b}2J c\u{85}"});
+        let printed = json_safe(line.to_string());
+        assert!(
+            printed.is_ascii() || !printed.contains('\u{9b}'),
+            "{printed}"
+        );
+        assert!(
+            !printed.contains('\u{1b}') && !printed.contains('\u{85}'),
+            "{printed}"
+        );
+        assert!(printed.contains(r"\u009b"), "{printed}");
+        let back: serde_json::Value = serde_json::from_str(&printed).unwrap();
+        assert_eq!(back, line);
+    }
 
     #[test]
     fn a_message_must_be_one_json_value_of_bounded_size() {

@@ -1,6 +1,7 @@
 //! The control socket: a Unix stream socket (mode 0600) where `cluster-lb status | reload |
-//! scale N | stop | send` reach a running primary. One JSON [`Request`] line in, one JSON [`Reply`]
-//! line out; both sides use these types, so they cannot drift apart.
+//! scale N | stop | send | logs` reach a running primary. One JSON [`Request`] line in, one JSON
+//! [`Reply`] line out (`logs`: a [`Reply::Log`] line per log line, then [`Reply::End`]); both
+//! sides use these types, so they cannot drift apart.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -19,7 +20,10 @@ use super::{
     accept::{Acceptor, Ticket, REPLY_DEADLINE},
     names::ClusterName,
 };
-use crate::supervisor::{ClusterStatus, Handle, Recipients};
+use crate::{
+    logging::ring::{self, LogLine},
+    supervisor::{ClusterStatus, Handle, Recipients},
+};
 
 /// Longest request line accepted: room for a `send` of the longest message that fits a
 /// datagram of cluster-lb's IPC, and its envelope.
@@ -42,6 +46,15 @@ pub enum Request {
     Send {
         to: Recipients,
         data: serde_json::Value,
+    },
+    /// The last `lines` lines of the primary's log (of one worker id's output with `worker`);
+    /// with `follow`, then every new one until the primary stops or the client hangs up.
+    Logs {
+        lines: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        worker: Option<u32>,
+        #[serde(default)]
+        follow: bool,
     },
 }
 
@@ -71,6 +84,16 @@ pub enum Reply {
     Sent {
         workers: u32,
     },
+    /// One line of the primary's log (`logs`).
+    Log {
+        line: LogLine,
+    },
+    /// This many lines left the primary's log before a `logs -f` client read them.
+    Dropped {
+        lines: u64,
+    },
+    /// The last answer to `logs`: nothing more follows.
+    End,
     /// The request was not carried out; `error` says why in one line.
     Refused {
         error: String,
@@ -97,6 +120,11 @@ impl std::fmt::Display for Reply {
             ),
             Reply::Sent { workers: 1 } => f.write_str("sent to 1 worker"),
             Reply::Sent { workers } => write!(f, "sent to {workers} workers"),
+            Reply::Log { line } => f.write_str(&crate::logging::text_line(line)),
+            Reply::Dropped { lines } => {
+                write!(f, "... {lines} lines dropped (this reader fell behind)")
+            }
+            Reply::End => f.write_str("end of the log"),
             Reply::Refused { error } => f.write_str(error),
         }
     }
@@ -276,6 +304,11 @@ fn accept_loop(
     let owner = nix::unistd::geteuid().as_raw();
     tokio::spawn(async move {
         let mut acceptor = Acceptor::new("control socket");
+        // Followers hold their slots as long as they follow: half stay for everyone else.
+        FOLLOWER_LIMIT.store(
+            (acceptor.slots() / 2).clamp(1, MOST_FOLLOWERS),
+            std::sync::atomic::Ordering::Release,
+        );
         loop {
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
@@ -336,6 +369,15 @@ async fn answer(
             Err(e) => Reply::Refused {
                 error: format!("bad request: {e}"),
             },
+            Ok(Request::Logs {
+                lines,
+                worker,
+                follow,
+            }) => {
+                drop(connection);
+                let reader = reader.into_inner().into_inner();
+                return logs(reader, writer, &handle, lines, worker, follow).await;
+            }
             Ok(Request::Upgrade) => match handle.upgrade(Some(connection)).await {
                 Some(error) => Reply::Refused {
                     error: error.to_string(),
@@ -391,6 +433,190 @@ async fn execute(request: Request, handle: &Handle, name: &ClusterName) -> Reply
             Err(error) => refused(&error),
         },
         Request::Upgrade => refused(&"an upgrade is answered by the connection that asked"),
+        Request::Logs { .. } => refused(&"logs are answered on the connection that asked"),
+    }
+}
+
+/// The most `logs -f` clients a primary serves at once; each also holds a connection slot of
+/// the control socket, and they may hold half of its slots at most (fewer than 32 when the
+/// primary has few descriptors), so `status` always finds one.
+pub const MOST_FOLLOWERS: usize = 32;
+static FOLLOWER_LIMIT: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(MOST_FOLLOWERS);
+/// Followers now.
+static FOLLOWERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// How much one `logs` connection takes from the ring at once (lines, bytes of text), and so
+/// holds while its client reads.
+const FOLLOW_BATCH: (usize, usize) = (256, 64 * 1024);
+
+/// A follower's place among [`FOLLOWERS`], given back when it ends.
+struct Following;
+
+impl Following {
+    fn start() -> Option<Following> {
+        use std::sync::atomic::Ordering;
+        let limit = FOLLOWER_LIMIT.load(Ordering::Acquire);
+        FOLLOWERS
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Following)
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        FOLLOWERS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Appends `reply` as one JSON line.
+fn push_reply(out: &mut Vec<u8>, reply: &Reply) -> std::io::Result<()> {
+    serde_json::to_writer(&mut *out, reply).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    Ok(())
+}
+
+/// Answers `logs`: the last `count` lines (of worker `worker`), then, when following, every
+/// new line as it comes until the primary stops (then [`Reply::End`]) or the client hangs up.
+/// A follower holds no queue: it reads the ring from where it is, so one whose client does not
+/// read waits in its write with at most one batch, and later learns how many lines it missed.
+async fn logs(
+    mut reader: tokio::net::unix::OwnedReadHalf,
+    mut writer: tokio::net::unix::OwnedWriteHalf,
+    handle: &Handle,
+    count: u32,
+    worker: Option<u32>,
+    follow: bool,
+) -> std::io::Result<()> {
+    let refuse = |error: String| Reply::Refused { error };
+    let mut out = Vec::new();
+    let mut refusal = None;
+    if let Some(id) = worker {
+        if !ring::ring().has_worker(id) {
+            match handle.status().await {
+                Some(status) if status.wants(id) || status.workers.iter().any(|w| w.id == id) => {}
+                Some(status) => {
+                    refusal = Some(refuse(format!(
+                        "no worker {id} in this cluster (its workers: {})",
+                        worker_ids(&status)
+                    )))
+                }
+                None => refusal = Some(refuse("the primary is stopping".into())),
+            }
+        }
+    }
+    let following = match follow {
+        true if refusal.is_none() => match Following::start() {
+            Some(following) => Some(following),
+            None => {
+                let limit = FOLLOWER_LIMIT.load(std::sync::atomic::Ordering::Acquire);
+                refusal = Some(refuse(format!(
+                    "{limit} clients already follow this cluster's log (the most it serves); \
+                     try again later"
+                )));
+                None
+            }
+        },
+        _ => None,
+    };
+    if let Some(refusal) = refusal {
+        push_reply(&mut out, &refusal)?;
+        return write_within_deadline(&mut writer, &out).await;
+    }
+    let wanted = usize::try_from(count).unwrap_or(usize::MAX);
+    let (from, end) = ring::ring().last(wanted, worker);
+    // A plain request gets the lines up to where the log ended when it came, within the
+    // reply deadline; a follower goes on.
+    let until = if following.is_some() { u64::MAX } else { end };
+    let send = async {
+        let mut next = from;
+        let mut changes = ring::ring().watch();
+        let mut scratch = [0u8; 64];
+        loop {
+            if !out.is_empty() {
+                // A follower waits here however long its client takes to read: what it
+                // holds meanwhile is one batch; the ring is what is bounded.
+                writer.write_all(&out).await?;
+                out.clear();
+            }
+            changes.borrow_and_update();
+            let batch = ring::ring().since(next, until, worker, FOLLOW_BATCH);
+            next = batch.next;
+            if batch.dropped > 0 {
+                push_reply(
+                    &mut out,
+                    &Reply::Dropped {
+                        lines: batch.dropped,
+                    },
+                )?;
+            }
+            for line in &batch.lines {
+                push_reply(
+                    &mut out,
+                    &Reply::Log {
+                        line: (**line).clone(),
+                    },
+                )?;
+            }
+            if !out.is_empty() {
+                continue;
+            }
+            if following.is_none() || ring::ring().is_closed() {
+                push_reply(&mut out, &Reply::End)?;
+                return writer.write_all(&out).await;
+            }
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                }
+                // The client says nothing after its request: anything readable is its hang-up.
+                _ = reader.read(&mut scratch) => return Ok(()),
+            }
+        }
+    };
+    if following.is_some() {
+        return send.await;
+    }
+    tokio::time::timeout(REPLY_DEADLINE, send)
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+}
+
+/// The wanted worker ids, for a message: "0 to 3", or "1, 2, 5".
+fn worker_ids(status: &ClusterStatus) -> String {
+    match (status.wanted_ids.as_slice(), status.desired) {
+        ([], 0) => "none".into(),
+        ([], 1) => "0".into(),
+        ([], desired) => format!("0 to {}", desired - 1),
+        (ids, _) => ids
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+async fn write_within_deadline(
+    writer: &mut tokio::net::unix::OwnedWriteHalf,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    tokio::time::timeout(REPLY_DEADLINE, writer.write_all(bytes))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+}
+
+/// When the primary stops: followers send what is left and end, within `limit`.
+pub async fn end_followers(limit: Duration) {
+    ring::ring().close();
+    let deadline = tokio::time::Instant::now() + limit;
+    while FOLLOWERS.load(std::sync::atomic::Ordering::Acquire) > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -461,6 +687,65 @@ mod tests {
         );
         let refused: Reply = serde_json::from_str(r#"{"reply":"refused","error":"no"}"#).unwrap();
         assert_eq!(refused.to_string(), "no");
+    }
+
+    #[test]
+    fn logs_requests_and_replies_have_the_documented_shape() {
+        assert_eq!(
+            serde_json::to_string(&Request::Logs {
+                lines: 5,
+                worker: None,
+                follow: false
+            })
+            .unwrap(),
+            r#"{"cmd":"logs","lines":5,"follow":false}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"logs","lines":0,"worker":2,"follow":true}"#)
+                .unwrap(),
+            Request::Logs {
+                lines: 0,
+                worker: Some(2),
+                follow: true
+            }
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"logs","lines":9}"#).unwrap(),
+            Request::Logs {
+                lines: 9,
+                worker: None,
+                follow: false
+            }
+        );
+        let line = LogLine {
+            time: "2026-12-04T07:00:00.000Z".into(),
+            source: ring::Origin::Worker,
+            worker: Some(1),
+            pid: 42,
+            level: None,
+            stream: ring::LineStream::Stderr,
+            text: "\u{1b}]0;owned\u{7}\nfake".into(),
+        };
+        let reply = Reply::Log { line };
+        let text = serde_json::to_string(&reply).unwrap();
+        assert!(
+            text.starts_with(r#"{"reply":"log","line":{"time":"#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<Reply>(&text).unwrap(), reply);
+        // Printed as the primary's text log prints it: prefixed, escaped, one line.
+        assert_eq!(
+            reply.to_string(),
+            "[worker 1 pid 42] \\x1b]0;owned\\x07\\x0afake"
+        );
+        assert_eq!(
+            Reply::Dropped { lines: 7 }.to_string(),
+            "... 7 lines dropped (this reader fell behind)"
+        );
+        assert_eq!(
+            serde_json::to_string(&Reply::End).unwrap(),
+            r#"{"reply":"end"}"#
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The front end: the `cluster-lb` command line (`cli`, `config_file`), what `run` starts
 //! around a supervisor (the control socket and the metrics server), and the client commands
-//! (`status`, `top`, `reload`, `scale`, `stop`, `send`, `upgrade`). Nothing here decides about
+//! (`status`, `logs`, `top`, `reload`, `scale`, `stop`, `send`, `upgrade`). Nothing here decides about
 //! workers: that is the supervisor's; `run` starts it from its `Handle`, as any embedder would.
 
 mod accept;
@@ -73,6 +73,24 @@ fn check_takeover(options: &run::RunOptions, state: Result<State, StateError>) -
     }
 }
 
+/// `--log-file`: from now on the log goes there. False (and one line on stderr) when it cannot
+/// be opened.
+fn open_log_file(options: &run::RunOptions) -> bool {
+    let Some((path, size)) = &options.log_file else {
+        return true;
+    };
+    match logging::file::start(path, *size) {
+        Ok(()) => true,
+        Err(error) => {
+            eprintln!(
+                "cluster-lb: error: cannot open the log file {}: {error}",
+                path.display()
+            );
+            false
+        }
+    }
+}
+
 /// The `cluster-lb` command: parses the command line and dispatches.
 pub fn main() -> ExitCode {
     let Parsed {
@@ -88,7 +106,7 @@ pub fn main() -> ExitCode {
         Err(CommandLineError::Args(error))
             if error.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
         {
-            eprintln!("cluster-lb: error: no command given; use run, status, top, reload, scale, stop or send (see cluster-lb --help)");
+            eprintln!("cluster-lb: error: no command given; use run, status, logs, top, reload, scale, stop or send (see cluster-lb --help)");
             return ExitCode::from(2);
         }
         Err(CommandLineError::Args(error)) if !error.use_stderr() => {
@@ -114,6 +132,7 @@ pub fn main() -> ExitCode {
             }
             match args.into_options() {
                 Ok(options) => match upgrade {
+                    _ if !open_log_file(&options) => return ExitCode::FAILURE,
                     Handover::None => run::run(options).map_err(Into::into),
                     Handover::Check(state) => return check_takeover(&options, state),
                     Handover::Resume(state) => match state {
@@ -163,6 +182,22 @@ pub fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
+        Command::Logs {
+            worker,
+            follow,
+            lines,
+            json,
+            control,
+        } => client::logs(
+            &control.target(),
+            &client::LogsOptions {
+                lines,
+                worker,
+                follow,
+                json,
+            },
+        )
+        .map_err(Into::into),
         Command::Upgrade { control } => client::upgrade(&control.target()).map_err(Into::into),
         Command::GenerateDist { dir } => dist::generate(&dir).map_err(Into::into),
     };

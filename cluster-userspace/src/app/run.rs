@@ -26,6 +26,29 @@ pub struct RunOptions {
     pub control: Option<ControlPath>,
     /// Where to serve Prometheus metrics.
     pub metrics: Option<SocketAddr>,
+    /// `--log-file` and the size it is rotated at.
+    pub log_file: Option<(std::path::PathBuf, u64)>,
+}
+
+/// With --log-file, SIGUSR1 reopens it (the file is opened before, in `app::main`).
+fn reopen_log_file_on_usr1(options: &RunOptions) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Some((path, _)) = &options.log_file else {
+        return;
+    };
+    let path = path.display().to_string();
+    match signal(SignalKind::user_defined1()) {
+        Ok(mut usr1) => {
+            tokio::spawn(async move {
+                while usr1.recv().await.is_some() {
+                    crate::logging::file::reopen();
+                    // This line is the first in the reopened file.
+                    log::info!("SIGUSR1: reopened the log file {path}");
+                }
+            });
+        }
+        Err(error) => log::warn!("SIGUSR1 will not reopen the log file: {error}"),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +68,7 @@ pub fn run(options: RunOptions) -> Result<(), RunError> {
         control::check_free(at, &options.name)?;
     }
     supervisor::block_on(async {
+        reopen_log_file_on_usr1(&options);
         let mut supervisor = Supervisor::new(options.supervisor)?;
         let handle = supervisor.handle();
         // Both before any worker starts, so a bad path or address is an error, not a surprise.
@@ -67,6 +91,8 @@ pub fn run(options: RunOptions) -> Result<(), RunError> {
             metrics,
         });
         supervisor.run().await;
+        // `logs -f` clients get the last lines and an end, not a connection reset.
+        control::end_followers(std::time::Duration::from_secs(1)).await;
         drop(control);
         Ok(())
     })?
@@ -76,6 +102,7 @@ pub fn run(options: RunOptions) -> Result<(), RunError> {
 /// workers, control socket and metrics listener, now served by this binary.
 pub fn resume(options: RunOptions, state: State) -> Result<(), RunError> {
     supervisor::block_on(async {
+        reopen_log_file_on_usr1(&options);
         let Resumed {
             mut supervisor,
             kept,
@@ -112,6 +139,8 @@ pub fn resume(options: RunOptions, state: State) -> Result<(), RunError> {
             );
         }
         supervisor.run().await;
+        // `logs -f` clients get the last lines and an end, not a connection reset.
+        control::end_followers(std::time::Duration::from_secs(1)).await;
         drop(control);
         Ok(())
     })?

@@ -11,6 +11,12 @@
 //! does), its own lines included: they quote what workers said (an address asked for, a field
 //! name), so a worker cannot forge the primary's lines with newlines, carriage returns or
 //! escape sequences.
+//!
+//! Every line is also kept in a bounded ring ([`ring`]) for `cluster-lb logs`, before and
+//! whatever becomes of it on stdout and stderr.
+
+pub mod file;
+pub mod ring;
 
 use std::{
     io::Write,
@@ -79,26 +85,14 @@ impl Log for PrimaryLog {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let message = record.args().to_string();
+        let line = primary_line(record.level(), record.args().to_string());
         if json_mode() {
             let level = record.level().as_str().to_ascii_lowercase();
-            write_json(Stream::Stderr, json!({"level": level, "msg": message}));
-            return;
+            write_json(Stream::Stderr, json!({"level": level, "msg": line.text}));
+        } else {
+            write_line(Stream::Stderr, &text_line(&line));
         }
-        let level = match record.level() {
-            Level::Error => "error: ",
-            Level::Warn => "warning: ",
-            Level::Info | Level::Debug | Level::Trace => "",
-        };
-        write_line(
-            Stream::Stderr,
-            &format!(
-                "{} cluster-lb[{}]: {level}{}",
-                timestamp(),
-                std::process::id(),
-                escape_controls(&message)
-            ),
-        );
+        ring::ring().record(line);
     }
 
     fn flush(&self) {}
@@ -125,6 +119,8 @@ pub fn event(level: Level, text: impl FnOnce() -> String, fields: impl FnOnce() 
     if level > log::max_level() {
         return;
     }
+    // The text form is what the ring keeps, whatever the format.
+    let line = primary_line(level, text());
     if json_mode() {
         let mut fields = fields();
         if let Some(object) = fields.as_object_mut() {
@@ -132,7 +128,45 @@ pub fn event(level: Level, text: impl FnOnce() -> String, fields: impl FnOnce() 
         }
         write_json(Stream::Stderr, fields);
     } else {
-        log::log!(level, "{}", text());
+        write_line(Stream::Stderr, &text_line(&line));
+    }
+    ring::ring().record(line);
+}
+
+/// A line of the primary's own, as the ring keeps it.
+fn primary_line(level: Level, message: String) -> ring::LogLine {
+    ring::LogLine {
+        time: timestamp(),
+        source: ring::Origin::Event,
+        worker: None,
+        pid: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
+        level: Some(level.as_str().to_ascii_lowercase()),
+        stream: ring::LineStream::Stderr,
+        text: message,
+    }
+}
+
+/// A line as the primary writes it in text mode (and `cluster-lb logs` prints it): the
+/// primary's own with its time, pid and level, a worker's prefixed with who printed it, its
+/// control characters escaped.
+pub fn text_line(line: &ring::LogLine) -> String {
+    let text = escape_controls(&line.text);
+    match (line.source, line.worker) {
+        (ring::Origin::Worker, Some(id)) => format!("[worker {id} pid {}] {text}", line.pid),
+        (ring::Origin::Worker, None) => format!("[worker pid {}] {text}", line.pid),
+        (ring::Origin::Primary, _) => format!("[primary pid {}] {text}", line.pid),
+        (ring::Origin::Event, _) => {
+            let level = match line.level.as_deref() {
+                Some("error") => "error: ",
+                Some("warn") => "warning: ",
+                _ => "",
+            };
+            format!(
+                "{} cluster-lb[{}]: {level}{text}",
+                escape_controls(&line.time),
+                line.pid
+            )
+        }
     }
 }
 
@@ -155,15 +189,27 @@ pub fn worker_line(source: Source, pid: i32, stream: Stream, line: &str) {
             stream,
             json!({"primary": true, "pid": pid, "stream": stream.name(), "line": line}),
         ),
-        (false, Source::Worker(id)) => write_line(
-            stream,
-            &format!("[worker {id} pid {pid}] {}", escape_controls(line)),
-        ),
-        (false, Source::Primary) => write_line(
-            stream,
-            &format!("[primary pid {pid}] {}", escape_controls(line)),
-        ),
+        (false, _) => {}
     }
+    let kept = ring::LogLine {
+        time: timestamp(),
+        source: match source {
+            Source::Worker(_) => ring::Origin::Worker,
+            Source::Primary => ring::Origin::Primary,
+        },
+        worker: match source {
+            Source::Worker(id) => Some(id),
+            Source::Primary => None,
+        },
+        pid,
+        level: None,
+        stream: stream.into(),
+        text: line.to_string(),
+    };
+    if !json_mode() {
+        write_line(stream, &text_line(&kept));
+    }
+    ring::ring().record(kept);
 }
 
 /// What a worker said, to quote in a line of the primary: cut to 200 characters (a worker
@@ -281,8 +327,12 @@ fn write_line(stream: Stream, line: &str) {
     }
 }
 
-/// One write_all on a locked handle: whole lines, never interleaved.
+/// One write_all on a locked handle: whole lines, never interleaved. With --log-file, to the
+/// file.
 fn write_now(stream: Stream, bytes: &[u8]) {
+    if file::write(bytes) {
+        return;
+    }
     let _ = match stream {
         Stream::Stdout => std::io::stdout().lock().write_all(bytes),
         Stream::Stderr => std::io::stderr().lock().write_all(bytes),
