@@ -127,7 +127,7 @@ pub fn main() -> ExitCode {
                         eprintln!("cluster-lb: error: {blamed}");
                         return ExitCode::from(2);
                     }
-                    if matches!(error, ConfigError::NoCommand) {
+                    if matches!(error, ConfigError::NoCommand | ConfigError::Chdir { .. }) {
                         eprintln!("cluster-lb: error: {error}");
                         return ExitCode::from(2);
                     }
