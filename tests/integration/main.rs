@@ -6,6 +6,7 @@
 mod balance;
 mod cli_errors;
 mod config_file;
+mod deploys;
 mod failures;
 mod hardening;
 mod health;

@@ -340,3 +340,74 @@ fn user_workers_without_cap_kill_are_refused_in_one_line() {
         );
     });
 }
+
+/// The directives of a unit file (comments and blank lines left out), `Key=value` in order.
+fn unit_directives(relative: &str) -> Vec<String> {
+    repo_file(relative)
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The template's command line: `--config /etc/cluster-lb/%i.toml --name %i`.
+const TEMPLATE_EXEC: &str =
+    "ExecStart=/usr/bin/cluster-lb run --config /etc/cluster-lb/%i.toml --name %i";
+
+#[test]
+fn the_template_unit_is_the_single_unit_but_for_its_instance() {
+    let single = unit_directives("docs/cluster-lb.service");
+    let template = unit_directives("docs/cluster-lb@.service");
+    assert!(
+        template.iter().any(|line| line == TEMPLATE_EXEC),
+        "{template:#?}"
+    );
+    // Everything else (type, stop, restart, capabilities) as in cluster-lb.service.
+    let same =
+        |line: &&String| !line.starts_with("ExecStart=") && !line.starts_with("Description=");
+    assert_eq!(
+        single.iter().filter(same).collect::<Vec<_>>(),
+        template.iter().filter(same).collect::<Vec<_>>()
+    );
+    // The .deb ships it beside cluster-lb.service (xtask dist checks the package built).
+    let manifest = repo_file("cluster-userspace/Cargo.toml");
+    assert!(
+        manifest.contains(
+            r#"["../docs/cluster-lb@.service", "usr/lib/systemd/system/cluster-lb@.service", "644"]"#
+        ),
+        "cluster-userspace/Cargo.toml's deb assets lack the template unit"
+    );
+}
+
+#[test]
+fn the_template_units_command_runs_its_instance() {
+    root_test("template_unit_instance", || {
+        let run_dir = run_dir();
+        // /etc/cluster-lb here; a file whose own name the instance's overrides.
+        let etc = run_dir.join("etc");
+        fs::create_dir_all(&etc).expect("creating the config directory");
+        fs::write(
+            etc.join("api.toml"),
+            format!(
+                "name = \"app\"\nworkers = 2\nlisten = [\"127.0.0.1:8080\"]\ncommand = [\"{}\"]\n",
+                workspace_binary("example-rust-server").display()
+            ),
+        )
+        .expect("writing api.toml");
+        // What systemd runs for cluster-lb@api: %i is the instance, paths mapped to this build.
+        let command = TEMPLATE_EXEC
+            .strip_prefix("ExecStart=/usr/bin/cluster-lb ")
+            .expect("the template runs /usr/bin/cluster-lb")
+            .replace("/etc/cluster-lb/", &format!("{}/", etc.display()))
+            .replace("%i", "api");
+        let args: Vec<&str> = command.split_whitespace().collect();
+        let cluster = Cluster::start_named(&run_dir, "api", &args);
+        let status = cluster.wait_until_ready(2);
+        assert_eq!(status.name.as_deref(), Some("api"));
+        let seen = distribution("127.0.0.1:8080".parse().expect("address"), 8);
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        let stopped = cluster.stop();
+        assert!(stopped.status.success(), "{:?}", stopped.status);
+    });
+}

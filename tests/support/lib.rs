@@ -649,7 +649,8 @@ fn parse_answer(response: &str) -> Option<Answer> {
     }
     let fields: Vec<&str> = body.split_whitespace().collect();
     match fields.as_slice() {
-        ["worker", worker, "pid", pid] => Some(Answer {
+        // More fields (a release's name, say) may follow.
+        ["worker", worker, "pid", pid, ..] => Some(Answer {
             worker: worker.parse().ok()?,
             pid: pid.parse().ok()?,
         }),
@@ -744,5 +745,9 @@ mod tests {
             None
         );
         assert_eq!(parse_answer("garbage"), None);
+        assert_eq!(
+            parse_answer("HTTP/1.0 200 OK\r\n\r\nworker 1 pid 7 release r2 cwd /srv/r2\n"),
+            Some(Answer { worker: 1, pid: 7 })
+        );
     }
 }

@@ -25,9 +25,10 @@ use crate::{cargo, run, target_dir};
 pub const CARGO_DEB_VERSION: &str = "3.8.0";
 
 /// What the .deb must hold (paths as `dpkg-deb -c` prints them).
-const DEB_CONTENTS: [&str; 8] = [
+const DEB_CONTENTS: [&str; 9] = [
     "./usr/bin/cluster-lb",
     "./usr/lib/systemd/system/cluster-lb.service",
+    "./usr/lib/systemd/system/cluster-lb@.service",
     "./usr/share/man/man1/cluster-lb.1.gz",
     "./usr/share/man/man1/cluster-lb-run.1.gz",
     "./usr/share/man/man1/cluster-lb-top.1.gz",
@@ -140,6 +141,10 @@ fn check_deb(deb: &Path) -> Result<()> {
     let unit = fs::read_to_string(scratch.join("usr/lib/systemd/system/cluster-lb.service"))?;
     if !unit.contains("ExecStart=/usr/bin/cluster-lb run") {
         bail!("the packaged unit does not start /usr/bin/cluster-lb");
+    }
+    let template = fs::read_to_string(scratch.join("usr/lib/systemd/system/cluster-lb@.service"))?;
+    if !template.contains("ExecStart=/usr/bin/cluster-lb run --config /etc/cluster-lb/%i.toml") {
+        bail!("the packaged template unit does not run /etc/cluster-lb/INSTANCE.toml");
     }
     eprintln!(
         "xtask: {} holds {} files; Depends: {}",

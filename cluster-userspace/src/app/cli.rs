@@ -1,6 +1,10 @@
 //! Command-line interface. Parsing only; `main.rs` dispatches and `supervisor` does the work.
 
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use clap::{Args, Parser, Subcommand};
 use cluster_common::MAX_WORKERS;
@@ -48,6 +52,11 @@ pub enum ConfigError {
     MemoryCeilingBelowLimit { soft: String, hard: String },
     #[error("no command to run: give it after -- (cluster-lb run [OPTIONS] -- CMD [ARGS]...) or as `command` in the --config file")]
     NoCommand,
+    #[error("--chdir {}: {problem}", .dir.display())]
+    Chdir {
+        dir: std::path::PathBuf,
+        problem: String,
+    },
     #[error(transparent)]
     Launcher(#[from] super::launcher::LauncherError),
     #[error(transparent)]
@@ -63,6 +72,7 @@ impl ConfigError {
             ConfigError::MetricsOnListen(_) => "metrics",
             ConfigError::RoundRobinUdp(_) => "strategy",
             ConfigError::NoCommand | ConfigError::Launcher(_) => "command",
+            ConfigError::Chdir { .. } => "cwd",
             ConfigError::MemoryCeilingBelowLimit { .. } => "max_memory_hard",
             ConfigError::User(UserError::GroupWithoutUser | UserError::NoSuchGroup(_)) => "group",
             ConfigError::User(_) => "user",
@@ -320,6 +330,13 @@ pub struct RunArgs {
     #[arg(long)]
     pub allow_io_uring: bool,
 
+    /// The directory every worker starts in, kept as given: each new worker enters it anew, so
+    /// with a symlink (/srv/app/current -> releases/...) a reload runs the release it points
+    /// to then; a relative program (./server) is found there. Config file key: cwd [default:
+    /// $PWD when it is this directory reached through a symlink, else this directory]
+    #[arg(long, value_name = "DIR")]
+    pub chdir: Option<std::path::PathBuf>,
+
     /// Let --user workers get ports below 1024 by asking for them (queryServer) when no
     /// --listen names them
     #[arg(long)]
@@ -421,10 +438,6 @@ pub struct RunArgs {
     /// Variables the workers get over the primary's environment (from an ecosystem file)
     #[arg(skip)]
     pub worker_env: Vec<(String, String)>,
-
-    /// The directory the workers start in (from an ecosystem file's cwd)
-    #[arg(skip)]
-    pub cwd: Option<std::path::PathBuf>,
 
     /// The worker program and its arguments
     #[arg(last = true, required_unless_present = "config", value_name = "CMD")]
@@ -535,17 +548,6 @@ impl RunArgs {
         if self.command.is_empty() {
             return Err(ConfigError::NoCommand);
         }
-        if self.node != NodeMode::Off {
-            // `npm start` and the like: the package script's node command, run directly.
-            let dir = match &self.cwd {
-                Some(dir) => dir.clone(),
-                None => std::env::current_dir().unwrap_or_else(|_| ".".into()),
-            };
-            let resolved = super::launcher::resolve(std::mem::take(&mut self.command), &dir)?;
-            self.command = resolved.command;
-            // The script's own assignments first, so an ecosystem file's env overrides them.
-            self.worker_env.splice(0..0, resolved.env);
-        }
         let mut seen = HashSet::new();
         for addr in &self.listen {
             if !seen.insert(*addr) {
@@ -588,6 +590,35 @@ impl RunArgs {
                 .unwrap_or(1)
                 .min(MAX_WORKERS),
         };
+        let cwd = match self.chdir {
+            Some(dir) => Some(checked_directory(dir)?),
+            None => {
+                let here = std::env::current_dir().ok();
+                let logical = here.as_deref().and_then(|here| {
+                    through_symlink(std::env::var_os("PWD").as_deref().map(Path::new), here)
+                });
+                if let (Some(dir), Some(here)) = (&logical, &here) {
+                    log::info!(
+                        "the workers start in {} ($PWD), this directory ({}) by the path it was reached through: each new worker follows its symlinks anew (--chdir to choose another)",
+                        dir.display(),
+                        here.display()
+                    );
+                }
+                logical
+            }
+        };
+        if self.node != NodeMode::Off {
+            // `npm start` and the like: the package script's node command, run directly. Its
+            // package.json is the one in the workers' directory.
+            let dir = match &cwd {
+                Some(dir) => dir.clone(),
+                None => std::env::current_dir().unwrap_or_else(|_| ".".into()),
+            };
+            let resolved = super::launcher::resolve(std::mem::take(&mut self.command), &dir)?;
+            self.command = resolved.command;
+            // The script's own assignments first, so an ecosystem file's env overrides them.
+            self.worker_env.splice(0..0, resolved.env);
+        }
         let credentials = privileges::resolve(self.user.as_deref(), self.group.as_deref())?;
         privileges::require_capabilities(credentials.as_ref())?;
         let name = self
@@ -639,7 +670,7 @@ impl RunArgs {
             instance_var: self.instance_var,
             increment_var: self.increment_var,
             env: self.worker_env,
-            cwd: self.cwd,
+            cwd,
         };
         let log_file_size = self
             .log_file_size
@@ -652,6 +683,30 @@ impl RunArgs {
             log_file: self.log_file.map(|path| (path, log_file_size)),
         })
     }
+}
+
+/// `dir` if it is a directory now (the workers enter it at each start, so it may change, or
+/// vanish, later).
+fn checked_directory(dir: PathBuf) -> Result<PathBuf, ConfigError> {
+    let problem = match std::fs::metadata(&dir) {
+        Ok(meta) if meta.is_dir() => return Ok(dir),
+        Ok(_) => "not a directory".to_string(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "no such directory".to_string(),
+        Err(e) => e.to_string(),
+    };
+    Err(ConfigError::Chdir { dir, problem })
+}
+
+/// What Unicorn does: `pwd`, the directory as the shell reached it, when it is `here` (the
+/// same device and inode) by another path, one through a symlink such as /srv/app/current.
+/// Workers started there follow the link anew each time; `here`, which the kernel resolved
+/// once, would keep them in the release it pointed to when cluster-lb started.
+fn through_symlink(pwd: Option<&Path>, here: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let pwd = pwd.filter(|pwd| pwd.is_absolute() && *pwd != here)?;
+    let (seen, real) = (std::fs::metadata(pwd).ok()?, std::fs::metadata(here).ok()?);
+    (seen.is_dir() && (seen.dev(), seen.ino()) == (real.dev(), real.ino()))
+        .then(|| pwd.to_path_buf())
 }
 
 /// Turns a clap error into the one line we print: clap's own message without the usage block.
@@ -878,6 +933,50 @@ mod tests {
             bad_id.contains("invalid value '-1' for '--worker"),
             "{bad_id}"
         );
+    }
+
+    /// A fresh directory holding `real/` and `link` -> `real`.
+    fn linked_directory(tag: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let base = std::env::temp_dir().join(format!("clb-cli-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(base.join("real")).unwrap();
+        std::os::unix::fs::symlink("real", base.join("link")).unwrap();
+        let real = std::fs::canonicalize(base.join("real")).unwrap();
+        (base.clone(), real, base.join("link"))
+    }
+
+    #[test]
+    fn chdir_is_kept_as_given_and_must_be_a_directory_at_start() {
+        let (base, _, link) = linked_directory("chdir");
+        let link_text = link.display().to_string();
+        let config = parse(&["cluster-lb", "run", "--chdir", &link_text, "--", "x"]).unwrap();
+        // Not canonicalized: the link is followed again at every spawn.
+        assert_eq!(config.cwd, Some(link.clone()));
+        let file = base.join("file");
+        std::fs::write(&file, b"").unwrap();
+        let file_text = file.display().to_string();
+        let missing = base.join("missing").display().to_string();
+        for (dir, problem) in [
+            (missing.as_str(), "no such directory"),
+            (file_text.as_str(), "not a directory"),
+        ] {
+            let error = parse(&["cluster-lb", "run", "--chdir", dir, "--", "x"]).unwrap_err();
+            assert_eq!(error, format!("--chdir {dir}: {problem}"));
+        }
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn pwd_is_the_workers_directory_only_when_it_reaches_this_one_through_a_symlink() {
+        let (base, real, link) = linked_directory("pwd");
+        assert_eq!(through_symlink(Some(&link), &real), Some(link.clone()));
+        // The same path (no symlink), none, a relative one, another directory: no.
+        assert_eq!(through_symlink(Some(&real), &real), None);
+        assert_eq!(through_symlink(None, &real), None);
+        assert_eq!(through_symlink(Some(Path::new("link")), &real), None);
+        assert_eq!(through_symlink(Some(&base), &real), None);
+        assert_eq!(through_symlink(Some(&base.join("gone")), &real), None);
+        let _ = std::fs::remove_dir_all(&base);
     }
 
     #[test]

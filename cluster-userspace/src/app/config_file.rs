@@ -25,6 +25,9 @@ use crate::app::{
 const COMMAND_KEY: &str = "command";
 /// Options of `run` that are no file key (`env` and `app` pick from a PM2 file).
 const NOT_KEYS: [&str; 5] = ["config", "help", "version", "env", "app"];
+/// Options whose file key is another name, that of PM2's and systemd's setting (`--chdir`,
+/// gunicorn's flag, is `cwd`, PM2's key); the option's own name is accepted too.
+const RENAMED: [(&str, &str); 1] = [("chdir", "cwd")];
 /// Largest config file read (a run configuration is a few hundred bytes).
 const MAX_FILE: u64 = 1 << 20;
 
@@ -144,7 +147,6 @@ pub fn parse(argv: Vec<OsString>) -> Result<Parsed, CommandLineError> {
     let mut warnings = Vec::new();
     if let (Some(mapped), crate::app::cli::Command::Run(run)) = (pm2, &mut cli.command) {
         run.worker_env = mapped.env;
-        run.cwd = mapped.cwd;
         warnings = mapped.warnings;
     }
     Ok(Parsed {
@@ -219,6 +221,14 @@ fn merge(
             continue;
         }
         let arg = option_for(run, key).map_err(|detail| fail(key, detail))?;
+        if let Some(other) = table.keys().find(|other| {
+            *other != key && option_for(run, other).is_ok_and(|o| o.get_id() == arg.get_id())
+        }) {
+            return Err(fail(
+                key,
+                format!("the same option as `{other}`; give one of them"),
+            ));
+        }
         let long = format!("--{}", arg.get_long().unwrap_or(key));
         let mut tokens = Vec::new();
         match arg.get_action() {
@@ -259,7 +269,7 @@ fn merge(
         // flag is dropped from the command line.
         if !from_command_line(arg.get_id().as_str()) {
             options.extend(tokens.into_iter().map(OsString::from));
-            keys.push(key.clone());
+            keys.push(file_key(arg));
         }
     }
     let mut merged = argv.to_vec();
@@ -279,10 +289,20 @@ fn merge(
     Ok((merged, keys))
 }
 
+/// The file key of `arg`: its long name with _ for -, or its other name (RENAMED).
+fn file_key(arg: &clap::Arg) -> String {
+    let long = arg.get_long().unwrap_or_default();
+    RENAMED
+        .iter()
+        .find(|(option, _)| *option == long)
+        .map_or_else(|| long.replace('-', "_"), |(_, key)| key.to_string())
+}
+
 /// The option of `run` that `key` names.
 fn option_for<'a>(run: &'a clap::Command, key: &str) -> Result<&'a clap::Arg, String> {
     let found = run.get_arguments().find(|arg| {
-        arg.get_long().map(|long| long.replace('-', "_")).as_deref() == Some(key)
+        (arg.get_long().map(|long| long.replace('-', "_")).as_deref() == Some(key)
+            || file_key(arg) == key)
             && !NOT_KEYS.contains(&key)
     });
     if let Some(arg) = found {
@@ -304,8 +324,8 @@ fn option_for<'a>(run: &'a clap::Command, key: &str) -> Result<&'a clap::Arg, St
 /// Every key a config file may have besides `command`.
 pub fn known_keys(run: &clap::Command) -> Vec<String> {
     run.get_arguments()
-        .filter_map(|arg| arg.get_long())
-        .map(|long| long.replace('-', "_"))
+        .filter(|arg| arg.get_long().is_some())
+        .map(file_key)
         .filter(|key| !NOT_KEYS.contains(&key.as_str()))
         .collect()
 }
@@ -545,6 +565,30 @@ mod tests {
     }
 
     #[test]
+    fn the_workers_directory_is_the_key_cwd_as_in_pm2() {
+        for key in ["cwd", "chdir"] {
+            let (run, file) = with_file(&format!("{key} = \"/srv/app/current\""), &[]).unwrap();
+            assert_eq!(run.chdir.as_deref(), Some(Path::new("/srv/app/current")));
+            assert_eq!(file.unwrap().keys, ["cwd"], "{key}");
+        }
+        let (run, _) = with_file("cwd = \"/a\"", &["--chdir", "/b", "--", "x"]).unwrap();
+        assert_eq!(run.chdir.as_deref(), Some(Path::new("/b")));
+        let Err(CommandLineError::File(error)) = with_file("cwd = \"/a\"\nchdir = \"/b\"", &[])
+        else {
+            panic!("both keys accepted");
+        };
+        assert!(error.to_string().contains("the same option as"), "{error}");
+        let error = with_file("cwd = \"/nonexistent\"\ncommand = [\"x\"]", &[])
+            .map(|(run, file)| (run.into_options().unwrap_err(), file.unwrap()))
+            .map(|(error, file)| file.blame(error.key(), &error).unwrap().to_string())
+            .unwrap_or_else(|_| panic!("not parsed"));
+        assert!(
+            error.ends_with("key `cwd`: --chdir /nonexistent: no such directory"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn a_missing_file_is_one_line() {
         let Err(CommandLineError::File(error)) =
             parse_run(&["run", "--config", "/nonexistent/app.toml"])
@@ -599,7 +643,8 @@ mod tests {
         ] {
             assert!(keys.iter().any(|k| k == key), "{key} missing from {keys:?}");
         }
-        for not_a_key in ["config", "help", "command"] {
+        assert!(keys.iter().any(|k| k == "cwd"), "{keys:?}");
+        for not_a_key in ["config", "help", "command", "chdir"] {
             assert!(!keys.iter().any(|k| k == not_a_key), "{not_a_key}");
         }
     }

@@ -225,8 +225,6 @@ pub struct Mapped {
     pub table: toml::Table,
     /// Variables the workers get over the primary's environment.
     pub env: Vec<(String, String)>,
-    /// The directory they start in.
-    pub cwd: Option<PathBuf>,
     /// Lines to log as warnings once logging runs.
     pub warnings: Vec<String>,
 }
@@ -452,7 +450,10 @@ pub fn map(config: &Value, context: &Context<'_>) -> Result<Mapped, MapError> {
         }
     };
     let dir = cwd.clone().unwrap_or_else(|| context.base.to_path_buf());
-    mapped.cwd = cwd;
+    if let Some(dir) = &cwd {
+        // `run --chdir`, whose file key is PM2's name.
+        table.insert("cwd".into(), toml::Value::String(dir.display().to_string()));
+    }
     let script = match app.get("script") {
         Some(Value::String(script)) if !script.trim().is_empty() => script.clone(),
         None | Some(Value::Null) | Some(Value::String(_)) => {
@@ -1135,7 +1136,10 @@ mod tests {
                 "a b"
             ]
         );
-        assert_eq!(mapped.cwd, Some(base.join("srv")));
+        assert_eq!(
+            mapped.table["cwd"].as_str(),
+            Some(base.join("srv").to_str().unwrap())
+        );
         assert_eq!(mapped.warnings.len(), 1);
         assert_eq!(
             mapped.warnings[0],

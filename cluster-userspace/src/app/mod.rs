@@ -147,7 +147,12 @@ pub fn main() -> ExitCode {
                         eprintln!("cluster-lb: error: {blamed}");
                         return ExitCode::from(2);
                     }
-                    if matches!(error, ConfigError::NoCommand | ConfigError::Launcher(_)) {
+                    if matches!(
+                        error,
+                        ConfigError::NoCommand
+                            | ConfigError::Launcher(_)
+                            | ConfigError::Chdir { .. }
+                    ) {
                         eprintln!("cluster-lb: error: {error}");
                         return ExitCode::from(2);
                     }

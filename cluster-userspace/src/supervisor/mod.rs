@@ -268,9 +268,13 @@ impl Supervisor {
             .map(|a| a.to_string())
             .collect();
         log::info!(
-            "starting {} workers of {} on {} (strategy {})",
+            "starting {} workers of {}{} on {} (strategy {})",
             self.lifecycle.wanted(),
             self.workers.launch.command.program(),
+            match &self.config.cwd {
+                Some(dir) => format!(" in {}", dir.display()),
+                None => String::new(),
+            },
             if addresses.is_empty() {
                 "addresses the workers ask for".into()
             } else {
@@ -758,7 +762,7 @@ fn protocol_wanted(config: &Config, command: &WorkerCommand) -> Protocol {
     let node = match config.node {
         NodeMode::On => true,
         NodeMode::Off => false,
-        NodeMode::Auto => match detect::detect(std::path::Path::new(&command.program())) {
+        NodeMode::Auto => match detect::detect(&command.located()) {
             Verdict::Node if !detect::runs_a_script(&config.command) => {
                 log::warn!(
                     "node without a script file (-e, -p, the REPL) cannot be a cluster worker; workers get no Node channel (give a script: -- node app.js)"

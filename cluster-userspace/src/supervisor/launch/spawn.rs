@@ -52,6 +52,12 @@ pub enum SpawnError {
         program: String,
         source: std::io::Error,
     },
+    #[error("cannot start {program} in {}: {source}", .dir.display())]
+    Chdir {
+        program: String,
+        dir: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> SpawnError {
@@ -84,12 +90,20 @@ const LISTEN_FDS_START: RawFd = 3;
 /// The worker program, resolved once, and the environment every worker starts from.
 #[derive(Debug)]
 pub struct WorkerCommand {
+    /// As given when it has a '/' (a relative one is found in `cwd` at every exec, so a
+    /// `current` symlink switched to a new release gives its program), else found on PATH.
     path: CString,
     argv: Vec<CString>,
     base_env: Vec<CString>,
-    /// The directory it starts in (the primary's own when `None`).
-    cwd: Option<CString>,
+    /// The directory it starts in (the primary's own when `None`), as given: the child
+    /// chdir()s to it at every spawn, so a symlink in it is followed anew each time.
+    cwd: Option<PathBuf>,
+    cwd_c: Option<CString>,
 }
+
+/// What the child reports before `_exit` when a step fails: the step, and its errno.
+const STEP_SETUP: u32 = 0;
+const STEP_CHDIR: u32 = 1;
 
 /// What differs from one worker to the next.
 pub struct WorkerSpec<'a> {
@@ -132,11 +146,19 @@ pub struct Credentials {
 }
 
 impl WorkerCommand {
-    /// Resolves `command[0]` on PATH now, so a typo is one clear error at start-up rather than
-    /// a crash loop of workers.
+    /// `command` for workers started in the primary's directory.
+    #[cfg(test)]
     pub fn new(command: &[String]) -> Result<WorkerCommand, SpawnError> {
+        WorkerCommand::new_in(command, None)
+    }
+
+    /// Resolves `command[0]` on PATH now, so a typo is one clear error at start-up rather than
+    /// a crash loop of workers. For workers started in `cwd`, a relative program (`./server`,
+    /// `bin/app`) is checked there, and stays relative, so every spawn runs the one in
+    /// whatever `cwd` names by then.
+    pub fn new_in(command: &[String], cwd: Option<&Path>) -> Result<WorkerCommand, SpawnError> {
         let (program, _) = command.split_first().ok_or(SpawnError::NoCommand)?;
-        let path = resolve(program)?;
+        let path = resolve(program, cwd)?;
         let argv = command
             .iter()
             .map(|arg| CString::new(arg.as_bytes()))
@@ -155,7 +177,17 @@ impl WorkerCommand {
             argv,
             base_env,
             cwd: None,
+            cwd_c: None,
         })
+        .and_then(|made| made.started_in(cwd))
+    }
+
+    fn started_in(mut self, cwd: Option<&Path>) -> Result<WorkerCommand, SpawnError> {
+        self.cwd_c = cwd
+            .map(|dir| CString::new(dir.as_os_str().as_bytes()).map_err(|_| SpawnError::NulByte))
+            .transpose()?;
+        self.cwd = cwd.map(Path::to_path_buf);
+        Ok(self)
     }
 
     /// `command` with exactly the environment `env` (minus what describes another process's
@@ -165,22 +197,19 @@ impl WorkerCommand {
         env: &[(String, String)],
         cwd: Option<&str>,
     ) -> Result<WorkerCommand, SpawnError> {
-        let mut made = WorkerCommand::new(command)?;
+        let mut made = WorkerCommand::new_in(command, cwd.map(Path::new))?;
         made.base_env = env
             .iter()
             .filter(|(key, _)| !INHERITED_VARIABLES_TO_DROP.contains(&key.as_str()))
             .filter_map(|(key, value)| env_entry(OsStr::new(key), OsStr::new(value)))
             .collect();
-        made.cwd = cwd
-            .map(|dir| CString::new(dir).map_err(|_| SpawnError::NulByte))
-            .transpose()?;
         Ok(made)
     }
 
     /// The command for `config`: its program, with the configured variables over the
     /// primary's environment, started in the configured directory.
     pub fn for_config(config: &crate::supervisor::Config) -> Result<WorkerCommand, SpawnError> {
-        let mut made = WorkerCommand::new(&config.command)?;
+        let mut made = WorkerCommand::new_in(&config.command, config.cwd.as_deref())?;
         for (key, value) in &config.env {
             if INHERITED_VARIABLES_TO_DROP.contains(&key.as_str()) {
                 continue;
@@ -193,10 +222,6 @@ impl WorkerCommand {
             });
             made.base_env
                 .extend(env_entry(OsStr::new(key), OsStr::new(value)));
-        }
-        if let Some(dir) = &config.cwd {
-            made.cwd =
-                Some(CString::new(dir.as_os_str().as_bytes()).map_err(|_| SpawnError::NulByte)?);
         }
         Ok(made)
     }
@@ -212,6 +237,16 @@ impl WorkerCommand {
 
     pub fn program(&self) -> String {
         self.path.to_string_lossy().into_owned()
+    }
+
+    /// The program's file as the primary sees it now (a relative one is in the workers'
+    /// directory).
+    pub fn located(&self) -> PathBuf {
+        let path = Path::new(OsStr::from_bytes(self.path.as_bytes()));
+        match &self.cwd {
+            Some(dir) => dir.join(path),
+            None => path.to_path_buf(),
+        }
     }
 
     /// Forks and execs one worker. Returns once the worker runs the program (or failed to).
@@ -294,7 +329,7 @@ impl WorkerCommand {
                     stdout: spec.stdout.map(|fd| fd.as_raw_fd()),
                     stderr: spec.stderr.map(|fd| fd.as_raw_fd()),
                     credentials: spec.credentials,
-                    cwd: self.cwd.as_ref().map(|dir| dir.as_ptr()),
+                    cwd: self.cwd_c.as_ref().map(|dir| dir.as_ptr()),
                     exec_error: exec_error_writer.as_raw_fd(),
                     parent,
                     filter: spec.filter.map(Filter::program),
@@ -305,16 +340,28 @@ impl WorkerCommand {
         drop(exec_error_writer);
         let pid = Pid::from_raw(pid);
 
-        // EOF means the exec succeeded (the pipe was close-on-exec); 4 bytes are its errno.
-        let mut errno = [0u8; 4];
+        // EOF means the exec succeeded (the pipe was close-on-exec); else 8 bytes (one write,
+        // so one read) say which step failed and its errno.
+        let mut report = [0u8; 8];
         let mut reader = fs::File::from(exec_error_reader);
-        match reader.read(&mut errno) {
+        match reader.read(&mut report) {
             Ok(0) => Ok(pid),
             Ok(_) => {
                 let _ = waitpid(pid, None);
-                Err(SpawnError::Exec {
-                    program: self.program(),
-                    source: std::io::Error::from_raw_os_error(i32::from_ne_bytes(errno)),
+                let [s0, s1, s2, s3, e0, e1, e2, e3] = report;
+                let step = u32::from_ne_bytes([s0, s1, s2, s3]);
+                let source =
+                    std::io::Error::from_raw_os_error(i32::from_ne_bytes([e0, e1, e2, e3]));
+                Err(match (step, &self.cwd) {
+                    (STEP_CHDIR, Some(dir)) => SpawnError::Chdir {
+                        program: self.program(),
+                        dir: dir.clone(),
+                        source,
+                    },
+                    _ => SpawnError::Exec {
+                        program: self.program(),
+                        source,
+                    },
                 })
             }
             Err(e) => Err(os("reading the worker's exec status")(e)),
@@ -346,11 +393,15 @@ unsafe fn child_after_fork(setup: ChildSetup<'_>) -> ! {
     // SAFETY: we run in the forked child, which calls only async-signal-safe functions on memory
     // the parent prepared (this function's contract), and every path ends in execve or _exit.
     unsafe {
-        let fail = |exec_error: RawFd| -> ! {
+        let fail_at = |exec_error: RawFd, step: u32| -> ! {
             let errno = *libc::__errno_location();
-            libc::write(exec_error, errno.to_ne_bytes().as_ptr().cast(), 4);
+            let mut report = [0u8; 8];
+            report[..4].copy_from_slice(&step.to_ne_bytes());
+            report[4..].copy_from_slice(&errno.to_ne_bytes());
+            libc::write(exec_error, report.as_ptr().cast(), report.len());
             libc::_exit(127)
         };
+        let fail = |exec_error: RawFd| -> ! { fail_at(exec_error, STEP_SETUP) };
 
         write_decimal(setup.listen_pid, libc::getpid() as u64);
 
@@ -411,7 +462,7 @@ unsafe fn child_after_fork(setup: ChildSetup<'_>) -> ! {
         }
         if let Some(dir) = setup.cwd {
             if libc::chdir(dir) != 0 {
-                fail(exec_error);
+                fail_at(exec_error, STEP_CHDIR);
             }
         }
         // Move the sockets to 3, 4, ...: first above that range, so no target is still a source.
@@ -553,18 +604,26 @@ fn env_entry(key: &OsStr, value: &OsStr) -> Option<CString> {
     CString::new(entry.as_bytes()).ok()
 }
 
-/// `program` as given if it has a '/', else the first executable of that name on PATH.
-fn resolve(program: &str) -> Result<PathBuf, SpawnError> {
+/// `program` as given if it has a '/', else the first executable of that name on PATH; a
+/// relative one (or one found in a relative PATH entry) is checked in `cwd`, where the
+/// workers start, and stays relative.
+fn resolve(program: &str, cwd: Option<&Path>) -> Result<PathBuf, SpawnError> {
     if program.is_empty() {
         return Err(SpawnError::EmptyCommand);
     }
+    let seen_from = |path: &Path| match cwd {
+        Some(dir) => dir.join(path),
+        None => path.to_path_buf(),
+    };
     if program.contains('/') {
         let path = PathBuf::from(program);
-        return match is_executable(&path) {
+        return match is_executable(&seen_from(&path)) {
             Ok(true) => Ok(path),
-            Ok(false) => Err(SpawnError::NotExecutable(program.into())),
+            Ok(false) => Err(SpawnError::NotExecutable(
+                seen_from(&path).display().to_string(),
+            )),
             Err(source) => Err(SpawnError::Inaccessible {
-                program: program.into(),
+                program: seen_from(&path).display().to_string(),
                 source,
             }),
         };
@@ -572,7 +631,7 @@ fn resolve(program: &str) -> Result<PathBuf, SpawnError> {
     let search = env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
     env::split_paths(&search)
         .map(|dir| dir.join(program))
-        .find(|candidate| is_executable(candidate).unwrap_or(false))
+        .find(|candidate| is_executable(&seen_from(candidate)).unwrap_or(false))
         .ok_or_else(|| SpawnError::NotFound(program.into()))
 }
 
@@ -601,22 +660,26 @@ mod tests {
         }
     }
 
+    fn resolve_here(program: &str) -> Result<PathBuf, SpawnError> {
+        resolve(program, None)
+    }
+
     #[test]
     fn commands_are_resolved_on_path_or_refused_clearly() {
-        assert!(resolve("sh").is_ok());
-        let missing = resolve("no-such-command-cluster-lb")
+        assert!(resolve_here("sh").is_ok());
+        let missing = resolve_here("no-such-command-cluster-lb")
             .unwrap_err()
             .to_string();
         assert!(missing.contains("command not found"), "{missing}");
         let plain_file = tempfile_path("not-executable");
         fs::write(&plain_file, b"data").unwrap();
         fs::set_permissions(&plain_file, fs::Permissions::from_mode(0o644)).unwrap();
-        let not_exec = resolve(plain_file.to_str().unwrap())
+        let not_exec = resolve_here(plain_file.to_str().unwrap())
             .unwrap_err()
             .to_string();
         let _ = fs::remove_file(&plain_file);
         assert!(not_exec.contains("not an executable"), "{not_exec}");
-        let absent = resolve("./does/not/exist").unwrap_err().to_string();
+        let absent = resolve_here("./does/not/exist").unwrap_err().to_string();
         assert!(absent.contains("No such file"), "{absent}");
     }
 
@@ -681,6 +744,91 @@ mod tests {
         let _ = fs::remove_file(&dir);
         assert!(error.contains("cannot start"), "{error}");
         assert!(error.contains("Exec format error"), "{error}");
+    }
+
+    fn spawn_plain(command: &WorkerCommand) -> Result<Pid, SpawnError> {
+        command.spawn(&WorkerSpec {
+            sockets: &[],
+            socket_names: &[],
+            env: &[],
+            channels: &[],
+            stdout: None,
+            stderr: None,
+            credentials: None,
+            filter: None,
+        })
+    }
+
+    /// A fresh directory with `current` -> `r1`, and `r1`, `r2` each holding an executable
+    /// `./server` that writes its release's name and its working directory to `out`.
+    fn releases(tag: &str) -> (PathBuf, PathBuf) {
+        let base = tempfile_path(tag);
+        let _ = fs::remove_dir_all(&base);
+        let out = base.join("out");
+        for release in ["r1", "r2"] {
+            let dir = base.join(release);
+            fs::create_dir_all(&dir).unwrap();
+            let server = dir.join("server");
+            fs::write(
+                &server,
+                format!(
+                    "#!/bin/sh\necho \"{release} $(pwd -P)\" > {}\n",
+                    out.display()
+                ),
+            )
+            .unwrap();
+            fs::set_permissions(&server, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        std::os::unix::fs::symlink("r1", base.join("current")).unwrap();
+        (base, out)
+    }
+
+    #[test]
+    fn a_relative_program_is_found_in_the_workers_directory_at_every_spawn() {
+        let (base, out) = releases("releases");
+        let current = base.join("current");
+        let command = ["./server".to_string()];
+        // Not in the test's own directory: only in the workers'.
+        assert!(WorkerCommand::new(&command).is_err());
+        let worker = WorkerCommand::new_in(&command, Some(&current)).unwrap();
+        assert_eq!(worker.program(), "./server");
+        assert_eq!(worker.located(), current.join("server"));
+        let mut seen = Vec::new();
+        for next in ["r2", "r1"] {
+            let pid = spawn_plain(&worker).unwrap();
+            waitpid(pid, None).unwrap();
+            seen.push(fs::read_to_string(&out).unwrap());
+            // What `ln -sfn releases/NEW current` does: a new link renamed over the old.
+            let link = base.join("current.new");
+            std::os::unix::fs::symlink(next, &link).unwrap();
+            fs::rename(&link, &current).unwrap();
+        }
+        let real = |release: &str| fs::canonicalize(base.join(release)).unwrap();
+        assert_eq!(
+            seen,
+            [
+                format!("r1 {}\n", real("r1").display()),
+                format!("r2 {}\n", real("r2").display())
+            ]
+        );
+        let _ = fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn a_workers_directory_that_vanished_fails_the_spawn_naming_it() {
+        let (base, _) = releases("vanished");
+        let current = base.join("current");
+        let worker = WorkerCommand::new_in(&["./server".to_string()], Some(&current)).unwrap();
+        fs::remove_dir_all(base.join("r1")).unwrap();
+        let error = spawn_plain(&worker).unwrap_err().to_string();
+        let _ = fs::remove_dir_all(&base);
+        assert_eq!(
+            error,
+            format!(
+                "cannot start ./server in {}: No such file or directory (os error 2)",
+                current.display()
+            )
+        );
     }
 
     fn tempfile_path(tag: &str) -> PathBuf {
