@@ -187,7 +187,7 @@ fn npm_start_runs_the_package_scripts_node_command_in_every_worker() {
     root_test("npm_start", || {
         let dir = std::env::temp_dir().join(format!("clb-npm-start-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("a scratch directory");
-        let server = example("node/server.js");
+        let server = test_app("launched-app.js");
         let package = serde_json::json!({
             "name": "app",
             "scripts": {
@@ -202,10 +202,16 @@ fn npm_start_runs_the_package_scripts_node_command_in_every_worker() {
             "module.exports = { apps: [{ name: 'app', script: 'npm', args: 'run serve', instances: 2 }] };",
         )
         .expect("ecosystem.config.js");
-        for launch in [
-            &["-w", "2", "--", "npm", "start"][..],
-            &["-w", "2", "--", "npm", "run", "serve", "--", "--flag"],
-            &["--config", "ecosystem.config.js"],
+        for (launch, expected) in [
+            (
+                &["-w", "2", "--", "npm", "start"][..],
+                "NODE_ENV=production args=",
+            ),
+            (
+                &["-w", "2", "--", "npm", "run", "serve", "--", "--flag"],
+                "NODE_ENV= args=--flag",
+            ),
+            (&["--config", "ecosystem.config.js"], "NODE_ENV= args="),
         ] {
             let mut args = vec!["run"];
             args.extend(launch);
@@ -213,6 +219,10 @@ fn npm_start_runs_the_package_scripts_node_command_in_every_worker() {
                 command.current_dir(&dir).env("PORT", PORT.to_string());
             });
             cluster.wait_until_ready(2);
+            let body = TcpStream::connect(addr())
+                .and_then(|mut stream| http11(&mut stream, "/"))
+                .expect("an answer");
+            assert!(body.trim_end().ends_with(expected), "{launch:?}: {body}");
             let seen = distribution(addr(), 20);
             assert_eq!(
                 seen.into_iter().collect::<Vec<_>>(),

@@ -390,13 +390,14 @@ pub struct RunArgs {
 
     /// Append the log (the primary's lines and its workers') to FILE instead of writing it to
     /// stdout and stderr. At --log-file-size, FILE becomes FILE.1 (replacing the one before)
-    /// and a new FILE begins; SIGUSR1 reopens FILE (after logrotate moved it). A symbolic link
-    /// at FILE is refused. `cluster-lb logs` works either way
+    /// and a new FILE begins; SIGUSR1 reopens FILE (after logrotate moved it). Only a regular
+    /// file of cluster-lb's own user is taken (no symbolic link, FIFO, hard link or file of
+    /// another user). `cluster-lb logs` works either way
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<std::path::PathBuf>,
 
     /// The size at which --log-file is rotated [default: 10M]
-    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes, requires = "log_file")]
     pub log_file_size: Option<usize>,
 
     /// The signal that asks a worker to stop when it has no `disconnect` to hear (not a Node
@@ -616,8 +617,9 @@ impl RunArgs {
             };
             let resolved = super::launcher::resolve(std::mem::take(&mut self.command), &dir)?;
             self.command = resolved.command;
-            // The script's own assignments first, so an ecosystem file's env overrides them.
-            self.worker_env.splice(0..0, resolved.env);
+            // The script's own assignments last: under npm they are the shell's, which win over
+            // whatever environment npm was started with (an ecosystem file's env included).
+            self.worker_env.extend(resolved.env);
         }
         let credentials = privileges::resolve(self.user.as_deref(), self.group.as_deref())?;
         privileges::require_capabilities(credentials.as_ref())?;

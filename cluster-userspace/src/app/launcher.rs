@@ -32,7 +32,7 @@ pub enum LauncherError {
         script: String,
         hint: &'static str,
     },
-    #[error("`{launcher}` runs `{command}` (package.json's scripts.{script}), which is not a plain node command (a shell would run it, and its node would not get the cluster channel); run its node command directly: cluster-lb run [OPTIONS] -- node SCRIPT")]
+    #[error("`{launcher}` runs `{command}` (package.json's scripts.{script}), which is not a plain node command (a shell would run it, and its node would not get the cluster channel); run its node command directly (cluster-lb run [OPTIONS] -- node SCRIPT), or pass --node off if the app does not use Node's cluster module")]
     NotPlainNode {
         launcher: String,
         script: String,
@@ -166,8 +166,8 @@ impl Manager {
     }
 
     /// The script a launch runs and the arguments it passes on: `start` or `run[-script] X`,
-    /// then the arguments (npm takes them after `--`; yarn and pnpm pass a leading `--` on too,
-    /// and Node would take it for the end of its options, so it is dropped).
+    /// then the arguments (npm takes them after `--`; yarn and pnpm take them as they come,
+    /// and a leading `--` is dropped, as yarn 1 drops it).
     fn script_of(self, args: &[String]) -> Option<(String, Vec<String>)> {
         let (script, rest) = match args {
             [start, rest @ ..] if start == "start" => ("start".to_string(), rest),
@@ -190,16 +190,22 @@ impl Manager {
 }
 
 /// A package script that is `[NAME=value ...] node [ARGS ...]` with nothing a shell would
-/// interpret (no quotes, variables, globs, redirections, pipes or command lists).
+/// interpret (no quotes, variables, globs, redirections, pipes or command lists), its words
+/// separated by spaces and tabs only, as sh splits them (any other control or space character
+/// is refused rather than split on, where sh would keep it in a word).
 fn plain_node(script: &str) -> Option<Resolved> {
     const SHELL: &[char] = &[
         '&', '|', ';', '<', '>', '$', '`', '(', ')', '{', '}', '*', '?', '[', ']', '!', '~', '"',
-        '\'', '\\', '#', '\n',
+        '\'', '\\', '#',
     ];
-    if script.contains(SHELL) {
+    let odd = |c: char| c != ' ' && c != '\t' && (c.is_whitespace() || c.is_control());
+    if script.contains(SHELL) || script.contains(odd) {
         return None;
     }
-    let mut words = script.split_whitespace().peekable();
+    let mut words = script
+        .split([' ', '\t'])
+        .filter(|word| !word.is_empty())
+        .peekable();
     let mut env = Vec::new();
     while let Some((name, value)) = words.peek().and_then(|w| w.split_once('=')) {
         if !is_variable_name(name) {
@@ -221,16 +227,20 @@ fn plain_node(script: &str) -> Option<Resolved> {
     })
 }
 
-/// `--watch`, `--watch-path[=P]` or `--watch-preserve-output` among node's own options (those
-/// before the script).
+/// `--watch` or `--watch-path[=P]` among node's own options (those before the script; the
+/// value of an option such as `-r dotenv/config` is skipped, not taken for the script).
 fn watch_flag(args: &[String]) -> Option<String> {
-    for arg in args {
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
         if !arg.starts_with('-') || arg == "--" {
             return None;
         }
         let option = arg.split('=').next().unwrap_or(arg);
         if matches!(option, "--watch" | "--watch-path") {
             return Some(option.to_string());
+        }
+        if option == arg && crate::protocol::nodejs::detect::takes_value(option) {
+            args.next();
         }
     }
     None
@@ -375,6 +385,8 @@ mod tests {
             "watch": "node --watch server.js",
             "hooked": "node server.js",
             "prehooked": "node migrate.js",
+            "carriage": "node server.js\r",
+            "nbsp": "node\u{a0}server.js",
         }));
         let at = dir.path();
         let error = |command: &str| match resolve(words(command), at) {
@@ -384,10 +396,15 @@ mod tests {
         assert!(error("npm start").contains("`node migrate.js && node server.js`"));
         assert!(error("yarn run dev").contains("not a plain node command"));
         assert!(error("npm run quoted").contains("not a plain node command"));
+        // sh splits on spaces and tabs only: these would be one odd word there.
+        assert!(error("npm run carriage").contains("not a plain node command"));
+        assert!(error("npm run nbsp").contains("not a plain node command"));
         assert!(error("npm run watch").contains("node --watch"));
         assert!(error("npm run hooked").contains("scripts.prehooked"));
         assert!(error("node --watch server.js").contains("drop --watch"));
         assert!(error("node --watch-path=src server.js").contains("drop --watch-path"));
+        assert!(error("node -r dotenv/config --watch server.js").contains("drop --watch"));
+        assert!(error("node --require ./env.js --watch-path src x.js").contains("--watch-path"));
         assert!(error("nodemon server.js").contains("nodemon"));
         let empty = Scratch::new();
         let none = resolve(words("npm start"), empty.path()).map(|r| r.command);

@@ -29,17 +29,54 @@ pub struct LogFile {
 static FILE: Mutex<Option<LogFile>> = Mutex::new(None);
 static REOPEN: AtomicBool = AtomicBool::new(false);
 
-/// Appends to `path` (created 0640; a symbolic link there is refused, so that a primary
-/// running as root cannot be made to write through one).
+/// Appends to `path` (created 0640). Only a regular file of this process's user with no other
+/// name is taken: a symbolic link (O_NOFOLLOW), a hard link to another file, a file someone else
+/// put there (a worker whose user can write the directory could then edit or forge the log),
+/// or a FIFO (opened without O_NONBLOCK, it would block the primary until a reader came).
 fn open(path: &Path) -> std::io::Result<(File, u64)> {
-    let file = OpenOptions::new()
+    use std::os::unix::fs::MetadataExt;
+    let refused = |why: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{} {why}; give a path in a directory only cluster-lb's user can write",
+                path.display()
+            ),
+        )
+    };
+    let file = match OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o640)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
-    let written = file.metadata()?.len();
-    Ok((file, written))
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(refused("is a symbolic link"))
+        }
+        other => other?,
+    };
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(refused("is not a regular file"));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if meta.uid() != unsafe { libc::geteuid() } {
+        return Err(refused("belongs to another user"));
+    }
+    if meta.nlink() != 1 {
+        return Err(refused("has other names (hard links)"));
+    }
+    // Writes may block again (a full disk is the writer thread's, not a reason to drop lines).
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    // SAFETY: fd is this File's open descriptor; F_GETFL/F_SETFL only change its flags.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+    Ok((file, meta.len()))
 }
 
 /// From now on every line goes to `path`, rotated at `limit` bytes.

@@ -107,16 +107,7 @@ pub fn runs_a_script(command: &[String]) -> bool {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "-e" | "--eval" | "-p" | "--print" | "-i" | "--interactive" | "-" => return false,
-            // Options that take a value in the next argument.
-            "-r"
-            | "--require"
-            | "--import"
-            | "--loader"
-            | "--experimental-loader"
-            | "--conditions"
-            | "-C"
-            | "--env-file"
-            | "--title" => {
+            option if takes_value(option) => {
                 args.next();
             }
             option if option.starts_with('-') => {}
@@ -124,6 +115,22 @@ pub fn runs_a_script(command: &[String]) -> bool {
         }
     }
     false
+}
+
+/// Node's options that take their value in the next argument (`-r dotenv/config`).
+pub(crate) fn takes_value(option: &str) -> bool {
+    matches!(
+        option,
+        "-r" | "--require"
+            | "--import"
+            | "--loader"
+            | "--experimental-loader"
+            | "--conditions"
+            | "-C"
+            | "--env-file"
+            | "--title"
+            | "--watch-path"
+    )
 }
 
 #[cfg(test)]
