@@ -54,6 +54,10 @@ fn open(path: &Path) -> std::io::Result<(File, u64)> {
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
             return Err(refused("is a symbolic link"))
         }
+        // A FIFO nobody reads (a non-blocking open for writing fails rather than waits).
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+            return Err(refused("is not a regular file"))
+        }
         other => other?,
     };
     let meta = file.metadata()?;
@@ -183,6 +187,48 @@ impl LogFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a worker able to write the log's directory could put at its path is refused at
+    /// once (a FIFO without blocking), and a regular file of our own is taken.
+    #[test]
+    fn only_a_regular_file_of_ours_with_one_name_is_taken() {
+        let dir = std::env::temp_dir().join(format!("clb-log-refused-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a scratch directory");
+        let fifo = dir.join("fifo.log");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .expect("mkfifo");
+        let link = dir.join("link.log");
+        std::os::unix::fs::symlink(dir.join("elsewhere"), &link).expect("symlink");
+        let ours = dir.join("ours.log");
+        std::fs::write(&ours, "").expect("a file");
+        let second_name = dir.join("second.log");
+        std::fs::hard_link(&ours, &second_name).expect("hard link");
+        for (path, why) in [
+            (&fifo, "is not a regular file"),
+            (&link, "is a symbolic link"),
+            (&ours, "has other names"),
+        ] {
+            match open(path) {
+                Err(e) => assert!(e.to_string().contains(why), "{}: {e}", path.display()),
+                Ok(_) => panic!("{} was taken", path.display()),
+            }
+        }
+        std::fs::remove_file(&second_name).expect("unlinking");
+        if nix::unistd::geteuid().is_root() {
+            // A file a --user worker (here nobody) owns.
+            let theirs = dir.join("theirs.log");
+            std::fs::write(&theirs, "").expect("a file");
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).expect("chown");
+            match open(&theirs) {
+                Err(e) => assert!(e.to_string().contains("belongs to another user"), "{e}"),
+                Ok(_) => panic!("a file of another user was taken"),
+            }
+        }
+        assert!(open(&ours).is_ok());
+        assert!(open(&dir.join("new.log")).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn the_file_is_rotated_at_its_size_and_reopened_on_request() {
