@@ -1978,74 +1978,70 @@ const RSS_BOUND: u64 = 256 * 1024 * 1024;
 #[test]
 fn a_message_flood_keeps_the_primary_under_its_memory_bound() {
     root_test("message_flood_memory", || {
-        let scratch = Scratch::new("flood");
-        let mut problems = Vec::new();
-        // 15,000 messages of 30 KB, every one logged (stderr is read, by /dev/null).
-        let done = scratch.writable_path("done");
-        let (primary, control, lines) = start_quiet(
-            &scratch,
-            &["node-flood", "15000", "30000", &done.display().to_string()],
+        // 15,000 messages of 30 KB, stderr read (by /dev/null).
+        flood_stays_bounded(
+            "flood",
+            "15,000 messages of 30 KB",
+            15000,
+            30000,
             Stdio::null(),
         );
-        let pid = primary.0.id() as i32;
-        if let Err(e) = status_when(pid, &control, Duration::from_secs(30), all_ready(2)) {
-            problems.push(format!("flood: {e}"));
-        }
-        let (peak, slowest, finished) = watch_flood(pid, &control, &done, Duration::from_secs(120));
-        eprintln!(
-            "15,000 messages of 30 KB: primary RSS at most {} MB, status at most {slowest:?}",
-            peak >> 20
-        );
-        if !finished {
-            problems.push("the flood did not finish within 120 s".into());
-        }
-        if peak > RSS_BOUND {
-            problems.push(format!("the primary's RSS reached {} MB", peak >> 20));
-        }
-        if slowest > Duration::from_secs(1) {
-            problems.push(format!("status took up to {slowest:?} during the flood"));
-        }
-        drop(primary);
-        assert_no_problems(&problems, &lines.lock().expect("lines"));
     });
 }
 
 #[test]
 fn output_nobody_reads_cannot_grow_the_primary() {
     root_test("unread_output_memory", || {
-        let scratch = Scratch::new("unread");
-        let mut problems = Vec::new();
-        // stderr is a pipe nobody reads; every message is an event line of 900 KiB there (300
-        // of them took an unbounded queue to 290 MB).
+        // 300 messages of 900 KiB with the primary's stderr a pipe nobody reads (when each
+        // message was also logged whole there, an unbounded queue reached 290 MB).
         let (read_end, write_end) = nix::unistd::pipe().expect("pipe");
-        let done = scratch.writable_path("done");
-        let (primary, control, lines) = start_quiet(
-            &scratch,
-            &["node-flood", "300", "921600", &done.display().to_string()],
+        flood_stays_bounded(
+            "unread",
+            "300 lines of 900 KiB to an unread pipe",
+            300,
+            921600,
             Stdio::from(write_end),
         );
-        let pid = primary.0.id() as i32;
-        if let Err(e) = status_when(pid, &control, Duration::from_secs(30), all_ready(2)) {
-            problems.push(format!("unread output: {e}"));
-        }
-        let (peak, slowest, finished) = watch_flood(pid, &control, &done, Duration::from_secs(120));
-        eprintln!(
-            "300 lines of 900 KiB to an unread pipe: primary RSS at most {} MB, status at most {slowest:?}",
-            peak >> 20
-        );
-        if !finished {
-            problems.push("the flood did not finish within 120 s".into());
-        }
-        if peak > RSS_BOUND {
-            problems.push(format!("the primary's RSS reached {} MB", peak >> 20));
-        }
-        if slowest > Duration::from_secs(1) {
-            problems.push(format!("status took up to {slowest:?} during the flood"));
-        }
-        drop(primary);
         drop(read_end);
-        assert_no_problems(&problems, &lines.lock().expect("lines"));
     });
+}
+
+/// A Node worker sends `count` messages of `size` bytes; the primary's RSS stays under
+/// RSS_BOUND and `status` answers within a second all along.
+fn flood_stays_bounded(tag: &str, what: &str, count: u32, size: u32, stderr: Stdio) {
+    let scratch = Scratch::new(tag);
+    let mut problems = Vec::new();
+    let done = scratch.writable_path("done");
+    let (primary, control, lines) = start_quiet(
+        &scratch,
+        &[
+            "node-flood",
+            &count.to_string(),
+            &size.to_string(),
+            &done.display().to_string(),
+        ],
+        stderr,
+    );
+    let pid = primary.0.id() as i32;
+    if let Err(e) = status_when(pid, &control, Duration::from_secs(30), all_ready(2)) {
+        problems.push(format!("{what}: {e}"));
+    }
+    let (peak, slowest, finished) = watch_flood(pid, &control, &done, Duration::from_secs(120));
+    eprintln!(
+        "{what}: primary RSS at most {} MB, status at most {slowest:?}",
+        peak >> 20
+    );
+    if !finished {
+        problems.push("the flood did not finish within 120 s".into());
+    }
+    if peak > RSS_BOUND {
+        problems.push(format!("the primary's RSS reached {} MB", peak >> 20));
+    }
+    if slowest > Duration::from_secs(1) {
+        problems.push(format!("status took up to {slowest:?} during the flood"));
+    }
+    drop(primary);
+    assert_no_problems(&problems, &lines.lock().expect("lines"));
 }
 
 // ---- 17. worker strings in the primary's text lines ----
