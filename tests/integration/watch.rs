@@ -78,21 +78,19 @@ if VERSION == "crash":
         self.dir.join(relative)
     }
 
-    /// `cluster-lb run -w 3 -l ADDR --watch DIR -- python3 DIR/server.py`, once every worker
-    /// is ready; each worker waits `start_delay` seconds between listening and ready.
-    fn start(&self, start_delay: f64) -> Cluster {
+    /// `cluster-lb run -w 3 -l ADDR --watch DIR OPTIONS -- python3 DIR/server.py`, once every
+    /// worker is ready; each worker waits `start_delay` seconds between listening and ready.
+    fn start(&self, start_delay: f64, options: &[&str]) -> Cluster {
         let n = WORKERS.to_string();
         let dir = self.dir.display().to_string();
         let server = self.path("server.py").display().to_string();
         let delay = start_delay.to_string();
-        let cluster = Cluster::start_with(
-            &[
-                "run", "-w", &n, "-l", ADDR, "--watch", &dir, "--", "python3", &server,
-            ],
-            |command| {
-                command.env("START_DELAY", &delay);
-            },
-        );
+        let mut args = vec!["run", "-w", n.as_str(), "-l", ADDR, "--watch", dir.as_str()];
+        args.extend_from_slice(options);
+        args.extend(["--", "python3", server.as_str()]);
+        let cluster = Cluster::start_with(&args, |command| {
+            command.env("START_DELAY", &delay);
+        });
         cluster.wait_until_ready(WORKERS);
         cluster
     }
@@ -173,7 +171,7 @@ const SETTLE: Duration = Duration::from_millis(1500);
 fn a_change_reloads_every_worker_and_fails_no_request() {
     root_test("watch_reload", || {
         let app = App::new("v1");
-        let cluster = app.start(0.0);
+        let cluster = app.start(0.0, &[]);
         every_worker_serves(&cluster, "v1");
         let started = Instant::now();
         let load = RequestLoop::start(addr(), CLIENTS);
@@ -231,7 +229,7 @@ fn ignored_paths_do_not_reload_and_new_directories_are_watched() {
         let app = App::new("v1");
         app.write("node_modules/pkg/index.js", "1");
         app.write(".git/HEAD", "ref: refs/heads/main");
-        let cluster = app.start(0.0);
+        let cluster = app.start(0.0, &[]);
         app.write("node_modules/pkg/index.js", "2");
         app.write("node_modules/new-pkg/index.js", "1");
         app.write(".git/index", "x");
@@ -267,7 +265,7 @@ fn quick_writes_are_one_reload_and_a_change_during_a_reload_one_more() {
     root_test("watch_debounce", || {
         let app = App::new("v1");
         // Each worker takes 0.4 s to get ready: a reload of 3 lasts over a second.
-        let cluster = app.start(0.4);
+        let cluster = app.start(0.4, &[]);
         for version in ["v2", "v3", "v4", "v5", "v6"] {
             app.write("version.txt", version);
             thread::sleep(Duration::from_millis(20));
@@ -304,7 +302,9 @@ fn quick_writes_are_one_reload_and_a_change_during_a_reload_one_more() {
 fn a_reload_whose_code_crashes_keeps_the_old_workers_and_the_watch_goes_on() {
     root_test("watch_crash", || {
         let app = App::new("v1");
-        let cluster = app.start(0.0);
+        // The workers say READY=1; a long --ready-delay makes sure a replacement that crashes
+        // at start, however slowly under load, is never taken for ready by the delay.
+        let cluster = app.start(0.0, &["--ready-delay", "20"]);
         let load = RequestLoop::start(addr(), CLIENTS);
         app.write("version.txt", "crash");
         let failed = cluster.wait_for_event("reload-finished", Duration::from_secs(30), |_| true);
