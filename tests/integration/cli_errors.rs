@@ -89,6 +89,20 @@ fn other_bad_arguments_are_named_in_one_line() {
 }
 
 #[test]
+fn a_watch_path_that_does_not_exist_is_one_line_and_exit_2() {
+    let missing = std::env::temp_dir().join(format!("clb-no-such-dir-{}", std::process::id()));
+    let path = missing.display().to_string();
+    let (code, lines) = run(&["run", "-w", "1", "-l", "80", "--watch", &path, "--", "true"]);
+    assert_eq!(code, Some(2), "{lines:?}");
+    assert_eq!(
+        lines,
+        [format!(
+            "cluster-lb: error: --watch {path}: no such file or directory; give a file or directory that exists"
+        )]
+    );
+}
+
+#[test]
 fn a_port_in_use_is_one_clear_error() {
     root_test("port_in_use", || {
         let _holder = TcpListener::bind("127.0.0.1:8080").expect("taking the port first");

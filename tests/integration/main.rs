@@ -23,4 +23,5 @@ mod strategies;
 mod supervision;
 mod top;
 mod upgrade;
+mod watch;
 mod zero_downtime;

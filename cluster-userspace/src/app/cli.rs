@@ -57,6 +57,11 @@ pub enum ConfigError {
         dir: std::path::PathBuf,
         problem: String,
     },
+    #[error("--watch {}: {problem}; give a file or directory that exists", .path.display())]
+    Watch {
+        path: std::path::PathBuf,
+        problem: String,
+    },
     #[error(transparent)]
     Launcher(#[from] super::launcher::LauncherError),
     #[error(transparent)]
@@ -73,6 +78,7 @@ impl ConfigError {
             ConfigError::RoundRobinUdp(_) => "strategy",
             ConfigError::NoCommand | ConfigError::Launcher(_) => "command",
             ConfigError::Chdir { .. } => "cwd",
+            ConfigError::Watch { .. } => "watch",
             ConfigError::MemoryCeilingBelowLimit { .. } => "max_memory_hard",
             ConfigError::User(UserError::GroupWithoutUser | UserError::NoSuchGroup(_)) => "group",
             ConfigError::User(_) => "user",
@@ -422,6 +428,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "NAME", value_parser = parse_variable)]
     pub increment_var: Option<String>,
 
+    /// Development mode: when a file under PATH (a file, or a directory and every directory
+    /// under it) changes, reload the workers as `cluster-lb reload` does, once for changes
+    /// within 300 ms of each other, never two reloads at once. node_modules, .git, __pycache__
+    /// and editors' temporary files (*.swp, *~, .#*, 4913) are left out (repeatable)
+    #[arg(long = "watch", value_name = "PATH")]
+    pub watch: Vec<std::path::PathBuf>,
+
     /// Read these options from a file: TOML (keys as the long options, with _ for -, and
     /// `command = [...]`), or a PM2 ecosystem file (*.config.js, *.config.cjs, *.json: see
     /// docs/PM2.md); options given here override the file's
@@ -584,6 +597,9 @@ impl RunArgs {
                 });
             }
         }
+        for path in &self.watch {
+            checked_watch_path(path)?;
+        }
         let workers = match self.workers {
             Some(n) => n,
             None => std::thread::available_parallelism()
@@ -683,6 +699,7 @@ impl RunArgs {
             control: Some(control),
             metrics: self.metrics.map(|addr| addr.socket_addr()),
             log_file: self.log_file.map(|path| (path, log_file_size)),
+            watch: self.watch,
         })
     }
 }
@@ -697,6 +714,20 @@ fn checked_directory(dir: PathBuf) -> Result<PathBuf, ConfigError> {
         Err(e) => e.to_string(),
     };
     Err(ConfigError::Chdir { dir, problem })
+}
+
+/// A --watch path must be there at start (a typo would watch nothing, silently).
+fn checked_watch_path(path: &Path) -> Result<(), ConfigError> {
+    let problem = match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() || meta.is_file() => return Ok(()),
+        Ok(_) => "not a file or directory".to_string(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "no such file or directory".into(),
+        Err(e) => e.to_string(),
+    };
+    Err(ConfigError::Watch {
+        path: path.to_path_buf(),
+        problem,
+    })
 }
 
 /// What Unicorn does: `pwd`, the directory as the shell reached it, when it is `here` (the
@@ -965,6 +996,40 @@ mod tests {
             let error = parse(&["cluster-lb", "run", "--chdir", dir, "--", "x"]).unwrap_err();
             assert_eq!(error, format!("--chdir {dir}: {problem}"));
         }
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn watch_takes_paths_that_exist_at_start() {
+        let (base, real, link) = linked_directory("watch");
+        let file = real.join("app.js");
+        std::fs::write(&file, b"").unwrap();
+        let (real_text, file_text, link_text) = (
+            real.display().to_string(),
+            file.display().to_string(),
+            link.display().to_string(),
+        );
+        let watched = options(&[
+            "cluster-lb",
+            "run",
+            "--watch",
+            &real_text,
+            "--watch",
+            &file_text,
+            "--watch",
+            &link_text,
+            "--",
+            "x",
+        ])
+        .watch;
+        assert_eq!(watched, [real, file, link]);
+        assert!(options(&["cluster-lb", "run", "--", "x"]).watch.is_empty());
+        let missing = base.join("missing").display().to_string();
+        let error = parse(&["cluster-lb", "run", "--watch", &missing, "--", "x"]).unwrap_err();
+        assert_eq!(
+            error,
+            format!("--watch {missing}: no such file or directory; give a file or directory that exists")
+        );
         let _ = std::fs::remove_dir_all(&base);
     }
 

@@ -621,6 +621,28 @@ mod tests {
     }
 
     #[test]
+    fn watch_is_a_list_of_paths_and_a_missing_one_is_the_file_s_fault() {
+        let here = std::env::temp_dir().display().to_string();
+        let text = format!("watch = [\"{here}\", \"/\"]\ncommand = [\"x\"]");
+        let (run, file) = with_file(&text, &[]).unwrap();
+        assert_eq!(run.watch, [PathBuf::from(&here), PathBuf::from("/")]);
+        assert!(file.unwrap().keys.contains(&"watch".to_string()));
+        // One path alone, as for listen.
+        let (run, _) = with_file("watch = \"/\"\ncommand = [\"x\"]", &[]).unwrap();
+        assert_eq!(run.watch, [PathBuf::from("/")]);
+        let (run, file) =
+            with_file("watch = [\"/nonexistent/src\"]\ncommand = [\"x\"]", &[]).unwrap();
+        let error = run.into_options().unwrap_err();
+        let blamed = file.unwrap().blame(error.key(), &error).unwrap();
+        assert!(
+            blamed
+                .to_string()
+                .contains("key `watch`: --watch /nonexistent/src: no such file or directory"),
+            "{blamed}"
+        );
+    }
+
+    #[test]
     fn every_run_option_is_a_key() {
         let command = Cli::command();
         let run = command.find_subcommand("run").unwrap();
@@ -640,6 +662,7 @@ mod tests {
             "metrics",
             "log_format",
             "require_ebpf",
+            "watch",
         ] {
             assert!(keys.iter().any(|k| k == key), "{key} missing from {keys:?}");
         }

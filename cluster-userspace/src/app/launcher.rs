@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LauncherError {
-    #[error("node {flag} restarts the app in a child process of its own, which takes Node's cluster channel: its listen() would bind the port alone and the other workers would crash-loop; drop {flag} (cluster-lb reload restarts workers without failing a request)")]
+    #[error("node {flag} restarts the app in a child process of its own, which takes Node's cluster channel: its listen() would bind the port alone and the other workers would crash-loop; drop {flag} (cluster-lb run --watch DIR reloads the workers on a change without failing a request)")]
     NodeWatch { flag: String },
-    #[error("nodemon restarts the app in a child process of its own, which takes Node's cluster channel: its listen() would bind the port alone and the other workers would crash-loop; run node directly (-- node SCRIPT), and cluster-lb reload to restart workers without failing a request")]
+    #[error("nodemon restarts the app in a child process of its own, which takes Node's cluster channel: its listen() would bind the port alone and the other workers would crash-loop; run node directly (-- node SCRIPT), and cluster-lb run --watch DIR to reload the workers on a change without failing a request")]
     Nodemon,
     #[error("`{launcher}` needs the package.json in {dir}: {reason}; run the app's node command directly (-- node SCRIPT)")]
     NoPackage {

@@ -15,6 +15,7 @@ mod metrics;
 pub mod names;
 mod run;
 mod top;
+mod watch;
 
 use std::process::ExitCode;
 
@@ -152,6 +153,7 @@ pub fn main() -> ExitCode {
                         ConfigError::NoCommand
                             | ConfigError::Launcher(_)
                             | ConfigError::Chdir { .. }
+                            | ConfigError::Watch { .. }
                     ) {
                         eprintln!("cluster-lb: error: {error}");
                         return ExitCode::from(2);

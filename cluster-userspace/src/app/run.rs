@@ -8,6 +8,7 @@ use super::{
     control::{self, ControlError, ControlPath, Reply},
     metrics::{self, MetricsError},
     names::{self, ClusterName},
+    watch::{self, WatchError},
 };
 use crate::supervisor::{
     self,
@@ -28,6 +29,8 @@ pub struct RunOptions {
     pub metrics: Option<SocketAddr>,
     /// `--log-file` and the size it is rotated at.
     pub log_file: Option<(std::path::PathBuf, u64)>,
+    /// `--watch`: files and directories whose changes reload the workers.
+    pub watch: Vec<std::path::PathBuf>,
 }
 
 /// With --log-file, SIGUSR1 reopens it (the file is opened before, in `app::main`).
@@ -59,6 +62,19 @@ pub enum RunError {
     Control(#[from] ControlError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Watch(#[from] WatchError),
+}
+
+/// With --watch, a change under the paths reloads the workers.
+fn watch_files(
+    paths: &[std::path::PathBuf],
+    handle: &supervisor::Handle,
+) -> Result<(), WatchError> {
+    if paths.is_empty() {
+        return Ok(());
+    }
+    watch::start(paths, handle.clone())
 }
 
 /// Runs the cluster on a current-thread runtime until it is stopped.
@@ -82,6 +98,7 @@ pub fn run(options: RunOptions) -> Result<(), RunError> {
             }
             None => None,
         };
+        watch_files(&options.watch, &handle)?;
         let metrics = match options.metrics {
             Some(addr) => metrics::serve(addr, handle).await?,
             None => None,
@@ -110,6 +127,10 @@ pub fn resume(options: RunOptions, state: State) -> Result<(), RunError> {
             from,
         } = Supervisor::resume(options.supervisor, state)?;
         let handle = supervisor.handle();
+        // The workers run already: a watch that cannot be had now is no reason to stop them.
+        if let Err(error) = watch_files(&options.watch, &handle) {
+            log::warn!("{error}; files are not watched (cluster-lb reload still reloads)");
+        }
         let control = match (kept.control.and_then(Inherited::take), &options.control) {
             (Some(fd), Some(at)) => Some(control::adopt(
                 fd,
