@@ -335,7 +335,9 @@ impl Supervisor {
     /// Carries out one action; a spawn answers with its outcome.
     fn execute(&mut self, action: Action) -> Option<Input> {
         match action {
-            Action::Spawn { id } => Some(self.spawn(id)),
+            // A reload's canary starts as any worker does (a reload brings nothing new yet).
+            Action::Spawn { id, .. } => Some(self.spawn(id)),
+            Action::CanaryReady { .. } => None,
             Action::SpawnPrimary => Some(self.spawn_program_primary()),
             Action::Offer { id, pid } => {
                 self.offer_to_program(id, pid);
