@@ -8,6 +8,7 @@
 //! the file. The file's values become command-line arguments, so they go through exactly the
 //! validation the flags do; each is checked on its own first, so that an error names its key.
 //! The keys are read from clap's definition of `run`, so a new option is a new key at once.
+//! `env = { NAME = "value" }` gives the workers variables (as an ecosystem file's `env`).
 
 use std::{
     ffi::OsString,
@@ -23,6 +24,8 @@ use crate::app::{
 
 /// The key holding the worker program and its arguments.
 const COMMAND_KEY: &str = "command";
+/// The key holding variables for the workers, a table (PM2's `env`).
+const ENV_KEY: &str = "env";
 /// Options of `run` that are no file key (`env` and `app` pick from a PM2 file).
 const NOT_KEYS: [&str; 5] = ["config", "help", "version", "env", "app"];
 /// Options whose file key is another name, that of PM2's and systemd's setting (`--chdir`,
@@ -139,15 +142,24 @@ pub fn parse(argv: Vec<OsString>) -> Result<Parsed, CommandLineError> {
             (read(&path).map_err(CommandLineError::File)?, None)
         }
     };
-    let (merged, keys) = merge(&argv, &table, given, run, &path).map_err(CommandLineError::File)?;
+    let Merged {
+        argv: merged,
+        keys,
+        env,
+    } = merge(&argv, &table, given, run, &path).map_err(CommandLineError::File)?;
     let mut cli = Cli::command()
-        .try_get_matches_from(merged)
+        .try_get_matches_from(&merged)
         .and_then(|matches| Cli::from_arg_matches(&matches))
         .map_err(CommandLineError::Args)?;
     let mut warnings = Vec::new();
-    if let (Some(mapped), crate::app::cli::Command::Run(run)) = (pm2, &mut cli.command) {
-        run.worker_env = mapped.env;
-        warnings = mapped.warnings;
+    if let crate::app::cli::Command::Run(run) = &mut cli.command {
+        match pm2 {
+            Some(mapped) => {
+                run.worker_env = mapped.env;
+                warnings = mapped.warnings;
+            }
+            None => run.worker_env = env,
+        }
     }
     Ok(Parsed {
         cli,
@@ -184,14 +196,24 @@ fn read(path: &Path) -> Result<toml::Table, FileError> {
     })
 }
 
-/// `argv` with the file's options added where the command line gave none; and the keys taken.
+/// A command line with a file's options merged in.
+struct Merged {
+    argv: Vec<OsString>,
+    /// The keys whose values were taken from the file.
+    keys: Vec<String>,
+    /// The file's `env`.
+    env: Vec<(String, String)>,
+}
+
+/// `argv` with the file's options added where the command line gave none; the keys taken, and
+/// the file's `env`.
 fn merge(
     argv: &[OsString],
     table: &toml::Table,
     given: &ArgMatches,
     run: &clap::Command,
     path: &Path,
-) -> Result<(Vec<OsString>, Vec<String>), FileError> {
+) -> Result<Merged, FileError> {
     let fail = |key: &str, detail: String| FileError {
         path: path.to_path_buf(),
         key: Some(key.to_string()),
@@ -201,7 +223,13 @@ fn merge(
     let mut options: Vec<OsString> = Vec::new();
     let mut command: Option<Vec<String>> = None;
     let mut keys = Vec::new();
+    let mut env = Vec::new();
     for (key, value) in table {
+        if key == ENV_KEY {
+            env = variables(value).map_err(|detail| fail(key, detail))?;
+            keys.push(key.clone());
+            continue;
+        }
         if key == COMMAND_KEY {
             let program = strings(value)
                 .filter(|list| !list.is_empty())
@@ -286,7 +314,45 @@ fn merge(
         }
         merged.extend(program.into_iter().map(OsString::from));
     }
-    Ok((merged, keys))
+    Ok(Merged {
+        argv: merged,
+        keys,
+        env,
+    })
+}
+
+/// The file's `env`: a table of variables, each a string, a number or a boolean.
+fn variables(value: &toml::Value) -> Result<Vec<(String, String)>, String> {
+    let toml::Value::Table(table) = value else {
+        return Err(format!(
+            "expected a table of variables such as {{ NODE_ENV = \"production\" }}, found {}",
+            kind(value)
+        ));
+    };
+    table
+        .iter()
+        .map(|(name, value)| {
+            crate::app::cli::parse_variable(name)?;
+            let text = match value {
+                toml::Value::String(text) => text.clone(),
+                toml::Value::Integer(n) => n.to_string(),
+                toml::Value::Float(x) => x.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(format!(
+                        "variable {name}: expected a string, a number or a boolean, found {}",
+                        kind(other)
+                    ))
+                }
+            };
+            if text.contains('\0') {
+                return Err(format!(
+                    "variable {name}: a NUL byte, which no variable can hold"
+                ));
+            }
+            Ok((name.clone(), text))
+        })
+        .collect()
 }
 
 /// The file key of `arg`: its long name with _ for -, or its other name (RENAMED).
@@ -316,7 +382,7 @@ fn option_for<'a>(run: &'a clap::Command, key: &str) -> Result<&'a clap::Arg, St
         return Err(format!("unknown key; did you mean `{underscored}`?"));
     }
     Err(format!(
-        "unknown key; the keys are the long options of `cluster-lb run` with _ for - ({}), and `{COMMAND_KEY}`",
+        "unknown key; the keys are the long options of `cluster-lb run` with _ for - ({}), `{COMMAND_KEY}` and `{ENV_KEY}`",
         known_keys(run).join(", ")
     ))
 }
@@ -668,6 +734,74 @@ mod tests {
             assert_eq!(run.user.as_deref(), Some("www-data"));
             assert!(run.command[0].starts_with("/srv/app/"));
         }
+    }
+
+    #[test]
+    fn env_gives_the_workers_variables_over_the_env_file() {
+        let dotenv = file("VERSION=1\nFROM_FILE=yes\n");
+        let text = format!(
+            "env = {{ VERSION = \"2\", PORT = 3000, DEBUG = false }}\nenv_file = \"{}\"\ncommand = [\"x\"]",
+            dotenv.display()
+        );
+        let (run, file) = with_file(&text, &[]).unwrap();
+        let keys = file.unwrap().keys;
+        assert!(keys.iter().any(|k| k == "env") && keys.iter().any(|k| k == "env_file"));
+        let env = run.into_options().unwrap().supervisor.env;
+        let at = |name: &str, value: &str| {
+            env.iter()
+                .position(|(k, v)| k == name && v == value)
+                .unwrap_or_else(|| panic!("{name}={value} missing from {env:?}"))
+        };
+        assert!(at("VERSION", "1") < at("VERSION", "2"), "env applies last");
+        at("FROM_FILE", "yes");
+        at("PORT", "3000");
+        at("DEBUG", "false");
+        std::fs::remove_file(&dotenv).unwrap();
+    }
+
+    #[test]
+    fn a_bad_env_or_env_file_is_one_line_naming_it() {
+        for (text, expected) in [
+            (
+                "env = \"VERSION=1\"",
+                "key `env`: expected a table of variables",
+            ),
+            (
+                "env = { \"A=B\" = \"1\" }",
+                "key `env`: 'A=B' is not a variable name",
+            ),
+            (
+                "env = { A = [1] }",
+                "key `env`: variable A: expected a string",
+            ),
+        ] {
+            let Err(CommandLineError::File(error)) = with_file(text, &[]) else {
+                panic!("{text:?} accepted");
+            };
+            let line = error.to_string();
+            assert!(line.contains(expected), "{text:?}: {line}");
+            assert!(!line.contains('\n'), "{line}");
+        }
+        let dotenv = file("GOOD=1\nexport BAD LINE\n");
+        let (run, file) = with_file(
+            &format!("env_file = \"{}\"\ncommand = [\"x\"]", dotenv.display()),
+            &[],
+        )
+        .unwrap();
+        let error = run.into_options().unwrap_err();
+        let line = file
+            .unwrap()
+            .blame(error.key(), &error)
+            .unwrap()
+            .to_string();
+        assert!(
+            line.contains(&format!(
+                "key `env_file`: env file {}: line 2: ",
+                dotenv.display()
+            )),
+            "{line}"
+        );
+        std::fs::remove_file(&dotenv).unwrap();
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod client;
 pub mod config_file;
 pub mod control;
 mod dist;
+pub mod dotenv;
 pub mod ecosystem;
 mod launcher;
 mod metrics;
@@ -152,6 +153,7 @@ pub fn main() -> ExitCode {
                         ConfigError::NoCommand
                             | ConfigError::Launcher(_)
                             | ConfigError::Chdir { .. }
+                            | ConfigError::EnvFile(_)
                     ) {
                         eprintln!("cluster-lb: error: {error}");
                         return ExitCode::from(2);
