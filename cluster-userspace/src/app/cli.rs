@@ -687,6 +687,8 @@ impl RunArgs {
             increment_var: self.increment_var,
             env: self.worker_env,
             cwd,
+            // `app::main` sets it for a cluster run from a config file.
+            reconfigure: None,
         };
         let log_file_size = self
             .log_file_size

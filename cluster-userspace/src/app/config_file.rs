@@ -9,6 +9,9 @@
 //! validation the flags do; each is checked on its own first, so that an error names its key.
 //! The keys are read from clap's definition of `run`, so a new option is a new key at once.
 //! `env = { NAME = "value" }` gives the workers variables (as an ecosystem file's `env`).
+//!
+//! A reload of a cluster started with `--config` parses the command line and the file again
+//! (`app::reconfigure`): [`changed_option`] names an option it cannot apply that changed.
 
 use std::{
     ffi::OsString,
@@ -26,6 +29,22 @@ use crate::app::{
 const COMMAND_KEY: &str = "command";
 /// The key holding variables for the workers, a table (PM2's `env`).
 const ENV_KEY: &str = "env";
+/// What a reload applies (besides `env`): every other option needs a restart or an upgrade.
+pub const RELOADABLE: [&str; 4] = ["workers", "cwd", "env_file", COMMAND_KEY];
+/// Options an in-place upgrade keeps as they were too: only a restart changes them.
+const RESTART_ONLY: [&str; 11] = [
+    "listen",
+    "strategy",
+    "require_ebpf",
+    "name",
+    "control",
+    "metrics",
+    "user",
+    "group",
+    "node",
+    "node_primary",
+    "restart",
+];
 /// Options of `run` that are no file key (`env` and `app` pick from a PM2 file).
 const NOT_KEYS: [&str; 5] = ["config", "help", "version", "env", "app"];
 /// Options whose file key is another name, that of PM2's and systemd's setting (`--chdir`,
@@ -65,6 +84,8 @@ pub struct Parsed {
 pub struct Loaded {
     pub path: PathBuf,
     pub keys: Vec<String>,
+    /// The command line with the file's options merged in, as it was parsed.
+    pub merged: Vec<OsString>,
 }
 
 impl Loaded {
@@ -163,7 +184,7 @@ pub fn parse(argv: Vec<OsString>) -> Result<Parsed, CommandLineError> {
     }
     Ok(Parsed {
         cli,
-        file: Some(Loaded { path, keys }),
+        file: Some(Loaded { path, keys, merged }),
         warnings,
     })
 }
@@ -353,6 +374,57 @@ fn variables(value: &toml::Value) -> Result<Vec<(String, String)>, String> {
             Ok((name.clone(), text))
         })
         .collect()
+}
+
+/// What a reload refuses: the first option of `run`, other than those it applies
+/// ([`RELOADABLE`]), whose value differs between two merged command lines (`Loaded::merged`
+/// at start and now), as one line that names its file key and what would apply it.
+pub fn changed_option(
+    path: &Path,
+    before: &[OsString],
+    after: &[OsString],
+) -> Result<Option<String>, String> {
+    let command = Cli::command();
+    let Some(run) = command.find_subcommand("run") else {
+        return Ok(None);
+    };
+    let run_matches = |argv: &[OsString]| -> Result<ArgMatches, String> {
+        let matches = command
+            .clone()
+            .try_get_matches_from(argv)
+            .map_err(|e| one_line_error(&e))?;
+        match matches.subcommand() {
+            Some(("run", run)) => Ok(run.clone()),
+            _ => Err("the command line no longer runs a cluster".into()),
+        }
+    };
+    let (before, after) = (run_matches(before)?, run_matches(after)?);
+    for arg in run.get_arguments().filter(|arg| arg.get_long().is_some()) {
+        let key = file_key(arg);
+        if RELOADABLE.contains(&key.as_str()) || NOT_KEYS.contains(&key.as_str()) {
+            continue;
+        }
+        let id = arg.get_id().as_str();
+        let raw = |matches: &ArgMatches| -> Vec<OsString> {
+            matches
+                .get_raw(id)
+                .map(|values| values.map(OsString::from).collect())
+                .unwrap_or_default()
+        };
+        if raw(&before) == raw(&after) {
+            continue;
+        }
+        let how = if RESTART_ONLY.contains(&key.as_str()) {
+            "restart the cluster to change it".to_string()
+        } else {
+            "`cluster-lb upgrade` (which reads the file anew) or a restart applies it".to_string()
+        };
+        return Ok(Some(format!(
+            "config {}: key `{key}` changed, and a reload applies only command, env, env_file, cwd and workers: {how}",
+            path.display()
+        )));
+    }
+    Ok(None)
 }
 
 /// The file key of `arg`: its long name with _ for -, or its other name (RENAMED).
@@ -802,6 +874,63 @@ mod tests {
             "{line}"
         );
         std::fs::remove_file(&dotenv).unwrap();
+    }
+
+    /// The merged command line of `run --config FILE ARGS` with `text` in the file (at one
+    /// path, so that two versions of the file compare as one file edited).
+    fn merged_with(path: &Path, text: &str, args: &[&str]) -> Vec<OsString> {
+        std::fs::write(path, text).unwrap();
+        let path_text = path.display().to_string();
+        let mut all = vec!["run", "--config", &path_text];
+        all.extend_from_slice(args);
+        let argv = std::iter::once("cluster-lb").chain(all.iter().copied());
+        let parsed = parse(argv.map(OsString::from).collect()).unwrap_or_else(|e| match e {
+            CommandLineError::File(e) => panic!("{e}"),
+            CommandLineError::Args(e) => panic!("{e}"),
+        });
+        parsed.file.unwrap().merged
+    }
+
+    #[test]
+    fn a_reload_refuses_a_changed_option_it_cannot_apply_by_its_key() {
+        let path = file("");
+        let base = "workers = 2\nlisten = [\"127.0.0.1:8080\"]\ngrace = 5\ncommand = [\"./a\"]\n";
+        let before = merged_with(&path, base, &[]);
+        let same = merged_with(&path, base, &[]);
+        assert_eq!(changed_option(&path, &before, &same), Ok(None));
+        // What a reload applies.
+        let applied = "workers = 3\nlisten = [\"127.0.0.1:8080\"]\ngrace = 5\ncommand = [\"./b\", \"-v\"]\ncwd = \"/tmp\"\nenv_file = \"/tmp/x.env\"\nenv = { A = \"1\" }\n";
+        let after = merged_with(&path, applied, &[]);
+        assert_eq!(changed_option(&path, &before, &after), Ok(None));
+        // What needs a restart, or an upgrade.
+        let moved = base.replace("8080", "8081");
+        let after = merged_with(&path, &moved, &[]);
+        let line = changed_option(&path, &before, &after).unwrap().unwrap();
+        assert_eq!(
+            line,
+            format!("config {}: key `listen` changed, and a reload applies only command, env, env_file, cwd and workers: restart the cluster to change it", path.display())
+        );
+        for (text, key) in [
+            (base.replace("grace = 5", "grace = 6"), "grace"),
+            (format!("{base}no_seccomp = true\n"), "no_seccomp"),
+            (format!("{base}strategy = \"hash\"\n"), "strategy"),
+            (format!("{base}user = \"nobody\"\n"), "user"),
+            (format!("{base}metrics = \"127.0.0.1:9100\"\n"), "metrics"),
+        ] {
+            let after = merged_with(&path, &text, &[]);
+            let line = changed_option(&path, &before, &after).unwrap().unwrap();
+            assert!(line.contains(&format!("key `{key}` changed")), "{line}");
+            assert!(!line.contains('\n'), "{line}");
+            assert!(
+                line.contains("`cluster-lb upgrade`") || line.contains("restart the cluster"),
+                "{line}"
+            );
+        }
+        // An option the command line gives is the command line's: the file's does not count.
+        let before = merged_with(&path, base, &["--listen", "9000"]);
+        let after = merged_with(&path, &moved, &["--listen", "9000"]);
+        assert_eq!(changed_option(&path, &before, &after), Ok(None));
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod ecosystem;
 mod launcher;
 mod metrics;
 pub mod names;
+mod reconfigure;
 mod run;
 mod top;
 
@@ -132,15 +133,24 @@ pub fn main() -> ExitCode {
                 log::warn!("{warning}");
             }
             match args.into_options() {
-                Ok(options) => match upgrade {
-                    _ if !open_log_file(&options) => return ExitCode::FAILURE,
-                    Handover::None => run::run(options).map_err(Into::into),
-                    Handover::Check(state) => return check_takeover(&options, state),
-                    Handover::Resume(state) => match state {
-                        Ok(state) => run::resume(options, state).map_err(Into::into),
-                        Err(error) => Err(error.into()),
-                    },
-                },
+                Ok(mut options) => {
+                    // A reload reads the file again (as at start: the same argv).
+                    if let Some(file) = &file {
+                        options.supervisor.reconfigure = Some(reconfigure::hook(
+                            std::env::args_os().collect(),
+                            file.merged.clone(),
+                        ));
+                    }
+                    match upgrade {
+                        _ if !open_log_file(&options) => return ExitCode::FAILURE,
+                        Handover::None => run::run(options).map_err(Into::into),
+                        Handover::Check(state) => return check_takeover(&options, state),
+                        Handover::Resume(state) => match state {
+                            Ok(state) => run::resume(options, state).map_err(Into::into),
+                            Err(error) => Err(error.into()),
+                        },
+                    }
+                }
                 Err(error) => {
                     // A wrong value from the config file is the file's fault: say so, and
                     // exit as for any bad argument.

@@ -628,6 +628,11 @@ impl Lifecycle {
         self.reloads
     }
 
+    /// What the primary's own supervisor was last told.
+    pub fn announced(&self) -> Announced {
+        self.announced
+    }
+
     pub fn is_reloading(&self) -> bool {
         matches!(self.intent, Intent::Reload(_))
     }
