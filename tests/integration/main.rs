@@ -18,6 +18,7 @@ mod node_conformance;
 mod node_primary;
 mod packaging;
 mod pm2;
+mod reconfigure;
 mod servers;
 mod strategies;
 mod supervision;

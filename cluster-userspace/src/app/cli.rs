@@ -66,6 +66,10 @@ pub enum ConfigError {
     Launcher(#[from] super::launcher::LauncherError),
     #[error(transparent)]
     User(#[from] UserError),
+    /// --env-file cannot be read, or a line of it is no variable (one line: the file, the
+    /// line, the problem).
+    #[error("{0}")]
+    EnvFile(String),
 }
 
 impl ConfigError {
@@ -79,6 +83,7 @@ impl ConfigError {
             ConfigError::NoCommand | ConfigError::Launcher(_) => "command",
             ConfigError::Chdir { .. } => "cwd",
             ConfigError::Watch { .. } => "watch",
+            ConfigError::EnvFile(_) => "env_file",
             ConfigError::MemoryCeilingBelowLimit { .. } => "max_memory_hard",
             ConfigError::User(UserError::GroupWithoutUser | UserError::NoSuchGroup(_)) => "group",
             ConfigError::User(_) => "user",
@@ -342,6 +347,12 @@ pub struct RunArgs {
     /// $PWD when it is this directory reached through a symlink, else this directory]
     #[arg(long, value_name = "DIR")]
     pub chdir: Option<std::path::PathBuf>,
+
+    /// Variables for the workers from a dotenv file (KEY=value lines, # comments, optional
+    /// `export `, single or double quotes), read at start and again at every reload of a
+    /// cluster started with --config; an `env` of the config file overrides it
+    #[arg(long, value_name = "FILE")]
+    pub env_file: Option<std::path::PathBuf>,
 
     /// Let --user workers get ports below 1024 by asking for them (queryServer) when no
     /// --listen names them
@@ -624,6 +635,11 @@ impl RunArgs {
                 logical
             }
         };
+        if let Some(path) = &self.env_file {
+            // Under the config file's own `env`, which names variables one by one.
+            let read = super::dotenv::read(path).map_err(ConfigError::EnvFile)?;
+            self.worker_env.splice(0..0, read);
+        }
         if self.node != NodeMode::Off {
             // `npm start` and the like: the package script's node command, run directly. Its
             // package.json is the one in the workers' directory.
@@ -689,6 +705,8 @@ impl RunArgs {
             increment_var: self.increment_var,
             env: self.worker_env,
             cwd,
+            // `app::main` sets it for a cluster run from a config file.
+            reconfigure: None,
         };
         let log_file_size = self
             .log_file_size

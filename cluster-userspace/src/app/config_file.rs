@@ -8,6 +8,10 @@
 //! the file. The file's values become command-line arguments, so they go through exactly the
 //! validation the flags do; each is checked on its own first, so that an error names its key.
 //! The keys are read from clap's definition of `run`, so a new option is a new key at once.
+//! `env = { NAME = "value" }` gives the workers variables (as an ecosystem file's `env`).
+//!
+//! A reload of a cluster started with `--config` parses the command line and the file again
+//! (`app::reconfigure`): [`changed_option`] names an option it cannot apply that changed.
 
 use std::{
     ffi::OsString,
@@ -23,6 +27,24 @@ use crate::app::{
 
 /// The key holding the worker program and its arguments.
 const COMMAND_KEY: &str = "command";
+/// The key holding variables for the workers, a table (PM2's `env`).
+const ENV_KEY: &str = "env";
+/// What a reload applies (besides `env`): every other option needs a restart or an upgrade.
+pub const RELOADABLE: [&str; 4] = ["workers", "cwd", "env_file", COMMAND_KEY];
+/// Options an in-place upgrade keeps as they were too: only a restart changes them.
+const RESTART_ONLY: [&str; 11] = [
+    "listen",
+    "strategy",
+    "require_ebpf",
+    "name",
+    "control",
+    "metrics",
+    "user",
+    "group",
+    "node",
+    "node_primary",
+    "restart",
+];
 /// Options of `run` that are no file key (`env` and `app` pick from a PM2 file).
 const NOT_KEYS: [&str; 5] = ["config", "help", "version", "env", "app"];
 /// Options whose file key is another name, that of PM2's and systemd's setting (`--chdir`,
@@ -62,6 +84,8 @@ pub struct Parsed {
 pub struct Loaded {
     pub path: PathBuf,
     pub keys: Vec<String>,
+    /// The command line with the file's options merged in, as it was parsed.
+    pub merged: Vec<OsString>,
 }
 
 impl Loaded {
@@ -139,19 +163,28 @@ pub fn parse(argv: Vec<OsString>) -> Result<Parsed, CommandLineError> {
             (read(&path).map_err(CommandLineError::File)?, None)
         }
     };
-    let (merged, keys) = merge(&argv, &table, given, run, &path).map_err(CommandLineError::File)?;
+    let Merged {
+        argv: merged,
+        keys,
+        env,
+    } = merge(&argv, &table, given, run, &path).map_err(CommandLineError::File)?;
     let mut cli = Cli::command()
-        .try_get_matches_from(merged)
+        .try_get_matches_from(&merged)
         .and_then(|matches| Cli::from_arg_matches(&matches))
         .map_err(CommandLineError::Args)?;
     let mut warnings = Vec::new();
-    if let (Some(mapped), crate::app::cli::Command::Run(run)) = (pm2, &mut cli.command) {
-        run.worker_env = mapped.env;
-        warnings = mapped.warnings;
+    if let crate::app::cli::Command::Run(run) = &mut cli.command {
+        match pm2 {
+            Some(mapped) => {
+                run.worker_env = mapped.env;
+                warnings = mapped.warnings;
+            }
+            None => run.worker_env = env,
+        }
     }
     Ok(Parsed {
         cli,
-        file: Some(Loaded { path, keys }),
+        file: Some(Loaded { path, keys, merged }),
         warnings,
     })
 }
@@ -184,14 +217,24 @@ fn read(path: &Path) -> Result<toml::Table, FileError> {
     })
 }
 
-/// `argv` with the file's options added where the command line gave none; and the keys taken.
+/// A command line with a file's options merged in.
+struct Merged {
+    argv: Vec<OsString>,
+    /// The keys whose values were taken from the file.
+    keys: Vec<String>,
+    /// The file's `env`.
+    env: Vec<(String, String)>,
+}
+
+/// `argv` with the file's options added where the command line gave none; the keys taken, and
+/// the file's `env`.
 fn merge(
     argv: &[OsString],
     table: &toml::Table,
     given: &ArgMatches,
     run: &clap::Command,
     path: &Path,
-) -> Result<(Vec<OsString>, Vec<String>), FileError> {
+) -> Result<Merged, FileError> {
     let fail = |key: &str, detail: String| FileError {
         path: path.to_path_buf(),
         key: Some(key.to_string()),
@@ -201,7 +244,13 @@ fn merge(
     let mut options: Vec<OsString> = Vec::new();
     let mut command: Option<Vec<String>> = None;
     let mut keys = Vec::new();
+    let mut env = Vec::new();
     for (key, value) in table {
+        if key == ENV_KEY {
+            env = variables(value).map_err(|detail| fail(key, detail))?;
+            keys.push(key.clone());
+            continue;
+        }
         if key == COMMAND_KEY {
             let program = strings(value)
                 .filter(|list| !list.is_empty())
@@ -286,7 +335,96 @@ fn merge(
         }
         merged.extend(program.into_iter().map(OsString::from));
     }
-    Ok((merged, keys))
+    Ok(Merged {
+        argv: merged,
+        keys,
+        env,
+    })
+}
+
+/// The file's `env`: a table of variables, each a string, a number or a boolean.
+fn variables(value: &toml::Value) -> Result<Vec<(String, String)>, String> {
+    let toml::Value::Table(table) = value else {
+        return Err(format!(
+            "expected a table of variables such as {{ NODE_ENV = \"production\" }}, found {}",
+            kind(value)
+        ));
+    };
+    table
+        .iter()
+        .map(|(name, value)| {
+            crate::app::cli::parse_variable(name)?;
+            let text = match value {
+                toml::Value::String(text) => text.clone(),
+                toml::Value::Integer(n) => n.to_string(),
+                toml::Value::Float(x) => x.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(format!(
+                        "variable {name}: expected a string, a number or a boolean, found {}",
+                        kind(other)
+                    ))
+                }
+            };
+            if text.contains('\0') {
+                return Err(format!(
+                    "variable {name}: a NUL byte, which no variable can hold"
+                ));
+            }
+            Ok((name.clone(), text))
+        })
+        .collect()
+}
+
+/// What a reload refuses: the first option of `run`, other than those it applies
+/// ([`RELOADABLE`]), whose value differs between two merged command lines (`Loaded::merged`
+/// at start and now), as one line that names its file key and what would apply it.
+pub fn changed_option(
+    path: &Path,
+    before: &[OsString],
+    after: &[OsString],
+) -> Result<Option<String>, String> {
+    let command = Cli::command();
+    let Some(run) = command.find_subcommand("run") else {
+        return Ok(None);
+    };
+    let run_matches = |argv: &[OsString]| -> Result<ArgMatches, String> {
+        let matches = command
+            .clone()
+            .try_get_matches_from(argv)
+            .map_err(|e| one_line_error(&e))?;
+        match matches.subcommand() {
+            Some(("run", run)) => Ok(run.clone()),
+            _ => Err("the command line no longer runs a cluster".into()),
+        }
+    };
+    let (before, after) = (run_matches(before)?, run_matches(after)?);
+    for arg in run.get_arguments().filter(|arg| arg.get_long().is_some()) {
+        let key = file_key(arg);
+        if RELOADABLE.contains(&key.as_str()) || NOT_KEYS.contains(&key.as_str()) {
+            continue;
+        }
+        let id = arg.get_id().as_str();
+        let raw = |matches: &ArgMatches| -> Vec<OsString> {
+            matches
+                .get_raw(id)
+                .map(|values| values.map(OsString::from).collect())
+                .unwrap_or_default()
+        };
+        if raw(&before) == raw(&after) {
+            continue;
+        }
+        let how = if RESTART_ONLY.contains(&key.as_str()) {
+            "restart the cluster to change it".to_string()
+        } else {
+            "`cluster-lb upgrade` (which reads the file anew) or a restart applies it".to_string()
+        };
+        return Ok(Some(format!(
+            "config {}: key `{key}` changed, and a reload applies only command, env, env_file, cwd and workers: {how}",
+            path.display()
+        )));
+    }
+    Ok(None)
 }
 
 /// The file key of `arg`: its long name with _ for -, or its other name (RENAMED).
@@ -316,7 +454,7 @@ fn option_for<'a>(run: &'a clap::Command, key: &str) -> Result<&'a clap::Arg, St
         return Err(format!("unknown key; did you mean `{underscored}`?"));
     }
     Err(format!(
-        "unknown key; the keys are the long options of `cluster-lb run` with _ for - ({}), and `{COMMAND_KEY}`",
+        "unknown key; the keys are the long options of `cluster-lb run` with _ for - ({}), `{COMMAND_KEY}` and `{ENV_KEY}`",
         known_keys(run).join(", ")
     ))
 }
@@ -691,6 +829,131 @@ mod tests {
             assert_eq!(run.user.as_deref(), Some("www-data"));
             assert!(run.command[0].starts_with("/srv/app/"));
         }
+    }
+
+    #[test]
+    fn env_gives_the_workers_variables_over_the_env_file() {
+        let dotenv = file("VERSION=1\nFROM_FILE=yes\n");
+        let text = format!(
+            "env = {{ VERSION = \"2\", PORT = 3000, DEBUG = false }}\nenv_file = \"{}\"\ncommand = [\"x\"]",
+            dotenv.display()
+        );
+        let (run, file) = with_file(&text, &[]).unwrap();
+        let keys = file.unwrap().keys;
+        assert!(keys.iter().any(|k| k == "env") && keys.iter().any(|k| k == "env_file"));
+        let env = run.into_options().unwrap().supervisor.env;
+        let at = |name: &str, value: &str| {
+            env.iter()
+                .position(|(k, v)| k == name && v == value)
+                .unwrap_or_else(|| panic!("{name}={value} missing from {env:?}"))
+        };
+        assert!(at("VERSION", "1") < at("VERSION", "2"), "env applies last");
+        at("FROM_FILE", "yes");
+        at("PORT", "3000");
+        at("DEBUG", "false");
+        std::fs::remove_file(&dotenv).unwrap();
+    }
+
+    #[test]
+    fn a_bad_env_or_env_file_is_one_line_naming_it() {
+        for (text, expected) in [
+            (
+                "env = \"VERSION=1\"",
+                "key `env`: expected a table of variables",
+            ),
+            (
+                "env = { \"A=B\" = \"1\" }",
+                "key `env`: 'A=B' is not a variable name",
+            ),
+            (
+                "env = { A = [1] }",
+                "key `env`: variable A: expected a string",
+            ),
+        ] {
+            let Err(CommandLineError::File(error)) = with_file(text, &[]) else {
+                panic!("{text:?} accepted");
+            };
+            let line = error.to_string();
+            assert!(line.contains(expected), "{text:?}: {line}");
+            assert!(!line.contains('\n'), "{line}");
+        }
+        let dotenv = file("GOOD=1\nexport BAD LINE\n");
+        let (run, file) = with_file(
+            &format!("env_file = \"{}\"\ncommand = [\"x\"]", dotenv.display()),
+            &[],
+        )
+        .unwrap();
+        let error = run.into_options().unwrap_err();
+        let line = file
+            .unwrap()
+            .blame(error.key(), &error)
+            .unwrap()
+            .to_string();
+        assert!(
+            line.contains(&format!(
+                "key `env_file`: env file {}: line 2: ",
+                dotenv.display()
+            )),
+            "{line}"
+        );
+        std::fs::remove_file(&dotenv).unwrap();
+    }
+
+    /// The merged command line of `run --config FILE ARGS` with `text` in the file (at one
+    /// path, so that two versions of the file compare as one file edited).
+    fn merged_with(path: &Path, text: &str, args: &[&str]) -> Vec<OsString> {
+        std::fs::write(path, text).unwrap();
+        let path_text = path.display().to_string();
+        let mut all = vec!["run", "--config", &path_text];
+        all.extend_from_slice(args);
+        let argv = std::iter::once("cluster-lb").chain(all.iter().copied());
+        let parsed = parse(argv.map(OsString::from).collect()).unwrap_or_else(|e| match e {
+            CommandLineError::File(e) => panic!("{e}"),
+            CommandLineError::Args(e) => panic!("{e}"),
+        });
+        parsed.file.unwrap().merged
+    }
+
+    #[test]
+    fn a_reload_refuses_a_changed_option_it_cannot_apply_by_its_key() {
+        let path = file("");
+        let base = "workers = 2\nlisten = [\"127.0.0.1:8080\"]\ngrace = 5\ncommand = [\"./a\"]\n";
+        let before = merged_with(&path, base, &[]);
+        let same = merged_with(&path, base, &[]);
+        assert_eq!(changed_option(&path, &before, &same), Ok(None));
+        // What a reload applies.
+        let applied = "workers = 3\nlisten = [\"127.0.0.1:8080\"]\ngrace = 5\ncommand = [\"./b\", \"-v\"]\ncwd = \"/tmp\"\nenv_file = \"/tmp/x.env\"\nenv = { A = \"1\" }\n";
+        let after = merged_with(&path, applied, &[]);
+        assert_eq!(changed_option(&path, &before, &after), Ok(None));
+        // What needs a restart, or an upgrade.
+        let moved = base.replace("8080", "8081");
+        let after = merged_with(&path, &moved, &[]);
+        let line = changed_option(&path, &before, &after).unwrap().unwrap();
+        assert_eq!(
+            line,
+            format!("config {}: key `listen` changed, and a reload applies only command, env, env_file, cwd and workers: restart the cluster to change it", path.display())
+        );
+        for (text, key) in [
+            (base.replace("grace = 5", "grace = 6"), "grace"),
+            (format!("{base}no_seccomp = true\n"), "no_seccomp"),
+            (format!("{base}strategy = \"hash\"\n"), "strategy"),
+            (format!("{base}user = \"nobody\"\n"), "user"),
+            (format!("{base}metrics = \"127.0.0.1:9100\"\n"), "metrics"),
+        ] {
+            let after = merged_with(&path, &text, &[]);
+            let line = changed_option(&path, &before, &after).unwrap().unwrap();
+            assert!(line.contains(&format!("key `{key}` changed")), "{line}");
+            assert!(!line.contains('\n'), "{line}");
+            assert!(
+                line.contains("`cluster-lb upgrade`") || line.contains("restart the cluster"),
+                "{line}"
+            );
+        }
+        // An option the command line gives is the command line's: the file's does not count.
+        let before = merged_with(&path, base, &["--listen", "9000"]);
+        let after = merged_with(&path, &moved, &["--listen", "9000"]);
+        assert_eq!(changed_option(&path, &before, &after), Ok(None));
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

@@ -9,10 +9,12 @@ pub mod client;
 pub mod config_file;
 pub mod control;
 mod dist;
+pub mod dotenv;
 pub mod ecosystem;
 mod launcher;
 mod metrics;
 pub mod names;
+mod reconfigure;
 mod run;
 mod top;
 mod watch;
@@ -132,15 +134,24 @@ pub fn main() -> ExitCode {
                 log::warn!("{warning}");
             }
             match args.into_options() {
-                Ok(options) => match upgrade {
-                    _ if !open_log_file(&options) => return ExitCode::FAILURE,
-                    Handover::None => run::run(options).map_err(Into::into),
-                    Handover::Check(state) => return check_takeover(&options, state),
-                    Handover::Resume(state) => match state {
-                        Ok(state) => run::resume(options, state).map_err(Into::into),
-                        Err(error) => Err(error.into()),
-                    },
-                },
+                Ok(mut options) => {
+                    // A reload reads the file again (as at start: the same argv).
+                    if let Some(file) = &file {
+                        options.supervisor.reconfigure = Some(reconfigure::hook(
+                            std::env::args_os().collect(),
+                            file.merged.clone(),
+                        ));
+                    }
+                    match upgrade {
+                        _ if !open_log_file(&options) => return ExitCode::FAILURE,
+                        Handover::None => run::run(options).map_err(Into::into),
+                        Handover::Check(state) => return check_takeover(&options, state),
+                        Handover::Resume(state) => match state {
+                            Ok(state) => run::resume(options, state).map_err(Into::into),
+                            Err(error) => Err(error.into()),
+                        },
+                    }
+                }
                 Err(error) => {
                     // A wrong value from the config file is the file's fault: say so, and
                     // exit as for any bad argument.
@@ -154,6 +165,7 @@ pub fn main() -> ExitCode {
                             | ConfigError::Launcher(_)
                             | ConfigError::Chdir { .. }
                             | ConfigError::Watch { .. }
+                            | ConfigError::EnvFile(_)
                     ) {
                         eprintln!("cluster-lb: error: {error}");
                         return ExitCode::from(2);

@@ -155,6 +155,35 @@ pub struct Config {
     pub env: Vec<(String, String)>,
     /// The directory workers start in (the primary's own when `None`).
     pub cwd: Option<std::path::PathBuf>,
+    /// How a reload reads the configuration anew (`None`: a reload re-runs the same command).
+    pub reconfigure: Option<Reconfigure>,
+}
+
+/// What a reload calls first to read the cluster's configuration anew (`cluster-lb run
+/// --config FILE` reads its file again): the whole configuration, or one line saying why the
+/// reload must not happen (the file no longer parses, or changes what only a restart can).
+/// Of what it returns, a reload takes `command`, `env` and `cwd` (for its replacements, once
+/// the first of them is ready) and `workers` (scaled to once the reload completed); the hook
+/// is to refuse a change of anything else. Called on the supervisor's thread, once per
+/// reload, before anything is started: it should be quick.
+#[derive(Clone)]
+pub struct Reconfigure(std::sync::Arc<dyn Fn() -> Result<Config, String> + Send + Sync>);
+
+impl Reconfigure {
+    pub fn new(read: impl Fn() -> Result<Config, String> + Send + Sync + 'static) -> Reconfigure {
+        Reconfigure(std::sync::Arc::new(read))
+    }
+
+    /// The configuration now, or why a reload is refused.
+    pub fn read(&self) -> Result<Config, String> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Reconfigure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reconfigure(..)")
+    }
 }
 
 /// The default of `--instance-var`: PM2's name, which PM2-era code tests
@@ -202,6 +231,7 @@ impl Config {
             increment_var: None,
             env: Vec::new(),
             cwd: None,
+            reconfigure: None,
         })
     }
 }

@@ -31,6 +31,10 @@ pub enum ReloadError {
     },
     #[error("reload aborted: the replacement of worker {id} (pid {pid}) left before it was ready ({why}); the old workers keep serving")]
     ReplacementLeft { id: u32, pid: i32, why: Departure },
+    /// The configuration read anew for the reload (`Config::reconfigure`) cannot be used:
+    /// nothing was started or replaced.
+    #[error("reload refused: {0}; the workers keep serving as they are")]
+    Refused(String),
     #[error("reload replaced no worker: none of the {wanted} was running (each is restarting after failures, and starts with the new code when it does); `cluster-lb status` shows them")]
     NothingRunning { wanted: u32 },
 }

@@ -32,6 +32,7 @@ mod notify;
 mod outputs;
 mod program;
 mod reaper;
+mod reconfigure;
 pub(crate) mod saved;
 mod signals;
 mod status;
@@ -45,7 +46,8 @@ use nix::unistd::Pid;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 pub use config::{
-    ClosedListener, Config, PrimaryMode, Restart, UpgradeSource, INSTANCE_VAR, READY_TIMEOUT,
+    ClosedListener, Config, PrimaryMode, Reconfigure, Restart, UpgradeSource, INSTANCE_VAR,
+    READY_TIMEOUT,
 };
 pub use events::{Departure, Event, ExitStatus, Failure, KillReason, Readiness, ReloadError};
 pub use handle::{Control, Handle, Recipients, ReloadReply, ScaleError, SendError, UpgradeError};
@@ -117,6 +119,8 @@ pub struct Supervisor {
     program: program::Program,
     /// What the health sampler watches and last read.
     health: health::Health,
+    /// The configuration a reload read anew, for its canary (see `reconfigure`).
+    candidate: Option<reconfigure::Candidate>,
 }
 
 impl Supervisor {
@@ -183,10 +187,7 @@ impl Supervisor {
             watchdog: config.health.watchdog,
             stop_signal: config.stop_signal,
             instance_var: config.instance_var.clone(),
-            increment: config.increment_var.as_ref().map(|name| {
-                let base = command.base_variable(name);
-                (name.clone(), workers::increment_base(base.as_deref()))
-            }),
+            increment: reconfigure::increment(&config, &command),
             command,
         };
         let program = program::Program::new(
@@ -209,6 +210,7 @@ impl Supervisor {
                 started: Instant::now(),
                 resumed: false,
             },
+            candidate: None,
         }
     }
 
@@ -335,7 +337,12 @@ impl Supervisor {
     /// Carries out one action; a spawn answers with its outcome.
     fn execute(&mut self, action: Action) -> Option<Input> {
         match action {
-            Action::Spawn { id } => Some(self.spawn(id)),
+            Action::Spawn { id, canary: false } => Some(self.spawn(id)),
+            Action::Spawn { id, canary: true } => Some(self.spawn_canary(id)),
+            Action::CanaryReady { id, pid } => {
+                self.canary_ready(id, pid);
+                None
+            }
             Action::SpawnPrimary => Some(self.spawn_program_primary()),
             Action::Offer { id, pid } => {
                 self.offer_to_program(id, pid);
@@ -401,10 +408,7 @@ impl Supervisor {
                 self.outputs.emit(event);
                 None
             }
-            Action::ReloadDone(outcome) => {
-                self.outputs.reload_done(&outcome);
-                None
-            }
+            Action::ReloadDone(outcome) => self.reload_done(outcome),
         }
     }
 
@@ -452,7 +456,7 @@ impl Supervisor {
         match signal {
             Signalled::Stop => Some(Input::Stop { fast: false }),
             Signalled::StopNow => Some(Input::Stop { fast: true }),
-            Signalled::Reload => Some(Input::Reload),
+            Signalled::Reload => self.reload(),
             Signalled::More => Some(Input::Scale {
                 workers: wanted + 1,
             }),
@@ -658,7 +662,7 @@ impl Supervisor {
                 if let Some(reply) = reply {
                     self.outputs.await_reload(reply);
                 }
-                Some(Input::Reload)
+                self.reload()
             }
             Control::Scale { workers, reply } => {
                 let outcome = if self.lifecycle.is_stopping() {

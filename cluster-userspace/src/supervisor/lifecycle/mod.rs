@@ -25,6 +25,14 @@
 //! id with no *candidate* (a process starting, online or ready) gets one, at once or after its
 //! backoff; a candidate above the wanted count is drained. A rolling reload is one more rule: an
 //! id served only by processes of an older generation gets one replacement at a time.
+//!
+//! A reload's first replacement is its *canary* ([`Canary`]): it starts with whatever the
+//! reload brings (the shell may have read a new command, environment or directory for it:
+//! `Action::Spawn { canary: true }`), and nothing else changes until it is ready. Then
+//! `Action::CanaryReady` makes that configuration the cluster's, and only then does the first
+//! old process leave. A canary that fails (exits, leaves, is not ready in time, cannot start)
+//! ends the reload with no old process replaced; every other process started meanwhile ran
+//! the previous configuration, and counts as older than the reload.
 
 mod health;
 #[cfg(test)]
@@ -284,6 +292,10 @@ struct IdRecord {
     answer_fork: bool,
     /// What it runs (see [`Lifecycle::variant`]).
     variant: u32,
+    /// The generation of the process its spawn under way starts: the reload's for its canary
+    /// and once the canary was ready, the one before while the canary is pending (that
+    /// process runs the previous configuration).
+    spawning_generation: u64,
     /// The running primary process forked it (or took it when offered).
     forked: bool,
 }
@@ -296,6 +308,19 @@ struct Reload {
     /// The id whose replacement is starting.
     replacing: Option<u32>,
     replaced: u32,
+    canary: Canary,
+}
+
+/// Where a reload's first replacement is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Canary {
+    /// Not ready yet (or not started): it alone runs what the reload brings; every other
+    /// process, old or restarted meanwhile, runs the previous configuration, and none leaves
+    /// for the reload.
+    Pending,
+    /// It was ready: the reload's configuration is the cluster's, and the reload goes on with
+    /// the other ids.
+    Ready,
 }
 
 /// What the cluster as a whole is doing.
@@ -419,9 +444,13 @@ pub enum Input {
 /// What the I/O shell is to do, in order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
-    /// Start a process for worker `id` and answer with `Spawned` or `SpawnFailed`.
+    /// Start a process for worker `id` and answer with `Spawned` or `SpawnFailed`. `canary`:
+    /// it is a reload's first replacement, started with what the reload brings (a new
+    /// configuration, if the shell read one); every other spawn uses the cluster's current
+    /// one.
     Spawn {
         id: u32,
+        canary: bool,
     },
     /// Start the program's primary process and answer with `PrimarySpawned` or
     /// `PrimarySpawnFailed`.
@@ -469,6 +498,13 @@ pub enum Action {
     Emit(Event),
     /// Answer everyone waiting on the reload.
     ReloadDone(Result<u32, ReloadError>),
+    /// The reload's canary (worker `id`, process `pid`) is ready: what it was started with is
+    /// the cluster's configuration from now on (for restarts too). Comes before any old
+    /// process leaves for the reload; a reload that ends without it changed nothing.
+    CanaryReady {
+        id: u32,
+        pid: Pid,
+    },
 }
 
 /// The state machine: see the module documentation.
@@ -592,6 +628,11 @@ impl Lifecycle {
         self.reloads
     }
 
+    /// What the primary's own supervisor was last told.
+    pub fn announced(&self) -> Announced {
+        self.announced
+    }
+
     pub fn is_reloading(&self) -> bool {
         matches!(self.intent, Intent::Reload(_))
     }
@@ -613,7 +654,9 @@ impl Lifecycle {
     // ---- inputs -------------------------------------------------------------------------
 
     fn spawned(&mut self, id: u32, pid: Pid, slot: u32, signals_readiness: bool) {
-        self.ids.entry(id).or_default().plan = Plan::Idle;
+        let record = self.ids.entry(id).or_default();
+        record.plan = Plan::Idle;
+        let generation = record.spawning_generation;
         let phase = Phase::Starting {
             ready_at: (!signals_readiness).then(|| self.now + self.timing.ready_delay),
             give_up_at: self.now + self.timing.ready_timeout,
@@ -624,7 +667,7 @@ impl Lifecycle {
                 id,
                 pid,
                 started: self.now,
-                generation: self.generation,
+                generation,
                 phase,
                 claim: Claim::No,
                 retire: None,
@@ -809,6 +852,7 @@ impl Lifecycle {
             generation: self.generation,
             replacing: None,
             replaced: 0,
+            canary: Canary::Pending,
         });
         let workers = self
             .processes
@@ -979,10 +1023,20 @@ impl Lifecycle {
     }
 
     fn spawn(&mut self, id: u32) {
+        let pending = matches!(&self.intent, Intent::Reload(r) if r.canary == Canary::Pending);
+        let canary =
+            pending && matches!(&self.intent, Intent::Reload(r) if r.replacing == Some(id));
+        // While a reload's canary is not ready, every other new process runs the previous
+        // configuration: it is older than the reload, which replaces it in its turn.
+        let generation = match pending && !canary {
+            true => self.generation.saturating_sub(1),
+            false => self.generation,
+        };
         let record = self.ids.entry(id).or_default();
         record.plan = Plan::Spawning;
         record.started_before = true;
-        self.out.push(Action::Spawn { id });
+        record.spawning_generation = generation;
+        self.out.push(Action::Spawn { id, canary });
     }
 
     /// Replaces the processes of older generations, one id at a time: the old one leaves only
@@ -1003,6 +1057,15 @@ impl Lifecycle {
             match replacement.map(|p| p.phase.is_ready()) {
                 Some(false) => return, // still starting
                 Some(true) => {
+                    if let Some(canary) = replacement.filter(|_| {
+                        matches!(&self.intent, Intent::Reload(r) if r.canary == Canary::Pending)
+                    }) {
+                        let (id, pid) = (canary.id, canary.pid);
+                        if let Intent::Reload(reload) = &mut self.intent {
+                            reload.canary = Canary::Ready;
+                        }
+                        self.out.push(Action::CanaryReady { id, pid });
+                    }
                     let old: Vec<Pid> = self
                         .processes
                         .values()
@@ -1032,6 +1095,12 @@ impl Lifecycle {
                 && !candidates().any(|p| p.generation == generation)
         });
         let retiring = self.recycling.is_some();
+        // A process of the previous configuration on its way (spawned while the canary was
+        // pending): the reload replaces it once it runs.
+        let older_coming = self
+            .ids
+            .values()
+            .any(|r| r.plan == Plan::Spawning && r.spawning_generation < generation);
         let Intent::Reload(reload) = &mut self.intent else {
             return;
         };
@@ -1039,7 +1108,7 @@ impl Lifecycle {
         match next {
             Some(id) => self.spawn(id),
             // The id being replaced for a health limit is the reload's once that is done.
-            None if retiring => {}
+            None if retiring || older_coming => {}
             // A reload that replaced nothing did not do what it was asked: say so.
             None => {
                 let outcome = match reload.replaced {

@@ -765,3 +765,140 @@ fn a_retirement_under_way_finishes_before_a_reload_takes_its_worker() {
     world.assert_converged();
     assert_eq!(world.reload_replies, [Ok(2)]);
 }
+
+/// A reload's first replacement is its canary: however it fails, the reload ends there, no
+/// old worker has left, and the cluster keeps (and restarts with) the configuration it had.
+#[test]
+fn a_reload_stops_at_its_canary_when_it_fails_and_no_old_worker_is_replaced() {
+    for failure in 0..4 {
+        let mut world = World::new(3, timing(30_000, 1_000, 3_000));
+        world.settle();
+        let old: Vec<_> = world.in_state(WorkerState::Ready);
+        if failure == 3 {
+            world.fail_spawns = 1;
+        }
+        world.apply(Input::Reload);
+        let starting = world.in_state(WorkerState::Starting);
+        match failure {
+            0 => {
+                let [(0, canary)] = starting.as_slice() else {
+                    panic!("one canary: {starting:?}");
+                };
+                world.exit(*canary, ExitStatus::Code(1));
+            }
+            1 => {
+                let [(0, canary)] = starting.as_slice() else {
+                    panic!("one canary: {starting:?}");
+                };
+                world.apply(Input::Online { pid: *canary });
+                world.advance(Duration::from_millis(3_000));
+                world.exit(*canary, KILLED);
+            }
+            2 => {
+                let [(0, canary)] = starting.as_slice() else {
+                    panic!("one canary: {starting:?}");
+                };
+                world.apply(Input::Leaving {
+                    pid: *canary,
+                    why: Departure::ProtocolViolation("garbage".into()),
+                });
+                world.exit(*canary, ExitStatus::Code(0));
+            }
+            _ => assert!(starting.is_empty(), "{starting:?}"),
+        }
+        assert!(
+            matches!(
+                (failure, world.reload_replies.as_slice()),
+                (0, [Err(ReloadError::ReplacementExited { id: 0, .. })])
+                    | (1, [Err(ReloadError::NotReadyInTime { id: 0, .. })])
+                    | (2, [Err(ReloadError::ReplacementLeft { id: 0, .. })])
+                    | (3, [Err(ReloadError::StartFailed { id: 0, .. })])
+            ),
+            "{failure}: {:?}",
+            world.reload_replies
+        );
+        assert!(!world.lifecycle.is_reloading());
+        assert_eq!(world.in_state(WorkerState::Ready), old, "{failure}");
+        assert!(
+            world.in_state(WorkerState::Starting).is_empty(),
+            "{failure}"
+        );
+        assert!(
+            !world.events.iter().any(|e| matches!(
+                e,
+                Event::Disconnect {
+                    reason: Departure::Replaced,
+                    ..
+                }
+            )),
+            "{failure}: an old worker was replaced"
+        );
+        // The reload's configuration was dropped; a crash restarts with the old one.
+        assert_eq!(world.configs.current, 0);
+        assert!(world.configs.discarded.contains(&1), "{failure}");
+        world.exit(old[1].1, ExitStatus::Code(1));
+        world.settle();
+        world.assert_converged();
+        assert!(
+            world.configs.of.values().all(|c| *c == 0),
+            "{failure}: {:?}",
+            world.configs.of
+        );
+    }
+}
+
+#[test]
+fn a_reload_takes_its_configuration_once_the_canary_is_ready_and_then_replaces_the_others() {
+    let mut world = ready_cluster(3);
+    let old: Vec<_> = world.in_state(WorkerState::Ready);
+    world.apply(Input::Reload);
+    let canary = world.pid(0, WorkerState::Starting);
+    assert_eq!(world.configs.of[&canary], 1, "the canary runs the reload's");
+    assert_eq!(world.configs.current, 0, "nothing else does yet");
+    world.apply(Input::Ready {
+        pid: canary,
+        how: Readiness::Notify,
+    });
+    assert_eq!(world.configs.current, 1, "the cluster's now");
+    assert_eq!(world.pid(0, WorkerState::Draining), old[0].1);
+    for id in 1..3 {
+        let replacement = world.pid(id, WorkerState::Starting);
+        assert_eq!(world.configs.of[&replacement], 1);
+        world.apply(Input::Ready {
+            pid: replacement,
+            how: Readiness::Notify,
+        });
+    }
+    assert_eq!(world.reload_replies, [Ok(3)]);
+    world.settle();
+    world.assert_converged();
+}
+
+/// While the canary starts, a worker that crashes is restarted with the configuration the
+/// cluster has (the reload's is not proven yet); the reload replaces it in its turn.
+#[test]
+fn a_worker_restarted_while_the_canary_starts_runs_the_old_configuration_until_replaced() {
+    let mut world = ready_cluster(3);
+    world.apply(Input::Reload);
+    let canary = world.pid(0, WorkerState::Starting);
+    let crashed = world.pid(2, WorkerState::Ready);
+    world.exit(crashed, ExitStatus::Code(1));
+    world.advance(backoff(1));
+    let restarted = world.pid(2, WorkerState::Starting);
+    assert_eq!(world.configs.of[&restarted], 0, "not the canary's");
+    world.apply(Input::Ready {
+        pid: restarted,
+        how: Readiness::Notify,
+    });
+    world.apply(Input::Ready {
+        pid: canary,
+        how: Readiness::Notify,
+    });
+    world.settle();
+    assert_eq!(world.reload_replies, [Ok(3)]);
+    assert!(
+        world.lifecycle.processes().all(|p| p.pid != restarted),
+        "the restarted worker was replaced too"
+    );
+    world.assert_converged();
+}

@@ -352,6 +352,7 @@ impl Lifecycle {
                     answer_fork: false,
                     variant: id.variant,
                     forked: id.forked,
+                    spawning_generation: snapshot.generation,
                 },
             );
         }

@@ -12,7 +12,7 @@ use nix::unistd::Pid;
 use super::{
     Action, Announced, ForkAnswer, Input, Lifecycle, Policy, ReloadError, Timing, WorkerState,
 };
-use crate::supervisor::events::{Event, ExitStatus, Readiness};
+use crate::supervisor::events::{Departure, Event, ExitStatus, Readiness};
 
 /// A process of the simulated world.
 #[derive(Clone, Copy, Debug, Default)]
@@ -47,6 +47,26 @@ pub struct World {
     pub history: Vec<Input>,
     /// Stalled processes `settle` has told that their queue drains again.
     unstalled: BTreeSet<Pid>,
+    /// The configurations, as the shell keeps them: what spawns use now, and the one a
+    /// reload brought for its canary (numbered afresh for every reload).
+    pub configs: Configs,
+}
+
+/// What each process was started with, as `supervisor/mod.rs` chooses it: a reload brings a
+/// new configuration (a number here), which only its canary runs until `CanaryReady` makes it
+/// the cluster's; a reload that ends before discards it.
+#[derive(Clone, Debug, Default)]
+pub struct Configs {
+    pub current: u32,
+    /// The reload's, not yet the cluster's.
+    pub candidate: Option<u32>,
+    next: u32,
+    /// Reloads' configurations that were never the cluster's.
+    pub discarded: BTreeSet<u32>,
+    /// By process.
+    pub of: BTreeMap<Pid, u32>,
+    /// The reload under way has had its `CanaryReady`.
+    pub canary_ready: bool,
 }
 
 pub fn timing(grace_ms: u64, ready_delay_ms: u64, ready_timeout_ms: u64) -> Timing {
@@ -87,6 +107,7 @@ impl World {
             answers: Vec::new(),
             history: Vec::new(),
             unstalled: BTreeSet::new(),
+            configs: Configs::default(),
         };
         world.apply(Input::Tick);
         world
@@ -94,16 +115,33 @@ impl World {
 
     /// Gives the machine one input and carries out what it asks, as the I/O shell does.
     pub fn apply(&mut self, input: Input) {
+        if input == Input::Reload && !self.lifecycle.is_reloading() && !self.lifecycle.is_stopping()
+        {
+            // The shell reads the config file anew: a reload brings a new configuration.
+            self.configs.next += 1;
+            self.configs.candidate = Some(self.configs.next);
+            self.configs.canary_ready = false;
+        }
+        let forked = matches!(input, Input::Fork { .. });
         self.history.push(input.clone());
         let mut queue: VecDeque<Action> = self.lifecycle.handle(input, self.now).into();
         while let Some(action) = queue.pop_front() {
             match action {
-                Action::Spawn { id } => {
+                Action::Spawn { id, canary } => {
                     assert!(
                         !self.lifecycle.is_stopping(),
                         "spawned while stopping: {:?}",
                         self.history
                     );
+                    assert!(
+                        !canary || (self.lifecycle.is_reloading() && !self.configs.canary_ready),
+                        "a canary outside a reload's start: {:?}",
+                        self.history
+                    );
+                    let config = match (canary, self.configs.candidate) {
+                        (true, Some(candidate)) => candidate,
+                        _ => self.configs.current,
+                    };
                     let reply = if self.fail_spawns > 0 {
                         self.fail_spawns -= 1;
                         Input::SpawnFailed {
@@ -114,6 +152,7 @@ impl World {
                         let pid = Pid::from_raw(self.next_pid);
                         self.next_pid += 1;
                         self.alive.insert(pid, Alive::default());
+                        self.configs.of.insert(pid, config);
                         Input::Spawned {
                             id,
                             pid,
@@ -180,8 +219,45 @@ impl World {
                     self.active.remove(&pid);
                 }
                 Action::Notify(announced) => self.notified.push(announced),
-                Action::Emit(event) => self.events.push(event),
+                Action::Emit(event) => {
+                    if let Event::Disconnect {
+                        reason: Departure::Replaced,
+                        ..
+                    } = &event
+                    {
+                        // A reload retires an old process only once its canary is ready (a
+                        // fork of the program's primary replaces a worker by itself).
+                        assert!(
+                            forked || !self.lifecycle.is_reloading() || self.configs.canary_ready,
+                            "an old process replaced before the canary was ready: {:?}",
+                            self.history
+                        );
+                    }
+                    self.events.push(event)
+                }
+                Action::CanaryReady { pid, .. } => {
+                    assert!(!self.configs.canary_ready, "two canaries in one reload");
+                    assert_eq!(
+                        self.lifecycle.process(pid).map(|p| p.state()),
+                        Some(WorkerState::Ready),
+                        "a canary that is not ready: {:?}",
+                        self.history
+                    );
+                    self.configs.canary_ready = true;
+                    if let Some(candidate) = self.configs.candidate.take() {
+                        assert_eq!(
+                            self.configs.of.get(&pid),
+                            Some(&candidate),
+                            "the canary runs another configuration: {:?}",
+                            self.history
+                        );
+                        self.configs.current = candidate;
+                    }
+                }
                 Action::ReloadDone(outcome) => {
+                    if let Some(discarded) = self.configs.candidate.take() {
+                        self.configs.discarded.insert(discarded);
+                    }
                     assert_ne!(
                         outcome,
                         Ok(0),
@@ -207,6 +283,7 @@ impl World {
     /// The process ends; the machine hears of it.
     pub fn exit(&mut self, pid: Pid, status: ExitStatus) {
         assert!(self.alive.remove(&pid).is_some(), "{pid} is not alive");
+        self.configs.of.remove(&pid);
         self.apply(Input::Exited { pid, status });
     }
 
@@ -363,6 +440,19 @@ impl World {
             lifecycle.processes().collect::<Vec<_>>()
         );
         assert!(!lifecycle.is_reloading(), "a reload never ended");
+        // A reload that completed left every worker running its configuration (restarts
+        // since then run it too).
+        if matches!(self.reload_replies.last(), Some(Ok(_))) {
+            for process in lifecycle.processes() {
+                assert_eq!(
+                    self.configs.of.get(&process.pid),
+                    Some(&self.configs.current),
+                    "worker {} runs an older configuration; history: {:?}",
+                    process.id,
+                    self.history
+                );
+            }
+        }
         if lifecycle.wanted() > 0 {
             assert_eq!(self.notified.last(), Some(&Announced::Ready));
         } else {
@@ -439,6 +529,32 @@ impl World {
                 self.history
             );
         }
+        // A configuration a reload discarded (its canary failed) serves nothing; while a
+        // canary is pending, it alone runs the reload's.
+        let mut on_candidate = 0;
+        for process in lifecycle.processes() {
+            if !matches!(
+                process.state(),
+                WorkerState::Starting | WorkerState::Online | WorkerState::Ready
+            ) {
+                continue;
+            }
+            let config = self.configs.of.get(&process.pid);
+            assert!(
+                config.is_none_or(|c| !self.configs.discarded.contains(c)),
+                "worker {} runs a discarded configuration; history: {:?}",
+                process.id,
+                self.history
+            );
+            if config.is_some() && config == self.configs.candidate.as_ref() {
+                on_candidate += 1;
+            }
+        }
+        assert!(
+            on_candidate <= 1,
+            "{on_candidate} processes run a reload's configuration before its canary was ready; history: {:?}",
+            self.history
+        );
         check_announcement_order(&self.notified);
     }
 }
