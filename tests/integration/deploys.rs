@@ -11,13 +11,15 @@ use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::Command,
-    sync::atomic::{AtomicUsize, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
 use cluster_lb::control::{request, Reply, Request};
-use cluster_lb_tests::{addr, example, root_test, workspace_binary, Cluster, RequestLoop, ADDR};
+use cluster_lb_tests::{
+    addr, python_server_answering, root_test, workspace_binary, Cluster, RequestLoop, ScratchDir,
+    ADDR,
+};
 
 const WORKERS: usize = 3;
 const CLIENTS: u32 = 4;
@@ -26,28 +28,16 @@ const CLIENTS: u32 = 4;
 /// `server.py` (examples/python/server.py answering `worker ID pid PID release rN cwd DIR`),
 /// and `current` -> `releases/r1`. Removed when dropped.
 struct Releases {
-    base: PathBuf,
+    base: ScratchDir,
 }
 
 impl Releases {
     fn new() -> Releases {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let base = std::env::temp_dir().join(format!("clb-deploy-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&base);
-        let example = std::fs::read_to_string(example("python/server.py"))
-            .expect("reading examples/python/server.py");
-        let answer = r#"body = f"worker {WORKER_ID} pid {os.getpid()}\n".encode()"#;
-        assert!(example.contains(answer), "the example's answer changed");
+        let base = ScratchDir::new("deploy");
         for release in ["r1", "r2"] {
             let dir = base.join("releases").join(release);
             std::fs::create_dir_all(&dir).expect("creating a release directory");
-            let server = example.replace(
-                answer,
-                &format!(
-                    r#"body = f"worker {{WORKER_ID}} pid {{os.getpid()}} release {release} cwd {{os.getcwd()}}\n".encode()"#
-                ),
-            );
+            let server = python_server_answering(&format!("release {release} cwd {{os.getcwd()}}"));
             let path = dir.join("server.py");
             std::fs::write(&path, server).expect("writing server.py");
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
@@ -75,12 +65,6 @@ impl Releases {
     fn real(&self, release: &str) -> PathBuf {
         std::fs::canonicalize(self.base.join("releases").join(release))
             .expect("the release directory")
-    }
-}
-
-impl Drop for Releases {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.base);
     }
 }
 
@@ -174,7 +158,7 @@ fn deploy(releases: &Releases, cluster: Cluster, how: &str) {
 fn chdir_follows_the_current_link_on_reload() {
     root_test("deploy_chdir", || {
         let releases = Releases::new();
-        let base = releases.base.clone();
+        let base = releases.base.path().to_path_buf();
         let n = WORKERS.to_string();
         // A relative --chdir and a relative program, as a unit file would say them.
         let cluster = Cluster::start_with(
@@ -261,7 +245,7 @@ fn a_missing_chdir_directory_is_one_line() {
 fn a_release_directory_that_vanished_aborts_the_reload_naming_it() {
     root_test("deploy_vanished", || {
         let releases = Releases::new();
-        let base = releases.base.clone();
+        let base = releases.base.path().to_path_buf();
         let cluster = Cluster::start_with(
             &[
                 "run",

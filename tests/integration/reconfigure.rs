@@ -9,40 +9,29 @@
 
 use std::{
     collections::BTreeSet,
-    io::{Read, Write},
-    net::TcpStream,
     path::PathBuf,
     process::{Command, Output},
-    sync::atomic::{AtomicUsize, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
-use cluster_lb_tests::{addr, example, root_test, workspace_binary, Cluster, RequestLoop, ADDR};
+use cluster_lb_tests::{
+    addr, pid_and_version, python_server_answering, root_test, workspace_binary, Cluster,
+    RequestLoop, ScratchDir, ADDR,
+};
 
 const CLIENTS: u32 = 4;
 
 /// A directory with the server (and a program that crashes at start) and the config file.
 /// Removed when dropped.
 struct App {
-    dir: PathBuf,
+    dir: ScratchDir,
 }
 
 impl App {
     fn new() -> App {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("clb-reconf-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("creating the app's directory");
-        let example = std::fs::read_to_string(example("python/server.py"))
-            .expect("reading examples/python/server.py");
-        let answer = r#"body = f"worker {WORKER_ID} pid {os.getpid()}\n".encode()"#;
-        assert!(example.contains(answer), "the example's answer changed");
-        let server = example.replace(
-            answer,
-            r#"body = f"worker {WORKER_ID} pid {os.getpid()} version {os.environ.get('VERSION', '-')}\n".encode()"#,
-        );
+        let dir = ScratchDir::new("reconf");
+        let server = python_server_answering("version {os.environ.get('VERSION', '-')}");
         std::fs::write(dir.join("server.py"), server).expect("writing server.py");
         std::fs::write(
             dir.join("crash.py"),
@@ -64,7 +53,7 @@ impl App {
     fn write_config(&self, extra: &str) {
         let text = format!(
             "{extra}\nlisten = [\"{ADDR}\"]\ncwd = \"{}\"\nready_timeout = 10\n",
-            self.dir.display()
+            self.dir.path().display()
         );
         std::fs::write(self.config(), text).expect("writing the config file");
     }
@@ -75,41 +64,12 @@ impl App {
     }
 }
 
-impl Drop for App {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// What one new connection was answered: (pid, version).
-fn answer() -> (u32, String) {
-    let mut stream = TcpStream::connect_timeout(&addr(), Duration::from_secs(5)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    stream
-        .write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
-        .expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body)
-        .unwrap_or_default();
-    match body.split_whitespace().collect::<Vec<_>>().as_slice() {
-        ["worker", _, "pid", pid, "version", version] => {
-            (pid.parse().expect("a pid"), version.to_string())
-        }
-        _ => panic!("unexpected response: {response:?}"),
-    }
-}
-
 /// Every worker answers `version` (round robin: `3 * workers` connections reach each worker 3
 /// times); returns the pids that answered.
 fn every_worker_serves(version: &str, workers: usize) -> BTreeSet<u32> {
     let mut pids = BTreeSet::new();
     for _ in 0..3 * workers {
-        let (pid, served) = answer();
+        let (pid, served) = pid_and_version(addr());
         assert_eq!(served, version, "pid {pid}");
         pids.insert(pid);
     }
@@ -395,7 +355,7 @@ fn a_reload_reads_a_pm2_ecosystem_file_again_with_the_same_env() {
         };
         write(2, "1");
         let path = ecosystem.display().to_string();
-        let dir = app.dir.clone();
+        let dir = app.dir.path().to_path_buf();
         let cluster = Cluster::start_with(
             &["run", "--config", &path, "--env", "production", "-l", ADDR],
             |command| {

@@ -7,45 +7,35 @@
 
 use std::{
     collections::BTreeSet,
-    io::{Read, Write},
-    net::TcpStream,
     path::PathBuf,
-    sync::atomic::{AtomicUsize, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
-use cluster_lb_tests::{addr, example, root_test, Cluster, RequestLoop, ADDR};
+use cluster_lb_tests::{
+    addr, pid_and_version, python_server_answering, root_test, Cluster, RequestLoop, ScratchDir,
+    ADDR,
+};
 
 const WORKERS: usize = 3;
 const CLIENTS: u32 = 4;
 
 /// The app's directory (removed when dropped): server.py, version.txt.
 struct App {
-    dir: PathBuf,
+    dir: ScratchDir,
 }
 
 impl App {
     fn new(version: &str) -> App {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("clb-watch-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("creating the app directory");
-        let example = std::fs::read_to_string(example("python/server.py"))
-            .expect("reading examples/python/server.py");
-        let answer = r#"body = f"worker {WORKER_ID} pid {os.getpid()}\n".encode()"#;
+        let dir = ScratchDir::new("watch");
+        let example = python_server_answering("version {VERSION}");
         let worker_id = r#"WORKER_ID = os.environ.get("CLUSTER_LB_WORKER_ID", "-")"#;
         let ready = "    notify_ready()\n";
         assert!(
-            example.contains(answer) && example.contains(worker_id) && example.contains(ready),
+            example.contains(worker_id) && example.contains(ready),
             "the example changed"
         );
         let server = example
-            .replace(
-                answer,
-                r#"body = f"worker {WORKER_ID} pid {os.getpid()} version {VERSION}\n".encode()"#,
-            )
             .replace(
                 worker_id,
                 &format!(
@@ -82,7 +72,7 @@ if VERSION == "crash":
     /// worker is ready; each worker waits `start_delay` seconds between listening and ready.
     fn start(&self, start_delay: f64, options: &[&str]) -> Cluster {
         let n = WORKERS.to_string();
-        let dir = self.dir.display().to_string();
+        let dir = self.dir.path().display().to_string();
         let server = self.path("server.py").display().to_string();
         let delay = start_delay.to_string();
         let mut args = vec!["run", "-w", n.as_str(), "-l", ADDR, "--watch", dir.as_str()];
@@ -96,40 +86,11 @@ if VERSION == "crash":
     }
 }
 
-impl Drop for App {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// What one new connection was answered: (pid, version).
-fn answer() -> (u32, String) {
-    let mut stream = TcpStream::connect_timeout(&addr(), Duration::from_secs(5)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    stream
-        .write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
-        .expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body)
-        .unwrap_or_default();
-    match body.split_whitespace().collect::<Vec<_>>().as_slice() {
-        ["worker", _, "pid", pid, "version", version] => {
-            (pid.parse().expect("a pid"), version.to_string())
-        }
-        _ => panic!("unexpected response: {response:?}"),
-    }
-}
-
 /// `3 * WORKERS` answers (round robin: each worker 3 times): the pids, if all say `version`.
 fn all_serve(version: &str) -> Result<BTreeSet<u32>, String> {
     let mut pids = BTreeSet::new();
     for _ in 0..3 * WORKERS {
-        let (pid, served) = answer();
+        let (pid, served) = pid_and_version(addr());
         if served != version {
             return Err(format!("pid {pid} serves {served}, not {version}"));
         }

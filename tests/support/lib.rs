@@ -163,6 +163,72 @@ pub fn example(relative: &str) -> String {
         .to_string()
 }
 
+/// A directory of its own under the system's temporary directory, emptied at creation and
+/// removed when dropped: `clb-TAG-PID-N`.
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    pub fn new(tag: &str) -> ScratchDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("clb-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        ScratchDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, relative: impl AsRef<Path>) -> PathBuf {
+        self.0.join(relative)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// examples/python/server.py whose answer, `worker ID pid PID`, goes on with `more` (Python
+/// f-string text, e.g. `version {os.environ.get('VERSION', '-')}`).
+pub fn python_server_answering(more: &str) -> String {
+    let example = std::fs::read_to_string(example("python/server.py"))
+        .expect("reading examples/python/server.py");
+    let answer = r#"body = f"worker {WORKER_ID} pid {os.getpid()}\n".encode()"#;
+    assert!(example.contains(answer), "the example's answer changed");
+    example.replace(
+        answer,
+        &format!(r#"body = f"worker {{WORKER_ID}} pid {{os.getpid()}} {more}\n".encode()"#),
+    )
+}
+
+/// One HTTP/1.0 request to a server of `python_server_answering("version {...}")`: the pid and
+/// version it answered.
+pub fn pid_and_version(addr: SocketAddr) -> (u32, String) {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream
+        .write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
+        .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body)
+        .unwrap_or_default();
+    match body.split_whitespace().collect::<Vec<_>>().as_slice() {
+        ["worker", _, "pid", pid, "version", version] => {
+            (pid.parse().expect("a pid"), version.to_string())
+        }
+        _ => panic!("unexpected response: {response:?}"),
+    }
+}
+
 /// A running primary (`cluster-lb run ...`, or a program that embeds one), with everything it
 /// prints collected line by line. `cluster-lb run` is started with `--log-format json` and a
 /// control socket of its own, so tests read its state (`status`) and its events, not the

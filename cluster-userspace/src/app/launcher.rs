@@ -283,31 +283,10 @@ mod tests {
         text.split_whitespace().map(str::to_string).collect()
     }
 
-    /// A directory of its own for each test, removed when dropped.
-    struct Scratch(PathBuf);
-
-    impl Scratch {
-        fn new() -> Scratch {
-            static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let dir = std::env::temp_dir().join(format!("clb-launcher-{}-{n}", std::process::id()));
-            std::fs::create_dir_all(&dir).expect("temporary directory");
-            Scratch(dir)
-        }
-
-        fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use cluster_lb_tests::ScratchDir as Scratch;
 
     fn package(scripts: serde_json::Value) -> Scratch {
-        let dir = Scratch::new();
+        let dir = Scratch::new("launcher");
         let body = serde_json::json!({ "name": "app", "scripts": scripts });
         std::fs::write(dir.path().join("package.json"), body.to_string()).expect("package.json");
         dir
@@ -406,7 +385,7 @@ mod tests {
         assert!(error("node -r dotenv/config --watch server.js").contains("drop --watch"));
         assert!(error("node --require ./env.js --watch-path src x.js").contains("--watch-path"));
         assert!(error("nodemon server.js").contains("nodemon"));
-        let empty = Scratch::new();
+        let empty = Scratch::new("launcher");
         let none = resolve(words("npm start"), empty.path()).map(|r| r.command);
         assert!(
             matches!(&none, Err(LauncherError::NoPackage { .. })),
