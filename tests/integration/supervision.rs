@@ -111,8 +111,12 @@ fn programs_that_say_ready_1_are_ready_by_notify_socket() {
     });
 }
 
+/// 2000 sequential requests while one of 4 workers is SIGKILLed: the kernel never hands a new
+/// connection to the dead worker, so at most the one request it had accepted and was serving
+/// when the signal landed fails (SIGKILL is delivered when the process next runs: under load it
+/// may have accepted the client's next connection by then; no balancer can answer that one).
 #[test]
-fn sigkill_of_a_worker_loses_no_connection_in_2000() {
+fn sigkill_of_a_worker_under_load_fails_at_most_the_request_it_was_serving() {
     root_test("sigkill_under_load", || {
         let cluster = Cluster::serving(4, ADDR, &["python3", &example("python/server.py")]);
         let done = Arc::new(AtomicUsize::new(0));
@@ -136,7 +140,10 @@ fn sigkill_of_a_worker_loses_no_connection_in_2000() {
         signal(victim.pid, Signal::SIGKILL);
         let failures = client.join().expect("client thread");
         assert!(
-            failures.is_empty(),
+            failures.len() <= 1
+                && failures
+                    .iter()
+                    .all(|f| f.contains("reset by peer") || f.contains("reading the response")),
             "{} failed: {failures:#?}",
             failures.len()
         );
