@@ -6,8 +6,6 @@
 
 use std::{
     collections::BTreeSet,
-    io::{Read, Write},
-    net::TcpStream,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::Command,
@@ -17,8 +15,8 @@ use std::{
 
 use cluster_lb::control::{request, Reply, Request};
 use cluster_lb_tests::{
-    addr, python_server_answering, root_test, workspace_binary, Cluster, RequestLoop, ScratchDir,
-    ADDR,
+    addr, get_body, python_server_answering, root_test, workspace_binary, Cluster, RequestLoop,
+    ScratchDir, ADDR,
 };
 
 const WORKERS: usize = 3;
@@ -70,26 +68,14 @@ impl Releases {
 
 /// What one new connection was answered: (pid, release, working directory).
 fn answer() -> (u32, String, PathBuf) {
-    let mut stream = TcpStream::connect_timeout(&addr(), Duration::from_secs(5)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    stream
-        .write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
-        .expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body)
-        .unwrap_or_default();
+    let body = get_body(addr()).unwrap_or_else(|e| panic!("{e:#}"));
     match body.split_whitespace().collect::<Vec<_>>().as_slice() {
         ["worker", _, "pid", pid, "release", release, "cwd", cwd] => (
             pid.parse().expect("a pid"),
             release.to_string(),
             PathBuf::from(cwd),
         ),
-        _ => panic!("unexpected response: {response:?}"),
+        _ => panic!("unexpected answer: {body:?}"),
     }
 }
 

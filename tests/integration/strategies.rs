@@ -25,20 +25,11 @@ fn worker_for(from: IpAddr, to: SocketAddr) -> u32 {
     socket
         .connect_timeout(&SockAddr::from(to), Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("connecting from {from}: {e}"));
-    let mut stream: std::net::TcpStream = socket.into();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    stream
-        .write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
-        .expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let body = cluster_lb_tests::http10_body(socket.into()).unwrap_or_else(|e| panic!("{e:#}"));
     body.split_whitespace()
         .nth(1)
         .and_then(|id| id.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected response {response:?}"))
+        .unwrap_or_else(|| panic!("unexpected answer {body:?}"))
 }
 
 /// Each client's worker, checking that all of a client's `per_client` connections agree.

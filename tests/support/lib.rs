@@ -208,24 +208,12 @@ pub fn python_server_answering(more: &str) -> String {
 /// One HTTP/1.0 request to a server of `python_server_answering("version {...}")`: the pid and
 /// version it answered.
 pub fn pid_and_version(addr: SocketAddr) -> (u32, String) {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    stream
-        .write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
-        .expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body)
-        .unwrap_or_default();
+    let body = get_body(addr).unwrap_or_else(|e| panic!("{e:#}"));
     match body.split_whitespace().collect::<Vec<_>>().as_slice() {
         ["worker", _, "pid", pid, "version", version] => {
             (pid.parse().expect("a pid"), version.to_string())
         }
-        _ => panic!("unexpected response: {response:?}"),
+        _ => panic!("unexpected answer: {body:?}"),
     }
 }
 
@@ -697,22 +685,35 @@ pub fn metrics_text(addr: &str) -> String {
 /// One HTTP/1.0 request on a new connection (so every request is a new connection for the
 /// balancer to place).
 pub fn get(addr: SocketAddr) -> Result<Answer> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+    let body = get_body(addr)?;
+    parse_answer(&body).with_context(|| format!("unexpected answer: {body:?}"))
+}
+
+/// `GET /` over HTTP/1.0 on a new connection to `addr`: the body of its 200 answer.
+pub fn get_body(addr: SocketAddr) -> Result<String> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .with_context(|| format!("connecting to {addr}"))?;
+    http10_body(stream)
+}
+
+/// `GET /` over HTTP/1.0 on `stream` (connected, from wherever the caller chose): the body of
+/// its 200 answer.
+pub fn http10_body(mut stream: TcpStream) -> Result<String> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")?;
     let mut response = String::new();
     stream
         .read_to_string(&mut response)
         .context("reading the response")?;
-    parse_answer(&response).with_context(|| format!("unexpected response: {response:?}"))
+    match response.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.") && head.contains(" 200 ") => {
+            Ok(body.to_string())
+        }
+        _ => bail!("unexpected response: {response:?}"),
+    }
 }
 
-fn parse_answer(response: &str) -> Option<Answer> {
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    if !head.starts_with("HTTP/1.") || !head.contains(" 200 ") {
-        return None;
-    }
+fn parse_answer(body: &str) -> Option<Answer> {
     let fields: Vec<&str> = body.split_whitespace().collect();
     match fields.as_slice() {
         // More fields (a release's name, say) may follow.
