@@ -728,19 +728,7 @@ mod tests {
         fs::write(&dir, b"\x7fELFgarbage").unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
         let command = WorkerCommand::new(&[dir.display().to_string()]).unwrap();
-        let error = command
-            .spawn(&WorkerSpec {
-                sockets: &[],
-                socket_names: &[],
-                env: &[],
-                channels: &[],
-                stdout: None,
-                stderr: None,
-                credentials: None,
-                filter: None,
-            })
-            .unwrap_err()
-            .to_string();
+        let error = spawn_plain(&command).unwrap_err().to_string();
         let _ = fs::remove_file(&dir);
         assert!(error.contains("cannot start"), "{error}");
         assert!(error.contains("Exec format error"), "{error}");
