@@ -113,8 +113,9 @@ pub fn init(format: Format) {
 }
 
 /// One structured event of the primary: `fields` must hold "event"; `text` is its text form.
-/// Each is made only when the line is written in its format (an event can quote a large
-/// message).
+/// Neither is made for a level that is not logged; the text always is (the ring keeps it for
+/// `cluster-lb logs`), the JSON only in JSON mode (an event's fields can quote what a worker
+/// sent).
 pub fn event(level: Level, text: impl FnOnce() -> String, fields: impl FnOnce() -> Value) {
     if level > log::max_level() {
         return;
@@ -170,7 +171,6 @@ pub fn text_line(line: &ring::LogLine) -> String {
     }
 }
 
-/// One line a worker printed, prefixed with who printed it.
 /// Whose output a line is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
@@ -179,6 +179,8 @@ pub enum Source {
     Primary,
 }
 
+/// One line a worker (or the program's primary) printed: written as JSON in JSON mode, or with
+/// who printed it in front, and kept in the ring.
 pub fn worker_line(source: Source, pid: i32, stream: Stream, line: &str) {
     match (json_mode(), source) {
         (true, Source::Worker(id)) => write_json(
@@ -191,16 +193,14 @@ pub fn worker_line(source: Source, pid: i32, stream: Stream, line: &str) {
         ),
         (false, _) => {}
     }
+    let (origin, worker) = match source {
+        Source::Worker(id) => (ring::Origin::Worker, Some(id)),
+        Source::Primary => (ring::Origin::Primary, None),
+    };
     let kept = ring::LogLine {
         time: timestamp(),
-        source: match source {
-            Source::Worker(_) => ring::Origin::Worker,
-            Source::Primary => ring::Origin::Primary,
-        },
-        worker: match source {
-            Source::Worker(id) => Some(id),
-            Source::Primary => None,
-        },
+        source: origin,
+        worker,
         pid,
         level: None,
         stream: stream.into(),
@@ -300,11 +300,7 @@ fn dropped_note(dropped: usize) -> String {
     let line = if json_mode() {
         json!({"level": "warn", "msg": text, "dropped": dropped, "ts": timestamp()}).to_string()
     } else {
-        format!(
-            "{} cluster-lb[{}]: warning: {text}",
-            timestamp(),
-            std::process::id()
-        )
+        text_line(&primary_line(Level::Warn, text))
     };
     line + "\n"
 }
