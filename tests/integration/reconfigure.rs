@@ -49,10 +49,14 @@ impl App {
         self.dir.join("app.env")
     }
 
-    /// Writes the config file: `extra` lines, then the usual address and directory.
+    /// Writes the config file: `extra` lines, then the usual address and directory. The
+    /// server says READY=1; a program that does not is ready only after `ready_delay`, 5 s, so
+    /// that crash.py, which can take over a second to start through pyenv's shim on a loaded
+    /// machine, always crashes before it could count as ready (with the default 1 s it once
+    /// did, and the reload went on past its canary, as it should for a ready one).
     fn write_config(&self, extra: &str) {
         let text = format!(
-            "{extra}\nlisten = [\"{ADDR}\"]\ncwd = \"{}\"\nready_timeout = 10\n",
+            "{extra}\nlisten = [\"{ADDR}\"]\ncwd = \"{}\"\nready_delay = 5\nready_timeout = 10\n",
             self.dir.path().display()
         );
         std::fs::write(self.config(), text).expect("writing the config file");
