@@ -108,48 +108,22 @@ pub const CONNECTIONS_ENTRIES: u32 = 65536;
 /// ARRAY of u64 indexed by slot: open connections of that slot's worker (accepted or waiting
 /// to be), kept by [`COUNTER_PROGRAM`]. Wraps below zero if a close outruns its open; read as 0.
 pub const MAP_OPEN: &str = "CLB_OPEN";
-/// The tracepoint program (sock:inet_sock_set_state) that keeps [`MAP_OPEN`].
+/// The BTF tracepoint program (tp_btf/inet_sock_set_state) that keeps [`MAP_OPEN`].
 pub const COUNTER_PROGRAM: &str = "count_connections";
 
-/// A field of the `sock:inet_sock_set_state` record that [`COUNTER_PROGRAM`] reads: its
-/// declaration as tracefs's format file writes it, and its offset. The program reads at the
-/// offsets; the user side checks that the running kernel's format has each field there before
-/// it attaches, so a kernel with another layout is refused, not miscounted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TraceField {
-    pub declaration: &'static str,
-    pub offset: usize,
-}
+/// The kernel function whose tracepoint the counter program is attached to.
+pub const COUNTER_TRACEPOINT: &str = "inet_sock_set_state";
 
-/// The fields of `sock:inet_sock_set_state` the counter reads.
-pub mod set_state {
-    use super::TraceField;
-
-    pub const OLDSTATE: TraceField = TraceField {
-        declaration: "int oldstate",
-        offset: 16,
-    };
-    pub const NEWSTATE: TraceField = TraceField {
-        declaration: "int newstate",
-        offset: 20,
-    };
-    pub const SPORT: TraceField = TraceField {
-        declaration: "__u16 sport",
-        offset: 24,
-    };
-    pub const DPORT: TraceField = TraceField {
-        declaration: "__u16 dport",
-        offset: 26,
-    };
-    pub const PROTOCOL: TraceField = TraceField {
-        declaration: "__u16 protocol",
-        offset: 30,
-    };
-    pub const DADDR_V6: TraceField = TraceField {
-        declaration: "__u8 daddr_v6[16]",
-        offset: 56,
-    };
-    pub const ALL: [TraceField; 6] = [OLDSTATE, NEWSTATE, SPORT, DPORT, PROTOCOL, DADDR_V6];
+/// The counter program's globals (u32, in .rodata): the byte offsets in the running kernel's
+/// TCP socket of the fields it reads, which the user side finds in the kernel's BTF and sets
+/// before the program is verified. Each is a constant to the verifier, which checks every read
+/// against the same BTF.
+pub mod sock_field {
+    pub const FAMILY: &str = "SOCK_FAMILY";
+    pub const DADDR: &str = "SOCK_DADDR";
+    pub const V6_DADDR: &str = "SOCK_V6_DADDR";
+    pub const DPORT: &str = "SOCK_DPORT";
+    pub const SPORT: &str = "SOCK_SPORT";
 }
 
 /// A TCP connection as both programs see it: the client's address (IPv4 as v4-mapped IPv6) and

@@ -14,13 +14,13 @@
 
 use aya_ebpf::{
     bindings::{bpf_hdr_start_off::BPF_HDR_START_NET, sk_action::SK_PASS},
-    helpers::{bpf_get_prandom_u32, bpf_skb_load_bytes_relative},
-    macros::{map, sk_reuseport, tracepoint},
+    helpers::{bpf_get_prandom_u32, bpf_skb_load_bytes_relative, bpf_skc_to_tcp_sock},
+    macros::{btf_tracepoint, map, sk_reuseport},
     maps::{Array, LruHashMap, PerCpuArray, ReusePortSockArray},
-    programs::{SkReuseportContext, TracePointContext},
+    programs::{BtfTracePointContext, SkReuseportContext},
 };
 use cluster_common::{
-    set_state, ActiveSet, ConnKey, ConnSlot, SlotStats, SlotTable, CONFIG_ACTIVE_BUFFER,
+    ActiveSet, ConnKey, ConnSlot, SlotStats, SlotTable, CONFIG_ACTIVE_BUFFER,
     CONFIG_ENTRIES, CONFIG_MAP_FLAGS, CONFIG_RR_COUNTER, CONFIG_TABLE_BUFFER, CONNECTIONS_ENTRIES,
     MAX_SLOTS, MAX_TRIES, NO_SLOT_STATS, STATS_ENTRIES, STRATEGY_HASH, STRATEGY_LEAST_LOADED,
     STRATEGY_STICKY,
@@ -374,49 +374,102 @@ unsafe fn load_network(
     (loaded == 0).then_some(())
 }
 
-// sock:inet_sock_set_state's record (cluster_common::set_state), whose layout the user side
-// checks against the running kernel's tracefs format before attaching (stable since 4.16).
-const TP_OLDSTATE: usize = set_state::OLDSTATE.offset;
-const TP_NEWSTATE: usize = set_state::NEWSTATE.offset;
-const TP_SPORT: usize = set_state::SPORT.offset;
-const TP_DPORT: usize = set_state::DPORT.offset;
-const TP_PROTOCOL: usize = set_state::PROTOCOL.offset;
-const TP_DADDR_V6: usize = set_state::DADDR_V6.offset;
+// Byte offsets of the fields read from a TCP socket (cluster_common::sock_field), set by the
+// loader from the running kernel's BTF before verification; constants to the verifier, which
+// checks each read against the same BTF.
+#[unsafe(no_mangle)]
+static SOCK_FAMILY: u32 = 0;
+#[unsafe(no_mangle)]
+static SOCK_DADDR: u32 = 0;
+#[unsafe(no_mangle)]
+static SOCK_V6_DADDR: u32 = 0;
+#[unsafe(no_mangle)]
+static SOCK_DPORT: u32 = 0;
+#[unsafe(no_mangle)]
+static SOCK_SPORT: u32 = 0;
+
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_RECV: i32 = 3;
 const TCP_CLOSE: i32 = 7;
-const IPPROTO_TCP: u16 = 6;
+const AF_INET6: u16 = 10;
+
+/// A field of the socket at the byte offset held in `offset` (one of the SOCK_* globals).
+///
+/// # Safety
+/// `sk` must be a TCP socket (bpf_skc_to_tcp_sock's) and `offset` a SOCK_* global whose field
+/// is a `T`.
+#[inline(always)]
+unsafe fn sock_field<T: Copy>(sk: *const u8, offset: &u32) -> T {
+    // SAFETY: as the caller promises; volatile, so that LLVM does not fold the default in.
+    unsafe {
+        let at = core::ptr::read_volatile(offset) as usize;
+        core::ptr::read(sk.add(at).cast::<T>())
+    }
+}
+
+/// The connection of a TCP socket, keyed as the sk_reuseport program keys it: the client's
+/// address (IPv4 v4-mapped), its port, the server's port.
+///
+/// # Safety
+/// `sk` must be a TCP socket (bpf_skc_to_tcp_sock's).
+#[inline(always)]
+unsafe fn sock_key(sk: *const u8) -> ConnKey {
+    // Written in u16 halves, volatile, never zeroed as a whole (see connection_key: LLVM would
+    // make that a call to memset).
+    let mut key = core::mem::MaybeUninit::<ConnKey>::uninit();
+    let at = key.as_mut_ptr();
+    // SAFETY: every write is inside `key` and each field is written before assume_init; the
+    // reads are the socket's fields, as the caller promises.
+    unsafe {
+        let halves = core::ptr::addr_of_mut!((*at).client).cast::<u16>();
+        let put = |index: usize, word: u32| {
+            core::ptr::write_volatile(halves.add(2 * index), word as u16);
+            core::ptr::write_volatile(halves.add(2 * index + 1), (word >> 16) as u16);
+        };
+        if sock_field::<u16>(sk, &SOCK_FAMILY) == AF_INET6 {
+            // Word by word, each at a constant offset (the verifier checks every read against
+            // in6_addr's u32 array, and refuses a variable offset).
+            let v6 = core::ptr::read_volatile(&SOCK_V6_DADDR) as usize;
+            let word = |index: usize| core::ptr::read(sk.add(v6 + 4 * index).cast::<u32>());
+            put(0, word(0));
+            put(1, word(1));
+            put(2, word(2));
+            put(3, word(3));
+        } else {
+            // ::ffff:a.b.c.d (bytes 10 and 11 are 0xff; the words are little-endian).
+            put(0, 0);
+            put(1, 0);
+            put(2, 0xffff_0000);
+            put(3, sock_field::<u32>(sk, &SOCK_DADDR));
+        }
+        core::ptr::addr_of_mut!((*at).client_port)
+            .write(u16::from_be(sock_field::<u16>(sk, &SOCK_DPORT)));
+        core::ptr::addr_of_mut!((*at).server_port)
+            .write(u16::from_be(sock_field::<u16>(sk, &SOCK_SPORT)));
+        key.assume_init()
+    }
+}
 
 /// Keeps CLB_OPEN: a connection the sk_reuseport program placed counts once established (so a
-/// SYN that never completes is never counted) and stops counting when it closes.
-#[tracepoint]
-pub fn count_connections(ctx: TracePointContext) -> u32 {
-    // SAFETY: offsets of the tracepoint's record, checked by the user side.
-    let read = |offset| unsafe { ctx.read_at::<i32>(offset) }.ok();
-    let (Some(old), Some(new)) = (read(TP_OLDSTATE), read(TP_NEWSTATE)) else {
-        return 0;
-    };
+/// SYN that never completes is never counted) and stops counting when it closes. A BTF
+/// tracepoint: it runs for every TCP state change on the host, so it leaves at once unless the
+/// change is one it counts, and reads the socket in place instead of a formatted record.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn count_connections(ctx: BtfTracePointContext) -> i32 {
+    let (old, new): (i32, i32) = (ctx.arg(1), ctx.arg(2));
     let opening = old == TCP_SYN_RECV && new == TCP_ESTABLISHED;
     if !opening && new != TCP_CLOSE {
         return 0;
     }
-    // SAFETY: as above.
-    let field = |offset| unsafe { ctx.read_at::<u16>(offset) }.ok();
-    if field(TP_PROTOCOL) != Some(IPPROTO_TCP) {
+    // The socket as a TCP socket (null for any other protocol): its BTF type covers the
+    // inet_sock fields read, where `struct sock`, the tracepoint's type, ends before them.
+    // SAFETY: a helper that checks the socket's type itself.
+    let sk = unsafe { bpf_skc_to_tcp_sock(ctx.arg::<*mut core::ffi::c_void>(0)) } as *const u8;
+    if sk.is_null() {
         return 0;
     }
-    let (Some(local_port), Some(remote_port)) = (field(TP_SPORT), field(TP_DPORT)) else {
-        return 0;
-    };
-    // SAFETY: as above; daddr_v6 holds IPv4 addresses v4-mapped.
-    let Ok(client) = (unsafe { ctx.read_at::<[u8; 16]>(TP_DADDR_V6) }) else {
-        return 0;
-    };
-    let key = ConnKey {
-        client,
-        client_port: remote_port,
-        server_port: local_port,
-    };
+    // SAFETY: `sk` is a TCP socket; each offset is its field's (see above).
+    let key = unsafe { sock_key(sk) };
     let Some(entry) = CLB_CONNECTIONS.get_ptr_mut(&key) else {
         return 0;
     };

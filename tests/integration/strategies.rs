@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{Read, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     process::Command,
     time::Duration,
 };
@@ -335,6 +335,48 @@ fn least_loaded_counts_open_connections_and_avoids_a_stuck_worker() {
             "{timed_out} connections went to the stuck worker"
         );
         signal(stuck as u32, Signal::SIGCONT);
+        assert!(cluster.stop().status.success());
+    });
+}
+
+/// Least-loaded on a dual-stack listener counts IPv6 clients and IPv4 ones (v4-mapped on the
+/// IPv6 sockets) alike, and stops counting each when it closes: the counter reads the client's
+/// address where the socket keeps it for each family.
+#[test]
+fn least_loaded_counts_ipv6_and_v4_mapped_clients() {
+    root_test("least_loaded_v6", || {
+        let server = rust_server();
+        let cluster = Cluster::start(&[
+            "run",
+            "-w",
+            "2",
+            "--listen",
+            "[::]:8080",
+            "--strategy",
+            "least-loaded",
+            "--",
+            &server,
+        ]);
+        cluster.wait_until_ready(2);
+        let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, PORT));
+        let v4 = SocketAddr::from(([127, 0, 0, 1], PORT));
+        let held: Vec<TcpStream> = [v6, v4, v6, v4]
+            .iter()
+            .map(|to| TcpStream::connect(to).unwrap_or_else(|e| panic!("connecting to {to}: {e}")))
+            .collect();
+        let counted =
+            cluster.wait_until("4 open connections counted", Duration::from_secs(5), |s| {
+                s.workers.iter().map(|w| w.open).sum::<u64>() == 4
+            });
+        assert!(
+            counted.workers.iter().all(|w| w.open == 2),
+            "least-loaded spreads them: {:?}",
+            counted.workers.iter().map(|w| w.open).collect::<Vec<_>>()
+        );
+        drop(held);
+        cluster.wait_until("no open connection counted", Duration::from_secs(5), |s| {
+            s.workers.iter().all(|w| w.open == 0)
+        });
         assert!(cluster.stop().status.success());
     });
 }

@@ -1,84 +1,44 @@
-//! The counter program of least-loaded: a tracepoint program on sock:inet_sock_set_state that
-//! keeps each slot's open connections. Its record layout is read from the running kernel's
-//! tracefs before attaching, so a kernel with another layout gets a clear refusal, not wrong
-//! counts.
+//! The counter program of least-loaded: a BTF tracepoint program on `inet_sock_set_state` that
+//! keeps each slot's open connections. It reads the socket's fields at offsets found in the
+//! running kernel's BTF (see sock_layout), set before the verifier sees it.
 
-use std::fs;
+use anyhow::{Context, Result};
+use aya::{programs::BtfTracePoint, Btf, Ebpf, EbpfLoader};
+use cluster_common::{sock_field, COUNTER_PROGRAM, COUNTER_TRACEPOINT};
 
-use anyhow::{bail, Context, Result};
-use aya::{programs::TracePoint, Ebpf};
-use cluster_common::{set_state, TraceField, COUNTER_PROGRAM};
+use super::sock_layout::SockLayout;
 
-const FORMAT: &str = "events/sock/inet_sock_set_state/format";
-const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+/// The layout the counter program needs, or why it cannot run here.
+pub fn layout() -> Result<SockLayout> {
+    SockLayout::of_running_kernel()
+}
+
+/// Gives the counter program `layout`'s offsets (constants to the verifier).
+pub fn set_layout<'a>(loader: &mut EbpfLoader<'a>, layout: &'a SockLayout) {
+    let fields = [
+        (sock_field::FAMILY, &layout.family),
+        (sock_field::DADDR, &layout.daddr),
+        (sock_field::V6_DADDR, &layout.v6_daddr),
+        (sock_field::DPORT, &layout.dport),
+        (sock_field::SPORT, &layout.sport),
+    ];
+    for (name, offset) in fields {
+        loader.override_global(name, offset, true);
+    }
+}
 
 /// Loads the counter program and attaches it.
 pub fn start(ebpf: &mut Ebpf) -> Result<()> {
-    check_layout()?;
-    let program: &mut TracePoint = ebpf
+    let btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
+    let program: &mut BtfTracePoint = ebpf
         .program_mut(COUNTER_PROGRAM)
         .context("the counter program is missing from the object")?
         .try_into()?;
     program
-        .load()
+        .load(COUNTER_TRACEPOINT, &btf)
         .context("verifying the counter program (needs CAP_BPF and CAP_PERFMON)")?;
-    program
-        .attach("sock", "inet_sock_set_state")
-        .context("attaching to sock:inet_sock_set_state (needs CAP_PERFMON)")?;
+    program.attach().with_context(|| {
+        format!("attaching to the {COUNTER_TRACEPOINT} tracepoint (needs CAP_PERFMON)")
+    })?;
     Ok(())
-}
-
-fn check_layout() -> Result<()> {
-    let format = tracefs_format()?;
-    match set_state::ALL
-        .iter()
-        .find(|f| !format.contains(&described(f)))
-    {
-        Some(field) => bail!(
-            "sock:inet_sock_set_state has another layout on this kernel (no '{}')",
-            described(field)
-        ),
-        None => Ok(()),
-    }
-}
-
-/// How tracefs's format file describes a field the program reads.
-fn described(field: &TraceField) -> String {
-    format!("field:{};\toffset:{};", field.declaration, field.offset)
-}
-
-/// The tracepoint's format, mounting tracefs if nothing has.
-fn tracefs_format() -> Result<String> {
-    for root in TRACEFS {
-        if let Ok(format) = fs::read_to_string(format!("{root}/{FORMAT}")) {
-            return Ok(format);
-        }
-    }
-    let mounted = nix::mount::mount(
-        Some("tracefs"),
-        TRACEFS[0],
-        Some("tracefs"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    );
-    if let Err(e) = mounted {
-        bail!("no tracefs at {} ({e})", TRACEFS[0]);
-    }
-    fs::read_to_string(format!("{}/{FORMAT}", TRACEFS[0]))
-        .context("reading the format of sock:inet_sock_set_state")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// As /sys/kernel/tracing/events/sock/inet_sock_set_state/format says it on 6.x.
-    const FORMAT: &str = "\tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;\n\tfield:int newstate;\toffset:20;\tsize:4;\tsigned:1;\n\tfield:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;\n\tfield:__u16 dport;\toffset:26;\tsize:2;\tsigned:0;\n\tfield:__u16 family;\toffset:28;\tsize:2;\tsigned:0;\n\tfield:__u16 protocol;\toffset:30;\tsize:2;\tsigned:0;\n\tfield:__u8 daddr_v6[16];\toffset:56;\tsize:16;\tsigned:0;\n";
-
-    #[test]
-    fn the_fields_are_described_as_tracefs_writes_them() {
-        for field in set_state::ALL {
-            assert!(FORMAT.contains(&described(&field)), "{field:?}");
-        }
-    }
 }

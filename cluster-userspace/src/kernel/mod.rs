@@ -8,6 +8,7 @@ mod handover;
 mod layer_tests;
 pub mod maglev;
 pub mod slots;
+mod sock_layout;
 pub mod sockets;
 mod unavailable;
 
@@ -159,7 +160,7 @@ impl Balancer {
             Err(LoadError::Unavailable(why)) => Err(why),
             Err(LoadError::Counter(why)) => {
                 log::warn!(
-                    "least-loaded needs connections counted by a tracepoint program, which cannot run here: {why:#}; balancing by round robin instead"
+                    "least-loaded needs connections counted by a BTF tracepoint program, which cannot run here: {why:#}; balancing by round robin instead"
                 );
                 Balancer::load_as(Strategy::RoundRobin).map_err(LoadError::into_unavailable)
             }
@@ -173,14 +174,20 @@ impl Balancer {
         let id = strategy
             .program_id()
             .ok_or_else(|| Unavailable::other(anyhow!("strategy 'kernel' runs no program")))?;
-        let mut ebpf = EbpfLoader::new()
-            .override_global(GLOBAL_STRATEGY, &id, true)
-            .load(PROGRAM_OBJECT)
-            .map_err(|e| {
-                LoadError::from(Unavailable::classify(
-                    anyhow::Error::new(e).context("loading the eBPF object"),
-                ))
-            })?;
+        let layout = match strategy {
+            Strategy::LeastLoaded => Some(counter::layout().map_err(LoadError::Counter)?),
+            _ => None,
+        };
+        let mut loader = EbpfLoader::new();
+        loader.override_global(GLOBAL_STRATEGY, &id, true);
+        if let Some(layout) = &layout {
+            counter::set_layout(&mut loader, layout);
+        }
+        let mut ebpf = loader.load(PROGRAM_OBJECT).map_err(|e| {
+            LoadError::from(Unavailable::classify(
+                anyhow::Error::new(e).context("loading the eBPF object"),
+            ))
+        })?;
         if strategy == Strategy::LeastLoaded {
             counter::start(&mut ebpf).map_err(LoadError::Counter)?;
         }
