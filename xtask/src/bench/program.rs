@@ -69,6 +69,9 @@ pub struct ProgramSample {
     pub verified_insns: Option<u64>,
     /// Run time of the selector's other programs (least-loaded's counter) per selection.
     pub others_ns_per_selection: Option<f64>,
+    /// Run time of the selector's other programs per connection to another server on the same
+    /// host, which they should not concern (what least-loaded costs everyone else).
+    pub others_ns_per_unrelated: Option<f64>,
     pub conn_per_s: f64,
 }
 
@@ -141,7 +144,11 @@ pub fn measure(
                 .and_then(|()| {
                     // As wait_for_all_workers: let late starters finish their start-up work.
                     std::thread::sleep(Duration::from_millis(500));
-                    load(primary.id(), seconds)
+                    let mut sample = load(primary.id(), seconds)?;
+                    if sample.others_ns_per_selection.is_some() {
+                        sample.others_ns_per_unrelated = Some(unrelated(primary.id())?);
+                    }
+                    Ok(sample)
                 });
             stop(&mut primary);
             result
@@ -202,8 +209,60 @@ fn load(pid: u32, seconds: u32) -> Result<ProgramSample> {
         ns_per_run: time as f64 / runs as f64,
         verified_insns: program.verified_insns,
         others_ns_per_selection: has_others.then(|| others_ns as f64 / runs as f64),
+        others_ns_per_unrelated: None,
         conn_per_s: wrk.per_second,
     })
+}
+
+/// Run time of the programs `pid` holds, other than its sk_reuseport program, per connection
+/// to an unrelated server on this host (a plain listener on the next port, which answers each
+/// connection with a line and closes it), over two seconds of sequential connections.
+fn unrelated(pid: u32) -> Result<f64> {
+    use std::io::{Read, Write};
+    let others = |programs: &BTreeMap<u64, Program>| -> BTreeMap<u64, u64> {
+        programs
+            .iter()
+            .filter(|(_, p)| p.prog_type != PROG_TYPE_SK_REUSEPORT)
+            .map(|(id, p)| (*id, p.run_time_ns))
+            .collect()
+    };
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], PORT + 1));
+    let listener = TcpListener::bind(address).with_context(|| format!("binding {address}"))?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server = std::thread::spawn({
+        let stop = std::sync::Arc::clone(&stop);
+        move || {
+            for stream in listener.incoming() {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                if let Ok(mut stream) = stream {
+                    let _ = stream.write_all(b"unrelated\n");
+                }
+            }
+        }
+    });
+    let before = others(&programs(pid)?);
+    let (mut connections, started) = (0u64, Instant::now());
+    while started.elapsed() < Duration::from_secs(2) {
+        let mut stream =
+            std::net::TcpStream::connect(address).context("connecting to the unrelated server")?;
+        let mut answer = Vec::new();
+        stream
+            .read_to_end(&mut answer)
+            .context("reading the unrelated server's answer")?;
+        connections += 1;
+    }
+    let after = others(&programs(pid)?);
+    // One more connection wakes the server's accept to see `stop`.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = std::net::TcpStream::connect(address);
+    let _ = server.join();
+    let spent: u64 = after
+        .iter()
+        .map(|(id, time)| time.saturating_sub(before.get(id).copied().unwrap_or(*time)))
+        .sum();
+    Ok(spent as f64 / connections.max(1) as f64)
 }
 
 /// A BPF program as its fdinfo shows it.
@@ -378,7 +437,7 @@ pub fn table(
     };
     let reference = median(of(Selector::Reference, |s| Some(s.ns_per_run)));
     let mut out = format!(
-        "## What the program costs, {workers} workers\n\n{workers} Node workers (examples/node/server.js), each on its own SO_REUSEPORT socket; wrk -t2 -c64 with `Connection: close` (a new connection per request) for {seconds} s; {rounds} rounds, interleaved. ns per run: the kernel's run_time_ns / run_cnt of the sk_reuseport program (kernel.bpf_stats_enabled=1), median (min–max) over the rounds; × reference: median over the reference's median. verified_insns: what the verifier walked. Other programs: run time of the selector's other programs (least-loaded's connection counter) per selection.\n\n| program | ns per run | × reference | verified_insns | other programs ns per selection | conn/s |\n| --- | ---: | ---: | ---: | ---: | ---: |\n"
+        "## What the program costs, {workers} workers\n\n{workers} Node workers (examples/node/server.js), each on its own SO_REUSEPORT socket; wrk -t2 -c64 with `Connection: close` (a new connection per request) for {seconds} s; {rounds} rounds, interleaved. ns per run: the kernel's run_time_ns / run_cnt of the sk_reuseport program (kernel.bpf_stats_enabled=1), median (min–max) over the rounds; × reference: median over the reference's median. verified_insns: what the verifier walked. Other programs: run time of the selector's other programs (least-loaded's connection counter) per selection, and per connection to an unrelated server on the same host (2 s of sequential connections to a plain listener on the next port, after the load).\n\n| program | ns per run | × reference | verified_insns | other programs ns per selection | other programs ns per unrelated connection | conn/s |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     );
     for selector in ALL {
         let runs = of(selector, |s| Some(s.ns_per_run));
@@ -389,12 +448,13 @@ pub fn table(
         let insns = of(selector, |s| s.verified_insns.map(|n| n as f64));
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
             selector.name(),
             super::report::spread(runs, 0),
             times,
             super::report::spread(insns, 0),
             super::report::spread(of(selector, |s| s.others_ns_per_selection), 0),
+            super::report::spread(of(selector, |s| s.others_ns_per_unrelated), 0),
             super::report::spread(of(selector, |s| Some(s.conn_per_s)), 0),
         );
     }
@@ -461,6 +521,7 @@ mod tests {
             ns_per_run: ns,
             verified_insns: Some(20),
             others_ns_per_selection: None,
+            others_ns_per_unrelated: None,
             conn_per_s: 1000.0,
         };
         let samples = [
@@ -471,15 +532,16 @@ mod tests {
         ];
         let table = table(&samples, 2, 3, 1);
         assert!(
-            table.contains("| C reference round robin | 200 (100–300) | 1.00 | 20 | - | 1000 |"),
+            table
+                .contains("| C reference round robin | 200 (100–300) | 1.00 | 20 | - | - | 1000 |"),
             "{table}"
         );
         assert!(
-            table.contains("| cluster-lb hash | 250 | 1.25 | 20 | - | 1000 |"),
+            table.contains("| cluster-lb hash | 250 | 1.25 | 20 | - | - | 1000 |"),
             "{table}"
         );
         assert!(
-            table.contains("| cluster-lb sticky | - | - | - | - | - |"),
+            table.contains("| cluster-lb sticky | - | - | - | - | - | - |"),
             "{table}"
         );
     }
