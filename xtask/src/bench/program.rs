@@ -72,6 +72,8 @@ pub struct ProgramSample {
     /// Run time of the selector's other programs per connection to another server on the same
     /// host, which they should not concern (what least-loaded costs everyone else).
     pub others_ns_per_unrelated: Option<f64>,
+    /// How often they ran per such connection (each run also pays bpf_stats' clock reads).
+    pub others_runs_per_unrelated: Option<f64>,
     pub conn_per_s: f64,
 }
 
@@ -146,7 +148,9 @@ pub fn measure(
                     std::thread::sleep(Duration::from_millis(500));
                     let mut sample = load(primary.id(), seconds)?;
                     if sample.others_ns_per_selection.is_some() {
-                        sample.others_ns_per_unrelated = Some(unrelated(primary.id())?);
+                        let (ns, runs) = unrelated(primary.id())?;
+                        sample.others_ns_per_unrelated = Some(ns);
+                        sample.others_runs_per_unrelated = Some(runs);
                     }
                     Ok(sample)
                 });
@@ -210,20 +214,22 @@ fn load(pid: u32, seconds: u32) -> Result<ProgramSample> {
         verified_insns: program.verified_insns,
         others_ns_per_selection: has_others.then(|| others_ns as f64 / runs as f64),
         others_ns_per_unrelated: None,
+        others_runs_per_unrelated: None,
         conn_per_s: wrk.per_second,
     })
 }
 
 /// Run time of the programs `pid` holds, other than its sk_reuseport program, per connection
 /// to an unrelated server on this host (a plain listener on the next port, which answers each
-/// connection with a line and closes it), over two seconds of sequential connections.
-fn unrelated(pid: u32) -> Result<f64> {
+/// connection with a line and closes it), over two seconds of sequential connections; and
+/// how many times they ran per connection.
+fn unrelated(pid: u32) -> Result<(f64, f64)> {
     use std::io::{Read, Write};
-    let others = |programs: &BTreeMap<u64, Program>| -> BTreeMap<u64, u64> {
+    let others = |programs: &BTreeMap<u64, Program>| -> BTreeMap<u64, (u64, u64)> {
         programs
             .iter()
             .filter(|(_, p)| p.prog_type != PROG_TYPE_SK_REUSEPORT)
-            .map(|(id, p)| (*id, p.run_time_ns))
+            .map(|(id, p)| (*id, (p.run_time_ns, p.run_cnt)))
             .collect()
     };
     let address = std::net::SocketAddr::from(([127, 0, 0, 1], PORT + 1));
@@ -258,11 +264,14 @@ fn unrelated(pid: u32) -> Result<f64> {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = std::net::TcpStream::connect(address);
     let _ = server.join();
-    let spent: u64 = after
-        .iter()
-        .map(|(id, time)| time.saturating_sub(before.get(id).copied().unwrap_or(*time)))
-        .sum();
-    Ok(spent as f64 / connections.max(1) as f64)
+    let (mut spent, mut runs) = (0, 0);
+    for (id, (time, count)) in &after {
+        let (time_before, count_before) = before.get(id).copied().unwrap_or((*time, *count));
+        spent += time.saturating_sub(time_before);
+        runs += count.saturating_sub(count_before);
+    }
+    let connections = connections.max(1) as f64;
+    Ok((spent as f64 / connections, runs as f64 / connections))
 }
 
 /// A BPF program as its fdinfo shows it.
@@ -437,7 +446,7 @@ pub fn table(
     };
     let reference = median(of(Selector::Reference, |s| Some(s.ns_per_run)));
     let mut out = format!(
-        "## What the program costs, {workers} workers\n\n{workers} Node workers (examples/node/server.js), each on its own SO_REUSEPORT socket; wrk -t2 -c64 with `Connection: close` (a new connection per request) for {seconds} s; {rounds} rounds, interleaved. ns per run: the kernel's run_time_ns / run_cnt of the sk_reuseport program (kernel.bpf_stats_enabled=1), median (min–max) over the rounds; × reference: median over the reference's median. verified_insns: what the verifier walked. Other programs: run time of the selector's other programs (least-loaded's connection counter) per selection, and per connection to an unrelated server on the same host (2 s of sequential connections to a plain listener on the next port, after the load).\n\n| program | ns per run | × reference | verified_insns | other programs ns per selection | other programs ns per unrelated connection | conn/s |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        "## What the program costs, {workers} workers\n\n{workers} Node workers (examples/node/server.js), each on its own SO_REUSEPORT socket; wrk -t2 -c64 with `Connection: close` (a new connection per request) for {seconds} s; {rounds} rounds, interleaved. ns per run: the kernel's run_time_ns / run_cnt of the sk_reuseport program (kernel.bpf_stats_enabled=1), median (min–max) over the rounds; × reference: median over the reference's median. verified_insns: what the verifier walked. Other programs: run time of the selector's other programs (least-loaded's connection counter) per selection, and per connection to an unrelated server on the same host (2 s of sequential connections to a plain listener on the next port, after the load), with their runs per such connection (bpf_stats' own clock reads are part of every run's time).\n\n| program | ns per run | × reference | verified_insns | other programs ns per selection | other programs ns per unrelated connection | their runs per unrelated connection | conn/s |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     );
     for selector in ALL {
         let runs = of(selector, |s| Some(s.ns_per_run));
@@ -448,13 +457,14 @@ pub fn table(
         let insns = of(selector, |s| s.verified_insns.map(|n| n as f64));
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             selector.name(),
             super::report::spread(runs, 0),
             times,
             super::report::spread(insns, 0),
             super::report::spread(of(selector, |s| s.others_ns_per_selection), 0),
             super::report::spread(of(selector, |s| s.others_ns_per_unrelated), 0),
+            super::report::spread(of(selector, |s| s.others_runs_per_unrelated), 1),
             super::report::spread(of(selector, |s| Some(s.conn_per_s)), 0),
         );
     }
@@ -522,6 +532,7 @@ mod tests {
             verified_insns: Some(20),
             others_ns_per_selection: None,
             others_ns_per_unrelated: None,
+            others_runs_per_unrelated: None,
             conn_per_s: 1000.0,
         };
         let samples = [
@@ -532,16 +543,17 @@ mod tests {
         ];
         let table = table(&samples, 2, 3, 1);
         assert!(
-            table
-                .contains("| C reference round robin | 200 (100–300) | 1.00 | 20 | - | - | 1000 |"),
+            table.contains(
+                "| C reference round robin | 200 (100–300) | 1.00 | 20 | - | - | - | 1000 |"
+            ),
             "{table}"
         );
         assert!(
-            table.contains("| cluster-lb hash | 250 | 1.25 | 20 | - | - | 1000 |"),
+            table.contains("| cluster-lb hash | 250 | 1.25 | 20 | - | - | - | 1000 |"),
             "{table}"
         );
         assert!(
-            table.contains("| cluster-lb sticky | - | - | - | - | - | - |"),
+            table.contains("| cluster-lb sticky | - | - | - | - | - | - | - |"),
             "{table}"
         );
     }
