@@ -605,6 +605,48 @@ pub fn map(config: &Value, context: &Context<'_>) -> Result<Mapped, MapError> {
         table.insert("max_memory".into(), toml::Value::String(bytes.to_string()));
     }
 
+    // watch: PM2 restarts the app when a file under these paths changes (true: its
+    // directory); `run --watch` reloads it, one worker at a time. ignore_watch and the rest
+    // stay named: --watch ignores node_modules and .git, and takes no patterns.
+    let watched: Vec<PathBuf> = match app.get("watch") {
+        Some(Value::Bool(true)) => vec![dir.clone()],
+        Some(Value::String(path)) => vec![dir.join(path)],
+        Some(Value::Array(paths)) => paths
+            .iter()
+            .map(|path| match path {
+                Value::String(path) => Ok(dir.join(path)),
+                other => Err(bad(
+                    "watch",
+                    format!("expected paths to watch, found {}", kind_of(other)),
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(Value::Bool(false) | Value::Null) | None => Vec::new(),
+        Some(other) => {
+            return Err(bad(
+                "watch",
+                format!("expected true or paths to watch, found {}", kind_of(other)),
+            ))
+        }
+    };
+    if !watched.is_empty() {
+        let paths = watched
+            .iter()
+            .map(|path| toml::Value::String(path.display().to_string()))
+            .collect();
+        table.insert("watch".into(), toml::Value::Array(paths));
+    }
+    app.remove("watch");
+    // log_file: PM2's file of every line, out and err together; `run --log-file` is that file
+    // (out_file and error_file, one stream each, stay named).
+    if let Some(Value::String(path)) = app.get("log_file") {
+        table.insert(
+            "log_file".into(),
+            toml::Value::String(dir.join(path).display().to_string()),
+        );
+        app.remove("log_file");
+    }
+
     // The environment, in PM2's order (Common.mergeEnvironmentVariables): env, then port,
     // then deploy.NAME.env, then env_NAME, each over the last.
     let mut env: Vec<(String, String)> = Vec::new();
@@ -1041,15 +1083,67 @@ mod tests {
         )
         .unwrap();
         assert_eq!(env(&worker)["NODE_ENV"], "production");
-        // No instances: one, as PM2 runs it; watch is named.
+        // No instances: one, as PM2 runs it; watch: true watches the app's directory.
         assert_eq!(worker.table["workers"].as_integer(), Some(1));
-        assert_eq!(worker.warnings.len(), 1, "{:?}", worker.warnings);
-        assert!(worker.warnings[0].contains("not honoured by cluster-lb: watch"));
+        assert!(worker.warnings.is_empty(), "{:?}", worker.warnings);
+        assert_eq!(
+            worker.table["watch"].as_array().map(Vec::as_slice),
+            Some([toml::Value::String(base.display().to_string())].as_slice())
+        );
         let unknown = map(&file, &context(&base, None, Some("web"))).unwrap_err();
         assert!(
             unknown.detail.contains("no app of that name"),
             "{unknown:?}"
         );
+    }
+
+    /// watch as a path or a list is watched under the app's directory, log_file is
+    /// --log-file; what --watch and --log-file cannot take stays named.
+    #[test]
+    fn watch_paths_and_the_combined_log_file_map_onto_run_options() {
+        let base = dir_with(&["app.js", "src/a.js", "lib/b.js"]);
+        let strings = |mapped: &Mapped, key: &str| -> Vec<String> {
+            match &mapped.table[key] {
+                toml::Value::Array(values) => values
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_string())
+                    .collect(),
+                other => vec![other.as_str().unwrap().to_string()],
+            }
+        };
+        let file = json!({"apps": [{"script": "app.js", "watch": ["src", "lib"],
+            "ignore_watch": ["node_modules"], "log_file": "logs/all.log", "out_file": "out.log"}]});
+        let mapped = map(&file, &context(&base, None, None)).unwrap();
+        assert_eq!(
+            strings(&mapped, "watch"),
+            [base.join("src"), base.join("lib")].map(|p| p.display().to_string())
+        );
+        assert_eq!(
+            strings(&mapped, "log_file"),
+            [base.join("logs/all.log").display().to_string()]
+        );
+        assert_eq!(mapped.warnings.len(), 1, "{:?}", mapped.warnings);
+        assert!(
+            mapped.warnings[0]
+                .ends_with("not honoured by cluster-lb: ignore_watch, out_file (see docs/PM2.md)"),
+            "{:?}",
+            mapped.warnings
+        );
+        let one = json!({"apps": [{"script": "app.js", "watch": "src", "log_file": true}]});
+        let mapped = map(&one, &context(&base, None, None)).unwrap();
+        assert_eq!(
+            strings(&mapped, "watch"),
+            [base.join("src").display().to_string()]
+        );
+        assert!(!mapped.table.contains_key("log_file"));
+        assert!(
+            mapped.warnings[0].contains("log_file"),
+            "{:?}",
+            mapped.warnings
+        );
+        let wrong = json!({"apps": [{"script": "app.js", "watch": 3}]});
+        let error = map(&wrong, &context(&base, None, None)).unwrap_err();
+        assert_eq!(error.key.as_deref(), Some("watch"), "{error:?}");
     }
 
     #[test]
