@@ -14,7 +14,7 @@ use std::{
 use cluster_lb::control::{request, Reply, Request};
 use cluster_lb_tests::{
     distribution, example, node_binaries, node_modules, root_test, signal, Cluster, RequestLoop,
-    WorkerState,
+    ScratchDir, WorkerState,
 };
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -232,6 +232,54 @@ fn npm_start_runs_the_package_scripts_node_command_in_every_worker() {
             assert!(cluster.stop().status.success(), "{launch:?}");
         }
         let _ = std::fs::remove_dir_all(&dir);
+    });
+}
+
+/// A TypeScript server, run by tsx as it is: types, an interface, ES imports.
+const TS_APP: &str = r#"import cluster from 'node:cluster';
+import http from 'node:http';
+
+interface Answer {
+  worker: number;
+  pid: number;
+}
+const id: number = cluster.worker ? cluster.worker.id : 0;
+const answer = (a: Answer): string => `worker ${a.worker} pid ${a.pid}\n`;
+http
+  .createServer((_req, res) => res.end(answer({ worker: id, pid: process.pid })))
+  .listen(Number(process.env.PORT));
+"#;
+
+/// `tsx app.ts` (tsx from npm, installed in the app's node_modules): tsx would run the app in
+/// a child node of its own, without the cluster channel; cluster-lb runs node with tsx's
+/// loader itself, so every worker is a cluster worker and round robin gives exactly equal
+/// shares. Also through a package script (`npm start` running tsx).
+#[test]
+fn tsx_runs_typescript_workers_with_the_cluster_channel() {
+    root_test("tsx", || {
+        let dir = ScratchDir::new("tsx");
+        std::os::unix::fs::symlink(node_modules(), dir.join("node_modules"))
+            .expect("linking the test apps' node_modules");
+        std::fs::write(dir.join("app.ts"), TS_APP).expect("app.ts");
+        let package = serde_json::json!({"name": "app", "scripts": {"start": "tsx app.ts"}});
+        std::fs::write(dir.join("package.json"), package.to_string()).expect("package.json");
+        for launch in [&["tsx", "app.ts"][..], &["npm", "start"]] {
+            let mut args = vec!["run", "-w", "2", "--"];
+            args.extend(launch);
+            let cluster = Cluster::start_with(&args, |command| {
+                command
+                    .current_dir(dir.path())
+                    .env("PORT", PORT.to_string());
+            });
+            cluster.wait_until_ready(2);
+            let seen = distribution(addr(), 20);
+            assert_eq!(
+                seen.into_iter().collect::<Vec<_>>(),
+                [(1, 10), (2, 10)],
+                "{launch:?}"
+            );
+            assert!(cluster.stop().status.success(), "{launch:?}");
+        }
     });
 }
 

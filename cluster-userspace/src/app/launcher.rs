@@ -38,6 +38,10 @@ pub enum LauncherError {
         script: String,
         command: String,
     },
+    #[error("tsx watch restarts the app in a child process of its own, which takes Node's cluster channel: its listen() would bind the port alone and the other workers would crash-loop; run `tsx SCRIPT` (cluster-lb runs it as node --import tsx) with cluster-lb run --watch DIR, which reloads the workers on a change without failing a request")]
+    TsxWatch,
+    #[error("`{launcher}`: {reason}; install tsx in the app (npm install tsx), or run -- node --import tsx SCRIPT")]
+    Tsx { launcher: String, reason: String },
     #[error("`{launcher}` would first run package.json's scripts.{hook}, which cluster-lb does not; run `{manager} run {hook}` before cluster-lb, then -- {command}")]
     Hook {
         launcher: String,
@@ -76,6 +80,15 @@ pub fn resolve(command: Vec<String>, dir: &Path) -> Result<Resolved, LauncherErr
     }
     if name == "nodemon" {
         return Err(LauncherError::Nodemon);
+    }
+    if name == "tsx" {
+        let resolved = through_tsx(&command, dir)?;
+        log::info!(
+            "`{}` runs node as a child process of its own: cluster-lb runs `{}` itself, so that every worker is node with Node's cluster channel",
+            command.join(" "),
+            resolved.command.join(" ")
+        );
+        return Ok(resolved);
     }
     let Some(manager) = Manager::from_name(&name) else {
         return unchanged(command);
@@ -120,6 +133,11 @@ pub fn resolve(command: Vec<String>, dir: &Path) -> Result<Resolved, LauncherErr
         });
     };
     resolved.command.extend(extra);
+    if file_name(&resolved.command[0]) == "tsx" {
+        let through = through_tsx(&resolved.command, dir)?;
+        resolved.command = through.command;
+        resolved.env.extend(through.env);
+    }
     for hook in [format!("pre{script}"), format!("post{script}")] {
         if scripts.is_some_and(|s| s.contains_key(&hook)) {
             return Err(LauncherError::Hook {
@@ -189,7 +207,7 @@ impl Manager {
     }
 }
 
-/// A package script that is `[NAME=value ...] node [ARGS ...]` with nothing a shell would
+/// A package script that is `[NAME=value ...] node|tsx [ARGS ...]` with nothing a shell would
 /// interpret (no quotes, variables, globs, redirections, pipes or command lists), its words
 /// separated by spaces and tabs only, as sh splits them (any other control or space character
 /// is refused rather than split on, where sh would keep it in a word).
@@ -215,7 +233,8 @@ fn plain_node(script: &str) -> Option<Resolved> {
         words.next();
     }
     let node = words.next()?;
-    if !is_node(&file_name(node)) {
+    let program = file_name(node);
+    if !is_node(&program) && program != "tsx" {
         return None;
     }
     Some(Resolved {
@@ -225,6 +244,122 @@ fn plain_node(script: &str) -> Option<Resolved> {
             .collect(),
         env,
     })
+}
+
+/// `tsx [OPTIONS] SCRIPT [ARGS]` as the node command it stands for. tsx 4's command line runs
+/// the app in a child node (`--require preflight --import loader`) over a channel of its own,
+/// so cluster-lb runs `node --import <tsx's main export> [OPTIONS] SCRIPT [ARGS]` itself, the
+/// way tsx's documentation gives for node's own command line. Its options --tsconfig and
+/// --no-cache become the variables its command line sets for that child; the others are
+/// node's, as tsx passes them.
+fn through_tsx(command: &[String], dir: &Path) -> Result<Resolved, LauncherError> {
+    let launcher = command.join(" ");
+    let failed = |reason: String| LauncherError::Tsx {
+        launcher: launcher.clone(),
+        reason,
+    };
+    let args = &command[1..];
+    if args.first().is_some_and(|a| a == "watch") {
+        return Err(LauncherError::TsxWatch);
+    }
+    let loader = tsx_loader(&command[0], dir).map_err(failed)?;
+    let mut env = Vec::new();
+    let mut node = vec!["node".to_string(), "--import".to_string(), loader];
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        if !arg.starts_with('-') || arg == "-" || arg == "--" {
+            node.push(arg.clone());
+            break;
+        }
+        let (option, value) = match arg.split_once('=') {
+            Some((option, value)) => (option, Some(value.to_string())),
+            None => (arg.as_str(), None),
+        };
+        match option {
+            "--no-cache" => env.push(("TSX_DISABLE_CACHE".to_string(), "1".to_string())),
+            "--tsconfig" => {
+                let path = value
+                    .or_else(|| rest.next().cloned())
+                    .ok_or_else(|| failed("--tsconfig needs a file".into()))?;
+                env.push(("TSX_TSCONFIG_PATH".to_string(), path));
+            }
+            _ => {
+                node.push(arg.clone());
+                if value.is_none() && crate::protocol::nodejs::detect::takes_value(option) {
+                    node.extend(rest.next().cloned());
+                }
+            }
+        }
+    }
+    node.extend(rest.cloned());
+    Ok(Resolved { command: node, env })
+}
+
+/// The file URL of tsx's main export (exports["."] of its package.json, the module tsx's docs
+/// pass to `node --import`), found from the tsx executable: `word` as a path from `dir`, or by
+/// name in `dir`/node_modules/.bin, then on PATH, as a package script or a shell finds it.
+fn tsx_loader(word: &str, dir: &Path) -> Result<String, String> {
+    let executable = if word.contains('/') {
+        Some(dir.join(word))
+    } else {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::iter::once(dir.join("node_modules/.bin"))
+            .chain(std::env::split_paths(&path))
+            .map(|directory| directory.join(word))
+            .find(|candidate| candidate.is_file())
+    }
+    .ok_or_else(|| {
+        format!(
+            "no {word} in {}/node_modules/.bin or on PATH",
+            dir.display()
+        )
+    })?;
+    let real =
+        std::fs::canonicalize(&executable).map_err(|e| format!("{}: {e}", executable.display()))?;
+    let package = real
+        .ancestors()
+        .skip(1)
+        .find(|directory| {
+            read_package(directory)
+                .is_ok_and(|p| p.get("name").and_then(|n| n.as_str()) == Some("tsx"))
+        })
+        .ok_or_else(|| format!("{} is not in tsx's package", real.display()))?;
+    let exports = read_package(package)?.get("exports").cloned();
+    let main = match exports.as_ref().and_then(|e| e.get(".")) {
+        Some(serde_json::Value::String(main)) => Some(main.clone()),
+        Some(conditions) => ["import", "default"].iter().find_map(|c| {
+            conditions
+                .get(c)
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+        }),
+        None => None,
+    }
+    .ok_or_else(|| format!("{}/package.json exports no \".\"", package.display()))?;
+    match main
+        .strip_prefix("./")
+        .map(|relative| package.join(relative))
+    {
+        Some(file) if file.is_file() => Ok(file_url(&file)),
+        _ => Err(format!(
+            "tsx's main export {main} is not a file in {}",
+            package.display()
+        )),
+    }
+}
+
+/// `path` (absolute) as a file URL, every byte but unreserved ones and `/` percent-encoded.
+fn file_url(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut url = String::from("file://");
+    for &byte in path.as_os_str().as_bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~/".contains(&byte) {
+            url.push(char::from(byte));
+        } else {
+            url.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    url
 }
 
 /// `--watch` or `--watch-path[=P]` among node's own options (those before the script; the
@@ -352,6 +487,73 @@ mod tests {
         assert_eq!(
             command_of(resolve(words("npm start"), dir.path())),
             "node server.js"
+        );
+    }
+
+    /// A tsx package laid out as npm installs it: the bin link into dist/cli.mjs, the main
+    /// export dist/loader.mjs.
+    fn with_tsx(dir: &Path) {
+        let package = dir.join("node_modules/tsx");
+        std::fs::create_dir_all(package.join("dist")).expect("tsx/dist");
+        std::fs::create_dir_all(dir.join("node_modules/.bin")).expect(".bin");
+        let manifest = serde_json::json!({"name": "tsx", "exports": {".": "./dist/loader.mjs", "./cli": "./dist/cli.mjs"}});
+        std::fs::write(package.join("package.json"), manifest.to_string()).expect("package.json");
+        std::fs::write(package.join("dist/loader.mjs"), "").expect("loader.mjs");
+        std::fs::write(package.join("dist/cli.mjs"), "").expect("cli.mjs");
+        std::os::unix::fs::symlink("../tsx/dist/cli.mjs", dir.join("node_modules/.bin/tsx"))
+            .expect("the bin link");
+    }
+
+    #[test]
+    fn tsx_runs_as_node_with_its_loader_and_its_options_as_its_cli_gives_them() {
+        let dir = package(serde_json::json!({"start": "NODE_ENV=production tsx src/main.ts"}));
+        with_tsx(dir.path());
+        let loader = file_url(
+            &std::fs::canonicalize(dir.path().join("node_modules/tsx/dist/loader.mjs"))
+                .expect("the loader"),
+        );
+        let resolved = resolve(
+            words("tsx --tsconfig tsconfig.prod.json --no-cache -r ./env.js app.ts --port 3"),
+            dir.path(),
+        )
+        .expect("tsx");
+        assert_eq!(
+            resolved.command,
+            words(&format!(
+                "node --import {loader} -r ./env.js app.ts --port 3"
+            ))
+        );
+        assert_eq!(
+            resolved.env,
+            [
+                ("TSX_TSCONFIG_PATH".into(), "tsconfig.prod.json".into()),
+                ("TSX_DISABLE_CACHE".into(), "1".into())
+            ]
+        );
+        // A package script running tsx, and tsx by its path.
+        let start = resolve(words("npm start"), dir.path()).expect("npm start");
+        assert_eq!(
+            start.command,
+            words(&format!("node --import {loader} src/main.ts"))
+        );
+        assert_eq!(start.env, [("NODE_ENV".into(), "production".into())]);
+        let by_path = resolve(words("./node_modules/.bin/tsx app.ts"), dir.path());
+        assert_eq!(
+            command_of(by_path),
+            format!("node --import {loader} app.ts")
+        );
+        // tsx watch is refused; a tsx that is not there says where it looked.
+        let watch = resolve(words("tsx watch app.ts"), dir.path()).map(|r| r.command);
+        assert!(matches!(watch, Err(LauncherError::TsxWatch)), "{watch:?}");
+        let empty = Scratch::new("launcher");
+        let missing = resolve(words("./tsx app.ts"), empty.path()).map(|r| r.command);
+        assert!(
+            matches!(&missing, Err(LauncherError::Tsx { .. })),
+            "{missing:?}"
+        );
+        assert_eq!(
+            file_url(Path::new("/srv/my app/#1")),
+            "file:///srv/my%20app/%231"
         );
     }
 
