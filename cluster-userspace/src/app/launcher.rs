@@ -316,16 +316,16 @@ fn tsx_loader(word: &str, dir: &Path) -> Result<String, String> {
     })?;
     let real =
         std::fs::canonicalize(&executable).map_err(|e| format!("{}: {e}", executable.display()))?;
-    let package = real
+    let (package, manifest) = real
         .ancestors()
         .skip(1)
-        .find(|directory| {
-            read_package(directory)
-                .is_ok_and(|p| p.get("name").and_then(|n| n.as_str()) == Some("tsx"))
+        .find_map(|directory| {
+            let manifest = read_package(directory).ok()?;
+            (manifest.get("name").and_then(|n| n.as_str()) == Some("tsx"))
+                .then_some((directory, manifest))
         })
         .ok_or_else(|| format!("{} is not in tsx's package", real.display()))?;
-    let exports = read_package(package)?.get("exports").cloned();
-    let main = match exports.as_ref().and_then(|e| e.get(".")) {
+    let main = match manifest.get("exports").and_then(|e| e.get(".")) {
         Some(serde_json::Value::String(main)) => Some(main.clone()),
         Some(conditions) => ["import", "default"].iter().find_map(|c| {
             conditions

@@ -6,11 +6,25 @@ use anyhow::{Context, Result};
 use aya::{programs::BtfTracePoint, Btf, Ebpf, EbpfLoader};
 use cluster_common::{sock_field, COUNTER_PROGRAM, COUNTER_TRACEPOINT};
 
-use super::sock_layout::SockLayout;
+use super::sock_layout::{self, SockLayout};
 
-/// The layout the counter program needs, or why it cannot run here.
-pub fn layout() -> Result<SockLayout> {
-    SockLayout::of_running_kernel()
+/// What the counter program needs of the running kernel's BTF, read once: the socket's layout
+/// (its offsets) and the BTF itself (its attach point).
+pub struct KernelBtf {
+    pub layout: SockLayout,
+    btf: Btf,
+}
+
+impl KernelBtf {
+    /// /sys/kernel/btf/vmlinux, or why the counter cannot run here.
+    pub fn read() -> Result<KernelBtf> {
+        let data = sock_layout::read_vmlinux()?;
+        Ok(KernelBtf {
+            layout: SockLayout::from_btf(&data)
+                .context("finding the socket's fields in the kernel's BTF")?,
+            btf: Btf::parse(&data, Default::default()).context("reading the kernel's BTF")?,
+        })
+    }
 }
 
 /// Gives the counter program `layout`'s offsets (constants to the verifier).
@@ -28,14 +42,13 @@ pub fn set_layout<'a>(loader: &mut EbpfLoader<'a>, layout: &'a SockLayout) {
 }
 
 /// Loads the counter program and attaches it.
-pub fn start(ebpf: &mut Ebpf) -> Result<()> {
-    let btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
+pub fn start(ebpf: &mut Ebpf, kernel: &KernelBtf) -> Result<()> {
     let program: &mut BtfTracePoint = ebpf
         .program_mut(COUNTER_PROGRAM)
         .context("the counter program is missing from the object")?
         .try_into()?;
     program
-        .load(COUNTER_TRACEPOINT, &btf)
+        .load(COUNTER_TRACEPOINT, &kernel.btf)
         .context("verifying the counter program (needs CAP_BPF and CAP_PERFMON)")?;
     program.attach().with_context(|| {
         format!("attaching to the {COUNTER_TRACEPOINT} tracepoint (needs CAP_PERFMON)")

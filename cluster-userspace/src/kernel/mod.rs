@@ -174,22 +174,22 @@ impl Balancer {
         let id = strategy
             .program_id()
             .ok_or_else(|| Unavailable::other(anyhow!("strategy 'kernel' runs no program")))?;
-        let layout = match strategy {
-            Strategy::LeastLoaded => Some(counter::layout().map_err(LoadError::Counter)?),
+        let kernel_btf = match strategy {
+            Strategy::LeastLoaded => Some(counter::KernelBtf::read().map_err(LoadError::Counter)?),
             _ => None,
         };
         let mut loader = EbpfLoader::new();
         loader.override_global(GLOBAL_STRATEGY, &id, true);
-        if let Some(layout) = &layout {
-            counter::set_layout(&mut loader, layout);
+        if let Some(kernel_btf) = &kernel_btf {
+            counter::set_layout(&mut loader, &kernel_btf.layout);
         }
         let mut ebpf = loader.load(PROGRAM_OBJECT).map_err(|e| {
             LoadError::from(Unavailable::classify(
                 anyhow::Error::new(e).context("loading the eBPF object"),
             ))
         })?;
-        if strategy == Strategy::LeastLoaded {
-            counter::start(&mut ebpf).map_err(LoadError::Counter)?;
+        if let Some(kernel_btf) = &kernel_btf {
+            counter::start(&mut ebpf, kernel_btf).map_err(LoadError::Counter)?;
         }
         let program: &mut SkReuseport = ebpf
             .program_mut(PROGRAM_NAME)

@@ -15,6 +15,12 @@ use anyhow::{bail, Context, Result};
 
 const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
+/// The running kernel's BTF blob.
+pub fn read_vmlinux() -> Result<Vec<u8>> {
+    std::fs::read(VMLINUX)
+        .with_context(|| format!("reading {VMLINUX} (the kernel's BTF, CONFIG_DEBUG_INFO_BTF)"))
+}
+
 /// Byte offsets of the fields the counter program reads, from the start of the socket (a
 /// `struct tcp_sock`, which begins with its `struct inet_sock`, which begins with its `struct
 /// sock`).
@@ -35,14 +41,6 @@ pub struct SockLayout {
 }
 
 impl SockLayout {
-    /// The running kernel's layout.
-    pub fn of_running_kernel() -> Result<SockLayout> {
-        let data = std::fs::read(VMLINUX).with_context(|| {
-            format!("reading {VMLINUX} (the kernel's BTF, CONFIG_DEBUG_INFO_BTF)")
-        })?;
-        SockLayout::from_btf(&data).context("finding the socket's fields in the kernel's BTF")
-    }
-
     /// The layout described by a BTF blob.
     pub fn from_btf(data: &[u8]) -> Result<SockLayout> {
         let btf = Btf::parse(data)?;
@@ -390,7 +388,8 @@ mod tests {
             );
             return;
         }
-        let layout = SockLayout::of_running_kernel().expect("the kernel's BTF");
+        let blob = read_vmlinux().expect("the kernel's BTF");
+        let layout = SockLayout::from_btf(&blob).expect("struct sock's fields");
         assert_eq!((layout.daddr, layout.dport, layout.family), (0, 12, 16));
         assert!(
             layout.v6_daddr > 16 && layout.v6_daddr.is_multiple_of(4),
