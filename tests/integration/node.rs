@@ -182,6 +182,17 @@ fn a_shell_wrapper_that_execs_node_works_with_node_on() {
 /// `npm start` (and `npm run X -- ARGS`): npm would start the app as a child without the
 /// cluster channel; cluster-lb runs the package script's plain node command itself, so every
 /// worker is a cluster worker and round robin gives them exactly equal shares. npm is not run.
+/// 20 connections to workers 1 and 2 of a launched app: exactly 10 each (round robin), which
+/// a launcher's child without the cluster channel could not give.
+fn two_workers_share_exactly(launch: &[&str]) {
+    let seen = distribution(addr(), 20);
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        [(1, 10), (2, 10)],
+        "{launch:?}"
+    );
+}
+
 #[test]
 fn npm_start_runs_the_package_scripts_node_command_in_every_worker() {
     root_test("npm_start", || {
@@ -223,12 +234,7 @@ fn npm_start_runs_the_package_scripts_node_command_in_every_worker() {
                 .and_then(|mut stream| http11(&mut stream, "/"))
                 .expect("an answer");
             assert!(body.trim_end().ends_with(expected), "{launch:?}: {body}");
-            let seen = distribution(addr(), 20);
-            assert_eq!(
-                seen.into_iter().collect::<Vec<_>>(),
-                [(1, 10), (2, 10)],
-                "{launch:?}"
-            );
+            two_workers_share_exactly(launch);
             assert!(cluster.stop().status.success(), "{launch:?}");
         }
         let _ = std::fs::remove_dir_all(&dir);
@@ -272,12 +278,7 @@ fn tsx_runs_typescript_workers_with_the_cluster_channel() {
                     .env("PORT", PORT.to_string());
             });
             cluster.wait_until_ready(2);
-            let seen = distribution(addr(), 20);
-            assert_eq!(
-                seen.into_iter().collect::<Vec<_>>(),
-                [(1, 10), (2, 10)],
-                "{launch:?}"
-            );
+            two_workers_share_exactly(launch);
             assert!(cluster.stop().status.success(), "{launch:?}");
         }
     });
