@@ -605,11 +605,15 @@ pub fn map(config: &Value, context: &Context<'_>) -> Result<Mapped, MapError> {
         table.insert("max_memory".into(), toml::Value::String(bytes.to_string()));
     }
 
-    // watch: PM2 restarts the app when a file under these paths changes (true: its
-    // directory); `run --watch` reloads it, one worker at a time. ignore_watch and the rest
-    // stay named: --watch ignores node_modules and .git, and takes no patterns.
+    // watch: PM2 restarts the app when a file under these paths changes (its Watcher.js:
+    // true or an empty list watch the app's cwd, other paths are taken from there; a watch
+    // that JavaScript reads as false, such as "", watches nothing); `run --watch` reloads it,
+    // one worker at a time. ignore_watch and the rest stay named: --watch ignores
+    // node_modules and .git, and takes no patterns.
     let watched: Vec<PathBuf> = match app.get("watch") {
         Some(Value::Bool(true)) => vec![dir.clone()],
+        Some(Value::Array(paths)) if paths.is_empty() => vec![dir.clone()],
+        Some(Value::String(path)) if path.is_empty() => Vec::new(),
         Some(Value::String(path)) => vec![dir.join(path)],
         Some(Value::Array(paths)) => paths
             .iter()
@@ -1141,6 +1145,13 @@ mod tests {
             "{:?}",
             mapped.warnings
         );
+        // As PM2's Watcher.js: an empty list is the cwd, an empty string no watch.
+        let empty = json!({"apps": [{"script": "app.js", "watch": []}]});
+        let mapped = map(&empty, &context(&base, None, None)).unwrap();
+        assert_eq!(strings(&mapped, "watch"), [base.display().to_string()]);
+        let off = json!({"apps": [{"script": "app.js", "watch": ""}]});
+        let mapped = map(&off, &context(&base, None, None)).unwrap();
+        assert!(!mapped.table.contains_key("watch"), "{:?}", mapped.table);
         let wrong = json!({"apps": [{"script": "app.js", "watch": 3}]});
         let error = map(&wrong, &context(&base, None, None)).unwrap_err();
         assert_eq!(error.key.as_deref(), Some("watch"), "{error:?}");
