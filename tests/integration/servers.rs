@@ -139,8 +139,8 @@ fn uvicorn() -> Option<Server> {
         // `Connection: close` (about 5 per 4 workers replaced, also when the SIGTERM was held
         // back a second after the worker left rotation, with examples/drain-then-stop), while
         // clients that open a connection per request saw none: so this row is tested with
-        // those, and the README says so. Those failed too, rarely (4 resets in one CI run of
-        // about 600,000 requests): uvicorn also closes on SIGTERM a connection it has accepted
+        // those, and the README says so. Those failed too, rarely (4 resets in one reload of a
+        // CI run, 2e1f7d6): uvicorn also closes on SIGTERM a connection it has accepted
         // but whose request it has not read yet, so it runs under examples/drain-then-stop,
         // which holds the SIGTERM back a second while the worker is out of rotation.
         load: Load::NewConnectionEachRequest,
