@@ -23,6 +23,7 @@ mod servers;
 mod strategies;
 mod supervision;
 mod top;
+mod unix_sockets;
 mod upgrade;
 mod watch;
 mod zero_downtime;

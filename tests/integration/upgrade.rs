@@ -390,3 +390,54 @@ fn node_workers_keep_their_channel_across_an_upgrade() {
         );
     });
 }
+
+#[test]
+fn a_unix_socket_path_and_its_workers_survive_an_upgrade() {
+    root_test("upgrade_unix", || {
+        let Some((_, node)) = node_binaries().into_iter().find(|(m, _)| *m == 20) else {
+            panic!("Node 20 is missing: cargo xtask test installs it");
+        };
+        let install = Install::new("unix");
+        let path = install.dir.join("app.sock");
+        let node = node.display().to_string();
+        let app = format!("{}/node/unix-app.js", env!("CARGO_MANIFEST_DIR"));
+        let cluster = Cluster::start_binary(
+            &install.binary(),
+            &["run", "-w", "2", "--", &node, &app],
+            |c| {
+                c.env("SOCKET_PATH", &path);
+            },
+        );
+        cluster.wait_until_ready(2);
+        let workers = pids(&cluster);
+        let load = RequestLoop::start_unix(&path, 2);
+        thread::sleep(Duration::from_millis(500));
+        let new_version = install.install_build("unix");
+        let reply = upgrade(&cluster).expect("upgrade");
+        assert!(
+            matches!(reply, Reply::Upgraded { workers: 2, .. }),
+            "{reply:?}"
+        );
+        assert_eq!(pids(&cluster), workers);
+        assert_eq!(cluster.status().version, new_version);
+        assert_eq!(
+            cluster.status().listen,
+            [format!("unix:{}", path.display())]
+        );
+        // The new binary holds the path's socket: replacements get it too.
+        let reply = request(cluster.control(), &Request::Reload, Duration::from_secs(60));
+        assert_eq!(reply.expect("reload"), Reply::Reloaded { replaced: 2 });
+        thread::sleep(Duration::from_millis(300));
+        let (answered, failures) = load.finish();
+        assert!(failures.is_empty(), "{failures:?}");
+        assert!(
+            answered.len() >= 3,
+            "old and new workers served: {answered:?}"
+        );
+        assert!(cluster.stop().status.success());
+        assert!(
+            !path.exists(),
+            "the new binary did not remove the socket file"
+        );
+    });
+}

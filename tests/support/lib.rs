@@ -698,8 +698,22 @@ pub fn get_body(addr: SocketAddr) -> Result<String> {
 
 /// `GET /` over HTTP/1.0 on `stream` (connected, from wherever the caller chose): the body of
 /// its 200 answer.
-pub fn http10_body(mut stream: TcpStream) -> Result<String> {
+pub fn http10_body(stream: TcpStream) -> Result<String> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    http10_exchange(stream)
+}
+
+/// One HTTP/1.0 request on a new connection to the Unix socket at `path`.
+pub fn get_unix(path: &Path) -> Result<Answer> {
+    let stream = std::os::unix::net::UnixStream::connect(path)
+        .with_context(|| format!("connecting to {}", path.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let body = http10_exchange(stream)?;
+    parse_body(&body).with_context(|| format!("unexpected answer: {body:?}"))
+}
+
+/// `GET /` on `stream`, then its answer to the end: the body of a 200.
+fn http10_exchange(mut stream: impl Read + Write) -> Result<String> {
     stream.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")?;
     let mut response = String::new();
     stream
@@ -748,16 +762,30 @@ pub struct RequestLoop {
 
 impl RequestLoop {
     pub fn start(addr: SocketAddr, clients: u32) -> RequestLoop {
+        Self::start_with(clients, move || get(addr))
+    }
+
+    /// The same against the Unix socket at `path`.
+    pub fn start_unix(path: &Path, clients: u32) -> RequestLoop {
+        let path = path.to_path_buf();
+        Self::start_with(clients, move || get_unix(&path))
+    }
+
+    fn start_with(
+        clients: u32,
+        get: impl Fn() -> Result<Answer> + Clone + Send + 'static,
+    ) -> RequestLoop {
         let stop = Arc::new(AtomicBool::new(false));
         let clients = (0..clients)
             .map(|_| {
                 let stop = Arc::clone(&stop);
+                let get = get.clone();
                 thread::spawn(move || {
                     let mut answered = BTreeMap::new();
                     let mut failures = Vec::new();
                     let deadline = Instant::now() + Duration::from_secs(120);
                     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        match get(addr) {
+                        match get() {
                             Ok(answer) => *answered.entry(answer.pid).or_insert(0) += 1,
                             Err(e) => failures.push(format!("{e:#}")),
                         }

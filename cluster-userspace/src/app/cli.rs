@@ -35,7 +35,7 @@ pub const MAX_LISTEN: usize = 32;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("--listen {0} is given twice; each address needs one --listen")]
-    DuplicateListen(ListenAddr),
+    DuplicateListen(Listen),
     #[error("{0} --listen addresses, the most is {MAX_LISTEN}")]
     TooManyListen(usize),
     #[error(
@@ -245,11 +245,12 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(1..=MAX_WORKERS as i64))]
     pub workers: Option<u32>,
 
-    /// Address every worker listens on: PORT, HOST:PORT or [IPV6]:PORT (repeatable; the
-    /// sockets are fds 3, 4, ... in this order). Without any, workers ask for addresses over
-    /// IPC (the cluster_lb::worker library)
+    /// Address every worker listens on: PORT, HOST:PORT or [IPV6]:PORT (udp:// for UDP), or
+    /// unix:PATH for one Unix socket all workers share (not balanced by eBPF: the workers take
+    /// turns in accept). Repeatable; the sockets are fds 3, 4, ... in this order, the unix:
+    /// paths after the addresses. Without any, workers ask for addresses over IPC
     #[arg(short = 'l', long = "listen", value_name = "ADDR")]
-    pub listen: Vec<ListenAddr>,
+    pub listen: Vec<Listen>,
 
     /// How new connections are spread: round-robin (exact, eBPF; the default for TCP), hash
     /// (the flow's hash, consistent, eBPF; the default for udp:// addresses), sticky (the
@@ -567,6 +568,65 @@ fn parse_seconds(text: &str) -> Result<f64, String> {
     }
 }
 
+/// One `--listen` value: an address (TCP or UDP), or a Unix-socket path (`unix:/run/app.sock`,
+/// as nginx and gunicorn write it).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Listen {
+    Address(ListenAddr),
+    Unix(PathBuf),
+}
+
+/// The longest path a Unix socket address holds (`sun_path` is 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+impl Listen {
+    /// The addresses and the paths, each in the order given.
+    fn split(all: &[Listen]) -> (Vec<ListenAddr>, Vec<PathBuf>) {
+        let mut addresses = Vec::new();
+        let mut paths = Vec::new();
+        for listen in all {
+            match listen {
+                Listen::Address(addr) => addresses.push(*addr),
+                Listen::Unix(path) => paths.push(path.clone()),
+            }
+        }
+        (addresses, paths)
+    }
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let Some(path) = text.trim().strip_prefix("unix:") else {
+            return text.parse().map(Listen::Address);
+        };
+        let path = PathBuf::from(path);
+        if !path.is_absolute() {
+            return Err(format!(
+                "unix:{}: a socket path must be absolute, e.g. unix:/run/app/app.sock",
+                path.display()
+            ));
+        }
+        if path.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(format!(
+                "unix:{}: longer than the {MAX_SOCKET_PATH} bytes a socket path may have; use a shorter one",
+                path.display()
+            ));
+        }
+        Ok(Listen::Unix(path))
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Address(addr) => addr.fmt(f),
+            Listen::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
 impl RunArgs {
     /// Checks what clap cannot see one argument at a time, and fills in defaults.
     pub fn into_options(mut self) -> Result<RunOptions, ConfigError> {
@@ -574,20 +634,21 @@ impl RunArgs {
             return Err(ConfigError::NoCommand);
         }
         let mut seen = HashSet::new();
-        for addr in &self.listen {
-            if !seen.insert(*addr) {
-                return Err(ConfigError::DuplicateListen(*addr));
+        for listen in &self.listen {
+            if !seen.insert(listen) {
+                return Err(ConfigError::DuplicateListen(listen.clone()));
             }
         }
         if self.listen.len() > MAX_LISTEN {
             return Err(ConfigError::TooManyListen(self.listen.len()));
         }
+        let (addresses, paths) = Listen::split(&self.listen);
         if let (Some(Strategy::RoundRobin), Some(udp)) =
-            (self.strategy, self.listen.iter().find(|a| a.is_udp()))
+            (self.strategy, addresses.iter().find(|a| a.is_udp()))
         {
             return Err(ConfigError::RoundRobinUdp(*udp));
         }
-        if let Some(metrics) = self.metrics.filter(|m| self.listen.contains(m)) {
+        if let Some(metrics) = self.metrics.filter(|m| addresses.contains(m)) {
             return Err(ConfigError::MetricsOnListen(metrics));
         }
         if self.ready_timeout <= 0.0 {
@@ -657,7 +718,7 @@ impl RunArgs {
         privileges::require_capabilities(credentials.as_ref())?;
         let name = self
             .name
-            .unwrap_or_else(|| ClusterName::default_for(&self.listen, &self.command));
+            .unwrap_or_else(|| ClusterName::default_for(&addresses, &self.command));
         let control = match self.control {
             Some(path) => ControlPath::Explicit(path),
             None => ControlPath::Named(names::socket_path(&name)),
@@ -665,7 +726,8 @@ impl RunArgs {
         let supervisor = Config {
             workers,
             workers_given: self.workers.is_some(),
-            listen: self.listen,
+            listen: addresses,
+            listen_unix: paths,
             strategy: self.strategy.unwrap_or_default(),
             require_ebpf: self.require_ebpf,
             timing: Timing {
@@ -785,6 +847,39 @@ mod tests {
         run.into_options()
             .map(|options| options.supervisor)
             .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn unix_paths_are_listens_of_their_own() {
+        let config = parse(&[
+            "cluster-lb",
+            "run",
+            "-l",
+            "unix:/run/app/app.sock",
+            "-l",
+            "8080",
+            "--",
+            "./server",
+        ])
+        .unwrap();
+        assert_eq!(config.listen, ["8080".parse().unwrap()]);
+        assert_eq!(config.listen_unix, [PathBuf::from("/run/app/app.sock")]);
+        let relative = parse(&["cluster-lb", "run", "-l", "unix:app.sock", "--", "x"]);
+        assert!(relative.unwrap_err().contains("must be absolute"));
+        let long = format!("unix:/{}", "a".repeat(120));
+        let long = parse(&["cluster-lb", "run", "-l", &long, "--", "x"]);
+        assert!(long.unwrap_err().contains("107 bytes"));
+        let twice = parse(&[
+            "cluster-lb",
+            "run",
+            "-l",
+            "unix:/a.sock",
+            "-l",
+            "unix:/a.sock",
+            "--",
+            "x",
+        ]);
+        assert!(twice.unwrap_err().contains("unix:/a.sock is given twice"));
     }
 
     #[test]

@@ -568,7 +568,7 @@ mod tests {
         let (run, file) = with_file(FULL, &[]).unwrap();
         assert_eq!(run.workers, Some(3));
         assert_eq!(run.listen.len(), 2);
-        assert!(run.listen[1].is_udp());
+        assert_eq!(run.listen[1].to_string(), "udp://127.0.0.1:5353");
         assert_eq!(run.strategy, Some(crate::kernel::Strategy::Hash));
         assert!(run.require_ebpf);
         assert!(!run.no_seccomp);

@@ -9,6 +9,7 @@ use cluster_lb_worker::ListenAddr;
 
 use super::{
     sockets::{self, ListenError, Stack},
+    unix_listens::{Problem, UnixListenError, UnixListens},
     Balancer, OldInstance, Strategy, Unavailable,
 };
 use serde::{Deserialize, Serialize};
@@ -41,6 +42,8 @@ pub enum GroupError {
     EbpfRequired(Unavailable),
     #[error("{addr}: {detail}")]
     Kernel { addr: ListenAddr, detail: String },
+    #[error(transparent)]
+    Unix(#[from] UnixListenError),
 }
 
 impl GroupError {
@@ -48,6 +51,7 @@ impl GroupError {
     pub fn errno(&self) -> i32 {
         match self {
             GroupError::Listen(error) => error.errno(),
+            GroupError::Unix(error) => error.errno(),
             _ => libc::EINVAL,
         }
     }
@@ -61,6 +65,8 @@ pub struct Groups {
     require_ebpf: bool,
     /// Set once loading failed: every group then runs without a program.
     fell_back: bool,
+    /// The Unix-socket listens: no group and no program, one socket all workers share.
+    unix: UnixListens,
 }
 
 impl Groups {
@@ -77,6 +83,7 @@ impl Groups {
             strategy,
             require_ebpf,
             fell_back: false,
+            unix: UnixListens::default(),
         };
         for addr in listen {
             groups.create(*addr, Stack::System)?;
@@ -100,6 +107,7 @@ impl Groups {
             // never learn of a new worker: a program that does not load is an error here.
             require_ebpf: !fell_back,
             fell_back,
+            unix: UnixListens::default(),
         };
         for state in states {
             let index = groups.create(state.addr, state.stack())?;
@@ -193,6 +201,17 @@ impl Groups {
         self.groups.iter().map(|g| g.addr).collect()
     }
 
+    /// Every address and path listened on, as `status` and the log name them (a path as
+    /// `unix:PATH`, as `--listen` takes it).
+    pub fn listen_names(&self) -> Vec<String> {
+        let paths = self.unix.paths().map(|p| format!("unix:{}", p.display()));
+        self.groups
+            .iter()
+            .map(|g| g.addr.to_string())
+            .chain(paths)
+            .collect()
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &Group> {
         self.groups.iter()
     }
@@ -284,11 +303,40 @@ impl Groups {
         Ok(self.groups.len() - 1)
     }
 
-    /// New sockets in `slot` for every `--listen` address, in order, for socket activation.
+    /// New sockets in `slot` for every `--listen` address, in order, for socket activation,
+    /// then a copy of each `--listen unix:` path's socket.
     pub fn open_activated(&mut self, slot: u32) -> Result<Vec<OwnedFd>, GroupError> {
-        (0..self.activated)
+        let mut sockets = (0..self.activated)
             .map(|index| Self::open_in(&mut self.groups[index], slot))
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        for listen in self.unix.activated() {
+            let copy = listen.socket().map_err(|e| UnixListenError {
+                path: listen.path.clone(),
+                problem: Problem::Io(e),
+            })?;
+            sockets.push(copy);
+        }
+        Ok(sockets)
+    }
+
+    /// Adds the Unix-socket listens (`--listen unix:`, or those an older binary held).
+    pub fn with_unix(mut self, unix: UnixListens) -> Groups {
+        self.unix = unix;
+        self
+    }
+
+    pub fn unix(&self) -> &UnixListens {
+        &self.unix
+    }
+
+    pub fn unix_mut(&mut self) -> &mut UnixListens {
+        &mut self.unix
+    }
+
+    /// Whether any `--listen` was given (an address or a path): then the workers may listen
+    /// only on those.
+    pub fn any_listen(&self) -> bool {
+        self.activated > 0 || !self.unix.activated().is_empty()
     }
 
     /// A new socket in `slot` for `addr`, creating its group on first use. Port 0 makes a new

@@ -11,6 +11,7 @@ pub mod slots;
 mod sock_layout;
 pub mod sockets;
 mod unavailable;
+pub mod unix_listens;
 
 use std::{
     fmt,

@@ -100,6 +100,9 @@ pub struct Config {
     /// `-w` was given: it decides how many workers run, not the program's primary.
     pub workers_given: bool,
     pub listen: Vec<ListenAddr>,
+    /// `--listen unix:PATH`: one socket per path, shared by all workers (their fds follow the
+    /// addresses' in socket activation).
+    pub listen_unix: Vec<std::path::PathBuf>,
     pub strategy: Strategy,
     pub require_ebpf: bool,
     pub timing: Timing,
@@ -203,6 +206,7 @@ impl Config {
             workers,
             workers_given: true,
             listen: Vec::new(),
+            listen_unix: Vec::new(),
             strategy: Strategy::RoundRobin,
             require_ebpf: false,
             timing: Timing {

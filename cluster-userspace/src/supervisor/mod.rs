@@ -65,13 +65,16 @@ pub(crate) use status::fixture;
 pub use status::{ClusterStatus, WorkerStatus};
 pub use workers::js_number;
 pub use workers::StartError;
-use workers::{ChannelEvent, Heard, Launch, Protocol, Start, Workers};
+use workers::{ChannelEvent, Heard, Launch, Protocol, QueryPolicy, Start, Workers};
 
+pub use crate::{kernel::Strategy, protocol::nodejs::detect::NodeMode};
 use crate::{
-    kernel::groups::{GroupError, Groups},
+    kernel::{
+        groups::{GroupError, Groups},
+        unix_listens::{Owner, UnixListens},
+    },
     protocol::nodejs::detect::{self, Verdict},
 };
-pub use crate::{kernel::Strategy, protocol::nodejs::detect::NodeMode};
 
 /// Why a supervisor could not start.
 #[derive(Debug, thiserror::Error)]
@@ -135,7 +138,12 @@ impl Supervisor {
         for addr in &config.listen {
             former::claim(*addr, config.timing.grace)?;
         }
-        let groups = Groups::new(&config.listen, config.strategy, config.require_ebpf)?;
+        let owner = config.credentials.as_ref().map(|c| Owner {
+            uid: c.uid,
+            gid: c.gid,
+        });
+        let groups = Groups::new(&config.listen, config.strategy, config.require_ebpf)?
+            .with_unix(UnixListens::new(&config.listen_unix, owner).map_err(GroupError::from)?);
         let (inbox, feeds) = Inbox::new(signals, checks::CHECK_EVERY, Some(health::SAMPLE_EVERY));
         let senders = notify::Senders::of(config.credentials.as_ref());
         let notify =
@@ -259,16 +267,12 @@ impl Supervisor {
             }
         }
         self.stop_all_orphans().await;
+        self.groups.unix().remove_files();
         log::info!("all workers stopped");
     }
 
     fn log_start(&self) {
-        let addresses: Vec<String> = self
-            .groups
-            .addresses()
-            .iter()
-            .map(|a| a.to_string())
-            .collect();
+        let addresses = self.groups.listen_names();
         log::info!(
             "starting {} workers of {}{} on {} (strategy {})",
             self.lifecycle.wanted(),
@@ -557,8 +561,11 @@ impl Supervisor {
                 Some(Input::Leaving { pid, why })
             }
             Heard::Query(query) => {
-                let low_ports = self.config.credentials.is_none() || self.config.allow_low_ports;
-                self.workers.answer(pid, query, &mut self.groups, low_ports);
+                let policy = QueryPolicy {
+                    low_ports: self.config.credentials.is_none() || self.config.allow_low_ports,
+                    own_paths: self.config.credentials.is_none(),
+                };
+                self.workers.answer(pid, query, &mut self.groups, policy);
                 None
             }
             Heard::ReadsRole => {

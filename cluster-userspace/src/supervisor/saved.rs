@@ -18,7 +18,10 @@ use cluster_lb_worker::ListenAddr;
 use super::lifecycle::Snapshot;
 use crate::protocol::nodejs::{primary::ForkSpec, AddressType};
 pub use crate::{
-    kernel::groups::{SavedGroup, SavedMaps, SlotCounters},
+    kernel::{
+        groups::{SavedGroup, SavedMaps, SlotCounters},
+        unix_listens::SavedUnixListen,
+    },
     sys::fds::Inherited,
 };
 
@@ -59,6 +62,9 @@ pub struct State {
     /// binary: none ran).
     #[serde(default)]
     pub program: SavedProgram,
+    /// The Unix-socket listens (absent from an older binary: none).
+    #[serde(default)]
+    pub unix: Vec<SavedUnixListen>,
 }
 
 /// The program's primary (a Node program's primary branch), as an older binary held it.
@@ -113,6 +119,9 @@ pub enum ChannelState {
         seq: u64,
         listens: Vec<(String, ListenAddr)>,
         next_key: u64,
+        /// Its listens on Unix-socket paths, by key (absent from an older binary: none).
+        #[serde(default)]
+        paths: Vec<(String, std::path::PathBuf)>,
     },
 }
 
@@ -198,6 +207,7 @@ impl State {
             all.extend(group.maps.sockets);
             all.extend(group.maps.stats);
         }
+        all.extend(self.unix.iter().map(|listen| listen.socket));
         if let Some(primary) = &self.program.process {
             all.extend([primary.channel, primary.requests]);
             all.extend(primary.stdout);

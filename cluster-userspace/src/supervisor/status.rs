@@ -147,12 +147,7 @@ impl Supervisor {
             version: crate::version::version().to_string(),
             uptime_s: self.origin.started.elapsed().as_secs_f64(),
             strategy: self.groups.strategy_in_effect().to_string(),
-            listen: self
-                .groups
-                .addresses()
-                .iter()
-                .map(ToString::to_string)
-                .collect(),
+            listen: self.groups.listen_names(),
             desired: self.lifecycle.wanted(),
             wanted_ids: self.lifecycle.wanted_ids().collect(),
             program_primary: self

@@ -156,6 +156,7 @@ impl Supervisor {
             metrics: self.kept.metrics,
             requester: requester.and_then(Inherited::of),
             program,
+            unix: self.groups.unix().saved(),
         })
     }
 
@@ -203,6 +204,26 @@ pub fn check_takeover(config: &super::Config, state: &State) -> Result<(), Strin
             "the command line now listens on [{}] but the cluster runs on [{}]; an upgrade keeps the addresses (restore them, or restart the cluster)",
             show(&config.listen),
             show(&running)
+        ));
+    }
+    let paths: Vec<_> = state
+        .unix
+        .iter()
+        .filter(|listen| listen.activated)
+        .map(|listen| listen.path.clone())
+        .collect();
+    if paths != config.listen_unix {
+        let show = |paths: &[std::path::PathBuf]| {
+            paths
+                .iter()
+                .map(|p| format!("unix:{}", p.display()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return Err(format!(
+            "the command line now listens on [{}] but the cluster runs on [{}]; an upgrade keeps the socket paths (restore them, or restart the cluster)",
+            show(&config.listen_unix),
+            show(&paths)
         ));
     }
     let strategy: crate::kernel::Strategy = state

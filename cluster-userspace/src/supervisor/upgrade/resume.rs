@@ -14,7 +14,11 @@ use super::{
     Kept,
 };
 use crate::{
-    kernel::{groups::Groups, Strategy},
+    kernel::{
+        groups::{GroupError, Groups},
+        unix_listens::UnixListens,
+        Strategy,
+    },
     supervisor::{
         checks::CHECK_EVERY,
         inbox::Inbox,
@@ -54,7 +58,8 @@ impl Supervisor {
         // Every worker's sockets, by slot, taken from the workers themselves: the old
         // primary held none of them.
         let sockets = worker_sockets(&state);
-        let groups = Groups::resume(&state.groups, strategy, state.fell_back)?;
+        let unix = UnixListens::resume(&state.unix).map_err(GroupError::from)?;
+        let groups = Groups::resume(&state.groups, strategy, state.fell_back)?.with_unix(unix);
         let (inbox, feeds) = Inbox::new(
             signals,
             CHECK_EVERY,

@@ -32,7 +32,7 @@ use heard::Said;
 pub use heard::{Busy, Heard, Query};
 use messages::Drops;
 use nodejs::{NodeConversation, NodeGroups};
-pub use queries::{Claims, Sockets};
+pub use queries::{Claims, QueryPolicy, Sockets};
 
 use super::{
     launch::{
@@ -342,7 +342,10 @@ impl Workers {
             slot,
             ..Claims::default()
         };
-        for (socket, addr) in sockets.iter().zip(groups.addresses()) {
+        // The addresses' sockets come first; the Unix paths' copies after them are shared and
+        // not the worker's own, so they are not claimed.
+        let addresses = groups.addresses().into_iter().take(groups.activated());
+        for (socket, addr) in sockets.iter().zip(addresses) {
             claims.record(addr, socket);
         }
         // The worker has its copies now; ours close here, so a dead worker's socket closes
@@ -435,10 +438,11 @@ impl Workers {
                 seq,
                 listens,
                 next_key,
+                paths,
             } => socket.take().and_then(|fd| {
                 match self.open_channel(Protocol::Node, fd, pid, false) {
                     Ok(WorkerChannel::Node(node)) => Some(WorkerChannel::Node(
-                        NodeConversation::resume(node, *seq, listens, *next_key),
+                        NodeConversation::resume(node, *seq, listens, paths, *next_key),
                     )),
                     _ => None,
                 }
@@ -490,13 +494,12 @@ impl Workers {
         }
     }
 
-    /// Answers the worker's request for a socket, from `groups` (`low_ports`: whether a port
-    /// below 1024 may be given).
-    pub fn answer(&mut self, pid: Pid, query: Query, groups: &mut Groups, low_ports: bool) {
+    /// Answers the worker's request for a socket, from `groups`, under `policy`.
+    pub fn answer(&mut self, pid: Pid, query: Query, groups: &mut Groups, policy: QueryPolicy) {
         let Some(worker) = self.table.get_mut(&pid) else {
             return;
         };
-        let mut sockets = Sockets { groups, low_ports };
+        let mut sockets = Sockets { groups, policy };
         match (&mut worker.channel, query) {
             (
                 WorkerChannel::ClusterLb(ipc),

@@ -8,6 +8,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd, OwnedFd},
+    path::PathBuf,
 };
 
 use cluster_lb_worker::{ListenAddr, Transport};
@@ -42,6 +43,8 @@ pub struct NodeConversation {
     seq: u64,
     /// Its open listens, by the key we gave each.
     listens: BTreeMap<String, ListenAddr>,
+    /// Its open listens on Unix-socket paths, by key.
+    paths: BTreeMap<String, PathBuf>,
     next_key: u64,
     /// It was asked to disconnect, or said it does: no `queryServer` is answered any more (as
     /// Node's primary does), since a socket arriving after its channel closed kills it.
@@ -61,6 +64,7 @@ impl NodeConversation {
             channel: NodeChannel::start(fd, pid, sink, budget, max_message)?,
             seq: 0,
             listens: BTreeMap::new(),
+            paths: BTreeMap::new(),
             next_key: 0,
             leaving: false,
         })
@@ -71,10 +75,12 @@ impl NodeConversation {
         mut conversation: NodeConversation,
         seq: u64,
         listens: &[(String, ListenAddr)],
+        paths: &[(String, PathBuf)],
         next_key: u64,
     ) -> NodeConversation {
         conversation.seq = seq;
         conversation.listens = listens.iter().cloned().collect();
+        conversation.paths = paths.iter().cloned().collect();
         conversation.next_key = next_key;
         conversation
     }
@@ -111,12 +117,21 @@ impl NodeConversation {
                 );
                 Heard::Listening(address, Some(message))
             }
-            FromWorker::Close { key } => match self.listens.remove(&key) {
-                // While draining, closing is what it was asked to do; otherwise it no longer
-                // serves an address it is in the group of.
-                Some(closed) => Heard::Leaving(Departure::ListenerClosed(closed.to_string())),
-                None => Heard::Nothing,
-            },
+            FromWorker::Close { key } => {
+                let closed = match self.listens.remove(&key) {
+                    Some(addr) => Some(addr.to_string()),
+                    None => self
+                        .paths
+                        .remove(&key)
+                        .map(|p| format!("unix:{}", p.display())),
+                };
+                match closed {
+                    // While draining, closing is what it was asked to do; otherwise it no
+                    // longer serves an address it is in the group of.
+                    Some(closed) => Heard::Leaving(Departure::ListenerClosed(closed)),
+                    None => Heard::Nothing,
+                }
+            }
             FromWorker::ExitedAfterDisconnect { seq } => {
                 self.leaving = true;
                 let ack = ToWorker::Ack {
@@ -215,6 +230,11 @@ impl NodeConversation {
                 seq: self.seq,
                 listens: self.listens.iter().map(|(k, a)| (k.clone(), *a)).collect(),
                 next_key: self.next_key,
+                paths: self
+                    .paths
+                    .iter()
+                    .map(|(k, p)| (k.clone(), p.clone()))
+                    .collect(),
             },
             None => ChannelState::Closed,
         })
@@ -241,7 +261,7 @@ impl NodeConversation {
         self.next_key += 1;
         let seq = self.next_seq();
         let sent = match outcome {
-            Ok((addr, socket)) => {
+            Ok((Listened::Address(addr), socket)) => {
                 claims.record(addr, &socket);
                 self.listens.insert(key.clone(), addr);
                 let reply = ToWorker::Handle {
@@ -250,6 +270,18 @@ impl NodeConversation {
                     key,
                     data: shared.server_data(addr, &query.data),
                     udp: addr.is_udp(),
+                };
+                self.channel.send_handle(reply, socket)
+            }
+            // A path's socket is shared, not the worker's own: not claimed.
+            Ok((Listened::Path(path), socket)) => {
+                self.paths.insert(key.clone(), path);
+                let reply = ToWorker::Handle {
+                    ack: query.seq,
+                    seq,
+                    key,
+                    data: query.data.clone(),
+                    udp: false,
                 };
                 self.channel.send_handle(reply, socket)
             }
@@ -274,6 +306,14 @@ impl NodeConversation {
     }
 }
 
+/// What a listen was given a socket for.
+enum Listened {
+    /// A port: the worker's own socket in the address's reuseport group.
+    Address(ListenAddr),
+    /// A Unix-socket path: a copy of the one socket every worker shares.
+    Path(PathBuf),
+}
+
 /// The socket for a Node listen, or why not.
 fn socket_for(
     pid: Pid,
@@ -281,24 +321,39 @@ fn socket_for(
     claims: &mut Claims,
     sockets: &mut Sockets<'_>,
     shared: &mut NodeGroups,
-) -> Result<(ListenAddr, OwnedFd), Refusal> {
-    let (addr, socket) = match query.address_type {
+) -> Result<(Listened, OwnedFd), Refusal> {
+    let (listened, socket) = match query.address_type {
         AddressType::Pipe => {
-            return Err(Refusal::new(
-                libc::EINVAL,
-                "cluster-lb balances TCP ports, not Unix-socket paths",
-            ))
+            // Node makes the path absolute in the worker.
+            let path = query
+                .address
+                .as_deref()
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+                .ok_or_else(|| Refusal::new(libc::EINVAL, "no absolute socket path"))?;
+            let socket = sockets.unix(claims, &path)?;
+            (Listened::Path(path), socket)
         }
         AddressType::Fd => {
             // listen({ fd: N }): the worker's own fd N, which must be one of the sockets it was
-            // given by socket activation (3, 4, ...).
+            // given by socket activation (3, 4, ...: the addresses', then the paths').
             let fd = query.fd.unwrap_or(-1);
-            let index = usize::try_from(fd - 3)
-                .ok()
-                .filter(|i| *i < sockets.groups.activated());
+            let index = usize::try_from(fd - 3).ok();
+            let addresses = sockets.groups.activated();
+            let paths = sockets.groups.unix().activated();
             match index {
-                Some(index) => sockets.activated(pid, index)?,
-                None => {
+                Some(index) if index < addresses => {
+                    let (addr, socket) = sockets.activated(pid, index)?;
+                    (Listened::Address(addr), socket)
+                }
+                Some(index) if index - addresses < paths.len() => {
+                    let path = paths[index - addresses].path.clone();
+                    let socket = sockets
+                        .activated_unix(index - addresses)
+                        .unwrap_or_else(|| Err(Refusal::new(libc::EINVAL, "no such path")))?;
+                    (Listened::Path(path), socket)
+                }
+                _ => {
                     return Err(Refusal::new(
                         libc::EINVAL,
                         format!("fd {fd} is not one of the sockets cluster-lb passed (LISTEN_FDS)"),
@@ -307,14 +362,15 @@ fn socket_for(
             }
         }
         AddressType::Tcp4 | AddressType::Tcp6 | AddressType::Udp4 | AddressType::Udp6 => {
-            port_socket(pid, query, claims, sockets, shared)?
+            let (addr, socket) = port_socket(pid, query, claims, sockets, shared)?;
+            (Listened::Address(addr), socket)
         }
     };
     // Node needs a non-blocking listener: libuv never sets O_NONBLOCK on a descriptor it is
     // given, and Node 16/18 then block their whole event loop in accept().
     crate::sys::fds::set_nonblocking(socket.as_fd())
         .map_err(|e| Refusal::new(libc::EINVAL, e.to_string()))?;
-    Ok((addr, socket))
+    Ok((listened, socket))
 }
 
 /// The socket for a listen on a port (TCP or UDP).
@@ -346,7 +402,7 @@ fn port_socket(
     if let Some(index) = sockets.groups.activated_index(transport, ip, port) {
         return sockets.activated(pid, index);
     }
-    if sockets.groups.activated() > 0 {
+    if sockets.groups.any_listen() {
         return Err(Refusal::new(
             libc::EACCES,
             "not one of the --listen addresses this cluster was started with",

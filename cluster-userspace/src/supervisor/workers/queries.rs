@@ -7,13 +7,14 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     os::fd::{AsRawFd, OwnedFd},
+    path::Path,
 };
 
 use cluster_lb_worker::ListenAddr;
 use nix::unistd::Pid;
 
 use crate::{
-    kernel::{groups::Groups, sockets::Stack},
+    kernel::{groups::Groups, sockets::Stack, unix_listens::UnixListen},
     sys,
 };
 
@@ -61,11 +62,20 @@ impl Claims {
     }
 }
 
+/// What the workers may ask the primary for beyond the `--listen` addresses.
+#[derive(Clone, Copy, Debug)]
+pub struct QueryPolicy {
+    /// Ports below 1024: the workers run as the primary's user, or --allow-low-ports.
+    pub low_ports: bool,
+    /// Unix-socket paths: the workers run as the primary's user, so the primary binds no path
+    /// they could not bind themselves (a --user worker must have its path named by --listen).
+    pub own_paths: bool,
+}
+
 /// Where a worker's socket comes from: the groups, under the cluster's policy.
 pub struct Sockets<'a> {
     pub groups: &'a mut Groups,
-    /// Ports below 1024 may be asked for: the workers run as root, or --allow-low-ports.
-    pub low_ports: bool,
+    pub policy: QueryPolicy,
 }
 
 impl Sockets<'_> {
@@ -85,13 +95,15 @@ impl Sockets<'_> {
             ));
         }
         let port = addr.socket_addr().port();
-        if port != 0 && port < 1024 && !self.low_ports {
+        if port != 0 && port < 1024 && !self.policy.low_ports {
             return Err(Refusal::new(
                 libc::EACCES,
                 format!("port {port} is below 1024, which the --user workers could not bind themselves; name the address with --listen (or pass --allow-low-ports)"),
             ));
         }
-        if !self.groups.contains(addr) && self.groups.queried() >= MAX_QUERY_GROUPS {
+        if !self.groups.contains(addr)
+            && self.groups.queried() + self.groups.unix().queried() >= MAX_QUERY_GROUPS
+        {
             return Err(Refusal::new(
                 libc::EACCES,
                 format!("the workers asked for {MAX_QUERY_GROUPS} addresses already, the most one cluster serves without --listen"),
@@ -103,6 +115,62 @@ impl Sockets<'_> {
             .map_err(|e| Refusal::new(e.errno(), e.to_string()))?;
         claims.record(addr, &socket);
         Ok((addr, socket))
+    }
+
+    /// A copy of the socket listening on the Unix path `path`: a `--listen unix:` path, or,
+    /// when none was given and the policy allows it, one bound for the first worker that asks.
+    pub fn unix(&mut self, claims: &mut Claims, path: &Path) -> Result<OwnedFd, Refusal> {
+        claims.queries += 1;
+        if claims.queries > MAX_QUERIES_PER_WORKER {
+            return Err(Refusal::new(
+                libc::EACCES,
+                format!("more than {MAX_QUERIES_PER_WORKER} listen requests from one worker"),
+            ));
+        }
+        let copy = |listen: &UnixListen| {
+            listen
+                .socket()
+                .map_err(|e| Refusal::new(e.raw_os_error().unwrap_or(libc::EINVAL), e.to_string()))
+        };
+        let unix = self.groups.unix();
+        if let Some(listen) = unix.find(path) {
+            return copy(listen);
+        }
+        if self.groups.any_listen() {
+            return Err(Refusal::new(
+                libc::EACCES,
+                "not one of the --listen addresses this cluster was started with",
+            ));
+        }
+        if !self.policy.own_paths {
+            return Err(Refusal::new(
+                libc::EACCES,
+                format!("the --user workers ask for a Unix socket the primary would bind with its own privileges; name it with --listen unix:{}", path.display()),
+            ));
+        }
+        if self.groups.queried() + unix.queried() >= MAX_QUERY_GROUPS {
+            return Err(Refusal::new(
+                libc::EACCES,
+                format!("the workers asked for {MAX_QUERY_GROUPS} addresses already, the most one cluster serves without --listen"),
+            ));
+        }
+        let listen = self
+            .groups
+            .unix_mut()
+            .add(path, None)
+            .map_err(|e| Refusal::new(e.errno(), e.to_string()))?;
+        copy(listen)
+    }
+
+    /// A copy of the socket of the `index`th `--listen unix:` path, which the worker got at
+    /// fd `3 + index + the number of --listen addresses`.
+    pub fn activated_unix(&self, index: usize) -> Option<Result<OwnedFd, Refusal>> {
+        let listen = self.groups.unix().activated().get(index)?;
+        Some(
+            listen
+                .socket()
+                .map_err(|e| Refusal::new(libc::EINVAL, e.to_string())),
+        )
     }
 
     /// The socket worker `pid` got as fd `3 + index` by socket activation, fetched from the
