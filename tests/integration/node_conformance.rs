@@ -129,9 +129,6 @@ const FILES: &[&str] = &[
     "sequential/test-cluster-send-handle-large-payload.js",
 ];
 
-/// Why a file uses a Unix socket path (common.PIPE, or a path of its own).
-const UNIX_SOCKET: &str =
-    "listens on a Unix-socket path: cluster-lb balances TCP and UDP ports, not Unix sockets";
 /// Why a file passes a handle with worker.send() or process.send().
 const HANDLE: &str = "sends a socket with worker.send(message, handle): each cluster-lb worker \
                       has its own listening socket, and the channel carries no handles";
@@ -152,9 +149,7 @@ const BY_DESIGN: &[(&str, &str)] = &[
         "bind({ fd }) names a descriptor of the primary's process, which cluster-lb (another \
          process) does not have",
     ),
-    ("parallel/test-cluster-eaccess.js", UNIX_SOCKET),
     ("parallel/test-cluster-fork-stdio.js", EXTRA_STDIO),
-    ("parallel/test-cluster-http-pipe.js", UNIX_SOCKET),
     (
         "parallel/test-cluster-net-listen-backlog.js",
         "checks the backlog Node's primary listens with for round robin: under cluster-lb the \
@@ -162,11 +157,14 @@ const BY_DESIGN: &[(&str, &str)] = &[
     ),
     (
         "parallel/test-cluster-net-listen-relative-path.js",
-        UNIX_SOCKET,
+        "expects a Unix socket's file gone once its only worker exits: cluster-lb's primary keeps \
+         the socket and its file until the cluster stops, so connections wait through restarts",
     ),
     (
         "parallel/test-cluster-net-server-drop-connection.js",
-        UNIX_SOCKET,
+        "counts on Node's primary handing each connection of a Unix socket to a worker below its \
+         maxConnections: under cluster-lb the workers share the socket's accept queue (the \
+         kernel has no reuseport group for Unix sockets)",
     ),
     ("parallel/test-cluster-send-deadlock.js", HANDLE),
     (

@@ -23,9 +23,10 @@ use crate::sys::fds::Inherited;
 
 /// Accept queue length asked for, as for the TCP listeners.
 const BACKLOG: i32 = 4096;
-/// The socket file's mode: its owner and group may connect (a proxy such as nginx joins the
-/// group), nobody else.
-const MODE: u32 = 0o660;
+/// A `--listen unix:` socket file's mode: its owner and group may connect (a proxy such as
+/// nginx joins the group), nobody else. A path a Node worker asks for keeps the mode bind gives
+/// it (the primary's umask), as under Node's own primary.
+pub const LISTED_MODE: u32 = 0o660;
 
 /// Who owns the socket files: the `--user` the workers run as, so that they (and Node's
 /// `readableAll`/`writableAll`, a chmod in the worker) may change them.
@@ -91,8 +92,12 @@ pub struct UnixListen {
 
 impl UnixListen {
     /// Binds `path` (replacing a stale socket file there), listens, and gives the file to
-    /// `owner` with mode 0660.
-    pub fn bind(path: &Path, owner: Option<Owner>) -> Result<UnixListen, UnixListenError> {
+    /// `owner` with `mode`, if given.
+    pub fn bind(
+        path: &Path,
+        owner: Option<Owner>,
+        mode: Option<u32>,
+    ) -> Result<UnixListen, UnixListenError> {
         let error = |problem| UnixListenError {
             path: path.to_path_buf(),
             problem,
@@ -100,9 +105,8 @@ impl UnixListen {
         let io_error = |e: io::Error| error(Problem::Io(e));
         remove_stale(path).map_err(error)?;
         let socket = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None).map_err(io_error)?;
-        socket
-            .bind(&SockAddr::unix(path).map_err(io_error)?)
-            .map_err(io_error)?;
+        let (address, _dir) = socket_address(path).map_err(io_error)?;
+        socket.bind(&address).map_err(io_error)?;
         let bound = std::fs::symlink_metadata(path).map_err(io_error)?;
         let listen = UnixListen {
             path: path.to_path_buf(),
@@ -114,7 +118,9 @@ impl UnixListen {
             if let Some(owner) = owner {
                 std::os::unix::fs::lchown(path, Some(owner.uid), Some(owner.gid))?;
             }
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(MODE))?;
+            if let Some(mode) = mode {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+            }
             let socket = socket2::SockRef::from(&listen.socket);
             socket.listen(BACKLOG)
         };
@@ -128,6 +134,19 @@ impl UnixListen {
     /// A copy of the listening socket, for a worker.
     pub fn socket(&self) -> io::Result<OwnedFd> {
         self.socket.try_clone()
+    }
+
+    /// Lets everyone read and/or write the socket file (Node's `readableAll` and
+    /// `writableAll`, which add those bits as libuv's uv_pipe_chmod does), if the path is still
+    /// the file this listen bound.
+    pub fn allow_all(&self, readable: bool, writable: bool) -> io::Result<()> {
+        let wanted = if readable { 0o444 } else { 0 } | if writable { 0o222 } else { 0 };
+        let now = std::fs::symlink_metadata(&self.path)?;
+        if wanted == 0 || (now.dev(), now.ino()) != self.file || now.mode() & wanted == wanted {
+            return Ok(());
+        }
+        let mode = (now.mode() | wanted) & 0o7777;
+        std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(mode))
     }
 
     /// Removes the socket file, if the path is still the one this listen bound.
@@ -186,7 +205,8 @@ fn remove_stale(path: &Path) -> Result<(), Problem> {
     }
     let probe = Socket::new(Domain::UNIX, Type::STREAM.cloexec().nonblocking(), None)
         .map_err(Problem::Io)?;
-    match probe.connect(&SockAddr::unix(path).map_err(Problem::Io)?) {
+    let (address, _dir) = socket_address(path).map_err(Problem::Io)?;
+    match probe.connect(&address) {
         // Connected, or its queue is full (EAGAIN): a live server.
         Ok(()) => Err(Problem::InUse),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(Problem::InUse),
@@ -202,6 +222,29 @@ fn remove_stale(path: &Path) -> Result<(), Problem> {
     }
 }
 
+/// The longest path a socket address holds (`sun_path` is 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// The socket address of `path`. A longer path than a socket address holds is reached through
+/// its directory, opened (the second value, to keep open while the address is used), as
+/// `/proc/self/fd/N/NAME`: Node's primary shortens such a path (relative to its directory).
+fn socket_address(path: &Path) -> io::Result<(SockAddr, Option<std::fs::File>)> {
+    if path.as_os_str().len() <= MAX_SOCKET_PATH {
+        return Ok((SockAddr::unix(path)?, None));
+    }
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    };
+    let dir = std::fs::File::open(dir)?;
+    let short = Path::new("/proc/self/fd")
+        .join(std::os::fd::AsRawFd::as_raw_fd(&dir).to_string())
+        .join(name);
+    if short.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    Ok((SockAddr::unix(short)?, Some(dir)))
+}
+
 /// The cluster's Unix listens: the `--listen` paths first (their sockets follow the TCP and UDP
 /// ones at fds 3.. of every worker), then those the workers asked for.
 #[derive(Debug, Default)]
@@ -215,7 +258,7 @@ impl UnixListens {
     pub fn new(paths: &[PathBuf], owner: Option<Owner>) -> Result<UnixListens, UnixListenError> {
         let mut listens = UnixListens::default();
         for path in paths {
-            match UnixListen::bind(path, owner) {
+            match UnixListen::bind(path, owner, Some(LISTED_MODE)) {
                 Ok(listen) => listens.listens.push(listen),
                 Err(e) => {
                     listens.remove_files();
@@ -267,13 +310,10 @@ impl UnixListens {
         self.listens.iter().find(|l| l.path == path)
     }
 
-    /// Binds a path a worker asked for.
-    pub fn add(
-        &mut self,
-        path: &Path,
-        owner: Option<Owner>,
-    ) -> Result<&UnixListen, UnixListenError> {
-        self.listens.push(UnixListen::bind(path, owner)?);
+    /// Binds a path a worker asked for (the workers run as the primary's user, which owns it;
+    /// its mode is what bind gives it).
+    pub fn add(&mut self, path: &Path) -> Result<&UnixListen, UnixListenError> {
+        self.listens.push(UnixListen::bind(path, None, None)?);
         Ok(&self.listens[self.listens.len() - 1])
     }
 
@@ -302,10 +342,10 @@ mod tests {
     fn binds_with_mode_0660_serves_and_removes_its_file() {
         let dir = scratch("bind");
         let path = dir.join("app.sock");
-        let listen = UnixListen::bind(&path, None).expect("bind");
+        let listen = UnixListen::bind(&path, None, Some(LISTED_MODE)).expect("bind");
         let meta = std::fs::symlink_metadata(&path).expect("file");
         assert!(meta.file_type().is_socket());
-        assert_eq!(meta.mode() & 0o777, MODE);
+        assert_eq!(meta.mode() & 0o777, LISTED_MODE);
         // A copy accepts what a client sends to the path.
         let copy = std::os::unix::net::UnixListener::from(listen.socket().expect("dup"));
         let _client = std::os::unix::net::UnixStream::connect(&path).expect("connect");
@@ -321,15 +361,15 @@ mod tests {
         // A socket file whose server is gone (a killed primary's).
         drop(std::os::unix::net::UnixListener::bind(&path).expect("stale"));
         assert!(path.exists());
-        let listen = UnixListen::bind(&path, None).expect("stale replaced");
+        let listen = UnixListen::bind(&path, None, Some(LISTED_MODE)).expect("stale replaced");
         // Now a server answers there.
-        let again = UnixListen::bind(&path, None).expect_err("in use");
+        let again = UnixListen::bind(&path, None, Some(LISTED_MODE)).expect_err("in use");
         assert!(matches!(again.problem, Problem::InUse), "{again}");
         assert_eq!(again.errno(), libc::EADDRINUSE);
         listen.remove();
         let file = dir.join("data");
         std::fs::write(&file, "keep me").expect("file");
-        let refused = UnixListen::bind(&file, None).expect_err("a regular file");
+        let refused = UnixListen::bind(&file, None, None).expect_err("a regular file");
         assert!(refused.to_string().contains("is not a socket"), "{refused}");
         assert_eq!(std::fs::read_to_string(&file).expect("kept"), "keep me");
     }
@@ -338,12 +378,33 @@ mod tests {
     fn a_file_replaced_since_is_not_removed() {
         let dir = scratch("replaced");
         let path = dir.join("app.sock");
-        let listen = UnixListen::bind(&path, None).expect("bind");
+        let listen = UnixListen::bind(&path, None, Some(LISTED_MODE)).expect("bind");
         std::fs::remove_file(&path).expect("unlink");
-        let other = UnixListen::bind(&path, None).expect("another server's");
+        let other = UnixListen::bind(&path, None, Some(LISTED_MODE)).expect("another server's");
         listen.remove();
         assert!(path.exists(), "the other server's file was removed");
         other.remove();
+    }
+
+    #[test]
+    fn a_path_longer_than_a_socket_address_is_bound_through_its_directory() {
+        let dir = scratch("long").join("d".repeat(60));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("s".repeat(70));
+        assert!(path.as_os_str().len() > MAX_SOCKET_PATH);
+        let listen = UnixListen::bind(&path, None, Some(LISTED_MODE)).expect("bind");
+        assert!(std::fs::symlink_metadata(&path)
+            .expect("file")
+            .file_type()
+            .is_socket());
+        // A live server there now: the probe reaches it through the directory too.
+        let again = UnixListen::bind(&path, None, Some(LISTED_MODE)).expect_err("in use");
+        assert!(matches!(again.problem, Problem::InUse), "{again}");
+        listen.allow_all(true, true).expect("chmod");
+        let mode = std::fs::symlink_metadata(&path).expect("file").mode();
+        assert_eq!(mode & 0o777, 0o666, "0660 and everyone's read and write");
+        listen.remove();
+        assert!(!path.exists());
     }
 
     #[test]

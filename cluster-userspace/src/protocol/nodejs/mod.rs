@@ -47,6 +47,9 @@ pub struct Query {
     pub fd: Option<i64>,
     /// TCP: 1 = IPV6_V6ONLY. UDP: 1 = IPV6_V6ONLY, 4 = SO_REUSEADDR.
     pub flags: u64,
+    /// A pipe's `readableAll` and `writableAll`: everyone may read, write the socket file.
+    pub readable_all: bool,
+    pub writable_all: bool,
 }
 
 impl Query {
@@ -183,6 +186,8 @@ fn parse_query(value: &Value, act: &'static str) -> Result<Query, LineError> {
         address_type,
         fd,
         flags: value.get("flags").and_then(Value::as_u64).unwrap_or(0),
+        readable_all: value.get("readableAll").and_then(Value::as_bool) == Some(true),
+        writable_all: value.get("writableAll").and_then(Value::as_bool) == Some(true),
     })
 }
 
@@ -304,6 +309,8 @@ mod tests {
                 address_type: AddressType::Tcp4,
                 fd: None,
                 flags: 0,
+                readable_all: false,
+                writable_all: false,
             })
         );
         let FromWorker::QueryServer(udp) = parse_line(br#"{"cmd":"NODE_CLUSTER","act":"queryServer","index":0,"data":null,"address":"127.0.0.1","port":18081,"addressType":"udp4","fd":-1,"flags":0,"seq":1}"#).unwrap() else {
@@ -314,6 +321,11 @@ mod tests {
             panic!("not a query");
         };
         assert_eq!((fd.address_type, fd.fd), (AddressType::Fd, Some(3)));
+        let FromWorker::QueryServer(pipe) = parse_line(br#"{"cmd":"NODE_CLUSTER","act":"queryServer","index":0,"data":null,"address":"/tmp/a.sock","port":-1,"addressType":-1,"readableAll":true,"backlog":0,"seq":1}"#).unwrap() else {
+            panic!("not a query")
+        };
+        assert_eq!(pipe.address_type, AddressType::Pipe);
+        assert!(pipe.readable_all && !pipe.writable_all);
         let FromWorker::QueryServer(tls) = parse_line(br#"{"cmd":"NODE_CLUSTER","act":"queryServer","index":0,"data":{"ticketKeys":"ab"},"address":null,"port":18443,"addressType":4,"flags":0,"backlog":0,"seq":1}"#).unwrap() else {
             panic!("not a query");
         };

@@ -331,7 +331,7 @@ fn socket_for(
                 .map(PathBuf::from)
                 .filter(|p| p.is_absolute())
                 .ok_or_else(|| Refusal::new(libc::EINVAL, "no absolute socket path"))?;
-            let socket = sockets.unix(claims, &path)?;
+            let socket = sockets.unix(claims, &path, (query.readable_all, query.writable_all))?;
             (Listened::Path(path), socket)
         }
         AddressType::Fd => {

@@ -119,7 +119,12 @@ impl Sockets<'_> {
 
     /// A copy of the socket listening on the Unix path `path`: a `--listen unix:` path, or,
     /// when none was given and the policy allows it, one bound for the first worker that asks.
-    pub fn unix(&mut self, claims: &mut Claims, path: &Path) -> Result<OwnedFd, Refusal> {
+    pub fn unix(
+        &mut self,
+        claims: &mut Claims,
+        path: &Path,
+        (readable_all, writable_all): (bool, bool),
+    ) -> Result<OwnedFd, Refusal> {
         claims.queries += 1;
         if claims.queries > MAX_QUERIES_PER_WORKER {
             return Err(Refusal::new(
@@ -128,9 +133,13 @@ impl Sockets<'_> {
             ));
         }
         let copy = |listen: &UnixListen| {
+            let refusal = |e: std::io::Error| {
+                Refusal::new(e.raw_os_error().unwrap_or(libc::EINVAL), e.to_string())
+            };
             listen
-                .socket()
-                .map_err(|e| Refusal::new(e.raw_os_error().unwrap_or(libc::EINVAL), e.to_string()))
+                .allow_all(readable_all, writable_all)
+                .map_err(refusal)?;
+            listen.socket().map_err(refusal)
         };
         let unix = self.groups.unix();
         if let Some(listen) = unix.find(path) {
@@ -157,7 +166,7 @@ impl Sockets<'_> {
         let listen = self
             .groups
             .unix_mut()
-            .add(path, None)
+            .add(path)
             .map_err(|e| Refusal::new(e.errno(), e.to_string()))?;
         copy(listen)
     }
