@@ -111,6 +111,10 @@ pub const MAP_OPEN: &str = "CLB_OPEN";
 /// The BTF tracepoint program (tp_btf/inet_sock_set_state) that keeps [`MAP_OPEN`].
 pub const COUNTER_PROGRAM: &str = "count_connections";
 
+/// The same counter as a sock_ops program, attached to the primary's cgroup: it runs only for
+/// that cgroup's sockets. Preferred; [`COUNTER_PROGRAM`] is for hosts without cgroup v2.
+pub const COUNTER_CGROUP_PROGRAM: &str = "count_in_cgroup";
+
 /// The kernel function whose tracepoint the counter program is attached to.
 pub const COUNTER_TRACEPOINT: &str = "inet_sock_set_state";
 

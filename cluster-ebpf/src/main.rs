@@ -13,11 +13,14 @@
 #![allow(clippy::needless_borrows_for_generic_args)]
 
 use aya_ebpf::{
-    bindings::{bpf_hdr_start_off::BPF_HDR_START_NET, sk_action::SK_PASS},
+    bindings::{
+        bpf_hdr_start_off::BPF_HDR_START_NET, sk_action::SK_PASS,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+    },
     helpers::{bpf_get_prandom_u32, bpf_skb_load_bytes_relative, bpf_skc_to_tcp_sock},
-    macros::{btf_tracepoint, map, sk_reuseport},
+    macros::{btf_tracepoint, map, sk_reuseport, sock_ops},
     maps::{Array, LruHashMap, PerCpuArray, ReusePortSockArray},
-    programs::{BtfTracePointContext, SkReuseportContext},
+    programs::{BtfTracePointContext, SkReuseportContext, SockOpsContext},
 };
 use cluster_common::{
     ActiveSet, ConnKey, ConnSlot, SlotStats, SlotTable, CONFIG_ACTIVE_BUFFER, CONFIG_ENTRIES,
@@ -389,6 +392,7 @@ static SOCK_SPORT: u32 = 0;
 
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_RECV: i32 = 3;
+const TCP_FIN_WAIT1: i32 = 4;
 const TCP_CLOSE: i32 = 7;
 const AF_INET6: u16 = 10;
 
@@ -468,9 +472,73 @@ pub fn count_connections(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     // SAFETY: `sk` is a TCP socket; each offset is its field's (see above).
-    let key = unsafe { sock_key(sk) };
-    let Some(entry) = CLB_CONNECTIONS.get_ptr_mut(&key) else {
-        return 0;
+    count(&unsafe { sock_key(sk) }, opening);
+    0
+}
+
+/// The same count from a sock_ops program attached to the primary's cgroup, which holds every
+/// listener the primary creates (an accepted socket belongs to its listener's cgroup): it runs
+/// only for the sockets of that cgroup, never for another service's. It asks for state changes
+/// only on the connections it counts, and only until it stops counting one: when the worker
+/// closes it (FIN_WAIT1: done with it) or it is gone (CLOSE, after the client closed first,
+/// which still leaves the worker answering in CLOSE_WAIT).
+#[sock_ops]
+pub fn count_in_cgroup(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    let opening = op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
+    // args: the old state, the new state.
+    let closing = op == BPF_SOCK_OPS_STATE_CB
+        && (ctx.arg(1) == TCP_FIN_WAIT1 as u32 || ctx.arg(1) == TCP_CLOSE as u32);
+    if !opening && !closing {
+        return 1;
+    }
+    let key = sock_ops_key(&ctx);
+    if count(&key, opening) && opening {
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    } else if closing {
+        let _ = ctx.set_cb_flags(0);
+    }
+    1
+}
+
+/// A sock_ops socket's connection, keyed as [`connection_key`] keys it.
+#[inline(always)]
+fn sock_ops_key(ctx: &SockOpsContext) -> ConnKey {
+    // Written in u16 halves, volatile, never zeroed as a whole (see connection_key).
+    let mut key = core::mem::MaybeUninit::<ConnKey>::uninit();
+    let at = key.as_mut_ptr();
+    // SAFETY: every write is inside `key`, and each field is written before assume_init.
+    unsafe {
+        let halves = core::ptr::addr_of_mut!((*at).client).cast::<u16>();
+        let put = |index: usize, word: u32| {
+            core::ptr::write_volatile(halves.add(2 * index), word as u16);
+            core::ptr::write_volatile(halves.add(2 * index + 1), (word >> 16) as u16);
+        };
+        if ctx.family() == u32::from(AF_INET6) {
+            let v6 = ctx.remote_ip6();
+            put(0, v6[0]);
+            put(1, v6[1]);
+            put(2, v6[2]);
+            put(3, v6[3]);
+        } else {
+            put(0, 0);
+            put(1, 0);
+            put(2, 0xffff_0000);
+            put(3, ctx.remote_ip4());
+        }
+        // remote_port: the network-order port in the upper half; local_port: host order.
+        core::ptr::addr_of_mut!((*at).client_port).write(u32::from_be(ctx.remote_port()) as u16);
+        core::ptr::addr_of_mut!((*at).server_port).write(ctx.local_port() as u16);
+        key.assume_init()
+    }
+}
+
+/// Counts the connection `key` in its slot as it opens, or stops counting it as it closes;
+/// whether the sk_reuseport program placed it (only those are counted).
+#[inline(always)]
+fn count(key: &ConnKey, opening: bool) -> bool {
+    let Some(entry) = CLB_CONNECTIONS.get_ptr_mut(key) else {
+        return false;
     };
     // SAFETY: the pointer comes from the map lookup and is used at once.
     let (slot, counted) = unsafe { ((*entry).slot, (*entry).counted) };
@@ -484,9 +552,9 @@ pub fn count_connections(ctx: BtfTracePointContext) -> i32 {
         if counted != 0 {
             add_open(slot, u64::MAX);
         }
-        let _ = CLB_CONNECTIONS.remove(&key);
+        let _ = CLB_CONNECTIONS.remove(key);
     }
-    0
+    true
 }
 
 #[inline(always)]

@@ -380,3 +380,194 @@ fn least_loaded_counts_ipv6_and_v4_mapped_clients() {
         assert!(cluster.stop().status.success());
     });
 }
+
+/// BPF_PROG_TYPE_SOCK_OPS and BPF_PROG_TYPE_TRACING (the BTF tracepoint), as fdinfo names them.
+const PROG_SOCK_OPS: u32 = 13;
+const PROG_TRACING: u32 = 26;
+
+/// Turns on the kernel's run statistics of BPF programs for as long as the descriptor is held
+/// (BPF_ENABLE_STATS, BPF_STATS_RUN_TIME).
+fn enable_bpf_stats() -> std::os::fd::OwnedFd {
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+    let attr = [0u32; 2];
+    // SAFETY: bpf(2) reads `size` bytes of `attr`, which holds them.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_ENABLE_STATS,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_ENABLE_STATS: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: the syscall returned a new descriptor that nothing else owns.
+    unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) }
+}
+
+/// Runs of the BPF programs process `pid` holds, summed by program type (its fdinfo).
+fn program_runs(pid: u32) -> BTreeMap<u32, u64> {
+    let mut runs = BTreeMap::new();
+    let dir = format!("/proc/{pid}/fdinfo");
+    for entry in std::fs::read_dir(&dir).expect("fdinfo").flatten() {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if let (Some(kind), Some(count)) = (field("prog_type:"), field("run_cnt:")) {
+            *runs.entry(kind as u32).or_insert(0) += count;
+        }
+    }
+    runs
+}
+
+/// Where this process's cgroup v2 directory is (the unified mount, or its place in a hybrid
+/// hierarchy).
+fn own_cgroup_dir() -> std::path::PathBuf {
+    let listing = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
+    let path = listing
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup v2 line")
+        .trim_start_matches('/')
+        .to_string();
+    let mount = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .into_iter()
+        .find(|m| {
+            nix::sys::statfs::statfs(*m)
+                .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+        })
+        .expect("cgroup v2 mounted");
+    std::path::Path::new(mount).join(path)
+}
+
+/// A shell script that ends by running cluster-lb (its path is `$CLB`) with the script's
+/// arguments in the same process (so the test knows the primary's pid): `body` does so.
+fn cluster_lb_script(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let script = dir.join("cluster-lb-wrapped");
+    let binary = cluster_lb_tests::workspace_binary("cluster-lb");
+    std::fs::write(
+        &script,
+        format!("#!/bin/sh\nCLB={}\n{body}\n", binary.display()),
+    )
+    .expect("wrapper");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    script
+}
+
+fn least_loaded_args(server: &str) -> Vec<&str> {
+    vec![
+        "run",
+        "-w",
+        "2",
+        "--listen",
+        "127.0.0.1:8080",
+        "--strategy",
+        "least-loaded",
+        "--",
+        server,
+    ]
+}
+
+/// Holds 4 connections: all counted, then none once closed.
+fn counts_and_uncounts(cluster: &Cluster) {
+    let to = SocketAddr::from(([127, 0, 0, 1], PORT));
+    let held: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(to).expect("connect"))
+        .collect();
+    cluster.wait_until("4 open connections counted", Duration::from_secs(5), |s| {
+        s.workers.iter().map(|w| w.open).sum::<u64>() == 4
+    });
+    drop(held);
+    cluster.wait_until("no open connection counted", Duration::from_secs(5), |s| {
+        s.workers.iter().all(|w| w.open == 0)
+    });
+}
+
+/// Least-loaded's counter is a sock_ops program on the primary's cgroup: it counts the
+/// cluster's connections and never runs for a server outside that cgroup.
+#[test]
+fn least_loaded_counts_in_its_cgroup_only() {
+    root_test("least_loaded_cgroup", || {
+        let scratch = cluster_lb_tests::ScratchDir::new("ll-cgroup");
+        let cgroup = own_cgroup_dir().join(format!("clb-test-{}", std::process::id()));
+        std::fs::create_dir_all(&cgroup).expect("creating the cluster's cgroup");
+        let wrapper = cluster_lb_script(
+            scratch.path(),
+            &format!(
+                "echo $$ > {}/cgroup.procs && exec \"$CLB\" \"$@\"",
+                cgroup.display()
+            ),
+        );
+        let server = rust_server();
+        let cluster = Cluster::start_binary(&wrapper, &least_loaded_args(&server), |_| {});
+        cluster.wait_until_ready(2);
+        let _stats = enable_bpf_stats();
+        let runs = program_runs(cluster.pid());
+        assert!(runs.contains_key(&PROG_SOCK_OPS), "{runs:?}");
+        assert!(!runs.contains_key(&PROG_TRACING), "{runs:?}");
+
+        // An unrelated server in this test's cgroup (the cluster's parent): 200 connections.
+        let unrelated = std::net::TcpListener::bind("127.0.0.1:0").expect("unrelated server");
+        let address = unrelated.local_addr().expect("its address");
+        let before = program_runs(cluster.pid())[&PROG_SOCK_OPS];
+        for _ in 0..200 {
+            let client = TcpStream::connect(address).expect("connect");
+            let (accepted, _) = unrelated.accept().expect("accept");
+            drop((client, accepted));
+        }
+        thread_sleep_for_closes();
+        let after = program_runs(cluster.pid())[&PROG_SOCK_OPS];
+        assert_eq!(
+            after, before,
+            "the counter ran for another cgroup's connections"
+        );
+
+        counts_and_uncounts(&cluster);
+        let counted = program_runs(cluster.pid())[&PROG_SOCK_OPS];
+        eprintln!(
+            "least-loaded in a cgroup: 0 runs for 200 unrelated connections, {} for 4 of the cluster's",
+            counted - after
+        );
+        assert!(counted > after);
+        assert!(cluster.stop().status.success());
+        let _ = std::fs::remove_dir(&cgroup);
+    });
+}
+
+/// The closes of the connections just made are handled by the kernel (FIN, TIME_WAIT).
+fn thread_sleep_for_closes() {
+    std::thread::sleep(Duration::from_millis(200));
+}
+
+/// Without cgroup v2 (hidden here by a mount namespace), least-loaded counts with the BTF
+/// tracepoint instead.
+#[test]
+fn without_cgroup_v2_least_loaded_counts_with_the_tracepoint() {
+    root_test("least_loaded_tracepoint", || {
+        let scratch = cluster_lb_tests::ScratchDir::new("ll-tracepoint");
+        // A mount namespace of its own, with a tmpfs over /sys/fs/cgroup (and its unified/).
+        let wrapper = cluster_lb_script(
+            scratch.path(),
+            "exec unshare -m --propagation private sh -c 'mount -t tmpfs none /sys/fs/cgroup && exec \"$0\" \"$@\"' \"$CLB\" \"$@\"",
+        );
+        let server = rust_server();
+        let cluster = Cluster::start_binary(&wrapper, &least_loaded_args(&server), |_| {});
+        cluster.wait_until_ready(2);
+        assert_eq!(cluster.status().strategy, "least-loaded");
+        let _stats = enable_bpf_stats();
+        let runs = program_runs(cluster.pid());
+        assert!(runs.contains_key(&PROG_TRACING), "{runs:?}");
+        assert!(!runs.contains_key(&PROG_SOCK_OPS), "{runs:?}");
+        counts_and_uncounts(&cluster);
+        assert!(cluster.stop().status.success());
+    });
+}

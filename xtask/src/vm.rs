@@ -52,6 +52,8 @@ const VM_TESTS: &[(&str, &[&str])] = &[
             "zero_downtime::twenty_seconds_of_kills_reloads_and_scales_end_with_every_wanted_worker_ready",
             "strategies::sticky_keeps_each_client_on_one_worker_moves_few_on_scale_and_none_on_reload",
             "strategies::least_loaded_counts_open_connections_and_avoids_a_stuck_worker",
+            "strategies::least_loaded_counts_in_its_cgroup_only",
+            "strategies::without_cgroup_v2_least_loaded_counts_with_the_tracepoint",
             "upgrade::an_upgrade_to_a_broken_binary_leaves_the_old_primary_in_charge",
             "upgrade::an_upgrade_during_a_reload_is_refused_in_one_line",
             "supervision::a_handshake_worker_is_ready_only_after_listening_and_events_come_in_order",
@@ -72,7 +74,7 @@ const PROGRAMS: &[&str] = &[
 
 /// Busybox applets the tests and /init use.
 const APPLETS: &[&str] = &[
-    "sh", "ip", "mount", "poweroff", "cat", "echo", "true", "sleep", "mkdir",
+    "sh", "ip", "mount", "poweroff", "cat", "echo", "true", "sleep", "mkdir", "unshare",
 ];
 
 const VM_TIMEOUT: Duration = Duration::from_secs(20 * 60);
@@ -436,6 +438,7 @@ fn init_script(target: &Path, tests: &[(String, PathBuf)]) -> String {
     let mut script = format!(
         "#!/bin/sh\n\
          mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
+         mount -t cgroup2 cgroup2 /sys/fs/cgroup\n\
          export PATH=/bin CI=true HOME=/tmp RUST_BACKTRACE=0 CARGO_TARGET_DIR='{}'\n\
          ip link set lo up\n\
          echo \"VM-KERNEL $(cat /proc/sys/kernel/osrelease)\"\n",

@@ -1,15 +1,127 @@
-//! The counter program of least-loaded: a BTF tracepoint program on `inet_sock_set_state` that
-//! keeps each slot's open connections. It reads the socket's fields at offsets found in the
-//! running kernel's BTF (see sock_layout), set before the verifier sees it.
+//! The counter program of least-loaded, which keeps each slot's open connections.
+//!
+//! Preferably a sock_ops program on the primary's own cgroup (v2): every listener the primary
+//! creates belongs to that cgroup, and so does every connection accepted from one, so it runs
+//! only for the cluster's sockets (and those of other processes in the same cgroup: under a
+//! systemd unit or in a container, the cluster's own). Where there is no cgroup v2 to attach
+//! to, a BTF tracepoint on `inet_sock_set_state`, which runs for every TCP state change on the
+//! host; it reads the socket's fields at offsets found in the running kernel's BTF (see
+//! sock_layout), set before the verifier sees it.
 
-use anyhow::{Context, Result};
-use aya::{programs::BtfTracePoint, Btf, Ebpf, EbpfLoader};
-use cluster_common::{sock_field, COUNTER_PROGRAM, COUNTER_TRACEPOINT};
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    sync::Once,
+};
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    programs::{BtfTracePoint, CgroupAttachMode, SockOps},
+    Btf, Ebpf, EbpfLoader,
+};
+use cluster_common::{sock_field, COUNTER_CGROUP_PROGRAM, COUNTER_PROGRAM, COUNTER_TRACEPOINT};
 
 use super::sock_layout::{self, SockLayout};
 
-/// What the counter program needs of the running kernel's BTF, read once: the socket's layout
-/// (its offsets) and the BTF itself (its attach point).
+/// Where the counter program runs.
+pub enum Hook {
+    /// A sock_ops program on this cgroup (its directory, open, and its path for the log).
+    Cgroup(File, PathBuf),
+    /// The BTF tracepoint, with what it needs of the kernel's BTF.
+    Tracepoint(KernelBtf),
+}
+
+impl Hook {
+    /// The cgroup this process is in, or else the tracepoint (with why not the cgroup, logged
+    /// once), or why neither can run here.
+    pub fn find() -> Result<Hook> {
+        match own_cgroup() {
+            Ok((dir, path)) => {
+                if path == Path::new("/") {
+                    WARN_ROOT.call_once(|| {
+                        log::warn!(
+                            "least-loaded counts connections in the cgroup cluster-lb runs in, which is the root cgroup here: every TCP connection on this host runs its counter a few times (a few instructions each); run cluster-lb in a cgroup of its own (a systemd unit, a container, systemd-run --scope) so that other services pay nothing"
+                        )
+                    });
+                }
+                Ok(Hook::Cgroup(dir, path))
+            }
+            Err(why) => {
+                let btf = KernelBtf::read()?;
+                WARN_TRACEPOINT.call_once(|| {
+                    log::warn!(
+                        "least-loaded counts connections with a tracepoint that every TCP socket on this host runs, since {why:#}"
+                    )
+                });
+                Ok(Hook::Tracepoint(btf))
+            }
+        }
+    }
+
+    /// Gives the tracepoint program `layout`'s offsets (constants to the verifier); the sock_ops
+    /// program reads its context and needs none.
+    pub fn prepare<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
+        let Hook::Tracepoint(kernel) = self else {
+            return;
+        };
+        let layout = &kernel.layout;
+        let fields = [
+            (sock_field::FAMILY, &layout.family),
+            (sock_field::DADDR, &layout.daddr),
+            (sock_field::V6_DADDR, &layout.v6_daddr),
+            (sock_field::DPORT, &layout.dport),
+            (sock_field::SPORT, &layout.sport),
+        ];
+        for (name, offset) in fields {
+            loader.override_global(name, offset, true);
+        }
+    }
+
+    /// Loads the counter program and attaches it.
+    pub fn start(&self, ebpf: &mut Ebpf) -> Result<()> {
+        match self {
+            Hook::Cgroup(dir, path) => {
+                let program: &mut SockOps = ebpf
+                    .program_mut(COUNTER_CGROUP_PROGRAM)
+                    .context("the cgroup counter program is missing from the object")?
+                    .try_into()?;
+                program
+                    .load()
+                    .context("verifying the cgroup counter program (needs CAP_BPF)")?;
+                // A BPF link (aya makes one on 5.7+, and cluster-lb's programs need 5.14): links
+                // on a cgroup always sit beside whatever else is attached there (other groups'
+                // instances included), and the kernel refuses a link with the ALLOW_MULTI flag.
+                program
+                    .attach(dir, CgroupAttachMode::Single)
+                    .with_context(|| {
+                        format!(
+                            "attaching to cgroup {} (needs CAP_NET_ADMIN)",
+                            path.display()
+                        )
+                    })?;
+            }
+            Hook::Tracepoint(kernel) => {
+                let program: &mut BtfTracePoint = ebpf
+                    .program_mut(COUNTER_PROGRAM)
+                    .context("the counter program is missing from the object")?
+                    .try_into()?;
+                program
+                    .load(COUNTER_TRACEPOINT, &kernel.btf)
+                    .context("verifying the counter program (needs CAP_BPF and CAP_PERFMON)")?;
+                program.attach().with_context(|| {
+                    format!("attaching to the {COUNTER_TRACEPOINT} tracepoint (needs CAP_PERFMON)")
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+static WARN_ROOT: Once = Once::new();
+static WARN_TRACEPOINT: Once = Once::new();
+
+/// What the tracepoint program needs of the running kernel's BTF, read once: the socket's
+/// layout (its offsets) and the BTF itself (its attach point).
 pub struct KernelBtf {
     pub layout: SockLayout,
     btf: Btf,
@@ -27,31 +139,54 @@ impl KernelBtf {
     }
 }
 
-/// Gives the counter program `layout`'s offsets (constants to the verifier).
-pub fn set_layout<'a>(loader: &mut EbpfLoader<'a>, layout: &'a SockLayout) {
-    let fields = [
-        (sock_field::FAMILY, &layout.family),
-        (sock_field::DADDR, &layout.daddr),
-        (sock_field::V6_DADDR, &layout.v6_daddr),
-        (sock_field::DPORT, &layout.dport),
-        (sock_field::SPORT, &layout.sport),
-    ];
-    for (name, offset) in fields {
-        loader.override_global(name, offset, true);
+/// Where cgroup v2 is mounted: the unified hierarchy, or its place in a hybrid one.
+const CGROUP2_MOUNTS: [&str; 2] = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"];
+
+/// This process's cgroup v2 directory, open, and its path in the hierarchy.
+fn own_cgroup() -> Result<(File, PathBuf)> {
+    let listing =
+        std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
+    let Some(path) = cgroup_v2_path(&listing) else {
+        bail!("this process is in no cgroup v2 hierarchy (/proc/self/cgroup has no 0:: line)");
+    };
+    for mount in CGROUP2_MOUNTS {
+        if !is_cgroup2(Path::new(mount)) {
+            continue;
+        }
+        let dir = Path::new(mount).join(path.strip_prefix("/").unwrap_or(&path));
+        let file = File::open(&dir).with_context(|| format!("opening {}", dir.display()))?;
+        return Ok((file, path));
     }
+    bail!("no cgroup v2 file system is mounted at {CGROUP2_MOUNTS:?}")
 }
 
-/// Loads the counter program and attaches it.
-pub fn start(ebpf: &mut Ebpf, kernel: &KernelBtf) -> Result<()> {
-    let program: &mut BtfTracePoint = ebpf
-        .program_mut(COUNTER_PROGRAM)
-        .context("the counter program is missing from the object")?
-        .try_into()?;
-    program
-        .load(COUNTER_TRACEPOINT, &kernel.btf)
-        .context("verifying the counter program (needs CAP_BPF and CAP_PERFMON)")?;
-    program.attach().with_context(|| {
-        format!("attaching to the {COUNTER_TRACEPOINT} tracepoint (needs CAP_PERFMON)")
-    })?;
-    Ok(())
+/// The path of the cgroup v2 line (`0::/system.slice/app.service`) of /proc/self/cgroup.
+fn cgroup_v2_path(listing: &str) -> Option<PathBuf> {
+    listing
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .map(|path| PathBuf::from(path.trim_end()))
+        .filter(|path| path.is_absolute())
+}
+
+fn is_cgroup2(mount: &Path) -> bool {
+    nix::sys::statfs::statfs(mount)
+        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cgroup_v2_line_names_the_path() {
+        let hybrid =
+            "12:pids:/user.slice\n1:name=systemd:/user.slice/s.scope\n0::/user.slice/s.scope\n";
+        assert_eq!(
+            cgroup_v2_path(hybrid),
+            Some(PathBuf::from("/user.slice/s.scope"))
+        );
+        assert_eq!(cgroup_v2_path("0::/\n"), Some(PathBuf::from("/")));
+        assert_eq!(cgroup_v2_path("3:cpu:/a\n"), None);
+    }
 }

@@ -161,7 +161,7 @@ impl Balancer {
             Err(LoadError::Unavailable(why)) => Err(why),
             Err(LoadError::Counter(why)) => {
                 log::warn!(
-                    "least-loaded needs connections counted by a BTF tracepoint program, which cannot run here: {why:#}; balancing by round robin instead"
+                    "least-loaded needs connections counted by a sock_ops or BTF tracepoint program, neither of which can run here: {why:#}; balancing by round robin instead"
                 );
                 Balancer::load_as(Strategy::RoundRobin).map_err(LoadError::into_unavailable)
             }
@@ -175,22 +175,22 @@ impl Balancer {
         let id = strategy
             .program_id()
             .ok_or_else(|| Unavailable::other(anyhow!("strategy 'kernel' runs no program")))?;
-        let kernel_btf = match strategy {
-            Strategy::LeastLoaded => Some(counter::KernelBtf::read().map_err(LoadError::Counter)?),
+        let hook = match strategy {
+            Strategy::LeastLoaded => Some(counter::Hook::find().map_err(LoadError::Counter)?),
             _ => None,
         };
         let mut loader = EbpfLoader::new();
         loader.override_global(GLOBAL_STRATEGY, &id, true);
-        if let Some(kernel_btf) = &kernel_btf {
-            counter::set_layout(&mut loader, &kernel_btf.layout);
+        if let Some(hook) = &hook {
+            hook.prepare(&mut loader);
         }
         let mut ebpf = loader.load(PROGRAM_OBJECT).map_err(|e| {
             LoadError::from(Unavailable::classify(
                 anyhow::Error::new(e).context("loading the eBPF object"),
             ))
         })?;
-        if let Some(kernel_btf) = &kernel_btf {
-            counter::start(&mut ebpf, kernel_btf).map_err(LoadError::Counter)?;
+        if let Some(hook) = &hook {
+            hook.start(&mut ebpf).map_err(LoadError::Counter)?;
         }
         let program: &mut SkReuseport = ebpf
             .program_mut(PROGRAM_NAME)

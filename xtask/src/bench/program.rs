@@ -126,7 +126,16 @@ pub fn measure(
             let control = scratch.join(CONTROL_SOCKET);
             // One left by a run that was killed would look like this one's.
             let _ = fs::remove_file(&control);
-            let mut primary = Command::new(cluster_lb)
+            // In a cgroup of its own, as under a systemd unit or in a container: least-loaded's
+            // counter then runs for its sockets only, and the unrelated server (this process,
+            // in the parent cgroup) shows what others pay.
+            let cgroup = own_cgroup_child("clb-bench")?;
+            let mut primary = Command::new("/bin/sh")
+                .arg("-c")
+                .arg("echo $$ > \"$1\"/cgroup.procs && shift && exec \"$@\"")
+                .arg("sh")
+                .arg(&cgroup)
+                .arg(cluster_lb)
                 .args(["run", "-w", &workers.to_string(), "-l"])
                 .arg(format!("127.0.0.1:{PORT}"))
                 .args(["-s", strategy, "--control"])
@@ -158,6 +167,27 @@ pub fn measure(
             result
         }
     }
+}
+
+/// A child cgroup (v2) of this process's own, created if missing: the unified hierarchy, or its
+/// place in a hybrid one.
+fn own_cgroup_child(name: &str) -> Result<PathBuf> {
+    let listing = fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
+    let own = listing
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("this process is in no cgroup v2 hierarchy")?
+        .trim_start_matches('/');
+    let mount = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .into_iter()
+        .find(|m| {
+            nix::sys::statfs::statfs(*m)
+                .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+        })
+        .context("no cgroup v2 file system is mounted")?;
+    let dir = Path::new(mount).join(own).join(name);
+    fs::create_dir_all(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+    Ok(dir)
 }
 
 /// Waits for cluster-lb's control socket to appear.
@@ -446,7 +476,7 @@ pub fn table(
     };
     let reference = median(of(Selector::Reference, |s| Some(s.ns_per_run)));
     let mut out = format!(
-        "## What the program costs, {workers} workers\n\n{workers} Node workers (examples/node/server.js), each on its own SO_REUSEPORT socket; wrk -t2 -c64 with `Connection: close` (a new connection per request) for {seconds} s; {rounds} rounds, interleaved. ns per run: the kernel's run_time_ns / run_cnt of the sk_reuseport program (kernel.bpf_stats_enabled=1), median (min–max) over the rounds; × reference: median over the reference's median. verified_insns: what the verifier walked. Other programs: run time of the selector's other programs (least-loaded's connection counter) per selection, and per connection to an unrelated server on the same host (2 s of sequential connections to a plain listener on the next port, after the load), with their runs per such connection (bpf_stats' own clock reads are part of every run's time).\n\n| program | ns per run | × reference | verified_insns | other programs ns per selection | other programs ns per unrelated connection | their runs per unrelated connection | conn/s |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        "## What the program costs, {workers} workers\n\n{workers} Node workers (examples/node/server.js), each on its own SO_REUSEPORT socket; wrk -t2 -c64 with `Connection: close` (a new connection per request) for {seconds} s; {rounds} rounds, interleaved. ns per run: the kernel's run_time_ns / run_cnt of the sk_reuseport program (kernel.bpf_stats_enabled=1), median (min–max) over the rounds; × reference: median over the reference's median. verified_insns: what the verifier walked. Other programs: run time of the selector's other programs (least-loaded's connection counter) per selection, and per connection to an unrelated server on the same host (2 s of sequential connections to a plain listener on the next port, after the load; cluster-lb runs in a cgroup of its own, as under a systemd unit, and the unrelated server in its parent), with their runs per such connection (bpf_stats' own clock reads are part of every run's time).\n\n| program | ns per run | × reference | verified_insns | other programs ns per selection | other programs ns per unrelated connection | their runs per unrelated connection | conn/s |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     );
     for selector in ALL {
         let runs = of(selector, |s| Some(s.ns_per_run));
