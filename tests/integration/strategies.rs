@@ -428,26 +428,6 @@ fn program_runs(pid: u32) -> BTreeMap<u32, u64> {
     runs
 }
 
-/// Where this process's cgroup v2 directory is (the unified mount, or its place in a hybrid
-/// hierarchy).
-fn own_cgroup_dir() -> std::path::PathBuf {
-    let listing = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
-    let path = listing
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .expect("a cgroup v2 line")
-        .trim_start_matches('/')
-        .to_string();
-    let mount = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
-        .into_iter()
-        .find(|m| {
-            nix::sys::statfs::statfs(*m)
-                .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
-        })
-        .expect("cgroup v2 mounted");
-    std::path::Path::new(mount).join(path)
-}
-
 /// A shell script that ends by running cluster-lb (its path is `$CLB`) with the script's
 /// arguments in the same process (so the test knows the primary's pid): `body` does so.
 fn cluster_lb_script(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
@@ -498,7 +478,9 @@ fn counts_and_uncounts(cluster: &Cluster) {
 fn least_loaded_counts_in_its_cgroup_only() {
     root_test("least_loaded_cgroup", || {
         let scratch = cluster_lb_tests::ScratchDir::new("ll-cgroup");
-        let cgroup = own_cgroup_dir().join(format!("clb-test-{}", std::process::id()));
+        let cgroup = cluster_lb_tests::own_cgroup_dir()
+            .expect("this test's cgroup")
+            .join(format!("clb-test-{}", std::process::id()));
         std::fs::create_dir_all(&cgroup).expect("creating the cluster's cgroup");
         let wrapper = cluster_lb_script(
             scratch.path(),

@@ -163,6 +163,27 @@ pub fn example(relative: &str) -> String {
         .to_string()
 }
 
+/// This process's cgroup v2 directory: under the unified mount, or under its place in a hybrid
+/// hierarchy (/sys/fs/cgroup/unified).
+pub fn own_cgroup_dir() -> Result<PathBuf> {
+    let listing =
+        std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
+    let path = listing
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("this process is in no cgroup v2 hierarchy")?
+        .trim_start_matches('/')
+        .to_string();
+    let mount = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .into_iter()
+        .find(|m| {
+            nix::sys::statfs::statfs(*m)
+                .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+        })
+        .context("no cgroup v2 file system is mounted")?;
+    Ok(Path::new(mount).join(path))
+}
+
 /// A directory of its own under the system's temporary directory, emptied at creation and
 /// removed when dropped: `clb-TAG-PID-N`.
 pub struct ScratchDir(PathBuf);

@@ -169,23 +169,9 @@ pub fn measure(
     }
 }
 
-/// A child cgroup (v2) of this process's own, created if missing: the unified hierarchy, or its
-/// place in a hybrid one.
+/// A child cgroup (v2) of this process's own, created if missing.
 fn own_cgroup_child(name: &str) -> Result<PathBuf> {
-    let listing = fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
-    let own = listing
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .context("this process is in no cgroup v2 hierarchy")?
-        .trim_start_matches('/');
-    let mount = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
-        .into_iter()
-        .find(|m| {
-            nix::sys::statfs::statfs(*m)
-                .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
-        })
-        .context("no cgroup v2 file system is mounted")?;
-    let dir = Path::new(mount).join(own).join(name);
+    let dir = cluster_lb_tests::own_cgroup_dir()?.join(name);
     fs::create_dir_all(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
     Ok(dir)
 }
