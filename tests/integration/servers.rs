@@ -59,6 +59,8 @@ enum Load {
 /// One row of the table: the command (run from the repository's root) and what to expect.
 struct Server {
     name: &'static str,
+    /// Options of `run` the row needs besides `-w` and `--listen`.
+    options: &'static [&'static str],
     command: Vec<String>,
     ready: Ready,
     load: Load,
@@ -90,6 +92,7 @@ fn python_tool(name: &str) -> Option<String> {
 fn python_stdlib() -> Option<Server> {
     Some(Server {
         name: "python-stdlib",
+        options: &[],
         // Debian's python3, as the other tests run the example (not a version manager's shim).
         command: vec![
             installed(PathBuf::from("/usr/bin/python3"))?,
@@ -104,6 +107,7 @@ fn python_stdlib() -> Option<Server> {
 fn gunicorn() -> Option<Server> {
     Some(Server {
         name: "gunicorn",
+        options: &[],
         // Plain `gunicorn`: it takes LISTEN_FDS itself (a `--bind fd://3` on top would take
         // fd 3 a second time, and every worker would die of EBADF).
         command: vec![
@@ -124,8 +128,8 @@ fn gunicorn() -> Option<Server> {
 fn uvicorn() -> Option<Server> {
     Some(Server {
         name: "uvicorn",
+        options: &["--drain-delay", "1"],
         command: vec![
-            "examples/drain-then-stop".into(),
             python_tool("uvicorn")?,
             "--app-dir".into(),
             "examples/python".into(),
@@ -137,12 +141,12 @@ fn uvicorn() -> Option<Server> {
         // On SIGTERM uvicorn closes at once every connection kept alive between requests, so
         // keep-alive clients see errors in a reload. wrk counted read errors even with
         // `Connection: close` (about 5 per 4 workers replaced, also when the SIGTERM was held
-        // back a second after the worker left rotation, with examples/drain-then-stop), while
+        // back a second after the worker left rotation, with --drain-delay), while
         // clients that open a connection per request saw none: so this row is tested with
         // those, and the README says so. Those failed too, rarely (4 resets in one reload of a
         // CI run, 2e1f7d6): uvicorn also closes on SIGTERM a connection it has accepted
-        // but whose request it has not read yet, so it runs under examples/drain-then-stop,
-        // which holds the SIGTERM back a second while the worker is out of rotation.
+        // but whose request it has not read yet, so the row runs with --drain-delay 1: the
+        // worker is out of rotation a second before it gets SIGTERM.
         load: Load::NewConnectionEachRequest,
     })
 }
@@ -150,6 +154,7 @@ fn uvicorn() -> Option<Server> {
 fn hypercorn() -> Option<Server> {
     Some(Server {
         name: "hypercorn",
+        options: &[],
         command: vec![
             python_tool("hypercorn")?,
             "--bind".into(),
@@ -166,6 +171,7 @@ fn hypercorn() -> Option<Server> {
 fn go() -> Option<Server> {
     Some(Server {
         name: "go",
+        options: &[],
         command: vec![installed(target_dir().join("go/go-server"))?],
         ready: Ready::Notify,
         // examples/go/server.go answers `Connection: close` for a second before Shutdown.
@@ -176,6 +182,7 @@ fn go() -> Option<Server> {
 fn axum() -> Option<Server> {
     Some(Server {
         name: "axum",
+        options: &[],
         command: vec![workspace_binary("axum-server").display().to_string()],
         ready: Ready::Delay,
         // axum-server answers `Connection: close` for a second before its graceful shutdown.
@@ -188,10 +195,10 @@ fn lighttpd() -> Option<Server> {
     installed(PathBuf::from("/usr/lib/lighttpd/mod_magnet.so"))?;
     Some(Server {
         name: "lighttpd",
+        // Its graceful stop is SIGINT (SIGTERM stops it at once), and even that closes
+        // connections whose request it has not read: out of rotation a second first.
+        options: &["--drain-delay", "1", "--stop-signal", "INT"],
         command: vec![
-            "examples/drain-then-stop".into(),
-            "--signal".into(),
-            "INT".into(),
             "lighttpd".into(),
             "-D".into(),
             "-f".into(),
@@ -213,6 +220,7 @@ fn start(server: &Server) -> Cluster {
         // Python server can take longer than the default 1 s delay to get there.
         args.extend(["--ready-delay", "30"]);
     }
+    args.extend_from_slice(server.options);
     args.push("--");
     args.extend(server.command.iter().map(String::as_str));
     let cluster = Cluster::start_with(&args, |command| {

@@ -586,3 +586,56 @@ fn a_reload_that_loses_both_old_and_new_worker_0_still_ends_with_two_ready_worke
         let _ = std::fs::remove_file(marker.with_extension("taken"));
     });
 }
+
+/// `--drain-delay`: a worker leaving (here, scaled down) is out of rotation at once, but asked
+/// to stop (SIGTERM for examples/python/server.py, which then exits) only after the delay.
+#[test]
+fn a_drain_delay_holds_the_stop_back_while_the_worker_is_out_of_rotation() {
+    root_test("drain_delay", || {
+        let server = example("python/server.py");
+        let cluster = Cluster::start(&[
+            "run",
+            "-w",
+            "2",
+            "--drain-delay",
+            "2",
+            "--listen",
+            ADDR,
+            "--",
+            "python3",
+            &server,
+        ]);
+        cluster.wait_until_ready(2);
+        let started = Instant::now();
+        request(
+            cluster.control(),
+            &Request::Scale { workers: 1 },
+            Duration::from_secs(10),
+        )
+        .expect("scale");
+        cluster.wait_for_events("disconnect", 1, Duration::from_secs(5));
+        let left = started.elapsed();
+        let status = cluster.status();
+        let draining: Vec<_> = status
+            .workers
+            .iter()
+            .filter(|w| w.state == WorkerState::Draining)
+            .collect();
+        assert_eq!(draining.len(), 1, "{status:?}");
+        // Out of rotation: the one worker left answers everything.
+        let seen = distribution(addr(), 20);
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        cluster.wait_for_events("exit", 1, Duration::from_secs(15));
+        let exited = started.elapsed();
+        eprintln!("drain delay 2 s: out of rotation after {left:?}, exited after {exited:?}");
+        assert!(
+            left < Duration::from_secs(2),
+            "left rotation after {left:?}"
+        );
+        assert!(
+            exited >= Duration::from_secs(2),
+            "stopped before the drain delay: {exited:?}"
+        );
+        assert!(cluster.stop().status.success());
+    });
+}

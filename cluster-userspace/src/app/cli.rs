@@ -269,6 +269,14 @@ pub struct RunArgs {
           allow_negative_numbers = true)]
     pub grace: f64,
 
+    /// Seconds a worker that got connections stays out of rotation before it is asked to stop
+    /// (reload, scale down, stop), so that requests already on their way reach it first: for
+    /// servers that drop connections they have not read yet when asked to stop (uvicorn,
+    /// lighttpd). The --grace starts after it
+    #[arg(long, value_name = "SECONDS", default_value_t = 0.0, value_parser = parse_seconds,
+          allow_negative_numbers = true)]
+    pub drain_delay: f64,
+
     /// Seconds after start when a worker that signals nothing counts as ready (one that says
     /// READY=1 on NOTIFY_SOCKET, or `listening` over IPC, is ready as soon as it does)
     #[arg(long, value_name = "SECONDS", default_value_t = 1.0,
@@ -722,6 +730,7 @@ impl RunArgs {
             strategy: self.strategy.unwrap_or_default(),
             require_ebpf: self.require_ebpf,
             timing: Timing {
+                drain_delay: Duration::from_secs_f64(self.drain_delay),
                 grace: Duration::from_secs_f64(self.grace),
                 ready_delay: Duration::from_secs_f64(self.ready_delay),
                 ready_timeout: Duration::from_secs_f64(self.ready_timeout),

@@ -210,6 +210,7 @@ impl Config {
             strategy: Strategy::RoundRobin,
             require_ebpf: false,
             timing: Timing {
+                drain_delay: Duration::ZERO,
                 grace: Duration::from_secs(30),
                 ready_delay: Duration::from_secs(1),
                 ready_timeout: READY_TIMEOUT,

@@ -79,6 +79,10 @@ pub const LINGER: Duration = Duration::from_secs(1);
 pub struct Timing {
     /// How long a worker asked to stop has before SIGKILL.
     pub grace: Duration,
+    /// How long a worker that got connections stays out of rotation before it is asked to stop
+    /// (`--drain-delay`): a server that drops, when asked, connections it accepted but has not
+    /// read yet (uvicorn) finishes them first.
+    pub drain_delay: Duration,
     /// When a worker that signals nothing counts as ready.
     pub ready_delay: Duration,
     /// How long any new worker may take to become ready before it is killed. When it is not
@@ -152,9 +156,11 @@ enum Phase {
     Online { give_up_at: Instant },
     /// Ready since `since`; whether it gets connections says `serving`.
     Ready { since: Instant, serving: Serving },
-    /// Asked to stop (or stopping by itself); SIGTERM at `term_at` if its channel closed and it
+    /// Out of rotation and leaving: asked to stop at `ask_at` (after the drain delay; None once
+    /// asked, or when it stops by itself), SIGTERM at `term_at` if its channel closed and it
     /// lingers, SIGKILL at `kill_at`.
     Draining {
+        ask_at: Option<Instant>,
         term_at: Option<Instant>,
         kill_at: Instant,
     },
@@ -204,9 +210,16 @@ impl Phase {
                 give_up_at,
             } => Some(ready_at.map_or(give_up_at, |at| at.min(give_up_at))),
             Phase::Online { give_up_at } => Some(give_up_at),
-            Phase::Draining { term_at, kill_at } => {
-                Some(term_at.map_or(kill_at, |t| t.min(kill_at)))
-            }
+            Phase::Draining {
+                ask_at,
+                term_at,
+                kill_at,
+            } => Some(
+                [ask_at, term_at]
+                    .into_iter()
+                    .flatten()
+                    .fold(kill_at, Instant::min),
+            ),
             Phase::Ready { .. } | Phase::Killed => None,
         }
     }
@@ -1157,14 +1170,24 @@ impl Lifecycle {
                 Phase::Draining { kill_at, .. } if kill_at <= now => {
                     self.kill(pid, KillReason::GraceOver(self.timing.grace))
                 }
-                Phase::Draining { term_at, kill_at } => {
+                Phase::Draining {
+                    ask_at,
+                    term_at,
+                    kill_at,
+                } => {
+                    let asks = ask_at.is_some_and(|at| at <= now);
+                    let terminates = term_at.is_some_and(|at| at <= now);
                     if let Some(process) = self.processes.get_mut(&pid) {
                         process.phase = Phase::Draining {
-                            term_at: None,
+                            ask_at: ask_at.filter(|_| !asks),
+                            term_at: term_at.filter(|_| !terminates),
                             kill_at,
                         };
                     }
-                    if term_at.is_some() {
+                    if asks {
+                        self.out.push(Action::AskToStop { pid });
+                    }
+                    if terminates {
                         self.out.push(Action::Terminate { pid });
                     }
                 }
@@ -1250,9 +1273,10 @@ impl Lifecycle {
         }
     }
 
-    /// Out of the active set, asked to stop (unless it leaves by itself), SIGKILL after grace.
+    /// Out of the active set, asked to stop (unless it leaves by itself) at once or, if it got
+    /// connections, after the drain delay; SIGKILL a grace after the ask.
     fn depart(&mut self, pid: Pid, why: Departure) {
-        let grace = self.timing.grace;
+        let (grace, drain_delay) = (self.timing.grace, self.timing.drain_delay);
         let now = self.now;
         let Some(process) = self.processes.get_mut(&pid) else {
             return;
@@ -1261,15 +1285,22 @@ impl Lifecycle {
             return;
         }
         let was_active = process.phase.is_active();
+        let asks = why.asks_to_stop();
+        let delay = if was_active && asks {
+            drain_delay
+        } else {
+            Duration::ZERO
+        };
         process.phase = Phase::Draining {
+            ask_at: (asks && !delay.is_zero()).then_some(now + delay),
             term_at: None,
-            kill_at: now + grace,
+            kill_at: now + delay + grace,
         };
         let id = process.id;
         if was_active {
             self.out.push(Action::Deactivate { pid });
         }
-        if why.asks_to_stop() {
+        if asks && delay.is_zero() {
             self.out.push(Action::AskToStop { pid });
         }
         self.emit(Event::Disconnect {

@@ -137,6 +137,15 @@ fn timings() -> impl Strategy<Value = Timing> {
         Just(timing(0, 100, 200)),
         // Silent workers can never be ready in time: only signals make them ready.
         Just(timing(1_000, 3_000, 1_000)),
+        // A drain delay: a departing worker that got connections is asked to stop later.
+        Just(Timing {
+            drain_delay: Duration::from_millis(2_000),
+            ..timing(3_000, 500, 3_000)
+        }),
+        Just(Timing {
+            drain_delay: Duration::from_millis(1_000),
+            ..timing(0, 100, 200)
+        }),
     ]
 }
 

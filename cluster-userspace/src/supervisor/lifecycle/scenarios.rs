@@ -8,7 +8,7 @@ use nix::sys::signal::Signal;
 use super::{
     backoff,
     world::{timing, World},
-    Announced, Input, ReloadError, Retire, WorkerState,
+    Announced, Input, ReloadError, Retire, Timing, WorkerState,
 };
 use crate::supervisor::events::{Departure, Event, ExitStatus, Failure, KillReason, Readiness};
 
@@ -252,6 +252,42 @@ fn a_reload_replaces_every_worker_one_at_a_time() {
         0,
         "a replacement is not a restart"
     );
+}
+
+#[test]
+fn with_a_drain_delay_a_replaced_worker_is_out_of_rotation_that_long_before_it_is_asked_to_stop() {
+    let mut world = World::new(
+        2,
+        Timing {
+            drain_delay: Duration::from_millis(1_000),
+            ..timing(2_000, 100, 5_000)
+        },
+    );
+    world.settle();
+    let old = world.pid(0, WorkerState::Ready);
+    world.apply(Input::Reload);
+    let replacement = world.pid(0, WorkerState::Starting);
+    world.apply(Input::Ready {
+        pid: replacement,
+        how: Readiness::Notify,
+    });
+    assert_eq!(world.pid(0, WorkerState::Draining), old);
+    assert!(!world.active.contains(&old), "out of rotation at once");
+    world.advance(Duration::from_millis(999));
+    assert!(!world.alive[&old].asked_to_stop, "asked before the delay");
+    world.advance(Duration::from_millis(1));
+    assert!(world.alive[&old].asked_to_stop);
+    // Its grace runs from the ask: killed 2 s later, not 2 s after it left rotation.
+    world.advance(Duration::from_millis(1_999));
+    assert!(!world.alive[&old].killed);
+    world.advance(Duration::from_millis(1));
+    assert!(world.alive[&old].killed);
+    // A worker that never got a connection (stopped while still starting) is asked at once.
+    world.settle();
+    world.apply(Input::Scale { workers: 3 });
+    let starting = world.pid(2, WorkerState::Starting);
+    world.apply(Input::Stop { fast: false });
+    assert!(world.alive[&starting].asked_to_stop);
 }
 
 #[test]

@@ -92,6 +92,9 @@ pub enum PhaseSnapshot {
         serving: Serving,
     },
     Draining {
+        /// When it is asked to stop (absent from an older binary: it was asked).
+        #[serde(default)]
+        ask_in_ms: Option<u64>,
         term_in_ms: Option<u64>,
         kill_in_ms: u64,
     },
@@ -116,7 +119,12 @@ impl PhaseSnapshot {
                 ready_ms: millis(now.saturating_duration_since(since)),
                 serving,
             },
-            Phase::Draining { term_at, kill_at } => PhaseSnapshot::Draining {
+            Phase::Draining {
+                ask_at,
+                term_at,
+                kill_at,
+            } => PhaseSnapshot::Draining {
+                ask_in_ms: ask_at.map(until),
                 term_in_ms: term_at.map(until),
                 kill_in_ms: until(kill_at),
             },
@@ -142,9 +150,11 @@ impl PhaseSnapshot {
                 serving,
             },
             PhaseSnapshot::Draining {
+                ask_in_ms,
                 term_in_ms,
                 kill_in_ms,
             } => Phase::Draining {
+                ask_at: ask_in_ms.map(at),
                 term_at: term_in_ms.map(at),
                 kill_at: at(kill_in_ms),
             },

@@ -20,6 +20,8 @@ pub struct Alive {
     pub asked_to_stop: bool,
     pub terminated: bool,
     pub killed: bool,
+    /// When it left the active set on its way out, asked to go: the drain delay runs from then.
+    pub drained_from: Option<Instant>,
 }
 
 #[derive(Clone)]
@@ -50,6 +52,8 @@ pub struct World {
     /// The configurations, as the shell keeps them: what spawns use now, and the one a
     /// reload brought for its canary (numbered afresh for every reload).
     pub configs: Configs,
+    /// The timing's drain delay, which every ask to stop after a deactivation must respect.
+    drain_delay: Duration,
 }
 
 /// What each process was started with, as `supervisor/mod.rs` chooses it: a reload brings a
@@ -71,6 +75,7 @@ pub struct Configs {
 
 pub fn timing(grace_ms: u64, ready_delay_ms: u64, ready_timeout_ms: u64) -> Timing {
     Timing {
+        drain_delay: Duration::ZERO,
         grace: Duration::from_millis(grace_ms),
         ready_delay: Duration::from_millis(ready_delay_ms),
         ready_timeout: Duration::from_millis(ready_timeout_ms),
@@ -93,6 +98,7 @@ impl World {
         let now = Instant::now();
         let mut world = World {
             lifecycle: Lifecycle::with(wanted, policy, timing, now),
+            drain_delay: timing.drain_delay,
             now,
             next_pid: 100,
             fail_spawns: 0,
@@ -125,6 +131,8 @@ impl World {
         let forked = matches!(input, Input::Fork { .. });
         self.history.push(input.clone());
         let mut queue: VecDeque<Action> = self.lifecycle.handle(input, self.now).into();
+        // Processes taken out of the active set in this step.
+        let mut deactivated = BTreeSet::new();
         while let Some(action) = queue.pop_front() {
             match action {
                 Action::Spawn { id, canary } => {
@@ -169,6 +177,7 @@ impl World {
                 }
                 Action::Deactivate { pid } => {
                     assert!(self.active.remove(&pid), "deactivated inactive {pid}");
+                    deactivated.insert(pid);
                 }
                 Action::SpawnPrimary => {
                     assert!(
@@ -207,7 +216,16 @@ impl World {
                         "told the exit of a live {pid}"
                     );
                 }
-                Action::AskToStop { pid } => self.process(pid).asked_to_stop = true,
+                Action::AskToStop { pid } => {
+                    let (now, delay) = (self.now, self.drain_delay);
+                    let alive = self.process(pid);
+                    assert!(
+                        alive.drained_from.is_none_or(|from| now >= from + delay),
+                        "{pid} asked to stop before its drain delay ran out: {:?}",
+                        self.history
+                    );
+                    alive.asked_to_stop = true;
+                }
                 Action::Terminate { pid } => self.process(pid).terminated = true,
                 Action::Kill { pid } => self.process(pid).killed = true,
                 Action::Release { pid } => {
@@ -220,6 +238,13 @@ impl World {
                 }
                 Action::Notify(announced) => self.notified.push(announced),
                 Action::Emit(event) => {
+                    if let Event::Disconnect { pid, reason, .. } = &event {
+                        let pid = Pid::from_raw(*pid);
+                        if deactivated.contains(&pid) && reason.asks_to_stop() {
+                            let now = self.now;
+                            self.process(pid).drained_from = Some(now);
+                        }
+                    }
                     if let Event::Disconnect {
                         reason: Departure::Replaced,
                         ..
