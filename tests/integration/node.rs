@@ -14,7 +14,7 @@ use std::{
 use cluster_lb::control::{request, Reply, Request};
 use cluster_lb_tests::{
     distribution, example, node_binaries, node_modules, root_test, signal, Cluster, RequestLoop,
-    ScratchDir, WorkerState,
+    ScratchDir, Tally, WorkerState,
 };
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -25,7 +25,7 @@ fn addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], PORT))
 }
 
-fn test_app(name: &str) -> String {
+pub(crate) fn test_app(name: &str) -> String {
     format!("{}/node/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
@@ -461,12 +461,9 @@ fn a_rolling_reload_of_fastify_workers_under_load_fails_no_request() {
     });
 }
 
-/// Two rolling reloads of 4 workers running the example `app`, under connection-per-request
-/// clients: every request is answered.
-fn reload_under_load(major: u32, node: &str, app: &str) {
-    let cluster = start(&["-w", "4"], node, &[&example(app)]);
-    cluster.wait_until_ready(4);
-    let load = RequestLoop::start(addr(), 4);
+/// Two rolling reloads of the cluster's 4 workers while `load` runs, from half a second before
+/// the first to half a second after the last: what its clients saw.
+pub(crate) fn two_reloads_under(cluster: &Cluster, load: RequestLoop) -> Tally {
     thread::sleep(Duration::from_millis(500));
     for _ in 0..2 {
         let reply = request(
@@ -478,7 +475,15 @@ fn reload_under_load(major: u32, node: &str, app: &str) {
         assert_eq!(reply, Reply::Reloaded { replaced: 4 });
     }
     thread::sleep(Duration::from_millis(500));
-    let (answered, failures) = load.finish();
+    load.finish()
+}
+
+/// Two rolling reloads of 4 workers running the example `app`, under connection-per-request
+/// clients: every request is answered.
+fn reload_under_load(major: u32, node: &str, app: &str) {
+    let cluster = start(&["-w", "4"], node, &[&example(app)]);
+    cluster.wait_until_ready(4);
+    let (answered, failures) = two_reloads_under(&cluster, RequestLoop::start(addr(), 4));
     let answered: u64 = answered.values().sum();
     eprintln!(
         "Node {major} {app}: {answered} requests across 2 reloads, {} failed",

@@ -81,15 +81,6 @@ fn every_worker_serves(version: &str, workers: usize) -> BTreeSet<u32> {
     pids
 }
 
-fn pids(cluster: &Cluster) -> BTreeSet<u32> {
-    cluster
-        .status()
-        .workers
-        .iter()
-        .map(|w| w.pid as u32)
-        .collect()
-}
-
 /// `cluster-lb reload` for the cluster, and how long it took.
 fn reload(cluster: &Cluster) -> (Output, Duration) {
     let started = Instant::now();
@@ -168,7 +159,7 @@ fn a_reload_takes_the_config_files_new_env_and_worker_count() {
         assert_eq!(succeeded(&output), "reload complete: 2 workers replaced\n");
         cluster.wait_until_ready(3);
         let after = every_worker_serves("2", 3);
-        assert_eq!(after, pids(&cluster), "every running worker answers");
+        assert_eq!(after, cluster.worker_pids(), "every running worker answers");
         assert!(after.is_disjoint(&before), "{before:?} {after:?}");
         let stopped = cluster.stop();
         assert!(stopped.status.success(), "{:?}", stopped.status);
@@ -237,7 +228,7 @@ fn a_broken_release_stops_at_its_canary_and_the_old_workers_keep_serving() {
         );
         eprintln!("reconfigure: the broken release's reload was refused in {took:?}: {line}");
         // Nothing was replaced, and the count stays.
-        assert_eq!(pids(&cluster), before);
+        assert_eq!(cluster.worker_pids(), before);
         assert_eq!(every_worker_serves("1", 2), before);
         let canaries = cluster.events_named("fork").len();
         assert_eq!(canaries, 3, "two workers and one canary were started");
@@ -293,7 +284,7 @@ fn a_changed_listen_address_is_refused_naming_the_key() {
             )
         );
         eprintln!("reconfigure: a changed listen was refused in {took:?}");
-        assert_eq!(pids(&cluster), before);
+        assert_eq!(cluster.worker_pids(), before);
         assert_eq!(every_worker_serves("1", 2), before);
         assert_eq!(cluster.events_named("fork").len(), 2, "nothing was started");
         let stopped = cluster.stop();
@@ -334,7 +325,7 @@ fn a_config_file_that_no_longer_parses_is_refused_as_at_start() {
             line.starts_with(&format!("cluster-lb: error: reload refused: {problem}")),
             "{line}"
         );
-        assert_eq!(pids(&cluster), before);
+        assert_eq!(cluster.worker_pids(), before);
         assert_eq!(every_worker_serves("1", 2), before);
         let stopped = cluster.stop();
         assert!(stopped.status.success(), "{:?}", stopped.status);

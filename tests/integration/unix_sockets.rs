@@ -7,29 +7,14 @@ use std::{
     collections::BTreeSet,
     os::unix::fs::{FileTypeExt, MetadataExt},
     path::Path,
-    thread,
     time::Duration,
 };
 
-use cluster_lb::control::{request, Reply, Request};
+use crate::node::{test_app, two_reloads_under};
 use cluster_lb_tests::{
     cluster_lb_in, example, get_unix, node_binaries, node_modules, root_test, run_dir, Cluster,
     RequestLoop, ScratchDir, WorkerState,
 };
-
-fn test_app(name: &str) -> String {
-    format!("{}/node/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The pids of the cluster's workers now.
-fn worker_pids(cluster: &Cluster) -> BTreeSet<u32> {
-    cluster
-        .status()
-        .workers
-        .iter()
-        .map(|w| w.pid as u32)
-        .collect()
-}
 
 /// `count` requests on new connections to `path`: every answer from a worker in `pids`; the
 /// worker ids that answered.
@@ -65,23 +50,12 @@ fn a_node_listen_on_a_path_is_one_socket_the_workers_share_through_reloads() {
             assert!(file.file_type().is_socket());
             // No program balances a Unix socket: the workers take turns in accept(), so only
             // that answers come from the workers, more than one of them, is certain.
-            let ids = served_by(&path, 200, &worker_pids(&cluster));
+            let ids = served_by(&path, 200, &cluster.worker_pids());
             eprintln!("Node {major}: 200 requests answered by workers {ids:?}");
             assert!(ids.len() >= 2, "Node {major}: only {ids:?} answered");
 
-            let load = RequestLoop::start_unix(&path, 4);
-            thread::sleep(Duration::from_millis(500));
-            for _ in 0..2 {
-                let reply = request(
-                    cluster.control(),
-                    &Request::Reload,
-                    Duration::from_secs(120),
-                )
-                .expect("reload");
-                assert_eq!(reply, Reply::Reloaded { replaced: 4 });
-            }
-            thread::sleep(Duration::from_millis(500));
-            let (answered, failures) = load.finish();
+            let (answered, failures) =
+                two_reloads_under(&cluster, RequestLoop::start_unix(&path, 4));
             let answered: u64 = answered.values().sum();
             eprintln!(
                 "Node {major}: {answered} requests on unix:{} across 2 reloads, {} failed",
@@ -94,7 +68,7 @@ fn a_node_listen_on_a_path_is_one_socket_the_workers_share_through_reloads() {
             assert!(status.workers.iter().all(|w| w.state == WorkerState::Ready));
             // The replacements serve on the same path (the old workers' closing did not
             // unlink it).
-            served_by(&path, 50, &worker_pids(&cluster));
+            served_by(&path, 50, &cluster.worker_pids());
             assert!(cluster.stop().status.success());
             assert!(
                 !path.exists(),
@@ -131,7 +105,7 @@ fn listen_unix_replaces_a_stale_socket_and_gives_it_to_the_user_as_fd_3() {
             (nobody.uid.as_raw(), nobody.gid.as_raw(), 0o660)
         );
         // Each worker serves from its fd 3 (Node's own listen({ fd: 3 }), no channel).
-        served_by(&path, 100, &worker_pids(&cluster));
+        served_by(&path, 100, &cluster.worker_pids());
         assert!(cluster.stop().status.success());
         assert!(!path.exists(), "the socket file outlived the cluster");
 

@@ -83,6 +83,19 @@ fn upgrade(cluster: &Cluster) -> Result<Reply, String> {
     .map_err(|e| e.to_string())
 }
 
+/// Installs build `tag` and upgrades to it: the reply counts `workers`' processes, they are the
+/// ones that run after it, and the new version is the primary's.
+fn upgrade_to_build(cluster: &Cluster, install: &Install, tag: &str, workers: &BTreeSet<i32>) {
+    let new_version = install.install_build(tag);
+    let reply = upgrade(cluster).expect("upgrade");
+    assert!(
+        matches!(reply, Reply::Upgraded { workers: n, .. } if n as usize == workers.len()),
+        "{reply:?}"
+    );
+    assert_eq!(&pids(cluster), workers);
+    assert_eq!(cluster.status().version, new_version);
+}
+
 fn pids(cluster: &Cluster) -> BTreeSet<i32> {
     cluster.status().workers.iter().map(|w| w.pid).collect()
 }
@@ -347,14 +360,7 @@ fn node_workers_keep_their_channel_across_an_upgrade() {
         let node_addr: SocketAddr = "127.0.0.1:3000".parse().expect("address");
         let load = RequestLoop::start(node_addr, 2);
         thread::sleep(Duration::from_millis(500));
-        let new_version = install.install_build("node");
-        let reply = upgrade(&cluster).expect("upgrade");
-        assert!(
-            matches!(reply, Reply::Upgraded { workers: 2, .. }),
-            "{reply:?}"
-        );
-        assert_eq!(pids(&cluster), workers);
-        assert_eq!(cluster.status().version, new_version);
+        upgrade_to_build(&cluster, &install, "node", &workers);
         assert_eq!(
             cluster.status().program_primary,
             primary,
@@ -400,7 +406,7 @@ fn a_unix_socket_path_and_its_workers_survive_an_upgrade() {
         let install = Install::new("unix");
         let path = install.dir.join("app.sock");
         let node = node.display().to_string();
-        let app = format!("{}/node/unix-app.js", env!("CARGO_MANIFEST_DIR"));
+        let app = crate::node::test_app("unix-app.js");
         let cluster = Cluster::start_binary(
             &install.binary(),
             &["run", "-w", "2", "--", &node, &app],
@@ -412,14 +418,7 @@ fn a_unix_socket_path_and_its_workers_survive_an_upgrade() {
         let workers = pids(&cluster);
         let load = RequestLoop::start_unix(&path, 2);
         thread::sleep(Duration::from_millis(500));
-        let new_version = install.install_build("unix");
-        let reply = upgrade(&cluster).expect("upgrade");
-        assert!(
-            matches!(reply, Reply::Upgraded { workers: 2, .. }),
-            "{reply:?}"
-        );
-        assert_eq!(pids(&cluster), workers);
-        assert_eq!(cluster.status().version, new_version);
+        upgrade_to_build(&cluster, &install, "unix", &workers);
         assert_eq!(
             cluster.status().listen,
             [format!("unix:{}", path.display())]

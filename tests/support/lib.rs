@@ -6,7 +6,7 @@
 //! green CI never hides an untested path.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream},
     panic,
@@ -437,6 +437,11 @@ impl Cluster {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The pids of its worker processes now.
+    pub fn worker_pids(&self) -> BTreeSet<u32> {
+        self.status().workers.iter().map(|w| w.pid as u32).collect()
     }
 
     /// Everything printed so far.
