@@ -99,12 +99,11 @@ pub const STRATEGY_STICKY: u32 = 2;
 /// picked at random (power of two choices), so equal loads give exact round robin.
 pub const STRATEGY_LEAST_LOADED: u32 = 3;
 
-/// LRU_HASH from a new connection's [`ConnKey`] to the slot chosen for it ([`ConnSlot`]),
-/// written at selection, read by [`COUNTER_PROGRAM`] as the connection opens and closes.
-pub const MAP_CONNECTIONS: &str = "CLB_CONNECTIONS";
-/// Connections [`MAP_CONNECTIONS`] remembers at once; beyond, the oldest are forgotten (their
-/// close then goes uncounted).
-pub const CONNECTIONS_ENTRIES: u32 = 65536;
+/// SK_STORAGE (BPF_F_CLONE) of [`SocketSlot`]: the user side gives each worker's listening
+/// socket its slot; the kernel copies the value into every connection accepted from it, where
+/// [`COUNTER_PROGRAM`] finds the slot to count the connection in. No lookup by address, no
+/// entry to forget: the storage lives and dies with the socket.
+pub const MAP_SLOT_OF: &str = "CLB_SLOT_OF";
 /// ARRAY of u64 indexed by slot: open connections of that slot's worker (accepted or waiting
 /// to be), kept by [`COUNTER_PROGRAM`]. Wraps below zero if a close outruns its open; read as 0.
 pub const MAP_OPEN: &str = "CLB_OPEN";
@@ -118,32 +117,12 @@ pub const COUNTER_CGROUP_PROGRAM: &str = "count_in_cgroup";
 /// The kernel function whose tracepoint the counter program is attached to.
 pub const COUNTER_TRACEPOINT: &str = "inet_sock_set_state";
 
-/// The counter program's globals (u32, in .rodata): the byte offsets in the running kernel's
-/// TCP socket of the fields it reads, which the user side finds in the kernel's BTF and sets
-/// before the program is verified. Each is a constant to the verifier, which checks every read
-/// against the same BTF.
-pub mod sock_field {
-    pub const FAMILY: &str = "SOCK_FAMILY";
-    pub const DADDR: &str = "SOCK_DADDR";
-    pub const V6_DADDR: &str = "SOCK_V6_DADDR";
-    pub const DPORT: &str = "SOCK_DPORT";
-    pub const SPORT: &str = "SOCK_SPORT";
-}
-
-/// A TCP connection as both programs see it: the client's address (IPv4 as v4-mapped IPv6) and
-/// port, and the server's port, in host byte order.
+/// A socket's value in [`MAP_SLOT_OF`]: on a listener, its slot (`counted` 0); on a connection
+/// accepted from it (a copy made by the kernel), the same slot and whether [`MAP_OPEN`] counts
+/// it (from established until the worker closes it or it is gone).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ConnKey {
-    pub client: [u8; 16],
-    pub client_port: u16,
-    pub server_port: u16,
-}
-
-/// Where a connection went, and whether [`MAP_OPEN`] counts it (once established).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ConnSlot {
+pub struct SocketSlot {
     pub slot: u32,
     pub counted: u32,
 }
@@ -205,8 +184,6 @@ mod pod {
     unsafe impl aya::Pod for super::SlotTable {}
     // SAFETY: repr(C), three u64: no padding.
     unsafe impl aya::Pod for super::SlotStats {}
-    // SAFETY: repr(C), [u8; 16] and two u16 (20 bytes, alignment 2): no padding.
-    unsafe impl aya::Pod for super::ConnKey {}
     // SAFETY: repr(C), two u32: no padding.
-    unsafe impl aya::Pod for super::ConnSlot {}
+    unsafe impl aya::Pod for super::SocketSlot {}
 }

@@ -12,20 +12,23 @@
 // asks), each call copied its key to a stack slot of its own, 800 more bytes of program.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     bindings::{
-        bpf_hdr_start_off::BPF_HDR_START_NET, sk_action::SK_PASS,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        bpf_hdr_start_off::BPF_HDR_START_NET, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE,
+        sk_action::SK_PASS, BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
-    helpers::{bpf_get_prandom_u32, bpf_skb_load_bytes_relative, bpf_skc_to_tcp_sock},
+    helpers::{bpf_get_prandom_u32, bpf_sk_storage_get, bpf_skb_load_bytes_relative},
     macros::{btf_tracepoint, map, sk_reuseport, sock_ops},
-    maps::{Array, LruHashMap, PerCpuArray, ReusePortSockArray},
+    maps::{Array, PerCpuArray, ReusePortSockArray},
     programs::{BtfTracePointContext, SkReuseportContext, SockOpsContext},
 };
 use cluster_common::{
-    ActiveSet, ConnKey, ConnSlot, SlotStats, SlotTable, CONFIG_ACTIVE_BUFFER, CONFIG_ENTRIES,
-    CONFIG_MAP_FLAGS, CONFIG_RR_COUNTER, CONFIG_TABLE_BUFFER, CONNECTIONS_ENTRIES, MAX_SLOTS,
-    MAX_TRIES, NO_SLOT_STATS, STATS_ENTRIES, STRATEGY_HASH, STRATEGY_LEAST_LOADED, STRATEGY_STICKY,
+    ActiveSet, SlotStats, SlotTable, SocketSlot, CONFIG_ACTIVE_BUFFER, CONFIG_ENTRIES,
+    CONFIG_MAP_FLAGS, CONFIG_RR_COUNTER, CONFIG_TABLE_BUFFER, MAX_SLOTS, MAX_TRIES, NO_SLOT_STATS,
+    STATS_ENTRIES, STRATEGY_HASH, STRATEGY_LEAST_LOADED, STRATEGY_STICKY,
 };
 
 // The slot mask below relies on this.
@@ -47,11 +50,34 @@ static CLB_STATS: PerCpuArray<SlotStats> = PerCpuArray::with_max_entries(STATS_E
 static CLB_TABLE: Array<SlotTable> = Array::with_max_entries(2, 0);
 
 #[map]
-static CLB_CONNECTIONS: LruHashMap<ConnKey, ConnSlot> =
-    LruHashMap::with_max_entries(CONNECTIONS_ENTRIES, 0);
-
-#[map]
 static CLB_OPEN: Array<u64> = Array::with_max_entries(MAX_SLOTS, 0);
+
+/// Socket storage: a listener's slot, copied by the kernel into each connection accepted from
+/// it (BPF_F_CLONE; BPF_F_NO_PREALLOC is required of this map type). A map the kernel creates
+/// only from BTF (its key and value types), so it is declared as libbpf's `.maps` section has
+/// it: each attribute a pointer whose pointee's type carries the value, read by the loader, never
+/// dereferenced. aya-ebpf's own SkStorage has no way to ask for BPF_F_CLONE.
+#[repr(C)]
+pub struct SocketStorage {
+    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const SocketSlot,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; (BPF_F_NO_PREALLOC | BPF_F_CLONE) as usize],
+}
+
+// SAFETY: the pointers are placeholders for the loader (see SocketStorage); nothing reads them.
+unsafe impl Sync for SocketStorage {}
+
+#[unsafe(link_section = ".maps")]
+#[unsafe(export_name = "CLB_SLOT_OF")]
+static CLB_SLOT_OF: SocketStorage = SocketStorage {
+    r#type: core::ptr::null(),
+    key: core::ptr::null(),
+    value: core::ptr::null(),
+    max_entries: core::ptr::null(),
+    map_flags: core::ptr::null(),
+};
 
 /// The strategy this instance runs, one of cluster-common's `STRATEGY_*` ids, set by the
 /// loader before the program is verified (aya's `override_global`). It lives in .rodata, which
@@ -102,16 +128,14 @@ fn by_table(ctx: &SkReuseportContext, key: u32) {
     select_from(ctx, set, count, key % count);
 }
 
-/// The least loaded worker (see least_loaded_position); the connection is remembered for the
-/// counter program.
+/// The least loaded worker (see least_loaded_position). Nothing is recorded here: the
+/// connection carries its listener's slot (CLB_SLOT_OF) to the counter program.
 #[inline(always)]
 fn least_loaded(ctx: &SkReuseportContext) {
     let Some((set, count)) = active_set() else {
         return;
     };
-    if let Some(slot) = select_from(ctx, set, count, least_loaded_position(set, count)) {
-        remember_connection(ctx, slot);
-    }
+    select_from(ctx, set, count, least_loaded_position(set, count));
 }
 
 /// The current active set and its count (at most MAX_SLOTS), or None when no slot may receive
@@ -128,18 +152,18 @@ fn active_set() -> Option<(&'static ActiveSet, u32)> {
 }
 
 /// Gives the connection to the active slot at `start`, or to the next one whose socket is
-/// alive. The slot that took it, if any.
+/// alive.
 #[inline(always)]
-fn select_from(ctx: &SkReuseportContext, set: &ActiveSet, count: u32, start: u32) -> Option<u32> {
+fn select_from(ctx: &SkReuseportContext, set: &ActiveSet, count: u32, start: u32) {
     // `start < count <= MAX_SLOTS`, but the verifier does not follow a modulo, and LLVM drops a
     // mask it can prove redundant; black_box keeps the mask for the verifier.
     let slot = set.slots[(core::hint::black_box(start) & (MAX_SLOTS - 1)) as usize];
     if CLB_SOCKETS.select_reuseport(ctx, slot).is_ok() {
         count_selected(ctx, slot);
-        return Some(slot);
+        return;
     }
     count_fallback(slot);
-    walk(ctx, set, count, start)
+    walk(ctx, set, count, start);
 }
 
 /// The chosen slot was empty: its worker died and the kernel removed the closed socket from the
@@ -149,21 +173,20 @@ fn select_from(ctx: &SkReuseportContext, set: &ActiveSet, count: u32, start: u32
 /// here: an out-of-line function is a symbol whose mangled name hashes the crate's path, so the
 /// object would differ by checkout and `build-ebpf --check` could not compare it.
 #[inline(always)]
-fn walk(ctx: &SkReuseportContext, set: &ActiveSet, count: u32, start: u32) -> Option<u32> {
+fn walk(ctx: &SkReuseportContext, set: &ActiveSet, count: u32, start: u32) {
     let mut tried: u32 = 1;
     while tried < count && tried < MAX_TRIES {
         let position = (start + tried) % count;
         let slot = set.slots[(core::hint::black_box(position) & (MAX_SLOTS - 1)) as usize];
         if CLB_SOCKETS.select_reuseport(ctx, slot).is_ok() {
             count_selected(ctx, slot);
-            return Some(slot);
+            return;
         }
         tried += 1;
     }
     // No active slot holds a live socket: let the kernel hash over whatever sockets the group
     // has, which is better than refusing the connection. Counted, and reported by the primary.
     count_fallback(NO_SLOT_STATS);
-    None
 }
 
 /// The slot of the worker the consistent-hashing table gives `key` to, if it has a ready one.
@@ -293,190 +316,25 @@ fn add_open(slot: u32, delta: u64) {
     }
 }
 
-/// Records where this connection went, for the counter program. A request moved off a
-/// closing listener that was counted already moves its count along; only such a request looks
-/// its entry up (a lookup of the LRU hash on every new connection was a third of its cost).
-#[inline(always)]
-fn remember_connection(ctx: &SkReuseportContext, slot: u32) {
-    let Some(key) = connection_key(ctx) else {
-        return;
-    };
-    let mut entry = ConnSlot { slot, counted: 0 };
-    if ctx.migrating_sk().is_some() {
-        // SAFETY: reading a value of the map, copied at once.
-        if let Some(previous) = unsafe { CLB_CONNECTIONS.get(&key) }.copied() {
-            if previous.counted != 0 && previous.slot != slot {
-                add_open(previous.slot, u64::MAX);
-                add_open(slot, 1);
-                entry.counted = 1;
-            }
-        }
-    }
-    let _ = CLB_CONNECTIONS.insert(&key, &entry, 0);
-}
-
-/// The connection's client address (v4-mapped for IPv4) and ports: the address from the IP
-/// header (one helper call), the ports from the TCP header, where the packet's data starts when
-/// the kernel selects a listener (read in place, no helper call).
-#[inline(always)]
-fn connection_key(ctx: &SkReuseportContext) -> Option<ConnKey> {
-    let (start, end) = (ctx.data(), ctx.data_end());
-    if start + 4 > end {
-        return None; // no packet (a request moved off a closing listener's accept queue)
-    }
-    // SAFETY: the four bytes are inside the packet, as checked above (and by the verifier).
-    let ports = unsafe { *(start as *const [u8; 4]) };
-    // Written field by field, never zeroed as a whole: LLVM turns zeroing the 16-byte address
-    // into a call to memset, a subprogram of its own.
-    let mut key = core::mem::MaybeUninit::<ConnKey>::uninit();
-    let at = key.as_mut_ptr();
-    // SAFETY: every write below is inside `key`, and each of its fields is written once
-    // before it is read: the address by the helper (IPv6) or by hand and the helper (IPv4).
-    unsafe {
-        let client = core::ptr::addr_of_mut!((*at).client).cast::<u8>();
-        if ctx.eth_protocol() == u32::from(0x86ddu16.to_be()) {
-            load_network(ctx, 8, client, 16)?;
-        } else {
-            // ::ffff:a.b.c.d, in u16 stores (ConnKey is 2-aligned), volatile so that LLVM
-            // does not merge the zeros back into a memset call.
-            let halves = client.cast::<u16>();
-            for i in 0..5 {
-                core::ptr::write_volatile(halves.add(i), 0);
-            }
-            core::ptr::write_volatile(halves.add(5), 0xffff);
-            load_network(ctx, 12, client.add(12), 4)?;
-        }
-        core::ptr::addr_of_mut!((*at).client_port).write(u16::from_be_bytes([ports[0], ports[1]]));
-        core::ptr::addr_of_mut!((*at).server_port).write(u16::from_be_bytes([ports[2], ports[3]]));
-        Some(key.assume_init())
-    }
-}
-
-/// Copies `length` bytes from `offset` past the network header's start into `into`.
-///
-/// # Safety
-/// `into` must have room for `length` bytes.
-#[inline(always)]
-unsafe fn load_network(
-    ctx: &SkReuseportContext,
-    offset: u32,
-    into: *mut u8,
-    length: u32,
-) -> Option<()> {
-    // SAFETY: the caller gives room for `length` bytes.
-    let loaded = unsafe {
-        bpf_skb_load_bytes_relative(
-            ctx.md as *const core::ffi::c_void,
-            offset,
-            into.cast(),
-            length,
-            BPF_HDR_START_NET,
-        )
-    };
-    (loaded == 0).then_some(())
-}
-
-// Byte offsets of the fields read from a TCP socket (cluster_common::sock_field), set by the
-// loader from the running kernel's BTF before verification; constants to the verifier, which
-// checks each read against the same BTF.
-#[unsafe(no_mangle)]
-static SOCK_FAMILY: u32 = 0;
-#[unsafe(no_mangle)]
-static SOCK_DADDR: u32 = 0;
-#[unsafe(no_mangle)]
-static SOCK_V6_DADDR: u32 = 0;
-#[unsafe(no_mangle)]
-static SOCK_DPORT: u32 = 0;
-#[unsafe(no_mangle)]
-static SOCK_SPORT: u32 = 0;
-
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_RECV: i32 = 3;
 const TCP_FIN_WAIT1: i32 = 4;
 const TCP_CLOSE: i32 = 7;
-const AF_INET6: u16 = 10;
 
-/// A field of the socket at the byte offset held in `offset` (one of the SOCK_* globals).
-///
-/// # Safety
-/// `sk` must be a TCP socket (bpf_skc_to_tcp_sock's) and `offset` a SOCK_* global whose field
-/// is a `T`.
-#[inline(always)]
-unsafe fn sock_field<T: Copy>(sk: *const u8, offset: &u32) -> T {
-    // SAFETY: as the caller promises; volatile, so that LLVM does not fold the default in.
-    unsafe {
-        let at = core::ptr::read_volatile(offset) as usize;
-        core::ptr::read(sk.add(at).cast::<T>())
-    }
-}
-
-/// The connection of a TCP socket, keyed as the sk_reuseport program keys it: the client's
-/// address (IPv4 v4-mapped), its port, the server's port.
-///
-/// # Safety
-/// `sk` must be a TCP socket (bpf_skc_to_tcp_sock's).
-#[inline(always)]
-unsafe fn sock_key(sk: *const u8) -> ConnKey {
-    // Written in u16 halves, volatile, never zeroed as a whole (see connection_key: LLVM would
-    // make that a call to memset).
-    let mut key = core::mem::MaybeUninit::<ConnKey>::uninit();
-    let at = key.as_mut_ptr();
-    // SAFETY: every write is inside `key` and each field is written before assume_init; the
-    // reads are the socket's fields, as the caller promises.
-    unsafe {
-        let halves = core::ptr::addr_of_mut!((*at).client).cast::<u16>();
-        let put = |index: usize, word: u32| {
-            core::ptr::write_volatile(halves.add(2 * index), word as u16);
-            core::ptr::write_volatile(halves.add(2 * index + 1), (word >> 16) as u16);
-        };
-        if sock_field::<u16>(sk, &SOCK_FAMILY) == AF_INET6 {
-            // Word by word, each at a constant offset (the verifier checks every read against
-            // in6_addr's u32 array, and refuses a variable offset).
-            let v6 = core::ptr::read_volatile(&SOCK_V6_DADDR) as usize;
-            let word = |index: usize| core::ptr::read(sk.add(v6 + 4 * index).cast::<u32>());
-            put(0, word(0));
-            put(1, word(1));
-            put(2, word(2));
-            put(3, word(3));
-        } else {
-            // ::ffff:a.b.c.d (bytes 10 and 11 are 0xff; the words are little-endian).
-            put(0, 0);
-            put(1, 0);
-            put(2, 0xffff_0000);
-            put(3, sock_field::<u32>(sk, &SOCK_DADDR));
-        }
-        core::ptr::addr_of_mut!((*at).client_port)
-            .write(u16::from_be(sock_field::<u16>(sk, &SOCK_DPORT)));
-        core::ptr::addr_of_mut!((*at).server_port)
-            .write(u16::from_be(sock_field::<u16>(sk, &SOCK_SPORT)));
-        key.assume_init()
-    }
-}
-
-/// Keeps CLB_OPEN: a connection the sk_reuseport program placed counts once established (so a
-/// SYN that never completes is never counted) and stops counting when it closes. A BTF
-/// tracepoint: it runs for every TCP state change on the host, so it leaves at once unless the
-/// change is one it counts, and reads the socket in place instead of a formatted record.
+/// Keeps CLB_OPEN from a BTF tracepoint, where there is no cgroup v2 for count_in_cgroup: it
+/// runs for every TCP state change on the host, so it leaves at once unless the change is one
+/// it counts, and then unless the socket is one of the cluster's (it has a slot).
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn count_connections(ctx: BtfTracePointContext) -> i32 {
     let (old, new): (i32, i32) = (ctx.arg(1), ctx.arg(2));
     let opening = old == TCP_SYN_RECV && new == TCP_ESTABLISHED;
-    if !opening && new != TCP_CLOSE {
-        return 0;
+    if opening || new == TCP_FIN_WAIT1 || new == TCP_CLOSE {
+        count(ctx.arg::<*mut c_void>(0), opening);
     }
-    // The socket as a TCP socket (null for any other protocol): its BTF type covers the
-    // inet_sock fields read, where `struct sock`, the tracepoint's type, ends before them.
-    // SAFETY: a helper that checks the socket's type itself.
-    let sk = unsafe { bpf_skc_to_tcp_sock(ctx.arg::<*mut core::ffi::c_void>(0)) } as *const u8;
-    if sk.is_null() {
-        return 0;
-    }
-    // SAFETY: `sk` is a TCP socket; each offset is its field's (see above).
-    count(&unsafe { sock_key(sk) }, opening);
     0
 }
 
-/// The same count from a sock_ops program attached to the primary's cgroup, which holds every
+/// Keeps CLB_OPEN from a sock_ops program attached to the primary's cgroup, which holds every
 /// listener the primary creates (an accepted socket belongs to its listener's cgroup): it runs
 /// only for the sockets of that cgroup, never for another service's. It asks for state changes
 /// only on the connections it counts, and only until it stops counting one: when the worker
@@ -492,8 +350,12 @@ pub fn count_in_cgroup(ctx: SockOpsContext) -> u32 {
     if !opening && !closing {
         return 1;
     }
-    let key = sock_ops_key(&ctx);
-    if count(&key, opening) && opening {
+    // SAFETY: a field of the context the kernel gives this program (null unless a full socket).
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk }.cast::<c_void>();
+    if sk.is_null() {
+        return 1;
+    }
+    if count(sk, opening) && opening {
         let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     } else if closing {
         let _ = ctx.set_cb_flags(0);
@@ -501,58 +363,34 @@ pub fn count_in_cgroup(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// A sock_ops socket's connection, keyed as [`connection_key`] keys it.
+/// Counts a connection of the cluster in its slot as it opens, or stops counting it as it
+/// closes, each once; whether `sk` is one (has a slot: a listener's, or a copy of one).
 #[inline(always)]
-fn sock_ops_key(ctx: &SockOpsContext) -> ConnKey {
-    // Written in u16 halves, volatile, never zeroed as a whole (see connection_key).
-    let mut key = core::mem::MaybeUninit::<ConnKey>::uninit();
-    let at = key.as_mut_ptr();
-    // SAFETY: every write is inside `key`, and each field is written before assume_init.
-    unsafe {
-        let halves = core::ptr::addr_of_mut!((*at).client).cast::<u16>();
-        let put = |index: usize, word: u32| {
-            core::ptr::write_volatile(halves.add(2 * index), word as u16);
-            core::ptr::write_volatile(halves.add(2 * index + 1), (word >> 16) as u16);
-        };
-        if ctx.family() == u32::from(AF_INET6) {
-            let v6 = ctx.remote_ip6();
-            put(0, v6[0]);
-            put(1, v6[1]);
-            put(2, v6[2]);
-            put(3, v6[3]);
-        } else {
-            put(0, 0);
-            put(1, 0);
-            put(2, 0xffff_0000);
-            put(3, ctx.remote_ip4());
-        }
-        // remote_port: the network-order port in the upper half; local_port: host order.
-        core::ptr::addr_of_mut!((*at).client_port).write(u32::from_be(ctx.remote_port()) as u16);
-        core::ptr::addr_of_mut!((*at).server_port).write(ctx.local_port() as u16);
-        key.assume_init()
+fn count(sk: *mut c_void, opening: bool) -> bool {
+    // SAFETY: the helper checks `sk` itself; the map is this program's socket storage.
+    let storage = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::addr_of!(CLB_SLOT_OF).cast_mut().cast(),
+            sk,
+            core::ptr::null_mut(),
+            0,
+        )
     }
-}
-
-/// Counts the connection `key` in its slot as it opens, or stops counting it as it closes;
-/// whether the sk_reuseport program placed it (only those are counted).
-#[inline(always)]
-fn count(key: &ConnKey, opening: bool) -> bool {
-    let Some(entry) = CLB_CONNECTIONS.get_ptr_mut(key) else {
+    .cast::<SocketSlot>();
+    if storage.is_null() {
         return false;
-    };
-    // SAFETY: the pointer comes from the map lookup and is used at once.
-    let (slot, counted) = unsafe { ((*entry).slot, (*entry).counted) };
-    if opening {
-        if counted == 0 {
-            // SAFETY: as above.
-            unsafe { (*entry).counted = 1 };
-            add_open(slot, 1);
+    }
+    // SAFETY: the storage of this socket, which the kernel keeps while the program runs; a
+    // socket's state changes are serialized by its lock, so its value has one writer at a time.
+    unsafe {
+        let counted = (*storage).counted != 0;
+        if opening && !counted {
+            (*storage).counted = 1;
+            add_open((*storage).slot, 1);
+        } else if !opening && counted {
+            (*storage).counted = 0;
+            add_open((*storage).slot, u64::MAX);
         }
-    } else {
-        if counted != 0 {
-            add_open(slot, u64::MAX);
-        }
-        let _ = CLB_CONNECTIONS.remove(key);
     }
     true
 }

@@ -1,6 +1,9 @@
 //! Building the sk_reuseport program and keeping the committed object fresh.
 
-use std::{fs, path::PathBuf};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{bail, Context, Result};
 
@@ -21,7 +24,9 @@ pub fn build(check: bool) -> Result<()> {
     run(&mut pinned_cargo(&channel, "build", &target_dir))?;
 
     let built: PathBuf = target_dir.join(TARGET).join("release/cluster-lb-ebpf");
-    let fresh = fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
+    let stripped = target_dir.join("cluster-lb-ebpf.o");
+    strip_debug_info(&channel, &built, &stripped)?;
+    let fresh = fs::read(&stripped).with_context(|| format!("reading {}", stripped.display()))?;
     let committed_path = root().join(COMMITTED_OBJECT);
     let committed = fs::read(&committed_path).unwrap_or_default();
     if fresh == committed {
@@ -34,6 +39,21 @@ pub fn build(check: bool) -> Result<()> {
     fs::write(&committed_path, &fresh).with_context(|| format!("writing {COMMITTED_OBJECT}"))?;
     eprintln!("xtask: wrote {COMMITTED_OBJECT} ({} bytes)", fresh.len());
     Ok(())
+}
+
+/// Copies the object without its DWARF, keeping its BTF: the DWARF was only bpf-linker's input
+/// for the BTF, and it names crates by hashes that depend on where the checkout is (cargo hashes
+/// path dependencies' locations), so without this step no two clones built the same object. The
+/// pinned nightly's own llvm-objcopy (rust-objcopy) does it; it needs the toolchain's libLLVM.
+fn strip_debug_info(channel: &str, from: &Path, to: &Path) -> Result<()> {
+    let sysroot = setup::sysroot(channel)?;
+    let objcopy = sysroot.join("lib/rustlib/x86_64-unknown-linux-gnu/bin/rust-objcopy");
+    run(std::process::Command::new(&objcopy)
+        .env("LD_LIBRARY_PATH", sysroot.join("lib"))
+        .arg("--strip-debug")
+        .arg(from)
+        .arg(to))
+    .with_context(|| format!("stripping the debug info with {}", objcopy.display()))
 }
 
 /// clippy on cluster-ebpf, warnings as errors, as the workspace's crates are checked.
@@ -65,7 +85,13 @@ fn pinned_cargo(
             "--target-dir",
         ])
         .arg(target_dir)
-        // v3: the BPF_ATOMIC fetch-add the round-robin counter needs (kernel 5.12+).
-        .env("CARGO_ENCODED_RUSTFLAGS", "-Ctarget-cpu=v3");
+        // v3: the BPF_ATOMIC fetch-add the round-robin counter needs (kernel 5.12+). BTF: the
+        // kernel creates socket storage (CLB_SLOT_OF) only with its key and value types, which
+        // bpf-linker turns the debug info into (the profile's trim-paths keeps the checkout's
+        // path out of the BTF's line info; the DWARF itself is stripped: strip_debug_info).
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "-Ctarget-cpu=v3\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        );
     cargo
 }

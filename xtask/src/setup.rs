@@ -111,7 +111,7 @@ pub fn pinned(channel: &str, tool: &str) -> Command {
     command
 }
 
-fn sysroot(channel: &str) -> Result<PathBuf> {
+pub fn sysroot(channel: &str) -> Result<PathBuf> {
     let output = pinned(channel, "rustc")
         .args(["--print", "sysroot"])
         .stderr(Stdio::inherit())

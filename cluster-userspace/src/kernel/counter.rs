@@ -5,8 +5,8 @@
 //! only for the cluster's sockets (and those of other processes in the same cgroup: under a
 //! systemd unit or in a container, the cluster's own). Where there is no cgroup v2 to attach
 //! to, a BTF tracepoint on `inet_sock_set_state`, which runs for every TCP state change on the
-//! host; it reads the socket's fields at offsets found in the running kernel's BTF (see
-//! sock_layout), set before the verifier sees it.
+//! host. Either finds a connection's slot in its socket storage (CLB_SLOT_OF), which the kernel
+//! copied from the worker's listener.
 
 use std::{
     fs::File,
@@ -17,18 +17,16 @@ use std::{
 use anyhow::{bail, Context, Result};
 use aya::{
     programs::{BtfTracePoint, CgroupAttachMode, SockOps},
-    Btf, Ebpf, EbpfLoader,
+    Btf, Ebpf,
 };
-use cluster_common::{sock_field, COUNTER_CGROUP_PROGRAM, COUNTER_PROGRAM, COUNTER_TRACEPOINT};
-
-use super::sock_layout::{self, SockLayout};
+use cluster_common::{COUNTER_CGROUP_PROGRAM, COUNTER_PROGRAM, COUNTER_TRACEPOINT};
 
 /// Where the counter program runs.
 pub enum Hook {
     /// A sock_ops program on this cgroup (its directory, open, and its path for the log).
     Cgroup(File, PathBuf),
-    /// The BTF tracepoint, with what it needs of the kernel's BTF.
-    Tracepoint(KernelBtf),
+    /// The BTF tracepoint, with the kernel's BTF (its attach point).
+    Tracepoint(Btf),
 }
 
 impl Hook {
@@ -47,7 +45,9 @@ impl Hook {
                 Ok(Hook::Cgroup(dir, path))
             }
             Err(why) => {
-                let btf = KernelBtf::read()?;
+                let btf = Btf::from_sys_fs().context(
+                    "reading the kernel's BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF)",
+                )?;
                 WARN_TRACEPOINT.call_once(|| {
                     log::warn!(
                         "least-loaded counts connections with a tracepoint that every TCP socket on this host runs, since {why:#}"
@@ -55,25 +55,6 @@ impl Hook {
                 });
                 Ok(Hook::Tracepoint(btf))
             }
-        }
-    }
-
-    /// Gives the tracepoint program `layout`'s offsets (constants to the verifier); the sock_ops
-    /// program reads its context and needs none.
-    pub fn prepare<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
-        let Hook::Tracepoint(kernel) = self else {
-            return;
-        };
-        let layout = &kernel.layout;
-        let fields = [
-            (sock_field::FAMILY, &layout.family),
-            (sock_field::DADDR, &layout.daddr),
-            (sock_field::V6_DADDR, &layout.v6_daddr),
-            (sock_field::DPORT, &layout.dport),
-            (sock_field::SPORT, &layout.sport),
-        ];
-        for (name, offset) in fields {
-            loader.override_global(name, offset, true);
         }
     }
 
@@ -100,13 +81,13 @@ impl Hook {
                         )
                     })?;
             }
-            Hook::Tracepoint(kernel) => {
+            Hook::Tracepoint(btf) => {
                 let program: &mut BtfTracePoint = ebpf
                     .program_mut(COUNTER_PROGRAM)
                     .context("the counter program is missing from the object")?
                     .try_into()?;
                 program
-                    .load(COUNTER_TRACEPOINT, &kernel.btf)
+                    .load(COUNTER_TRACEPOINT, btf)
                     .context("verifying the counter program (needs CAP_BPF and CAP_PERFMON)")?;
                 program.attach().with_context(|| {
                     format!("attaching to the {COUNTER_TRACEPOINT} tracepoint (needs CAP_PERFMON)")
@@ -119,25 +100,6 @@ impl Hook {
 
 static WARN_ROOT: Once = Once::new();
 static WARN_TRACEPOINT: Once = Once::new();
-
-/// What the tracepoint program needs of the running kernel's BTF, read once: the socket's
-/// layout (its offsets) and the BTF itself (its attach point).
-pub struct KernelBtf {
-    pub layout: SockLayout,
-    btf: Btf,
-}
-
-impl KernelBtf {
-    /// /sys/kernel/btf/vmlinux, or why the counter cannot run here.
-    pub fn read() -> Result<KernelBtf> {
-        let data = sock_layout::read_vmlinux()?;
-        Ok(KernelBtf {
-            layout: SockLayout::from_btf(&data)
-                .context("finding the socket's fields in the kernel's BTF")?,
-            btf: Btf::parse(&data, Default::default()).context("reading the kernel's BTF")?,
-        })
-    }
-}
 
 /// Where cgroup v2 is mounted: the unified hierarchy, or its place in a hybrid one.
 const CGROUP2_MOUNTS: [&str; 2] = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"];

@@ -125,6 +125,9 @@ impl Groups {
             let old = OldInstance::open(inherited)
                 .map_err(|e| log::warn!("{}: the old program's maps: {e:#}", state.addr))
                 .ok();
+            // Open connections (least-loaded) are not carried over: those open now carry the
+            // old instance's socket storage, so the new counter program never sees them close,
+            // and a count seeded with them would never come down. The new count starts at 0.
             for counters in &state.counters {
                 balancer.add_to_base(
                     counters.slot,
@@ -134,9 +137,6 @@ impl Groups {
                         migrated: counters.migrated,
                     },
                 );
-                if let Err(e) = balancer.seed_open(counters.slot, counters.open) {
-                    log::warn!("{}: {e:#}", state.addr);
-                }
             }
             group.old = old;
         }

@@ -8,7 +8,6 @@ mod handover;
 mod layer_tests;
 pub mod maglev;
 pub mod slots;
-mod sock_layout;
 pub mod sockets;
 mod unavailable;
 pub mod unix_listens;
@@ -21,15 +20,15 @@ use std::{
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
-    maps::{Array, MapData, PerCpuArray, PerCpuValues, ReusePortSockArray},
+    maps::{Array, MapData, PerCpuArray, PerCpuValues, ReusePortSockArray, SkStorage},
     programs::SkReuseport,
     Ebpf, EbpfLoader,
 };
 use cluster_common::{
-    table_size, ActiveSet, SlotStats, SlotTable, CONFIG_ACTIVE_BUFFER, CONFIG_TABLE_BUFFER,
-    GLOBAL_STRATEGY, MAP_ACTIVE, MAP_CONFIG, MAP_OPEN, MAP_SOCKETS, MAP_STATS, MAP_TABLE,
-    MAX_SLOTS, MAX_WORKERS, NO_SLOT_STATS, PROGRAM_NAME, STRATEGY_HASH, STRATEGY_LEAST_LOADED,
-    STRATEGY_ROUND_ROBIN, STRATEGY_STICKY,
+    table_size, ActiveSet, SlotStats, SlotTable, SocketSlot, CONFIG_ACTIVE_BUFFER,
+    CONFIG_TABLE_BUFFER, GLOBAL_STRATEGY, MAP_ACTIVE, MAP_CONFIG, MAP_OPEN, MAP_SLOT_OF,
+    MAP_SOCKETS, MAP_STATS, MAP_TABLE, MAX_SLOTS, MAX_WORKERS, NO_SLOT_STATS, PROGRAM_NAME,
+    STRATEGY_HASH, STRATEGY_LEAST_LOADED, STRATEGY_ROUND_ROBIN, STRATEGY_STICKY,
 };
 
 pub use handover::{MapFds, OldInstance};
@@ -50,8 +49,9 @@ pub enum Strategy {
     /// The client's address, by consistent hashing over the ready workers, by our program:
     /// every connection of a client goes to one worker.
     Sticky,
-    /// The worker with fewer open connections of two (the round-robin choice and a random
-    /// other), by our program, with connections counted by a tracepoint program.
+    /// The worker with the fewest open connections (of all, up to 8 workers; else of the
+    /// round-robin choice and a random other), by our program, with connections counted by a
+    /// sock_ops (or tracepoint) program.
     LeastLoaded,
     /// Plain SO_REUSEPORT: no program; the kernel hashes over every socket of the group.
     Kernel,
@@ -127,6 +127,9 @@ pub struct Balancer {
     table_half: u32,
     /// Open connections per slot (kept by the counter program, for least-loaded).
     open: Array<MapData, u64>,
+    /// Each worker socket's slot, which the kernel copies into the connections accepted from
+    /// it, for the counter program (least-loaded only).
+    slot_of: SkStorage<MapData, SocketSlot>,
     /// The strategy the program runs (least-loaded degrades to round robin when its counter
     /// program cannot run).
     strategy: Strategy,
@@ -181,9 +184,6 @@ impl Balancer {
         };
         let mut loader = EbpfLoader::new();
         loader.override_global(GLOBAL_STRATEGY, &id, true);
-        if let Some(hook) = &hook {
-            hook.prepare(&mut loader);
-        }
         let mut ebpf = loader.load(PROGRAM_OBJECT).map_err(|e| {
             LoadError::from(Unavailable::classify(
                 anyhow::Error::new(e).context("loading the eBPF object"),
@@ -213,6 +213,7 @@ impl Balancer {
             let stats = take_map(&mut ebpf, MAP_STATS)?;
             let tables = take_map(&mut ebpf, MAP_TABLE)?;
             let open = take_map(&mut ebpf, MAP_OPEN)?;
+            let slot_of = take_map(&mut ebpf, MAP_SLOT_OF)?;
             let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
             Ok(Balancer {
                 ebpf,
@@ -227,6 +228,7 @@ impl Balancer {
                 table: Box::new(SlotTable::EMPTY),
                 table_half: 0,
                 open,
+                slot_of,
                 strategy,
                 cpus,
                 map_fds,
@@ -266,8 +268,14 @@ impl Balancer {
     }
 
     /// Puts a socket in `slot` without touching its counters (a worker taken over in an
-    /// upgrade, whose counters continue).
+    /// upgrade, whose counters continue). Under least-loaded the socket is also given its slot,
+    /// before it can receive a connection, so that every connection accepted from it carries it.
     pub fn place(&mut self, slot: u32, socket: &impl AsRawFd) -> Result<()> {
+        if self.strategy == Strategy::LeastLoaded {
+            self.slot_of
+                .insert(socket, SocketSlot { slot, counted: 0 }, 0)
+                .with_context(|| format!("giving the worker socket of slot {slot} its slot"))?;
+        }
         self.sockets
             .set(slot, socket, 0)
             .with_context(|| format!("putting the worker socket in slot {slot}"))
@@ -363,14 +371,6 @@ impl Balancer {
     /// What older instances counted for `slot` (see [`Balancer::add_to_base`]).
     pub fn base(&self, slot: u32) -> SlotStats {
         self.base.get(&slot).copied().unwrap_or_default()
-    }
-
-    /// Sets a slot's open-connection count (least-loaded) to what an older instance had, so a
-    /// worker taken over in an upgrade does not look idle.
-    pub fn seed_open(&mut self, slot: u32, open: u64) -> Result<()> {
-        self.open
-            .set(slot, open, 0)
-            .with_context(|| format!("seeding the open connections of slot {slot}"))
     }
 
     /// The counters of one slot, summed over CPUs.
@@ -536,8 +536,8 @@ mod tests {
             cluster_common::MAP_CONFIG,
             cluster_common::MAP_STATS,
             cluster_common::MAP_TABLE,
-            cluster_common::MAP_CONNECTIONS,
             cluster_common::MAP_OPEN,
+            cluster_common::MAP_SLOT_OF,
         ];
         for name in maps {
             assert!(

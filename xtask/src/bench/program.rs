@@ -39,12 +39,18 @@ use crate::{root, setup};
 pub enum Selector {
     /// bench/reference/round_robin.c, loaded by the benchmark itself.
     Reference,
+    /// The same program told there is one socket: it gives every connection to the first
+    /// worker, as sticky does in this bench, whose clients all have one address (127.0.0.1).
+    /// Concentrated on one listener, the same selection costs more (its socket's cache lines
+    /// move between the CPU accepting and the CPUs queueing), so sticky is compared with this.
+    ReferenceOneSocket,
     /// `cluster-lb run -s STRATEGY`.
     ClusterLb(&'static str),
 }
 
-pub const ALL: [Selector; 5] = [
+pub const ALL: [Selector; 6] = [
     Selector::Reference,
+    Selector::ReferenceOneSocket,
     Selector::ClusterLb("round-robin"),
     Selector::ClusterLb("hash"),
     Selector::ClusterLb("sticky"),
@@ -55,7 +61,17 @@ impl Selector {
     pub fn name(self) -> String {
         match self {
             Selector::Reference => "C reference round robin".into(),
+            Selector::ReferenceOneSocket => "C reference, all to one socket".into(),
             Selector::ClusterLb(strategy) => format!("cluster-lb {strategy}"),
+        }
+    }
+
+    /// The reference that spreads this bench's connections as this selector does: the one
+    /// socket for sticky (see ReferenceOneSocket), round robin for the others.
+    fn reference(self) -> Selector {
+        match self {
+            Selector::ClusterLb("sticky") => Selector::ReferenceOneSocket,
+            _ => Selector::Reference,
         }
     }
 }
@@ -115,8 +131,13 @@ pub fn measure(
     scratch: &Path,
 ) -> Result<ProgramSample> {
     match selector {
-        Selector::Reference => {
-            let running = Reference::start(reference, workers)?;
+        Selector::Reference | Selector::ReferenceOneSocket => {
+            let rotation = if selector == Selector::Reference {
+                workers
+            } else {
+                1
+            };
+            let running = Reference::start(reference, workers, rotation)?;
             let result = measure::wait_for_all_workers(([127, 0, 0, 1], PORT).into(), workers)
                 .and_then(|()| load(std::process::id(), seconds));
             running.stop();
@@ -334,7 +355,8 @@ fn programs(pid: u32) -> Result<BTreeMap<u64, Program>> {
 }
 
 /// The reference program serving Node workers: a listener per worker in one reuseport group,
-/// socket i at index i of the program's array, each worker given its own as fd 3.
+/// socket i at index i of the program's array, each worker given its own as fd 3; the program
+/// rotates over the first `rotation` sockets.
 struct Reference {
     // Keeps the program attached (with the listeners below) while the workers run.
     _ebpf: Ebpf,
@@ -343,7 +365,7 @@ struct Reference {
 }
 
 impl Reference {
-    fn start(object: &Path, workers: u32) -> Result<Reference> {
+    fn start(object: &Path, workers: u32, rotation: u32) -> Result<Reference> {
         let bytes = fs::read(object).with_context(|| format!("reading {}", object.display()))?;
         let mut ebpf = Ebpf::load(&bytes).context("loading the reference object")?;
         let program: &mut SkReuseport = ebpf
@@ -369,7 +391,7 @@ impl Reference {
                 .context("no REF_STATE map in the reference object")?,
         )?;
         state
-            .set(0, [0, 0, workers, 0], 0)
+            .set(0, [0, 0, rotation, 0], 0)
             .context("writing the reference's socket count")?;
         let program: &mut SkReuseport = ebpf
             .program_mut(REFERENCE_PROGRAM)
@@ -460,13 +482,14 @@ pub fn table(
             .filter_map(|(_, sample)| figure(sample))
             .collect()
     };
-    let reference = median(of(Selector::Reference, |s| Some(s.ns_per_run)));
+    let reference_of =
+        |selector: Selector| median(of(selector.reference(), |s| Some(s.ns_per_run)));
     let mut out = format!(
-        "## What the program costs, {workers} workers\n\n{workers} Node workers (examples/node/server.js), each on its own SO_REUSEPORT socket; wrk -t2 -c64 with `Connection: close` (a new connection per request) for {seconds} s; {rounds} rounds, interleaved. ns per run: the kernel's run_time_ns / run_cnt of the sk_reuseport program (kernel.bpf_stats_enabled=1), median (min–max) over the rounds; × reference: median over the reference's median. verified_insns: what the verifier walked. Other programs: run time of the selector's other programs (least-loaded's connection counter) per selection, and per connection to an unrelated server on the same host (2 s of sequential connections to a plain listener on the next port, after the load; cluster-lb runs in a cgroup of its own, as under a systemd unit, and the unrelated server in its parent), with their runs per such connection (bpf_stats' own clock reads are part of every run's time).\n\n| program | ns per run | × reference | verified_insns | other programs ns per selection | other programs ns per unrelated connection | their runs per unrelated connection | conn/s |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        "## What the program costs, {workers} workers\n\n{workers} Node workers (examples/node/server.js), each on its own SO_REUSEPORT socket; wrk -t2 -c64 with `Connection: close` (a new connection per request) for {seconds} s; {rounds} rounds, interleaved. ns per run: the kernel's run_time_ns / run_cnt of the sk_reuseport program (kernel.bpf_stats_enabled=1), median (min–max) over the rounds; × reference: median over the median of the reference that spreads the connections as this program does here (the bench's clients all have one address, so sticky gives every connection to one worker and is compared with the reference giving all to one socket; the others with the round robin). verified_insns: what the verifier walked. Other programs: run time of the selector's other programs (least-loaded's connection counter) per selection, and per connection to an unrelated server on the same host (2 s of sequential connections to a plain listener on the next port, after the load; cluster-lb runs in a cgroup of its own, as under a systemd unit, and the unrelated server in its parent), with their runs per such connection (bpf_stats' own clock reads are part of every run's time).\n\n| program | ns per run | × reference | verified_insns | other programs ns per selection | other programs ns per unrelated connection | their runs per unrelated connection | conn/s |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     );
     for selector in ALL {
         let runs = of(selector, |s| Some(s.ns_per_run));
-        let times = match (median(runs.clone()), reference) {
+        let times = match (median(runs.clone()), reference_of(selector)) {
             (Some(ns), Some(reference)) if reference > 0.0 => format!("{:.2}", ns / reference),
             _ => "-".into(),
         };
@@ -555,7 +578,9 @@ mod tests {
             (Selector::Reference, sample(100.0)),
             (Selector::Reference, sample(300.0)),
             (Selector::Reference, sample(200.0)),
+            (Selector::ReferenceOneSocket, sample(400.0)),
             (Selector::ClusterLb("hash"), sample(250.0)),
+            (Selector::ClusterLb("sticky"), sample(500.0)),
         ];
         let table = table(&samples, 2, 3, 1);
         assert!(
@@ -568,8 +593,17 @@ mod tests {
             table.contains("| cluster-lb hash | 250 | 1.25 | 20 | - | - | - | 1000 |"),
             "{table}"
         );
+        // Sticky against the reference giving everything to one socket, as it does here.
         assert!(
-            table.contains("| cluster-lb sticky | - | - | - | - | - | - | - |"),
+            table.contains("| C reference, all to one socket | 400 | 2.00 | 20 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| cluster-lb sticky | 500 | 1.25 | 20 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| cluster-lb round-robin | - | - | - | - | - | - | - |"),
             "{table}"
         );
     }
