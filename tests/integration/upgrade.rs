@@ -440,3 +440,59 @@ fn a_unix_socket_path_and_its_workers_survive_an_upgrade() {
         );
     });
 }
+
+/// Least-loaded across an upgrade: the new program's counts start at 0 (the connections open
+/// across it carry the old program's socket storage, which the new counter never sees, so a
+/// count seeded with them would never come down), new connections count, and the old ones'
+/// closes leave the new counts alone.
+#[test]
+fn least_loaded_counts_start_again_after_an_upgrade() {
+    root_test("upgrade_least_loaded", || {
+        let install = Install::new("least-loaded");
+        let server = rust_server();
+        let cluster = install.start(&[
+            "run",
+            "-w",
+            "2",
+            "--listen",
+            ADDR,
+            "--strategy",
+            "least-loaded",
+            "--",
+            &server,
+        ]);
+        cluster.wait_until_ready(2);
+        let open =
+            |cluster: &Cluster| -> u64 { cluster.status().workers.iter().map(|w| w.open).sum() };
+        let connect = |n| -> Vec<std::net::TcpStream> {
+            (0..n)
+                .map(|_| std::net::TcpStream::connect(addr()).expect("connect"))
+                .collect()
+        };
+        let before = connect(4);
+        cluster.wait_until("4 open connections counted", Duration::from_secs(5), |s| {
+            s.workers.iter().map(|w| w.open).sum::<u64>() == 4
+        });
+        let workers = pids(&cluster);
+        upgrade_to_build(&cluster, &install, "least-loaded", &workers);
+        assert_eq!(cluster.status().strategy, "least-loaded");
+        assert_eq!(open(&cluster), 0, "counts seeded across the upgrade");
+
+        let after = connect(2);
+        cluster.wait_until("2 new connections counted", Duration::from_secs(5), |s| {
+            s.workers.iter().map(|w| w.open).sum::<u64>() == 2
+        });
+        drop(before);
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            open(&cluster),
+            2u64,
+            "an old connection's close was counted"
+        );
+        drop(after);
+        cluster.wait_until("no open connection counted", Duration::from_secs(5), |s| {
+            s.workers.iter().all(|w| w.open == 0)
+        });
+        assert!(cluster.stop().status.success());
+    });
+}

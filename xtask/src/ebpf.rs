@@ -82,13 +82,20 @@ fn pinned_cargo(
             TARGET,
             "-Z",
             "build-std=core",
+            // The object's BTF names source files: the package's paths, not the checkout's,
+            // so every clone builds the same object. Given here, not in Cargo.toml, whose
+            // `cargo-features` stable cargo (cargo fmt) refuses to read.
+            "-Z",
+            "trim-paths",
+            "--config",
+            "profile.release.trim-paths=\"all\"",
             "--target-dir",
         ])
         .arg(target_dir)
         // v3: the BPF_ATOMIC fetch-add the round-robin counter needs (kernel 5.12+). BTF: the
         // kernel creates socket storage (CLB_SLOT_OF) only with its key and value types, which
-        // bpf-linker turns the debug info into (the profile's trim-paths keeps the checkout's
-        // path out of the BTF's line info; the DWARF itself is stripped: strip_debug_info).
+        // bpf-linker turns the debug info into (trim-paths, above, keeps the checkout's path
+        // out of the BTF's line info; the DWARF itself is stripped: strip_debug_info).
         .env(
             "CARGO_ENCODED_RUSTFLAGS",
             "-Ctarget-cpu=v3\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf",
