@@ -30,9 +30,12 @@ pub enum Contender {
     NodeAppNone,
 }
 
-pub const ALL: [Contender; 11] = [
+pub const ALL: [Contender; 12] = [
     Contender::ClusterLb("round-robin"),
     Contender::ClusterLb("hash"),
+    // Gives each connection to a worker with the fewest open: with more workers than cores,
+    // the one round robin names may not be running while another waits idle.
+    Contender::ClusterLb("least-loaded"),
     Contender::ClusterLb("kernel"),
     Contender::ClusterLbRust,
     Contender::SharedSocket,
