@@ -7,8 +7,13 @@
 // Built by xtask with Debian's clang and libbpf-dev:
 //   clang -O2 -g -target bpf -mcpu=v3 -c round_robin.c
 // (-mcpu=v3 for the BPF_ATOMIC fetch-add, as cluster-ebpf is built.)
+//
+// reference_sticky, below, is the least a program that keeps each client on one socket does:
+// read the client's address from the packet (one helper call; sk_reuseport's context has no
+// address, and the packet data it gives starts after the IP header), hash it, select.
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
 
 #define MAX_SOCKETS 64
 
@@ -41,6 +46,27 @@ int reference_round_robin(struct sk_reuseport_md *md)
 	if (!state || state->count == 0)
 		return SK_PASS;
 	__u32 index = (__u32)__sync_fetch_and_add(&state->next, 1) % state->count;
+	bpf_sk_select_reuseport(md, &REF_SOCKETS, &index, 0);
+	return SK_PASS;
+}
+
+SEC("sk_reuseport")
+int reference_sticky(struct sk_reuseport_md *md)
+{
+	__u32 zero = 0;
+	__u32 address[4] = {};
+	long loaded;
+	struct state *state = bpf_map_lookup_elem(&REF_STATE, &zero);
+	if (!state || state->count == 0)
+		return SK_PASS;
+	if (md->eth_protocol == bpf_htons(0x86DD))
+		loaded = bpf_skb_load_bytes_relative(md, 8, address, 16, BPF_HDR_START_NET);
+	else
+		loaded = bpf_skb_load_bytes_relative(md, 12, address, 4, BPF_HDR_START_NET);
+	if (loaded)
+		return SK_PASS;
+	__u32 index = ((address[0] ^ address[1] ^ address[2] ^ address[3]) * 0x9e3779b1u) %
+		      state->count;
 	bpf_sk_select_reuseport(md, &REF_SOCKETS, &index, 0);
 	return SK_PASS;
 }

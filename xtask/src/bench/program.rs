@@ -39,18 +39,18 @@ use crate::{root, setup};
 pub enum Selector {
     /// bench/reference/round_robin.c, loaded by the benchmark itself.
     Reference,
-    /// The same program told there is one socket: it gives every connection to the first
-    /// worker, as sticky does in this bench, whose clients all have one address (127.0.0.1).
-    /// It shows what concentrating the load on one listener costs by itself (on 2026-12-04:
-    /// 1.05x the round robin), so that sticky's own cost can be told from its traffic's.
-    ReferenceOneSocket,
+    /// reference_sticky of the same file: the client's address read (one helper call),
+    /// hashed, selected. The bench's clients all have one address (127.0.0.1), so it gives
+    /// every connection to one worker, as cluster-lb's sticky does here: the floor of what a
+    /// sticky program costs with this traffic.
+    ReferenceSticky,
     /// `cluster-lb run -s STRATEGY`.
     ClusterLb(&'static str),
 }
 
 pub const ALL: [Selector; 6] = [
     Selector::Reference,
-    Selector::ReferenceOneSocket,
+    Selector::ReferenceSticky,
     Selector::ClusterLb("round-robin"),
     Selector::ClusterLb("hash"),
     Selector::ClusterLb("sticky"),
@@ -61,8 +61,17 @@ impl Selector {
     pub fn name(self) -> String {
         match self {
             Selector::Reference => "C reference round robin".into(),
-            Selector::ReferenceOneSocket => "C reference, all to one socket".into(),
+            Selector::ReferenceSticky => "C reference sticky".into(),
             Selector::ClusterLb(strategy) => format!("cluster-lb {strategy}"),
+        }
+    }
+
+    /// What "× reference" divides by: the C sticky for sticky (the least that strategy can
+    /// do), the C round robin for the others.
+    fn reference(self) -> Selector {
+        match self {
+            Selector::ClusterLb("sticky") => Selector::ReferenceSticky,
+            _ => Selector::Reference,
         }
     }
 }
@@ -88,6 +97,7 @@ pub struct ProgramSample {
 const PROG_TYPE_SK_REUSEPORT: u64 = 21;
 const REFERENCE_SOURCE: &str = "bench/reference/round_robin.c";
 const REFERENCE_PROGRAM: &str = "reference_round_robin";
+const REFERENCE_STICKY_PROGRAM: &str = "reference_sticky";
 
 /// clang and libbpf's headers, then the reference object, into `scratch`.
 pub fn build_reference(scratch: &Path) -> Result<PathBuf> {
@@ -122,15 +132,15 @@ pub fn measure(
     scratch: &Path,
 ) -> Result<ProgramSample> {
     match selector {
-        Selector::Reference | Selector::ReferenceOneSocket => {
-            let rotation = if selector == Selector::Reference {
-                workers
+        Selector::Reference | Selector::ReferenceSticky => {
+            let (program, answering) = if selector == Selector::Reference {
+                (REFERENCE_PROGRAM, workers)
             } else {
-                1
+                // One client address: one worker answers.
+                (REFERENCE_STICKY_PROGRAM, 1)
             };
-            let running = Reference::start(reference, workers, rotation)?;
-            // Only the workers in the rotation can answer.
-            let result = measure::wait_for_all_workers(([127, 0, 0, 1], PORT).into(), rotation)
+            let running = Reference::start(reference, program, workers)?;
+            let result = measure::wait_for_all_workers(([127, 0, 0, 1], PORT).into(), answering)
                 .and_then(|()| load(std::process::id(), seconds));
             running.stop();
             result
@@ -347,8 +357,8 @@ fn programs(pid: u32) -> Result<BTreeMap<u64, Program>> {
 }
 
 /// The reference program serving Node workers: a listener per worker in one reuseport group,
-/// socket i at index i of the program's array, each worker given its own as fd 3; the program
-/// rotates over the first `rotation` sockets.
+/// socket i at index i of the program's array, each worker given its own as fd 3, `program` of
+/// the reference object choosing.
 struct Reference {
     // Keeps the program attached (with the listeners below) while the workers run.
     _ebpf: Ebpf,
@@ -357,11 +367,11 @@ struct Reference {
 }
 
 impl Reference {
-    fn start(object: &Path, workers: u32, rotation: u32) -> Result<Reference> {
+    fn start(object: &Path, name: &str, workers: u32) -> Result<Reference> {
         let bytes = fs::read(object).with_context(|| format!("reading {}", object.display()))?;
         let mut ebpf = Ebpf::load(&bytes).context("loading the reference object")?;
         let program: &mut SkReuseport = ebpf
-            .program_mut(REFERENCE_PROGRAM)
+            .program_mut(name)
             .context("no reference program in the object")?
             .try_into()?;
         program.load().context("verifying the reference program")?;
@@ -383,10 +393,10 @@ impl Reference {
                 .context("no REF_STATE map in the reference object")?,
         )?;
         state
-            .set(0, [0, 0, rotation, 0], 0)
+            .set(0, [0, 0, workers, 0], 0)
             .context("writing the reference's socket count")?;
         let program: &mut SkReuseport = ebpf
-            .program_mut(REFERENCE_PROGRAM)
+            .program_mut(name)
             .context("no reference program in the object")?
             .try_into()?;
         program
@@ -474,13 +484,14 @@ pub fn table(
             .filter_map(|(_, sample)| figure(sample))
             .collect()
     };
-    let reference = median(of(Selector::Reference, |s| Some(s.ns_per_run)));
+    let reference_of =
+        |selector: Selector| median(of(selector.reference(), |s| Some(s.ns_per_run)));
     let mut out = format!(
-        "## What the program costs, {workers} workers\n\n{workers} Node workers (examples/node/server.js), each on its own SO_REUSEPORT socket; wrk -t2 -c64 with `Connection: close` (a new connection per request) for {seconds} s; {rounds} rounds, interleaved. ns per run: the kernel's run_time_ns / run_cnt of the sk_reuseport program (kernel.bpf_stats_enabled=1), median (min–max) over the rounds; × reference: median over the round-robin reference's median. The reference giving all to one socket shows what concentrating the load costs by itself: the bench's clients all have one address, so sticky gives every connection to one worker. verified_insns: what the verifier walked. Other programs: run time of the selector's other programs (least-loaded's connection counter) per selection, and per connection to an unrelated server on the same host (2 s of sequential connections to a plain listener on the next port, after the load; cluster-lb runs in a cgroup of its own, as under a systemd unit, and the unrelated server in its parent), with their runs per such connection (bpf_stats' own clock reads are part of every run's time).\n\n| program | ns per run | × reference | verified_insns | other programs ns per selection | other programs ns per unrelated connection | their runs per unrelated connection | conn/s |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        "## What the program costs, {workers} workers\n\n{workers} Node workers (examples/node/server.js), each on its own SO_REUSEPORT socket; wrk -t2 -c64 with `Connection: close` (a new connection per request) for {seconds} s; {rounds} rounds, interleaved. ns per run: the kernel's run_time_ns / run_cnt of the sk_reuseport program (kernel.bpf_stats_enabled=1), median (min–max) over the rounds; × reference: median over the median of the C round robin, for sticky over that of the C sticky, which reads the client's address (one helper call), hashes it and selects: the least a sticky program does (the bench's clients all have one address, so both stickies give every connection to one worker). verified_insns: what the verifier walked. Other programs: run time of the selector's other programs (least-loaded's connection counter) per selection, and per connection to an unrelated server on the same host (2 s of sequential connections to a plain listener on the next port, after the load; cluster-lb runs in a cgroup of its own, as under a systemd unit, and the unrelated server in its parent), with their runs per such connection (bpf_stats' own clock reads are part of every run's time).\n\n| program | ns per run | × reference | verified_insns | other programs ns per selection | other programs ns per unrelated connection | their runs per unrelated connection | conn/s |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     );
     for selector in ALL {
         let runs = of(selector, |s| Some(s.ns_per_run));
-        let times = match (median(runs.clone()), reference) {
+        let times = match (median(runs.clone()), reference_of(selector)) {
             (Some(ns), Some(reference)) if reference > 0.0 => format!("{:.2}", ns / reference),
             _ => "-".into(),
         };
@@ -569,7 +580,7 @@ mod tests {
             (Selector::Reference, sample(100.0)),
             (Selector::Reference, sample(300.0)),
             (Selector::Reference, sample(200.0)),
-            (Selector::ReferenceOneSocket, sample(400.0)),
+            (Selector::ReferenceSticky, sample(400.0)),
             (Selector::ClusterLb("hash"), sample(250.0)),
             (Selector::ClusterLb("sticky"), sample(500.0)),
         ];
@@ -585,11 +596,11 @@ mod tests {
             "{table}"
         );
         assert!(
-            table.contains("| C reference, all to one socket | 400 | 2.00 | 20 |"),
+            table.contains("| C reference sticky | 400 | 2.00 | 20 |"),
             "{table}"
         );
         assert!(
-            table.contains("| cluster-lb sticky | 500 | 2.50 | 20 |"),
+            table.contains("| cluster-lb sticky | 500 | 1.25 | 20 |"),
             "{table}"
         );
         assert!(
