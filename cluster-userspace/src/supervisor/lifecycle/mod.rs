@@ -795,6 +795,8 @@ impl Lifecycle {
 
     /// A draining worker that closed its channel has closed its servers: it gets [`LINGER`] to
     /// exit by itself, then SIGTERM (what Node's own `worker.destroy()` does on `disconnect`).
+    /// Only a worker cluster-lb asked to stop: one that leaves by itself or that the program
+    /// let go has its term_at set already (see depart).
     fn channel_closed(&mut self, pid: Pid) {
         let now = self.now;
         if let Some(process) = self.processes.get_mut(&pid) {
@@ -1291,10 +1293,15 @@ impl Lifecycle {
         } else {
             Duration::ZERO
         };
+        let kill_at = now + delay + grace;
         process.phase = Phase::Draining {
             ask_at: (asks && !delay.is_zero()).then_some(now + delay),
-            term_at: None,
-            kill_at: now + delay + grace,
+            // A worker that leaves by itself, or that the program's primary let go
+            // (`worker.disconnect()`), lives on under Node until its event loop is empty,
+            // however long its connections last: its channel closing starts no LINGER. Only
+            // --grace bounds it (SIGKILL at kill_at, which comes first).
+            term_at: (!asks).then_some(kill_at),
+            kill_at,
         };
         let id = process.id;
         if was_active {

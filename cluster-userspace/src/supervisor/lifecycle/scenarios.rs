@@ -467,6 +467,31 @@ fn a_draining_worker_whose_channel_closed_gets_sigterm_after_lingering_then_sigk
     );
 }
 
+/// Node's `worker.disconnect()` never kills a worker: it leaves once its event loop is empty,
+/// however long its connections last (Node's test-cluster-worker-no-exit). A worker the
+/// program's primary lets go is not terminated when its channel closes; only --grace bounds it.
+#[test]
+fn a_worker_the_program_lets_go_lingers_past_its_channel_closing_until_grace() {
+    let mut world = node_primary(super::Count::Program, 0);
+    world.apply(Input::Fork { variant: 0 });
+    world.settle();
+    let pid = world.pid(1, WorkerState::Ready);
+    world.apply(Input::Unwant {
+        id: 1,
+        why: Departure::LetGo,
+    });
+    assert!(
+        !world.alive[&pid].asked_to_stop,
+        "the program asked already"
+    );
+    world.apply(Input::ChannelClosed { pid });
+    world.advance(super::LINGER * 5);
+    assert!(!world.alive[&pid].terminated, "no SIGTERM: it may serve on");
+    assert!(!world.alive[&pid].killed);
+    world.advance(Duration::from_secs(30));
+    assert!(world.alive[&pid].killed, "SIGKILL after --grace");
+}
+
 /// Issue 23: a reload while every worker is waiting for its restart (a crash loop) replaced
 /// nothing, and used to answer "reload complete: 0 workers replaced".
 #[test]
