@@ -203,14 +203,27 @@ pub(super) struct WrkResult {
 }
 
 pub(super) fn wrk(seconds: u32, close: bool) -> Result<WrkResult> {
+    wrk_at(PORT, 2, 64, seconds, close)
+}
+
+/// wrk against 127.0.0.1:`port` with `threads` threads keeping `connections` open.
+pub(super) fn wrk_at(
+    port: u16,
+    threads: u32,
+    connections: u32,
+    seconds: u32,
+    close: bool,
+) -> Result<WrkResult> {
     let mut command = Command::new("wrk");
     command
-        .args(["-t2", "-c64", "--latency", "-d"])
+        .arg(format!("-t{threads}"))
+        .arg(format!("-c{connections}"))
+        .args(["--latency", "-d"])
         .arg(format!("{seconds}s"));
     if close {
         command.args(["-H", "Connection: close"]);
     }
-    command.arg(format!("http://127.0.0.1:{PORT}/"));
+    command.arg(format!("http://127.0.0.1:{port}/"));
     let output = command.output().context("running wrk")?;
     let text = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {

@@ -1,6 +1,6 @@
 //! `cargo xtask bench --suite program`: what the sk_reuseport program costs per new connection,
 //! for each strategy, next to a minimal C round robin (bench/reference/round_robin.c) built and
-//! run in the same invocation, so the machine's state on the day is in both.
+//! run in the same invocation.
 //!
 //! The kernel counts each program's run time and runs while kernel.bpf_stats_enabled=1
 //! (`run_time_ns`, `run_cnt` in the program's fdinfo); ns per run is their difference over a
@@ -8,6 +8,13 @@
 //! fdinfo, 5.16+) says how much program it had to walk. Every contender serves with the same
 //! Node workers (examples/node/server.js), each on its own SO_REUSEPORT socket, so the caches
 //! the program runs with are the same; only the program and who loaded it differ.
+//!
+//! Each program is measured at the same moment as the C round robin: both serve, on two ports,
+//! under two wrk loads started together, and a program's multiple is over the reference's run
+//! time in that same measurement. Measured one after the other (as this suite first did), the
+//! same unchanged program read 1.04x to 1.46x the reference on this shared 2-core machine: what
+//! else ran in those seconds weighed more than the programs' difference. Side by side, both
+//! see the same load, caches and neighbours.
 
 use std::{
     collections::BTreeMap,
@@ -29,8 +36,8 @@ use aya::{
 
 use super::{
     contenders::{self, CONTROL_SOCKET, PORT},
-    measure,
-    report::median,
+    measure::{self, WrkResult},
+    report::{median, spread},
 };
 use crate::{root, setup};
 
@@ -48,8 +55,8 @@ pub enum Selector {
     ClusterLb(&'static str),
 }
 
-pub const ALL: [Selector; 6] = [
-    Selector::Reference,
+/// What the suite measures, each beside the C round robin.
+pub const MEASURED: [Selector; 5] = [
     Selector::ReferenceSticky,
     Selector::ClusterLb("round-robin"),
     Selector::ClusterLb("hash"),
@@ -63,15 +70,6 @@ impl Selector {
             Selector::Reference => "C reference round robin".into(),
             Selector::ReferenceSticky => "C reference sticky".into(),
             Selector::ClusterLb(strategy) => format!("cluster-lb {strategy}"),
-        }
-    }
-
-    /// What "× reference" divides by: the C sticky for sticky (the least that strategy can
-    /// do), the C round robin for the others.
-    fn reference(self) -> Selector {
-        match self {
-            Selector::ClusterLb("sticky") => Selector::ReferenceSticky,
-            _ => Selector::Reference,
         }
     }
 }
@@ -121,8 +119,20 @@ pub fn build_reference(scratch: &Path) -> Result<PathBuf> {
     Ok(object)
 }
 
-/// Starts `selector` with `workers` Node workers, loads it with wrk (a new connection per
-/// request) for `seconds`, stops it.
+/// The port of the selector measured beside the C round robin (which serves on PORT; PORT + 1
+/// is the unrelated server's).
+const MEASURED_PORT: u16 = PORT + 2;
+
+/// One round's measurement of a selector and of the C round robin, loaded at the same moment.
+#[derive(Clone, Copy, Debug)]
+pub struct Pair {
+    pub selector: Selector,
+    pub sample: ProgramSample,
+    pub reference: ProgramSample,
+}
+
+/// Starts the C round robin and `selector`, each with `workers` Node workers, on two ports;
+/// loads both at once with wrk (a new connection per request) for `seconds`; stops them.
 pub fn measure(
     selector: Selector,
     workers: u32,
@@ -130,66 +140,220 @@ pub fn measure(
     cluster_lb: &Path,
     reference: &Path,
     scratch: &Path,
-) -> Result<ProgramSample> {
-    match selector {
-        Selector::Reference | Selector::ReferenceSticky => {
-            let (program, answering) = if selector == Selector::Reference {
-                (REFERENCE_PROGRAM, workers)
-            } else {
-                // One client address: one worker answers.
-                (REFERENCE_STICKY_PROGRAM, 1)
-            };
-            let running = Reference::start(reference, program, workers)?;
-            let result = measure::wait_for_all_workers(([127, 0, 0, 1], PORT).into(), answering)
-                .and_then(|()| load(std::process::id(), seconds));
-            running.stop();
-            result
+) -> Result<Pair> {
+    let beside = Running::start(
+        Selector::Reference,
+        PORT,
+        workers,
+        cluster_lb,
+        reference,
+        scratch,
+    )?;
+    let measured = match Running::start(
+        selector,
+        MEASURED_PORT,
+        workers,
+        cluster_lb,
+        reference,
+        scratch,
+    ) {
+        Ok(measured) => measured,
+        Err(error) => {
+            beside.stop();
+            return Err(error);
         }
-        Selector::ClusterLb(strategy) => {
-            let control = scratch.join(CONTROL_SOCKET);
-            // One left by a run that was killed would look like this one's.
-            let _ = fs::remove_file(&control);
-            // In a cgroup of its own, as under a systemd unit or in a container: least-loaded's
-            // counter then runs for its sockets only, and the unrelated server (this process,
-            // in the parent cgroup) shows what others pay.
-            let cgroup = own_cgroup_child("clb-bench")?;
-            let mut primary = Command::new("/bin/sh")
-                .arg("-c")
-                .arg("echo $$ > \"$1\"/cgroup.procs && shift && exec \"$@\"")
-                .arg("sh")
-                .arg(&cgroup)
-                .arg(cluster_lb)
-                .args(["run", "-w", &workers.to_string(), "-l"])
-                .arg(format!("127.0.0.1:{PORT}"))
-                .args(["-s", strategy, "--control"])
-                .arg(&control)
-                .arg("--")
-                .arg("node")
-                .arg(root().join("examples/node/server.js"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting cluster-lb")?;
-            // Not by asking each worker to answer: under sticky every connection from this
-            // one client address goes to one worker.
-            let result = wait_for_control(&control)
-                .and_then(|()| measure::wait_until_ready(&control, workers))
-                .and_then(|()| {
-                    // As wait_for_all_workers: let late starters finish their start-up work.
-                    std::thread::sleep(Duration::from_millis(500));
-                    let mut sample = load(primary.id(), seconds)?;
-                    if sample.others_ns_per_selection.is_some() {
-                        let (ns, runs) = unrelated(primary.id())?;
-                        sample.others_ns_per_unrelated = Some(ns);
-                        sample.others_runs_per_unrelated = Some(runs);
-                    }
-                    Ok(sample)
+    };
+    let result =
+        load_side_by_side(&beside, &measured, seconds).and_then(|(reference, mut sample)| {
+            if sample.others_ns_per_selection.is_some() {
+                let (ns, runs) = unrelated(measured.holder)?;
+                sample.others_ns_per_unrelated = Some(ns);
+                sample.others_runs_per_unrelated = Some(runs);
+            }
+            Ok(Pair {
+                selector,
+                sample,
+                reference,
+            })
+        });
+    measured.stop();
+    beside.stop();
+    result
+}
+
+/// A selector serving on its port, ready.
+struct Running {
+    port: u16,
+    /// The process holding the selector's programs.
+    holder: u32,
+    /// Its sk_reuseport program when the holder has several (the C programs, both loaded by
+    /// this process). None: the holder's only one, and every other program the holder has is
+    /// the selector's too (least-loaded's counter).
+    program: Option<u64>,
+    serving: Serving,
+}
+
+enum Serving {
+    Reference(Reference),
+    ClusterLb(Child),
+}
+
+impl Running {
+    fn start(
+        selector: Selector,
+        port: u16,
+        workers: u32,
+        cluster_lb: &Path,
+        reference: &Path,
+        scratch: &Path,
+    ) -> Result<Running> {
+        let strategy = match selector {
+            Selector::ClusterLb(strategy) => strategy,
+            Selector::Reference | Selector::ReferenceSticky => {
+                let (program, answering) = if selector == Selector::Reference {
+                    (REFERENCE_PROGRAM, workers)
+                } else {
+                    // One client address: one worker answers.
+                    (REFERENCE_STICKY_PROGRAM, 1)
+                };
+                let running = Reference::start(reference, program, workers, port)?;
+                let id = running.program_id;
+                if let Err(error) =
+                    measure::wait_for_all_workers(([127, 0, 0, 1], port).into(), answering)
+                {
+                    running.stop();
+                    return Err(error);
+                }
+                return Ok(Running {
+                    port,
+                    holder: std::process::id(),
+                    program: Some(id),
+                    serving: Serving::Reference(running),
                 });
+            }
+        };
+        let control = scratch.join(CONTROL_SOCKET);
+        // One left by a run that was killed would look like this one's.
+        let _ = fs::remove_file(&control);
+        // In a cgroup of its own, as under a systemd unit or in a container: least-loaded's
+        // counter then runs for its sockets only, and the unrelated server (this process, in
+        // the parent cgroup) shows what others pay.
+        let cgroup = own_cgroup_child("clb-bench")?;
+        let mut primary = Command::new("/bin/sh")
+            .arg("-c")
+            .arg("echo $$ > \"$1\"/cgroup.procs && shift && exec \"$@\"")
+            .arg("sh")
+            .arg(&cgroup)
+            .arg(cluster_lb)
+            .args(["run", "-w", &workers.to_string(), "-l"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["-s", strategy, "--control"])
+            .arg(&control)
+            .arg("--")
+            .arg("node")
+            .arg(root().join("examples/node/server.js"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting cluster-lb")?;
+        // Not by asking each worker to answer: under sticky every connection from this one
+        // client address goes to one worker.
+        let ready = wait_for_control(&control).and_then(|()| {
+            measure::wait_until_ready(&control, workers)?;
+            // As wait_for_all_workers: let late starters finish their start-up work.
+            std::thread::sleep(Duration::from_millis(500));
+            Ok(())
+        });
+        if let Err(error) = ready {
             stop(&mut primary);
-            result
+            return Err(error);
+        }
+        Ok(Running {
+            port,
+            holder: primary.id(),
+            program: None,
+            serving: Serving::ClusterLb(primary),
+        })
+    }
+
+    fn stop(self) {
+        match self.serving {
+            Serving::Reference(reference) => reference.stop(),
+            Serving::ClusterLb(mut primary) => stop(&mut primary),
         }
     }
+}
+
+/// Loads both selectors at once, each with its own wrk (one thread, 32 connections, `Connection:
+/// close`), and reads their programs' run time before and after.
+fn load_side_by_side(
+    beside: &Running,
+    measured: &Running,
+    seconds: u32,
+) -> Result<(ProgramSample, ProgramSample)> {
+    let before = (programs(beside.holder)?, programs(measured.holder)?);
+    let load = |running: &Running| measure::wrk_at(running.port, 1, 32, seconds, true);
+    let (beside_wrk, measured_wrk) = std::thread::scope(|scope| {
+        let beside_wrk = scope.spawn(|| load(beside));
+        let measured_wrk = load(measured);
+        (beside_wrk.join(), measured_wrk)
+    });
+    let beside_wrk = beside_wrk.map_err(|_| anyhow!("the reference's wrk thread panicked"))??;
+    let measured_wrk = measured_wrk?;
+    let after = (programs(beside.holder)?, programs(measured.holder)?);
+    Ok((
+        sample(beside, &before.0, &after.0, &beside_wrk)?,
+        sample(measured, &before.1, &after.1, &measured_wrk)?,
+    ))
+}
+
+/// What `running`'s programs did between two readings of its holder's programs.
+fn sample(
+    running: &Running,
+    before: &BTreeMap<u64, Program>,
+    after: &BTreeMap<u64, Program>,
+    wrk: &WrkResult,
+) -> Result<ProgramSample> {
+    let holder = running.holder;
+    let mut selection: Option<(u64, u64, &Program)> = None;
+    let mut others_ns = 0;
+    let mut has_others = false;
+    for (id, new) in after {
+        let Some(old) = before.get(id) else {
+            continue;
+        };
+        if running.program.is_some_and(|wanted| wanted != *id) {
+            continue;
+        }
+        let (time, runs) = (
+            new.run_time_ns.saturating_sub(old.run_time_ns),
+            new.run_cnt.saturating_sub(old.run_cnt),
+        );
+        if new.prog_type == PROG_TYPE_SK_REUSEPORT {
+            if selection.is_some() {
+                bail!("process {holder} holds more than one sk_reuseport program");
+            }
+            selection = Some((time, runs, new));
+        } else {
+            others_ns += time;
+            has_others = true;
+        }
+    }
+    let Some((time, runs, program)) = selection else {
+        bail!("process {holder} holds no sk_reuseport program");
+    };
+    if runs == 0 {
+        bail!("the sk_reuseport program never ran: is kernel.bpf_stats_enabled 1?");
+    }
+    Ok(ProgramSample {
+        ns_per_run: time as f64 / runs as f64,
+        verified_insns: program.verified_insns,
+        others_ns_per_selection: has_others.then(|| others_ns as f64 / runs as f64),
+        others_ns_per_unrelated: None,
+        others_runs_per_unrelated: None,
+        conn_per_s: wrk.per_second,
+    })
 }
 
 /// A child cgroup (v2) of this process's own, created if missing.
@@ -209,53 +373,6 @@ fn wait_for_control(control: &Path) -> Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
-}
-
-/// wrk with `Connection: close` against the running selector; the programs `pid` holds,
-/// before and after.
-fn load(pid: u32, seconds: u32) -> Result<ProgramSample> {
-    let before = programs(pid)?;
-    let wrk = measure::wrk(seconds, true)?;
-    let after = programs(pid)?;
-    let delta = |id: &u64| -> Option<(u64, u64, &Program)> {
-        let (old, new) = (before.get(id)?, after.get(id)?);
-        Some((
-            new.run_time_ns.saturating_sub(old.run_time_ns),
-            new.run_cnt.saturating_sub(old.run_cnt),
-            new,
-        ))
-    };
-    let mut selection: Option<(u64, u64, &Program)> = None;
-    let mut others_ns = 0;
-    let mut has_others = false;
-    for id in after.keys() {
-        let Some((time, runs, program)) = delta(id) else {
-            continue;
-        };
-        if program.prog_type == PROG_TYPE_SK_REUSEPORT {
-            if selection.is_some() {
-                bail!("process {pid} holds more than one sk_reuseport program");
-            }
-            selection = Some((time, runs, program));
-        } else {
-            others_ns += time;
-            has_others = true;
-        }
-    }
-    let Some((time, runs, program)) = selection else {
-        bail!("process {pid} holds no sk_reuseport program");
-    };
-    if runs == 0 {
-        bail!("the sk_reuseport program never ran: is kernel.bpf_stats_enabled 1?");
-    }
-    Ok(ProgramSample {
-        ns_per_run: time as f64 / runs as f64,
-        verified_insns: program.verified_insns,
-        others_ns_per_selection: has_others.then(|| others_ns as f64 / runs as f64),
-        others_ns_per_unrelated: None,
-        others_runs_per_unrelated: None,
-        conn_per_s: wrk.per_second,
-    })
 }
 
 /// Run time of the programs `pid` holds, other than its sk_reuseport program, per connection
@@ -364,10 +481,12 @@ struct Reference {
     _ebpf: Ebpf,
     _listeners: Vec<TcpListener>,
     workers: Vec<Child>,
+    /// The kernel's id of the loaded program, to tell its figures from another reference's.
+    program_id: u64,
 }
 
 impl Reference {
-    fn start(object: &Path, name: &str, workers: u32) -> Result<Reference> {
+    fn start(object: &Path, name: &str, workers: u32, port: u16) -> Result<Reference> {
         let bytes = fs::read(object).with_context(|| format!("reading {}", object.display()))?;
         let mut ebpf = Ebpf::load(&bytes).context("loading the reference object")?;
         let program: &mut SkReuseport = ebpf
@@ -375,8 +494,14 @@ impl Reference {
             .context("no reference program in the object")?
             .try_into()?;
         program.load().context("verifying the reference program")?;
+        let program_id = u64::from(
+            program
+                .info()
+                .context("reading the reference program's id")?
+                .id(),
+        );
         let listeners = (0..workers)
-            .map(|_| reuseport_listener())
+            .map(|_| reuseport_listener(port))
             .collect::<Result<Vec<_>>>()?;
         let mut sockets = ReusePortSockArray::try_from(
             ebpf.map_mut("REF_SOCKETS")
@@ -419,6 +544,7 @@ impl Reference {
             _ebpf: ebpf,
             _listeners: listeners,
             workers: children,
+            program_id,
         })
     }
 
@@ -427,8 +553,8 @@ impl Reference {
     }
 }
 
-/// A listener on the benchmark's port with SO_REUSEPORT, so all of them form one group.
-fn reuseport_listener() -> Result<TcpListener> {
+/// A listener on `port` with SO_REUSEPORT, so all of them form one group.
+fn reuseport_listener(port: u16) -> Result<TcpListener> {
     use nix::sys::socket::{
         bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
         SockaddrIn,
@@ -441,8 +567,8 @@ fn reuseport_listener() -> Result<TcpListener> {
     )
     .context("creating a listener")?;
     setsockopt(&fd, sockopt::ReusePort, &true).context("setting SO_REUSEPORT")?;
-    bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, PORT))
-        .with_context(|| format!("binding 127.0.0.1:{PORT}"))?;
+    bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, port))
+        .with_context(|| format!("binding 127.0.0.1:{port}"))?;
     listen(&fd, Backlog::new(1024).context("backlog")?).context("listening")?;
     Ok(TcpListener::from(fd))
 }
@@ -469,51 +595,70 @@ fn stop_all(children: &mut [Child]) {
     }
 }
 
-/// The suite's Markdown table: per selector, the median of each figure over the rounds, and
-/// ns per run as a multiple of the reference's median.
-pub fn table(
-    samples: &[(Selector, ProgramSample)],
-    workers: u32,
-    rounds: u32,
-    seconds: u32,
-) -> String {
+/// The suite's Markdown table: per selector, the median (min–max) of each figure over the
+/// rounds, and its run time as a multiple of the C round robin's in the same measurement.
+pub fn table(pairs: &[Pair], workers: u32, rounds: u32, seconds: u32) -> String {
     let of = |selector: Selector, figure: fn(&ProgramSample) -> Option<f64>| -> Vec<f64> {
-        samples
+        pairs
             .iter()
+            .flat_map(|pair| {
+                [
+                    (pair.selector, &pair.sample),
+                    (Selector::Reference, &pair.reference),
+                ]
+            })
             .filter(|(s, _)| *s == selector)
             .filter_map(|(_, sample)| figure(sample))
             .collect()
     };
-    let reference_of =
-        |selector: Selector| median(of(selector.reference(), |s| Some(s.ns_per_run)));
+    // Each measurement's run time over the C round robin's beside it.
+    let ratios = |selector: Selector| -> Vec<f64> {
+        pairs
+            .iter()
+            .filter(|pair| pair.selector == selector && pair.reference.ns_per_run > 0.0)
+            .map(|pair| pair.sample.ns_per_run / pair.reference.ns_per_run)
+            .collect()
+    };
     let mut out = format!(
-        "## What the program costs, {workers} workers\n\n{workers} Node workers (examples/node/server.js), each on its own SO_REUSEPORT socket; wrk -t2 -c64 with `Connection: close` (a new connection per request) for {seconds} s; {rounds} rounds, interleaved. ns per run: the kernel's run_time_ns / run_cnt of the sk_reuseport program (kernel.bpf_stats_enabled=1), median (min–max) over the rounds; × reference: median over the median of the C round robin, for sticky over that of the C sticky, which reads the client's address (one helper call), hashes it and selects: the least a sticky program does (the bench's clients all have one address, so both stickies give every connection to one worker). verified_insns: what the verifier walked. Other programs: run time of the selector's other programs (least-loaded's connection counter) per selection, and per connection to an unrelated server on the same host (2 s of sequential connections to a plain listener on the next port, after the load; cluster-lb runs in a cgroup of its own, as under a systemd unit, and the unrelated server in its parent), with their runs per such connection (bpf_stats' own clock reads are part of every run's time).\n\n| program | ns per run | × reference | verified_insns | other programs ns per selection | other programs ns per unrelated connection | their runs per unrelated connection | conn/s |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        "## What the program costs, {workers} workers\n\nEach program serves beside the C round robin: both with {workers} Node workers (examples/node/server.js), each worker on its own SO_REUSEPORT socket, on two ports, each loaded by its own wrk (-t1 -c32, `Connection: close`: a new connection per request) for the same {seconds} s; {rounds} rounds, interleaved. ns per run: the kernel's run_time_ns / run_cnt of the sk_reuseport program (kernel.bpf_stats_enabled=1), median (min–max) over the rounds; the C round robin's over every measurement. × C round robin: each measurement's ns per run over the C round robin's in that same measurement, median (min–max) over the rounds. × C sticky, for sticky: its median × over the C sticky's, which reads the client's address (one helper call), hashes it and selects: the least a sticky program does (the bench's clients all have one address, so both stickies give every connection to one worker). verified_insns: what the verifier walked. Other programs: run time of the selector's other programs (least-loaded's connection counter) per selection, and per connection to an unrelated server on the same host (2 s of sequential connections to a plain listener on another port, after the load; cluster-lb runs in a cgroup of its own, as under a systemd unit, and the unrelated server in its parent), with their runs per such connection (bpf_stats' own clock reads are part of every run's time).\n\n| program | ns per run | × C round robin | × C sticky | verified_insns | other programs ns per selection | other programs ns per unrelated connection | their runs per unrelated connection | conn/s |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     );
-    for selector in ALL {
-        let runs = of(selector, |s| Some(s.ns_per_run));
-        let times = match (median(runs.clone()), reference_of(selector)) {
-            (Some(ns), Some(reference)) if reference > 0.0 => format!("{:.2}", ns / reference),
+    let sticky_floor = median(ratios(Selector::ReferenceSticky));
+    for selector in std::iter::once(Selector::Reference).chain(MEASURED) {
+        let times = if selector == Selector::Reference {
+            if pairs.is_empty() {
+                "-".into()
+            } else {
+                "1.00".into()
+            }
+        } else {
+            spread(ratios(selector), 2)
+        };
+        let over_sticky = match (selector, median(ratios(selector)), sticky_floor) {
+            (Selector::ClusterLb("sticky"), Some(ratio), Some(floor)) if floor > 0.0 => {
+                format!("{:.2}", ratio / floor)
+            }
             _ => "-".into(),
         };
         let insns = of(selector, |s| s.verified_insns.map(|n| n as f64));
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             selector.name(),
-            super::report::spread(runs, 0),
+            spread(of(selector, |s| Some(s.ns_per_run)), 0),
             times,
-            super::report::spread(insns, 0),
-            super::report::spread(of(selector, |s| s.others_ns_per_selection), 0),
-            super::report::spread(of(selector, |s| s.others_ns_per_unrelated), 0),
-            super::report::spread(of(selector, |s| s.others_runs_per_unrelated), 1),
-            super::report::spread(of(selector, |s| Some(s.conn_per_s)), 0),
+            over_sticky,
+            spread(insns, 0),
+            spread(of(selector, |s| s.others_ns_per_selection), 0),
+            spread(of(selector, |s| s.others_ns_per_unrelated), 0),
+            spread(of(selector, |s| s.others_runs_per_unrelated), 1),
+            spread(of(selector, |s| Some(s.conn_per_s)), 0),
         );
     }
     out
 }
 
-/// Runs the suite: every selector for each worker count, rounds outermost, each measurement in
-/// a network namespace of its own. Its tables.
+/// Runs the suite: every selector beside the C round robin, for each worker count, rounds
+/// outermost, each measurement in a network namespace of its own. Its tables.
 pub fn suite(
     rounds: u32,
     seconds: u32,
@@ -524,11 +669,11 @@ pub fn suite(
     let reference = build_reference(scratch)?;
     let mut tables = Vec::new();
     for &workers in worker_counts {
-        let mut samples = Vec::new();
+        let mut pairs = Vec::new();
         for round in 1..=rounds {
-            for selector in ALL {
+            for selector in MEASURED {
                 eprintln!(
-                    "xtask bench: program cost, {workers} workers, round {round}/{rounds}, {}",
+                    "xtask bench: program cost, {workers} workers, round {round}/{rounds}, {} beside the C round robin",
                     selector.name()
                 );
                 let (cluster_lb, reference, scratch) = (
@@ -536,7 +681,7 @@ pub fn suite(
                     reference.clone(),
                     scratch.to_path_buf(),
                 );
-                let sample = cluster_lb_tests::in_network_namespace("bench-program", move || {
+                let pair = cluster_lb_tests::in_network_namespace("bench-program", move || {
                     measure(
                         selector,
                         workers,
@@ -548,8 +693,8 @@ pub fn suite(
                     .map_err(|e| format!("{e:#}"))
                 })
                 .map_err(|_| anyhow!("{} panicked", selector.name()))?;
-                match sample {
-                    Ok(sample) => samples.push((selector, sample)),
+                match pair {
+                    Ok(pair) => pairs.push(pair),
                     Err(error) => eprintln!(
                         "xtask bench: program cost of {} failed: {error}",
                         selector.name()
@@ -557,7 +702,7 @@ pub fn suite(
                 }
             }
         }
-        tables.push(table(&samples, workers, rounds, seconds));
+        tables.push(table(&pairs, workers, rounds, seconds));
     }
     Ok(tables.join("\n"))
 }
@@ -566,45 +711,57 @@ pub fn suite(
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_table_gives_multiples_of_the_reference_median() {
-        let sample = |ns| ProgramSample {
+    fn sample(ns: f64) -> ProgramSample {
+        ProgramSample {
             ns_per_run: ns,
             verified_insns: Some(20),
             others_ns_per_selection: None,
             others_ns_per_unrelated: None,
             others_runs_per_unrelated: None,
             conn_per_s: 1000.0,
-        };
-        let samples = [
-            (Selector::Reference, sample(100.0)),
-            (Selector::Reference, sample(300.0)),
-            (Selector::Reference, sample(200.0)),
-            (Selector::ReferenceSticky, sample(400.0)),
-            (Selector::ClusterLb("hash"), sample(250.0)),
-            (Selector::ClusterLb("sticky"), sample(500.0)),
+        }
+    }
+
+    fn pair(selector: Selector, ns: f64, reference: f64) -> Pair {
+        Pair {
+            selector,
+            sample: sample(ns),
+            reference: sample(reference),
+        }
+    }
+
+    #[test]
+    fn the_table_divides_each_measurement_by_the_reference_beside_it() {
+        // The reference's own run time moves from round to round; each multiple is over the
+        // one measured with it, not over the reference's median.
+        let pairs = [
+            pair(Selector::ClusterLb("hash"), 110.0, 100.0),
+            pair(Selector::ClusterLb("hash"), 330.0, 300.0),
+            pair(Selector::ClusterLb("hash"), 240.0, 200.0),
+            pair(Selector::ReferenceSticky, 150.0, 100.0),
+            pair(Selector::ClusterLb("sticky"), 165.0, 100.0),
         ];
-        let table = table(&samples, 2, 3, 1);
+        let table = table(&pairs, 2, 3, 1);
         assert!(
             table.contains(
-                "| C reference round robin | 200 (100–300) | 1.00 | 20 | - | - | - | 1000 |"
+                "| C reference round robin | 100 (100–300) | 1.00 | - | 20 | - | - | - | 1000 |"
             ),
             "{table}"
         );
         assert!(
-            table.contains("| cluster-lb hash | 250 | 1.25 | 20 | - | - | - | 1000 |"),
+            table.contains("| cluster-lb hash | 240 (110–330) | 1.10 (1.10–1.20) | - | 20 |"),
             "{table}"
         );
         assert!(
-            table.contains("| C reference sticky | 400 | 2.00 | 20 |"),
+            table.contains("| C reference sticky | 150 | 1.50 | - | 20 |"),
             "{table}"
         );
         assert!(
-            table.contains("| cluster-lb sticky | 500 | 1.25 | 20 |"),
+            table.contains("| cluster-lb sticky | 165 | 1.65 | 1.10 | 20 |"),
             "{table}"
         );
         assert!(
-            table.contains("| cluster-lb round-robin | - | - | - | - | - | - | - |"),
+            table.contains("| cluster-lb round-robin | - | - | - | - | - | - | - | - |"),
             "{table}"
         );
     }
