@@ -71,4 +71,64 @@ int reference_sticky(struct sk_reuseport_md *md)
 	return SK_PASS;
 }
 
+// reference_active_set is round robin with what cluster-lb's round robin keeps besides: the
+// rotation goes over a list of the sockets that may receive connections (so that one can be
+// drained or not yet ready), double-buffered (a global says which list is current), and each
+// selection is counted per socket and CPU (what `status` shows). The same maps and accesses as
+// cluster-lb's program; no walk past a dead socket, which runs only when one is found dead.
+struct active {
+	__u32 count;
+	__u32 slots[MAX_SOCKETS];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct active);
+} REF_ACTIVE SEC(".maps");
+
+struct counts {
+	__u64 selected;
+	__u64 fallback;
+	__u64 migrated;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MAX_SOCKETS);
+	__type(key, __u32);
+	__type(value, struct counts);
+} REF_COUNTS SEC(".maps");
+
+// Which REF_ACTIVE list is current (0 here: the loader never flips it) and the rotation.
+__u32 ref_buffer SEC(".data") = 0;
+__u32 ref_next = 0;
+
+SEC("sk_reuseport")
+int reference_active_set(struct sk_reuseport_md *md)
+{
+	__u32 buffer = *(volatile __u32 *)&ref_buffer & 1;
+	struct active *set = bpf_map_lookup_elem(&REF_ACTIVE, &buffer);
+	if (!set || set->count == 0)
+		return SK_PASS;
+	__u32 count = set->count < MAX_SOCKETS ? set->count : MAX_SOCKETS;
+	__u32 position = (__u32)__sync_fetch_and_add(&ref_next, 1) % count;
+	// position < count <= MAX_SOCKETS, but the verifier does not follow a modulo and clang
+	// drops a mask it proves redundant: the empty asm hides the value from clang, as
+	// cluster-lb's program does with black_box.
+	asm volatile("" : "+r"(position));
+	__u32 slot = set->slots[position & (MAX_SOCKETS - 1)];
+	if (bpf_sk_select_reuseport(md, &REF_SOCKETS, &slot, 0) == 0) {
+		struct counts *counts = bpf_map_lookup_elem(&REF_COUNTS, &slot);
+		if (counts) {
+			counts->selected++;
+			if (md->migrating_sk)
+				counts->migrated++;
+		}
+	}
+	return SK_PASS;
+}
+
 char LICENSE[] SEC("license") = "Dual MIT/GPL";

@@ -51,6 +51,11 @@ pub enum Selector {
     /// every connection to one worker, as cluster-lb's sticky does here: the floor of what a
     /// sticky program costs with this traffic.
     ReferenceSticky,
+    /// reference_active_set of the same file: round robin over a double-buffered list of the
+    /// sockets that may receive connections, each selection counted per socket and CPU, as
+    /// cluster-lb's round robin does: the least a round robin that can drain a worker and show
+    /// its counts does.
+    ReferenceActiveSet,
     /// `cluster-lb run -s STRATEGY`.
     ClusterLb(&'static str),
 }
@@ -58,9 +63,10 @@ pub enum Selector {
 /// What the suite measures, each beside the C round robin. The C round robin itself first: a
 /// second copy of it beside the first is the method's own check, whose multiple should read
 /// 1.00 and whose spread is what two runs of one program differ by.
-pub const MEASURED: [Selector; 6] = [
+pub const MEASURED: [Selector; 7] = [
     Selector::Reference,
     Selector::ReferenceSticky,
+    Selector::ReferenceActiveSet,
     Selector::ClusterLb("round-robin"),
     Selector::ClusterLb("hash"),
     Selector::ClusterLb("sticky"),
@@ -72,7 +78,18 @@ impl Selector {
         match self {
             Selector::Reference => "C reference round robin".into(),
             Selector::ReferenceSticky => "C reference sticky".into(),
+            Selector::ReferenceActiveSet => "C reference round robin over an active set".into(),
             Selector::ClusterLb(strategy) => format!("cluster-lb {strategy}"),
+        }
+    }
+
+    /// The C program that does what this selector does, where there is one besides the plain
+    /// round robin.
+    fn same_work(self) -> Option<Selector> {
+        match self {
+            Selector::ClusterLb("sticky") => Some(Selector::ReferenceSticky),
+            Selector::ClusterLb("round-robin") => Some(Selector::ReferenceActiveSet),
+            _ => None,
         }
     }
 }
@@ -99,6 +116,7 @@ const PROG_TYPE_SK_REUSEPORT: u64 = 21;
 const REFERENCE_SOURCE: &str = "bench/reference/round_robin.c";
 const REFERENCE_PROGRAM: &str = "reference_round_robin";
 const REFERENCE_STICKY_PROGRAM: &str = "reference_sticky";
+const REFERENCE_ACTIVE_SET_PROGRAM: &str = "reference_active_set";
 
 /// clang and libbpf's headers, then the reference object, into `scratch`.
 pub fn build_reference(scratch: &Path) -> Result<PathBuf> {
@@ -212,12 +230,12 @@ impl Running {
     ) -> Result<Running> {
         let strategy = match selector {
             Selector::ClusterLb(strategy) => strategy,
-            Selector::Reference | Selector::ReferenceSticky => {
-                let (program, answering) = if selector == Selector::Reference {
-                    (REFERENCE_PROGRAM, workers)
-                } else {
+            Selector::Reference | Selector::ReferenceSticky | Selector::ReferenceActiveSet => {
+                let (program, answering) = match selector {
                     // One client address: one worker answers.
-                    (REFERENCE_STICKY_PROGRAM, 1)
+                    Selector::ReferenceSticky => (REFERENCE_STICKY_PROGRAM, 1),
+                    Selector::ReferenceActiveSet => (REFERENCE_ACTIVE_SET_PROGRAM, workers),
+                    _ => (REFERENCE_PROGRAM, workers),
                 };
                 let running = Reference::start(reference, program, workers, port)?;
                 let id = running.program_id;
@@ -523,6 +541,19 @@ impl Reference {
         state
             .set(0, [0, 0, workers, 0], 0)
             .context("writing the reference's socket count")?;
+        // struct active { u32 count; u32 slots[64]; }: every socket, in order.
+        let mut active_set = [0u32; 65];
+        active_set[0] = workers;
+        for (index, slot) in active_set[1..=workers as usize].iter_mut().enumerate() {
+            *slot = index as u32;
+        }
+        let mut active: Array<_, [u32; 65]> = Array::try_from(
+            ebpf.map_mut("REF_ACTIVE")
+                .context("no REF_ACTIVE map in the reference object")?,
+        )?;
+        active
+            .set(0, active_set, 0)
+            .context("writing the reference's active set")?;
         let program: &mut SkReuseport = ebpf
             .program_mut(name)
             .context("no reference program in the object")?
@@ -623,16 +654,15 @@ pub fn table(pairs: &[Pair], workers: u32, rounds: u32, seconds: u32) -> String 
             .collect()
     };
     let mut out = format!(
-        "## What the program costs, {workers} workers\n\nEach program serves beside the C round robin: both with {workers} Node workers (examples/node/server.js), each worker on its own SO_REUSEPORT socket, on two ports, each loaded by its own wrk (-t1 -c32, `Connection: close`: a new connection per request) for the same {seconds} s; {rounds} rounds, interleaved. ns per run: the kernel's run_time_ns / run_cnt of the sk_reuseport program (kernel.bpf_stats_enabled=1), median (min–max) over the rounds; the C round robin's over every measurement. × C round robin: each measurement's ns per run over the C round robin's in that same measurement, median (min–max) over the rounds; on the C round robin's own row, a second copy of it measured beside the first: the method's check (1.00 when it is fair to both sides), and its spread is what two runs of one program differ by. × C sticky, for sticky: its median × over the C sticky's, which reads the client's address (one helper call), hashes it and selects: the least a sticky program does (the bench's clients all have one address, so both stickies give every connection to one worker). verified_insns: what the verifier walked. Other programs: run time of the selector's other programs (least-loaded's connection counter) per selection, and per connection to an unrelated server on the same host (2 s of sequential connections to a plain listener on another port, after the load; cluster-lb runs in a cgroup of its own, as under a systemd unit, and the unrelated server in its parent), with their runs per such connection (bpf_stats' own clock reads are part of every run's time).\n\n| program | ns per run | × C round robin | × C sticky | verified_insns | other programs ns per selection | other programs ns per unrelated connection | their runs per unrelated connection | conn/s |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        "## What the program costs, {workers} workers\n\nEach program serves beside the C round robin: both with {workers} Node workers (examples/node/server.js), each worker on its own SO_REUSEPORT socket, on two ports, each loaded by its own wrk (-t1 -c32, `Connection: close`: a new connection per request) for the same {seconds} s; {rounds} rounds, interleaved. ns per run: the kernel's run_time_ns / run_cnt of the sk_reuseport program (kernel.bpf_stats_enabled=1), median (min–max) over the rounds; the C round robin's over every measurement. × C round robin: each measurement's ns per run over the C round robin's in that same measurement, median (min–max) over the rounds; on the C round robin's own row, a second copy of it measured beside the first: the method's check (1.00 when it is fair to both sides), and its spread is what two runs of one program differ by. × the C doing the same: the median × over that of a C program that does the same work: for sticky the C sticky, which reads the client's address (one helper call), hashes it and selects, the least a sticky program does (the bench's clients all have one address, so both stickies give every connection to one worker); for round robin the C round robin over an active set, which rotates over a double-buffered list of the sockets that may receive connections and counts each selection per socket and CPU, as cluster-lb's does so that a worker can be drained and `status` can show its counts. verified_insns: what the verifier walked. Other programs: run time of the selector's other programs (least-loaded's connection counter) per selection, and per connection to an unrelated server on the same host (2 s of sequential connections to a plain listener on another port, after the load; cluster-lb runs in a cgroup of its own, as under a systemd unit, and the unrelated server in its parent), with their runs per such connection (bpf_stats' own clock reads are part of every run's time).\n\n| program | ns per run | × C round robin | × the C doing the same | verified_insns | other programs ns per selection | other programs ns per unrelated connection | their runs per unrelated connection | conn/s |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     );
-    let sticky_floor = median(ratios(Selector::ReferenceSticky));
-    for selector in std::iter::once(Selector::Reference).chain(MEASURED) {
+
+    for selector in MEASURED {
         // The C round robin's row: its copy beside it (see MEASURED).
         let times = spread(ratios(selector), 2);
-        let over_sticky = match (selector, median(ratios(selector)), sticky_floor) {
-            (Selector::ClusterLb("sticky"), Some(ratio), Some(floor)) if floor > 0.0 => {
-                format!("{:.2}", ratio / floor)
-            }
+        let same_work = selector.same_work().map(|c| median(ratios(c)));
+        let over_same_work = match (median(ratios(selector)), same_work) {
+            (Some(ratio), Some(Some(floor))) if floor > 0.0 => format!("{:.2}", ratio / floor),
             _ => "-".into(),
         };
         let insns = of(selector, |s| s.verified_insns.map(|n| n as f64));
@@ -642,7 +672,7 @@ pub fn table(pairs: &[Pair], workers: u32, rounds: u32, seconds: u32) -> String 
             selector.name(),
             spread(of(selector, |s| Some(s.ns_per_run)), 0),
             times,
-            over_sticky,
+            over_same_work,
             spread(insns, 0),
             spread(of(selector, |s| s.others_ns_per_selection), 0),
             spread(of(selector, |s| s.others_ns_per_unrelated), 0),
@@ -737,6 +767,8 @@ mod tests {
             pair(Selector::ClusterLb("hash"), 240.0, 200.0),
             pair(Selector::ReferenceSticky, 150.0, 100.0),
             pair(Selector::ClusterLb("sticky"), 165.0, 100.0),
+            pair(Selector::ReferenceActiveSet, 120.0, 100.0),
+            pair(Selector::ClusterLb("round-robin"), 126.0, 100.0),
         ];
         let table = table(&pairs, 2, 3, 1);
         assert!(
@@ -757,8 +789,17 @@ mod tests {
             table.contains("| cluster-lb sticky | 165 | 1.65 | 1.10 | 20 |"),
             "{table}"
         );
+        assert_eq!(
+            table.matches("| C reference round robin |").count(),
+            1,
+            "one row per selector: {table}"
+        );
         assert!(
-            table.contains("| cluster-lb round-robin | - | - | - | - | - | - | - | - |"),
+            table.contains("| cluster-lb round-robin | 126 | 1.26 | 1.05 | 20 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| cluster-lb least-loaded | - | - | - | - | - | - | - | - |"),
             "{table}"
         );
     }
