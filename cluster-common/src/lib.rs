@@ -22,12 +22,10 @@ pub const MAX_TRIES: u32 = 32;
 /// REUSEPORT_SOCKARRAY: slot -> the worker's listening socket.
 pub const MAP_SOCKETS: &str = "CLB_SOCKETS";
 /// ARRAY of two [`ActiveSet`]s: the primary fills the one not in use, then flips
-/// [`Buffers::active`], so the program never reads a half-written set. Created with
-/// [`PAGE_ALIGNED`].
+/// [`CONFIG_ACTIVE_BUFFER`], so the program never reads a half-written set.
 pub const MAP_ACTIVE: &str = "CLB_ACTIVE";
-/// The program's `.data` section, a one-entry ARRAY of [`Buffers`] that aya creates for it and
-/// names after the section: globals the program reads with one load, no map lookup.
-pub const MAP_BUFFERS: &str = ".data";
+/// ARRAY of u32 settings, indexed by the `CONFIG_*` constants.
+pub const MAP_CONFIG: &str = "CLB_CONFIG";
 /// PERCPU_ARRAY of [`SlotStats`], indexed by slot; index [`NO_SLOT_STATS`] counts connections
 /// that arrived while the active set was empty.
 pub const MAP_STATS: &str = "CLB_STATS";
@@ -44,29 +42,25 @@ pub const NO_SLOT_STATS: u32 = MAX_SLOTS;
 /// verifier keeps only that strategy's code and no run looks it up.
 pub const GLOBAL_STRATEGY: &str = "STRATEGY";
 
-/// BPF_F_MMAPABLE, which [`MAP_ACTIVE`] is created with. Nothing maps it: the flag makes the
-/// kernel put the values at the start of a page, so an active set's count and its first slots
-/// share one cache line, where a plain array's values start wherever its header ends (mid-line
-/// on 6.18: the count and the second slot were two lines).
-pub const PAGE_ALIGNED: u32 = 1 << 10;
-
-/// Which half of each double-buffered map the program reads, written by the primary only (the
-/// program's `BUFFERS` global, in [`MAP_BUFFERS`]). The round-robin position is not here but in
-/// the program's `.bss`: the program advances it, and each write of this value would undo its
-/// steps.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Buffers {
-    /// Which of the two [`MAP_ACTIVE`] sets is current (0 or 1).
-    pub active: u32,
-    /// Which half of [`MAP_TABLE`] is current (bit 0) and how many of its entries are in use
-    /// (the rest, `size << 1`), in one u32 so that both flip at once.
-    pub table: u32,
-}
+/// Index in [`MAP_CONFIG`]: which of the two [`MAP_ACTIVE`] buffers is current (0 or 1).
+pub const CONFIG_ACTIVE_BUFFER: u32 = 0;
+/// Index in [`MAP_CONFIG`]: which half of [`MAP_TABLE`] is current (bit 0) and how many of its
+/// entries are in use (the rest, `size << 1`), in one u32 so that both flip at once.
+pub const CONFIG_TABLE_BUFFER: u32 = 1;
+/// Index in [`MAP_CONFIG`]: the round-robin position, advanced by the program with an atomic
+/// fetch-add (the user side never writes it). Next to the two entries above, so a round-robin
+/// run reads and writes one cache line for all three, as the C reference does.
+pub const CONFIG_RR_COUNTER: u32 = 2;
+/// Entries in [`MAP_CONFIG`].
+pub const CONFIG_ENTRIES: u32 = 3;
+/// BPF_F_MMAPABLE, which [`MAP_CONFIG`] is created with. Nothing maps it: the flag makes the
+/// kernel put the values at the start of a page, so all entries share one cache line, where
+/// a plain array's values start wherever its header ends (mid-line on 6.18).
+pub const CONFIG_MAP_FLAGS: u32 = 1 << 10;
 
 /// ARRAY of two [`SlotTable`]s: the consistent-hashing (Maglev) table, from a hash to the slot
 /// of the ready process of the worker id that owns the entry. The primary writes the whole
-/// table not in use (one system call), then flips [`Buffers::table`]. Slots, not ids, so
+/// table not in use (one system call), then flips [`CONFIG_TABLE_BUFFER`]. Slots, not ids, so
 /// that a run needs one lookup; a reload rewrites the replaced worker's entries with its
 /// replacement's slot, so the replacement takes its predecessor's clients as they are.
 pub const MAP_TABLE: &str = "CLB_TABLE";
@@ -186,8 +180,6 @@ mod pod {
     // pattern; each of these is one.
     // SAFETY: repr(C), u32 and [u32; N]: no padding.
     unsafe impl aya::Pod for super::ActiveSet {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::Buffers {}
     // SAFETY: repr(C), [u16; N] and a u16 (alignment 2, size a multiple of it): no padding.
     unsafe impl aya::Pod for super::SlotTable {}
     // SAFETY: repr(C), three u64: no padding.

@@ -26,8 +26,9 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, SkReuseportContext, SockOpsContext},
 };
 use cluster_common::{
-    ActiveSet, Buffers, SlotStats, SlotTable, SocketSlot, MAX_SLOTS, MAX_TRIES, NO_SLOT_STATS,
-    PAGE_ALIGNED, STATS_ENTRIES, STRATEGY_HASH, STRATEGY_LEAST_LOADED, STRATEGY_STICKY,
+    ActiveSet, SlotStats, SlotTable, SocketSlot, CONFIG_ACTIVE_BUFFER, CONFIG_ENTRIES,
+    CONFIG_MAP_FLAGS, CONFIG_RR_COUNTER, CONFIG_TABLE_BUFFER, MAX_SLOTS, MAX_TRIES, NO_SLOT_STATS,
+    STATS_ENTRIES, STRATEGY_HASH, STRATEGY_LEAST_LOADED, STRATEGY_STICKY,
 };
 
 // The slot mask below relies on this.
@@ -37,7 +38,10 @@ const _: () = assert!(MAX_SLOTS.is_power_of_two());
 static CLB_SOCKETS: ReusePortSockArray = ReusePortSockArray::with_max_entries(MAX_SLOTS, 0);
 
 #[map]
-static CLB_ACTIVE: Array<ActiveSet> = Array::with_max_entries(2, PAGE_ALIGNED);
+static CLB_ACTIVE: Array<ActiveSet> = Array::with_max_entries(2, 0);
+
+#[map]
+static CLB_CONFIG: Array<u32> = Array::with_max_entries(CONFIG_ENTRIES, CONFIG_MAP_FLAGS);
 
 #[map]
 static CLB_STATS: PerCpuArray<SlotStats> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
@@ -82,24 +86,6 @@ static CLB_SLOT_OF: SocketStorage = SocketStorage {
 /// instance.
 #[unsafe(no_mangle)]
 static STRATEGY: u32 = 0;
-
-/// Which half of CLB_ACTIVE and of CLB_TABLE is current, written by the primary (cluster-common's
-/// Buffers). A global in .data: a run reads it with one load from an address the loader fills
-/// in, where an array map's entry costs an inlined lookup (a key on the stack, a bounds check,
-/// a null check), twice per run when these were two entries of a map.
-#[unsafe(no_mangle)]
-#[unsafe(link_section = ".data")]
-static mut BUFFERS: Buffers = Buffers {
-    active: 0,
-    table: 0,
-};
-
-/// The round-robin position, one for all CPUs (see next_round_robin), in .bss: only this
-/// program writes it, so it is not beside BUFFERS, whose every write by the primary would
-/// overwrite it. It continues across changes of the active set, so no position is favoured
-/// by a rotation starting again.
-#[unsafe(no_mangle)]
-static mut RR_COUNTER: u32 = 0;
 
 /// Attached as SELECT_OR_MIGRATE (kernel 5.14+): the kernel also calls us when a listener closes
 /// with requests still queued, so they move to a live worker instead of being reset.
@@ -206,8 +192,7 @@ fn walk(ctx: &SkReuseportContext, set: &ActiveSet, count: u32, start: u32) {
 /// The slot of the worker the consistent-hashing table gives `key` to, if it has a ready one.
 #[inline(always)]
 fn table_slot(key: u32) -> Option<u32> {
-    // SAFETY: a plain read of a global the primary writes whole (volatile: it changes under us).
-    let current = unsafe { core::ptr::read_volatile(&raw const BUFFERS.table) };
+    let current = config(CONFIG_TABLE_BUFFER);
     let size = current >> 1;
     if size == 0 {
         return None;
@@ -411,10 +396,13 @@ fn count(sk: *mut c_void, opening: bool) -> bool {
 }
 
 #[inline(always)]
+fn config(index: u32) -> u32 {
+    CLB_CONFIG.get(index).copied().unwrap_or(0)
+}
+
+#[inline(always)]
 fn current_active_set() -> Option<&'static ActiveSet> {
-    // SAFETY: as in table_slot.
-    let current = unsafe { core::ptr::read_volatile(&raw const BUFFERS.active) };
-    CLB_ACTIVE.get(current & 1)
+    CLB_ACTIVE.get(config(CONFIG_ACTIVE_BUFFER) & 1)
 }
 
 /// One shared counter for all CPUs, so the rotation is exact whichever CPU runs us. The BPF
@@ -423,12 +411,14 @@ fn current_active_set() -> Option<&'static ActiveSet> {
 /// whose result is used. 32 bits, as the position always was: it wraps after 2^32 connections.
 #[inline(always)]
 fn next_round_robin() -> u32 {
-    // SAFETY: a global of this program; every access to it is this atomic add.
-    unsafe {
-        core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::SeqCst }>(
-            &raw mut RR_COUNTER,
-            1,
-        )
+    match CLB_CONFIG.get_ptr_mut(CONFIG_RR_COUNTER) {
+        // SAFETY: the pointer comes from the map lookup and stays valid for this run.
+        Some(counter) => unsafe {
+            core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::SeqCst }>(
+                counter, 1,
+            )
+        },
+        None => 0,
     }
 }
 

@@ -25,10 +25,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use cluster_common::{
-    table_size, ActiveSet, Buffers, SlotStats, SlotTable, SocketSlot, GLOBAL_STRATEGY, MAP_ACTIVE,
-    MAP_BUFFERS, MAP_OPEN, MAP_SLOT_OF, MAP_SOCKETS, MAP_STATS, MAP_TABLE, MAX_SLOTS, MAX_WORKERS,
-    NO_SLOT_STATS, PROGRAM_NAME, STRATEGY_HASH, STRATEGY_LEAST_LOADED, STRATEGY_ROUND_ROBIN,
-    STRATEGY_STICKY,
+    table_size, ActiveSet, SlotStats, SlotTable, SocketSlot, CONFIG_ACTIVE_BUFFER,
+    CONFIG_TABLE_BUFFER, GLOBAL_STRATEGY, MAP_ACTIVE, MAP_CONFIG, MAP_OPEN, MAP_SLOT_OF,
+    MAP_SOCKETS, MAP_STATS, MAP_TABLE, MAX_SLOTS, MAX_WORKERS, NO_SLOT_STATS, PROGRAM_NAME,
+    STRATEGY_HASH, STRATEGY_LEAST_LOADED, STRATEGY_ROUND_ROBIN, STRATEGY_STICKY,
 };
 
 pub use handover::{MapFds, OldInstance};
@@ -113,7 +113,7 @@ pub struct Balancer {
     ebpf: Ebpf,
     sockets: ReusePortSockArray<MapData>,
     active: Array<MapData, ActiveSet>,
-    buffers: Array<MapData, Buffers>,
+    config: Array<MapData, u32>,
     stats: PerCpuArray<MapData, SlotStats>,
     tables: Array<MapData, SlotTable>,
     /// Which of the two active-set buffers the program reads now.
@@ -122,7 +122,7 @@ pub struct Balancer {
     table_ids: Vec<u32>,
     id_table: Vec<u32>,
     /// The slot table the program reads now (built from the above and the members), and what
-    /// BUFFERS.table says of it (its half of CLB_TABLE, its size; 0 until the first is written).
+    /// CLB_CONFIG says of it (its half of CLB_TABLE, its size; 0 until the first is written).
     table: Box<SlotTable>,
     table_half: u32,
     /// Open connections per slot (kept by the counter program, for least-loaded).
@@ -209,7 +209,7 @@ impl Balancer {
             let map_fds = MapFds::of(&ebpf);
             let sockets = take_map(&mut ebpf, MAP_SOCKETS)?;
             let active = take_map(&mut ebpf, MAP_ACTIVE)?;
-            let buffers = take_map(&mut ebpf, MAP_BUFFERS)?;
+            let config = take_map(&mut ebpf, MAP_CONFIG)?;
             let stats = take_map(&mut ebpf, MAP_STATS)?;
             let tables = take_map(&mut ebpf, MAP_TABLE)?;
             let open = take_map(&mut ebpf, MAP_OPEN)?;
@@ -219,7 +219,7 @@ impl Balancer {
                 ebpf,
                 sockets,
                 active,
-                buffers,
+                config,
                 stats,
                 tables,
                 active_buffer: 0,
@@ -303,10 +303,7 @@ impl Balancer {
         self.active
             .set(next, set, 0)
             .context("writing the active set")?;
-        self.set_buffers(Buffers {
-            active: next,
-            table: self.table_half,
-        })?;
+        self.set_config(CONFIG_ACTIVE_BUFFER, next)?;
         self.active_buffer = next;
         Ok(())
     }
@@ -337,10 +334,7 @@ impl Balancer {
             .context("writing the consistent-hashing table")?;
         // One u32 flips the half and its size together.
         let current = (self.id_table.len() as u32) << 1 | spare;
-        self.set_buffers(Buffers {
-            active: self.active_buffer,
-            table: current,
-        })?;
+        self.set_config(CONFIG_TABLE_BUFFER, current)?;
         self.table = table;
         self.table_half = current;
         Ok(())
@@ -394,12 +388,10 @@ impl Balancer {
         Ok(self.slot_stats(NO_SLOT_STATS)?.fallback)
     }
 
-    /// Publishes which half of each double-buffered map is current: the whole of the
-    /// program's BUFFERS global, in one write (the primary is its only writer).
-    fn set_buffers(&mut self, buffers: Buffers) -> Result<()> {
-        self.buffers
-            .set(0, buffers, 0)
-            .context("writing which buffers are current")
+    fn set_config(&mut self, index: u32, value: u32) -> Result<()> {
+        self.config
+            .set(index, value, 0)
+            .with_context(|| format!("writing config entry {index}"))
     }
 }
 
@@ -541,7 +533,7 @@ mod tests {
         let maps = [
             cluster_common::MAP_SOCKETS,
             cluster_common::MAP_ACTIVE,
-            cluster_common::MAP_BUFFERS,
+            cluster_common::MAP_CONFIG,
             cluster_common::MAP_STATS,
             cluster_common::MAP_TABLE,
             cluster_common::MAP_OPEN,
