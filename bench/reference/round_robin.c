@@ -11,6 +11,9 @@
 // reference_sticky, below, is the least a program that keeps each client on one socket does:
 // read the client's address from the packet (one helper call; sk_reuseport's context has no
 // address, and the packet data it gives starts after the IP header), hash it, select.
+// reference_active_set and reference_table, further below, do in C what cluster-lb's round
+// robin and hash keep beyond the least (a drainable list of sockets, a consistent-hashing
+// table, a counter per socket), so the bench can tell the features' cost from cluster-lb's.
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
@@ -120,6 +123,60 @@ int reference_active_set(struct sk_reuseport_md *md)
 	// cluster-lb's program does with black_box.
 	asm volatile("" : "+r"(position));
 	__u32 slot = set->slots[position & (MAX_SOCKETS - 1)];
+	if (bpf_sk_select_reuseport(md, &REF_SOCKETS, &slot, 0) == 0) {
+		struct counts *counts = bpf_map_lookup_elem(&REF_COUNTS, &slot);
+		if (counts) {
+			counts->selected++;
+			if (md->migrating_sk)
+				counts->migrated++;
+		}
+	}
+	return SK_PASS;
+}
+
+// reference_table is what cluster-lb's hash (consistent hashing) does, in C: the kernel's flow
+// hash picks an entry of a double-buffered table that gives each entry a socket (slot + 1, as
+// u16; a global says which half is current and how many entries are in use), the socket is
+// selected and the selection counted per socket and CPU. The table has cluster-lb's size
+// (65537 entries, of which 1031 are used with a few workers), so its memory is the same.
+#define TABLE_SIZE 65537
+#define TABLE_USED 1031
+
+struct table {
+	__u16 slots[TABLE_SIZE];
+	__u16 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, struct table);
+} REF_TABLE SEC(".maps");
+
+// Which REF_TABLE half is current (bit 0) and how many entries it uses (the rest).
+__u32 ref_table_half SEC(".data") = TABLE_USED << 1;
+
+SEC("sk_reuseport")
+int reference_table(struct sk_reuseport_md *md)
+{
+	__u32 current = *(volatile __u32 *)&ref_table_half;
+	__u32 size = current >> 1;
+	__u32 half = current & 1;
+	if (size == 0)
+		return SK_PASS;
+	struct table *table = bpf_map_lookup_elem(&REF_TABLE, &half);
+	if (!table)
+		return SK_PASS;
+	__u32 index = md->hash % size;
+	// As in reference_active_set: keep the bounds check that clang would drop.
+	asm volatile("" : "+r"(index));
+	if (index >= TABLE_SIZE)
+		return SK_PASS;
+	__u32 slot = table->slots[index];
+	if (slot == 0)
+		return SK_PASS;
+	slot -= 1;
 	if (bpf_sk_select_reuseport(md, &REF_SOCKETS, &slot, 0) == 0) {
 		struct counts *counts = bpf_map_lookup_elem(&REF_COUNTS, &slot);
 		if (counts) {

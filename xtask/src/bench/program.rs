@@ -56,6 +56,10 @@ pub enum Selector {
     /// cluster-lb's round robin does: the least a round robin that can drain a worker and show
     /// its counts does.
     ReferenceActiveSet,
+    /// reference_table of the same file: the kernel's flow hash picks an entry of a
+    /// double-buffered table of sockets of cluster-lb's size, the selection counted per
+    /// socket and CPU, as cluster-lb's hash does.
+    ReferenceTable,
     /// `cluster-lb run -s STRATEGY`.
     ClusterLb(&'static str),
 }
@@ -63,10 +67,11 @@ pub enum Selector {
 /// What the suite measures, each beside the C round robin. The C round robin itself first: a
 /// second copy of it beside the first is the method's own check, whose multiple should read
 /// 1.00 and whose spread is what two runs of one program differ by.
-pub const MEASURED: [Selector; 7] = [
+pub const MEASURED: [Selector; 8] = [
     Selector::Reference,
     Selector::ReferenceSticky,
     Selector::ReferenceActiveSet,
+    Selector::ReferenceTable,
     Selector::ClusterLb("round-robin"),
     Selector::ClusterLb("hash"),
     Selector::ClusterLb("sticky"),
@@ -79,6 +84,7 @@ impl Selector {
             Selector::Reference => "C reference round robin".into(),
             Selector::ReferenceSticky => "C reference sticky".into(),
             Selector::ReferenceActiveSet => "C reference round robin over an active set".into(),
+            Selector::ReferenceTable => "C reference hash over a slot table".into(),
             Selector::ClusterLb(strategy) => format!("cluster-lb {strategy}"),
         }
     }
@@ -89,6 +95,7 @@ impl Selector {
         match self {
             Selector::ClusterLb("sticky") => Some(Selector::ReferenceSticky),
             Selector::ClusterLb("round-robin") => Some(Selector::ReferenceActiveSet),
+            Selector::ClusterLb("hash") => Some(Selector::ReferenceTable),
             _ => None,
         }
     }
@@ -117,6 +124,10 @@ const REFERENCE_SOURCE: &str = "bench/reference/round_robin.c";
 const REFERENCE_PROGRAM: &str = "reference_round_robin";
 const REFERENCE_STICKY_PROGRAM: &str = "reference_sticky";
 const REFERENCE_ACTIVE_SET_PROGRAM: &str = "reference_active_set";
+const REFERENCE_TABLE_PROGRAM: &str = "reference_table";
+/// round_robin.c's TABLE_SIZE (+ 1 for its padding) and TABLE_USED.
+const REFERENCE_TABLE_SIZE: usize = 65538;
+const REFERENCE_TABLE_USED: usize = 1031;
 
 /// clang and libbpf's headers, then the reference object, into `scratch`.
 pub fn build_reference(scratch: &Path) -> Result<PathBuf> {
@@ -230,11 +241,15 @@ impl Running {
     ) -> Result<Running> {
         let strategy = match selector {
             Selector::ClusterLb(strategy) => strategy,
-            Selector::Reference | Selector::ReferenceSticky | Selector::ReferenceActiveSet => {
+            Selector::Reference
+            | Selector::ReferenceSticky
+            | Selector::ReferenceActiveSet
+            | Selector::ReferenceTable => {
                 let (program, answering) = match selector {
                     // One client address: one worker answers.
                     Selector::ReferenceSticky => (REFERENCE_STICKY_PROGRAM, 1),
                     Selector::ReferenceActiveSet => (REFERENCE_ACTIVE_SET_PROGRAM, workers),
+                    Selector::ReferenceTable => (REFERENCE_TABLE_PROGRAM, workers),
                     _ => (REFERENCE_PROGRAM, workers),
                 };
                 let running = Reference::start(reference, program, workers, port)?;
@@ -554,6 +569,22 @@ impl Reference {
         active
             .set(0, active_set, 0)
             .context("writing the reference's active set")?;
+        // struct table { u16 slots[65537]; u16 pad; }: the used entries give the sockets in
+        // turn, as slot + 1. Boxed: 128 KiB.
+        let mut table = vec![0u16; REFERENCE_TABLE_SIZE].into_boxed_slice();
+        for (index, entry) in table[..REFERENCE_TABLE_USED].iter_mut().enumerate() {
+            *entry = (index % workers as usize) as u16 + 1;
+        }
+        let table: Box<[u16; REFERENCE_TABLE_SIZE]> = table
+            .try_into()
+            .map_err(|_| anyhow!("the reference table has the wrong size"))?;
+        let mut tables: Array<_, [u16; REFERENCE_TABLE_SIZE]> = Array::try_from(
+            ebpf.map_mut("REF_TABLE")
+                .context("no REF_TABLE map in the reference object")?,
+        )?;
+        tables
+            .set(0, table.as_ref(), 0)
+            .context("writing the reference's table")?;
         let program: &mut SkReuseport = ebpf
             .program_mut(name)
             .context("no reference program in the object")?
@@ -654,7 +685,7 @@ pub fn table(pairs: &[Pair], workers: u32, rounds: u32, seconds: u32) -> String 
             .collect()
     };
     let mut out = format!(
-        "## What the program costs, {workers} workers\n\nEach program serves beside the C round robin: both with {workers} Node workers (examples/node/server.js), each worker on its own SO_REUSEPORT socket, on two ports, each loaded by its own wrk (-t1 -c32, `Connection: close`: a new connection per request) for the same {seconds} s; {rounds} rounds, interleaved. ns per run: the kernel's run_time_ns / run_cnt of the sk_reuseport program (kernel.bpf_stats_enabled=1), median (min–max) over the rounds; the C round robin's over every measurement. × C round robin: each measurement's ns per run over the C round robin's in that same measurement, median (min–max) over the rounds; on the C round robin's own row, a second copy of it measured beside the first: the method's check (1.00 when it is fair to both sides), and its spread is what two runs of one program differ by. × the C doing the same: the median × over that of a C program that does the same work: for sticky the C sticky, which reads the client's address (one helper call), hashes it and selects, the least a sticky program does (the bench's clients all have one address, so both stickies give every connection to one worker); for round robin the C round robin over an active set, which rotates over a double-buffered list of the sockets that may receive connections and counts each selection per socket and CPU, as cluster-lb's does so that a worker can be drained and `status` can show its counts. verified_insns: what the verifier walked. Other programs: run time of the selector's other programs (least-loaded's connection counter) per selection, and per connection to an unrelated server on the same host (2 s of sequential connections to a plain listener on another port, after the load; cluster-lb runs in a cgroup of its own, as under a systemd unit, and the unrelated server in its parent), with their runs per such connection (bpf_stats' own clock reads are part of every run's time).\n\n| program | ns per run | × C round robin | × the C doing the same | verified_insns | other programs ns per selection | other programs ns per unrelated connection | their runs per unrelated connection | conn/s |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        "## What the program costs, {workers} workers\n\nEach program serves beside the C round robin: both with {workers} Node workers (examples/node/server.js), each worker on its own SO_REUSEPORT socket, on two ports, each loaded by its own wrk (-t1 -c32, `Connection: close`: a new connection per request) for the same {seconds} s; {rounds} rounds, interleaved. ns per run: the kernel's run_time_ns / run_cnt of the sk_reuseport program (kernel.bpf_stats_enabled=1), median (min–max) over the rounds; the C round robin's over every measurement. × C round robin: each measurement's ns per run over the C round robin's in that same measurement, median (min–max) over the rounds; on the C round robin's own row, a second copy of it measured beside the first: the method's check (1.00 when it is fair to both sides), and its spread is what two runs of one program differ by. × the C doing the same: the median × over that of a C program that does the same work: for sticky the C sticky, which reads the client's address (one helper call), hashes it and selects, the least a sticky program does (the bench's clients all have one address, so both stickies give every connection to one worker); for round robin the C round robin over an active set, which rotates over a double-buffered list of the sockets that may receive connections and counts each selection per socket and CPU, as cluster-lb's does so that a worker can be drained and `status` can show its counts; for hash the C hash over a slot table, which takes the entry the kernel's flow hash picks in a double-buffered table of sockets of cluster-lb's size and counts the selection the same way. verified_insns: what the verifier walked. Other programs: run time of the selector's other programs (least-loaded's connection counter) per selection, and per connection to an unrelated server on the same host (2 s of sequential connections to a plain listener on another port, after the load; cluster-lb runs in a cgroup of its own, as under a systemd unit, and the unrelated server in its parent), with their runs per such connection (bpf_stats' own clock reads are part of every run's time).\n\n| program | ns per run | × C round robin | × the C doing the same | verified_insns | other programs ns per selection | other programs ns per unrelated connection | their runs per unrelated connection | conn/s |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     );
 
     for selector in MEASURED {
