@@ -327,6 +327,39 @@ fn a_worker_that_reads_is_primary_starts_the_primary_which_takes_the_running_wor
 }
 
 #[test]
+fn a_message_a_worker_sent_before_the_primary_took_it_reaches_the_primary() {
+    root_test("node_primary_early_message", || {
+        // No --node-primary: the workers start first, and each says hello at once; the
+        // primary forks a second after it starts, taking the running workers.
+        let cluster = start(&[], &node20(), "early-message.js", &[]);
+        cluster.wait_for_events("primary-started", 1, Duration::from_secs(20));
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let heard = loop {
+            let heard = http_get(PRIMARY_PORT, "/")
+                .ok()
+                .and_then(|body| serde_json::from_str::<Value>(&body).ok())
+                .and_then(|v| v.as_array().cloned())
+                .unwrap_or_default();
+            if heard.len() >= 2 || std::time::Instant::now() > deadline {
+                break heard;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let mut ids: Vec<i64> = heard.iter().filter_map(|h| h["id"].as_i64()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 2, "one hello from each worker: {heard:?}");
+        assert!(
+            heard.iter().all(|h| h["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("hello from "))),
+            "{heard:?}"
+        );
+        assert!(cluster.stop().status.success());
+    });
+}
+
+#[test]
 fn setup_primary_exec_runs_with_and_without_an_is_primary_check() {
     root_test("node_primary_exec", || {
         for program in ["exec-checked.js", "exec-unchecked.js"] {

@@ -143,14 +143,21 @@ impl Supervisor {
         }
     }
 
-    /// What a worker the primary just took said about itself before (`online`, `listening`).
-    fn replay(&self, id: u32, pid: Pid) {
-        let Some(worker) = self.workers.get(pid) else {
+    /// What a worker the primary just took said about itself before (`online`, `listening`),
+    /// then the messages it sent before any primary took it.
+    fn replay(&mut self, id: u32, pid: Pid) {
+        let Some(worker) = self.workers.get_mut(pid) else {
             return;
         };
         for message in &worker.said {
             self.program.tell(
                 to_primary::internal(id, pid.as_raw(), message.clone()),
+                Held::default(),
+            );
+        }
+        for message in worker.early.take() {
+            self.program.tell(
+                to_primary::message(id, pid.as_raw(), message),
                 Held::default(),
             );
         }
@@ -254,6 +261,11 @@ impl Supervisor {
         room: Held,
     ) -> Result<(), Held> {
         if !self.lifecycle.is_claimed(pid) {
+            // Kept for a primary that takes the worker later (and given to the caller, which
+            // reports it as it reports every message no primary has).
+            if let Some(worker) = self.workers.get_mut(pid).filter(|w| w.channel.is_node()) {
+                worker.early.keep(data);
+            }
             return Err(room);
         }
         self.program

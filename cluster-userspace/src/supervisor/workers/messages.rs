@@ -253,6 +253,7 @@ mod tests {
             reported: HashSet::new(),
             output: [None, None],
             said: Vec::new(),
+            early: super::super::EarlyMessages::default(),
             drops: Drops::default(),
         };
         workers.table.insert(Pid::from_raw(pid), io);

@@ -69,6 +69,8 @@ pub struct WorkerIo {
     /// What a Node worker said about itself (`online`, `listening`), for a primary process
     /// that takes it later.
     pub said: Vec<Value>,
+    /// Its messages from before a primary process took it, for the one that takes it.
+    pub early: EarlyMessages,
     /// Relayed messages dropped on the way to or from it (see `messages`).
     drops: Drops,
 }
@@ -76,6 +78,42 @@ pub struct WorkerIo {
 impl WorkerIo {
     pub fn slot(&self) -> u32 {
         self.claims.slot
+    }
+}
+
+/// A worker's messages (`process.send()`) heard before the program's primary process took it:
+/// a worker that sends as it starts may start before the primary's `cluster.fork()` takes it
+/// (the primary starts once a worker reads `cluster.isPrimary`, or is restarting). Under Node
+/// they would wait in the channel for the primary; here they wait for the primary that takes
+/// the worker, up to a bound, since a program without a primary branch never takes one.
+#[derive(Debug, Default)]
+pub struct EarlyMessages {
+    messages: Vec<Value>,
+    bytes: usize,
+}
+
+impl EarlyMessages {
+    /// At most this many are kept per worker...
+    const MAX_MESSAGES: usize = 64;
+    /// ...and at most this much JSON.
+    const MAX_BYTES: usize = 1 << 20;
+
+    /// Keeps `message` if it fits; whether it did.
+    pub fn keep(&mut self, message: &Value) -> bool {
+        let size = message.to_string().len();
+        if self.messages.len() >= Self::MAX_MESSAGES || self.bytes + size > Self::MAX_BYTES {
+            return false;
+        }
+        self.bytes += size;
+        self.messages.push(message.clone());
+        true
+    }
+
+    /// The kept messages, in the order heard, once: they go to the first primary that takes
+    /// the worker.
+    pub fn take(&mut self) -> Vec<Value> {
+        self.bytes = 0;
+        std::mem::take(&mut self.messages)
     }
 }
 
@@ -384,6 +422,7 @@ impl Workers {
                 reported: HashSet::new(),
                 output,
                 said: Vec::new(),
+                early: EarlyMessages::default(),
                 drops: Drops::default(),
             },
         );
@@ -470,6 +509,7 @@ impl Workers {
                 reported: worker.reported.iter().copied().collect(),
                 output,
                 said: worker.said.clone(),
+                early: EarlyMessages::default(),
                 drops: Drops::default(),
             },
         );
@@ -716,4 +756,28 @@ impl Workers {
 /// A pipe for a worker's output: (our read end, the worker's write end), both close-on-exec.
 fn output_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)
+}
+
+#[cfg(test)]
+mod early_message_tests {
+    use super::EarlyMessages;
+    use serde_json::json;
+
+    #[test]
+    fn early_messages_are_kept_in_order_up_to_their_bounds_and_given_once() {
+        let mut early = EarlyMessages::default();
+        assert!(early.keep(&json!("hello")));
+        assert!(early.keep(&json!({"n": 2})));
+        assert_eq!(early.take(), [json!("hello"), json!({"n": 2})]);
+        assert!(early.take().is_empty(), "given once");
+
+        for n in 0..EarlyMessages::MAX_MESSAGES {
+            assert!(early.keep(&json!(n)));
+        }
+        assert!(!early.keep(&json!("one more")), "at most MAX_MESSAGES");
+        early.take();
+        let big = json!("x".repeat(EarlyMessages::MAX_BYTES));
+        assert!(!early.keep(&big), "at most MAX_BYTES of JSON");
+        assert!(early.keep(&json!("small")), "a small one still fits");
+    }
 }
