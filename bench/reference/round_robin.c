@@ -105,6 +105,19 @@ struct {
 	__type(value, struct counts);
 } REF_COUNTS SEC(".maps");
 
+// Gives the connection to socket `slot` and counts it there, as cluster-lb's count_selected.
+static __always_inline void select_and_count(struct sk_reuseport_md *md, __u32 slot)
+{
+	if (bpf_sk_select_reuseport(md, &REF_SOCKETS, &slot, 0) == 0) {
+		struct counts *counts = bpf_map_lookup_elem(&REF_COUNTS, &slot);
+		if (counts) {
+			counts->selected++;
+			if (md->migrating_sk)
+				counts->migrated++;
+		}
+	}
+}
+
 // Which REF_ACTIVE list is current (0 here: the loader never flips it) and the rotation.
 __u32 ref_buffer SEC(".data") = 0;
 __u32 ref_next = 0;
@@ -123,14 +136,7 @@ int reference_active_set(struct sk_reuseport_md *md)
 	// cluster-lb's program does with black_box.
 	asm volatile("" : "+r"(position));
 	__u32 slot = set->slots[position & (MAX_SOCKETS - 1)];
-	if (bpf_sk_select_reuseport(md, &REF_SOCKETS, &slot, 0) == 0) {
-		struct counts *counts = bpf_map_lookup_elem(&REF_COUNTS, &slot);
-		if (counts) {
-			counts->selected++;
-			if (md->migrating_sk)
-				counts->migrated++;
-		}
-	}
+	select_and_count(md, slot);
 	return SK_PASS;
 }
 
@@ -177,14 +183,7 @@ int reference_table(struct sk_reuseport_md *md)
 	if (slot == 0)
 		return SK_PASS;
 	slot -= 1;
-	if (bpf_sk_select_reuseport(md, &REF_SOCKETS, &slot, 0) == 0) {
-		struct counts *counts = bpf_map_lookup_elem(&REF_COUNTS, &slot);
-		if (counts) {
-			counts->selected++;
-			if (md->migrating_sk)
-				counts->migrated++;
-		}
-	}
+	select_and_count(md, slot);
 	return SK_PASS;
 }
 
