@@ -100,8 +100,12 @@ impl EarlyMessages {
 
     /// Keeps `message` if it fits; whether it did.
     pub fn keep(&mut self, message: &Value) -> bool {
+        // The count first: once it is full, a message is not serialized only to be refused.
+        if self.messages.len() >= Self::MAX_MESSAGES {
+            return false;
+        }
         let size = message.to_string().len();
-        if self.messages.len() >= Self::MAX_MESSAGES || self.bytes + size > Self::MAX_BYTES {
+        if self.bytes + size > Self::MAX_BYTES {
             return false;
         }
         self.bytes += size;
